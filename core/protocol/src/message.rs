@@ -1,0 +1,267 @@
+//! Control messages: the JSON payloads of `Kind::Control` frames, both directions. Pure, no I/O.
+//!
+//! Conversation shape (host = H, guest agent = G):
+//!
+//! ```text
+//! H: Hello{version, host_time_ns, entropy}        every (re)connection starts with this
+//! G: Welcome{version, boot_id, generation, processes}
+//! H: Spawn{req, argv, env, cwd, tty, timeout_ms}   G: Spawned{req, id, os_pid} | Error{req, ..}
+//!    stdio then flows as Stdin/Stdout/Stderr frames on channel `id`;
+//!    G: Exited{id, ..} after both output streams sent their EOF frame.
+//! H: Credit{id, bytes}    lets the guest send `bytes` more output bytes on channel id
+//! G: StdinAck{id, bytes}  tells the host how much stdin reached the process
+//! H: WriteFile{req, path, mode}  + FileData frames on channel req, empty = end → G: Ok{req}
+//! H: ReadFile{req, path}  → G: FileInfo{req, size, mode} + FileData frames on channel req
+//! H: Pause{req} → G: Paused{req}: the guest sends nothing more until the next Hello/Resume
+//!    (used before a snapshot so the byte stream ends on a frame boundary).
+//! ```
+//!
+//! Every host request carries a `req` id chosen by the host; every reply names it.
+//! Process ids (`id`) are chosen by the guest and stay valid across snapshot/restore, so a
+//! host that reconnects after a restore re-attaches to running processes by id.
+
+use serde::{Deserialize, Serialize};
+
+/// Version of this protocol. Host and agent refuse to talk across versions.
+pub const PROTOCOL_VERSION: u32 = 1;
+
+/// Default output window (bytes the guest may send per process before the host grants more).
+pub const DEFAULT_OUTPUT_WINDOW: u64 = 4 * 1024 * 1024;
+/// Most stdin bytes the host keeps unacknowledged per process.
+pub const STDIN_WINDOW: u64 = 1024 * 1024;
+/// Most processes the agent will track at once.
+pub const MAX_PROCESSES: usize = 4096;
+
+/// Pseudo-terminal size.
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct TtySize {
+    pub rows: u16,
+    pub cols: u16,
+}
+
+/// State of one guest process as reported in [`Control::Welcome`] and [`Control::Exited`].
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ProcessInfo {
+    pub id: u32,
+    pub os_pid: u32,
+    pub argv: Vec<String>,
+    pub running: bool,
+    pub tty: bool,
+}
+
+/// Exit report of a process.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ExitStatus {
+    /// Exit code, or -1 when killed by a signal or a timeout.
+    pub exit_code: i32,
+    /// The signal that ended it, if any.
+    pub signal: Option<i32>,
+    /// True when the agent killed it because its timeout expired.
+    pub timed_out: bool,
+    /// Peak resident set size of the process (KiB), from wait4's rusage.
+    pub peak_rss_kib: u64,
+}
+
+/// Machine-readable class of a guest-side failure.
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorKind {
+    NotFound,
+    PermissionDenied,
+    InvalidArgument,
+    NoSuchProcess,
+    Limit,
+    Io,
+    Protocol,
+}
+
+/// A control message. Tagged by `op` in JSON.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub enum Control {
+    // ---- host → guest ----
+    Hello {
+        version: u32,
+        /// Host wall clock, nanoseconds since the Unix epoch: the guest sets its clock to it.
+        host_time_ns: u64,
+        /// Fresh host entropy mixed into the guest kernel RNG.
+        entropy: Vec<u8>,
+    },
+    Spawn {
+        req: u64,
+        argv: Vec<String>,
+        /// Extra environment on top of the agent's base environment.
+        env: Vec<(String, String)>,
+        cwd: Option<String>,
+        tty: Option<TtySize>,
+        timeout_ms: Option<u64>,
+    },
+    Signal {
+        req: u64,
+        id: u32,
+        signal: i32,
+    },
+    Resize {
+        req: u64,
+        id: u32,
+        size: TtySize,
+    },
+    Credit {
+        id: u32,
+        bytes: u64,
+    },
+    WriteFile {
+        req: u64,
+        path: String,
+        mode: u32,
+    },
+    ReadFile {
+        req: u64,
+        path: String,
+    },
+    /// Lists processes (running and exited-but-unreported).
+    ListProcesses {
+        req: u64,
+    },
+    /// Stop sending anything until `Resume` or a new `Hello`.
+    Pause {
+        req: u64,
+    },
+    Resume {
+        req: u64,
+    },
+    Ping {
+        req: u64,
+    },
+    /// Forget an exited process (frees its slot).
+    Forget {
+        req: u64,
+        id: u32,
+    },
+
+    // ---- guest → host ----
+    Welcome {
+        version: u32,
+        /// Random id chosen at guest boot; the same in every restore of one snapshot lineage.
+        boot_id: String,
+        /// How many Hellos this guest has seen (bumped on every reconnect, e.g. each restore).
+        generation: u64,
+        processes: Vec<ProcessInfo>,
+    },
+    Spawned {
+        req: u64,
+        id: u32,
+        os_pid: u32,
+    },
+    Exited {
+        id: u32,
+        status: ExitStatus,
+    },
+    StdinAck {
+        id: u32,
+        bytes: u64,
+    },
+    FileInfo {
+        req: u64,
+        size: u64,
+        mode: u32,
+    },
+    Processes {
+        req: u64,
+        processes: Vec<ProcessInfo>,
+    },
+    Paused {
+        req: u64,
+    },
+    Ok {
+        req: u64,
+    },
+    Pong {
+        req: u64,
+    },
+    Error {
+        req: u64,
+        kind: ErrorKind,
+        message: String,
+    },
+}
+
+/// Why a control payload could not be understood.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MessageError(pub String);
+
+impl std::fmt::Display for MessageError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "malformed control message from peer: {}", self.0)
+    }
+}
+
+impl std::error::Error for MessageError {}
+
+impl Control {
+    /// Encodes to JSON bytes (always under the frame cap for sane inputs; callers check).
+    pub fn to_bytes(&self) -> Vec<u8> {
+        serde_json::to_vec(self).expect("control messages always serialise")
+    }
+
+    /// Decodes a control payload. Never panics on hostile input.
+    pub fn from_bytes(bytes: &[u8]) -> Result<Control, MessageError> {
+        serde_json::from_slice(bytes).map_err(|e| MessageError(e.to_string()))
+    }
+
+    /// The request id this message answers or carries, if any.
+    pub fn req(&self) -> Option<u64> {
+        use Control::*;
+        match self {
+            Spawn { req, .. } | Signal { req, .. } | Resize { req, .. } | WriteFile { req, .. }
+            | ReadFile { req, .. } | ListProcesses { req } | Pause { req } | Resume { req }
+            | Ping { req } | Forget { req, .. } | Spawned { req, .. } | FileInfo { req, .. }
+            | Processes { req, .. } | Paused { req } | Ok { req } | Pong { req }
+            | Error { req, .. } => Some(*req),
+            _ => None,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn json_round_trip() {
+        let msgs = vec![
+            Control::Hello { version: 1, host_time_ns: 5, entropy: vec![1, 2, 3] },
+            Control::Spawn {
+                req: 9,
+                argv: vec!["python3".into(), "-c".into(), "print(1)".into()],
+                env: vec![("A".into(), "b".into())],
+                cwd: Some("/tmp".into()),
+                tty: Some(TtySize { rows: 24, cols: 80 }),
+                timeout_ms: Some(1000),
+            },
+            Control::Exited {
+                id: 3,
+                status: ExitStatus { exit_code: -1, signal: Some(9), timed_out: true, peak_rss_kib: 1234 },
+            },
+            Control::Error { req: 4, kind: ErrorKind::NotFound, message: "no such file".into() },
+        ];
+        for m in msgs {
+            let b = m.to_bytes();
+            assert_eq!(Control::from_bytes(&b).unwrap(), m);
+        }
+    }
+
+    #[test]
+    fn wire_shape_is_tagged_by_op() {
+        let v: serde_json::Value = serde_json::from_slice(&Control::Ping { req: 7 }.to_bytes()).unwrap();
+        assert_eq!(v["op"], "ping");
+        assert_eq!(v["req"], 7);
+    }
+
+    #[test]
+    fn hostile_payloads_are_errors_not_panics() {
+        for bad in [&b""[..], b"{", b"null", b"{\"op\":\"nope\"}", b"{\"op\":\"spawned\",\"req\":-1}", &[0xff, 0xfe][..]] {
+            assert!(Control::from_bytes(bad).is_err());
+        }
+    }
+}

@@ -1,0 +1,1 @@
+"""supermachine-kernel: run Python in snapshot-restored microVMs, from Python and from Jupyter."""
