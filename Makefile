@@ -1,0 +1,63 @@
+# The README's two commands: `make demo` (the main job) and `make test` (all tests).
+# Both run `make setup` first, which installs only what is missing:
+# Debian packages, the .venv, the static guest agent, the compiled project, the kernelspec,
+# and the default guest image (cached under ~/.cache/supermachine-kernel, keyed by its recipe).
+
+SHELL := /bin/bash
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMPS := $(VENV)/.stamps
+TARGET_TRIPLE := x86_64-unknown-linux-gnu
+AGENT_BUILT := core/target/$(TARGET_TRIPLE)/release/supermachine-agent
+AGENT := supermachine_kernel/guest/supermachine-agent
+RUST_SOURCES := $(shell find core -path core/target -prune -o \( -name '*.rs' -o -name Cargo.toml -o -name Cargo.lock \) -print)
+PY_SOURCES := $(shell find supermachine_kernel kernelspecs -type f -not -name '*.so' -not -path '*/__pycache__/*' 2>/dev/null)
+PYTEST_ARGS ?=
+
+.PHONY: setup host demo test test-rust test-python image clean
+
+setup: host $(STAMPS)/build $(STAMPS)/kernelspec image
+
+host:
+	@tools/setup-host.sh
+
+$(STAMPS)/venv: pyproject.toml
+	@test -x $(PY) || python3 -m venv $(VENV)
+	@$(PY) -m pip install -q --upgrade "pip>=23" "maturin>=1.5,<2"
+	@mkdir -p $(STAMPS) && touch $@
+
+$(AGENT_BUILT): $(RUST_SOURCES)
+	@echo "setup: building the static guest agent" >&2
+	cd core && RUSTFLAGS="-C target-feature=+crt-static" cargo build -q --release \
+		-p supermachine-agent --target $(TARGET_TRIPLE)
+	@touch $@
+
+$(AGENT): $(AGENT_BUILT)
+	@mkdir -p $(dir $@) && cp $< $@
+
+$(STAMPS)/build: $(STAMPS)/venv $(AGENT) $(RUST_SOURCES) pyproject.toml
+	@echo "setup: building supermachine_kernel._core into $(VENV)" >&2
+	VIRTUAL_ENV=$(abspath $(VENV)) PATH=$(abspath $(VENV))/bin:$$PATH \
+		$(VENV)/bin/maturin develop -q --release --extras test
+	@touch $@
+
+$(STAMPS)/kernelspec: $(STAMPS)/build $(PY_SOURCES)
+	$(PY) -m supermachine_kernel install --sys-prefix
+	@touch $@
+
+image: $(STAMPS)/build
+	@$(VENV)/bin/supermachine-kernel image build default
+
+demo: setup
+	$(PY) -m supermachine_kernel.demo
+
+test-rust: setup
+	cd core && cargo test -q --workspace
+
+test-python: setup
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+test: test-rust test-python
+
+clean:
+	rm -rf $(VENV) core/target $(AGENT)
