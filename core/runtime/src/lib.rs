@@ -1,1 +1,3 @@
 //! Host runtime library.
+pub mod pool;
+pub mod snapshot;
