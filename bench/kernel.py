@@ -1,0 +1,109 @@
+"""Benchmark: the "Python (microVM)" kernel beside the plain python3 ipykernel, same run.
+
+Figures (each printed with the ratio microVM / ipykernel):
+  launch -> kernel_info reply; launch -> `import numpy, pandas, matplotlib` finished;
+  `1+1` execute round trip p50; restart -> ready; restart -> imports finished;
+  50 MB printed -> received.
+
+Run: .venv/bin/python bench/kernel.py [--rounds N] [--mb 50]
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(__file__))
+from common import median, percentile, print_table  # noqa: E402
+
+from jupyter_client.manager import KernelManager  # noqa: E402
+
+IMPORTS = "import numpy, pandas, matplotlib"
+
+
+def run_cell(kc, code: str, timeout: float = 300.0) -> tuple[int, list[dict]]:
+    """Executes code; returns (bytes of stream output received, iopub messages) once idle."""
+    msg_id = kc.execute(code)
+    received = 0
+    msgs = []
+    deadline = time.monotonic() + timeout
+    while True:
+        msg = kc.get_iopub_msg(timeout=max(0.1, deadline - time.monotonic()))
+        if msg["parent_header"].get("msg_id") != msg_id:
+            continue
+        msgs.append(msg)
+        if msg["msg_type"] == "stream":
+            received += len(msg["content"]["text"])
+        if msg["msg_type"] == "error":
+            raise RuntimeError("cell failed: " + msg["content"]["ename"] + ": " + msg["content"]["evalue"])
+        if msg["msg_type"] == "status" and msg["content"]["execution_state"] == "idle":
+            break
+    kc.get_shell_msg(timeout=timeout)
+    return received, msgs
+
+
+def measure(kernel_name: str, rounds: int, mb: int) -> dict[str, float]:
+    out: dict[str, list[float]] = {k: [] for k in
+                                   ("info", "imports", "rt", "restart", "restart_imports", "print")}
+    for _ in range(rounds):
+        km = KernelManager(kernel_name=kernel_name)
+        t0 = time.perf_counter()
+        km.start_kernel()
+        kc = km.client()
+        kc.start_channels()
+        try:
+            kc.wait_for_ready(timeout=300)
+            out["info"].append(time.perf_counter() - t0)
+            run_cell(kc, IMPORTS)
+            out["imports"].append(time.perf_counter() - t0)
+            for _ in range(30):
+                t = time.perf_counter()
+                run_cell(kc, "1+1")
+                out["rt"].append(time.perf_counter() - t)
+            t = time.perf_counter()
+            chunk = 1 << 20
+            code = f"import sys\nfor _ in range({mb}):\n    sys.stdout.write('x' * {chunk - 1} + '\\n')\n"
+            got, _ = run_cell(kc, code)
+            dt = time.perf_counter() - t
+            out["print"].append(got / dt / 1e6 if got else float("nan"))
+            t = time.perf_counter()
+            km.restart_kernel(now=True)
+            kc.wait_for_ready(timeout=300)
+            out["restart"].append(time.perf_counter() - t)
+            run_cell(kc, IMPORTS)
+            out["restart_imports"].append(time.perf_counter() - t)
+        finally:
+            kc.stop_channels()
+            km.shutdown_kernel(now=True)
+    res = {k: median(v) for k, v in out.items() if k != "rt"}
+    res["rt_p50"] = percentile(out["rt"], 50)
+    res["rt_p95"] = percentile(out["rt"], 95)
+    return res
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--mb", type=int, default=50, help="megabytes printed in the output figure")
+    ap.add_argument("--kernel", default="python-microvm")
+    ap.add_argument("--baseline", default="python3")
+    args = ap.parse_args()
+    base = measure(args.baseline, args.rounds, args.mb)
+    ours = measure(args.kernel, args.rounds, args.mb)
+    rows = [
+        ("launch -> kernel_info reply", ours["info"], base["info"], "ms"),
+        (f"launch -> `{IMPORTS}` done", ours["imports"], base["imports"], "ms"),
+        ("`1+1` round trip p50", ours["rt_p50"], base["rt_p50"], "ms"),
+        ("`1+1` round trip p95", ours["rt_p95"], base["rt_p95"], "ms"),
+        ("restart -> ready", ours["restart"], base["restart"], "ms"),
+        ("restart -> imports done", ours["restart_imports"], base["restart_imports"], "ms"),
+        (f"{args.mb} MB printed -> received", ours["print"], base["print"], "MB/s"),
+    ]
+    print_table("kernel: Python (microVM) vs plain ipykernel", rows, args.kernel, args.baseline)
+    print("goals: launch->imports <= 0.5x, restart->imports <= 0.5x, launch->kernel_info <= 1.2x, "
+          "restart->ready <= 1.2x, 1+1 <= 2x")
+
+
+if __name__ == "__main__":
+    main()
