@@ -1,3 +1,18 @@
-//! Host runtime library.
+//! Host runtime library: QEMU supervision ([`qemu`], [`accel`], [`qmp`]), the connection to the
+//! guest agent ([`conn`] over the pure multiplexer [`mux`]), VMs and their processes ([`vm`],
+//! [`child`]), snapshots and the VM pool.
+pub mod accel;
+pub mod child;
+pub mod conn;
+pub mod error;
+pub mod mux;
 pub mod pool;
+pub mod qemu;
+pub mod qmp;
 pub mod snapshot;
+pub mod vm;
+pub mod workdir;
+
+pub use child::{ExecChild, SpawnOptions};
+pub use error::{Error, Result};
+pub use vm::{BootOptions, ExecOptions, ExecResult, GuestFiles, Vm};

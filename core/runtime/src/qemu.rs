@@ -1,0 +1,394 @@
+//! QEMU: finding the binary, building the command line (pure, unit-tested) and launching the
+//! process so that it can never outlive its owner.
+//!
+//! Command line (DESIGN.md §4): `-M microvm,acpi=on` (the guest kernel finds its virtio-mmio
+//! devices only through ACPI), one virtio-serial port named "agent" on a server-mode unix
+//! socket, the root image as a read-only virtio-blk disk, QMP on a second socket, guest RAM in
+//! a file-backed memory object (so a stopped VM's RAM file can serve as a snapshot template),
+//! no network device, no host share, `-sandbox on`, `-no-reboot` (a guest panic or reboot ends
+//! the process, which the host sees as "VM died").
+//!
+//! Lifetime: every QEMU is spawned by one long-lived launcher thread with
+//! `PR_SET_PDEATHSIG=SIGKILL`. The death signal fires when the *thread* that forked the child
+//! exits, so spawning from a short-lived caller thread (e.g. a Python thread) would kill the VM
+//! when that thread ends; the launcher thread lives as long as the process, so QEMU dies exactly
+//! when its owner process dies — SIGKILL included. QEMU also gets its own process group, so a
+//! Ctrl-C or a Jupyter interrupt aimed at the owner's group does not reach it.
+
+use std::io;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::sync::{Mutex, OnceLock};
+
+use crate::accel::Accel;
+use crate::error::{Error, Result};
+
+/// The environment variable naming the QEMU binary to use.
+pub const QEMU_ENV: &str = "SUPERMACHINE_QEMU";
+const QEMU_NAME: &str = "qemu-system-x86_64";
+const INSTALL_HINT: &str = "install qemu-system-x86 (apt-get install qemu-system-x86)";
+
+/// Locates qemu-system-x86_64: `$SUPERMACHINE_QEMU`, else `$PATH`, else the usual places.
+pub fn find_qemu() -> Result<PathBuf> {
+    if let Some(p) = std::env::var_os(QEMU_ENV).filter(|p| !p.is_empty()) {
+        let p = PathBuf::from(p);
+        if is_executable(&p) {
+            return Ok(p);
+        }
+        return Err(Error::QemuNotFound(format!(
+            "QEMU not found: {QEMU_ENV}={} is not an executable file; fix or unset it, or {INSTALL_HINT}",
+            p.display()
+        )));
+    }
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    let dirs = std::env::split_paths(&path)
+        .chain(["/usr/bin", "/usr/local/bin", "/bin"].iter().map(PathBuf::from));
+    for dir in dirs {
+        let candidate = dir.join(QEMU_NAME);
+        if is_executable(&candidate) {
+            return Ok(candidate);
+        }
+    }
+    Err(Error::QemuNotFound(format!("QEMU not found: {INSTALL_HINT}")))
+}
+
+fn is_executable(p: &Path) -> bool {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::metadata(p).map(|m| m.is_file() && m.permissions().mode() & 0o111 != 0).unwrap_or(false)
+}
+
+/// The host TSC frequency in kHz, passed to the guest as `tsc_early_khz` (without it, one
+/// microvm boot in six hung at "Unable to calibrate against PIT").
+pub fn host_tsc_khz() -> Option<u64> {
+    if let Ok(s) = std::fs::read_to_string("/sys/devices/system/cpu/cpu0/tsc_freq_khz") {
+        if let Ok(v) = s.trim().parse::<u64>() {
+            return Some(v);
+        }
+    }
+    tsc_khz_from_cpuinfo(&std::fs::read_to_string("/proc/cpuinfo").ok()?)
+}
+
+/// `cpu MHz` of the first CPU, in kHz. On hosts with constant_tsc this is the TSC rate the
+/// kernel detected.
+pub fn tsc_khz_from_cpuinfo(cpuinfo: &str) -> Option<u64> {
+    let line = cpuinfo.lines().find(|l| l.starts_with("cpu MHz"))?;
+    let mhz: f64 = line.split(':').nth(1)?.trim().parse().ok()?;
+    if mhz > 0.0 {
+        Some((mhz * 1000.0).round() as u64)
+    } else {
+        None
+    }
+}
+
+/// How guest RAM is backed.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RamFile {
+    pub path: PathBuf,
+    /// `share=on` (writes go to the file: cold boot, template baking) or `share=off` (a private
+    /// copy-on-write mapping of an existing file: restore from a snapshot).
+    pub share: bool,
+}
+
+/// Where an incoming migration (snapshot restore) comes from.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Incoming {
+    /// `-incoming defer`; the state is fed over QMP.
+    Defer,
+}
+
+/// Everything that determines a QEMU command line.
+#[derive(Clone, Debug)]
+pub struct QemuConfig {
+    pub qemu: PathBuf,
+    pub accel: Accel,
+    pub memory_mib: u32,
+    pub vcpus: u32,
+    pub kernel: PathBuf,
+    pub initrd: PathBuf,
+    pub rootfs: PathBuf,
+    /// Extra kernel command-line words after the fixed ones.
+    pub append_extra: Vec<String>,
+    pub tsc_khz: Option<u64>,
+    pub ram: RamFile,
+    /// Serial console log file.
+    pub console_log: PathBuf,
+    /// The agent port's unix socket (QEMU listens).
+    pub agent_sock: PathBuf,
+    /// The QMP unix socket (QEMU listens).
+    pub qmp_sock: PathBuf,
+    pub incoming: Option<Incoming>,
+    /// TCG translation-buffer size in MiB (`-accel tcg,tb-size=N`); None = QEMU's default.
+    pub tcg_tb_size_mib: Option<u32>,
+}
+
+impl QemuConfig {
+    /// The kernel command line.
+    pub fn kernel_cmdline(&self) -> String {
+        let mut words = vec!["console=ttyS0".to_string(), "quiet".into(), "panic=-1".into()];
+        if let Some(khz) = self.tsc_khz {
+            words.push(format!("tsc_early_khz={khz}"));
+        }
+        words.extend(self.append_extra.iter().cloned());
+        words.join(" ")
+    }
+
+    /// The full argument list (without the binary).
+    pub fn args(&self) -> Vec<String> {
+        let p = |p: &Path| p.display().to_string();
+        let accel = match (self.accel, self.tcg_tb_size_mib) {
+            (Accel::Tcg, Some(mib)) => format!("tcg,tb-size={mib}"),
+            (a, _) => a.name().to_string(),
+        };
+        let cpu = match self.accel {
+            Accel::Kvm => "host",
+            Accel::Tcg => "max",
+        };
+        let mut a: Vec<String> = Vec::new();
+        let mut push = |xs: &[&str]| a.extend(xs.iter().map(|s| s.to_string()));
+        push(&["-M", "microvm,acpi=on,x-option-roms=off,pcie=off,memory-backend=mem"]);
+        push(&["-accel", &accel, "-cpu", cpu]);
+        push(&["-m", &format!("{}M", self.memory_mib), "-smp", &self.vcpus.to_string()]);
+        push(&["-nodefaults", "-no-user-config", "-display", "none", "-sandbox", "on", "-no-reboot"]);
+        push(&[
+            "-object",
+            &format!(
+                "memory-backend-file,id=mem,size={}M,mem-path={},share={}",
+                self.memory_mib,
+                qemu_opt_escape(&p(&self.ram.path)),
+                if self.ram.share { "on" } else { "off" }
+            ),
+        ]);
+        push(&["-kernel", &p(&self.kernel), "-initrd", &p(&self.initrd), "-append", &self.kernel_cmdline()]);
+        push(&["-serial", &format!("file:{}", p(&self.console_log))]);
+        push(&["-device", "virtio-serial-device"]);
+        push(&[
+            "-chardev",
+            &format!("socket,id=agent,path={},server=on,wait=off", qemu_opt_escape(&p(&self.agent_sock))),
+        ]);
+        push(&["-device", "virtserialport,chardev=agent,name=agent"]);
+        push(&[
+            "-drive",
+            &format!("id=root,file={},format=raw,if=none,readonly=on", qemu_opt_escape(&p(&self.rootfs))),
+        ]);
+        push(&["-device", "virtio-blk-device,drive=root"]);
+        push(&["-qmp", &format!("unix:{},server=on,wait=off", p(&self.qmp_sock))]);
+        if let Some(Incoming::Defer) = self.incoming {
+            push(&["-incoming", "defer"]);
+        }
+        a
+    }
+
+    /// The parts of the command line that must be identical between a snapshot and its
+    /// restore (everything except per-VM paths and the incoming/share flags), as one string.
+    pub fn fingerprint_material(&self) -> String {
+        format!(
+            "accel={} mem={} smp={} cmdline={:?} tb={:?}",
+            self.accel.name(),
+            self.memory_mib,
+            self.vcpus,
+            self.kernel_cmdline(),
+            self.tcg_tb_size_mib
+        )
+    }
+}
+
+/// QEMU option values separate with commas; a literal comma is written twice.
+fn qemu_opt_escape(s: &str) -> String {
+    s.replace(',', ",,")
+}
+
+struct LaunchRequest {
+    cmd: Command,
+    reply: mpsc::Sender<io::Result<Child>>,
+}
+
+/// The launcher thread's mailbox. The thread (and the Sender kept here) lives until the
+/// process ends, which is what makes PR_SET_PDEATHSIG mean "when the owner process dies".
+fn launcher() -> &'static Mutex<mpsc::Sender<LaunchRequest>> {
+    static LAUNCHER: OnceLock<Mutex<mpsc::Sender<LaunchRequest>>> = OnceLock::new();
+    LAUNCHER.get_or_init(|| {
+        let (tx, rx) = mpsc::channel::<LaunchRequest>();
+        std::thread::Builder::new()
+            .name("supermachine-launcher".into())
+            .spawn(move || {
+                for mut req in rx {
+                    let _ = req.reply.send(req.cmd.spawn());
+                }
+            })
+            .expect("spawn the QEMU launcher thread");
+        Mutex::new(tx)
+    })
+}
+
+/// Spawns `cmd` from the launcher thread, in its own process group, with SIGKILL as its
+/// parent-death signal.
+pub fn spawn_owned(mut cmd: Command) -> io::Result<Child> {
+    // SAFETY: getpid is async-signal-safe and has no preconditions.
+    let owner = unsafe { libc::getpid() };
+    // SAFETY: the closure runs in the forked child before exec and calls only
+    // async-signal-safe functions (setpgid, prctl, getppid, _exit); it allocates nothing.
+    unsafe {
+        cmd.pre_exec(move || {
+            libc::setpgid(0, 0);
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong, 0, 0, 0) != 0 {
+                return Err(io::Error::last_os_error());
+            }
+            // The owner may have died between fork and prctl: then nobody would kill us.
+            if libc::getppid() != owner {
+                libc::_exit(1);
+            }
+            Ok(())
+        });
+    }
+    let (tx, rx) = mpsc::channel();
+    launcher()
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .send(LaunchRequest { cmd, reply: tx })
+        .map_err(|_| io::Error::other("QEMU launcher thread is gone"))?;
+    rx.recv().map_err(|_| io::Error::other("QEMU launcher thread is gone"))?
+}
+
+/// Starts QEMU with `config`; its stderr goes to `stderr_log`.
+pub fn launch(config: &QemuConfig, stderr_log: &Path) -> Result<Child> {
+    let log = std::fs::File::create(stderr_log).map_err(|e| Error::io(format!("create {}", stderr_log.display()), e))?;
+    let mut cmd = Command::new(&config.qemu);
+    cmd.args(config.args()).stdin(Stdio::null()).stdout(Stdio::null()).stderr(log);
+    spawn_owned(cmd).map_err(|e| match e.kind() {
+        io::ErrorKind::NotFound => Error::QemuNotFound(format!(
+            "QEMU not found: {} could not be executed; {INSTALL_HINT}",
+            config.qemu.display()
+        )),
+        _ => Error::io(format!("start {}", config.qemu.display()), e),
+    })
+}
+
+/// `qemu-system-x86_64 --version`'s first line (cached per binary path).
+pub fn qemu_version(qemu: &Path) -> Result<String> {
+    static CACHE: OnceLock<Mutex<Vec<(PathBuf, String)>>> = OnceLock::new();
+    let cache = CACHE.get_or_init(|| Mutex::new(Vec::new()));
+    if let Some((_, v)) = cache.lock().unwrap().iter().find(|(p, _)| p == qemu) {
+        return Ok(v.clone());
+    }
+    let out = Command::new(qemu)
+        .arg("--version")
+        .output()
+        .map_err(|e| Error::io(format!("run {} --version", qemu.display()), e))?;
+    let v = String::from_utf8_lossy(&out.stdout).lines().next().unwrap_or("").trim().to_string();
+    cache.lock().unwrap().push((qemu.to_path_buf(), v.clone()));
+    Ok(v)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config() -> QemuConfig {
+        QemuConfig {
+            qemu: "/usr/bin/qemu-system-x86_64".into(),
+            accel: Accel::Tcg,
+            memory_mib: 256,
+            vcpus: 1,
+            kernel: "/img/vmlinuz".into(),
+            initrd: "/img/initrd.img".into(),
+            rootfs: "/img/root,1.erofs".into(),
+            append_extra: vec![],
+            tsc_khz: Some(2445404),
+            ram: RamFile { path: "/w/ram".into(), share: true },
+            console_log: "/w/console.log".into(),
+            agent_sock: "/w/agent.sock".into(),
+            qmp_sock: "/w/qmp.sock".into(),
+            incoming: None,
+            tcg_tb_size_mib: None,
+        }
+    }
+
+    fn value_after<'a>(args: &'a [String], flag: &str) -> Vec<&'a str> {
+        args.windows(2).filter(|w| w[0] == flag).map(|w| w[1].as_str()).collect()
+    }
+
+    #[test]
+    fn command_line_shape() {
+        let a = config().args();
+        assert_eq!(value_after(&a, "-M"), ["microvm,acpi=on,x-option-roms=off,pcie=off,memory-backend=mem"]);
+        assert_eq!(value_after(&a, "-accel"), ["tcg"]);
+        assert_eq!(value_after(&a, "-cpu"), ["max"]);
+        assert_eq!(value_after(&a, "-m"), ["256M"]);
+        assert_eq!(value_after(&a, "-sandbox"), ["on"]);
+        assert!(a.contains(&"-nodefaults".to_string()) && a.contains(&"-no-reboot".to_string()));
+        assert_eq!(
+            value_after(&a, "-object"),
+            ["memory-backend-file,id=mem,size=256M,mem-path=/w/ram,share=on"]
+        );
+        assert_eq!(value_after(&a, "-append"), ["console=ttyS0 quiet panic=-1 tsc_early_khz=2445404"]);
+        assert_eq!(value_after(&a, "-serial"), ["file:/w/console.log"]);
+        assert_eq!(value_after(&a, "-chardev"), ["socket,id=agent,path=/w/agent.sock,server=on,wait=off"]);
+        // commas in paths are doubled so QEMU does not split the option there
+        assert_eq!(value_after(&a, "-drive"), ["id=root,file=/img/root,,1.erofs,format=raw,if=none,readonly=on"]);
+        assert_eq!(value_after(&a, "-qmp"), ["unix:/w/qmp.sock,server=on,wait=off"]);
+        assert!(value_after(&a, "-incoming").is_empty());
+        // no network, no host share
+        let joined = a.join(" ");
+        for banned in ["-netdev", "-nic", "virtio-net", "virtfs", "9p", "vhost-user-fs"] {
+            assert!(!joined.contains(banned), "{banned} in {joined}");
+        }
+    }
+
+    #[test]
+    fn kvm_and_restore_variants() {
+        let mut c = config();
+        c.accel = Accel::Kvm;
+        c.ram.share = false;
+        c.incoming = Some(Incoming::Defer);
+        c.tcg_tb_size_mib = Some(32);
+        let a = c.args();
+        assert_eq!(value_after(&a, "-accel"), ["kvm"]);
+        assert_eq!(value_after(&a, "-cpu"), ["host"]);
+        assert!(value_after(&a, "-object")[0].ends_with("share=off"));
+        assert_eq!(value_after(&a, "-incoming"), ["defer"]);
+        c.accel = Accel::Tcg;
+        assert_eq!(value_after(&c.args(), "-accel"), ["tcg,tb-size=32"]);
+    }
+
+    #[test]
+    fn fingerprint_ignores_paths() {
+        let a = config();
+        let mut b = config();
+        b.ram.path = "/other/ram".into();
+        b.agent_sock = "/other/agent.sock".into();
+        b.incoming = Some(Incoming::Defer);
+        assert_eq!(a.fingerprint_material(), b.fingerprint_material());
+        b.vcpus = 2;
+        assert_ne!(a.fingerprint_material(), b.fingerprint_material());
+    }
+
+    #[test]
+    fn tsc_from_cpuinfo() {
+        assert_eq!(tsc_khz_from_cpuinfo("processor: 0\ncpu MHz\t\t: 2445.404\n"), Some(2445404));
+        assert_eq!(tsc_khz_from_cpuinfo("nothing"), None);
+    }
+
+    #[test]
+    fn missing_qemu_env_is_clear() {
+        // Only this test touches the variable in this test binary.
+        std::env::set_var(QEMU_ENV, "/nonexistent/qemu");
+        let e = find_qemu().unwrap_err().to_string();
+        std::env::remove_var(QEMU_ENV);
+        assert!(e.starts_with("QEMU not found"), "{e}");
+        assert!(e.contains("apt-get install qemu-system-x86"), "{e}");
+    }
+
+    #[test]
+    fn owned_child_runs_in_own_group() {
+        let mut cmd = Command::new("sh");
+        cmd.args(["-c", "ps -o pgid= -p $$ | tr -d ' '; echo $$"]).stdout(Stdio::piped());
+        let child = spawn_owned(cmd).unwrap();
+        let out = child.wait_with_output().unwrap();
+        let s = String::from_utf8_lossy(&out.stdout);
+        let mut lines = s.lines();
+        let (pgid, pid) = (lines.next().unwrap_or(""), lines.next().unwrap_or(""));
+        assert_eq!(pgid, pid, "{s}");
+    }
+}

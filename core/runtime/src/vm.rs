@@ -1,0 +1,528 @@
+//! A VM: one QEMU process (or, for tests, an agent on a unix socket), its work dir, and the
+//! connection to its agent. Operations: exec (collect), spawn (streaming), file transfer,
+//! release.
+//!
+//! Cold boot: launch QEMU → connect to the agent port (retrying until QEMU listens) → Hello →
+//! Welcome before the boot deadline. If QEMU exits or the guest never answers, the error
+//! carries QEMU's exit status and the tail of the guest console.
+
+use std::fs;
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+use std::process::Child;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use supermachine_protocol::{Control, ExitStatus};
+
+use crate::accel::{self, Accel};
+use crate::child::{ExecChild, SpawnOptions};
+use crate::conn::{connect_retry, Conn, Ending, WelcomeInfo};
+use crate::error::{Error, Result};
+use crate::mux::{channel_of, FileChunk, ReqKind};
+use crate::qemu::{self, QemuConfig, RamFile};
+use crate::workdir::WorkDir;
+
+/// Default boot deadline: cold boot is ~4.4 s under TCG; leave room for a loaded host.
+pub const DEFAULT_BOOT_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// The guest files a VM boots from.
+#[derive(Clone, Debug)]
+pub struct GuestFiles {
+    pub kernel: PathBuf,
+    pub initrd: PathBuf,
+    pub rootfs: PathBuf,
+}
+
+/// How to cold-boot a VM.
+#[derive(Clone, Debug)]
+pub struct BootOptions {
+    pub files: GuestFiles,
+    pub memory_mib: u32,
+    pub vcpus: u32,
+    /// Extra kernel command-line words.
+    pub append: Vec<String>,
+    pub boot_timeout: Duration,
+    /// None: auto-detect (honouring SUPERMACHINE_ACCEL).
+    pub accel: Option<Accel>,
+    /// None: find QEMU (honouring SUPERMACHINE_QEMU).
+    pub qemu: Option<PathBuf>,
+    pub tcg_tb_size_mib: Option<u32>,
+    /// Where to put the RAM file (default: the work dir).
+    pub ram_path: Option<PathBuf>,
+}
+
+impl BootOptions {
+    pub fn new(files: GuestFiles) -> BootOptions {
+        BootOptions {
+            files,
+            memory_mib: 256,
+            vcpus: 1,
+            append: Vec::new(),
+            boot_timeout: DEFAULT_BOOT_TIMEOUT,
+            accel: None,
+            qemu: None,
+            tcg_tb_size_mib: None,
+            ram_path: None,
+        }
+    }
+}
+
+/// The result of a collect-mode exec.
+#[derive(Clone, Debug)]
+pub struct ExecResult {
+    pub stdout: Vec<u8>,
+    pub stderr: Vec<u8>,
+    pub status: ExitStatus,
+}
+
+/// Options for [`Vm::exec`].
+#[derive(Clone, Debug, Default)]
+pub struct ExecOptions {
+    pub spawn: SpawnOptions,
+    /// Files written (mode 0644) before the process starts.
+    pub stage_files: Vec<(String, Vec<u8>)>,
+    /// Bytes fed to stdin (then closed). None: stdin is closed at once.
+    pub stdin: Option<Vec<u8>>,
+}
+
+/// The QEMU process behind a VM, shared with the connection's death hook.
+pub(crate) struct QemuProc {
+    child: Mutex<Option<Child>>,
+    /// QEMU's exit status, once reaped.
+    status: Mutex<Option<std::process::ExitStatus>>,
+    pub(crate) config: QemuConfig,
+    stderr_log: PathBuf,
+    released: AtomicBool,
+}
+
+impl QemuProc {
+    fn pid(&self) -> Option<u32> {
+        self.child.lock().unwrap_or_else(|e| e.into_inner()).as_ref().map(|c| c.id())
+    }
+
+    /// Reaps QEMU if it exited; returns its status.
+    fn try_status(&self) -> Option<std::process::ExitStatus> {
+        let mut st = self.status.lock().unwrap_or_else(|e| e.into_inner());
+        if st.is_none() {
+            if let Some(c) = self.child.lock().unwrap_or_else(|e| e.into_inner()).as_mut() {
+                if let Ok(Some(s)) = c.try_wait() {
+                    *st = Some(s);
+                }
+            }
+        }
+        *st
+    }
+
+    /// Waits up to `within` for QEMU to exit.
+    fn status_within(&self, within: Duration) -> Option<std::process::ExitStatus> {
+        let end = Instant::now() + within;
+        loop {
+            if let Some(s) = self.try_status() {
+                return Some(s);
+            }
+            if Instant::now() >= end {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// SIGKILLs QEMU and reaps it.
+    fn kill(&self) {
+        let mut child = self.child.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(c) = child.as_mut() {
+            let _ = c.kill();
+            if let Ok(s) = c.wait() {
+                *self.status.lock().unwrap_or_else(|e| e.into_inner()) = Some(s);
+            }
+        }
+    }
+
+    /// "QEMU exited with …", the console tail and QEMU's own complaints.
+    fn diagnosis(&self, status: Option<std::process::ExitStatus>) -> String {
+        use std::os::unix::process::ExitStatusExt;
+        let mut s = match status {
+            Some(st) => match (st.code(), st.signal()) {
+                (Some(c), _) => format!("QEMU exited with status {c}"),
+                (_, Some(sig)) => format!("QEMU was killed by signal {sig}"),
+                _ => format!("QEMU ended ({st})"),
+            },
+            None => "QEMU is still running".into(),
+        };
+        let qemu_err = tail(&self.stderr_log, 2000);
+        if !qemu_err.trim().is_empty() {
+            s.push_str(&format!("\nQEMU said:\n{}", qemu_err.trim_end()));
+        }
+        let console = tail(&self.config.console_log, 3000);
+        if !console.trim().is_empty() {
+            s.push_str(&format!("\nlast guest console lines:\n{}", console.trim_end()));
+        } else {
+            s.push_str("\n(the guest console is empty)");
+        }
+        s
+    }
+}
+
+/// The last `max` bytes of a file, as text, starting at a line boundary.
+fn tail(path: &Path, max: u64) -> String {
+    let Ok(mut f) = fs::File::open(path) else { return String::new() };
+    let len = f.metadata().map(|m| m.len()).unwrap_or(0);
+    let start = len.saturating_sub(max);
+    let _ = f.seek(SeekFrom::Start(start));
+    let mut buf = Vec::new();
+    let _ = f.read_to_end(&mut buf);
+    let text = String::from_utf8_lossy(&buf).replace('\r', "");
+    if start > 0 {
+        if let Some(i) = text.find('\n') {
+            return text[i + 1..].to_string();
+        }
+    }
+    text
+}
+
+/// A running VM (or an attached agent).
+pub struct Vm {
+    conn: Conn,
+    qemu: Option<Arc<QemuProc>>,
+    workdir: Mutex<Option<WorkDir>>,
+    welcome: WelcomeInfo,
+    released: AtomicBool,
+    accel: Option<Accel>,
+}
+
+impl Vm {
+    /// Cold-boots a VM and waits for its agent.
+    pub fn boot(opts: &BootOptions) -> Result<Vm> {
+        for (what, p) in [("kernel", &opts.files.kernel), ("initrd", &opts.files.initrd), ("root image", &opts.files.rootfs)] {
+            if !p.is_file() {
+                return Err(Error::ImageNotFound(format!(
+                    "guest {what} {} does not exist; rebuild the image (supermachine-kernel image build)",
+                    p.display()
+                )));
+            }
+        }
+        if opts.memory_mib < 64 || opts.vcpus == 0 {
+            return Err(Error::InvalidArgument(format!(
+                "memory_mib must be ≥ 64 and vcpus ≥ 1 (got {} MiB, {} vcpus)",
+                opts.memory_mib, opts.vcpus
+            )));
+        }
+        let qemu_bin = match &opts.qemu {
+            Some(q) => q.clone(),
+            None => qemu::find_qemu()?,
+        };
+        let accel = match opts.accel {
+            Some(a) => a,
+            None => accel::detect()?,
+        };
+        let workdir = WorkDir::create("vm")?;
+        let config = QemuConfig {
+            qemu: qemu_bin,
+            accel,
+            memory_mib: opts.memory_mib,
+            vcpus: opts.vcpus,
+            kernel: opts.files.kernel.clone(),
+            initrd: opts.files.initrd.clone(),
+            rootfs: opts.files.rootfs.clone(),
+            append_extra: opts.append.clone(),
+            tsc_khz: qemu::host_tsc_khz(),
+            ram: RamFile { path: opts.ram_path.clone().unwrap_or_else(|| workdir.join("ram")), share: true },
+            console_log: workdir.join("console.log"),
+            agent_sock: workdir.join("agent.sock"),
+            qmp_sock: workdir.join("qmp.sock"),
+            incoming: None,
+            tcg_tb_size_mib: opts.tcg_tb_size_mib,
+        };
+        let deadline = Instant::now() + opts.boot_timeout;
+        let proc_ = Self::launch(config, &workdir)?;
+        match Self::attach_qemu(&proc_, deadline, opts.boot_timeout) {
+            Ok((conn, welcome)) => Ok(Vm {
+                conn,
+                qemu: Some(proc_),
+                workdir: Mutex::new(Some(workdir)),
+                welcome,
+                released: AtomicBool::new(false),
+                accel: Some(accel),
+            }),
+            Err(e) => {
+                proc_.released.store(true, Ordering::SeqCst);
+                proc_.kill();
+                Err(e)
+            }
+        }
+    }
+
+    pub(crate) fn launch(config: QemuConfig, workdir: &WorkDir) -> Result<Arc<QemuProc>> {
+        let stderr_log = workdir.join("qemu.log");
+        let child = qemu::launch(&config, &stderr_log)?;
+        Ok(Arc::new(QemuProc {
+            child: Mutex::new(Some(child)),
+            status: Mutex::new(None),
+            config,
+            stderr_log,
+            released: AtomicBool::new(false),
+        }))
+    }
+
+    /// Connects to a launched QEMU's agent port and handshakes before `deadline`.
+    pub(crate) fn attach_qemu(proc_: &Arc<QemuProc>, deadline: Instant, budget: Duration) -> Result<(Conn, WelcomeInfo)> {
+        let alive = || match proc_.try_status() {
+            Some(st) => Err(Error::VmDied(format!("QEMU exited during boot.\n{}", proc_.diagnosis(Some(st))))),
+            None => Ok(()),
+        };
+        let stream = match connect_retry(&proc_.config.agent_sock, deadline, alive) {
+            Ok(s) => s,
+            Err(Error::Timeout(_)) => {
+                return Err(Error::Timeout(format!(
+                    "QEMU did not open the agent socket within {:.0} s.\n{}",
+                    budget.as_secs_f64(),
+                    proc_.diagnosis(proc_.try_status())
+                )))
+            }
+            Err(e) => return Err(e),
+        };
+        let hook_proc = Arc::clone(proc_);
+        let hook: crate::conn::DeathHook = Box::new(move |ending| death_error(&hook_proc, ending));
+        match Conn::establish(stream, deadline, Some(hook)) {
+            Ok(x) => Ok(x),
+            Err(Error::Timeout(_)) => Err(Error::Timeout(format!(
+                "the guest did not finish booting within {:.0} s (no answer from its agent); \
+                 raise boot_timeout if the host is very slow.\n{}",
+                budget.as_secs_f64(),
+                proc_.diagnosis(proc_.try_status())
+            ))),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Connects to an agent serving on a unix socket (`supermachine-agent --listen-unix PATH`),
+    /// without QEMU. For tests.
+    pub fn attach_unix(path: &Path, timeout: Duration) -> Result<Vm> {
+        let deadline = Instant::now() + timeout;
+        let stream = connect_retry(path, deadline, || Ok(()))?;
+        let (conn, welcome) = Conn::establish(stream, deadline, None)?;
+        Ok(Vm {
+            conn,
+            qemu: None,
+            workdir: Mutex::new(None),
+            welcome,
+            released: AtomicBool::new(false),
+            accel: None,
+        })
+    }
+
+    pub fn conn(&self) -> &Conn {
+        &self.conn
+    }
+
+    pub fn welcome(&self) -> &WelcomeInfo {
+        &self.welcome
+    }
+
+    pub fn accel(&self) -> Option<Accel> {
+        self.accel
+    }
+
+    /// QEMU's pid (None for attached agents or after release).
+    pub fn qemu_pid(&self) -> Option<u32> {
+        self.qemu.as_ref().and_then(|q| q.pid())
+    }
+
+    /// The work dir (None for attached agents or after release).
+    pub fn workdir(&self) -> Option<PathBuf> {
+        self.workdir.lock().unwrap_or_else(|e| e.into_inner()).as_ref().map(|w| w.path().to_path_buf())
+    }
+
+    fn check(&self) -> Result<()> {
+        if self.released.load(Ordering::SeqCst) {
+            return Err(Error::Released);
+        }
+        Ok(())
+    }
+
+    /// Starts a process (streaming mode).
+    pub fn spawn(&self, opts: &SpawnOptions) -> Result<ExecChild> {
+        self.check()?;
+        ExecChild::spawn(&self.conn, opts)
+    }
+
+    /// Re-attaches to a guest process by id.
+    pub fn attach_process(&self, id: u32) -> Result<ExecChild> {
+        self.check()?;
+        ExecChild::attach(&self.conn, id)
+    }
+
+    /// Runs a process to completion and collects its output.
+    pub fn exec(&self, opts: &ExecOptions) -> Result<ExecResult> {
+        self.check()?;
+        for (path, data) in &opts.stage_files {
+            self.write_file(path, &data[..], 0o644)?;
+        }
+        let child = ExecChild::spawn(&self.conn, &opts.spawn)?;
+        let (stdout, stderr, status) = match &opts.stdin {
+            None => {
+                child.close_stdin()?;
+                child.collect()?
+            }
+            Some(input) => std::thread::scope(|s| {
+                let writer = s.spawn(|| {
+                    // A process that exits without reading all of its input is not an error.
+                    match child.write_stdin(input) {
+                        Ok(()) | Err(Error::BrokenPipe(_)) => {}
+                        Err(e) => return Err(e),
+                    }
+                    child.close_stdin()
+                });
+                let collected = child.collect();
+                let wrote = writer.join().unwrap_or_else(|_| Err(Error::InvalidArgument("stdin writer panicked".into())));
+                let collected = collected?;
+                match wrote {
+                    Ok(()) | Err(Error::BrokenPipe(_)) => Ok(collected),
+                    Err(e) => Err(e),
+                }
+            })?,
+        };
+        Ok(ExecResult { stdout, stderr, status })
+    }
+
+    /// Writes a guest file from `data`, streamed in chunks.
+    pub fn write_file(&self, path: &str, data: impl Read, mode: u32) -> Result<u64> {
+        self.check()?;
+        let conn = &self.conn;
+        let req = conn.lock().begin(ReqKind::WriteFile)?;
+        let sent = conn
+            .send_control(&Control::WriteFile { req, path: path.to_string(), mode })
+            .and_then(|()| conn.send_stream(channel_of(req), data));
+        let n = match sent {
+            Ok(n) => n,
+            Err(e) => {
+                conn.lock().abandon(req);
+                return Err(e);
+            }
+        };
+        conn.await_reply(req, None)?;
+        Ok(n)
+    }
+
+    /// Uploads a host file to the guest.
+    pub fn upload(&self, host_path: &Path, guest_path: &str, mode: Option<u32>) -> Result<u64> {
+        use std::os::unix::fs::PermissionsExt;
+        let f = fs::File::open(host_path).map_err(|e| Error::io(format!("open {}", host_path.display()), e))?;
+        let mode = match mode {
+            Some(m) => m,
+            None => f.metadata().map(|m| m.permissions().mode() & 0o7777).unwrap_or(0o644),
+        };
+        self.write_file(guest_path, std::io::BufReader::with_capacity(1 << 20, f), mode)
+    }
+
+    /// Reads a guest file into `out`, streamed in chunks. Returns (bytes, mode).
+    pub fn read_file_into(&self, path: &str, out: &mut dyn Write) -> Result<(u64, u32)> {
+        self.check()?;
+        let conn = &self.conn;
+        let reply = conn.request(ReqKind::ReadFile, None, |req| Control::ReadFile { req, path: path.to_string() });
+        let (req, mode) = match reply? {
+            Control::FileInfo { req, mode, .. } => (req, mode),
+            other => return Err(Error::Protocol(format!("unexpected reply to read_file: {other:?}"))),
+        };
+        let mut total = 0u64;
+        loop {
+            let chunk = conn.wait(None, |m| match m.take_file(req)? {
+                FileChunk::Pending => Ok(None),
+                c => Ok(Some(c)),
+            });
+            match chunk {
+                Ok(FileChunk::Data { bytes: d, credit }) => {
+                    if let Some(c) = credit {
+                        let _ = conn.send_control(&Control::Credit { id: channel_of(req), bytes: c });
+                    }
+                    total += d.len() as u64;
+                    if let Err(e) = out.write_all(&d) {
+                        conn.lock().abandon(req);
+                        return Err(Error::io("write the downloaded data", e));
+                    }
+                }
+                Ok(_) => return Ok((total, mode)),
+                Err(e) => {
+                    conn.lock().abandon(req);
+                    return Err(e);
+                }
+            }
+        }
+    }
+
+    /// Reads a whole guest file.
+    pub fn read_file(&self, path: &str) -> Result<Vec<u8>> {
+        let mut v = Vec::new();
+        self.read_file_into(path, &mut v)?;
+        Ok(v)
+    }
+
+    /// Downloads a guest file to a host path (written to a temporary name, then renamed).
+    pub fn download(&self, guest_path: &str, host_path: &Path) -> Result<u64> {
+        let tmp = host_path.with_file_name(format!(
+            ".{}.part-{}",
+            host_path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default(),
+            std::process::id()
+        ));
+        let f = fs::File::create(&tmp).map_err(|e| Error::io(format!("create {}", tmp.display()), e))?;
+        let mut w = std::io::BufWriter::with_capacity(1 << 20, f);
+        let r = self.read_file_into(guest_path, &mut w).and_then(|(n, _)| {
+            w.flush().map_err(|e| Error::io(format!("write {}", tmp.display()), e))?;
+            fs::rename(&tmp, host_path).map_err(|e| Error::io(format!("rename to {}", host_path.display()), e))?;
+            Ok(n)
+        });
+        if r.is_err() {
+            let _ = fs::remove_file(&tmp);
+        }
+        r
+    }
+
+    /// True until the VM died or was released.
+    pub fn is_alive(&self) -> bool {
+        !self.released.load(Ordering::SeqCst) && self.conn.failure().is_none()
+    }
+
+    /// Kills QEMU, closes the connection (every waiter gets "released") and removes the work
+    /// dir. Idempotent.
+    pub fn release(&self) {
+        if self.released.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        if let Some(q) = &self.qemu {
+            q.released.store(true, Ordering::SeqCst);
+        }
+        self.conn.close(Error::Released);
+        if let Some(q) = &self.qemu {
+            q.kill();
+        }
+        if let Some(w) = self.workdir.lock().unwrap_or_else(|e| e.into_inner()).take() {
+            w.remove();
+        }
+    }
+}
+
+impl Drop for Vm {
+    fn drop(&mut self) {
+        self.release();
+    }
+}
+
+/// The error waiters see when the connection to a QEMU-backed guest ends.
+fn death_error(proc_: &QemuProc, ending: Ending) -> Error {
+    if proc_.released.load(Ordering::SeqCst) {
+        return Error::Released;
+    }
+    match ending {
+        Ending::Violation(reason) => {
+            // A guest that breaks the protocol is not trusted further: stop it.
+            proc_.kill();
+            Error::Protocol(format!("{reason} (the VM was stopped)"))
+        }
+        Ending::Closed(reason) => {
+            let status = proc_.status_within(Duration::from_secs(2));
+            Error::VmDied(format!("{reason}.\n{}", proc_.diagnosis(status)))
+        }
+    }
+}

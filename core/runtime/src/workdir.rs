@@ -1,0 +1,179 @@
+//! Per-VM working directories: sockets, console log, QEMU's stderr and (for cold boots) the
+//! guest RAM file. They live under `$XDG_RUNTIME_DIR/supermachine`, else
+//! `/dev/shm/supermachine-<uid>`, else `$TMPDIR/supermachine-<uid>` — RAM-backed where
+//! possible, since the RAM file is guest memory.
+//!
+//! A directory is removed when its [`WorkDir`] drops. An owner that was SIGKILLed cannot do
+//! that, so each directory records its owner (pid + process start time) and every new
+//! directory first sweeps away those whose owner is gone.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+
+use crate::error::{Error, Result};
+
+const OWNER_FILE: &str = "owner";
+
+/// A per-VM directory, removed on drop.
+#[derive(Debug)]
+pub struct WorkDir {
+    path: PathBuf,
+    keep: bool,
+}
+
+fn uid() -> u32 {
+    // SAFETY: getuid has no preconditions and cannot fail.
+    unsafe { libc::getuid() }
+}
+
+/// The directory all VM work dirs live in.
+pub fn base_dir() -> PathBuf {
+    if let Some(x) = std::env::var_os("XDG_RUNTIME_DIR").filter(|x| !x.is_empty()) {
+        let p = PathBuf::from(x);
+        if p.is_dir() {
+            return p.join("supermachine");
+        }
+    }
+    let shm = Path::new("/dev/shm");
+    if shm.is_dir() {
+        return shm.join(format!("supermachine-{}", uid()));
+    }
+    std::env::temp_dir().join(format!("supermachine-{}", uid()))
+}
+
+/// Start time (clock ticks since boot) of process `pid`, from /proc/PID/stat field 22.
+fn start_time(pid: u32) -> Option<u64> {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let after = &stat[stat.rfind(')')? + 1..];
+    after.split_whitespace().nth(19)?.parse().ok()
+}
+
+fn owner_line() -> String {
+    let pid = std::process::id();
+    format!("{pid} {}", start_time(pid).unwrap_or(0))
+}
+
+fn owner_alive(line: &str) -> bool {
+    let mut it = line.split_whitespace();
+    let (Some(pid), Some(start)) = (it.next().and_then(|p| p.parse::<u32>().ok()), it.next()) else {
+        return false;
+    };
+    match start_time(pid) {
+        Some(t) => t.to_string() == start,
+        None => false,
+    }
+}
+
+/// Removes work dirs whose owner process no longer exists.
+pub fn sweep_stale(base: &Path) {
+    let Ok(entries) = fs::read_dir(base) else { return };
+    for e in entries.flatten() {
+        let p = e.path();
+        if !p.is_dir() {
+            continue;
+        }
+        match fs::read_to_string(p.join(OWNER_FILE)) {
+            Ok(line) if owner_alive(&line) => {}
+            Ok(_) => {
+                let _ = fs::remove_dir_all(&p);
+            }
+            // No owner file: either being created right now or foreign; leave it unless old.
+            Err(_) => {
+                let old = e
+                    .metadata()
+                    .and_then(|m| m.modified())
+                    .ok()
+                    .and_then(|t| t.elapsed().ok())
+                    .is_some_and(|age| age.as_secs() > 3600);
+                if old {
+                    let _ = fs::remove_dir_all(&p);
+                }
+            }
+        }
+    }
+}
+
+impl WorkDir {
+    /// Creates a fresh directory `<base>/<prefix>-XXXXXXXX`, after sweeping stale ones.
+    pub fn create(prefix: &str) -> Result<WorkDir> {
+        Self::create_in(&base_dir(), prefix)
+    }
+
+    pub fn create_in(base: &Path, prefix: &str) -> Result<WorkDir> {
+        fs::create_dir_all(base).map_err(|e| Error::io(format!("create {}", base.display()), e))?;
+        sweep_stale(base);
+        for _ in 0..16 {
+            let rand = crate::conn::entropy();
+            let name = format!(
+                "{prefix}-{}-{:02x}{:02x}{:02x}{:02x}",
+                std::process::id(),
+                rand[0],
+                rand[1],
+                rand[2],
+                rand[3]
+            );
+            let path = base.join(name);
+            match fs::create_dir(&path) {
+                Ok(()) => {
+                    fs::write(path.join(OWNER_FILE), owner_line())
+                        .map_err(|e| Error::io(format!("write {}", path.join(OWNER_FILE).display()), e))?;
+                    return Ok(WorkDir { path, keep: false });
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
+                Err(e) => return Err(Error::io(format!("create {}", path.display()), e)),
+            }
+        }
+        Err(Error::InvalidArgument(format!("could not create a unique work dir in {}", base.display())))
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub fn join(&self, name: &str) -> PathBuf {
+        self.path.join(name)
+    }
+
+    /// Keeps the directory on drop (debugging).
+    pub fn keep(&mut self) {
+        self.keep = true;
+    }
+
+    /// Removes the directory now (idempotent).
+    pub fn remove(&self) {
+        if !self.keep {
+            let _ = fs::remove_dir_all(&self.path);
+        }
+    }
+}
+
+impl Drop for WorkDir {
+    fn drop(&mut self) {
+        self.remove();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn create_remove_and_sweep() {
+        let base = std::env::temp_dir().join(format!("sm-workdir-test-{}", std::process::id()));
+        let w = WorkDir::create_in(&base, "vm").unwrap();
+        assert!(w.path().is_dir());
+        assert!(owner_alive(&fs::read_to_string(w.join(OWNER_FILE)).unwrap()));
+        // a dir owned by a dead process is swept by the next create
+        let stale = base.join("vm-dead");
+        fs::create_dir_all(&stale).unwrap();
+        fs::write(stale.join(OWNER_FILE), "999999999 1").unwrap();
+        let w2 = WorkDir::create_in(&base, "vm").unwrap();
+        assert!(!stale.exists());
+        assert!(w.path().is_dir(), "a live owner's dir is kept");
+        let p = w.path().to_path_buf();
+        drop(w);
+        assert!(!p.exists());
+        drop(w2);
+        let _ = fs::remove_dir_all(&base);
+    }
+}
