@@ -1,0 +1,1109 @@
+"""Guest REPL driver: runs user code inside the VM and speaks framed JSON with the host session.
+
+Runs on the guest's python3 (stdlib only; IPython and `comm` are used when the image has them).
+Started by the host as `python3 -u repl.py`; the host owns the other end of its stdin/stdout.
+
+Wire format, both directions: a 4-byte big-endian length, then that many bytes of UTF-8 JSON
+holding one object with a "type" key. Binary payloads (PNG, comm buffers) travel as base64.
+
+    host -> guest: execute, complete, inspect, is_complete, history, comm_info, comm_open,
+                   comm_msg, comm_close, input_reply, shutdown
+    guest -> host: ready, reply {id, content}, stream, display_data, update_display_data,
+                   execute_result, clear_output, error, input_request, comm_open, comm_msg,
+                   comm_close
+
+File descriptors: the protocol keeps private duplicates of fds 0 and 1. fd 0 becomes /dev/null,
+fds 1 and 2 become pipes that threads drain into `stream` messages, so output of subprocesses
+and C extensions streams to the notebook while the cell runs. `sys.stdout`/`sys.stderr` are text
+objects feeding the same buffers, so Python prints and fd writes stay in order per stream.
+
+Threads: the main thread runs requests one at a time (user code, widget callbacks); a reader
+thread parses host frames (input replies bypass the queue); a writer thread owns the protocol fd;
+a flusher sends buffered output every 50 ms. SIGINT (sent by the host for an interrupt) raises
+KeyboardInterrupt only while user code runs; between requests it is ignored.
+"""
+import ast
+import base64
+import builtins
+import codeop
+import datetime
+import fnmatch
+import inspect
+import io
+import json
+import os
+import platform
+import queue
+import re
+import select
+import signal
+import struct
+import sys
+import threading
+import traceback
+
+HEADER = struct.Struct(">I")
+MAX_FRAME = 32 * 1024 * 1024
+STREAM_CHUNK = 1024 * 1024  # largest stream text per frame
+FLUSH_INTERVAL = 0.05
+GENERATION_FILE = "/run/supermachine/generation"
+
+# ---------------------------------------------------------------------------------------------
+# Protocol channel
+
+
+def _json_default(obj):
+    """JSON fallback for values user code hands to display/comm APIs (like jupyter's json_clean)."""
+    if isinstance(obj, (bytes, bytearray, memoryview)):
+        return base64.b64encode(bytes(obj)).decode("ascii")
+    if isinstance(obj, (datetime.datetime, datetime.date, datetime.time)):
+        return obj.isoformat()
+    if isinstance(obj, (set, frozenset)):
+        return list(obj)
+    for attr in ("tolist", "item"):  # numpy arrays and scalars
+        method = getattr(obj, attr, None)
+        if callable(method):
+            try:
+                return method()
+            except Exception:
+                pass
+    return repr(obj)
+
+
+class Channel:
+    """Frames in from the host, frames out to it. `send` is safe from any thread."""
+
+    def __init__(self, rfd, wfd):
+        self._rfd = rfd
+        self._wfd = wfd
+        self._out = queue.SimpleQueue()
+        self.requests = queue.SimpleQueue()  # for the main thread; None = host went away
+        self.input_replies = queue.SimpleQueue()
+        threading.Thread(target=self._write_loop, name="repl-writer", daemon=True).start()
+
+    def start_reading(self):
+        threading.Thread(target=self._read_loop, name="repl-reader", daemon=True).start()
+
+    def send(self, msg):
+        data = json.dumps(msg, default=_json_default).encode("utf-8")
+        if len(data) > MAX_FRAME:
+            raise ValueError(
+                "output of %d bytes is larger than the %d-byte message limit" % (len(data), MAX_FRAME)
+            )
+        self._out.put(HEADER.pack(len(data)) + data)
+
+    def _write_loop(self):
+        while True:
+            frame = self._out.get()
+            view = memoryview(frame)
+            try:
+                while view:
+                    n = os.write(self._wfd, view)
+                    view = view[n:]
+            except OSError:
+                os._exit(0)  # the host is gone; nothing left to serve
+
+    def _read_exact(self, n):
+        buf = bytearray()
+        while len(buf) < n:
+            try:
+                chunk = os.read(self._rfd, n - len(buf))
+            except InterruptedError:
+                continue
+            if not chunk:
+                return None
+            buf += chunk
+        return bytes(buf)
+
+    def _read_loop(self):
+        while True:
+            head = self._read_exact(HEADER.size)
+            if head is None:
+                break
+            (size,) = HEADER.unpack(head)
+            if size > MAX_FRAME:
+                break
+            body = self._read_exact(size)
+            if body is None:
+                break
+            try:
+                msg = json.loads(body.decode("utf-8"))
+            except ValueError:
+                continue
+            if not isinstance(msg, dict):
+                continue
+            if msg.get("type") == "input_reply":
+                self.input_replies.put(msg)
+            else:
+                self.requests.put(msg)
+        self.requests.put(None)
+        self.input_replies.put({"type": "input_reply", "error": "eof"})
+
+
+# ---------------------------------------------------------------------------------------------
+# Output capture
+
+
+class StreamBuffer:
+    """Text waiting to go out as one `stream` message; fed by sys.stdout/err and the fd pipes."""
+
+    def __init__(self, channel, name):
+        self._channel = channel
+        self.name = name
+        self._parts = []
+        self._size = 0
+        self._lock = threading.Lock()
+
+    def write(self, text):
+        if not text:
+            return
+        with self._lock:
+            self._parts.append(text)
+            self._size += len(text)
+            big = self._size >= STREAM_CHUNK
+        if big:
+            self.flush()
+
+    def flush(self):
+        with self._lock:
+            if not self._parts:
+                return
+            text = "".join(self._parts)
+            self._parts = []
+            self._size = 0
+            for start in range(0, len(text), STREAM_CHUNK):
+                self._channel.send(
+                    {"type": "stream", "name": self.name, "text": text[start : start + STREAM_CHUNK]}
+                )
+
+
+class TextStream(io.TextIOBase):
+    """sys.stdout / sys.stderr replacement that feeds a StreamBuffer."""
+
+    def __init__(self, buffer, fd):
+        super().__init__()
+        self._buffer = buffer
+        self._fd = fd
+        self._pid = os.getpid()
+
+    name = property(lambda self: "<%s>" % self._buffer.name)
+    encoding = "utf-8"
+    errors = "replace"
+
+    def writable(self):
+        return True
+
+    def isatty(self):
+        return False
+
+    def fileno(self):
+        return self._fd
+
+    def write(self, text):
+        if not isinstance(text, str):
+            raise TypeError("write() argument must be str, not %s" % type(text).__name__)
+        if os.getpid() != self._pid:  # a forked child: our threads don't exist there
+            os.write(self._fd, text.encode("utf-8", "replace"))
+        else:
+            self._buffer.write(text)
+        return len(text)
+
+    def flush(self):
+        if os.getpid() == self._pid:
+            self._buffer.flush()
+
+
+class FdCapture:
+    """Replaces `fd` with a pipe and forwards what anyone writes there to a StreamBuffer."""
+
+    def __init__(self, fd, buffer):
+        import codecs
+
+        self._buffer = buffer
+        self._decoder = codecs.getincrementaldecoder("utf-8")("replace")
+        r, w = os.pipe()
+        os.dup2(w, fd)
+        os.close(w)
+        os.set_blocking(r, False)
+        self._r = r
+        self._lock = threading.Lock()
+        threading.Thread(target=self._loop, name="repl-fd%d" % fd, daemon=True).start()
+
+    def _drain_locked(self):
+        while True:
+            try:
+                data = os.read(self._r, 65536)
+            except BlockingIOError:
+                return
+            except InterruptedError:
+                continue
+            if not data:
+                return
+            self._buffer.write(self._decoder.decode(data))
+
+    def _loop(self):
+        while True:
+            try:
+                select.select([self._r], [], [])
+            except InterruptedError:
+                continue
+            with self._lock:
+                self._drain_locked()
+
+    def sync(self):
+        """Forward everything written to the fd so far (called before a reply)."""
+        with self._lock:
+            self._drain_locked()
+
+
+class Output:
+    """Owns both streams; `flush` makes everything written so far leave before what comes next."""
+
+    def __init__(self, channel):
+        self.stdout = StreamBuffer(channel, "stdout")
+        self.stderr = StreamBuffer(channel, "stderr")
+        self._captures = []
+        self._libc_fflush = None
+
+    def capture_fds(self):
+        self._captures = [FdCapture(1, self.stdout), FdCapture(2, self.stderr)]
+        try:
+            import ctypes
+
+            self._libc_fflush = ctypes.CDLL(None).fflush
+        except Exception:
+            self._libc_fflush = None
+        threading.Thread(target=self._flush_loop, name="repl-flusher", daemon=True).start()
+
+    def _flush_loop(self):
+        import time
+
+        while True:
+            time.sleep(FLUSH_INTERVAL)
+            try:
+                self.stdout.flush()
+                self.stderr.flush()
+            except Exception:
+                pass
+
+    def flush(self, fds=False):
+        if fds:
+            if self._libc_fflush is not None:
+                try:
+                    self._libc_fflush(None)
+                except Exception:
+                    pass
+            for capture in self._captures:
+                capture.sync()
+        self.stdout.flush()
+        self.stderr.flush()
+
+
+# ---------------------------------------------------------------------------------------------
+# Shared state
+
+
+class StdinNotImplementedError(RuntimeError):
+    """input() was called, but the frontend does not support input requests."""
+
+
+class State:
+    channel = None
+    output = None
+    executing = False
+    allow_stdin = False
+    generation = None
+
+
+state = State()
+
+
+def _send(msg):
+    state.channel.send(msg)
+
+
+def _on_sigint(signum, frame):
+    if state.executing:
+        raise KeyboardInterrupt
+    # Between requests an interrupt has nothing to stop.
+
+
+def _read_generation():
+    try:
+        with open(GENERATION_FILE) as f:
+            return f.read().strip()
+    except OSError:
+        return None
+
+
+def reseed_if_restored():
+    """After a snapshot restore every clone has the same RNG state: reseed before user code."""
+    gen = _read_generation()
+    if gen == state.generation:
+        return
+    state.generation = gen
+    import random
+
+    random.seed()
+    np = sys.modules.get("numpy")
+    if np is not None:
+        try:
+            np.random.seed()
+        except Exception:
+            pass
+
+
+def _request_input(prompt, password):
+    if not state.allow_stdin:
+        raise StdinNotImplementedError(
+            "%s was called, but this frontend does not support input requests."
+            % ("getpass" if password else "input()")
+        )
+    state.output.flush(fds=True)
+    replies = state.channel.input_replies
+    while True:  # drop stale replies
+        try:
+            replies.get_nowait()
+        except queue.Empty:
+            break
+    _send({"type": "input_request", "prompt": str(prompt), "password": bool(password)})
+    reply = replies.get()
+    error = reply.get("error")
+    if error == "interrupted":
+        raise KeyboardInterrupt("Interrupted by user")
+    if error:
+        raise EOFError("no input: %s" % error)
+    value = reply.get("value", "")
+    if value == "\x04":
+        raise EOFError
+    return str(value)
+
+
+def guest_input(prompt=""):
+    return _request_input(prompt, False)
+
+
+def guest_getpass(prompt="Password: ", stream=None):
+    return _request_input(prompt, True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Comms (ipywidgets 8 and anything else using the `comm` package)
+
+
+def install_comm():
+    """Points `comm.create_comm` / `comm.get_comm_manager` at comms that talk to the host."""
+    try:
+        import comm
+        from comm.base_comm import BaseComm, CommManager
+    except Exception:
+        return None
+
+    class GuestComm(BaseComm):
+        def publish_msg(self, msg_type, data=None, metadata=None, buffers=None, **keys):
+            state.output.flush()
+            msg = {
+                "type": msg_type,
+                "comm_id": self.comm_id,
+                "data": {} if data is None else data,
+                "metadata": {} if metadata is None else metadata,
+                "buffers": [base64.b64encode(bytes(b)).decode("ascii") for b in (buffers or [])],
+            }
+            for key, value in keys.items():
+                if isinstance(value, (str, int, float, bool)) or value is None:
+                    msg[key] = value
+            _send(msg)
+
+    manager = CommManager()
+    comm.create_comm = lambda *args, **kwargs: GuestComm(*args, **kwargs)
+    comm.get_comm_manager = lambda: manager
+    return manager
+
+
+def _comm_message(req):
+    """A host comm frame as the message dict `comm` handlers expect."""
+    buffers = []
+    for b in req.get("buffers") or []:
+        try:
+            buffers.append(memoryview(base64.b64decode(b)))
+        except (ValueError, TypeError):
+            pass
+    content = {"comm_id": req.get("comm_id"), "data": req.get("data") or {}}
+    if req["type"] == "comm_open":
+        content["target_name"] = req.get("target_name", "")
+        content["target_module"] = req.get("target_module")
+    return {
+        "header": {"msg_type": req["type"]},
+        "parent_header": {},
+        "metadata": req.get("metadata") or {},
+        "content": content,
+        "buffers": buffers,
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# Rich output helpers for the plain executor
+
+_REPR_METHODS = (
+    ("text/html", "_repr_html_"),
+    ("text/markdown", "_repr_markdown_"),
+    ("image/svg+xml", "_repr_svg_"),
+    ("image/png", "_repr_png_"),
+    ("image/jpeg", "_repr_jpeg_"),
+    ("text/latex", "_repr_latex_"),
+    ("application/json", "_repr_json_"),
+    ("application/javascript", "_repr_javascript_"),
+)
+
+
+def plain_mimebundle(obj):
+    data, metadata = {}, {}
+    method = getattr(obj, "_repr_mimebundle_", None)
+    if callable(method) and not inspect.isclass(obj):
+        try:
+            result = method()
+            if isinstance(result, tuple):
+                result, md = result
+                metadata.update(md or {})
+            if isinstance(result, dict):
+                data.update(result)
+        except Exception:
+            pass
+    for mime, name in _REPR_METHODS:
+        if mime in data or inspect.isclass(obj):
+            continue
+        method = getattr(obj, name, None)
+        if not callable(method):
+            continue
+        try:
+            value = method()
+        except Exception:
+            continue
+        if isinstance(value, tuple):
+            value, md = value
+            metadata[mime] = md
+        if value is not None:
+            data[mime] = value
+    if "text/plain" not in data:
+        try:
+            data["text/plain"] = repr(obj)
+        except Exception as e:
+            data["text/plain"] = "<repr failed: %s>" % e
+    return data, metadata
+
+
+def _token_at(code, cursor_pos):
+    """The dotted name ending at (or containing) the cursor."""
+    if cursor_pos is None:
+        cursor_pos = len(code)
+    end = cursor_pos
+    while end < len(code) and (code[end].isalnum() or code[end] == "_"):
+        end += 1
+    m = re.search(r"[A-Za-z_][\w.]*$", code[:end])
+    return m.group(0).rstrip(".") if m else ""
+
+
+def _line_at_cursor(code, cursor_pos):
+    start = code.rfind("\n", 0, cursor_pos) + 1
+    return code[start:cursor_pos], start
+
+
+# ---------------------------------------------------------------------------------------------
+# Executors
+
+
+class PlainExecutor:
+    """Used when the guest has no IPython: exec/eval with a simple display hook."""
+
+    name = "plain"
+
+    def __init__(self):
+        import __main__
+
+        self.ns = __main__.__dict__
+        self.ns.setdefault("__builtins__", builtins)
+        self.history = []  # (line number, source, output repr)
+        self.execution_count = 1
+        self.payload = []
+        builtins.display = self.display
+
+    def banner(self):
+        return "Python %s (no IPython in this image)" % platform.python_version()
+
+    def display(self, *objs, **kwargs):
+        for obj in objs:
+            data, md = plain_mimebundle(obj)
+            state.output.flush()
+            _send({"type": "display_data", "data": data, "metadata": md, "transient": {}})
+
+    def _error(self, etype, evalue, tb_list):
+        state.output.flush()
+        err = {"ename": etype.__name__, "evalue": str(evalue), "traceback": tb_list}
+        _send(dict(err, type="error"))
+        return err
+
+    def run(self, code, silent, store_history):
+        count = self.execution_count
+        filename = "<cell-%d>" % count
+        try:
+            tree = ast.parse(code, filename, "exec")
+        except (SyntaxError, ValueError, OverflowError) as e:
+            return self._error(type(e), e, traceback.format_exception_only(type(e), e))
+        last = None
+        if tree.body and isinstance(tree.body[-1], ast.Expr) and not silent:
+            last = ast.Expression(tree.body.pop().value)
+        flags = getattr(ast, "PyCF_ALLOW_TOP_LEVEL_AWAIT", 0)
+        result = None
+        try:
+            self._run_code(compile(tree, filename, "exec", flags=flags))
+            if last is not None:
+                result = self._run_code(compile(last, filename, "eval", flags=flags))
+        except BaseException as e:  # noqa: BLE001 - user code may raise anything
+            if isinstance(e, SystemExit):
+                pass
+            tb = e.__traceback__
+            # Hide this driver's own frames.
+            while tb is not None and tb.tb_frame.f_code.co_filename != filename:
+                tb = tb.tb_next
+            lines = traceback.format_exception(type(e), e, tb)
+            return self._error(type(e), e, lines)
+        finally:
+            if store_history:
+                self.history.append((count, code, None))
+                self.execution_count += 1
+        self._flush_figures()
+        if result is not None:
+            self.ns["_"] = result
+            data, md = plain_mimebundle(result)
+            if self.history and store_history:
+                self.history[-1] = (count, code, data.get("text/plain"))
+            state.output.flush()
+            _send({"type": "execute_result", "execution_count": count, "data": data, "metadata": md})
+        return None
+
+    def _run_code(self, codeobj):
+        result = eval(codeobj, self.ns)  # noqa: S307 - that is the job
+        if inspect.iscoroutine(result):
+            import asyncio
+
+            result = asyncio.new_event_loop().run_until_complete(result)
+        return result
+
+    def _flush_figures(self):
+        plt = sys.modules.get("matplotlib.pyplot")
+        if plt is None:
+            return
+        for num in list(plt.get_fignums()):
+            fig = plt.figure(num)
+            buf = io.BytesIO()
+            try:
+                fig.savefig(buf, format="png", bbox_inches="tight")
+                self.display_png(buf.getvalue())
+            finally:
+                plt.close(fig)
+
+    def display_png(self, png):
+        _send(
+            {
+                "type": "display_data",
+                "data": {"image/png": base64.b64encode(png).decode("ascii"), "text/plain": "<Figure>"},
+                "metadata": {},
+                "transient": {},
+            }
+        )
+
+    def user_expressions(self, expressions):
+        out = {}
+        for key, expr in expressions.items():
+            try:
+                value = eval(expr, self.ns)  # noqa: S307
+                data, md = plain_mimebundle(value)
+                out[key] = {"status": "ok", "data": data, "metadata": md}
+            except Exception as e:
+                out[key] = {
+                    "status": "error",
+                    "ename": type(e).__name__,
+                    "evalue": str(e),
+                    "traceback": traceback.format_exception_only(type(e), e),
+                }
+        return out
+
+    def complete(self, code, cursor_pos):
+        import rlcompleter
+
+        line, _ = _line_at_cursor(code, cursor_pos)
+        m = re.search(r"[\w.]*$", line)
+        text = m.group(0) if m else ""
+        completer = rlcompleter.Completer(self.ns)
+        matches = []
+        for i in range(1000):
+            try:
+                match = completer.complete(text, i)
+            except Exception:
+                break
+            if match is None:
+                break
+            matches.append(match.rstrip("("))
+        return {
+            "matches": sorted(set(matches)),
+            "cursor_start": cursor_pos - len(text),
+            "cursor_end": cursor_pos,
+            "metadata": {},
+            "status": "ok",
+        }
+
+    def _lookup(self, name):
+        parts = name.split(".")
+        if parts[0] in self.ns:
+            obj = self.ns[parts[0]]
+        elif hasattr(builtins, parts[0]):
+            obj = getattr(builtins, parts[0])
+        else:
+            raise KeyError(name)
+        for part in parts[1:]:
+            obj = getattr(obj, part)
+        return obj
+
+    def inspect(self, code, cursor_pos, detail_level, omit_sections):
+        import pydoc
+
+        name = _token_at(code, cursor_pos)
+        try:
+            obj = self._lookup(name)
+        except Exception:
+            return {"status": "ok", "found": False, "data": {}, "metadata": {}}
+        text = pydoc.render_doc(obj, title="%s", renderer=pydoc.plaintext)
+        if detail_level:
+            try:
+                text += "\n\nSource:\n" + inspect.getsource(obj)
+            except (OSError, TypeError):
+                pass
+        return {"status": "ok", "found": True, "data": {"text/plain": text}, "metadata": {}}
+
+    def is_complete(self, code):
+        try:
+            result = codeop.compile_command(code, "<input>", "exec")
+        except (SyntaxError, OverflowError, ValueError):
+            return {"status": "invalid"}
+        if result is None:
+            last = code.rstrip("\n").split("\n")[-1] if code.strip() else ""
+            indent = re.match(r"\s*", last).group(0)
+            if last.rstrip().endswith(":"):
+                indent += "    "
+            return {"status": "incomplete", "indent": indent}
+        return {"status": "complete"}
+
+    def history(self, hist_access_type, output=False, raw=True, session=0, start=0, stop=None,
+                n=None, pattern=None, unique=False, **_):
+        def row(entry):
+            line, source, out = entry
+            return [1, line, [source, out] if output else source]
+
+        entries = self.history
+        if hist_access_type == "tail":
+            entries = entries[-n:] if n else entries
+        elif hist_access_type == "range":
+            entries = [e for e in entries if e[0] >= (start or 0) and (stop is None or e[0] < stop)]
+        elif hist_access_type == "search":
+            rx = fnmatch.translate(pattern or "*")
+            entries = [e for e in entries if re.match(rx, e[1])]
+            if unique:
+                seen, kept = set(), []
+                for e in reversed(entries):
+                    if e[1] not in seen:
+                        seen.add(e[1])
+                        kept.append(e)
+                entries = list(reversed(kept))
+            if n:
+                entries = entries[-n:]
+        else:
+            entries = []
+        return {"status": "ok", "history": [row(e) for e in entries]}
+
+
+class IPythonExecutor:
+    """Runs cells with IPython's InteractiveShell: magics, rich tracebacks, display machinery."""
+
+    name = "ipython"
+
+    def __init__(self):
+        from IPython.core.displayhook import DisplayHook
+        from IPython.core.displaypub import DisplayPublisher
+        from IPython.core.interactiveshell import InteractiveShell
+        from IPython.core import page
+
+        class GuestDisplayPublisher(DisplayPublisher):
+            def publish(self, data, metadata=None, source=None, *, transient=None, update=False,
+                        **kwargs):
+                state.output.flush()
+                _send(
+                    {
+                        "type": "update_display_data" if update else "display_data",
+                        "data": data,
+                        "metadata": metadata or {},
+                        "transient": transient or {},
+                    }
+                )
+
+            def clear_output(self, wait=False):
+                state.output.flush()
+                _send({"type": "clear_output", "wait": bool(wait)})
+
+        class GuestDisplayHook(DisplayHook):
+            msg = None
+
+            def start_displayhook(self):
+                self.msg = {"type": "execute_result", "data": {}, "metadata": {}}
+
+            def write_output_prompt(self):
+                self.msg["execution_count"] = self.prompt_count
+
+            def write_format_data(self, format_dict, md_dict=None):
+                self.msg["data"] = format_dict
+                self.msg["metadata"] = md_dict or {}
+
+            def finish_displayhook(self):
+                state.output.flush()
+                msg, self.msg = self.msg, None
+                if msg and msg["data"]:
+                    _send(msg)
+
+        executor = self
+
+        class GuestShell(InteractiveShell):
+            def _showtraceback(self, etype, evalue, stb):
+                state.output.flush()
+                err = {"ename": getattr(etype, "__name__", str(etype)), "evalue": str(evalue),
+                       "traceback": list(stb)}
+                executor.last_error = err
+                _send(dict(err, type="error"))
+
+            def ask_exit(self):
+                self.payload_manager.write_payload({"source": "ask_exit", "keepkernel": False})
+
+            def set_next_input(self, text, replace=False):
+                self.payload_manager.write_payload(
+                    {"source": "set_next_input", "text": text, "replace": replace}
+                )
+
+            def init_hooks(self):
+                super().init_hooks()
+
+                def pager(strg, start=0, screen_lines=0, pager_cmd=None):
+                    data = strg if isinstance(strg, dict) else {"text/plain": strg}
+                    self.payload_manager.write_payload(
+                        {"source": "page", "data": data, "start": max(0, start)}
+                    )
+
+                self.set_hook("show_in_pager", page.as_hook(pager), 99)
+
+            def init_environment(self):
+                os.environ.setdefault("PAGER", "cat")
+                os.environ.setdefault("GIT_PAGER", "cat")
+
+        from traitlets.config import Config
+
+        cfg = Config()
+        cfg.HistoryManager.hist_file = ":memory:"
+        cfg.InteractiveShell.colors = "linux"
+        cfg.InteractiveShell.xmode = "Context"
+        self.last_error = None
+        self.shell = GuestShell.instance(
+            config=cfg,
+            displayhook_class=GuestDisplayHook,
+            display_pub_class=GuestDisplayPublisher,
+        )
+        self.shell.display_page = True
+        self.shell.enable_html_pager = True
+        # The inline matplotlib backend registers its figure flush on post_execute when imported
+        # under IPython; MPLBACKEND (set by the host) selects it.
+
+    def banner(self):
+        import IPython
+
+        return "Python %s\nIPython %s -- An enhanced Interactive Python." % (
+            platform.python_version(),
+            IPython.__version__,
+        )
+
+    @property
+    def execution_count(self):
+        return self.shell.execution_count
+
+    @execution_count.setter
+    def execution_count(self, value):
+        self.shell.execution_count = value
+
+    def run(self, code, silent, store_history):
+        self.last_error = None
+        res = self.shell.run_cell(code, store_history=store_history, silent=silent)
+        if res.success:
+            return None
+        if self.last_error is not None:
+            return self.last_error
+        err = res.error_before_exec or res.error_in_exec
+        return {"ename": type(err).__name__, "evalue": str(err), "traceback": []}
+
+    def take_payload(self):
+        payload = self.shell.payload_manager.read_payload()
+        self.shell.payload_manager.clear_payload()
+        return payload
+
+    def user_expressions(self, expressions):
+        return self.shell.user_expressions(expressions)
+
+    def complete(self, code, cursor_pos):
+        try:
+            return self._complete_experimental(code, cursor_pos)
+        except Exception:
+            pass
+        line, offset = _line_at_cursor(code, cursor_pos)
+        txt, matches = self.shell.complete("", line, cursor_pos - offset)
+        return {
+            "matches": list(matches),
+            "cursor_start": cursor_pos - len(txt),
+            "cursor_end": cursor_pos,
+            "metadata": {},
+            "status": "ok",
+        }
+
+    def _complete_experimental(self, code, cursor_pos):
+        from IPython.core.completer import provisionalcompleter, rectify_completions
+
+        with provisionalcompleter():
+            raw = self.shell.Completer.completions(code, cursor_pos)
+            completions = list(rectify_completions(code, raw))
+        comps = [
+            {"start": c.start, "end": c.end, "text": c.text, "type": c.type,
+             "signature": c.signature}
+            for c in completions
+        ]
+        if completions:
+            start, end = completions[0].start, completions[0].end
+        else:
+            start = end = cursor_pos
+        return {
+            "matches": [c.text for c in completions],
+            "cursor_start": start,
+            "cursor_end": end,
+            "metadata": {"_jupyter_types_experimental": comps},
+            "status": "ok",
+        }
+
+    def inspect(self, code, cursor_pos, detail_level, omit_sections):
+        from IPython.utils.tokenutil import token_at_cursor
+
+        name = token_at_cursor(code, cursor_pos)
+        try:
+            bundle = self.shell.object_inspect_mime(
+                name, detail_level=detail_level, omit_sections=tuple(omit_sections)
+            )
+        except KeyError:
+            return {"status": "ok", "found": False, "data": {}, "metadata": {}}
+        return {"status": "ok", "found": True, "data": dict(bundle), "metadata": {}}
+
+    def is_complete(self, code):
+        status, indent = self.shell.input_transformer_manager.check_complete(code)
+        reply = {"status": status}
+        if status == "incomplete":
+            reply["indent"] = " " * (indent or 0)
+        return reply
+
+    def history(self, hist_access_type, output=False, raw=True, session=0, start=0, stop=None,
+                n=None, pattern=None, unique=False, **_):
+        hm = self.shell.history_manager
+        hm.writeout_cache()
+        if hist_access_type == "tail":
+            hist = hm.get_tail(n or 10, raw=raw, output=output, include_latest=True)
+        elif hist_access_type == "range":
+            hist = hm.get_range(session, start or 0, stop, raw=raw, output=output)
+        elif hist_access_type == "search":
+            hist = hm.search(pattern or "*", raw=raw, output=output, n=n, unique=unique)
+        else:
+            hist = []
+        return {"status": "ok", "history": [list(h) for h in hist]}
+
+
+# ---------------------------------------------------------------------------------------------
+# The main loop
+
+
+class Driver:
+    def __init__(self, executor, comm_manager):
+        self.executor = executor
+        self.comm_manager = comm_manager
+
+    def serve(self):
+        requests = state.channel.requests
+        while True:
+            try:
+                req = requests.get()
+            except KeyboardInterrupt:
+                continue
+            if req is None or req.get("type") == "shutdown":
+                state.output.flush(fds=True)
+                return
+            self.handle(req)
+
+    def handle(self, req):
+        kind = req.get("type")
+        rid = req.get("id")
+        handler = getattr(self, "do_" + str(kind), None)
+        try:
+            if handler is None:
+                content = {"status": "error", "ename": "ValueError",
+                           "evalue": "unknown request %r" % kind, "traceback": []}
+            else:
+                content = handler(req)
+        except KeyboardInterrupt:
+            content = {"status": "error", "ename": "KeyboardInterrupt", "evalue": "",
+                       "traceback": []}
+        except Exception as e:  # a driver bug must not kill the session
+            content = {"status": "error", "ename": type(e).__name__, "evalue": str(e),
+                       "traceback": traceback.format_exc().splitlines()}
+        if rid is not None:
+            try:
+                _send({"type": "reply", "id": rid, "content": content})
+            except ValueError as e:  # unserializable reply: say so instead of hanging the host
+                _send({"type": "reply", "id": rid,
+                       "content": {"status": "error", "ename": "ValueError", "evalue": str(e),
+                                   "traceback": []}})
+
+    def do_execute(self, req):
+        ex = self.executor
+        silent = bool(req.get("silent"))
+        store_history = bool(req.get("store_history", not silent))
+        if "execution_count" in req:
+            ex.execution_count = int(req["execution_count"])
+        state.allow_stdin = bool(req.get("allow_stdin"))
+        reseed_if_restored()
+        error = None
+        state.executing = True
+        try:
+            error = ex.run(str(req.get("code", "")), silent, store_history)
+        except KeyboardInterrupt:
+            error = {"ename": "KeyboardInterrupt", "evalue": "", "traceback": ["KeyboardInterrupt"]}
+            _send(dict(error, type="error"))
+        finally:
+            state.executing = False
+            state.allow_stdin = False
+        state.output.flush(fds=True)
+        if error is None:
+            reply = {"status": "ok",
+                     "user_expressions": ex.user_expressions(req.get("user_expressions") or {})}
+        else:
+            reply = {"status": "error", "user_expressions": {}}
+            reply.update(error)
+        take = getattr(ex, "take_payload", None)
+        reply["payload"] = take() if take else []
+        return reply
+
+    def do_complete(self, req):
+        code = str(req.get("code", ""))
+        pos = req.get("cursor_pos")
+        return self.executor.complete(code, len(code) if pos is None else int(pos))
+
+    def do_inspect(self, req):
+        code = str(req.get("code", ""))
+        pos = req.get("cursor_pos")
+        return self.executor.inspect(code, len(code) if pos is None else int(pos),
+                                     int(req.get("detail_level") or 0),
+                                     req.get("omit_sections") or ())
+
+    def do_is_complete(self, req):
+        return self.executor.is_complete(str(req.get("code", "")))
+
+    def do_history(self, req):
+        args = {k: v for k, v in req.items() if k not in ("type", "id")}
+        args.setdefault("hist_access_type", "tail")
+        return self.executor.history(**args)
+
+    def do_comm_info(self, req):
+        target = req.get("target_name")
+        comms = {}
+        if self.comm_manager is not None:
+            for cid, c in self.comm_manager.comms.items():
+                if target is None or c.target_name == target:
+                    comms[cid] = {"target_name": c.target_name}
+        return {"status": "ok", "comms": comms}
+
+    def _comm(self, req):
+        if self.comm_manager is None:
+            if req["type"] == "comm_open":  # nobody here to talk to: close it again
+                _send({"type": "comm_close", "comm_id": req.get("comm_id"), "data": {},
+                       "metadata": {}, "buffers": []})
+            return None
+        handler = getattr(self.comm_manager, req["type"])
+        state.executing = True  # widget callbacks are user code: interruptible
+        try:
+            handler(None, None, _comm_message(req))
+        finally:
+            state.executing = False
+        state.output.flush(fds=True)
+        return None
+
+    do_comm_open = do_comm_msg = do_comm_close = _comm
+
+
+def main():
+    # Keep the protocol on private fds; user code and subprocesses get /dev/null, pipes.
+    proto_in = os.dup(0)
+    proto_out = os.dup(1)
+    diag = os.dup(2)  # the driver's own diagnostics still reach the host's stderr reader
+    devnull = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(devnull, 0)
+    os.close(devnull)
+
+    channel = Channel(proto_in, proto_out)
+    output = Output(channel)
+    state.channel = channel
+    state.output = output
+    output.capture_fds()
+    sys.stdin = open(os.devnull)
+    sys.stdout = TextStream(output.stdout, 1)
+    sys.stderr = TextStream(output.stderr, 2)
+    sys.__stderr__ = os.fdopen(diag, "w", buffering=1)
+
+    signal.signal(signal.SIGINT, _on_sigint)
+    state.generation = _read_generation()
+
+    builtins.input = guest_input
+    import getpass
+
+    getpass.getpass = guest_getpass
+
+    comm_manager = install_comm()
+    try:
+        executor = IPythonExecutor()
+    except ImportError:
+        executor = PlainExecutor()
+    builtins.input = guest_input  # IPython may have swapped it while starting
+    if comm_manager is not None:
+        try:
+            import IPython  # noqa: F401 - ipywidgets registers its targets if IPython is running
+
+            if "ipywidgets" in sys.modules:
+                sys.modules["ipywidgets"].register_comm_target()
+        except Exception:
+            pass
+    output.flush(fds=True)
+
+    channel.start_reading()
+    _send(
+        {
+            "type": "ready",
+            "python_version": platform.python_version(),
+            "implementation": platform.python_implementation(),
+            "executor": executor.name,
+            "banner": executor.banner(),
+            "pid": os.getpid(),
+            "comms": comm_manager is not None,
+        }
+    )
+    Driver(executor, comm_manager).serve()
+    sys.stdout.flush()
+    os._exit(0)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,530 @@
+"""MicroVMKernel: the "Python (microVM)" Jupyter kernel. Every cell runs in the guest REPL.
+
+The kernel overrides ipykernel's `do_*` hooks only and delegates every guest call to one
+`GuestSession` (session/client.py). What it adds to the base class, because a proxy kernel needs
+it: comm_open/comm_msg/comm_close forwarding (the base has none), an interrupt that reaches the
+guest (the base signals its own process group), `kernel_info` without a debugger or subshells it
+does not have, stdin forwarding for the guest's `input()`, output rate limiting, and recovery
+when the guest dies.
+
+Run: `python -m supermachine_kernel.kernel -f CONNECTION_FILE` (what the kernelspec does).
+Config: `c.MicroVMKernel.<trait>` in `supermachine_kernel_config.py` in any Jupyter config dir
+(`jupyter --paths`), or `--MicroVMKernel.<trait>=...` on the command line. The environment
+variable SUPERMACHINE_KERNEL_BACKEND=local|vm overrides the default backend.
+"""
+from __future__ import annotations
+
+import asyncio
+import atexit
+import base64
+import json
+import os
+import signal
+import sys
+import threading
+import time
+import typing as t
+
+import zmq
+from ipykernel.kernelapp import IPKernelApp
+from ipykernel.kernelbase import Kernel
+from jupyter_core.paths import jupyter_config_path
+from traitlets import Any, Bool, Dict, Float, Integer, List, Unicode, default
+
+from .ratelimit import RateLimiter
+from .session import (
+    GuestDied,
+    GuestSession,
+    GuestUnavailable,
+    ProtocolError,
+    guest_environment,
+    make_backend,
+)
+
+__version__ = "0.1.0"
+
+DISPLAY_EVENTS = ("display_data", "update_display_data")
+COMM_EVENTS = ("comm_open", "comm_msg", "comm_close")
+RED, RESET = "\x1b[0;31m", "\x1b[0m"
+
+
+def _approx_size(content: dict) -> int:
+    data = content.get("data") or {}
+    size = 0
+    for value in data.values():
+        size += len(value) if isinstance(value, str) else len(json.dumps(value))
+    return size + len(content.get("text", ""))
+
+
+class MicroVMKernel(Kernel):
+    implementation = "supermachine-kernel"
+    implementation_version = __version__
+    language = "python"
+    help_links = List(
+        [
+            {"text": "Python Reference", "url": "https://docs.python.org/3/"},
+            {"text": "IPython Reference", "url": "https://ipython.readthedocs.io/en/stable/"},
+        ]
+    )
+
+    # -- configuration ---------------------------------------------------------------------------
+    backend = Unicode(
+        help="Where cells run: 'vm' (a microVM per kernel) or 'local' (a host subprocess; NOT "
+        "isolated, for debugging). Default: $SUPERMACHINE_KERNEL_BACKEND or 'vm'."
+    ).tag(config=True)
+
+    @default("backend")
+    def _backend_default(self) -> str:
+        return os.environ.get("SUPERMACHINE_KERNEL_BACKEND", "vm")
+
+    image = Unicode("default", help="Guest image: a name from `supermachine-kernel image list` "
+                    "or a path.").tag(config=True)
+    memory_mib = Integer(512, help="Guest RAM in MiB.").tag(config=True)
+    vcpus = Integer(1, help="Guest vCPUs.").tag(config=True)
+    pool_min = Integer(1, help="Warm VMs kept ready in this kernel's pool.").tag(config=True)
+    pool_max = Integer(2, help="Most VMs this kernel's pool may hold.").tag(config=True)
+    accelerator = Unicode("auto", help="auto, kvm or tcg.").tag(config=True)
+    warmup_imports = List(
+        Unicode(),
+        ["IPython", "numpy", "pandas", "matplotlib", "matplotlib_inline.backend_inline",
+         "ipywidgets"],
+        help="Modules the image's warmup imports before its snapshot is taken.",
+    ).tag(config=True)
+    guest_env = Dict(
+        help="Extra environment for the guest REPL. Nothing else from the kernel's environment "
+        "reaches the guest."
+    ).tag(config=True)
+    local_python = Unicode(sys.executable, help="Python used by the local backend.").tag(config=True)
+    startup_timeout = Float(180.0, help="Seconds to wait for the guest REPL to start.").tag(
+        config=True
+    )
+    iopub_msg_rate_limit = Float(
+        1000.0, help="Output messages per second (averaged over rate_limit_window); 0 = no limit."
+    ).tag(config=True)
+    iopub_data_rate_limit = Float(
+        10_000_000.0, help="Output bytes per second (averaged over rate_limit_window); 0 = no "
+        "limit."
+    ).tag(config=True)
+    rate_limit_window = Float(3.0, help="Seconds over which output rates are averaged.").tag(
+        config=True
+    )
+    user_ns = Any(None, help="Unused: user code lives in the guest.")
+    forward_sigint = Bool(True, help="Forward SIGINT received by this process to the guest "
+                          "(interrupt_mode 'signal').").tag(config=True)
+
+    def __init__(self, **kwargs: t.Any) -> None:
+        super().__init__(**kwargs)
+        for msg_type in COMM_EVENTS:
+            self.shell_handlers[msg_type] = getattr(self, msg_type)
+        self.guest: GuestSession | None = None
+        self._main_loop: asyncio.AbstractEventLoop | None = None
+        self._exec_parent: dict | None = None
+        self._exec_ident: t.Any = None
+        self._last_parent: dict = {}
+        self._allow_stdin = False
+        self._input_cancel = threading.Event()
+        self._limiter = RateLimiter(
+            self.iopub_msg_rate_limit, self.iopub_data_rate_limit, self.rate_limit_window
+        )
+
+    # -- lifecycle -------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        super().start()
+        self._main_loop = asyncio.get_event_loop()
+        backend = make_backend(
+            self.backend,
+            python=self.local_python,
+            image=self.image,
+            memory_mib=self.memory_mib,
+            vcpus=self.vcpus,
+            pool_min=self.pool_min,
+            pool_max=self.pool_max,
+            accelerator=self.accelerator,
+            warmup_imports=list(self.warmup_imports),
+        )
+        self.guest = GuestSession(
+            backend,
+            self._main_loop,
+            self._on_guest_event,
+            env=guest_environment(dict(self.guest_env)),
+            startup_timeout=self.startup_timeout,
+        )
+        self.guest.start()
+        if self.forward_sigint:
+            signal.signal(signal.SIGINT, self._on_sigint)
+        signal.signal(signal.SIGTERM, self._on_sigterm)
+        atexit.register(self._release_at_exit)
+
+    def _release_at_exit(self) -> None:
+        guest = self.guest
+        link = guest._link if guest is not None else None
+        if link is not None:
+            link.closing = True
+            link.close()
+
+    def _on_sigterm(self, signum: int, frame: t.Any) -> None:
+        raise SystemExit(0)
+
+    @property
+    def banner(self) -> str:  # type: ignore[override]
+        info = self.guest.info if self.guest is not None else None
+        head = info.banner if info else "Python (microVM)"
+        where = info.where if info else f"{self.backend} backend (starting)"
+        text = f"{head}\nRunning in: {where}"
+        if self.backend == "local":
+            text += "\nWARNING: the local backend is NOT isolated: code runs on the host."
+        return text
+
+    @property
+    def language_info(self) -> dict:  # type: ignore[override]
+        info = self.guest.info if self.guest is not None else None
+        return {
+            "name": "python",
+            "version": info.python_version if info else "3",
+            "mimetype": "text/x-python",
+            "codemirror_mode": {"name": "ipython", "version": 3},
+            "pygments_lexer": "ipython3",
+            "nbconvert_exporter": "python",
+            "file_extension": ".py",
+        }
+
+    @property
+    def kernel_info(self) -> dict:
+        info = super().kernel_info
+        # No debugger, and no subshells: the guest runs one request at a time.
+        info["supported_features"] = [
+            f for f in info.get("supported_features", []) if f not in ("debugger", "kernel subshells")
+        ]
+        return info
+
+    async def kernel_info_request(self, stream, ident, parent):  # type: ignore[override]
+        # language_info carries the guest's Python version: wait for the first guest to answer.
+        guest = self.guest
+        if guest is not None and guest.info is None:
+            try:
+                await self._on_main(guest.wait_ready(timeout=self.startup_timeout))
+            except Exception as e:  # noqa: BLE001 - still answer; execute will report the cause
+                self.log.warning("guest not ready for kernel_info: %s", e)
+        await super().kernel_info_request(stream, ident, parent)
+
+    async def _on_main(self, coro: t.Awaitable) -> t.Any:
+        """Await `coro` on the shell loop (where the session lives), from any thread's loop."""
+        main = self._main_loop
+        if main is None or asyncio.get_running_loop() is main:
+            return await coro
+        return await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(coro, main))
+
+    async def do_shutdown(self, restart: bool) -> dict:
+        if self.guest is not None:
+            try:
+                await self._on_main(self.guest.shutdown())
+            except Exception:  # noqa: BLE001
+                self.log.exception("releasing the guest failed")
+        return {"status": "ok", "restart": restart}
+
+    # -- execute ---------------------------------------------------------------------------------
+
+    async def do_execute(
+        self,
+        code: str,
+        silent: bool,
+        store_history: bool = True,
+        user_expressions: dict | None = None,
+        allow_stdin: bool = False,
+        *,
+        cell_meta: dict | None = None,
+        cell_id: str | None = None,
+    ) -> dict:
+        assert self.guest is not None
+        parent = self.get_parent("shell")
+        self._exec_parent = self._last_parent = parent
+        self._exec_ident = self._get_shell_context_var(self._shell_parent_ident)
+        self._allow_stdin = allow_stdin
+        self._input_cancel.clear()
+        try:
+            reply = await self.guest.request(
+                "execute",
+                code=code,
+                silent=silent,
+                store_history=store_history,
+                user_expressions=user_expressions or {},
+                allow_stdin=allow_stdin,
+                execution_count=self.execution_count,
+            )
+        except GuestDied as e:
+            reply = self._error_reply(
+                "GuestDied",
+                f"The {self._guest_noun()} running this kernel died: {e.reason}.",
+                "A fresh one is starting; everything defined in earlier cells is gone, "
+                "so re-run them.",
+            )
+        except GuestUnavailable as e:
+            reply = self._error_reply(
+                "GuestUnavailable", str(e),
+                "The kernel will try again on the next cell. Check the kernel log for details.",
+            )
+        except ProtocolError as e:
+            reply = self._error_reply(
+                "GuestProtocolError", f"the guest sent an invalid execute reply: {e}",
+                "The cell's result was discarded.",
+            )
+        finally:
+            self._allow_stdin = False
+            self._input_cancel.set()
+            self._report_dropped(final=True)
+            self._exec_parent = None
+        reply["execution_count"] = self.execution_count
+        return reply
+
+    def _guest_noun(self) -> str:
+        return "microVM" if self.backend == "vm" else f"guest process ({self.backend} backend)"
+
+    def _error_reply(self, ename: str, evalue: str, hint: str) -> dict:
+        content = {
+            "ename": ename,
+            "evalue": evalue,
+            "traceback": [f"{RED}{ename}{RESET}: {evalue}", hint],
+        }
+        self._publish("error", content)
+        return dict(content, status="error", user_expressions={}, payload=[])
+
+    # -- guest events ------------------------------------------------------------------------------
+
+    def _publish(self, msg_type: str, content: dict, *, buffers: list | None = None,
+                 metadata: dict | None = None, parent: dict | None = None) -> None:
+        if self.session is None:
+            return
+        self.session.send(
+            self.iopub_socket,
+            msg_type,
+            content,
+            parent if parent is not None else (self._exec_parent or self._last_parent),
+            ident=self._topic(msg_type),
+            buffers=buffers,
+            metadata=metadata,
+        )
+
+    def _on_guest_event(self, kind: str, content: dict, buffers: list) -> None:
+        """Called on the shell loop, in guest order, for everything the guest says unasked."""
+        if kind == "stream" or kind in DISPLAY_EVENTS:
+            if not self._limiter.allow(_approx_size(content), time.monotonic()):
+                self._report_dropped(final=False)
+                return
+            self._publish(kind, content)
+        elif kind in ("execute_result", "error", "clear_output"):
+            self._publish(kind, content)
+        elif kind in COMM_EVENTS:
+            metadata = content.pop("__metadata__", {})
+            self._publish(kind, content, buffers=buffers, metadata=metadata)
+        elif kind == "input_request":
+            asyncio.ensure_future(self._forward_input(content))
+        elif kind == "died":
+            self._input_cancel.set()
+            if self._exec_parent is None:  # nothing running: tell whoever is watching
+                self._publish("stream", {
+                    "name": "stderr",
+                    "text": f"The {self._guest_noun()} died ({content['reason']}); a fresh one is "
+                            "starting. Variables from earlier cells are gone.\n",
+                })
+        elif kind == "invalid":
+            self.log.warning("invalid %s message from the guest: %s", content["type"], content["error"])
+            self._publish("stream", {
+                "name": "stderr",
+                "text": f"[supermachine] dropped an invalid {content['type']!r} message from the "
+                        f"guest: {content['error']}\n",
+            })
+
+    def _report_dropped(self, final: bool) -> None:
+        if final:
+            dropped = self._limiter.take_dropped()
+            if not dropped.messages:
+                return
+            text = (
+                f"\n[supermachine] IOPub rate limit: {dropped.messages} output messages "
+                f"({dropped.bytes / 1e6:.1f} MB) were dropped in this cell.\n"
+            )
+        elif self._limiter.should_notice():
+            text = (
+                "\n[supermachine] IOPub output rate exceeded: output is being dropped to keep the "
+                "frontend responsive.\nCurrent limits: "
+                f"c.MicroVMKernel.iopub_data_rate_limit = {self.iopub_data_rate_limit:g} bytes/s, "
+                f"c.MicroVMKernel.iopub_msg_rate_limit = {self.iopub_msg_rate_limit:g} msgs/s "
+                f"(over {self.rate_limit_window:g} s; 0 disables).\n"
+            )
+        else:
+            return
+        self._publish("stream", {"name": "stderr", "text": text})
+
+    # -- stdin -------------------------------------------------------------------------------------
+
+    async def _forward_input(self, content: dict) -> None:
+        assert self.guest is not None
+        parent, ident = self._exec_parent, self._exec_ident
+        if parent is None or not self._allow_stdin:
+            self.guest.notify("input_reply", error="this frontend does not support input requests")
+            return
+        self._input_cancel.clear()
+        value = await asyncio.to_thread(
+            self._await_input_reply, content["prompt"], content["password"], ident, parent
+        )
+        if value is not None:
+            self.guest.notify("input_reply", value=value)
+
+    def _await_input_reply(self, prompt: str, password: bool, ident: t.Any, parent: dict) -> str | None:
+        """input_request to the frontend, then its reply (None if interrupted). Worker thread."""
+        assert self.session is not None
+        while True:  # drop stale replies
+            try:
+                self.stdin_socket.recv_multipart(zmq.NOBLOCK)
+            except zmq.ZMQError as e:
+                if e.errno == zmq.EAGAIN:
+                    break
+                raise
+        self.session.send(self.stdin_socket, "input_request",
+                          {"prompt": prompt, "password": password}, parent, ident=ident)
+        while not self._input_cancel.is_set():
+            rlist, _, xlist = zmq.select([self.stdin_socket], [], [self.stdin_socket], 0.05)
+            if not (rlist or xlist):
+                continue
+            try:
+                _, reply = self.session.recv(self.stdin_socket)
+            except Exception:  # noqa: BLE001
+                self.log.warning("invalid input_reply", exc_info=True)
+                continue
+            if reply is None:
+                continue
+            try:
+                return str(reply["content"]["value"])
+            except (KeyError, TypeError):
+                self.log.error("bad input_reply: %s", reply)
+                return ""
+        return None
+
+    # -- interrupt ---------------------------------------------------------------------------------
+
+    def pre_handler_hook(self) -> None:
+        """The base swaps in Python's default SIGINT handler while a request runs; keep ours."""
+
+    def post_handler_hook(self) -> None:
+        pass
+
+    def _on_sigint(self, signum: int, frame: t.Any) -> None:
+        self._interrupt_guest()
+
+    def _send_interrupt_children(self) -> None:
+        """interrupt_request (message mode) lands here: interrupt the guest, not our own group."""
+        self._interrupt_guest()
+
+    def _interrupt_guest(self) -> None:
+        self._input_cancel.set()
+        guest = self.guest
+        if guest is not None:
+            threading.Thread(target=guest.interrupt, name="guest-interrupt", daemon=True).start()
+
+    # -- comms -------------------------------------------------------------------------------------
+
+    async def comm_open(self, stream, ident, parent) -> None:
+        self._forward_comm("comm_open", parent)
+
+    async def comm_msg(self, stream, ident, parent) -> None:
+        self._forward_comm("comm_msg", parent)
+
+    async def comm_close(self, stream, ident, parent) -> None:
+        self._forward_comm("comm_close", parent)
+
+    def _forward_comm(self, kind: str, parent: dict) -> None:
+        content = parent.get("content") or {}
+        comm_id = content.get("comm_id")
+        if not isinstance(comm_id, str):
+            return
+        if self._exec_parent is None:
+            self._last_parent = parent
+        fields: dict[str, t.Any] = {
+            "comm_id": comm_id,
+            "data": content.get("data") or {},
+            "metadata": parent.get("metadata") or {},
+            "buffers": [base64.b64encode(bytes(b)).decode("ascii") for b in parent.get("buffers") or []],
+        }
+        if kind == "comm_open":
+            fields["target_name"] = str(content.get("target_name", ""))
+            fields["target_module"] = content.get("target_module")
+        sent = self.guest is not None and self.guest.notify(kind, **fields)
+        if not sent and kind == "comm_open":  # nobody to talk to: close it on the frontend
+            self._publish("comm_close", {"comm_id": comm_id, "data": {}}, parent=parent)
+
+    async def comm_info_request(self, stream, ident, parent) -> None:  # type: ignore[override]
+        target = (parent.get("content") or {}).get("target_name")
+        reply: dict = {"status": "ok", "comms": {}}
+        if self.guest is not None and self.guest.alive:
+            try:
+                reply = await asyncio.wait_for(
+                    self._on_main(self.guest.request("comm_info", target_name=target)), 10
+                )
+            except Exception as e:  # noqa: BLE001
+                self.log.warning("comm_info from the guest failed: %s", e)
+        self.session.send(stream, "comm_info_reply", reply, parent, ident)
+
+    # -- introspection -----------------------------------------------------------------------------
+
+    async def _ask(self, kind: str, fallback: dict, **fields: t.Any) -> dict:
+        assert self.guest is not None
+        try:
+            return await self._on_main(self.guest.request(kind, **fields))
+        except (GuestDied, GuestUnavailable, ProtocolError) as e:
+            self.log.warning("%s request failed: %s", kind, e)
+            return fallback
+
+    async def do_complete(self, code: str, cursor_pos: int | None) -> dict:
+        pos = len(code) if cursor_pos is None else cursor_pos
+        return await self._ask(
+            "complete",
+            {"status": "ok", "matches": [], "cursor_start": pos, "cursor_end": pos, "metadata": {}},
+            code=code, cursor_pos=pos,
+        )
+
+    async def do_inspect(self, code: str, cursor_pos: int, detail_level: int = 0,
+                         omit_sections: t.Iterable[str] = ()) -> dict:
+        return await self._ask(
+            "inspect", {"status": "ok", "found": False, "data": {}, "metadata": {}},
+            code=code, cursor_pos=cursor_pos, detail_level=detail_level,
+            omit_sections=list(omit_sections),
+        )
+
+    async def do_is_complete(self, code: str) -> dict:
+        return await self._ask("is_complete", {"status": "unknown"}, code=code)
+
+    async def do_history(self, hist_access_type: str, output: bool, raw: bool, session: int = 0,
+                         start: int = 0, stop: int | None = None, n: int | None = None,
+                         pattern: str | None = None, unique: bool = False, **kw: t.Any) -> dict:
+        return await self._ask(
+            "history", {"status": "ok", "history": []},
+            hist_access_type=hist_access_type, output=output, raw=raw, session=session,
+            start=start, stop=stop, n=n, pattern=pattern, unique=unique,
+        )
+
+
+class MicroVMKernelApp(IPKernelApp):
+    """IPKernelApp running MicroVMKernel, configured from Jupyter's config dirs."""
+
+    name = "supermachine-kernel"
+
+    @default("kernel_class")
+    def _kernel_class_default(self) -> type:
+        return MicroVMKernel
+
+    @default("config_file_paths")
+    def _config_file_paths_default(self) -> list[str]:
+        return list(jupyter_config_path())
+
+    @default("capture_fd_output")
+    def _capture_fd_output_default(self) -> bool:
+        return False  # the host process's own fds are not user output: that is in the guest
+
+
+def main() -> None:
+    MicroVMKernelApp.launch_instance()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,299 @@
+"""Frames between the host session and the guest REPL driver: codec and validation (pure, no I/O).
+
+A frame is a 4-byte big-endian length followed by that many bytes of UTF-8 JSON holding one
+object with a "type" key (the guest side of this lives in `guest/repl.py`, which must stay
+stdlib-only and so repeats the few lines of encoding).
+
+Everything the guest sends is untrusted. `FrameDecoder` caps every frame (`MAX_FRAME_BYTES`);
+`validate_event` / `validate_reply` turn a decoded object into the shape the kernel publishes or
+raise `ProtocolError` with a message that names what was wrong. A framing error (oversized or
+undecodable frame) leaves the stream unsynchronised, so the session treats it as fatal for that
+guest; a frame that decodes but fails validation is dropped on its own.
+"""
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import struct
+from typing import Any
+
+HEADER = struct.Struct(">I")
+MAX_FRAME_BYTES = 32 * 1024 * 1024
+MAX_BUFFERS = 64
+
+
+class ProtocolError(ValueError):
+    """The guest sent something this host does not accept."""
+
+
+def encode_frame(msg: dict[str, Any]) -> bytes:
+    """One host -> guest frame. `msg` must be JSON-serialisable."""
+    body = json.dumps(msg, separators=(",", ":")).encode("utf-8")
+    if len(body) > MAX_FRAME_BYTES:
+        raise ProtocolError(f"message of {len(body)} bytes exceeds the {MAX_FRAME_BYTES}-byte limit")
+    return HEADER.pack(len(body)) + body
+
+
+class FrameDecoder:
+    """Incremental decoder: `feed(bytes)` returns the complete frames so far, as dicts."""
+
+    def __init__(self, max_frame: int = MAX_FRAME_BYTES) -> None:
+        self._buf = bytearray()
+        self._need: int | None = None
+        self._max = max_frame
+
+    def feed(self, data: bytes) -> list[dict[str, Any]]:
+        self._buf += data
+        out = []
+        while True:
+            if self._need is None:
+                if len(self._buf) < HEADER.size:
+                    break
+                (size,) = HEADER.unpack_from(self._buf)
+                if size > self._max:
+                    raise ProtocolError(
+                        f"guest frame of {size} bytes exceeds the {self._max}-byte limit"
+                    )
+                del self._buf[: HEADER.size]
+                self._need = size
+            if len(self._buf) < self._need:
+                break
+            body = bytes(self._buf[: self._need])
+            del self._buf[: self._need]
+            self._need = None
+            out.append(decode_body(body))
+        return out
+
+    @property
+    def pending(self) -> int:
+        """Bytes of an incomplete frame still held."""
+        return len(self._buf)
+
+
+def decode_body(body: bytes) -> dict[str, Any]:
+    try:
+        msg = json.loads(body.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as e:
+        raise ProtocolError(f"guest frame is not UTF-8 JSON: {e}") from None
+    if not isinstance(msg, dict) or not isinstance(msg.get("type"), str):
+        raise ProtocolError("guest frame is not an object with a string 'type'")
+    return msg
+
+
+# --- validation ------------------------------------------------------------------------------
+
+
+def _str(msg: dict, key: str, default: str | None = None) -> str:
+    value = msg.get(key, default)
+    if not isinstance(value, str):
+        raise ProtocolError(f"'{key}' must be a string, got {type(value).__name__}")
+    return value
+
+
+def _dict(msg: dict, key: str) -> dict:
+    value = msg.get(key)
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise ProtocolError(f"'{key}' must be an object, got {type(value).__name__}")
+    return value
+
+
+def _bool(msg: dict, key: str, default: bool = False) -> bool:
+    value = msg.get(key, default)
+    if not isinstance(value, bool):
+        raise ProtocolError(f"'{key}' must be a boolean")
+    return value
+
+
+def _int(msg: dict, key: str) -> int:
+    value = msg.get(key)
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise ProtocolError(f"'{key}' must be an integer")
+    return value
+
+
+def _str_list(msg: dict, key: str) -> list[str]:
+    value = msg.get(key, [])
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise ProtocolError(f"'{key}' must be a list of strings")
+    return value
+
+
+def validate_mimebundle(data: Any, what: str = "data") -> dict[str, Any]:
+    """A mimebundle: {"type/subtype": str | JSON}. JSON values only for JSON mimetypes."""
+    if not isinstance(data, dict):
+        raise ProtocolError(f"{what} must be a mimebundle object, got {type(data).__name__}")
+    for mime, value in data.items():
+        if "/" not in mime or len(mime) > 255:
+            raise ProtocolError(f"{what} has an invalid mimetype {mime[:80]!r}")
+        if isinstance(value, str):
+            continue
+        if mime == "application/json" or mime.endswith("+json"):
+            continue  # any JSON value
+        if isinstance(value, list) and all(isinstance(v, str) for v in value):
+            continue  # multiline string, as nbformat stores them
+        raise ProtocolError(f"{what}[{mime!r}] must be a string, got {type(value).__name__}")
+    return data
+
+
+def decode_buffers(msg: dict) -> list[bytes]:
+    raw = msg.get("buffers") or []
+    if not isinstance(raw, list) or len(raw) > MAX_BUFFERS:
+        raise ProtocolError("'buffers' must be a list of at most %d base64 strings" % MAX_BUFFERS)
+    out = []
+    for b in raw:
+        if not isinstance(b, str):
+            raise ProtocolError("'buffers' must hold base64 strings")
+        try:
+            out.append(base64.b64decode(b, validate=True))
+        except (binascii.Error, ValueError):
+            raise ProtocolError("a comm buffer is not valid base64") from None
+    return out
+
+
+EVENT_TYPES = {
+    "ready", "stream", "display_data", "update_display_data", "execute_result", "clear_output",
+    "error", "input_request", "comm_open", "comm_msg", "comm_close", "reply",
+}
+
+
+def validate_event(msg: dict[str, Any]) -> tuple[str, dict[str, Any], list[bytes]]:
+    """Checks one decoded guest frame. Returns (type, Jupyter message content, buffers)."""
+    kind = msg["type"]
+    if kind not in EVENT_TYPES:
+        raise ProtocolError(f"unknown guest message type {kind[:40]!r}")
+    if kind == "stream":
+        name = _str(msg, "name")
+        if name not in ("stdout", "stderr"):
+            raise ProtocolError(f"stream name must be stdout or stderr, got {name[:40]!r}")
+        return kind, {"name": name, "text": _str(msg, "text")}, []
+    if kind in ("display_data", "update_display_data"):
+        content = {
+            "data": validate_mimebundle(msg.get("data")),
+            "metadata": _dict(msg, "metadata"),
+            "transient": _dict(msg, "transient"),
+        }
+        if kind == "update_display_data" and not isinstance(
+            content["transient"].get("display_id"), str
+        ):
+            raise ProtocolError("update_display_data needs transient.display_id")
+        return kind, content, []
+    if kind == "execute_result":
+        return kind, {
+            "data": validate_mimebundle(msg.get("data")),
+            "metadata": _dict(msg, "metadata"),
+            "execution_count": _int(msg, "execution_count"),
+        }, []
+    if kind == "clear_output":
+        return kind, {"wait": _bool(msg, "wait")}, []
+    if kind == "error":
+        return kind, {
+            "ename": _str(msg, "ename"),
+            "evalue": _str(msg, "evalue", ""),
+            "traceback": _str_list(msg, "traceback"),
+        }, []
+    if kind == "input_request":
+        return kind, {"prompt": _str(msg, "prompt", ""), "password": _bool(msg, "password")}, []
+    if kind in ("comm_open", "comm_msg", "comm_close"):
+        content: dict[str, Any] = {"comm_id": _str(msg, "comm_id"), "data": _dict(msg, "data")}
+        if kind == "comm_open":
+            content["target_name"] = _str(msg, "target_name")
+            module = msg.get("target_module")
+            if module is not None:
+                content["target_module"] = _str(msg, "target_module")
+        # Comm metadata goes in the Jupyter message's metadata, not its content.
+        content["__metadata__"] = _dict(msg, "metadata")
+        return kind, content, decode_buffers(msg)
+    if kind == "ready":
+        return kind, {
+            "python_version": _str(msg, "python_version"),
+            "implementation": _str(msg, "implementation", "CPython"),
+            "executor": _str(msg, "executor", "plain"),
+            "banner": _str(msg, "banner", ""),
+            "comms": _bool(msg, "comms"),
+        }, []
+    # reply
+    rid = msg.get("id")
+    if not isinstance(rid, int) or isinstance(rid, bool):
+        raise ProtocolError("reply 'id' must be an integer")
+    return kind, {"id": rid, "content": _dict(msg, "content")}, []
+
+
+# --- replies, per request -------------------------------------------------------------------
+
+
+def _error_fields(content: dict) -> dict:
+    return {
+        "status": "error",
+        "ename": _str(content, "ename", "Error"),
+        "evalue": _str(content, "evalue", ""),
+        "traceback": _str_list(content, "traceback"),
+    }
+
+
+def validate_reply(request: str, content: dict[str, Any]) -> dict[str, Any]:
+    """Checks the content of a guest reply to `request` and returns a clean copy."""
+    status = content.get("status")
+    if request == "is_complete":
+        if status not in ("complete", "incomplete", "invalid", "unknown"):
+            raise ProtocolError("is_complete status must be complete, incomplete, invalid or unknown")
+        reply = {"status": status}
+        if "indent" in content:
+            reply["indent"] = _str(content, "indent")
+        return reply
+    if status == "error" and request != "execute":
+        return _error_fields(content)
+    if request == "execute":
+        if status not in ("ok", "error", "aborted"):
+            raise ProtocolError("execute reply status must be ok, error or aborted")
+        out: dict[str, Any] = _error_fields(content) if status == "error" else {"status": status}
+        user_expressions = _dict(content, "user_expressions")
+        for key, value in user_expressions.items():
+            if not isinstance(value, dict):
+                raise ProtocolError("user_expressions values must be objects")
+            if "data" in value:
+                validate_mimebundle(value["data"], f"user_expressions[{key!r}]")
+        out["user_expressions"] = user_expressions
+        payload = content.get("payload", [])
+        if not isinstance(payload, list) or not all(isinstance(p, dict) for p in payload):
+            raise ProtocolError("payload must be a list of objects")
+        for p in payload:
+            if p.get("source") == "page":
+                validate_mimebundle(p.get("data"), "page payload")
+        out["payload"] = payload
+        return out
+    if status != "ok":
+        raise ProtocolError(f"{request} reply status must be ok or error")
+    if request == "complete":
+        matches = _str_list(content, "matches")
+        return {
+            "status": "ok",
+            "matches": matches,
+            "cursor_start": _int(content, "cursor_start"),
+            "cursor_end": _int(content, "cursor_end"),
+            "metadata": _dict(content, "metadata"),
+        }
+    if request == "inspect":
+        return {
+            "status": "ok",
+            "found": _bool(content, "found"),
+            "data": validate_mimebundle(content.get("data", {})),
+            "metadata": _dict(content, "metadata"),
+        }
+    if request == "history":
+        history = content.get("history", [])
+        if not isinstance(history, list) or not all(
+            isinstance(h, list) and len(h) == 3 for h in history
+        ):
+            raise ProtocolError("history must be a list of [session, line, entry] triples")
+        return {"status": "ok", "history": history}
+    if request == "comm_info":
+        comms = _dict(content, "comms")
+        for value in comms.values():
+            if not isinstance(value, dict) or not isinstance(value.get("target_name"), str):
+                raise ProtocolError("comm_info comms must map ids to {target_name}")
+        return {"status": "ok", "comms": comms}
+    raise ProtocolError(f"no reply expected for {request!r}")
+
