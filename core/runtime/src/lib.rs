@@ -5,6 +5,7 @@ pub mod accel;
 pub mod child;
 pub mod conn;
 pub mod error;
+pub mod image;
 pub mod mux;
 pub mod pool;
 pub mod qemu;

@@ -1,0 +1,431 @@
+//! Guest images: everything a VM boots from, built from Debian packages and cached.
+//!
+//! An image is three files, each cached on its own key (layout in `cache.rs`):
+//! ```text
+//! kernel   kernels/<release>_<version>/vmlinuz       Debian linux-image-cloud-amd64   kernel.rs
+//! initrd   initramfs/<hash>/initrd.img               /init = static agent + modules  initramfs.rs
+//! rootfs   images/<name>/<recipe-hash>/rootfs.erofs  mmdebstrap + pip, read-only      rootfs.rs
+//! ```
+//! [`ensure_image`] resolves a reference (a built-in recipe name from `recipe.rs`, a directory
+//! holding a root filesystem tree, or the name of an image already cached) and returns the
+//! paths, building what is missing. Keys: the rootfs by a hash of its recipe (or of the
+//! directory's metadata), the kernel by its Debian package version (resolved once per rootfs
+//! build and then pinned in the image's manifest, so snapshots keep booting the same kernel),
+//! the initrd by a hash of its contents (agent + modules).
+//!
+//! Invariants: an entry is complete iff its final directory exists (built under `.tmp-*`,
+//! renamed into place); one builder per entry at a time (flock; others wait, then reuse);
+//! building a new version of a named image removes that name's older versions. Progress is one
+//! line per step on stderr with its duration; tools' output goes to `logs/`.
+//!
+//! Guest boot needs (for the VM runtime): `-M microvm,acpi=on` (virtio-mmio devices are only
+//! described by ACPI for this kernel) and the root image as a virtio-blk disk (`/dev/vda`,
+//! erofs, read-only). The agent as `/init` loads `/modules/order` and mounts it.
+mod cache;
+mod error;
+mod initramfs;
+mod kernel;
+mod recipe;
+mod rootfs;
+mod tools;
+
+use std::fs;
+use std::path::{Path, PathBuf};
+
+use sha2::{Digest, Sha256};
+
+pub use cache::{cache_root, CachedImage, Manifest};
+pub use error::{ImageError, Result};
+pub use initramfs::{parse as parse_cpio, write_initrd, CpioWriter};
+pub use kernel::{Kernel, MODULES};
+pub use recipe::{builtin as builtin_recipes, Recipe, DEFAULT_RECIPE};
+use tools::Progress;
+
+/// How to find or build an image.
+#[derive(Clone, Debug)]
+pub struct BuildOptions {
+    /// Cache root (default: [`cache_root`]`(None)`).
+    pub cache_dir: Option<PathBuf>,
+    /// The image's name (default: the recipe's name, or the directory's name).
+    pub name: Option<String>,
+    /// The static agent binary to use as `/init`; see [`find_agent`] for the default.
+    pub agent: Option<PathBuf>,
+    /// Further places to look for the agent (e.g. next to the Python package).
+    pub agent_candidates: Vec<PathBuf>,
+    /// When false, a missing agent is not an error: the image comes without an initrd.
+    pub require_agent: bool,
+    /// Print progress lines on stderr.
+    pub progress: bool,
+    /// Rebuild the root filesystem even if it is cached.
+    pub force: bool,
+}
+
+impl Default for BuildOptions {
+    fn default() -> Self {
+        BuildOptions {
+            cache_dir: None,
+            name: None,
+            agent: None,
+            agent_candidates: Vec::new(),
+            require_agent: true,
+            progress: true,
+            force: false,
+        }
+    }
+}
+
+/// Everything needed to boot an image.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ImagePaths {
+    pub name: String,
+    /// The rootfs cache key (recipe hash or directory fingerprint).
+    pub hash: String,
+    pub kernel: PathBuf,
+    /// Absent only when `require_agent` was false and no agent was found.
+    pub initrd: Option<PathBuf>,
+    pub rootfs: PathBuf,
+    /// e.g. "3.11.2"; None if the image has no python3.
+    pub python_version: Option<String>,
+    /// Guest `uname -r`.
+    pub kernel_release: String,
+    /// Modules in the initrd, in load order.
+    pub modules: Vec<String>,
+    /// The image's cache directory (manifest.json, build.log).
+    pub dir: PathBuf,
+}
+
+/// Finds or builds the image `reference` (None = the default recipe).
+pub fn ensure_image(reference: Option<&str>, opts: &BuildOptions) -> Result<ImagePaths> {
+    let root = cache_root(opts.cache_dir.as_deref());
+    let cached_names = cache::names(&root);
+    let source = recipe::resolve(reference, &cached_names)?;
+    let (name, source) = match source {
+        recipe::Source::Recipe(r) => (opts.name.clone().unwrap_or_else(|| r.name.clone()), Build::Recipe(r)),
+        recipe::Source::Dir(p) => {
+            (opts.name.clone().unwrap_or_else(|| recipe::dir_image_name(&p)), Build::Dir(p))
+        }
+        recipe::Source::Cached(n) => {
+            let newest = cache::list(&root).into_iter().find(|c| c.manifest.name == n);
+            let newest = newest.expect("resolve() saw it in the cache");
+            // An image built from a directory follows that directory while it exists.
+            match newest.manifest.source.strip_prefix("dir:").map(PathBuf::from) {
+                Some(p) if p.is_dir() => (n, Build::Dir(p)),
+                _ => (n, Build::Existing(newest)),
+            }
+        }
+    };
+    recipe::validate_name(&name)?;
+    let progress = Progress::new(format!("image {name}"), opts.progress);
+    let image = match source {
+        Build::Existing(c) => c,
+        Build::Recipe(r) => {
+            let hash = r.hash();
+            ensure_rootfs(&root, &name, &hash, opts, &progress, |s, log, t| {
+                let scratch = rootfs::Scratch { dir: s.to_path_buf(), log: log.to_path_buf() };
+                let py = rootfs::build_tree(&r, &scratch, &progress, t)?;
+                let src = format!("recipe:{}", r.name);
+                Ok((s.join("root"), py, src, Some(serde_json::to_value(&r).expect("serializes"))))
+            })?
+        }
+        Build::Dir(p) => {
+            let hash = recipe::dir_fingerprint(&p)?;
+            ensure_rootfs(&root, &name, &hash, opts, &progress, |_, _, _| {
+                let py = rootfs::guest_python_version(&p);
+                Ok((p.clone(), py, format!("dir:{}", p.display()), None))
+            })?
+        }
+    };
+    let mut manifest = image.manifest.clone();
+    let kernel = match manifest.kernel.as_deref().and_then(|id| kernel::load(&root, id)) {
+        Some(k) => k,
+        None => {
+            let k = kernel::ensure(&root, None, &progress)?;
+            manifest.kernel = Some(k.id.clone());
+            manifest.write(&image.dir.join("manifest.json"))?;
+            k
+        }
+    };
+    let initrd = match find_agent(opts) {
+        Ok(agent) => Some(ensure_initrd(&root, &agent, &kernel, &progress)?),
+        Err(_) if !opts.require_agent => {
+            progress.note("no guest agent binary found: image built without an initrd");
+            None
+        }
+        Err(e) => return Err(e),
+    };
+    Ok(ImagePaths {
+        name: manifest.name.clone(),
+        hash: manifest.hash.clone(),
+        kernel: kernel.vmlinuz(),
+        initrd,
+        rootfs: image.rootfs.clone(),
+        python_version: manifest.python_version.clone(),
+        kernel_release: kernel.release.clone(),
+        modules: kernel.modules.clone(),
+        dir: image.dir.clone(),
+    })
+}
+
+enum Build {
+    Recipe(Recipe),
+    Dir(PathBuf),
+    Existing(CachedImage),
+}
+
+/// What a tree builder returns: (tree to pack, python version, manifest source, recipe json).
+type Tree = (PathBuf, Option<String>, String, Option<serde_json::Value>);
+
+/// Returns the cached `images/<name>/<hash>`, or builds it with `make_tree(scratch, log,
+/// timings)` and packs the tree into erofs.
+fn ensure_rootfs(
+    root: &Path,
+    name: &str,
+    hash: &str,
+    opts: &BuildOptions,
+    progress: &Progress,
+    make_tree: impl FnOnce(&Path, &Path, &mut rootfs::Timings) -> Result<Tree>,
+) -> Result<CachedImage> {
+    let parent = cache::images_dir(root).join(name);
+    let final_ = parent.join(hash);
+    let complete = |d: &Path| -> Option<CachedImage> {
+        let manifest = Manifest::read(&d.join("manifest.json")).ok()?;
+        let rootfs = d.join("rootfs.erofs");
+        rootfs.is_file().then(|| CachedImage { dir: d.to_path_buf(), rootfs, manifest })
+    };
+    if !opts.force {
+        if let Some(c) = complete(&final_) {
+            return Ok(c);
+        }
+    }
+    let _lock = cache::Lock::acquire(root, &format!("image-{name}"), progress)?;
+    if !opts.force {
+        if let Some(c) = complete(&final_) {
+            return Ok(c);
+        }
+    }
+    cache::mkdirs(&parent)?;
+    cache::remove_stale(&parent, ".tmp-");
+    cache::remove_stale(&parent, ".trash-");
+    let scratch_parent = root.join("tmp");
+    cache::mkdirs(&scratch_parent)?;
+    cache::remove_stale(&scratch_parent, &format!("build-{name}-"));
+    let pid = std::process::id();
+    let scratch = scratch_parent.join(format!("build-{name}-{pid}"));
+    let tmp = parent.join(format!(".tmp-{hash}-{pid}"));
+    cache::mkdirs(&scratch)?;
+    cache::mkdirs(&tmp)?;
+    let log = cache::log_path(root, &format!("image-{name}"));
+    let _ = fs::write(&log, "");
+    progress.note(&format!("building rootfs {hash} (log: {})", log.display()));
+    let result = (|| {
+        let mut timings = rootfs::Timings::new();
+        let started = std::time::Instant::now();
+        let (tree, python_version, source, recipe_json) = make_tree(&scratch, &log, &mut timings)?;
+        let out = tmp.join("rootfs.erofs");
+        let (_, secs) =
+            progress.step("mkfs.erofs", || rootfs::mkfs_erofs(&tree, &out, &log))?;
+        timings.push(("mkfs.erofs".into(), secs));
+        cache::remove_tree(&scratch)?;
+        let kernel = kernel::ensure(root, None, progress)?;
+        timings.push(("total".into(), started.elapsed().as_secs_f64()));
+        let rootfs_bytes = fs::metadata(&out).map(|m| m.len()).unwrap_or(0);
+        progress.note(&format!(
+            "rootfs {:.0} MB, python {}, kernel {}",
+            rootfs_bytes as f64 / 1e6,
+            python_version.as_deref().unwrap_or("none"),
+            kernel.release
+        ));
+        let manifest = Manifest {
+            format: cache::MANIFEST_FORMAT,
+            name: name.to_string(),
+            hash: hash.to_string(),
+            source,
+            recipe: recipe_json,
+            created_unix: cache::now_unix(),
+            python_version,
+            kernel: Some(kernel.id),
+            rootfs_bytes,
+            timings,
+        };
+        manifest.write(&tmp.join("manifest.json"))?;
+        let _ = fs::copy(&log, tmp.join("build.log"));
+        Ok(manifest)
+    })();
+    let manifest = match result {
+        Ok(m) => m,
+        Err(e) => {
+            let _ = cache::remove_tree(&scratch);
+            let _ = cache::remove_tree(&tmp);
+            return Err(e);
+        }
+    };
+    if final_.exists() {
+        let trash = parent.join(format!(".trash-{hash}-{pid}"));
+        cache::publish(&final_, &trash)?;
+        cache::remove_tree(&trash)?;
+    }
+    cache::publish(&tmp, &final_)?;
+    // Older versions of this name are superseded.
+    if let Ok(rd) = fs::read_dir(&parent) {
+        for e in rd.flatten() {
+            if e.file_name().to_string_lossy() != hash && !e.file_name().to_string_lossy().starts_with('.') {
+                let _ = cache::remove_tree(&e.path());
+            }
+        }
+    }
+    Ok(CachedImage { rootfs: final_.join("rootfs.erofs"), dir: final_, manifest })
+}
+
+/// The agent binary: `opts.agent`, else `$SUPERMACHINE_AGENT`, else the first existing of
+/// `opts.agent_candidates`, else this workspace's static release build.
+pub fn find_agent(opts: &BuildOptions) -> Result<PathBuf> {
+    let explicit = opts.agent.clone().or_else(|| {
+        std::env::var_os("SUPERMACHINE_AGENT").filter(|v| !v.is_empty()).map(PathBuf::from)
+    });
+    if let Some(p) = explicit {
+        return if p.is_file() { Ok(p) } else { Err(ImageError::AgentNotFound { searched: vec![p] }) };
+    }
+    let workspace = Path::new(env!("CARGO_MANIFEST_DIR")).join("..").join("target");
+    let mut searched = opts.agent_candidates.clone();
+    searched.push(workspace.join("x86_64-unknown-linux-gnu/release/supermachine-agent"));
+    searched
+        .iter()
+        .find(|p| p.is_file())
+        .cloned()
+        .ok_or(ImageError::AgentNotFound { searched })
+}
+
+/// Returns `initramfs/<hash>/initrd.img` for this agent and kernel, building it if needed.
+pub fn ensure_initrd(root: &Path, agent: &Path, kernel: &Kernel, progress: &Progress) -> Result<PathBuf> {
+    let agent_bytes =
+        fs::read(agent).map_err(ImageError::io(format!("reading agent {}", agent.display())))?;
+    let mut modules = Vec::new();
+    let mut h = Sha256::new();
+    h.update(b"supermachine-initramfs=1\n");
+    h.update(&agent_bytes);
+    for m in &kernel.modules {
+        let bytes = fs::read(kernel.module_path(m)).map_err(ImageError::io(format!("reading module {m}")))?;
+        h.update(m.as_bytes());
+        h.update(&bytes);
+        modules.push((m.clone(), bytes));
+    }
+    let key = recipe::short_hex(&h.finalize());
+    let parent = root.join("initramfs");
+    let final_ = parent.join(&key);
+    let img = final_.join("initrd.img");
+    if img.is_file() {
+        return Ok(img);
+    }
+    let _lock = cache::Lock::acquire(root, &format!("initrd-{key}"), progress)?;
+    if img.is_file() {
+        return Ok(img);
+    }
+    cache::mkdirs(&parent)?;
+    cache::remove_stale(&parent, &format!(".tmp-{key}-"));
+    let tmp = parent.join(format!(".tmp-{key}-{}", std::process::id()));
+    cache::mkdirs(&tmp)?;
+    progress.step("write initramfs", || {
+        let f = fs::File::create(tmp.join("initrd.img")).map_err(ImageError::io("creating initrd"))?;
+        let w = write_initrd(std::io::BufWriter::new(f), &agent_bytes, &modules)
+            .map_err(ImageError::io("writing initrd"))?;
+        w.into_inner().map_err(|e| ImageError::io("flushing initrd")(e.into_error()))?
+            .sync_all()
+            .map_err(ImageError::io("syncing initrd"))
+    })?;
+    cache::publish(&tmp, &final_)?;
+    Ok(img)
+}
+
+/// One row of [`list_images`].
+#[derive(Clone, Debug)]
+pub struct ImageInfo {
+    pub name: String,
+    pub hash: String,
+    pub source: String,
+    pub rootfs: PathBuf,
+    pub dir: PathBuf,
+    pub size_bytes: u64,
+    pub created_unix: u64,
+    pub python_version: Option<String>,
+    pub kernel: Option<String>,
+}
+
+/// Every complete image in the cache (name order, newest first within a name).
+pub fn list_images(cache_dir: Option<&Path>) -> Vec<ImageInfo> {
+    cache::list(&cache_root(cache_dir))
+        .into_iter()
+        .map(|c| ImageInfo {
+            size_bytes: fs::metadata(&c.rootfs).map(|m| m.len()).unwrap_or(c.manifest.rootfs_bytes),
+            name: c.manifest.name,
+            hash: c.manifest.hash,
+            source: c.manifest.source,
+            rootfs: c.rootfs,
+            dir: c.dir,
+            created_unix: c.manifest.created_unix,
+            python_version: c.manifest.python_version,
+            kernel: c.manifest.kernel,
+        })
+        .collect()
+}
+
+/// Removes every cached version of image `name`; false if there was none.
+pub fn remove_image(cache_dir: Option<&Path>, name: &str) -> Result<bool> {
+    cache::remove(&cache_root(cache_dir), name, &Progress::new(format!("image {name}"), false))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tmp(tag: &str) -> PathBuf {
+        let d = std::env::temp_dir().join(format!("smk-image-{tag}-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&d);
+        fs::create_dir_all(&d).unwrap();
+        d
+    }
+
+    #[test]
+    fn unknown_image_is_a_typed_error() {
+        let root = tmp("unknown");
+        let opts = BuildOptions { cache_dir: Some(root.clone()), progress: false, ..Default::default() };
+        let e = ensure_image(Some("nope"), &opts).unwrap_err();
+        assert!(matches!(e, ImageError::UnknownImage { .. }), "{e}");
+        assert!(e.to_string().contains("default, minimal"), "{e}");
+        fs::remove_dir_all(&root).unwrap();
+    }
+
+    #[test]
+    fn explicit_agent_must_exist() {
+        let opts = BuildOptions { agent: Some("/no/such/agent".into()), ..Default::default() };
+        assert!(matches!(find_agent(&opts), Err(ImageError::AgentNotFound { .. })));
+        let opts = BuildOptions { agent: Some("/bin/sh".into()), ..Default::default() };
+        assert_eq!(find_agent(&opts).unwrap(), PathBuf::from("/bin/sh"));
+    }
+
+    #[test]
+    fn initrd_is_cached_by_content() {
+        let root = tmp("initrd");
+        let kdir = root.join("k");
+        fs::create_dir_all(kdir.join("modules")).unwrap();
+        fs::write(kdir.join("modules/virtio.ko"), b"mod").unwrap();
+        let k = Kernel {
+            id: "k".into(),
+            release: "r".into(),
+            version: "v".into(),
+            package: "p".into(),
+            modules: vec!["virtio".into()],
+            dir: kdir,
+        };
+        let agent = root.join("agent");
+        fs::write(&agent, b"agent-1").unwrap();
+        let p = Progress::new("t", false);
+        let a = ensure_initrd(&root, &agent, &k, &p).unwrap();
+        assert_eq!(a, ensure_initrd(&root, &agent, &k, &p).unwrap());
+        let entries = parse_cpio(&fs::read(&a).unwrap()).unwrap();
+        assert!(entries.iter().any(|e| e.name == "init" && e.data == b"agent-1"));
+        assert!(entries.iter().any(|e| e.name == "modules/order" && e.data == b"virtio.ko\n"));
+        fs::write(&agent, b"agent-2").unwrap();
+        assert_ne!(a, ensure_initrd(&root, &agent, &k, &p).unwrap());
+        fs::remove_dir_all(&root).unwrap();
+    }
+}
