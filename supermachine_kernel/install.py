@@ -65,7 +65,7 @@ def install(
             if src.is_file():
                 shutil.copy(src, tmp)
         return KernelSpecManager().install_kernel_spec(
-            tmp, kernel_name=kernel_name, user=user, prefix=prefix, replace=True
+            tmp, kernel_name=kernel_name, user=user, prefix=prefix
         )
 
 

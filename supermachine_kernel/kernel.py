@@ -162,9 +162,16 @@ class MicroVMKernel(Kernel):
         if link is not None:
             link.closing = True
             link.close()
+        if guest is not None:
+            guest.backend.close()
 
     def _on_sigterm(self, signum: int, frame: t.Any) -> None:
-        raise SystemExit(0)
+        # Release the guest now (no VM may outlive us), then exit without unwinding threads.
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        try:
+            self._release_at_exit()
+        finally:
+            os._exit(0)
 
     @property
     def banner(self) -> str:  # type: ignore[override]

@@ -921,7 +921,15 @@ class IPythonExecutor:
             hist = hm.search(pattern or "*", raw=raw, output=output, n=n, unique=unique)
         else:
             hist = []
-        return {"status": "ok", "history": [list(h) for h in hist]}
+        rows = []
+        for sess, line, entry in hist:
+            if sess == 0:  # IPython numbers the current session 0 in ranges; say which it is
+                sess = hm.session_number
+            if isinstance(entry, tuple):  # (input, output); current-session outputs are objects
+                src, out = entry
+                entry = [src, out if out is None or isinstance(out, str) else repr(out)]
+            rows.append([sess, line, entry])
+        return {"status": "ok", "history": rows}
 
 
 # ---------------------------------------------------------------------------------------------
