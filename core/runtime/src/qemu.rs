@@ -106,7 +106,8 @@ pub struct QemuConfig {
     pub memory_mib: u32,
     pub vcpus: u32,
     pub kernel: PathBuf,
-    pub initrd: PathBuf,
+    /// None when the kernel needs no initramfs.
+    pub initrd: Option<PathBuf>,
     pub rootfs: PathBuf,
     /// Extra kernel command-line words after the fixed ones.
     pub append_extra: Vec<String>,
@@ -126,7 +127,9 @@ pub struct QemuConfig {
 impl QemuConfig {
     /// The kernel command line.
     pub fn kernel_cmdline(&self) -> String {
-        let mut words = vec!["console=ttyS0".to_string(), "quiet".into(), "panic=-1".into()];
+        // panic=-1 + reboot=t: a guest panic reboots at once by triple fault, which -no-reboot
+        // turns into QEMU exiting (the default reboot methods hang on microvm).
+        let mut words = vec!["console=ttyS0".to_string(), "quiet".into(), "panic=-1".into(), "reboot=t".into()];
         if let Some(khz) = self.tsc_khz {
             words.push(format!("tsc_early_khz={khz}"));
         }
@@ -160,7 +163,11 @@ impl QemuConfig {
                 if self.ram.share { "on" } else { "off" }
             ),
         ]);
-        push(&["-kernel", &p(&self.kernel), "-initrd", &p(&self.initrd), "-append", &self.kernel_cmdline()]);
+        push(&["-kernel", &p(&self.kernel)]);
+        if let Some(initrd) = &self.initrd {
+            push(&["-initrd", &p(initrd)]);
+        }
+        push(&["-append", &self.kernel_cmdline()]);
         push(&["-serial", &format!("file:{}", p(&self.console_log))]);
         push(&["-device", "virtio-serial-device"]);
         push(&[
@@ -292,7 +299,7 @@ mod tests {
             memory_mib: 256,
             vcpus: 1,
             kernel: "/img/vmlinuz".into(),
-            initrd: "/img/initrd.img".into(),
+            initrd: Some("/img/initrd.img".into()),
             rootfs: "/img/root,1.erofs".into(),
             append_extra: vec![],
             tsc_khz: Some(2445404),
@@ -322,7 +329,7 @@ mod tests {
             value_after(&a, "-object"),
             ["memory-backend-file,id=mem,size=256M,mem-path=/w/ram,share=on"]
         );
-        assert_eq!(value_after(&a, "-append"), ["console=ttyS0 quiet panic=-1 tsc_early_khz=2445404"]);
+        assert_eq!(value_after(&a, "-append"), ["console=ttyS0 quiet panic=-1 reboot=t tsc_early_khz=2445404"]);
         assert_eq!(value_after(&a, "-serial"), ["file:/w/console.log"]);
         assert_eq!(value_after(&a, "-chardev"), ["socket,id=agent,path=/w/agent.sock,server=on,wait=off"]);
         // commas in paths are doubled so QEMU does not split the option there

@@ -31,7 +31,7 @@ pub const DEFAULT_BOOT_TIMEOUT: Duration = Duration::from_secs(60);
 #[derive(Clone, Debug)]
 pub struct GuestFiles {
     pub kernel: PathBuf,
-    pub initrd: PathBuf,
+    pub initrd: Option<PathBuf>,
     pub rootfs: PathBuf,
 }
 
@@ -195,7 +195,8 @@ pub struct Vm {
 impl Vm {
     /// Cold-boots a VM and waits for its agent.
     pub fn boot(opts: &BootOptions) -> Result<Vm> {
-        for (what, p) in [("kernel", &opts.files.kernel), ("initrd", &opts.files.initrd), ("root image", &opts.files.rootfs)] {
+        let files = [Some(("kernel", &opts.files.kernel)), opts.files.initrd.as_ref().map(|i| ("initrd", i)), Some(("root image", &opts.files.rootfs))];
+        for (what, p) in files.into_iter().flatten() {
             if !p.is_file() {
                 return Err(Error::ImageNotFound(format!(
                     "guest {what} {} does not exist; rebuild the image (supermachine-kernel image build)",

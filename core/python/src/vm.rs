@@ -1,0 +1,479 @@
+//! Python classes for VMs and their processes: `Vm`, `ExecChild`, `ExitStatus`, `ExecResult`.
+//! Thin: argument conversion, the GIL released around every blocking call, errors mapped in
+//! `errors.rs`. Long waits are sliced so Ctrl-C (KeyboardInterrupt) still works.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use pyo3::exceptions::PyValueError;
+use pyo3::prelude::*;
+use pyo3::types::{PyBytes, PyDict, PyString, PyTuple};
+
+use supermachine_protocol::TtySize;
+use supermachine_runtime::accel::Accel;
+use supermachine_runtime::error::Error;
+use supermachine_runtime::mux::Stream;
+use supermachine_runtime::vm::{BootOptions, ExecOptions, GuestFiles};
+use supermachine_runtime::{ExecChild as RtChild, SpawnOptions, Vm as RtVm};
+
+use crate::errors::{to_py, IntoPy};
+
+/// Slice of a blocking wait between checks for Python signals.
+const SLICE: Duration = Duration::from_millis(200);
+
+/// Runs a wait with the GIL released, in slices, checking for KeyboardInterrupt between them.
+/// `f(Some(d))` must wait at most `d` and return `Error::Timeout` when nothing happened.
+fn sliced<T: Send>(
+    py: Python<'_>,
+    timeout: Option<f64>,
+    f: impl Fn(Option<Duration>) -> Result<T, Error> + Sync,
+) -> PyResult<T> {
+    let deadline = match timeout {
+        Some(t) if t < 0.0 || !t.is_finite() => return Err(PyValueError::new_err("timeout must be a finite number ≥ 0")),
+        Some(t) => Some(Instant::now() + Duration::from_secs_f64(t)),
+        None => None,
+    };
+    loop {
+        let slice = match deadline {
+            Some(d) => d.saturating_duration_since(Instant::now()).min(SLICE),
+            None => SLICE,
+        };
+        match py.allow_threads(|| f(Some(slice))) {
+            Err(Error::Timeout(m)) => {
+                if deadline.is_some_and(|d| Instant::now() >= d) {
+                    // Report the caller's timeout, not the slice.
+                    let total = timeout.unwrap_or(0.0);
+                    let m = m.replace(&format!("{:.3} s", slice.as_secs_f64()), &format!("{total:.3} s"));
+                    return Err(to_py(Error::Timeout(m)));
+                }
+                py.check_signals()?;
+            }
+            r => return r.py_err(),
+        }
+    }
+}
+
+fn env_pairs(env: Option<&Bound<'_, PyDict>>) -> PyResult<Vec<(String, String)>> {
+    let mut out = Vec::new();
+    if let Some(d) = env {
+        for (k, v) in d.iter() {
+            out.push((k.extract::<String>()?, v.extract::<String>()?));
+        }
+    }
+    Ok(out)
+}
+
+/// `tty=False | True | (rows, cols)`.
+fn tty_size(tty: Option<&Bound<'_, PyAny>>) -> PyResult<Option<TtySize>> {
+    let Some(t) = tty else { return Ok(None) };
+    if t.is_none() {
+        return Ok(None);
+    }
+    if let Ok(b) = t.extract::<bool>() {
+        return Ok(b.then_some(TtySize { rows: 24, cols: 80 }));
+    }
+    if let Ok(tuple) = t.downcast::<PyTuple>() {
+        if let Ok((rows, cols)) = tuple.extract::<(u16, u16)>() {
+            return Ok(Some(TtySize { rows, cols }));
+        }
+    }
+    Err(PyValueError::new_err("tty must be False, True or a (rows, cols) tuple"))
+}
+
+fn data_bytes(data: &Bound<'_, PyAny>) -> PyResult<Vec<u8>> {
+    if let Ok(s) = data.downcast::<PyString>() {
+        return Ok(s.to_cow()?.as_bytes().to_vec());
+    }
+    if let Ok(b) = data.downcast::<PyBytes>() {
+        return Ok(b.as_bytes().to_vec());
+    }
+    data.extract::<Vec<u8>>()
+        .map_err(|_| PyValueError::new_err("data must be bytes, bytearray, memoryview or str (for a host file use upload())"))
+}
+
+/// How a guest process ended.
+#[pyclass(frozen, eq, module = "supermachine_kernel._core")]
+#[derive(Clone, PartialEq)]
+pub struct ExitStatus {
+    /// Exit code, or -1 when killed by a signal or a timeout.
+    #[pyo3(get)]
+    exit_code: i32,
+    /// The signal that ended it, if any.
+    #[pyo3(get)]
+    signal: Option<i32>,
+    /// True when the agent killed it because its timeout expired.
+    #[pyo3(get)]
+    timed_out: bool,
+    /// Peak resident set size (KiB).
+    #[pyo3(get)]
+    peak_rss_kib: u64,
+}
+
+impl From<supermachine_protocol::ExitStatus> for ExitStatus {
+    fn from(s: supermachine_protocol::ExitStatus) -> Self {
+        ExitStatus { exit_code: s.exit_code, signal: s.signal, timed_out: s.timed_out, peak_rss_kib: s.peak_rss_kib }
+    }
+}
+
+#[pymethods]
+impl ExitStatus {
+    fn __repr__(&self) -> String {
+        format!(
+            "ExitStatus(exit_code={}, signal={}, timed_out={}, peak_rss_kib={})",
+            self.exit_code,
+            self.signal.map_or("None".into(), |s| s.to_string()),
+            if self.timed_out { "True" } else { "False" },
+            self.peak_rss_kib
+        )
+    }
+}
+
+/// The result of `Vm.exec`.
+#[pyclass(frozen, module = "supermachine_kernel._core")]
+pub struct ExecResult {
+    stdout: Py<PyBytes>,
+    stderr: Py<PyBytes>,
+    status: ExitStatus,
+}
+
+#[pymethods]
+impl ExecResult {
+    #[getter]
+    fn stdout(&self, py: Python<'_>) -> Py<PyBytes> {
+        self.stdout.clone_ref(py)
+    }
+    #[getter]
+    fn stderr(&self, py: Python<'_>) -> Py<PyBytes> {
+        self.stderr.clone_ref(py)
+    }
+    #[getter]
+    fn exit_code(&self) -> i32 {
+        self.status.exit_code
+    }
+    #[getter]
+    fn signal(&self) -> Option<i32> {
+        self.status.signal
+    }
+    #[getter]
+    fn timed_out(&self) -> bool {
+        self.status.timed_out
+    }
+    #[getter]
+    fn peak_rss_kib(&self) -> u64 {
+        self.status.peak_rss_kib
+    }
+    #[getter]
+    fn status(&self) -> ExitStatus {
+        self.status.clone()
+    }
+    fn __repr__(&self, py: Python<'_>) -> String {
+        let show = |b: &Py<PyBytes>| {
+            let bytes = b.bind(py).as_bytes();
+            let s = String::from_utf8_lossy(&bytes[..bytes.len().min(60)]).into_owned();
+            format!("{s:?}{}", if bytes.len() > 60 { "…" } else { "" })
+        };
+        format!(
+            "ExecResult(exit_code={}, timed_out={}, stdout={}, stderr={})",
+            self.status.exit_code,
+            if self.status.timed_out { "True" } else { "False" },
+            show(&self.stdout),
+            show(&self.stderr)
+        )
+    }
+}
+
+/// A process running in the guest (from `Vm.spawn`).
+#[pyclass(frozen, module = "supermachine_kernel._core")]
+pub struct ExecChild {
+    inner: RtChild,
+}
+
+#[pymethods]
+impl ExecChild {
+    /// The guest's id for this process (stable across snapshot/restore).
+    #[getter]
+    fn id(&self) -> u32 {
+        self.inner.id()
+    }
+
+    /// The process's pid inside the guest.
+    #[getter]
+    fn os_pid(&self) -> u32 {
+        self.inner.os_pid()
+    }
+
+    /// Writes all of `data` to stdin; blocks under flow control.
+    fn write_stdin(&self, py: Python<'_>, data: &Bound<'_, PyAny>) -> PyResult<()> {
+        let bytes = data_bytes(data)?;
+        py.allow_threads(|| self.inner.write_stdin(&bytes)).py_err()
+    }
+
+    /// Closes stdin (the process reads EOF). Idempotent.
+    fn close_stdin(&self, py: Python<'_>) -> PyResult<()> {
+        py.allow_threads(|| self.inner.close_stdin()).py_err()
+    }
+
+    /// Up to `max_bytes` of stdout; b"" at EOF; TimeoutError if `timeout` seconds pass first.
+    #[pyo3(signature = (max_bytes=65536, timeout=None))]
+    fn read_stdout(&self, py: Python<'_>, max_bytes: usize, timeout: Option<f64>) -> PyResult<Py<PyBytes>> {
+        let v = sliced(py, timeout, |t| self.inner.read(Stream::Stdout, max_bytes, t))?;
+        Ok(PyBytes::new(py, &v).unbind())
+    }
+
+    /// Up to `max_bytes` of stderr; b"" at EOF; TimeoutError if `timeout` seconds pass first.
+    #[pyo3(signature = (max_bytes=65536, timeout=None))]
+    fn read_stderr(&self, py: Python<'_>, max_bytes: usize, timeout: Option<f64>) -> PyResult<Py<PyBytes>> {
+        let v = sliced(py, timeout, |t| self.inner.read(Stream::Stderr, max_bytes, t))?;
+        Ok(PyBytes::new(py, &v).unbind())
+    }
+
+    /// Sends a signal (e.g. `signal.SIGINT`) to the process.
+    fn signal(&self, py: Python<'_>, signum: i32) -> PyResult<()> {
+        py.allow_threads(|| self.inner.signal(signum)).py_err()
+    }
+
+    /// Resizes the process's terminal (tty processes only).
+    fn resize(&self, py: Python<'_>, rows: u16, cols: u16) -> PyResult<()> {
+        py.allow_threads(|| self.inner.resize(rows, cols)).py_err()
+    }
+
+    /// Waits for the exit; TimeoutError if `timeout` seconds pass first.
+    #[pyo3(signature = (timeout=None))]
+    fn wait(&self, py: Python<'_>, timeout: Option<f64>) -> PyResult<ExitStatus> {
+        sliced(py, timeout, |t| self.inner.wait(t)).map(ExitStatus::from)
+    }
+
+    /// The exit status if the process has exited, else None.
+    fn poll(&self) -> PyResult<Option<ExitStatus>> {
+        self.inner.poll().py_err().map(|s| s.map(ExitStatus::from))
+    }
+
+    fn __repr__(&self) -> String {
+        format!("<ExecChild id={} os_pid={}>", self.inner.id(), self.inner.os_pid())
+    }
+}
+
+/// A microVM (or an agent attached over a unix socket).
+#[pyclass(frozen, module = "supermachine_kernel._core")]
+pub struct Vm {
+    inner: Arc<RtVm>,
+}
+
+#[pymethods]
+impl Vm {
+    /// Cold-boots a VM from guest files and waits for its agent.
+    #[staticmethod]
+    #[pyo3(signature = (kernel, initrd, rootfs, memory_mib=256, vcpus=1, boot_timeout=60.0, append=None, accel=None))]
+    #[allow(clippy::too_many_arguments)]
+    fn boot(
+        py: Python<'_>,
+        kernel: PathBuf,
+        initrd: Option<PathBuf>,
+        rootfs: PathBuf,
+        memory_mib: u32,
+        vcpus: u32,
+        boot_timeout: f64,
+        append: Option<Vec<String>>,
+        accel: Option<String>,
+    ) -> PyResult<Vm> {
+        let mut opts = BootOptions::new(GuestFiles { kernel, initrd, rootfs });
+        opts.memory_mib = memory_mib;
+        opts.vcpus = vcpus;
+        opts.boot_timeout = Duration::from_secs_f64(boot_timeout.max(0.1));
+        opts.append = append.unwrap_or_default();
+        opts.accel = match accel.as_deref() {
+            None => None,
+            Some(a) => Some(
+                supermachine_runtime::accel::choose(Some(a), &supermachine_runtime::accel::HostCaps::probe())
+                    .py_err()?,
+            ),
+        };
+        let vm = py.allow_threads(|| RtVm::boot(&opts)).py_err()?;
+        Ok(Vm { inner: Arc::new(vm) })
+    }
+
+    /// Connects to `supermachine-agent --listen-unix PATH` (no QEMU). For tests.
+    #[staticmethod]
+    #[pyo3(signature = (path, timeout=10.0))]
+    fn attach_unix(py: Python<'_>, path: PathBuf, timeout: f64) -> PyResult<Vm> {
+        let vm = py.allow_threads(|| RtVm::attach_unix(&path, Duration::from_secs_f64(timeout.max(0.0)))).py_err()?;
+        Ok(Vm { inner: Arc::new(vm) })
+    }
+
+    /// Runs a process to completion and returns its output and exit status.
+    #[pyo3(signature = (argv, stage_files=None, env=None, cwd=None, timeout_ms=None, tty=None, stdin=None))]
+    #[allow(clippy::too_many_arguments)]
+    fn exec(
+        &self,
+        py: Python<'_>,
+        argv: Vec<String>,
+        stage_files: Option<&Bound<'_, PyDict>>,
+        env: Option<&Bound<'_, PyDict>>,
+        cwd: Option<String>,
+        timeout_ms: Option<u64>,
+        tty: Option<&Bound<'_, PyAny>>,
+        stdin: Option<&Bound<'_, PyAny>>,
+    ) -> PyResult<ExecResult> {
+        let mut staged = Vec::new();
+        if let Some(d) = stage_files {
+            for (k, v) in d.iter() {
+                staged.push((k.extract::<String>()?, data_bytes(&v)?));
+            }
+        }
+        let opts = ExecOptions {
+            spawn: SpawnOptions { argv, env: env_pairs(env)?, cwd, tty: tty_size(tty)?, timeout_ms },
+            stage_files: staged,
+            stdin: stdin.filter(|s| !s.is_none()).map(data_bytes).transpose()?,
+        };
+        let r = py.allow_threads(|| self.inner.exec(&opts)).py_err()?;
+        Ok(ExecResult {
+            stdout: PyBytes::new(py, &r.stdout).unbind(),
+            stderr: PyBytes::new(py, &r.stderr).unbind(),
+            status: r.status.into(),
+        })
+    }
+
+    /// Starts a process and returns its handle (streaming mode).
+    #[pyo3(signature = (argv, env=None, cwd=None, timeout_ms=None, tty=None))]
+    fn spawn(
+        &self,
+        py: Python<'_>,
+        argv: Vec<String>,
+        env: Option<&Bound<'_, PyDict>>,
+        cwd: Option<String>,
+        timeout_ms: Option<u64>,
+        tty: Option<&Bound<'_, PyAny>>,
+    ) -> PyResult<ExecChild> {
+        let opts = SpawnOptions { argv, env: env_pairs(env)?, cwd, tty: tty_size(tty)?, timeout_ms };
+        let child = py.allow_threads(|| self.inner.spawn(&opts)).py_err()?;
+        Ok(ExecChild { inner: child })
+    }
+
+    /// A handle to an existing guest process by id (e.g. after a restore).
+    fn attach_process(&self, id: u32) -> PyResult<ExecChild> {
+        Ok(ExecChild { inner: self.inner.attach_process(id).py_err()? })
+    }
+
+    /// Writes a guest file (streamed). `data`: bytes-like or str (UTF-8).
+    #[pyo3(signature = (path, data, mode=0o644))]
+    fn write_file(&self, py: Python<'_>, path: String, data: &Bound<'_, PyAny>, mode: u32) -> PyResult<()> {
+        let bytes = data_bytes(data)?;
+        py.allow_threads(|| self.inner.write_file(&path, &bytes[..], mode)).py_err().map(|_| ())
+    }
+
+    /// Copies a host file into the guest (streamed). `mode` defaults to the host file's mode.
+    #[pyo3(signature = (host_path, guest_path, mode=None))]
+    fn upload(&self, py: Python<'_>, host_path: PathBuf, guest_path: String, mode: Option<u32>) -> PyResult<u64> {
+        py.allow_threads(|| self.inner.upload(&host_path, &guest_path, mode)).py_err()
+    }
+
+    /// Reads a whole guest file.
+    fn read_file(&self, py: Python<'_>, path: String) -> PyResult<Py<PyBytes>> {
+        let v = py.allow_threads(|| self.inner.read_file(&path)).py_err()?;
+        Ok(PyBytes::new(py, &v).unbind())
+    }
+
+    /// Copies a guest file to a host path (streamed; written atomically).
+    fn download(&self, py: Python<'_>, guest_path: String, host_path: PathBuf) -> PyResult<u64> {
+        py.allow_threads(|| self.inner.download(&guest_path, &host_path)).py_err()
+    }
+
+    /// Round trip to the agent.
+    #[pyo3(signature = (timeout=None))]
+    fn ping(&self, py: Python<'_>, timeout: Option<f64>) -> PyResult<()> {
+        let deadline = timeout.map(|t| Instant::now() + Duration::from_secs_f64(t.max(0.0)));
+        py.allow_threads(|| self.inner.conn().ping(deadline)).py_err()
+    }
+
+    /// Processes the guest agent tracks: list of dicts (id, os_pid, argv, running, tty).
+    fn processes<'py>(&self, py: Python<'py>) -> PyResult<Vec<Bound<'py, PyDict>>> {
+        let list = py.allow_threads(|| self.inner.conn().list_processes()).py_err()?;
+        list.into_iter()
+            .map(|p| {
+                let d = PyDict::new(py);
+                d.set_item("id", p.id)?;
+                d.set_item("os_pid", p.os_pid)?;
+                d.set_item("argv", p.argv)?;
+                d.set_item("running", p.running)?;
+                d.set_item("tty", p.tty)?;
+                Ok(d)
+            })
+            .collect()
+    }
+
+    /// Kills QEMU and removes the work dir. Idempotent.
+    fn release(&self, py: Python<'_>) {
+        py.allow_threads(|| self.inner.release())
+    }
+
+    /// True until the VM died or was released.
+    #[getter]
+    fn alive(&self) -> bool {
+        self.inner.is_alive()
+    }
+
+    /// QEMU's pid (None for attached agents and after release).
+    #[getter]
+    fn qemu_pid(&self) -> Option<u32> {
+        self.inner.qemu_pid()
+    }
+
+    /// The per-VM work dir (None for attached agents and after release).
+    #[getter]
+    fn workdir(&self) -> Option<PathBuf> {
+        self.inner.workdir()
+    }
+
+    /// "kvm" or "tcg" (None for attached agents).
+    #[getter]
+    fn accel(&self) -> Option<&'static str> {
+        self.inner.accel().map(Accel::name)
+    }
+
+    /// The guest's boot id (random per cold boot, shared by restores of one snapshot).
+    #[getter]
+    fn boot_id(&self) -> String {
+        self.inner.welcome().boot_id.clone()
+    }
+
+    fn __enter__(slf: Py<Self>) -> Py<Self> {
+        slf
+    }
+
+    #[pyo3(signature = (*_args))]
+    fn __exit__(&self, py: Python<'_>, _args: &Bound<'_, PyTuple>) -> bool {
+        self.release(py);
+        false
+    }
+
+    fn __repr__(&self) -> String {
+        match (self.inner.qemu_pid(), self.inner.is_alive()) {
+            (Some(pid), true) => format!("<Vm qemu_pid={pid}>"),
+            (None, true) => "<Vm attached>".into(),
+            _ => "<Vm released>".into(),
+        }
+    }
+}
+
+/// Host accelerator that would be used now ("kvm" or "tcg"), honouring SUPERMACHINE_ACCEL.
+#[pyfunction]
+pub fn detect_accel() -> PyResult<&'static str> {
+    supermachine_runtime::accel::detect().py_err().map(Accel::name)
+}
+
+/// Path of the QEMU binary that would be used, honouring SUPERMACHINE_QEMU.
+#[pyfunction]
+pub fn find_qemu() -> PyResult<PathBuf> {
+    supermachine_runtime::qemu::find_qemu().py_err()
+}
+
+pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_class::<Vm>()?;
+    m.add_class::<ExecChild>()?;
+    m.add_class::<ExitStatus>()?;
+    m.add_class::<ExecResult>()?;
+    m.add_function(wrap_pyfunction!(detect_accel, m)?)?;
+    m.add_function(wrap_pyfunction!(find_qemu, m)?)?;
+    Ok(())
+}
