@@ -10,19 +10,28 @@ import json
 import shutil
 import sys
 import tempfile
-from importlib import resources
 from pathlib import Path
 
 KERNEL_NAME = "python-microvm"
 _REPO_TEMPLATE = Path(__file__).resolve().parent.parent / "kernelspecs" / KERNEL_NAME
 
 
+# Used when the package is installed without the source tree; keep equal to the template file.
+_DEFAULT_SPEC = {
+    "argv": ["python3", "-m", "supermachine_kernel.kernel", "-f", "{connection_file}"],
+    "display_name": "Python (microVM)",
+    "language": "python",
+    "interrupt_mode": "message",
+    "metadata": {"debugger": False},
+}
+
+
 def template() -> dict:
-    """The kernel.json template: from the source tree, else the copy shipped in the package."""
+    """The kernel.json template from `kernelspecs/` (or its built-in copy outside a checkout)."""
     path = _REPO_TEMPLATE / "kernel.json"
     if path.is_file():
         return json.loads(path.read_text())
-    return json.loads(resources.files("supermachine_kernel").joinpath("kernel.json").read_text())
+    return json.loads(json.dumps(_DEFAULT_SPEC))
 
 
 def kernel_json(

@@ -76,6 +76,7 @@ class _Link:
         self.ready: concurrent.futures.Future[GuestInfo] = concurrent.futures.Future()
         self.dead = False
         self.closing = False
+        self.was_ready = False
         self.stderr_tail: collections.deque[bytes] = collections.deque(maxlen=64)
         self._outq: queue.SimpleQueue[bytes | None] = queue.SimpleQueue()
         self._in_flight = threading.Semaphore(MAX_EVENTS_IN_FLIGHT)
@@ -148,6 +149,7 @@ class _Link:
                     fut.set_exception(e)
             elif kind == "ready":
                 info = GuestInfo(where=self.handle.describe(), **content)
+                self.was_ready = True
                 if not self.ready.done():
                     self.ready.set_result(info)
                 self.session._on_ready(self, info)
@@ -243,6 +245,7 @@ class GuestSession:
         *,
         env: dict[str, str],
         startup_timeout: float = 120.0,
+        driver: bytes | None = None,
     ) -> None:
         self.backend = backend
         self.loop = loop
@@ -256,7 +259,7 @@ class GuestSession:
         self._link: _Link | None = None
         self._starting: concurrent.futures.Future[_Link] | None = None
         self._shutting_down = False
-        self._driver = driver_source()
+        self._driver = driver if driver is not None else driver_source()
 
     # -- lifecycle -------------------------------------------------------------------------------
 
@@ -325,9 +328,10 @@ class GuestSession:
             return
         log.warning("guest died: %s", reason)
         threading.Thread(target=link.handle.release, name="guest-release", daemon=True).start()
-        self.restarts += 1
         self.on_event("died", {"reason": reason}, [])
-        self.start()
+        if link.was_ready:  # a guest that dies while starting is not retried in a loop
+            self.restarts += 1
+            self.start()
 
     async def restart(self) -> GuestInfo:
         """A fresh guest (the old one is released)."""

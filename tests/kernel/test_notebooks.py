@@ -1,0 +1,36 @@
+"""Every notebook in notebooks/ executes on the kernel with nbclient."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import nbformat
+import pytest
+from nbclient import NotebookClient
+
+from .harness import KERNEL, SLOW, START_TIMEOUT
+
+NOTEBOOKS = sorted((Path(__file__).resolve().parents[2] / "notebooks").glob("*.ipynb"))
+NOTEBOOKS = [p for p in NOTEBOOKS if not p.name.endswith(".executed.ipynb")]
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.name for p in NOTEBOOKS])
+def test_notebook_executes(path):
+    nb = nbformat.read(path, as_version=4)
+    NotebookClient(nb, kernel_name=KERNEL, timeout=int(120 * SLOW),
+                   startup_timeout=START_TIMEOUT).execute()
+    outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs]
+    assert not [o for o in outputs if o.output_type == "error"]
+    if path.name == "demo.ipynb":
+        mimes = {m for o in outputs if "data" in o for m in o.data}
+        assert {"image/png", "text/html", "text/markdown",
+                "application/vnd.jupyter.widget-view+json"} <= mimes
+        assert "widgets" in nb.metadata  # widget state was saved from the guest's comms
+
+
+def test_demo_script(tmp_path, capsys):
+    from supermachine_kernel.demo import main
+
+    out = tmp_path / "demo.executed.ipynb"
+    assert main(["--kernel", KERNEL, "--output", str(out)]) == 0
+    assert out.exists()
+    assert str(out) in capsys.readouterr().out

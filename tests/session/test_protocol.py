@@ -1,0 +1,145 @@
+"""The host's guest-frame codec and validators: round trips, caps, and garbage handling."""
+from __future__ import annotations
+
+import json
+import random
+import struct
+
+import pytest
+
+from supermachine_kernel.session.protocol import (
+    MAX_FRAME_BYTES,
+    FrameDecoder,
+    ProtocolError,
+    encode_frame,
+    validate_event,
+    validate_mimebundle,
+    validate_reply,
+)
+
+
+def frame(obj) -> bytes:
+    body = json.dumps(obj).encode()
+    return struct.pack(">I", len(body)) + body
+
+
+def test_roundtrip_and_split_feeding():
+    msgs = [{"type": "stream", "name": "stdout", "text": "héllo" * i} for i in range(5)]
+    data = b"".join(encode_frame(m) for m in msgs)
+    dec = FrameDecoder()
+    got = []
+    for i in range(0, len(data), 3):
+        got += dec.feed(data[i:i + 3])
+    assert got == msgs
+    assert dec.pending == 0
+
+
+def test_oversized_frame_is_rejected_before_buffering():
+    dec = FrameDecoder(max_frame=1024)
+    with pytest.raises(ProtocolError, match="exceeds"):
+        dec.feed(struct.pack(">I", 1025))
+    with pytest.raises(ProtocolError):
+        FrameDecoder().feed(struct.pack(">I", MAX_FRAME_BYTES + 1))
+
+
+@pytest.mark.parametrize("body", [b"\xff\xfe", b"not json", b"[1,2]", b'{"no_type": 1}', b'{"type": 5}'])
+def test_undecodable_bodies(body):
+    with pytest.raises(ProtocolError):
+        FrameDecoder().feed(struct.pack(">I", len(body)) + body)
+
+
+@pytest.mark.parametrize("bundle", [
+    {"text/plain": 5},
+    {"noslash": "x"},
+    {"image/png": {"a": 1}},
+    [("text/plain", "x")],
+    "text",
+])
+def test_bad_mimebundles(bundle):
+    with pytest.raises(ProtocolError):
+        validate_mimebundle(bundle)
+
+
+def test_good_mimebundles():
+    validate_mimebundle({"text/plain": "x", "application/json": {"a": [1]},
+                         "application/vnd.jupyter.widget-view+json": {"model_id": "m"},
+                         "text/html": ["<b>", "x</b>"]})
+
+
+@pytest.mark.parametrize("msg", [
+    {"type": "stream", "name": "stdin", "text": "x"},
+    {"type": "stream", "name": "stdout", "text": 3},
+    {"type": "display_data", "data": {"text/plain": 1}},
+    {"type": "update_display_data", "data": {}, "transient": {}},
+    {"type": "execute_result", "data": {}, "execution_count": "1"},
+    {"type": "error", "ename": "E", "traceback": [1]},
+    {"type": "comm_msg", "comm_id": "c", "buffers": ["!!!not base64"]},
+    {"type": "comm_msg", "comm_id": "c", "buffers": ["AA=="] * 1000},
+    {"type": "comm_open", "comm_id": "c"},
+    {"type": "reply", "id": "1", "content": {}},
+    {"type": "launch_missiles"},
+])
+def test_invalid_events(msg):
+    with pytest.raises(ProtocolError):
+        validate_event(msg)
+
+
+def test_valid_events():
+    kind, content, buffers = validate_event(
+        {"type": "comm_msg", "comm_id": "c", "data": {"a": 1}, "metadata": {"m": 1},
+         "buffers": ["AAE="]})
+    assert kind == "comm_msg"
+    assert content == {"comm_id": "c", "data": {"a": 1}, "__metadata__": {"m": 1}}
+    assert buffers == [b"\x00\x01"]
+    kind, content, _ = validate_event({"type": "update_display_data", "data": {"text/plain": "x"},
+                                       "transient": {"display_id": "d"}})
+    assert content["transient"] == {"display_id": "d"}
+
+
+def test_replies():
+    assert validate_reply("execute", {"status": "ok", "payload": [], "user_expressions": {}}) == {
+        "status": "ok", "payload": [], "user_expressions": {}}
+    err = validate_reply("execute", {"status": "error", "ename": "E", "evalue": "v",
+                                     "traceback": ["t"]})
+    assert err["ename"] == "E" and err["status"] == "error"
+    assert validate_reply("is_complete", {"status": "incomplete", "indent": "  "}) == {
+        "status": "incomplete", "indent": "  "}
+    with pytest.raises(ProtocolError):
+        validate_reply("is_complete", {"status": "maybe"})
+    with pytest.raises(ProtocolError):
+        validate_reply("complete", {"status": "ok", "matches": [1], "cursor_start": 0,
+                                    "cursor_end": 0})
+    with pytest.raises(ProtocolError):
+        validate_reply("history", {"status": "ok", "history": [[1, 2]]})
+    with pytest.raises(ProtocolError):
+        validate_reply("execute", {"status": "ok", "payload": [{"source": "page", "data": 3}]})
+
+
+def test_fuzz_only_protocol_errors():
+    """Random bytes and random JSON never raise anything but ProtocolError."""
+    rng = random.Random(1234)
+    atoms = [None, True, 1, -1.5, "x", "text/plain", "stream", "reply", [], {}, ["a"], {"a": "b"}]
+    keys = ["type", "name", "text", "data", "metadata", "transient", "comm_id", "buffers", "id",
+            "content", "execution_count", "ename", "evalue", "traceback", "target_name", "wait"]
+    for _ in range(3000):
+        dec = FrameDecoder(max_frame=4096)
+        blob = bytes(rng.randrange(256) for _ in range(rng.randrange(64)))
+        try:
+            for m in dec.feed(blob):
+                validate_event(m)
+        except ProtocolError:
+            pass
+        obj = {k: rng.choice(atoms) for k in rng.sample(keys, rng.randrange(len(keys)))}
+        obj["type"] = rng.choice(["stream", "display_data", "update_display_data", "execute_result",
+                                  "clear_output", "error", "input_request", "comm_open",
+                                  "comm_msg", "comm_close", "ready", "reply", "zzz"])
+        try:
+            validate_event(obj)
+        except ProtocolError:
+            pass
+        for req in ("execute", "complete", "inspect", "is_complete", "history", "comm_info"):
+            try:
+                validate_reply(req, {k: rng.choice(atoms) for k in ("status", "matches", "data",
+                                                                    "history", "payload")})
+            except ProtocolError:
+                pass
