@@ -12,14 +12,14 @@ use pyo3::prelude::*;
 
 use supermachine_runtime::error::{kind_name, Error};
 
-create_exception!(_core, VmError, PyRuntimeError, "Base class of every microVM error.");
-create_exception!(_core, VmDiedError, VmError, "The VM (QEMU, the guest kernel or the agent) died or its channel closed.");
-create_exception!(_core, ProtocolError, VmError, "The guest broke the wire protocol; the connection was dropped.");
-create_exception!(_core, GuestError, VmError, "A guest-side operation failed; `.kind` says how (e.g. 'not_found').");
-create_exception!(_core, AcceleratorError, VmError, "The requested accelerator (SUPERMACHINE_ACCEL) cannot work here.");
-create_exception!(_core, QemuNotFoundError, VmError, "qemu-system-x86_64 is missing.");
-create_exception!(_core, VmReleasedError, VmError, "The VM was released; no further calls are possible.");
-create_exception!(_core, ImageNotFoundError, PyLookupError, "The guest image is unknown or its files are missing.");
+create_exception!(supermachine_kernel._core, VmError, PyRuntimeError, "Base class of every microVM error.");
+create_exception!(supermachine_kernel._core, VmDiedError, VmError, "The VM (QEMU, the guest kernel or the agent) died or its channel closed.");
+create_exception!(supermachine_kernel._core, ProtocolError, VmError, "The guest broke the wire protocol; the connection was dropped.");
+create_exception!(supermachine_kernel._core, GuestError, VmError, "A guest-side operation failed; `.kind` says how (e.g. 'not_found').");
+create_exception!(supermachine_kernel._core, AcceleratorError, VmError, "The requested accelerator (SUPERMACHINE_ACCEL) cannot work here.");
+create_exception!(supermachine_kernel._core, QemuNotFoundError, VmError, "qemu-system-x86_64 is missing.");
+create_exception!(supermachine_kernel._core, VmReleasedError, VmError, "The VM was released; no further calls are possible.");
+create_exception!(supermachine_kernel._core, ImageNotFoundError, PyLookupError, "The guest image is unknown or its files are missing.");
 
 /// Adds the exception classes to the module.
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {

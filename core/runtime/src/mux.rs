@@ -27,6 +27,9 @@ use crate::error::Error;
 /// Credit is granted back in batches of this many consumed bytes.
 pub const CREDIT_BATCH: u64 = DEFAULT_OUTPUT_WINDOW / 4;
 
+/// The first request id (see [`Mux::begin`]).
+pub const FIRST_REQ: u64 = 1 << 31;
+
 /// A protocol violation by the guest: the reason the connection is dropped.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Violation(pub String);
@@ -212,7 +215,7 @@ fn name_of(msg: &Control) -> String {
 impl Mux {
     pub fn new() -> Mux {
         Mux {
-            next_req: 1,
+            next_req: FIRST_REQ,
             requests: HashMap::new(),
             procs: HashMap::new(),
             transfers: HashMap::new(),
@@ -451,8 +454,10 @@ impl Mux {
     pub fn begin(&mut self, kind: ReqKind) -> Result<u64, Error> {
         self.check()?;
         let req = self.next_req;
-        // Request ids double as transfer channel ids (u32); wrap well before that.
-        self.next_req = if self.next_req >= u32::MAX as u64 { 1 } else { self.next_req + 1 };
+        // Request ids double as transfer channel ids (u32). They live in the upper half of the
+        // u32 range, so a read transfer's channel never equals a guest process id (small
+        // integers chosen by the agent): a Credit{id} is then never ambiguous.
+        self.next_req = if self.next_req >= u32::MAX as u64 { FIRST_REQ } else { self.next_req + 1 };
         self.requests.insert(req, Request { kind, reply: None, detached: false });
         Ok(req)
     }
