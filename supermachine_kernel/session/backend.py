@@ -32,7 +32,6 @@ BASE_GUEST_ENV = {
     "FORCE_COLOR": "1",
     "PAGER": "cat",
     "GIT_PAGER": "cat",
-    "JPY_PARENT_PID": "1",
 }
 
 

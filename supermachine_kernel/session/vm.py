@@ -10,14 +10,16 @@ and spawns it; release returns the VM (the pool restores it to the clean snapsho
 """
 from __future__ import annotations
 
+import concurrent.futures
+import inspect
 import logging
 import os
 import threading
-from typing import Any
+from typing import Any, Callable
 
 log = logging.getLogger("supermachine_kernel.session.vm")
 
-GUEST_DRIVER_PATH = "/opt/supermachine/repl.py"
+GUEST_DRIVER_PATH = "/tmp/supermachine-repl.py"
 
 
 def _api():
@@ -73,8 +75,10 @@ class VmBackend:
         self.accelerator = accelerator
         self.warmup_imports = list(warmup_imports or [])
         self.use_pool = use_pool
-        self._image = None
-        self._pool = None
+        self._image: Any = None
+        self._pool: Any = None
+        self._spare: concurrent.futures.Future | None = None
+        self._closed = False
         self._lock = threading.Lock()
 
     def _warmup_code(self) -> str:
@@ -90,45 +94,86 @@ class VmBackend:
             if self.accelerator and self.accelerator != "auto":
                 os.environ.setdefault("SUPERMACHINE_ACCEL", self.accelerator)
             api = _api()
-            warmup_code = self._warmup_code()
-            warmup_tag = "kernel:" + ",".join(self.warmup_imports)
+            kwargs: dict[str, Any] = {
+                "ref": None if self.image_ref in ("", "default") else self.image_ref,
+                "memory_mib": self.memory_mib,
+                "vcpus": self.vcpus,
+            }
+            params = inspect.signature(api.Image.build).parameters
+            if "progress" in params:
+                kwargs["progress"] = False
+            if self.warmup_imports and "warmup" in params:
+                warmup_code = self._warmup_code()
 
-            def warmup(vm: Any) -> None:
-                vm.exec(["python3", "-c", warmup_code], timeout_ms=600_000)
+                def warmup(vm: Any) -> None:
+                    vm.exec(["python3", "-c", warmup_code], timeout_ms=600_000)
 
-            self._image = api.Image.build(
-                ref=None if self.image_ref in ("", "default") else self.image_ref,
-                memory_mib=self.memory_mib,
-                vcpus=self.vcpus,
-                warmup=warmup if self.warmup_imports else None,
-                warmup_tag=warmup_tag if self.warmup_imports else None,
-            )
-            if self.use_pool:
+                kwargs["warmup"] = warmup
+                kwargs["warmup_tag"] = "kernel:" + ",".join(self.warmup_imports)
+            self._image = api.Image.build(**kwargs)
+            if self.use_pool and hasattr(self._image, "pool"):
                 self._pool = self._image.pool(min=self.pool_min, max=self.pool_max)
 
-    def launch(self, driver: bytes, env: dict[str, str]) -> VmHandle:
-        self._ensure()
+    # Until the runtime's pool is available, keep one cold-booted spare VM ready so that a
+    # restart after a guest death does not wait for a boot.
+    def _boot_spare_later(self) -> None:
+        if self._pool is not None or self.pool_min < 1 or self._closed:
+            return
+        with self._lock:
+            if self._spare is not None:
+                return
+            self._spare = concurrent.futures.Future()
+            fut = self._spare
+
+        def boot() -> None:
+            try:
+                fut.set_result(self._image.boot())
+            except BaseException as e:  # noqa: BLE001
+                fut.set_exception(e)
+
+        threading.Thread(target=boot, name="vm-spare-boot", daemon=True).start()
+
+    def _take_vm(self) -> tuple[Any, Callable[[], None]]:
         if self._pool is not None:
             cm = self._pool.acquire()
             vm = cm.__enter__()
-
-            def release() -> None:
-                cm.__exit__(None, None, None)
-        else:
+            return vm, lambda: cm.__exit__(None, None, None)
+        with self._lock:
+            spare, self._spare = self._spare, None
+        vm = None
+        if spare is not None:
+            try:
+                vm = spare.result()
+                if not vm.alive:
+                    vm.release()
+                    vm = None
+            except Exception:  # noqa: BLE001 - boot the normal way and report that error
+                vm = None
+        if vm is None:
             vm = self._image.boot()
-            release = vm.release
+        return vm, vm.release
+
+    def launch(self, driver: bytes, env: dict[str, str]) -> VmHandle:
+        self._ensure()
+        vm, release = self._take_vm()
         try:
             vm.write_file(GUEST_DRIVER_PATH, driver, mode=0o644)
             child = vm.spawn(["python3", "-u", GUEST_DRIVER_PATH], env=env, cwd="/root")
         except BaseException:
             release()
             raise
-        where = f"microVM {getattr(vm, 'id', '?')}"
+        accel = getattr(vm, "accel", None)
+        where = f"microVM {getattr(vm, 'id', '?')}" + (f" ({accel})" if accel else "")
+        self._boot_spare_later()
         return VmHandle(vm, child, release, where)
 
     def close(self) -> None:
         with self._lock:
+            self._closed = True
             pool, self._pool = self._pool, None
+            spare, self._spare = self._spare, None
+        if spare is not None:
+            spare.add_done_callback(lambda f: f.exception() is None and f.result().release())
         if pool is not None:
             try:
                 pool.shutdown()
