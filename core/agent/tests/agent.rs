@@ -429,12 +429,14 @@ fn output_waits_for_credit() {
     let total = 10 * 1024 * 1024u64;
     let id = c.spawn(&["head", "-c", &total.to_string(), "/dev/zero"]);
     let mut got = 0u64;
-    while let Some(f) = c.try_frame(Duration::from_millis(500)) {
+    while got < DEFAULT_OUTPUT_WINDOW {
+        let f = c.frame();
         if f.kind == Kind::Stdout {
             got += f.payload.len() as u64;
         }
     }
-    assert_eq!(got, DEFAULT_OUTPUT_WINDOW, "exactly one window is sent without credit");
+    assert!(c.try_frame(Duration::from_millis(500)).is_none(), "more than one window sent without credit");
+    assert_eq!(got, DEFAULT_OUTPUT_WINDOW);
     c.credit(id, total);
     let (out, _, st) = c.collect(id);
     assert_eq!(got + out.len() as u64, total);
@@ -554,4 +556,69 @@ fn garbage_and_bad_versions_do_not_kill_the_agent() {
     let (mut c, _) = agent.session();
     let id = c.spawn(&["echo", "alive"]);
     assert_eq!(text(&c.collect(id).0), "alive\n");
+}
+
+#[test]
+fn file_reads_wait_for_credit() {
+    let agent = Agent::start("readcredit");
+    let (mut c, _) = agent.session();
+    let path = agent.dir.join("big");
+    let size = DEFAULT_OUTPUT_WINDOW as usize + 1_500_000;
+    std::fs::write(&path, vec![5u8; size]).unwrap();
+    let req = c.req();
+    c.send(&Control::ReadFile { req, path: path.to_string_lossy().into_owned() });
+    assert!(matches!(c.reply(req), Control::FileInfo { .. }));
+    let mut got = 0usize;
+    while (got as u64) < DEFAULT_OUTPUT_WINDOW {
+        let f = c.frame();
+        assert!(!(f.kind == Kind::FileData && f.payload.is_empty()), "ended without credit");
+        got += f.payload.len();
+    }
+    assert!(c.try_frame(Duration::from_millis(500)).is_none(), "more than one window sent without credit");
+    assert_eq!(got as u64, DEFAULT_OUTPUT_WINDOW);
+    c.credit(req as u32, got as u64);
+    loop {
+        let f = c.frame();
+        if f.kind == Kind::FileData {
+            if f.payload.is_empty() {
+                break;
+            }
+            got += f.payload.len();
+        }
+    }
+    assert_eq!(got, size);
+}
+
+#[test]
+fn closing_tty_stdin_sends_eof() {
+    let agent = Agent::start("ttyeof");
+    let (mut c, _) = agent.session();
+    let id = c.spawn_with(&["cat"], Some(TtySize { rows: 24, cols: 80 }), None).unwrap();
+    c.send_frame(Kind::Stdin, id, b"abc\n");
+    c.send_frame(Kind::Stdin, id, b"");
+    let status = loop {
+        let f = c.frame();
+        if let (Kind::Control, Ok(Control::Exited { status, .. })) = (f.kind, Control::from_bytes(&f.payload)) {
+            break status;
+        }
+    };
+    assert_eq!(status.exit_code, 0);
+}
+
+#[test]
+fn a_second_hello_on_one_connection_starts_a_new_session() {
+    let agent = Agent::start("rehello");
+    let (mut c, _) = agent.session();
+    let id = c.spawn(&["sleep", "30"]);
+    match c.hello() {
+        Control::Welcome { generation, processes, .. } => {
+            assert_eq!(generation, 2);
+            assert_eq!(processes[0].id, id);
+        }
+        other => panic!("{other:?}"),
+    }
+    let req = c.req();
+    c.send(&Control::Signal { req, id, signal: 9 });
+    assert_eq!(c.reply(req), Control::Ok { req });
+    assert_eq!(c.collect(id).2.signal, Some(9));
 }
