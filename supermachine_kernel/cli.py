@@ -122,8 +122,13 @@ def add_image_commands(sub: "argparse._SubParsersAction") -> None:
     rm.set_defaults(func=cmd_image_rm)
 
 
+from .install import add_install_commands  # noqa: E402 - kernelspec installation (kernel owner)
+
 #: Adders of top-level subcommands; append yours.
-COMMANDS: List[Callable[["argparse._SubParsersAction"], None]] = [add_image_commands]
+COMMANDS: List[Callable[["argparse._SubParsersAction"], None]] = [
+    add_image_commands,
+    add_install_commands,
+]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -78,11 +78,7 @@ def install(
         )
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(
-        prog="python -m supermachine_kernel install",
-        description='Install the "Python (microVM)" Jupyter kernelspec.',
-    )
+def _add_arguments(ap: argparse.ArgumentParser) -> None:
     where = ap.add_mutually_exclusive_group()
     where.add_argument("--user", action="store_true", help="install for the current user")
     where.add_argument("--sys-prefix", action="store_true",
@@ -93,7 +89,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--backend", choices=("vm", "local"),
                     help="pin the backend (local = host subprocess, NOT isolated)")
     ap.add_argument("--interrupt-mode", choices=("signal", "message"))
-    args = ap.parse_args(argv)
+
+
+def _run(args: argparse.Namespace) -> int:
     prefix = sys.prefix if args.sys_prefix else args.prefix
     dest = install(
         user=args.user,
@@ -105,6 +103,23 @@ def main(argv: list[str] | None = None) -> int:
     )
     print(f"Installed kernelspec {args.name} in {dest}")
     return 0
+
+
+def add_install_commands(sub: "argparse._SubParsersAction") -> None:
+    """`supermachine-kernel install` (hooked into cli.COMMANDS)."""
+    ap = sub.add_parser("install", help='install the "Python (microVM)" kernelspec',
+                        description='Install the "Python (microVM)" Jupyter kernelspec.')
+    _add_arguments(ap)
+    ap.set_defaults(func=_run)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(
+        prog="python -m supermachine_kernel.install",
+        description='Install the "Python (microVM)" Jupyter kernelspec.',
+    )
+    _add_arguments(ap)
+    return _run(ap.parse_args(argv))
 
 
 if __name__ == "__main__":

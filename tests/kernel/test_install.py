@@ -9,7 +9,7 @@ import sys
 
 def test_install_prefix_and_kernelspec_list(tmp_path):
     out = subprocess.run(
-        [sys.executable, "-m", "supermachine_kernel.install", "--prefix", str(tmp_path)],
+        [sys.executable, "-m", "supermachine_kernel", "install", "--prefix", str(tmp_path)],
         check=True, capture_output=True, text=True).stdout
     spec_dir = tmp_path / "share" / "jupyter" / "kernels" / "python-microvm"
     assert str(spec_dir) in out
