@@ -168,6 +168,9 @@ impl Conn {
 
         self.send_control(&Control::Hello { version: PROTOCOL_VERSION, host_time_ns: now_ns(), entropy: entropy() })?;
         let welcome = self.wait(Some(deadline), |m| {
+            if let Some(e) = m.failure() {
+                return Err(e.clone());
+            }
             Ok(match m.welcome() {
                 Some(Control::Welcome { boot_id, generation, processes, .. }) => Some(WelcomeInfo {
                     boot_id: boot_id.clone(),
@@ -179,10 +182,14 @@ impl Conn {
         });
         let welcome = match welcome {
             Ok(w) => w,
-            Err(Error::Timeout(_)) => {
-                return Err(Error::Timeout("the guest agent did not answer the hello before the deadline".into()))
+            Err(e) => {
+                let e = match e {
+                    Error::Timeout(_) => Error::Timeout("the guest agent did not answer the hello before the deadline".into()),
+                    e => e,
+                };
+                self.close(e.clone());
+                return Err(e);
             }
-            Err(e) => return Err(e),
         };
         self.lock().reconcile(&welcome.processes);
         Ok(welcome)

@@ -7,8 +7,8 @@
 //! * stdout/stderr frames name a known process, arrive before its EOF, and never exceed the
 //!   process's output window (`DEFAULT_OUTPUT_WINDOW` plus every credit granted);
 //! * a StdinAck never acknowledges more than was sent;
-//! * file data names a read transfer that has started (FileInfo), never exceeds the size
-//!   announced, and never exceeds the transfer's window (same credit scheme as output);
+//! * file data names a read transfer that has started (FileInfo), stops at its end frame,
+//!   and never exceeds the transfer's window (same credit scheme as output);
 //! * only guest → host message types arrive.
 //!
 //! Flow control: host memory per process is bounded by the output window. Consumers take
@@ -158,6 +158,8 @@ struct Transfer {
     chunks: VecDeque<Vec<u8>>,
     done: bool,
     error: Option<Error>,
+    /// The reader gave up: further data is dropped until the end frame.
+    discard: bool,
 }
 
 /// Result of [`Mux::take_output`].
@@ -333,6 +335,7 @@ impl Mux {
                         chunks: VecDeque::new(),
                         done: false,
                         error: None,
+                        discard: false,
                     },
                 );
                 self.store_reply(req, Control::FileInfo { req, size, mode });
@@ -427,6 +430,9 @@ impl Mux {
         }
         if data.is_empty() {
             t.done = true;
+            if t.discard {
+                self.transfers.remove(&chan);
+            }
             return Ok(());
         }
         let len = data.len() as u64;
@@ -437,14 +443,12 @@ impl Mux {
             )));
         }
         t.window -= len;
+        // The announced size is a hint (files in /proc announce 0 and then stream their
+        // contents); host memory is bounded by the window, not by it.
         t.received += len;
-        if t.received > t.size {
-            return Err(Violation(format!(
-                "file transfer {chan} sent more than the {} bytes announced",
-                t.size
-            )));
+        if !t.discard {
+            t.chunks.push_back(data);
         }
-        t.chunks.push_back(data);
         Ok(())
     }
 
@@ -492,7 +496,18 @@ impl Mux {
                 r.detached = true;
             }
         }
-        self.transfers.remove(&channel_of(req));
+        // An unfinished read keeps a tombstone that swallows the rest of its data, so frames
+        // already in flight are not mistaken for a protocol violation.
+        let chan = channel_of(req);
+        match self.transfers.get_mut(&chan) {
+            Some(t) if !t.done => {
+                t.discard = true;
+                t.chunks.clear();
+            }
+            _ => {
+                self.transfers.remove(&chan);
+            }
+        }
     }
 
     pub fn welcome(&self) -> Option<&Control> {
@@ -854,11 +869,16 @@ mod tests {
         assert_eq!(m.take_file(req).unwrap(), FileChunk::Data { bytes: b"de".to_vec(), credit: None });
         assert_eq!(m.take_file(req).unwrap(), FileChunk::End);
 
+        // the size is a hint: /proc files announce 0 bytes and still have contents
         let mut m = Mux::new();
         let req = m.begin(ReqKind::ReadFile).unwrap();
-        m.on_frame(ctl(Control::FileInfo { req, size: 2, mode: 0o600 })).unwrap();
-        let e = m.on_frame(Frame::new(Kind::FileData, channel_of(req), b"abc".to_vec())).unwrap_err();
-        assert!(e.0.contains("more than"), "{e:?}");
+        m.on_frame(ctl(Control::FileInfo { req, size: 0, mode: 0o444 })).unwrap();
+        m.on_frame(Frame::new(Kind::FileData, channel_of(req), b"abc".to_vec())).unwrap();
+        m.on_frame(Frame::new(Kind::FileData, channel_of(req), vec![])).unwrap();
+        assert!(matches!(m.take_file(req).unwrap(), FileChunk::Data { .. }));
+        assert_eq!(m.take_file(req).unwrap(), FileChunk::End);
+        // but data after the end frame is a violation
+        assert!(m.on_frame(Frame::new(Kind::FileData, channel_of(req), b"x".to_vec())).is_err());
     }
 
     #[test]
@@ -881,6 +901,21 @@ mod tests {
         }
         let e = m.on_frame(Frame::new(Kind::FileData, chan, b"x".to_vec())).unwrap_err();
         assert!(e.0.contains("flow-control"), "{e:?}");
+    }
+
+    #[test]
+    fn abandoned_read_swallows_in_flight_data() {
+        let mut m = Mux::new();
+        let req = m.begin(ReqKind::ReadFile).unwrap();
+        let chan = channel_of(req);
+        m.on_frame(ctl(Control::FileInfo { req, size: 10, mode: 0o600 })).unwrap();
+        m.take_reply(req).unwrap();
+        m.on_frame(Frame::new(Kind::FileData, chan, b"ab".to_vec())).unwrap();
+        m.abandon(req);
+        m.on_frame(Frame::new(Kind::FileData, chan, b"cd".to_vec())).unwrap();
+        m.on_frame(Frame::new(Kind::FileData, chan, vec![])).unwrap();
+        assert!(m.transfers.is_empty());
+        assert!(m.on_frame(Frame::new(Kind::FileData, chan, b"x".to_vec())).is_err());
     }
 
     #[test]
