@@ -7,7 +7,7 @@ Wire format, both directions: a 4-byte big-endian length, then that many bytes o
 holding one object with a "type" key. Binary payloads (PNG, comm buffers) travel as base64.
 
     host -> guest: execute, complete, inspect, is_complete, history, comm_info, comm_open,
-                   comm_msg, comm_close, input_reply, shutdown
+                   comm_msg, comm_close, input_reply, hello, shutdown
     guest -> host: ready, reply {id, content}, stream, display_data, update_display_data,
                    execute_result, clear_output, error, input_request, comm_open, comm_msg,
                    comm_close
@@ -936,10 +936,48 @@ class IPythonExecutor:
 # The main loop
 
 
+def preimport(names):
+    """Imports modules ahead of the first cell (into sys.modules only, not the user namespace).
+
+    Used when the REPL is started ahead of time (a warm spare, or before a snapshot is taken), so
+    the user's `import pandas` is instant. Failures are ignored: the user will see them on import.
+    """
+    import importlib
+
+    for name in [n.strip() for n in names.split(",") if n.strip()]:
+        try:
+            importlib.import_module(name)
+        except BaseException:  # noqa: BLE001 - including SystemExit from odd modules
+            pass
+    if "matplotlib.pyplot" in sys.modules:  # leave no figure from the import behind
+        try:
+            sys.modules["matplotlib.pyplot"].close("all")
+        except Exception:
+            pass
+
+
 class Driver:
     def __init__(self, executor, comm_manager):
         self.executor = executor
         self.comm_manager = comm_manager
+
+    def send_ready(self):
+        _send(
+            {
+                "type": "ready",
+                "python_version": platform.python_version(),
+                "implementation": platform.python_implementation(),
+                "executor": self.executor.name,
+                "banner": self.executor.banner(),
+                "pid": os.getpid(),
+                "comms": self.comm_manager is not None,
+            }
+        )
+
+    def do_hello(self, req):
+        """A host attaching to an already running REPL (warm spare, restored snapshot)."""
+        reseed_if_restored()
+        self.send_ready()
 
     def serve(self):
         requests = state.channel.requests
@@ -1096,19 +1134,12 @@ def main():
             pass
     output.flush(fds=True)
 
+    preimport(os.environ.get("SUPERMACHINE_REPL_PREIMPORT", ""))
+    output.flush(fds=True)
+    driver = Driver(executor, comm_manager)
     channel.start_reading()
-    _send(
-        {
-            "type": "ready",
-            "python_version": platform.python_version(),
-            "implementation": platform.python_implementation(),
-            "executor": executor.name,
-            "banner": executor.banner(),
-            "pid": os.getpid(),
-            "comms": comm_manager is not None,
-        }
-    )
-    Driver(executor, comm_manager).serve()
+    driver.send_ready()
+    driver.serve()
     sys.stdout.flush()
     os._exit(0)
 

@@ -20,7 +20,8 @@ def make_backend(name: str, **options):
     if name == "local":
         from .local import LocalBackend
 
-        return LocalBackend(python=options.get("python"))
+        return LocalBackend(python=options.get("python"), spares=options.get("pool_min", 1),
+                            preimport=options.get("warmup_imports"))
     if name == "vm":
         from .vm import VmBackend
 

@@ -12,8 +12,11 @@ reach user code.
 """
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Any, Protocol
+
+from .protocol import HEADER, MAX_FRAME_BYTES, ProtocolError, decode_body
 
 GUEST_DRIVER = Path(__file__).resolve().parent.parent / "guest" / "repl.py"
 
@@ -85,3 +88,93 @@ class Backend(Protocol):
 
     def close(self) -> None:
         """Release everything the backend holds (pool, cached image handles)."""
+
+
+def read_ready_frame(child: GuestChild, timeout: float) -> dict[str, Any]:
+    """Reads exactly the REPL's first frame (its "ready") from a freshly started child.
+
+    Used when a backend starts the REPL ahead of time: it consumes the ready frame itself and
+    leaves nothing else unread, so whoever attaches later starts on a frame boundary.
+    """
+    deadline = time.monotonic() + timeout
+
+    def read_exact(n: int) -> bytes:
+        buf = b""
+        while len(buf) < n:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise TimeoutError(f"the guest REPL did not start within {timeout:.0f} s")
+            chunk = child.read_stdout(n - len(buf), timeout=remaining)
+            if not chunk:
+                raise EOFError("the guest REPL exited while starting")
+            buf += chunk
+        return buf
+
+    (size,) = HEADER.unpack(read_exact(HEADER.size))
+    if size > MAX_FRAME_BYTES:
+        raise ProtocolError(f"guest frame of {size} bytes exceeds the limit")
+    msg = decode_body(read_exact(size))
+    if msg.get("type") != "ready":
+        raise ProtocolError(f"expected the REPL's ready frame, got {msg.get('type')!r}")
+    return msg
+
+
+PREIMPORT_ENV = "SUPERMACHINE_REPL_PREIMPORT"
+
+
+class SpareKeeper:
+    """Keeps one guest started ahead of time: REPL running, modules preimported, ready consumed.
+
+    `take()` hands it out (waiting for it if it is still starting: that is never slower than a
+    fresh start) or returns None; `refill()` starts the next one in the background. A spare that
+    died while waiting is released and not handed out.
+    """
+
+    def __init__(self, start: Any, alive: Any) -> None:
+        import concurrent.futures
+        import threading
+
+        self._start = start
+        self._alive = alive
+        self._future: concurrent.futures.Future | None = None
+        self._lock = threading.Lock()
+        self._closed = False
+        self._cf = concurrent.futures
+
+    def refill(self) -> None:
+        import threading
+
+        with self._lock:
+            if self._closed or self._future is not None:
+                return
+            fut: Any = self._cf.Future()
+            self._future = fut
+
+        def run() -> None:
+            try:
+                fut.set_result(self._start())
+            except BaseException as e:  # noqa: BLE001 - reported when taken
+                fut.set_exception(e)
+
+        threading.Thread(target=run, name="guest-spare", daemon=True).start()
+
+    def take(self) -> Any:
+        with self._lock:
+            fut, self._future = self._future, None
+        if fut is None:
+            return None
+        try:
+            handle = fut.result()
+        except Exception:  # noqa: BLE001 - the caller starts a guest the normal way
+            return None
+        if not self._alive(handle):
+            handle.release()
+            return None
+        return handle
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            fut, self._future = self._future, None
+        if fut is not None:
+            fut.add_done_callback(lambda f: f.exception() is None and f.result().release())

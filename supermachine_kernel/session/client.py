@@ -289,6 +289,10 @@ class GuestSession:
         link = _Link(self, handle)
         self._link = link
         link.start()
+        if getattr(handle, "prestarted", False):
+            # The REPL was started ahead of time (warm spare, restored snapshot) and its first
+            # "ready" was consumed then: ask it to introduce itself again.
+            link.send({"type": "hello"})
         try:
             info = link.ready.result(timeout=self.startup_timeout)
         except concurrent.futures.TimeoutError:
@@ -305,6 +309,12 @@ class GuestSession:
         log.info("guest ready in %.3f s on %s (%s)", self.last_start_seconds, info.where,
                  info.executor)
         fut.set_result(link)
+        prepare = getattr(self.backend, "prepare_spare", None)
+        if prepare is not None and not self._shutting_down:
+            try:
+                prepare()  # the next guest starts now, off the critical path
+            except Exception:  # noqa: BLE001
+                log.exception("preparing a spare guest failed")
 
     async def wait_ready(self, timeout: float | None = None) -> GuestInfo:
         """The running guest's info, starting one if needed. Raises GuestUnavailable."""

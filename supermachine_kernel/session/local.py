@@ -17,6 +17,8 @@ import sys
 import tempfile
 from dataclasses import dataclass
 
+from .backend import PREIMPORT_ENV, SpareKeeper, read_ready_frame
+
 
 @dataclass
 class LocalExit:
@@ -107,6 +109,8 @@ class LocalChild:
 
 
 class LocalHandle:
+    prestarted = False
+
     def __init__(self, child: LocalChild, workdir: str) -> None:
         self.child = child
         self._workdir = workdir
@@ -125,10 +129,15 @@ class LocalBackend:
     name = "local"
     isolated = False
 
-    def __init__(self, python: str | None = None) -> None:
+    def __init__(self, python: str | None = None, spares: int = 1,
+                 preimport: list[str] | None = None) -> None:
         self.python = python or sys.executable
+        self.preimport = list(preimport or [])
+        self._recipe: tuple[bytes, dict[str, str]] | None = None
+        self._spares = SpareKeeper(self._start_spare, lambda h: h.child.poll() is None) \
+            if spares > 0 else None
 
-    def launch(self, driver: bytes, env: dict[str, str]) -> LocalHandle:
+    def _spawn(self, driver: bytes, env: dict[str, str]) -> LocalHandle:
         workdir = tempfile.mkdtemp(prefix="smk-local-")
         path = os.path.join(workdir, "repl.py")
         with open(path, "wb") as f:
@@ -139,5 +148,30 @@ class LocalBackend:
         child = LocalChild([self.python, "-u", path], env=env, cwd=workdir)
         return LocalHandle(child, workdir)
 
+    def _start_spare(self) -> LocalHandle:
+        assert self._recipe is not None
+        driver, env = self._recipe
+        handle = self._spawn(driver, dict(env, **{PREIMPORT_ENV: ",".join(self.preimport)}))
+        try:
+            read_ready_frame(handle.child, timeout=120)
+        except BaseException:
+            handle.release()
+            raise
+        handle.prestarted = True
+        return handle
+
+    def launch(self, driver: bytes, env: dict[str, str]) -> LocalHandle:
+        if self._recipe != (driver, env):
+            self._recipe = (driver, env)
+            spare = None
+        else:
+            spare = self._spares.take() if self._spares else None
+        return spare or self._spawn(driver, env)
+
+    def prepare_spare(self) -> None:
+        if self._spares is not None and self._recipe is not None:
+            self._spares.refill()
+
     def close(self) -> None:
-        pass
+        if self._spares is not None:
+            self._spares.close()

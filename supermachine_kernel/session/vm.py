@@ -10,12 +10,13 @@ and spawns it; release returns the VM (the pool restores it to the clean snapsho
 """
 from __future__ import annotations
 
-import concurrent.futures
 import inspect
 import logging
 import os
 import threading
 from typing import Any, Callable
+
+from .backend import PREIMPORT_ENV, SpareKeeper, read_ready_frame
 
 log = logging.getLogger("supermachine_kernel.session.vm")
 
@@ -29,6 +30,8 @@ def _api():
 
 
 class VmHandle:
+    prestarted = False
+
     def __init__(self, vm: Any, child: Any, release: Any, where: str) -> None:
         self.vm = vm
         self.child = child
@@ -77,8 +80,9 @@ class VmBackend:
         self.use_pool = use_pool
         self._image: Any = None
         self._pool: Any = None
-        self._spare: concurrent.futures.Future | None = None
-        self._closed = False
+        self._recipe: tuple[bytes, dict[str, str]] | None = None
+        self._spares = SpareKeeper(self._start_spare, lambda h: h.vm.alive and h.child.poll() is None) \
+            if pool_min > 0 else None
         self._lock = threading.Lock()
 
     def _warmup_code(self) -> str:
@@ -114,47 +118,15 @@ class VmBackend:
             if self.use_pool and hasattr(self._image, "pool"):
                 self._pool = self._image.pool(min=self.pool_min, max=self.pool_max)
 
-    # Until the runtime's pool is available, keep one cold-booted spare VM ready so that a
-    # restart after a guest death does not wait for a boot.
-    def _boot_spare_later(self) -> None:
-        if self._pool is not None or self.pool_min < 1 or self._closed:
-            return
-        with self._lock:
-            if self._spare is not None:
-                return
-            self._spare = concurrent.futures.Future()
-            fut = self._spare
-
-        def boot() -> None:
-            try:
-                fut.set_result(self._image.boot())
-            except BaseException as e:  # noqa: BLE001
-                fut.set_exception(e)
-
-        threading.Thread(target=boot, name="vm-spare-boot", daemon=True).start()
-
     def _take_vm(self) -> tuple[Any, Callable[[], None]]:
         if self._pool is not None:
             cm = self._pool.acquire()
             vm = cm.__enter__()
             return vm, lambda: cm.__exit__(None, None, None)
-        with self._lock:
-            spare, self._spare = self._spare, None
-        vm = None
-        if spare is not None:
-            try:
-                vm = spare.result()
-                if not vm.alive:
-                    vm.release()
-                    vm = None
-            except Exception:  # noqa: BLE001 - boot the normal way and report that error
-                vm = None
-        if vm is None:
-            vm = self._image.boot()
+        vm = self._image.boot()
         return vm, vm.release
 
-    def launch(self, driver: bytes, env: dict[str, str]) -> VmHandle:
-        self._ensure()
+    def _spawn(self, driver: bytes, env: dict[str, str]) -> VmHandle:
         vm, release = self._take_vm()
         try:
             vm.write_file(GUEST_DRIVER_PATH, driver, mode=0o644)
@@ -164,16 +136,40 @@ class VmBackend:
             raise
         accel = getattr(vm, "accel", None)
         where = f"microVM {getattr(vm, 'id', '?')}" + (f" ({accel})" if accel else "")
-        self._boot_spare_later()
         return VmHandle(vm, child, release, where)
 
+    # Until the runtime's snapshot pool is available, keep one VM with the REPL already started
+    # and the warmup modules imported, so a restart (or a death) does not wait for a boot.
+    def _start_spare(self) -> VmHandle:
+        assert self._recipe is not None
+        driver, env = self._recipe
+        handle = self._spawn(driver, dict(env, **{PREIMPORT_ENV: ",".join(self.warmup_imports)}))
+        try:
+            read_ready_frame(handle.child, timeout=900)
+        except BaseException:
+            handle.release()
+            raise
+        handle.prestarted = True
+        return handle
+
+    def launch(self, driver: bytes, env: dict[str, str]) -> VmHandle:
+        self._ensure()
+        spare = None
+        if self._recipe != (driver, env):
+            self._recipe = (driver, env)
+        elif self._spares is not None:
+            spare = self._spares.take()
+        return spare or self._spawn(driver, env)
+
+    def prepare_spare(self) -> None:
+        if self._spares is not None and self._pool is None and self._recipe is not None:
+            self._spares.refill()
+
     def close(self) -> None:
+        if self._spares is not None:
+            self._spares.close()
         with self._lock:
-            self._closed = True
             pool, self._pool = self._pool, None
-            spare, self._spare = self._spare, None
-        if spare is not None:
-            spare.add_done_callback(lambda f: f.exception() is None and f.result().release())
         if pool is not None:
             try:
                 pool.shutdown()
