@@ -1,1 +1,19 @@
 """supermachine-kernel: run Python in snapshot-restored microVMs, from Python and from Jupyter."""
+
+# The VM API (``supermachine_kernel.api``) is re-exported lazily, so importing the package (e.g.
+# for the kernelspec installer) does not load the compiled runtime.
+_API_NAMES = frozenset(
+    {
+        "Image", "Vm", "ExecChild", "ExecResult", "ExitStatus", "VmError", "VmDiedError",
+        "VmReleasedError", "ProtocolError", "GuestError", "AcceleratorError", "QemuNotFoundError",
+        "ImageNotFoundError", "ImageError",
+    }
+)
+
+
+def __getattr__(name: str):
+    if name in _API_NAMES:
+        from . import api
+
+        return getattr(api, name)
+    raise AttributeError(f"module 'supermachine_kernel' has no attribute {name!r}")

@@ -341,6 +341,10 @@ impl Mux {
                 self.store_reply(req, Control::FileInfo { req, size, mode });
                 Ok(())
             }
+            Control::Error { req: 0, message, .. } => {
+                // The agent's way of saying it could not understand us (or our version).
+                Err(Violation(format!("the guest agent reported a protocol error: {message}")))
+            }
             Control::Error { req, kind, message } => {
                 // A read may fail after it started streaming: fail the transfer.
                 if let Some(t) = self.transfers.get_mut(&channel_of(req)) {
@@ -750,6 +754,10 @@ mod tests {
         assert!(e.0.contains("ping"), "{e:?}");
         let mut m = Mux::new();
         assert!(m.on_frame(Frame::new(Kind::Control, 0, b"{\"op\":\"bogus\"}".to_vec())).is_err());
+        let e = Mux::new()
+            .on_frame(ctl(Control::Error { req: 0, kind: ErrorKind::Protocol, message: "version 9 unsupported".into() }))
+            .unwrap_err();
+        assert!(e.0.contains("version 9 unsupported"), "{e:?}");
         assert!(m.on_frame(Frame::new(Kind::Stdin, 1, b"x".to_vec())).is_err());
         let mut m = Mux::new();
         m.on_frame(ctl(Control::Welcome { version: PROTOCOL_VERSION + 1, boot_id: "b".into(), generation: 1, processes: vec![] }))
