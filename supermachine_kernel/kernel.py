@@ -524,6 +524,17 @@ class MicroVMKernelApp(IPKernelApp):
     def _config_file_paths_default(self) -> list[str]:
         return list(jupyter_config_path())
 
+    def start(self) -> None:
+        try:
+            super().start()
+        finally:
+            # Exit without interpreter finalization: daemon threads may sit inside the VM
+            # runtime's blocking calls, and unwinding them at finalization aborts the process.
+            atexit._run_exitfuncs()
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(0)
+
     @default("capture_fd_output")
     def _capture_fd_output_default(self) -> bool:
         return False  # the host process's own fds are not user output: that is in the guest

@@ -536,6 +536,12 @@ class PlainExecutor:
             state.output.flush()
             _send({"type": "display_data", "data": data, "metadata": md, "transient": {}})
 
+    def format_exception(self, etype, evalue, tb):
+        return traceback.format_exception(etype, evalue, tb)
+
+    def format_value(self, value):
+        return plain_mimebundle(value)
+
     def _error(self, etype, evalue, tb_list):
         state.output.flush()
         err = {"ename": etype.__name__, "evalue": str(evalue), "traceback": tb_list}
@@ -826,6 +832,12 @@ class IPythonExecutor:
             IPython.__version__,
         )
 
+    def format_exception(self, etype, evalue, tb):
+        return self.shell.InteractiveTB.structured_traceback(etype, evalue, tb)
+
+    def format_value(self, value):
+        return self.shell.display_formatter.format(value)
+
     @property
     def execution_count(self):
         return self.shell.execution_count
@@ -956,10 +968,32 @@ def preimport(names):
             pass
 
 
+def warm_up_steps(executor):
+    """The slow first-use paths (traceback formatting, completion, display formatting), so the
+    first error, interrupt or Tab is fast; under TCG each costs seconds when cold."""
+
+    def traceback_step():
+        try:
+            raise KeyboardInterrupt
+        except KeyboardInterrupt:
+            executor.format_exception(*sys.exc_info())
+
+    return [traceback_step, lambda: executor.complete("import o", 8),
+            lambda: executor.format_value(1)]
+
+
+def run_quietly(step):
+    try:
+        step()
+    except Exception:
+        pass
+
+
 class Driver:
     def __init__(self, executor, comm_manager):
         self.executor = executor
         self.comm_manager = comm_manager
+        self.warm_up = warm_up_steps(executor)  # run one at a time while no request waits
 
     def send_ready(self):
         _send(
@@ -982,6 +1016,9 @@ class Driver:
     def serve(self):
         requests = state.channel.requests
         while True:
+            while self.warm_up and requests.empty():
+                run_quietly(self.warm_up.pop(0))
+                state.output.flush(fds=True)
             try:
                 req = requests.get()
             except KeyboardInterrupt:
@@ -1134,9 +1171,14 @@ def main():
             pass
     output.flush(fds=True)
 
-    preimport(os.environ.get("SUPERMACHINE_REPL_PREIMPORT", ""))
-    output.flush(fds=True)
     driver = Driver(executor, comm_manager)
+    ahead = os.environ.get("SUPERMACHINE_REPL_PREIMPORT")
+    if ahead is not None:  # started ahead of time: nobody is waiting, be completely warm
+        preimport(ahead)
+        for step in driver.warm_up:
+            run_quietly(step)
+        driver.warm_up = []
+    output.flush(fds=True)
     channel.start_reading()
     driver.send_ready()
     driver.serve()
