@@ -1,16 +1,22 @@
-"""VM backend: the guest REPL in a microVM taken from a warm pool of a warmed image snapshot.
+"""VM backend: the guest REPL in a microVM, warm before anyone asks for it.
 
 `supermachine_kernel.api` (and with it the compiled `_core`) is imported only when a VM is first
 needed, so the local backend and the kernel's tests work without the runtime.
 
-The image is built (or found cached) once per kernel process with a warmup that imports the
-configured modules, so the snapshot every VM restores from already holds them in page cache and
-the REPL's own imports are fast. Each launch takes a VM from the pool, writes the driver into it
-and spawns it; release returns the VM (the pool restores it to the clean snapshot).
+Two ways to be warm, chosen by what the runtime offers:
+- snapshots + pool (`Image.build(warmup=...)`, `image.pool()`): the warmup starts the REPL in the
+  bake VM with the warmup modules imported; the snapshot holds it running. A launch acquires a
+  restored VM and attaches to that REPL (`vm.attach_process`), then says hello.
+- cold boots only: the first launch boots a VM and spawns the REPL (critical path), and one spare
+  VM with a fully warmed REPL is prepared in the background for the next launch (restart, death).
+
+Release kills the REPL and gives the VM back (the pool restores it; a cold VM is destroyed).
 """
 from __future__ import annotations
 
+import hashlib
 import inspect
+import json
 import logging
 import os
 import threading
@@ -21,6 +27,7 @@ from .backend import PREIMPORT_ENV, SpareKeeper, read_ready_frame
 log = logging.getLogger("supermachine_kernel.session.vm")
 
 GUEST_DRIVER_PATH = "/tmp/supermachine-repl.py"
+REPL_ID_FILE = "/tmp/.supermachine-repl.json"
 
 
 def _api():
@@ -85,13 +92,7 @@ class VmBackend:
             if pool_min > 0 else None
         self._lock = threading.Lock()
 
-    def _warmup_code(self) -> str:
-        lines = ["import importlib"]
-        for mod in self.warmup_imports:
-            lines.append(f"try:\n    importlib.import_module({mod!r})\nexcept Exception:\n    pass")
-        return "\n".join(lines)
-
-    def _ensure(self) -> None:
+    def _ensure(self, driver: bytes, env: dict[str, str]) -> None:
         with self._lock:
             if self._image is not None:
                 return
@@ -106,17 +107,43 @@ class VmBackend:
             params = inspect.signature(api.Image.build).parameters
             if "progress" in params:
                 kwargs["progress"] = False
-            if self.warmup_imports and "warmup" in params:
-                warmup_code = self._warmup_code()
-
-                def warmup(vm: Any) -> None:
-                    vm.exec(["python3", "-c", warmup_code], timeout_ms=600_000)
-
-                kwargs["warmup"] = warmup
-                kwargs["warmup_tag"] = "kernel:" + ",".join(self.warmup_imports)
+            snapshots = self.use_pool and "warmup" in params and hasattr(api.Image, "pool")
+            if snapshots:
+                kwargs["warmup"] = self._warmup(driver, env)
+                kwargs["warmup_tag"] = self._warmup_tag(driver, env)
             self._image = api.Image.build(**kwargs)
-            if self.use_pool and hasattr(self._image, "pool"):
+            if snapshots:
                 self._pool = self._image.pool(min=self.pool_min, max=self.pool_max)
+                self._spares = None  # the pool keeps restored VMs warm instead
+
+    # With the runtime's snapshots, the warmup starts the REPL itself (modules imported, slow
+    # paths warmed) and the snapshot is taken with it running: every VM the pool restores
+    # already has a warm REPL, which `launch` attaches to by the process id left in the guest.
+    def _warmup(self, driver: bytes, env: dict[str, str]) -> Callable[[Any], None]:
+        imports = ",".join(self.warmup_imports)
+
+        def warmup(vm: Any) -> None:
+            vm.write_file(GUEST_DRIVER_PATH, driver, mode=0o644)
+            child = vm.spawn(["python3", "-u", GUEST_DRIVER_PATH],
+                             env=dict(env, **{PREIMPORT_ENV: imports}), cwd="/root")
+            read_ready_frame(child, timeout=900)
+            vm.write_file(REPL_ID_FILE, json.dumps({"id": child.id}).encode(), mode=0o600)
+
+        return warmup
+
+    def _warmup_tag(self, driver: bytes, env: dict[str, str]) -> str:
+        h = hashlib.sha256(driver)
+        h.update(json.dumps([sorted(env.items()), self.warmup_imports]).encode())
+        return "kernel-repl-" + h.hexdigest()[:16]
+
+    def _attach_restored(self, vm: Any) -> Any:
+        """The REPL a restored VM already runs, or None (then the caller spawns one)."""
+        try:
+            repl_id = json.loads(vm.read_file(REPL_ID_FILE))["id"]
+            return vm.attach_process(int(repl_id))
+        except Exception:  # noqa: BLE001 - e.g. a pool without the warmup: start one instead
+            log.warning("no warm REPL in the restored VM; starting one", exc_info=True)
+            return None
 
     def _take_vm(self) -> tuple[Any, Callable[[], None]]:
         if self._pool is not None:
@@ -128,15 +155,22 @@ class VmBackend:
 
     def _spawn(self, driver: bytes, env: dict[str, str]) -> VmHandle:
         vm, release = self._take_vm()
+        prestarted = False
         try:
-            vm.write_file(GUEST_DRIVER_PATH, driver, mode=0o644)
-            child = vm.spawn(["python3", "-u", GUEST_DRIVER_PATH], env=env, cwd="/root")
+            child = self._attach_restored(vm) if self._pool is not None else None
+            if child is not None:
+                prestarted = True
+            else:
+                vm.write_file(GUEST_DRIVER_PATH, driver, mode=0o644)
+                child = vm.spawn(["python3", "-u", GUEST_DRIVER_PATH], env=env, cwd="/root")
         except BaseException:
             release()
             raise
         accel = getattr(vm, "accel", None)
         where = f"microVM {getattr(vm, 'id', '?')}" + (f" ({accel})" if accel else "")
-        return VmHandle(vm, child, release, where)
+        handle = VmHandle(vm, child, release, where)
+        handle.prestarted = prestarted
+        return handle
 
     # Until the runtime's snapshot pool is available, keep one VM with the REPL already started
     # and the warmup modules imported, so a restart (or a death) does not wait for a boot.
@@ -153,7 +187,7 @@ class VmBackend:
         return handle
 
     def launch(self, driver: bytes, env: dict[str, str]) -> VmHandle:
-        self._ensure()
+        self._ensure(driver, env)
         spare = None
         if self._recipe != (driver, env):
             self._recipe = (driver, env)

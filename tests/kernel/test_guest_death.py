@@ -82,3 +82,12 @@ def test_no_repl_left_after_shutdown():
     k.shutdown()
     gone, alive = psutil.wait_procs(victims, timeout=15)
     assert not alive, alive
+
+
+@pytest.mark.skipif(BACKEND != "vm", reason="a guest kernel panic needs a VM")
+def test_guest_kernel_panic(fresh_kernel):
+    k = fresh_kernel
+    reply, outputs = k.execute("open('/proc/sysrq-trigger', 'w').write('c')", timeout=120)
+    assert reply["status"] == "error"
+    assert reply["ename"] == "GuestDied"
+    assert k.value("'after panic'", timeout=300) == "'after panic'"
