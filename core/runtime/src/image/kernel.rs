@@ -90,11 +90,19 @@ fn newest_cached(root: &Path) -> Option<Kernel> {
     v.pop().map(|(_, k)| k)
 }
 
-/// Returns the kernel `pinned` if cached; else the current Debian kernel (fetched if needed);
-/// else, when apt cannot answer, the newest cached one.
-pub fn ensure(root: &Path, pinned: Option<&str>, progress: &Progress) -> Result<Kernel> {
+/// Returns the kernel `pinned` if cached; else, with `prefer_cached`, the newest cached one;
+/// else the current Debian kernel (fetched if needed); else, when apt cannot answer, the newest
+/// cached one.
+pub fn ensure(root: &Path, pinned: Option<&str>, prefer_cached: bool, progress: &Progress)
+    -> Result<Kernel>
+{
     if let Some(k) = pinned.and_then(|id| load(root, id)) {
         return Ok(k);
+    }
+    if prefer_cached {
+        if let Some(k) = newest_cached(root) {
+            return Ok(k);
+        }
     }
     let (package, version) = match progress.step("resolve guest kernel package", resolve_package) {
         Ok((pv, _)) => pv,

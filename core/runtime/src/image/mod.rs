@@ -139,7 +139,7 @@ pub fn ensure_image(reference: Option<&str>, opts: &BuildOptions) -> Result<Imag
     let kernel = match manifest.kernel.as_deref().and_then(|id| kernel::load(&root, id)) {
         Some(k) => k,
         None => {
-            let k = kernel::ensure(&root, None, &progress)?;
+            let k = kernel::ensure(&root, None, true, &progress)?;
             manifest.kernel = Some(k.id.clone());
             manifest.write(&image.dir.join("manifest.json"))?;
             k
@@ -226,7 +226,8 @@ fn ensure_rootfs(
             progress.step("mkfs.erofs", || rootfs::mkfs_erofs(&tree, &out, &log))?;
         timings.push(("mkfs.erofs".into(), secs));
         cache::remove_tree(&scratch)?;
-        let kernel = kernel::ensure(root, None, progress)?;
+        // A recipe build picks up the current Debian kernel; packing a directory does not ask apt.
+        let kernel = kernel::ensure(root, None, recipe_json.is_none(), progress)?;
         timings.push(("total".into(), started.elapsed().as_secs_f64()));
         let rootfs_bytes = fs::metadata(&out).map(|m| m.len()).unwrap_or(0);
         progress.note(&format!(

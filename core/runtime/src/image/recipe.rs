@@ -31,6 +31,9 @@ pub struct Recipe {
     pub pip: Vec<String>,
     /// Packages whose `tests` directories are dropped to save space.
     pub strip_tests: Vec<String>,
+    /// Python snippets run in the finished tree (`chroot`, HOME=/root) to pre-build caches the
+    /// guest would otherwise build on every cold start (e.g. matplotlib's font list).
+    pub warm: Vec<String>,
 }
 
 /// The pinned scientific stack of the default image (manylinux wheels for CPython 3.11).
@@ -87,6 +90,11 @@ pub fn builtin() -> Vec<Recipe> {
             python: "3.11".into(),
             pip: strings(DEFAULT_PIP),
             strip_tests: strings(&["numpy", "pandas", "matplotlib"]),
+            warm: strings(&[
+                "import matplotlib.font_manager",
+                "from IPython.core.profiledir import ProfileDir; from IPython.paths import \
+                 get_ipython_dir; ProfileDir.create_profile_dir_by_name(get_ipython_dir())",
+            ]),
         },
         Recipe {
             name: "minimal".into(),
@@ -96,6 +104,7 @@ pub fn builtin() -> Vec<Recipe> {
             python: "3.11".into(),
             pip: vec![],
             strip_tests: vec![],
+            warm: vec![],
         },
     ]
 }
@@ -115,6 +124,9 @@ impl Recipe {
         h.update(format!("python={}\n", self.python));
         h.update(format!("pip={}\n", self.pip.join(",")));
         h.update(format!("strip_tests={}\n", self.strip_tests.join(",")));
+        for w in &self.warm {
+            h.update(format!("warm={w}\n"));
+        }
         short_hex(&h.finalize())
     }
 }

@@ -109,6 +109,10 @@ pub fn build_tree(recipe: &Recipe, s: &Scratch, progress: &Progress, t: &mut Tim
         })?;
         t.push(("compileall".into(), secs));
     }
+    if !recipe.warm.is_empty() {
+        let (_, secs) = progress.step("pre-build guest caches", || warm(recipe, s))?;
+        t.push(("warm".into(), secs));
+    }
     cleanup(&root);
     Ok(guest_python_version(&root))
 }
@@ -228,6 +232,21 @@ fn compile(recipe: &Recipe, s: &Scratch) -> Result<()> {
         Err(ImageError::StepFailed { status, .. }) if status.contains("exit status: 1") => Ok(()),
         r => r,
     }
+}
+
+fn warm(recipe: &Recipe, s: &Scratch) -> Result<()> {
+    for snippet in &recipe.warm {
+        let mut c = tools::command("chroot")?;
+        c.arg(s.root())
+            .args(["/usr/bin/python3", "-c", snippet])
+            .current_dir("/")
+            .env_clear()
+            .env("HOME", "/root")
+            .env("PATH", "/usr/local/bin:/usr/bin:/bin")
+            .env("LC_ALL", "C.UTF-8");
+        tools::run_logged(&mut c, &format!("pre-build step `{snippet}`"), &s.log)?;
+    }
+    Ok(())
 }
 
 /// Removes what a read-only guest has no use for.

@@ -1,0 +1,97 @@
+"""`supermachine-kernel image build|list|rm` on a throw-away cache."""
+from pathlib import Path
+
+import pytest
+
+from supermachine_kernel import cli, images
+
+
+def run(capfd, *argv: str):
+    code = cli.main(list(argv))
+    out = capfd.readouterr()
+    return code, out.out, out.err
+
+
+def test_list_empty_cache_says_how_to_build(cache: Path, capfd):
+    code, out, _ = run(capfd, "image", "list", "--cache-dir", str(cache))
+    assert code == 0
+    assert "no images" in out and "image build" in out
+
+
+def test_unknown_image_name_lists_known_ones(cache: Path, capfd):
+    code, _, err = run(capfd, "image", "build", "no-such-image", "--cache-dir", str(cache))
+    assert code == 1
+    assert "unknown image 'no-such-image'" in err.replace('"', "'")
+    assert "default" in err and "minimal" in err
+
+
+def test_unknown_image_raises_typed_error(cache: Path):
+    with pytest.raises(images.ImageError, match="default, minimal") as e:
+        images.ensure_image("no-such-image", cache_dir=cache, progress=False)
+    assert isinstance(e.value, RuntimeError)
+
+
+def test_missing_directory_is_a_clear_error(cache: Path, tmp_path: Path):
+    with pytest.raises(images.ImageError, match="no such directory"):
+        images.ensure_image(str(tmp_path / "nope"), cache_dir=cache, progress=False)
+
+
+def test_build_list_rm_directory_image(cache: Path, tiny_root: Path, have_kernel, capfd):
+    code, out, err = run(capfd, "image", "build", str(tiny_root), "--name", "tiny",
+                         "--cache-dir", str(cache))
+    assert code == 0, err
+    assert "image tiny" in out and "mkfs.erofs" in err
+
+    code, out, _ = run(capfd, "image", "list", "--cache-dir", str(cache))
+    assert code == 0
+    header, row = out.splitlines()
+    assert header.split()[:5] == ["NAME", "HASH", "SIZE", "CREATED", "PYTHON"]
+    assert row.split()[0] == "tiny" and row.endswith("rootfs.erofs")
+
+    # Built by name later: the cached image follows its directory.
+    again = images.ensure_image("tiny", cache_dir=cache, progress=False, require_agent=False)
+    assert again.name == "tiny" and Path(again.rootfs).is_file()
+
+    code, out, _ = run(capfd, "image", "rm", "tiny", "--cache-dir", str(cache))
+    assert code == 0 and "removed image tiny" in out
+    code, _, err = run(capfd, "image", "rm", "tiny", "--cache-dir", str(cache))
+    assert code == 1 and "no image named 'tiny'" in err
+    assert images.list_images(cache) == []
+
+
+def test_changed_directory_rebuilds_and_replaces(cache: Path, tiny_root: Path, have_kernel):
+    a = images.ensure_image(str(tiny_root), cache_dir=cache, progress=False, require_agent=False)
+    assert a.name == "tiny-root"
+    same = images.ensure_image(str(tiny_root), cache_dir=cache, progress=False,
+                               require_agent=False)
+    assert same.hash == a.hash
+    (tiny_root / "etc" / "motd").write_text("changed\n")
+    b = images.ensure_image(str(tiny_root), cache_dir=cache, progress=False, require_agent=False)
+    assert b.hash != a.hash
+    assert [i.hash for i in images.list_images(cache)] == [b.hash], "old version pruned"
+
+
+def test_initrd_built_with_given_agent(cache: Path, tiny_root: Path, have_kernel, tmp_path):
+    agent = tmp_path / "agent"
+    agent.write_bytes(b"\x7fELF fake agent")
+    p = images.ensure_image(str(tiny_root), cache_dir=cache, progress=False, agent=agent)
+    assert p.initrd and Path(p.initrd).is_file()
+    assert "virtio_blk" in p.modules and p.modules[-1] == "overlay"
+    data = Path(p.initrd).read_bytes()
+    assert data.startswith(b"070701") and b"\x7fELF fake agent" in data
+
+
+def test_missing_agent_is_an_error_when_required(cache: Path, tiny_root: Path, have_kernel,
+                                                  tmp_path):
+    with pytest.raises(images.ImageError, match="agent"):
+        images.ensure_image(str(tiny_root), cache_dir=cache, progress=False,
+                            agent=tmp_path / "no-agent")
+
+
+def test_module_entry_point_help():
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-m", "supermachine_kernel", "image", "--help"],
+                         capture_output=True, text=True, check=True)
+    assert "build" in out.stdout and "list" in out.stdout and "rm" in out.stdout
