@@ -45,6 +45,7 @@ __version__ = "0.1.0"
 
 DISPLAY_EVENTS = ("display_data", "update_display_data")
 COMM_EVENTS = ("comm_open", "comm_msg", "comm_close")
+LIMITED_EVENTS = ("stream", *DISPLAY_EVENTS, "execute_result", "error", "clear_output", *COMM_EVENTS)
 RED, RESET = "\x1b[0;31m", "\x1b[0m"
 
 
@@ -122,6 +123,7 @@ class MicroVMKernel(Kernel):
         self._exec_ident: t.Any = None
         self._last_parent: dict = {}
         self._allow_stdin = False
+        self._cell_error_seen = False
         self._input_cancel = threading.Event()
         self._limiter = RateLimiter(
             self.iopub_msg_rate_limit, self.iopub_data_rate_limit, self.rate_limit_window
@@ -248,6 +250,7 @@ class MicroVMKernel(Kernel):
         self._exec_parent = self._last_parent = parent
         self._exec_ident = self._get_shell_context_var(self._shell_parent_ident)
         self._allow_stdin = allow_stdin
+        self._cell_error_seen = False
         self._input_cancel.clear()
         try:
             reply = await self.guest.request(
@@ -314,16 +317,21 @@ class MicroVMKernel(Kernel):
 
     def _on_guest_event(self, kind: str, content: dict, buffers: list) -> None:
         """Called on the shell loop, in guest order, for everything the guest says unasked."""
-        if kind == "stream" or kind in DISPLAY_EVENTS:
-            if not self._limiter.allow(_approx_size(content), time.monotonic()):
+        if kind in LIMITED_EVENTS:
+            # Everything the guest publishes counts against the rate limits; only the first
+            # error of a cell always gets through, so a flood cannot hide why a cell failed.
+            size = _approx_size(content) + sum(len(b) for b in buffers)
+            first_error = kind == "error" and not self._cell_error_seen
+            if not self._limiter.allow(size, time.monotonic()) and not first_error:
                 self._report_dropped(final=False)
                 return
-            self._publish(kind, content)
-        elif kind in ("execute_result", "error", "clear_output"):
-            self._publish(kind, content)
-        elif kind in COMM_EVENTS:
-            metadata = content.pop("__metadata__", {})
-            self._publish(kind, content, buffers=buffers, metadata=metadata)
+            if kind == "error":
+                self._cell_error_seen = True
+            if kind in COMM_EVENTS:
+                metadata = content.pop("__metadata__", {})
+                self._publish(kind, content, buffers=buffers, metadata=metadata)
+            else:
+                self._publish(kind, content)
         elif kind == "input_request":
             asyncio.ensure_future(self._forward_input(content))
         elif kind == "died":
@@ -336,6 +344,8 @@ class MicroVMKernel(Kernel):
                 })
         elif kind == "invalid":
             self.log.warning("invalid %s message from the guest: %s", content["type"], content["error"])
+            if not self._limiter.allow(len(content["error"]), time.monotonic()):
+                return
             self._publish("stream", {
                 "name": "stderr",
                 "text": f"[supermachine] dropped an invalid {content['type']!r} message from the "

@@ -34,6 +34,35 @@ log = logging.getLogger("supermachine_kernel.session")
 EventCallback = Callable[[str, dict, list], None]
 
 MAX_EVENTS_IN_FLIGHT = 256
+MAX_BYTES_IN_FLIGHT = 64 * 1024 * 1024
+
+
+class _Budget:
+    """Bounds what the reader has handed to the loop but the loop has not processed yet.
+
+    The reader blocks (and so, through the pipe, the guest) while the loop is behind: at most
+    MAX_EVENTS_IN_FLIGHT events and MAX_BYTES_IN_FLIGHT encoded bytes (one oversized event may
+    pass alone).
+    """
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._events = 0
+        self._bytes = 0
+
+    def acquire(self, size: int) -> None:
+        with self._cond:
+            while self._events and (self._events >= MAX_EVENTS_IN_FLIGHT
+                                    or self._bytes + size > MAX_BYTES_IN_FLIGHT):
+                self._cond.wait()
+            self._events += 1
+            self._bytes += size
+
+    def release(self, size: int) -> None:
+        with self._cond:
+            self._events -= 1
+            self._bytes -= size
+            self._cond.notify_all()
 
 
 class GuestDied(RuntimeError):
@@ -79,7 +108,7 @@ class _Link:
         self.was_ready = False
         self.stderr_tail: collections.deque[bytes] = collections.deque(maxlen=64)
         self._outq: queue.SimpleQueue[bytes | None] = queue.SimpleQueue()
-        self._in_flight = threading.Semaphore(MAX_EVENTS_IN_FLIGHT)
+        self._in_flight = _Budget()
         self._died_once = threading.Lock()
 
     def start(self) -> None:
@@ -117,8 +146,8 @@ class _Link:
                 data = self.handle.child.read_stdout(65536)
                 if not data:
                     break
-                for raw in decoder.feed(data):
-                    self._deliver(raw)
+                for size, raw in decoder.feed_sized(data):
+                    self._deliver(size, raw)
         except ProtocolError as e:
             self._die(f"the guest REPL sent an invalid frame ({e}); it was stopped", fatal=True)
             return
@@ -126,15 +155,15 @@ class _Link:
             exc = e
         self._die(None, exc=exc)
 
-    def _deliver(self, raw: dict[str, Any]) -> None:
+    def _deliver(self, size: int, raw: dict[str, Any]) -> None:
         try:
             kind, content, buffers = validate_event(raw)
         except ProtocolError as e:
             kind, content, buffers = "invalid", {"error": str(e), "type": str(raw.get("type"))}, []
-        self._in_flight.acquire()
-        self.loop.call_soon_threadsafe(self._on_loop, kind, content, buffers)
+        self._in_flight.acquire(size)
+        self.loop.call_soon_threadsafe(self._on_loop, kind, content, buffers, size)
 
-    def _on_loop(self, kind: str, content: dict, buffers: list) -> None:
+    def _on_loop(self, kind: str, content: dict, buffers: list, size: int) -> None:
         try:
             if kind == "reply":
                 entry = self.pending.pop(content["id"], None)
@@ -158,7 +187,7 @@ class _Link:
         except Exception:  # an event handler bug must not stop the reader
             log.exception("error handling guest %s event", kind)
         finally:
-            self._in_flight.release()
+            self._in_flight.release(size)
 
     def _stderr_loop(self) -> None:
         while True:

@@ -44,6 +44,10 @@ class FrameDecoder:
         self._max = max_frame
 
     def feed(self, data: bytes) -> list[dict[str, Any]]:
+        return [msg for _, msg in self.feed_sized(data)]
+
+    def feed_sized(self, data: bytes) -> list[tuple[int, dict[str, Any]]]:
+        """Like `feed`, with each frame's encoded size (for memory accounting)."""
         self._buf += data
         out = []
         while True:
@@ -62,7 +66,7 @@ class FrameDecoder:
             body = bytes(self._buf[: self._need])
             del self._buf[: self._need]
             self._need = None
-            out.append(decode_body(body))
+            out.append((len(body), decode_body(body)))
         return out
 
     @property

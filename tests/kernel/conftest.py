@@ -17,10 +17,16 @@ from supermachine_kernel.install import install
 
 from .harness import BACKEND, KERNEL, KERNEL_SIGNAL
 
+# On 2 cores under TCG a warm spare VM per test kernel (importing pandas and matplotlib in the
+# background) slows every test down; VM runs use cold starts unless SUPERMACHINE_TEST_SPARES=1.
+_extra = []
+if BACKEND == "vm" and os.environ.get("SUPERMACHINE_TEST_SPARES") != "1":
+    _extra.append("--MicroVMKernel.pool_min=0")
+
 _root = tempfile.mkdtemp(prefix="smk-kernelspecs-")
 for name, mode in ((KERNEL, "message"), (KERNEL_SIGNAL, "signal")):
     install(prefix=_root, kernel_name=name, backend=BACKEND, interrupt_mode=mode,
-            display_name=f"Python (microVM, {BACKEND}, {mode} interrupts)")
+            display_name=f"Python (microVM, {BACKEND}, {mode} interrupts)", extra_args=_extra)
 os.environ["JUPYTER_PATH"] = os.path.join(_root, "share", "jupyter")
 
 
