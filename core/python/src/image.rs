@@ -81,6 +81,13 @@ fn ensure_image<'py>(
         require_agent,
         progress,
         force,
+        host_python: py
+            .import("sys")
+            .and_then(|sys| sys.getattr("executable"))
+            .and_then(|e| e.extract::<String>())
+            .ok()
+            .filter(|e| !e.is_empty())
+            .map(PathBuf::from),
     };
     let paths = py.allow_threads(|| image::ensure_image(r#ref.as_deref(), &opts)).map_err(err)?;
     paths_dict(py, &paths)

@@ -58,6 +58,9 @@ pub struct BuildOptions {
     pub progress: bool,
     /// Rebuild the root filesystem even if it is cached.
     pub force: bool,
+    /// The host Python whose pip fetches the guest's wheels (default: `python3` on PATH;
+    /// `$SUPERMACHINE_HOST_PYTHON` overrides both).
+    pub host_python: Option<PathBuf>,
 }
 
 impl Default for BuildOptions {
@@ -70,6 +73,7 @@ impl Default for BuildOptions {
             require_agent: true,
             progress: true,
             force: false,
+            host_python: None,
         }
     }
 }
@@ -121,7 +125,11 @@ pub fn ensure_image(reference: Option<&str>, opts: &BuildOptions) -> Result<Imag
         Build::Recipe(r) => {
             let hash = r.hash();
             ensure_rootfs(&root, &name, &hash, opts, &progress, |s, log, t| {
-                let scratch = rootfs::Scratch { dir: s.to_path_buf(), log: log.to_path_buf() };
+                let scratch = rootfs::Scratch {
+                    dir: s.to_path_buf(),
+                    log: log.to_path_buf(),
+                    host_python: opts.host_python.clone(),
+                };
                 let py = rootfs::build_tree(&r, &scratch, &progress, t)?;
                 let src = format!("recipe:{}", r.name);
                 Ok((s.join("root"), py, src, Some(serde_json::to_value(&r).expect("serializes"))))

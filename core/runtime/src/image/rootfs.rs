@@ -26,6 +26,8 @@ use super::tools::{self, Progress};
 pub struct Scratch {
     pub dir: PathBuf,
     pub log: PathBuf,
+    /// The Python whose pip downloads the guest's wheels (see [`host_python`]).
+    pub host_python: Option<PathBuf>,
 }
 
 impl Scratch {
@@ -67,7 +69,7 @@ pub fn build_tree(recipe: &Recipe, s: &Scratch, progress: &Progress, t: &mut Tim
     }
     tools::which("mmdebstrap")?;
     tools::which("chroot")?;
-    let python = host_python();
+    let python = host_python(s.host_python.as_deref());
     if !recipe.pip.is_empty() {
         tools::which(&python)?;
     }
@@ -117,9 +119,15 @@ pub fn build_tree(recipe: &Recipe, s: &Scratch, progress: &Progress, t: &mut Tim
     Ok(guest_python_version(&root))
 }
 
-/// The host Python whose pip downloads the guest's wheels.
-fn host_python() -> String {
-    std::env::var("SUPERMACHINE_HOST_PYTHON").ok().filter(|s| !s.is_empty()).unwrap_or_else(|| "python3".into())
+/// The host Python whose pip downloads the guest's wheels: `$SUPERMACHINE_HOST_PYTHON`, else
+/// the caller's choice (the bindings pass the running interpreter, which in a venv always has
+/// pip), else `python3` on PATH.
+fn host_python(given: Option<&Path>) -> String {
+    std::env::var("SUPERMACHINE_HOST_PYTHON")
+        .ok()
+        .filter(|s| !s.is_empty())
+        .or_else(|| given.map(|p| p.to_string_lossy().into_owned()))
+        .unwrap_or_else(|| "python3".into())
 }
 
 fn mmdebstrap(recipe: &Recipe, s: &Scratch) -> Result<()> {
@@ -159,7 +167,16 @@ fn pip_install(recipe: &Recipe, python: &str, s: &Scratch) -> Result<()> {
     .env("PIP_ROOT_USER_ACTION", "ignore")
     .env_remove("PIP_REQUIRE_VIRTUALENV")
     .env_remove("PYTHONPATH");
-    tools::run_logged(&mut c, "pip install", &s.log)
+    let start = fs::metadata(&s.log).map(|m| m.len()).unwrap_or(0);
+    tools::run_logged(&mut c, "pip install", &s.log).map_err(|e| {
+        let text = fs::read(&s.log).unwrap_or_default();
+        let text = String::from_utf8_lossy(text.get(start as usize..).unwrap_or_default());
+        if text.contains("No module named pip") {
+            ImageError::MissingTool { tool: format!("{python} -m pip"), package: "python3-pip".into() }
+        } else {
+            e
+        }
+    })
 }
 
 fn site_packages(recipe: &Recipe) -> String {
