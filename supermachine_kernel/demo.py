@@ -52,7 +52,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--output", type=Path, help="where to write the executed notebook")
     ap.add_argument("--kernel", default="python-microvm", help="kernelspec name (default %(default)s)")
     ap.add_argument("--timeout", type=int, default=600, help="seconds per cell")
+    ap.add_argument("--no-tour", action="store_true", help="skip the runtime tour before the notebook")
     args = ap.parse_args(argv)
+    if not args.no_tour:
+        from . import tour
+
+        tour.run()
+        print()
     output = args.output or args.notebook.with_suffix(".executed.ipynb")
     return run(args.notebook, output, args.kernel, args.timeout)
 
