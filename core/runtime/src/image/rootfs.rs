@@ -139,6 +139,8 @@ fn mmdebstrap(recipe: &Recipe, s: &Scratch) -> Result<()> {
     for d in DPKG_EXCLUDES {
         c.arg(format!("--dpkgopt={d}"));
     }
+    // A scratch tree needs no fsync per unpacked file (~20% faster here); no translations.
+    c.arg("--dpkgopt=force-unsafe-io").arg("--aptopt=Acquire::Languages \"none\"");
     c.arg(&recipe.suite).arg(s.root());
     tools::run_logged(&mut c, "mmdebstrap", &s.log)
 }
