@@ -2,7 +2,7 @@
 //!
 //! Hierarchy: `VmError(RuntimeError)` is the base of everything VM-related; `VmDiedError`,
 //! `ProtocolError`, `GuestError` (with `.kind`), `AcceleratorError`, `QemuNotFoundError`,
-//! `VmReleasedError` derive from it. `ImageNotFoundError` derives from `LookupError`. Timeouts
+//! `VmReleasedError`, `SnapshotError`, `PoolError` derive from it. `ImageNotFoundError` derives from `LookupError`. Timeouts
 //! raise the builtin `TimeoutError`, writes to a closed stdin `BrokenPipeError`, bad arguments
 //! `ValueError`, host I/O failures `OSError`.
 
@@ -19,6 +19,8 @@ create_exception!(supermachine_kernel._core, GuestError, VmError, "A guest-side 
 create_exception!(supermachine_kernel._core, AcceleratorError, VmError, "The requested accelerator (SUPERMACHINE_ACCEL) cannot work here.");
 create_exception!(supermachine_kernel._core, QemuNotFoundError, VmError, "qemu-system-x86_64 is missing.");
 create_exception!(supermachine_kernel._core, VmReleasedError, VmError, "The VM was released; no further calls are possible.");
+create_exception!(supermachine_kernel._core, SnapshotError, VmError, "A snapshot is corrupt, incomplete or from another configuration, or taking/restoring it failed.");
+create_exception!(supermachine_kernel._core, PoolError, VmError, "The VM pool could not hand out a VM (timeout, shut down, or restores failing).");
 create_exception!(supermachine_kernel._core, ImageNotFoundError, PyLookupError, "The guest image is unknown or its files are missing.");
 
 /// Adds the exception classes to the module.
@@ -32,6 +34,8 @@ pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("QemuNotFoundError", py.get_type::<QemuNotFoundError>())?;
     m.add("VmReleasedError", py.get_type::<VmReleasedError>())?;
     m.add("ImageNotFoundError", py.get_type::<ImageNotFoundError>())?;
+    m.add("SnapshotError", py.get_type::<SnapshotError>())?;
+    m.add("PoolError", py.get_type::<PoolError>())?;
     Ok(())
 }
 
@@ -56,6 +60,7 @@ pub fn to_py(e: Error) -> PyErr {
         Error::Released => VmReleasedError::new_err(msg),
         Error::Io { .. } => PyOSError::new_err(msg),
         Error::InvalidArgument(_) => PyValueError::new_err(msg),
+        Error::Snapshot(_) => SnapshotError::new_err(msg),
     }
 }
 

@@ -3,6 +3,7 @@ use pyo3::prelude::*;
 
 pub mod errors;
 mod image;
+mod pool;
 mod vm;
 
 #[pymodule]
@@ -10,6 +11,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("PROTOCOL_VERSION", supermachine_protocol::PROTOCOL_VERSION)?;
     errors::register(m)?;
     vm::register(m)?;
+    pool::register(m)?;
     image::register(m)?;
     Ok(())
 }

@@ -15,7 +15,7 @@ use supermachine_runtime::accel::Accel;
 use supermachine_runtime::error::Error;
 use supermachine_runtime::mux::Stream;
 use supermachine_runtime::vm::{BootOptions, ExecOptions, GuestFiles};
-use supermachine_runtime::{ExecChild as RtChild, SpawnOptions, Vm as RtVm};
+use supermachine_runtime::{ExecChild as RtChild, RestoreOptions, Snapshot, SpawnOptions, Vm as RtVm};
 
 use crate::errors::{to_py, IntoPy};
 
@@ -257,7 +257,7 @@ impl ExecChild {
 /// A microVM (or an agent attached over a unix socket).
 #[pyclass(frozen, module = "supermachine_kernel._core")]
 pub struct Vm {
-    inner: Arc<RtVm>,
+    pub(crate) inner: Arc<RtVm>,
 }
 
 #[pymethods]
@@ -402,6 +402,39 @@ impl Vm {
             .collect()
     }
 
+    /// Snapshots the running VM into `dest` (a new directory) and lets it run on. Returns
+    /// the snapshot's metadata (with "path").
+    #[pyo3(signature = (dest, labels=None))]
+    fn snapshot<'py>(
+        &self,
+        py: Python<'py>,
+        dest: PathBuf,
+        labels: Option<std::collections::BTreeMap<String, String>>,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        let snap = py.allow_threads(|| self.inner.snapshot(&dest, labels.unwrap_or_default())).py_err()?;
+        snapshot_dict(py, &snap)
+    }
+
+    /// Starts a VM from a snapshot directory (verified once per process).
+    #[staticmethod]
+    #[pyo3(signature = (snapshot, timeout=30.0))]
+    fn restore(py: Python<'_>, snapshot: PathBuf, timeout: f64) -> PyResult<Vm> {
+        let vm = py
+            .allow_threads(|| {
+                let snap = Snapshot::open(&snapshot)?;
+                let opts = RestoreOptions { timeout: Duration::from_secs_f64(timeout.max(0.1)), qemu: None };
+                RtVm::restore(&snap, &opts)
+            })
+            .py_err()?;
+        Ok(Vm { inner: Arc::new(vm) })
+    }
+
+    /// The snapshot this VM was restored from (None for cold boots).
+    #[getter]
+    fn restored_from(&self) -> Option<String> {
+        self.inner.restored_from().map(String::from)
+    }
+
     /// Kills QEMU and removes the work dir. Idempotent.
     fn release(&self, py: Python<'_>) {
         py.allow_threads(|| self.inner.release())
@@ -456,6 +489,21 @@ impl Vm {
     }
 }
 
+/// A snapshot's metadata as a dict (plus "path").
+fn snapshot_dict<'py>(py: Python<'py>, snap: &Snapshot) -> PyResult<Bound<'py, PyAny>> {
+    let mut v = serde_json::to_value(&snap.meta).map_err(|e| PyValueError::new_err(e.to_string()))?;
+    v["path"] = serde_json::Value::String(snap.dir.display().to_string());
+    let text = serde_json::to_string(&v).map_err(|e| PyValueError::new_err(e.to_string()))?;
+    py.import("json")?.call_method1("loads", (text,))
+}
+
+/// Opens and verifies a snapshot directory; returns its metadata (with "path").
+#[pyfunction]
+pub fn snapshot_info(py: Python<'_>, path: PathBuf) -> PyResult<Bound<'_, PyAny>> {
+    let snap = py.allow_threads(|| Snapshot::open(&path)).py_err()?;
+    snapshot_dict(py, &snap)
+}
+
 /// Host accelerator that would be used now ("kvm" or "tcg"), honouring SUPERMACHINE_ACCEL.
 #[pyfunction]
 pub fn detect_accel() -> PyResult<&'static str> {
@@ -475,5 +523,6 @@ pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<ExecResult>()?;
     m.add_function(wrap_pyfunction!(detect_accel, m)?)?;
     m.add_function(wrap_pyfunction!(find_qemu, m)?)?;
+    m.add_function(wrap_pyfunction!(snapshot_info, m)?)?;
     Ok(())
 }

@@ -72,7 +72,8 @@ pub fn connect_retry(
     deadline: Instant,
     mut alive: impl FnMut() -> Result<()>,
 ) -> Result<UnixStream> {
-    let mut delay = Duration::from_millis(1);
+    // Connecting is cheap and QEMU starts listening within tens of milliseconds: poll finely.
+    let mut delay = Duration::from_micros(200);
     loop {
         match UnixStream::connect(path) {
             Ok(s) => return Ok(s),
@@ -85,7 +86,7 @@ pub fn connect_retry(
                     )));
                 }
                 std::thread::sleep(delay);
-                delay = (delay * 2).min(Duration::from_millis(20));
+                delay = (delay * 2).min(Duration::from_millis(2));
             }
             Err(e) => return Err(Error::io(format!("connect to {}", path.display()), e)),
         }
@@ -122,6 +123,14 @@ impl Conn {
     /// Starts a connection on `stream`: reader thread, Hello, and waits until `deadline` for
     /// the guest's Welcome.
     pub fn establish(stream: UnixStream, deadline: Instant, hook: Option<DeathHook>) -> Result<(Conn, WelcomeInfo)> {
+        let conn = Conn::open(stream, hook)?;
+        let welcome = conn.await_welcome(deadline)?;
+        Ok((conn, welcome))
+    }
+
+    /// Starts a connection on `stream` (reader thread, Hello sent) without waiting for the
+    /// Welcome: a restore connects while QEMU is still loading the state.
+    pub fn open(stream: UnixStream, hook: Option<DeathHook>) -> Result<Conn> {
         let inner = Arc::new(Inner {
             state: Mutex::new(Mux::new()),
             changed: Condvar::new(),
@@ -131,8 +140,8 @@ impl Conn {
         });
         let conn = Conn { inner };
         let generation = conn.bump_generation();
-        let welcome = conn.start(stream, deadline, generation)?;
-        Ok((conn, welcome))
+        conn.start(stream, generation)?;
+        Ok(conn)
     }
 
     /// Replaces the socket (e.g. after a snapshot restore): processes are kept and reconciled
@@ -142,7 +151,8 @@ impl Conn {
         let generation = self.bump_generation();
         self.shutdown_socket();
         self.lock().reconnect();
-        self.start(stream, deadline, generation)
+        self.start(stream, generation)?;
+        self.await_welcome(deadline)
     }
 
     fn bump_generation(&self) -> u64 {
@@ -156,7 +166,7 @@ impl Conn {
         *self.inner.hook.lock().unwrap_or_else(|e| e.into_inner()) = Some(hook);
     }
 
-    fn start(&self, stream: UnixStream, deadline: Instant, generation: u64) -> Result<WelcomeInfo> {
+    fn start(&self, stream: UnixStream, generation: u64) -> Result<()> {
         let read_half = stream.try_clone().map_err(|e| Error::io("clone the agent socket", e))?;
         let _ = stream.set_write_timeout(Some(WRITE_STALL));
         *self.inner.writer.lock().unwrap_or_else(|e| e.into_inner()) = Some(stream);
@@ -166,7 +176,11 @@ impl Conn {
             .spawn(move || reader_loop(inner, read_half, generation))
             .map_err(|e| Error::io("start the connection reader thread", e))?;
 
-        self.send_control(&Control::Hello { version: PROTOCOL_VERSION, host_time_ns: now_ns(), entropy: entropy() })?;
+        self.send_control(&Control::Hello { version: PROTOCOL_VERSION, host_time_ns: now_ns(), entropy: entropy() })
+    }
+
+    /// Waits for the guest's Welcome to our Hello and adopts the processes it reports.
+    pub fn await_welcome(&self, deadline: Instant) -> Result<WelcomeInfo> {
         let welcome = self.wait(Some(deadline), |m| {
             if let Some(e) = m.failure() {
                 return Err(e.clone());

@@ -33,6 +33,9 @@ pub enum Error {
     Io { context: String, kind: io::ErrorKind, message: String },
     /// The caller passed something unusable.
     InvalidArgument(String),
+    /// A snapshot is corrupt, incomplete, or was taken on a different configuration; or
+    /// taking/restoring one failed in QEMU.
+    Snapshot(String),
 }
 
 impl Error {
@@ -50,7 +53,8 @@ impl fmt::Display for Error {
             | Error::ImageNotFound(m)
             | Error::Timeout(m)
             | Error::BrokenPipe(m)
-            | Error::InvalidArgument(m) => f.write_str(m),
+            | Error::InvalidArgument(m)
+            | Error::Snapshot(m) => f.write_str(m),
             Error::VmDied(m) => write!(f, "VM died: {m}"),
             Error::Protocol(m) => write!(f, "protocol error, connection to the guest dropped: {m}"),
             Error::Guest { kind, message } => write!(f, "guest error ({}): {message}", kind_name(*kind)),

@@ -11,9 +11,11 @@ pub mod pool;
 pub mod qemu;
 pub mod qmp;
 pub mod snapshot;
+pub mod snapshotting;
 pub mod vm;
 pub mod workdir;
 
 pub use child::{ExecChild, SpawnOptions};
 pub use error::{Error, Result};
+pub use snapshotting::{RestoreOptions, Snapshot};
 pub use vm::{BootOptions, ExecOptions, ExecResult, GuestFiles, Vm};

@@ -94,7 +94,8 @@ pub struct RamFile {
 /// Where an incoming migration (snapshot restore) comes from.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Incoming {
-    /// `-incoming defer`; the state is fed over QMP.
+    /// `-incoming defer`; the state is fed over QMP (QEMU 7.2 cannot set the x-ignore-shared
+    /// capability on the command line, so `-incoming exec:…` is not an option).
     Defer,
 }
 

@@ -22,7 +22,17 @@ use crate::conn::{connect_retry, Conn, Ending, WelcomeInfo};
 use crate::error::{Error, Result};
 use crate::mux::{channel_of, FileChunk, ReqKind};
 use crate::qemu::{self, QemuConfig, RamFile};
+use crate::qmp::Qmp;
 use crate::workdir::WorkDir;
+
+/// Prints a phase timing to stderr when `SUPERMACHINE_TRACE` is set (for profiling boots
+/// and restores).
+pub(crate) fn trace(t0: Instant, what: &str) {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    if *ON.get_or_init(|| std::env::var_os("SUPERMACHINE_TRACE").is_some_and(|v| !v.is_empty())) {
+        eprintln!("[supermachine {:8.2} ms] {what}", t0.elapsed().as_secs_f64() * 1000.0);
+    }
+}
 
 /// Default boot deadline: cold boot is ~4.4 s under TCG; leave room for a loaded host.
 pub const DEFAULT_BOOT_TIMEOUT: Duration = Duration::from_secs(60);
@@ -103,7 +113,7 @@ impl QemuProc {
     }
 
     /// Reaps QEMU if it exited; returns its status.
-    fn try_status(&self) -> Option<std::process::ExitStatus> {
+    pub(crate) fn try_status(&self) -> Option<std::process::ExitStatus> {
         let mut st = self.status.lock().unwrap_or_else(|e| e.into_inner());
         if st.is_none() {
             if let Some(c) = self.child.lock().unwrap_or_else(|e| e.into_inner()).as_mut() {
@@ -116,7 +126,7 @@ impl QemuProc {
     }
 
     /// Waits up to `within` for QEMU to exit.
-    fn status_within(&self, within: Duration) -> Option<std::process::ExitStatus> {
+    pub(crate) fn status_within(&self, within: Duration) -> Option<std::process::ExitStatus> {
         let end = Instant::now() + within;
         loop {
             if let Some(s) = self.try_status() {
@@ -130,7 +140,7 @@ impl QemuProc {
     }
 
     /// SIGKILLs QEMU and reaps it.
-    fn kill(&self) {
+    pub(crate) fn kill(&self) {
         let mut child = self.child.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(c) = child.as_mut() {
             let _ = c.kill();
@@ -141,7 +151,7 @@ impl QemuProc {
     }
 
     /// "QEMU exited with …", the console tail and QEMU's own complaints.
-    fn diagnosis(&self, status: Option<std::process::ExitStatus>) -> String {
+    pub(crate) fn diagnosis(&self, status: Option<std::process::ExitStatus>) -> String {
         use std::os::unix::process::ExitStatusExt;
         let mut s = match status {
             Some(st) => match (st.code(), st.signal()) {
@@ -190,6 +200,10 @@ pub struct Vm {
     welcome: WelcomeInfo,
     released: AtomicBool,
     accel: Option<Accel>,
+    /// The QEMU monitor, connected on first use (snapshots).
+    qmp: Mutex<Option<Qmp>>,
+    /// The snapshot this VM was restored from.
+    restored_from: Option<String>,
 }
 
 impl Vm {
@@ -237,15 +251,66 @@ impl Vm {
             tcg_tb_size_mib: opts.tcg_tb_size_mib,
         };
         let deadline = Instant::now() + opts.boot_timeout;
+        Self::start(config, workdir, deadline, opts.boot_timeout, None, None)
+    }
+
+    /// Launches QEMU with `config` and connects to its agent before `deadline`.
+    pub(crate) fn start(
+        config: QemuConfig,
+        workdir: WorkDir,
+        deadline: Instant,
+        budget: Duration,
+        restored_from: Option<String>,
+        incoming: Option<&dyn Fn(&mut Qmp) -> Result<()>>,
+    ) -> Result<Vm> {
+        let accel = config.accel;
+        let t0 = Instant::now();
         let proc_ = Self::launch(config, &workdir)?;
-        match Self::attach_qemu(&proc_, deadline, opts.boot_timeout) {
-            Ok((conn, welcome)) => Ok(Vm {
+        trace(t0, "QEMU spawned");
+        let started = (|| {
+            // An incoming migration (restore) is fed over QMP before the guest runs; the agent
+            // connection (and our Hello) is opened first, so the guest finds it waiting.
+            let mut conn = None;
+            let qmp = match incoming {
+                None => None,
+                Some(feed) => {
+                    let mut qmp = Qmp::connect(&proc_.config.qmp_sock, deadline, || match proc_.try_status() {
+                        Some(st) => Err(Error::VmDied(format!("QEMU exited at start.\n{}", proc_.diagnosis(Some(st))))),
+                        None => Ok(()),
+                    })
+                    .map_err(|e| match proc_.status_within(Duration::from_millis(500)) {
+                        Some(st) => Error::VmDied(format!("QEMU exited while restoring.\n{}", proc_.diagnosis(Some(st)))),
+                        None => e,
+                    })?;
+                    trace(t0, "QMP connected");
+                    conn = Some(Self::open_agent(&proc_, deadline, budget)?);
+                    trace(t0, "agent socket connected, hello sent");
+                    feed(&mut qmp).map_err(|e| match proc_.status_within(Duration::from_millis(500)) {
+                        Some(st) => Error::Snapshot(format!("restoring failed: {e}.\n{}", proc_.diagnosis(Some(st)))),
+                        None => e,
+                    })?;
+                    trace(t0, "state loaded, guest running");
+                    Some(qmp)
+                }
+            };
+            let conn = match conn {
+                Some(c) => c,
+                None => Self::open_agent(&proc_, deadline, budget)?,
+            };
+            let welcome = Self::await_guest(&proc_, &conn, deadline, budget)?;
+            trace(t0, "agent welcomed");
+            Ok((conn, welcome, qmp))
+        })();
+        match started {
+            Ok((conn, welcome, qmp)) => Ok(Vm {
                 conn,
                 qemu: Some(proc_),
                 workdir: Mutex::new(Some(workdir)),
                 welcome,
                 released: AtomicBool::new(false),
                 accel: Some(accel),
+                qmp: Mutex::new(qmp),
+                restored_from,
             }),
             Err(e) => {
                 proc_.released.store(true, Ordering::SeqCst);
@@ -253,6 +318,31 @@ impl Vm {
                 Err(e)
             }
         }
+    }
+
+    pub(crate) fn qemu_proc(&self) -> Option<&Arc<QemuProc>> {
+        self.qemu.as_ref()
+    }
+
+    /// The QEMU monitor, connected on first use.
+    pub(crate) fn qmp(&self) -> Result<std::sync::MutexGuard<'_, Option<Qmp>>> {
+        let mut g = self.qmp.lock().unwrap_or_else(|e| e.into_inner());
+        if g.is_none() {
+            let proc_ = self.qemu.as_ref().ok_or_else(|| Error::InvalidArgument("no QEMU behind this VM".into()))?;
+            let qmp = Qmp::connect(&proc_.config.qmp_sock, Instant::now() + Duration::from_secs(10), || {
+                match proc_.try_status() {
+                    Some(_) => Err(Error::VmDied("QEMU has exited".into())),
+                    None => Ok(()),
+                }
+            })?;
+            *g = Some(qmp);
+        }
+        Ok(g)
+    }
+
+    /// The snapshot this VM was restored from, if any.
+    pub fn restored_from(&self) -> Option<&str> {
+        self.restored_from.as_deref()
     }
 
     pub(crate) fn launch(config: QemuConfig, workdir: &WorkDir) -> Result<Arc<QemuProc>> {
@@ -267,8 +357,9 @@ impl Vm {
         }))
     }
 
-    /// Connects to a launched QEMU's agent port and handshakes before `deadline`.
-    pub(crate) fn attach_qemu(proc_: &Arc<QemuProc>, deadline: Instant, budget: Duration) -> Result<(Conn, WelcomeInfo)> {
+    /// Connects to a launched QEMU's agent port and sends Hello (the Welcome is awaited with
+    /// [`Vm::await_guest`]).
+    pub(crate) fn open_agent(proc_: &Arc<QemuProc>, deadline: Instant, budget: Duration) -> Result<Conn> {
         let alive = || match proc_.try_status() {
             Some(st) => Err(Error::VmDied(format!("QEMU exited during boot.\n{}", proc_.diagnosis(Some(st))))),
             None => Ok(()),
@@ -286,8 +377,13 @@ impl Vm {
         };
         let hook_proc = Arc::clone(proc_);
         let hook: crate::conn::DeathHook = Box::new(move |ending| death_error(&hook_proc, ending));
-        match Conn::establish(stream, deadline, Some(hook)) {
-            Ok(x) => Ok(x),
+        Conn::open(stream, Some(hook))
+    }
+
+    /// Waits for the guest agent's Welcome before `deadline`.
+    pub(crate) fn await_guest(proc_: &QemuProc, conn: &Conn, deadline: Instant, budget: Duration) -> Result<WelcomeInfo> {
+        match conn.await_welcome(deadline) {
+            Ok(w) => Ok(w),
             Err(Error::Timeout(_)) => Err(Error::Timeout(format!(
                 "the guest did not finish booting within {:.0} s (no answer from its agent); \
                  raise boot_timeout if the host is very slow.\n{}",
@@ -311,6 +407,8 @@ impl Vm {
             welcome,
             released: AtomicBool::new(false),
             accel: None,
+            qmp: Mutex::new(None),
+            restored_from: None,
         })
     }
 

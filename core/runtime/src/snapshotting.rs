@@ -1,0 +1,438 @@
+//! Taking snapshots of running VMs and restoring VMs from them (DESIGN.md §4).
+//!
+//! Template snapshot (a VM whose RAM is a shared file, i.e. every cold-booted VM):
+//! agent `Pause` (the byte stream ends on a frame boundary) → QMP `stop` → `x-ignore-shared`
+//! migration of the device state only (`exec:cat > state`, ~60 KB) → sparse copy of the RAM
+//! file (zero pages stay holes) → commit (checksums, metadata.json, rename) → `cont` + agent
+//! `Resume`: the VM goes on, untouched.
+//!
+//! Full snapshot (a restored VM, whose RAM is a private copy-on-write mapping): the migration
+//! stream carries the RAM too; no memory file.
+//!
+//! Restore: the same command line with `-incoming defer` (and for templates
+//! `mem-path=memory,share=off` — a private copy-on-write mapping, so the snapshot's memory file
+//! is never modified and clones share its pages); over QMP `x-ignore-shared` (templates),
+//! `migrate-incoming exec:cat state`, poll until completed, `cont`; then the host connects to
+//! the agent, whose Welcome (after our Hello with the host clock and fresh entropy) is the
+//! "restored" signal. Processes keep their ids: handles re-attach by id.
+//!
+//! Pitfalls handled: QEMU does not check that the restoring command line matches, so the
+//! snapshot records a fingerprint of it (per-VM paths normalised) and restore refuses a
+//! mismatch; snapshots are verified (checksums) once per process and path, not on every
+//! restore, because reading the memory file would cost more than the restore itself.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fs;
+use std::os::unix::fs::{FileExt, MetadataExt};
+use std::path::{Path, PathBuf};
+use std::sync::{Mutex, OnceLock};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use serde_json::json;
+use supermachine_protocol::Control;
+
+use crate::accel::{self, Accel};
+use crate::error::{Error, Result};
+use crate::mux::ReqKind;
+use crate::qemu::{self, Incoming, QemuConfig, RamFile};
+use crate::qmp::Qmp;
+use crate::snapshot::format::{self as fmt};
+use crate::snapshot::{MachineIdentity, PendingSnapshot, SnapshotError, SnapshotKind, SnapshotMeta};
+use crate::vm::{Vm, DEFAULT_BOOT_TIMEOUT};
+use crate::workdir::WorkDir;
+
+/// How long a snapshot's migration may take before we give up.
+const MIGRATE_TIMEOUT: Duration = Duration::from_secs(120);
+/// Deadline for a restored guest to answer (it is already booted: this is generous).
+pub const DEFAULT_RESTORE_TIMEOUT: Duration = Duration::from_secs(30);
+
+impl From<SnapshotError> for Error {
+    fn from(e: SnapshotError) -> Error {
+        match e {
+            SnapshotError::Io { ref path, .. } => Error::Io {
+                context: format!("snapshot {}", path.display()),
+                kind: std::io::ErrorKind::Other,
+                message: e.to_string(),
+            },
+            SnapshotError::Corrupt { .. } | SnapshotError::Mismatch { .. } => Error::Snapshot(e.to_string()),
+            SnapshotError::Exists { .. } => Error::InvalidArgument(e.to_string()),
+        }
+    }
+}
+
+/// Identity of an image file: its cache directory (named by the recipe/content hash), name,
+/// size and modification time — cheap, and it changes whenever the file is rebuilt.
+pub fn file_identity(p: &Path) -> String {
+    let dir = p.parent().and_then(|d| d.file_name()).map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let name = p.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    match fs::metadata(p) {
+        Ok(m) => format!("{dir}/{name} size={} mtime={}.{:09}", m.len(), m.mtime(), m.mtime_nsec()),
+        Err(_) => format!("{dir}/{name} (missing)"),
+    }
+}
+
+/// The command line with every per-VM path replaced, so two VMs of one shape compare equal.
+pub fn normalised_args(config: &QemuConfig) -> Vec<String> {
+    let mut c = config.clone();
+    c.ram = RamFile { path: "RAM".into(), share: true };
+    c.console_log = "CONSOLE".into();
+    c.agent_sock = "AGENT".into();
+    c.qmp_sock = "QMP".into();
+    c.incoming = None;
+    c.qemu = "QEMU".into();
+    c.args()
+}
+
+/// What a VM of this configuration is, for snapshot compatibility checks.
+pub fn machine_identity(config: &QemuConfig) -> Result<MachineIdentity> {
+    Ok(MachineIdentity {
+        memory_mib: config.memory_mib,
+        vcpus: config.vcpus,
+        accel: config.accel.name().into(),
+        qemu_version: qemu::qemu_version(&config.qemu)?,
+        cmdline_fingerprint: fmt::fingerprint(&normalised_args(config)),
+        kernel_hash: file_identity(&config.kernel),
+        initrd_hash: config.initrd.as_deref().map(file_identity).unwrap_or_else(|| "none".into()),
+        rootfs_hash: file_identity(&config.rootfs),
+    })
+}
+
+/// Copies `src` to `dst` leaving every all-zero 4 KiB page a hole (guest RAM is mostly zero).
+/// Returns the bytes of data written.
+pub fn copy_sparse(src: &Path, dst: &Path) -> Result<u64> {
+    use std::os::unix::io::AsRawFd;
+    let ctx = |what: &str| format!("{what} while copying guest memory {} → {}", src.display(), dst.display());
+    let f = fs::File::open(src).map_err(|e| Error::io(ctx("open"), e))?;
+    let size = f.metadata().map_err(|e| Error::io(ctx("stat"), e))?.len();
+    let out = fs::OpenOptions::new().write(true).create_new(true).open(dst).map_err(|e| Error::io(ctx("create"), e))?;
+    out.set_len(size).map_err(|e| Error::io(ctx("size"), e))?;
+    let fd = f.as_raw_fd();
+    let mut buf = vec![0u8; 1 << 20];
+    let mut written = 0u64;
+    let mut pos = 0u64;
+    while pos < size {
+        // SAFETY: lseek on our open fd; errors are handled below.
+        let data = unsafe { libc::lseek(fd, pos as libc::off_t, libc::SEEK_DATA) };
+        if data < 0 {
+            break; // ENXIO: only a hole remains (EINVAL would mean no SEEK_DATA: tmpfs has it)
+        }
+        let start = data as u64;
+        // SAFETY: as above.
+        let hole = unsafe { libc::lseek(fd, start as libc::off_t, libc::SEEK_HOLE) };
+        let end = if hole < 0 { size } else { (hole as u64).min(size) };
+        let mut off = start;
+        while off < end {
+            let n = ((end - off) as usize).min(buf.len());
+            f.read_exact_at(&mut buf[..n], off).map_err(|e| Error::io(ctx("read"), e))?;
+            // write runs of non-zero pages
+            let mut i = 0;
+            while i < n {
+                let page_end = (i + 4096).min(n);
+                if buf[i..page_end].iter().all(|b| *b == 0) {
+                    i = page_end;
+                    continue;
+                }
+                let mut j = page_end;
+                while j < n {
+                    let pe = (j + 4096).min(n);
+                    if buf[j..pe].iter().all(|b| *b == 0) {
+                        break;
+                    }
+                    j = pe;
+                }
+                out.write_all_at(&buf[i..j], off + i as u64).map_err(|e| Error::io(ctx("write"), e))?;
+                written += (j - i) as u64;
+                i = j;
+            }
+            off += n as u64;
+        }
+        pos = end;
+    }
+    Ok(written)
+}
+
+fn sh_quote(p: &Path) -> String {
+    format!("'{}'", p.display().to_string().replace('\'', "'\\''"))
+}
+
+/// Polls `query-migrate` until it completes.
+fn wait_migration(qmp: &mut Qmp, what: &str) -> Result<()> {
+    let deadline = Instant::now() + MIGRATE_TIMEOUT;
+    let mut delay = Duration::from_micros(500);
+    loop {
+        let v = qmp.execute("query-migrate", None)?;
+        match v.get("status").and_then(|s| s.as_str()).unwrap_or("") {
+            "completed" => return Ok(()),
+            "failed" | "cancelled" => {
+                let desc = v.get("error-desc").and_then(|d| d.as_str()).unwrap_or("no reason given");
+                return Err(Error::Snapshot(format!("{what} failed in QEMU: {desc}")));
+            }
+            _ => {}
+        }
+        if Instant::now() >= deadline {
+            return Err(Error::Timeout(format!("{what} did not finish within {} s", MIGRATE_TIMEOUT.as_secs())));
+        }
+        std::thread::sleep(delay);
+        delay = (delay * 2).min(Duration::from_millis(2));
+    }
+}
+
+/// A snapshot directory, verified (once per process and path+mtime) and ready to restore.
+#[derive(Clone, Debug)]
+pub struct Snapshot {
+    pub dir: PathBuf,
+    pub meta: SnapshotMeta,
+}
+
+fn verified_cache() -> &'static Mutex<HashMap<PathBuf, (String, SnapshotMeta)>> {
+    static CACHE: OnceLock<Mutex<HashMap<PathBuf, (String, SnapshotMeta)>>> = OnceLock::new();
+    CACHE.get_or_init(|| Mutex::new(HashMap::new()))
+}
+
+fn dir_stamp(dir: &Path) -> String {
+    let s = |name: &str| {
+        fs::metadata(dir.join(name)).map(|m| format!("{}:{}:{}.{}", m.ino(), m.len(), m.mtime(), m.mtime_nsec())).unwrap_or_default()
+    };
+    format!("{}|{}|{}", s(fmt::METADATA_FILE), s(fmt::STATE_FILE), s(fmt::MEMORY_FILE))
+}
+
+impl Snapshot {
+    /// Reads and verifies a snapshot (checksums of every file). Verification is remembered
+    /// for this process while the files are unchanged, so repeated opens are cheap.
+    pub fn open(dir: &Path) -> Result<Snapshot> {
+        let dir = fs::canonicalize(dir).map_err(|_| {
+            Error::Snapshot(format!("snapshot {} does not exist", dir.display()))
+        })?;
+        let stamp = dir_stamp(&dir);
+        if let Some((s, meta)) = verified_cache().lock().unwrap_or_else(|e| e.into_inner()).get(&dir) {
+            if *s == stamp {
+                return Ok(Snapshot { dir, meta: meta.clone() });
+            }
+        }
+        let meta = fmt::load(&dir)?;
+        verified_cache().lock().unwrap_or_else(|e| e.into_inner()).insert(dir.clone(), (stamp, meta.clone()));
+        Ok(Snapshot { dir, meta })
+    }
+
+    /// A QEMU configuration to restore this snapshot into `workdir`.
+    fn config(&self, workdir: &WorkDir, qemu_bin: PathBuf, accel: Accel) -> QemuConfig {
+        let m = &self.meta;
+        let ram = match m.kind {
+            SnapshotKind::Template => RamFile { path: self.dir.join(fmt::MEMORY_FILE), share: false },
+            SnapshotKind::Full => RamFile { path: workdir.join("ram"), share: true },
+        };
+        QemuConfig {
+            qemu: qemu_bin,
+            accel,
+            memory_mib: m.machine.memory_mib,
+            vcpus: m.machine.vcpus,
+            kernel: m.kernel.clone(),
+            initrd: if m.initrd.as_os_str().is_empty() { None } else { Some(m.initrd.clone()) },
+            rootfs: m.rootfs.clone(),
+            append_extra: m.labels.get("append").map(|a| a.split(' ').filter(|w| !w.is_empty()).map(String::from).collect()).unwrap_or_default(),
+            tsc_khz: m.labels.get("tsc_khz").and_then(|t| t.parse().ok()),
+            ram,
+            console_log: workdir.join("console.log"),
+            agent_sock: workdir.join("agent.sock"),
+            qmp_sock: workdir.join("qmp.sock"),
+            incoming: Some(Incoming::Defer),
+            tcg_tb_size_mib: m.labels.get("tcg_tb_size_mib").and_then(|t| t.parse().ok()),
+        }
+    }
+}
+
+/// Options for [`Vm::restore`].
+#[derive(Clone, Debug)]
+pub struct RestoreOptions {
+    pub timeout: Duration,
+    pub qemu: Option<PathBuf>,
+}
+
+impl Default for RestoreOptions {
+    fn default() -> Self {
+        RestoreOptions { timeout: DEFAULT_RESTORE_TIMEOUT, qemu: None }
+    }
+}
+
+impl Vm {
+    /// Snapshots this VM into `dest` (a new directory) and lets it run on. Processes keep
+    /// running and can be re-attached by id in every restore. Output the guest had already
+    /// sent stays with this VM's handles.
+    pub fn snapshot(&self, dest: &Path, labels: BTreeMap<String, String>) -> Result<Snapshot> {
+        let proc_ = self.qemu_proc().ok_or_else(|| Error::InvalidArgument("only QEMU-backed VMs can be snapshotted".into()))?;
+        if !self.is_alive() {
+            return Err(self.conn().failure().unwrap_or(Error::Released));
+        }
+        let config = proc_.config.clone();
+        let identity = machine_identity(&config)?;
+        let kind = if config.ram.share { SnapshotKind::Template } else { SnapshotKind::Full };
+        let pending = PendingSnapshot::begin(dest)?;
+
+        // Quiesce the channel: after Paused the agent writes nothing until Resume.
+        let conn = self.conn();
+        conn.request(ReqKind::Pause, Some(Instant::now() + Duration::from_secs(30)), |req| Control::Pause { req })?;
+        let mut qmp_guard = self.qmp()?;
+        let qmp = qmp_guard.as_mut().expect("qmp connected");
+        let result = (|| -> Result<()> {
+            qmp.execute("stop", None)?;
+            qmp.execute(
+                "migrate-set-capabilities",
+                Some(json!({"capabilities": [{"capability": "x-ignore-shared", "state": kind == SnapshotKind::Template}]})),
+            )?;
+            let state = pending.dir().join(fmt::STATE_FILE);
+            qmp.execute("migrate", Some(json!({"uri": format!("exec:cat > {}", sh_quote(&state))})))?;
+            wait_migration(qmp, "saving the VM state")?;
+            if kind == SnapshotKind::Template {
+                copy_sparse(&config.ram.path, &pending.dir().join(fmt::MEMORY_FILE))?;
+            }
+            Ok(())
+        })();
+        // Whatever happened, let the VM run on.
+        let resumed = qmp.execute("cont", None).map(|_| ());
+        drop(qmp_guard);
+        let agent = conn.request(ReqKind::Resume, Some(Instant::now() + Duration::from_secs(30)), |req| Control::Resume { req });
+        result?;
+        resumed?;
+        agent?;
+
+        let mut all_labels = labels;
+        all_labels.insert("boot_id".into(), self.welcome().boot_id.clone());
+        all_labels.insert("append".into(), config.append_extra.join(" "));
+        if let Some(t) = config.tsc_khz {
+            all_labels.insert("tsc_khz".into(), t.to_string());
+        }
+        if let Some(t) = config.tcg_tb_size_mib {
+            all_labels.insert("tcg_tb_size_mib".into(), t.to_string());
+        }
+        let meta = SnapshotMeta {
+            format: String::new(),
+            version: 0,
+            kind,
+            created_unix_ms: SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0),
+            machine: identity,
+            kernel: config.kernel.clone(),
+            initrd: config.initrd.clone().unwrap_or_default(),
+            rootfs: config.rootfs.clone(),
+            state: fmt::FileDigest { size: 0, xxh3_128: String::new() },
+            memory: None,
+            parent: self.snapshot_parent(),
+            labels: all_labels,
+        };
+        let meta = pending.commit(meta)?;
+        let dir = fs::canonicalize(dest).map_err(|e| Error::io(format!("resolve {}", dest.display()), e))?;
+        verified_cache().lock().unwrap_or_else(|e| e.into_inner()).insert(dir.clone(), (dir_stamp(&dir), meta.clone()));
+        Ok(Snapshot { dir, meta })
+    }
+
+    /// Starts a VM from a snapshot and waits until its agent answers.
+    pub fn restore(snap: &Snapshot, opts: &RestoreOptions) -> Result<Vm> {
+        let qemu_bin = match &opts.qemu {
+            Some(q) => q.clone(),
+            None => qemu::find_qemu()?,
+        };
+        let accel = accel::detect()?;
+        let workdir = WorkDir::create("vm")?;
+        let config = snap.config(&workdir, qemu_bin, accel);
+        let here = machine_identity(&config)?;
+        fmt::check_identity(&snap.dir, &snap.meta.machine, &here)?;
+        let deadline = Instant::now() + opts.timeout;
+        let template = snap.meta.kind == SnapshotKind::Template;
+        let uri = format!("exec:cat {}", sh_quote(&snap.dir.join(fmt::STATE_FILE)));
+        let feed = |qmp: &mut Qmp| -> Result<()> {
+            // QEMU 7.2 has no -global for this capability: it must be set over QMP.
+            qmp.execute(
+                "migrate-set-capabilities",
+                Some(json!({"capabilities": [{"capability": "x-ignore-shared", "state": template}]})),
+            )?;
+            qmp.execute("migrate-incoming", Some(json!({ "uri": uri })))?;
+            wait_migration(qmp, "loading the VM state")?;
+            qmp.execute("cont", None)?;
+            Ok(())
+        };
+        Vm::start(config, workdir, deadline, opts.timeout, Some(snap.dir.display().to_string()), Some(&feed))
+    }
+}
+
+impl Vm {
+    /// Used as the `parent` of snapshots taken from this VM.
+    fn snapshot_parent(&self) -> Option<String> {
+        self.restored_from().map(|s| s.to_string())
+    }
+}
+
+/// The default boot timeout re-exported for callers that restore or boot.
+pub const BOOT_TIMEOUT: Duration = DEFAULT_BOOT_TIMEOUT;
+
+/// Pool items are VMs restored from one snapshot.
+pub struct RestoreFactory {
+    pub snapshot: Snapshot,
+    pub options: RestoreOptions,
+}
+
+impl crate::pool::Factory for RestoreFactory {
+    type Item = std::sync::Arc<Vm>;
+
+    fn create(&self) -> std::result::Result<Self::Item, String> {
+        Vm::restore(&self.snapshot, &self.options).map(std::sync::Arc::new).map_err(|e| e.to_string())
+    }
+
+    fn is_alive(&self, item: &Self::Item) -> bool {
+        item.is_alive()
+    }
+
+    fn destroy(&self, item: Self::Item) {
+        item.release();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sparse_copy_keeps_zero_pages_as_holes() {
+        let dir = std::env::temp_dir().join(format!("sm-sparse-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        fs::create_dir_all(&dir).unwrap();
+        let src = dir.join("src");
+        let f = fs::File::create(&src).unwrap();
+        f.set_len(64 << 20).unwrap();
+        f.write_all_at(&[1u8; 10], 4096 * 3 + 5).unwrap();
+        f.write_all_at(&vec![0u8; 1 << 20], 8 << 20).unwrap(); // explicit zeros: must become a hole
+        f.write_all_at(&[2u8; 8192], 40 << 20).unwrap();
+        drop(f);
+        let dst = dir.join("dst");
+        let written = copy_sparse(&src, &dst).unwrap();
+        assert_eq!(written, 4096 + 8192);
+        assert_eq!(fs::read(&src).unwrap(), fs::read(&dst).unwrap());
+        let blocks = fs::metadata(&dst).unwrap().blocks();
+        assert!(blocks * 512 < 1 << 20, "destination is not sparse: {} bytes allocated", blocks * 512);
+        assert_eq!(fmt::digest_file(&src).unwrap(), fmt::digest_file(&dst).unwrap());
+        let _ = fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn normalised_args_ignore_per_vm_paths() {
+        let base = |w: &str| QemuConfig {
+            qemu: format!("/{w}/qemu").into(),
+            accel: Accel::Tcg,
+            memory_mib: 256,
+            vcpus: 1,
+            kernel: "/img/k".into(),
+            initrd: Some("/img/i".into()),
+            rootfs: "/img/r".into(),
+            append_extra: vec![],
+            tsc_khz: Some(1),
+            ram: RamFile { path: format!("/{w}/ram").into(), share: w == "a" },
+            console_log: format!("/{w}/c").into(),
+            agent_sock: format!("/{w}/s").into(),
+            qmp_sock: format!("/{w}/q").into(),
+            incoming: if w == "a" { None } else { Some(Incoming::Defer) },
+            tcg_tb_size_mib: None,
+        };
+        assert_eq!(normalised_args(&base("a")), normalised_args(&base("b")));
+        let mut c = base("b");
+        c.memory_mib = 512;
+        assert_ne!(normalised_args(&base("a")), normalised_args(&c));
+    }
+}
