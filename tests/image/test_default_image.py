@@ -25,3 +25,10 @@ def test_default_rootfs_has_the_scientific_stack():
         assert pkg in site.split(), f"{pkg} missing from {SITE}"
     numpy = erofs_ls(p.rootfs, f"{SITE}/numpy")
     assert "__pycache__" in numpy.split(), "bytecode is precompiled"
+
+
+def test_default_rootfs_carries_nothing_from_the_host():
+    p = images.ensure_image(progress=False, require_agent=False)
+    etc = erofs_ls(p.rootfs, "/etc").split()
+    assert "resolv.conf" not in etc
+    assert "hosts" in etc and "hostname" in etc

@@ -12,7 +12,7 @@ use sha2::{Digest, Sha256};
 use super::error::{ImageError, Result};
 
 /// Bump when `rootfs.rs` changes what it produces from the same recipe.
-pub const ROOTFS_BUILDER_VERSION: u32 = 1;
+pub const ROOTFS_BUILDER_VERSION: u32 = 2;
 
 /// The recipe used when no reference is given.
 pub const DEFAULT_RECIPE: &str = "default";

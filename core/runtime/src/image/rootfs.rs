@@ -268,8 +268,17 @@ fn warm(recipe: &Recipe, s: &Scratch) -> Result<()> {
     Ok(())
 }
 
-/// Removes what a read-only guest has no use for.
+/// Removes what a read-only guest has no use for, and what the build copied from the host
+/// (mmdebstrap leaves the host's hostname and resolv.conf in the tree; the guest has no network
+/// and must not learn about the host).
 fn cleanup(root: &Path) {
+    let etc = root.join("etc");
+    let _ = fs::remove_file(etc.join("resolv.conf"));
+    let _ = fs::write(etc.join("hostname"), "microvm\n");
+    let _ = fs::write(
+        etc.join("hosts"),
+        "127.0.0.1\tlocalhost microvm\n::1\tlocalhost ip6-localhost ip6-loopback\n",
+    );
     for d in ["var/lib/apt/lists", "var/cache/apt", "var/cache/debconf", "var/log", "tmp"] {
         if let Ok(rd) = fs::read_dir(root.join(d)) {
             for e in rd.flatten() {
