@@ -19,6 +19,7 @@ import atexit
 import base64
 import json
 import os
+import re
 import signal
 import sys
 import threading
@@ -55,6 +56,25 @@ def _approx_size(content: dict) -> int:
     for value in data.values():
         size += len(value) if isinstance(value, str) else len(json.dumps(value))
     return size + len(content.get("text", ""))
+
+
+_NOTABLE = re.compile(r"panic|out of memory|oom-kill|killed process|exited|killed by|signal",
+                      re.IGNORECASE)
+
+
+def summarize_death(reason: str, max_details: int = 8) -> tuple[str, list[str]]:
+    """A guest death reason (which may end in a whole console dump) as one readable sentence
+    plus a few notable detail lines for the traceback."""
+    lines = [ln.strip() for ln in reason.splitlines() if ln.strip()]
+    if not lines:
+        return "no reason was reported.", []
+    head = lines[0]
+    notable = [ln for ln in lines[1:] if _NOTABLE.search(ln)]
+    summary = " ".join([head, *notable[:2]])
+    if len(summary) > 500:
+        summary = summary[:497] + "..."
+    details = [ln for ln in lines[1:] if ln not in notable[:2]][-max_details:]
+    return summary.rstrip(".") + ".", details
 
 
 class MicroVMKernel(Kernel):
@@ -263,11 +283,14 @@ class MicroVMKernel(Kernel):
                 execution_count=self.execution_count,
             )
         except GuestDied as e:
+            summary, details = summarize_death(e.reason)
+            self.log.warning("guest died during a cell: %s", e.reason)
             reply = self._error_reply(
                 "GuestDied",
-                f"The {self._guest_noun()} running this kernel died: {e.reason}.",
+                f"The {self._guest_noun()} running this kernel died: {summary}",
                 "A fresh one is starting; everything defined in earlier cells is gone, "
                 "so re-run them.",
+                details,
             )
         except GuestUnavailable as e:
             reply = self._error_reply(
@@ -290,11 +313,11 @@ class MicroVMKernel(Kernel):
     def _guest_noun(self) -> str:
         return "microVM" if self.backend == "vm" else f"guest process ({self.backend} backend)"
 
-    def _error_reply(self, ename: str, evalue: str, hint: str) -> dict:
+    def _error_reply(self, ename: str, evalue: str, hint: str, details: list[str] = ()) -> dict:
         content = {
             "ename": ename,
             "evalue": evalue,
-            "traceback": [f"{RED}{ename}{RESET}: {evalue}", hint],
+            "traceback": [f"{RED}{ename}{RESET}: {evalue}", *details, hint],
         }
         self._publish("error", content)
         return dict(content, status="error", user_expressions={}, payload=[])

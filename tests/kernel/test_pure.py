@@ -1,0 +1,40 @@
+"""Pure helpers of the kernel: death summaries and the iopub rate limiter."""
+from __future__ import annotations
+
+from supermachine_kernel.kernel import summarize_death
+from supermachine_kernel.ratelimit import RateLimiter
+
+
+def test_summarize_console_dump():
+    reason = ("VmDiedError: VM died: the connection to the guest agent closed.\n"
+              "QEMU exited with status 0\nlast guest console lines:\n"
+              + "\n".join(f"[ 1.{i}] noise {i}" for i in range(50))
+              + "\n[ 2.0] Kernel panic - not syncing: sysrq triggered crash\n[ 2.1] more noise")
+    summary, details = summarize_death(reason)
+    assert summary.startswith("VmDiedError: VM died")
+    assert "Kernel panic" in summary
+    assert len(details) <= 8
+    assert len(summary) <= 501
+
+
+def test_summarize_simple():
+    assert summarize_death("the Python process in the guest exited with code 1") == (
+        "the Python process in the guest exited with code 1.", [])
+    assert summarize_death("") == ("no reason was reported.", [])
+
+
+def test_rate_limiter_window():
+    rl = RateLimiter(msg_rate=2, data_rate=100, window=1)
+    assert rl.allow(10, 0.0) and rl.allow(10, 0.1)
+    assert not rl.allow(10, 0.2)          # third message in the window
+    assert rl.should_notice() and not rl.should_notice()
+    assert rl.allow(10, 1.5)              # new window
+    assert not rl.allow(200, 1.6)         # over the data budget
+    dropped = rl.take_dropped()
+    assert (dropped.messages, dropped.bytes) == (2, 210)
+    assert rl.take_dropped().messages == 0
+
+
+def test_rate_limiter_disabled():
+    rl = RateLimiter(msg_rate=0, data_rate=0, window=3)
+    assert all(rl.allow(10**9, t / 10) for t in range(1000))
