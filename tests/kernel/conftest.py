@@ -1,7 +1,8 @@
 """Kernel tests: every test here runs against the backend named by SUPERMACHINE_TEST_BACKEND.
 
-`local` (default) runs the guest REPL as a host subprocess (fast, NOT isolated); `vm` runs it in
-microVMs through supermachine_kernel.api. Test kernelspecs are installed into a private
+`vm` runs the guest REPL in microVMs through supermachine_kernel.api (the default when the
+compiled runtime and QEMU are present; marked `vm`); `local` runs it as a host subprocess (fast,
+NOT isolated; the default otherwise). Test kernelspecs are installed into a private
 JUPYTER_PATH at collection time, so nothing touches the user's Jupyter setup:
   smk-test         interrupt_mode message
   smk-test-signal  interrupt_mode signal
@@ -31,7 +32,17 @@ os.environ["JUPYTER_PATH"] = os.path.join(_root, "share", "jupyter")
 
 
 def pytest_report_header(config):
-    return f"supermachine kernel backend: {BACKEND} (SUPERMACHINE_TEST_BACKEND)"
+    return f"supermachine kernel backend: {BACKEND} (SUPERMACHINE_TEST_BACKEND=local|vm)"
+
+
+def pytest_collection_modifyitems(config, items):
+    if BACKEND == "vm":
+        here = os.path.dirname(__file__)
+        no_kernel = ("test_pure.py", "test_install.py")
+        for item in items:
+            path = str(item.fspath)
+            if path.startswith(here) and os.path.basename(path) not in no_kernel:
+                item.add_marker(pytest.mark.vm)
 
 
 @pytest.fixture(scope="module")

@@ -3,12 +3,25 @@ from __future__ import annotations
 
 import os
 import queue
+import shutil
 import time
 from typing import Any, Callable
 
 from jupyter_client.manager import KernelManager
 
-BACKEND = os.environ.get("SUPERMACHINE_TEST_BACKEND", "local")
+def _default_backend() -> str:
+    """SUPERMACHINE_TEST_BACKEND if set; else `vm` when the runtime and QEMU are there."""
+    chosen = os.environ.get("SUPERMACHINE_TEST_BACKEND")
+    if chosen:
+        return chosen
+    try:
+        import supermachine_kernel._core  # noqa: F401
+    except ImportError:
+        return "local"
+    return "vm" if shutil.which("qemu-system-x86_64") else "local"
+
+
+BACKEND = _default_backend()
 KERNEL = "smk-test"
 KERNEL_SIGNAL = "smk-test-signal"
 # Generous on VMs: TCG runs Python 14-22x slower than the host.
