@@ -174,6 +174,43 @@ pub fn publish(tmp: &Path, final_: &Path) -> Result<()> {
     )))
 }
 
+/// Marks an image version as used now (`<dir>/last-used`'s mtime); errors are ignored (a
+/// read-only cache still works, it only prunes less precisely).
+pub fn touch_used(dir: &Path) {
+    let _ = OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(dir.join("last-used"))
+        .and_then(|f| f.set_modified(SystemTime::now()));
+}
+
+/// When a version was last used: `last-used`'s mtime, else its manifest's.
+fn last_used(dir: &Path) -> Option<SystemTime> {
+    fs::metadata(dir.join("last-used"))
+        .or_else(|_| fs::metadata(dir.join("manifest.json")))
+        .and_then(|m| m.modified())
+        .ok()
+}
+
+/// Removes the versions in `name_dir` other than `keep` that were not used for `unused_for`.
+pub fn prune_unused(name_dir: &Path, keep: &str, unused_for: std::time::Duration) {
+    let Ok(rd) = fs::read_dir(name_dir) else { return };
+    let now = SystemTime::now();
+    for e in rd.flatten() {
+        let n = e.file_name().to_string_lossy().into_owned();
+        if n == keep || n.starts_with('.') {
+            continue;
+        }
+        let stale = last_used(&e.path())
+            .map(|t| now.duration_since(t).unwrap_or_default() >= unused_for)
+            .unwrap_or(true);
+        if stale {
+            let _ = remove_tree(&e.path());
+        }
+    }
+}
+
 pub fn now_unix() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
 }
@@ -343,6 +380,25 @@ mod tests {
         drop(l);
         // SAFETY: as above.
         assert_eq!(unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) }, 0);
+        fs::remove_dir_all(&root).unwrap();
+    }
+
+    #[test]
+    fn prune_keeps_recently_used_versions() {
+        let root = tmp("prune");
+        fake_image(&root, "a", "old", 1);
+        fake_image(&root, "a", "recent", 2);
+        fake_image(&root, "a", "new", 3);
+        let dir = images_dir(&root).join("a");
+        let day_ago = SystemTime::now() - std::time::Duration::from_secs(2 * 86400);
+        for h in ["old", "recent"] {
+            touch_used(&dir.join(h));
+        }
+        File::options().write(true).open(dir.join("old/last-used")).unwrap().set_modified(day_ago).unwrap();
+        prune_unused(&dir, "new", std::time::Duration::from_secs(86400));
+        let mut left: Vec<_> = fs::read_dir(&dir).unwrap().flatten().map(|e| e.file_name()).collect();
+        left.sort();
+        assert_eq!(left, ["new", "recent"]);
         fs::remove_dir_all(&root).unwrap();
     }
 

@@ -15,7 +15,9 @@
 //!
 //! Invariants: an entry is complete iff its final directory exists (built under `.tmp-*`,
 //! renamed into place); one builder per entry at a time (flock; others wait, then reuse);
-//! building a new version of a named image removes that name's older versions. Progress is one
+//! building a new version of a named image removes that name's older versions not used for a
+//! day (not at once: two installed versions of this package sharing one cache would otherwise
+//! rebuild over each other). Progress is one
 //! line per step on stderr with its duration; tools' output goes to `logs/`.
 //!
 //! Guest boot needs (for the VM runtime): `-M microvm,acpi=on` (virtio-mmio devices are only
@@ -98,6 +100,9 @@ pub struct ImagePaths {
     pub dir: PathBuf,
 }
 
+/// Other versions of a rebuilt image are removed once unused for this long.
+pub const PRUNE_UNUSED_AFTER: std::time::Duration = std::time::Duration::from_secs(24 * 3600);
+
 /// Finds or builds the image `reference` (None = the default recipe).
 pub fn ensure_image(reference: Option<&str>, opts: &BuildOptions) -> Result<ImagePaths> {
     let root = cache_root(opts.cache_dir.as_deref());
@@ -143,6 +148,7 @@ pub fn ensure_image(reference: Option<&str>, opts: &BuildOptions) -> Result<Imag
             })?
         }
     };
+    cache::touch_used(&image.dir);
     let mut manifest = image.manifest.clone();
     let kernel = match manifest.kernel.as_deref().and_then(|id| kernel::load(&root, id)) {
         Some(k) => k,
@@ -274,14 +280,8 @@ fn ensure_rootfs(
         cache::remove_tree(&trash)?;
     }
     cache::publish(&tmp, &final_)?;
-    // Older versions of this name are superseded.
-    if let Ok(rd) = fs::read_dir(&parent) {
-        for e in rd.flatten() {
-            if e.file_name().to_string_lossy() != hash && !e.file_name().to_string_lossy().starts_with('.') {
-                let _ = cache::remove_tree(&e.path());
-            }
-        }
-    }
+    cache::touch_used(&final_);
+    cache::prune_unused(&parent, hash, PRUNE_UNUSED_AFTER);
     Ok(CachedImage { rootfs: final_.join("rootfs.erofs"), dir: final_, manifest })
 }
 
