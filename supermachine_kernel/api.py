@@ -13,9 +13,15 @@ their messages say what to do next.
 """
 from __future__ import annotations
 
+import hashlib
 import itertools
+import json
 import os
-from dataclasses import dataclass, field
+import shutil
+import sys
+import threading
+import time
+import weakref
 from typing import Any, Callable, Mapping, Optional, Sequence, Union
 
 from . import _core
@@ -26,8 +32,10 @@ from ._core import (
     ExitStatus,
     GuestError,
     ImageNotFoundError,
+    PoolError,
     ProtocolError,
     QemuNotFoundError,
+    SnapshotError,
     VmDiedError,
     VmError,
     VmReleasedError,
@@ -37,6 +45,8 @@ ImageError = _core.ImageError
 
 __all__ = [
     "Image",
+    "Pool",
+    "Lease",
     "Vm",
     "ExecChild",
     "ExecResult",
@@ -50,6 +60,8 @@ __all__ = [
     "QemuNotFoundError",
     "ImageNotFoundError",
     "ImageError",
+    "SnapshotError",
+    "PoolError",
 ]
 
 PathLike = Union[str, "os.PathLike[str]"]
@@ -76,22 +88,108 @@ def _file_bytes(data: Union[FileData, "os.PathLike[str]"]) -> bytes:
     return bytes(data)
 
 
-@dataclass(frozen=True)
-class Image:
-    """A bootable guest: kernel, initramfs and root image, plus the VM shape (memory, vcpus)
-    and what every VM of it gets (environment, extra files)."""
+def _default_snapshots_dir() -> str:
+    return os.path.join(_core.image_cache_dir(None), "snapshots")
 
-    name: str
-    hash: str
-    kernel: str
-    initrd: Optional[str]
-    rootfs: str
-    python_version: Optional[str] = None
-    memory_mib: int = 256
-    vcpus: int = 1
-    env: Mapping[str, str] = field(default_factory=dict)
-    extra_files: Mapping[str, bytes] = field(default_factory=dict)
-    boot_timeout: float = 60.0
+
+def _warmup_identity(warmup: Callable[..., Any]) -> str:
+    """A stable tag for a warmup callable given without warmup_tag: its name and bytecode."""
+    code = getattr(warmup, "__code__", None)
+    h = hashlib.sha256(f"{getattr(warmup, '__module__', '')}.{getattr(warmup, '__qualname__', '')}".encode())
+    if code is not None:
+        h.update(code.co_code)
+        h.update(repr(code.co_consts).encode())
+    return "callable-" + h.hexdigest()[:16]
+
+
+def _snapshot_key(paths: Mapping[str, Any], memory_mib: int, vcpus: int, env: Mapping[str, str],
+                  files: Mapping[str, bytes], warmup_tag: Optional[str]) -> str:
+    def ident(p: Optional[str]) -> Optional[list]:
+        if not p:
+            return None
+        st = os.stat(p)
+        return [p, st.st_size, st.st_mtime_ns]
+
+    material = {
+        "image": [paths["name"], paths["hash"]],
+        "files": [ident(paths["kernel"]), ident(paths.get("initrd")), ident(paths["rootfs"])],
+        "memory_mib": memory_mib,
+        "vcpus": vcpus,
+        "env": sorted(env.items()),
+        "extra_files": sorted((k, hashlib.sha256(v).hexdigest()) for k, v in files.items()),
+        "warmup_tag": warmup_tag,
+        "accel": _core.detect_accel(),
+        "protocol": _core.PROTOCOL_VERSION,
+    }
+    return hashlib.sha256(json.dumps(material, sort_keys=True).encode()).hexdigest()[:20]
+
+
+class Image:
+    """A bootable guest — kernel, initramfs, root image, VM shape (memory, vcpus), environment
+    and extra files — and, once baked, the snapshot every VM of it is restored from.
+
+    ``Image.build(...)`` finds or builds the guest image, then bakes a snapshot (cold boot,
+    extra files, ``warmup(vm)``, snapshot) cached under ``snapshots_dir``; ``image.boot()`` and
+    ``image.pool()`` restore VMs from it in tens of milliseconds instead of seconds.
+    """
+
+    def __init__(
+        self,
+        *,
+        name: str,
+        hash: str,
+        kernel: str,
+        initrd: Optional[str],
+        rootfs: str,
+        python_version: Optional[str] = None,
+        memory_mib: int = 256,
+        vcpus: int = 1,
+        env: Optional[Mapping[str, str]] = None,
+        extra_files: Optional[Mapping[str, bytes]] = None,
+        boot_timeout: float = 60.0,
+        snapshot: Optional[str] = None,
+    ) -> None:
+        self.name = name
+        self.hash = hash
+        self.kernel = kernel
+        self.initrd = initrd
+        self.rootfs = rootfs
+        self.python_version = python_version
+        self.memory_mib = memory_mib
+        self.vcpus = vcpus
+        self.env: dict = dict(env or {})
+        self.extra_files: dict = dict(extra_files or {})
+        self.boot_timeout = boot_timeout
+        #: Path of the snapshot VMs are restored from (None: every boot is a cold boot).
+        self.snapshot = snapshot
+        # The VM that baked the snapshot, handed to the first boot()/acquire().
+        # The box (not `self`) is what the finalizer holds, so an unused seed dies with the Image.
+        self._seed_box: list = [None]
+        self._seed_lock = threading.Lock()
+        self._finalizer = weakref.finalize(self, Image._release_seed_box, self._seed_box)
+
+    @staticmethod
+    def _release_seed_box(box: list) -> None:
+        vm = box[0]
+        box[0] = None
+        if vm is not None:
+            vm.release()
+
+    def _set_seed(self, vm: Optional["Vm"]) -> None:
+        with self._seed_lock:
+            self._seed_box[0] = vm
+
+    def _take_seed(self) -> Optional["Vm"]:
+        with self._seed_lock:
+            vm, self._seed_box[0] = self._seed_box[0], None
+        if vm is not None and not vm.alive:
+            vm.release()
+            return None
+        return vm
+
+    def __repr__(self) -> str:
+        snap = f" snapshot={self.snapshot!r}" if self.snapshot else ""
+        return f"<Image {self.name} ({self.hash}) {self.memory_mib} MiB x{self.vcpus}{snap}>"
 
     @classmethod
     def build(
@@ -108,12 +206,14 @@ class Image:
         cache_dir: Optional[PathLike] = None,
         progress: bool = True,
         boot_timeout: float = 60.0,
+        snapshot: bool = True,
     ) -> "Image":
         """Finds (or builds, on first use) guest image ``ref`` (None = the default image) and
-        returns an Image that boots VMs of the given shape.
-
-        ``env`` is added to every process's environment; ``extra_files`` (guest path → bytes,
-        str or a host path) are written into every VM before it is handed out."""
+        bakes its snapshot: a cold boot, ``extra_files`` (guest path → bytes, str or a host
+        path) written, ``warmup(vm)`` run (e.g. imports), then a snapshot. Snapshots are cached
+        under ``snapshots_dir`` keyed by image, memory, vcpus, env, extra files' contents and
+        ``warmup_tag``: the next build returns at once. ``env`` is added to every process's
+        environment. ``snapshot=False`` skips baking: every boot is then a cold boot."""
         if memory_mib < 64:
             raise ValueError(f"memory_mib must be at least 64 (got {memory_mib})")
         if vcpus < 1:
@@ -122,7 +222,7 @@ class Image:
             ref, name, None if cache_dir is None else os.fspath(cache_dir), None, progress
         )
         files = {str(k): _file_bytes(v) for k, v in (extra_files or {}).items()}
-        return cls(
+        image = cls(
             name=paths["name"],
             hash=paths["hash"],
             kernel=paths["kernel"],
@@ -131,13 +231,88 @@ class Image:
             python_version=paths.get("python_version"),
             memory_mib=memory_mib,
             vcpus=vcpus,
-            env=dict(env or {}),
+            env=env,
             extra_files=files,
             boot_timeout=boot_timeout,
         )
+        if not snapshot:
+            return image
+        if warmup is not None and warmup_tag is None:
+            warmup_tag = _warmup_identity(warmup)
+        key = _snapshot_key(paths, memory_mib, vcpus, image.env, files, warmup_tag)
+        root = os.fspath(snapshots_dir) if snapshots_dir is not None else _default_snapshots_dir()
+        dest = os.path.join(root, f"{image.name}-{memory_mib}m-{vcpus}c-{key}")
+        if os.path.isdir(dest):
+            try:
+                _core.snapshot_info(dest)
+                image.snapshot = dest
+                return image
+            except (SnapshotError, OSError) as e:
+                if progress:
+                    print(f"supermachine: discarding unusable snapshot {dest}: {e}", file=sys.stderr)
+                shutil.rmtree(dest, ignore_errors=True)
+        image._bake(dest, warmup, warmup_tag, progress)
+        return image
+
+    def _bake(self, dest: str, warmup: Optional[Callable[["Vm"], Any]], warmup_tag: Optional[str],
+              progress: bool) -> None:
+        t = time.monotonic()
+        if progress:
+            print(f"supermachine: baking snapshot of {self.name} ({self.memory_mib} MiB, "
+                  f"{self.vcpus} vCPU) …", file=sys.stderr, flush=True)
+        vm = self.cold_boot()
+        try:
+            if warmup is not None:
+                warmup(vm)
+            labels = {"image": self.name, "image_hash": self.hash}
+            if warmup_tag:
+                labels["warmup_tag"] = warmup_tag
+            os.makedirs(os.path.dirname(dest), exist_ok=True)
+            try:
+                vm._vm.snapshot(dest, labels)
+            except SnapshotError:
+                if not os.path.isdir(dest):  # a concurrent baker may have won the race
+                    raise
+        except BaseException:
+            vm.release()
+            raise
+        self.snapshot = dest
+        self._set_seed(vm)
+        if progress:
+            print(f"supermachine: snapshot ready in {time.monotonic() - t:.1f} s: {dest}",
+                  file=sys.stderr, flush=True)
+
+    @classmethod
+    def from_snapshot(cls, path: PathLike, env: Optional[Mapping[str, str]] = None) -> "Image":
+        """An Image whose VMs are restored from the snapshot at ``path`` (verified now: a
+        corrupt or mismatched snapshot raises SnapshotError)."""
+        meta = _core.snapshot_info(os.fspath(path))
+        labels = meta.get("labels") or {}
+        machine = meta["machine"]
+        return cls(
+            name=labels.get("image", "snapshot"),
+            hash=labels.get("image_hash", ""),
+            kernel=meta["kernel"],
+            initrd=meta["initrd"] or None,
+            rootfs=meta["rootfs"],
+            memory_mib=machine["memory_mib"],
+            vcpus=machine["vcpus"],
+            env=env,
+            snapshot=meta["path"],
+        )
 
     def boot(self) -> "Vm":
-        """Cold-boots a fresh VM of this image (seconds under TCG)."""
+        """A fresh VM: restored from the snapshot when there is one (the first call gets the
+        VM that baked it), else cold-booted."""
+        if self.snapshot is None:
+            return self.cold_boot()
+        seed = self._take_seed()
+        if seed is not None:
+            return seed
+        return Vm(_core.Vm.restore(self.snapshot, timeout=self.boot_timeout), env=self.env)
+
+    def cold_boot(self) -> "Vm":
+        """Boots a VM from scratch (seconds under TCG) and writes the extra files."""
         raw = _core.Vm.boot(
             self.kernel,
             self.initrd,
@@ -154,6 +329,88 @@ class Image:
             vm.release()
             raise
         return vm
+
+    def pool(
+        self,
+        min: int = 1,
+        max: int = 4,
+        acquire_timeout_ms: int = 0,
+        idle_timeout_ms: Optional[int] = None,
+        restore_on_release: bool = True,
+    ) -> "Pool":
+        """A thread-safe pool of VMs restored from this image's snapshot. ``acquire()`` is
+        FIFO-fair when saturated (``acquire_timeout_ms=0`` waits forever); with
+        ``restore_on_release`` a returned VM is replaced by a fresh restore, so nothing one
+        user wrote is visible to the next. The VM that baked the snapshot is handed out first."""
+        if self.snapshot is None:
+            raise ValueError("this image has no snapshot: build it with Image.build(snapshot=True)")
+        seed = self._take_seed()
+        raw = _core.Pool(
+            self.snapshot,
+            min=min,
+            max=max,
+            acquire_timeout_ms=acquire_timeout_ms,
+            idle_timeout_ms=idle_timeout_ms,
+            restore_on_release=restore_on_release,
+            seed=[seed._vm] if seed is not None else None,
+            restore_timeout=self.boot_timeout,
+        )
+        return Pool(raw, env=self.env)
+
+
+class Pool:
+    """VMs restored from one snapshot; see ``Image.pool``."""
+
+    def __init__(self, raw: "_core.Pool", env: Optional[Mapping[str, str]] = None) -> None:
+        self._pool = raw
+        self._env = dict(env or {})
+        self._finalizer = weakref.finalize(self, raw.shutdown)
+
+    def acquire(self) -> "Lease":
+        """Takes a VM (waiting in FIFO order while all are in use). Use as a context manager:
+        ``with pool.acquire() as vm: ...`` — or call ``.release()`` on the lease."""
+        return Lease(self, Vm(self._pool.acquire(), env=self._env))
+
+    def stats(self) -> dict:
+        """alive, in_use, idle, waiting, min, max (plus creating and recent latencies)."""
+        return self._pool.stats()
+
+    def shutdown(self) -> None:
+        """Releases idle VMs and refuses further acquires; leased VMs die when given back."""
+        self._pool.shutdown()
+
+    def __enter__(self) -> "Pool":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.shutdown()
+
+
+class Lease:
+    """A VM on loan from a Pool: a context manager yielding the VM."""
+
+    def __init__(self, pool: Pool, vm: "Vm") -> None:
+        self._pool = pool
+        self.vm = vm
+        self._done = False
+
+    def release(self) -> None:
+        """Gives the VM back (idempotent)."""
+        if not self._done:
+            self._done = True
+            self._pool._pool.release(self.vm._vm)
+
+    def discard(self) -> None:
+        """Destroys the VM instead of giving it back."""
+        if not self._done:
+            self._done = True
+            self._pool._pool.discard(self.vm._vm)
+
+    def __enter__(self) -> "Vm":
+        return self.vm
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
 
 
 class Vm:
@@ -237,6 +494,21 @@ class Vm:
     def download(self, guest_path: str, host_path: PathLike) -> int:
         """Copies a guest file to the host (streamed; the host file appears atomically)."""
         return self._vm.download(guest_path, os.fspath(host_path))
+
+    # ---- snapshots ----
+
+    def snapshot(self, dest: PathLike) -> Image:
+        """Snapshots this running VM into the new directory ``dest`` and returns an Image that
+        restores it; this VM runs on. Processes (e.g. a REPL holding variables) survive into
+        every restore and are re-attached with ``attach_process(id)``. Output a process wrote
+        before the snapshot and this VM's handles had not read yet is not in the snapshot."""
+        self._vm.snapshot(os.fspath(dest), {"taken_from": self.id})
+        return Image.from_snapshot(dest, env=self._env)
+
+    @property
+    def restored_from(self) -> Optional[str]:
+        """The snapshot this VM was restored from (None for a cold boot)."""
+        return self._vm.restored_from
 
     # ---- lifecycle ----
 

@@ -18,8 +18,10 @@
 //!
 //! Pitfalls handled: QEMU does not check that the restoring command line matches, so the
 //! snapshot records a fingerprint of it (per-VM paths normalised) and restore refuses a
-//! mismatch; snapshots are verified (checksums) once per process and path, not on every
-//! restore, because reading the memory file would cost more than the restore itself.
+//! mismatch; snapshots are verified (checksums) once, not on every restore, because reading
+//! the memory file would cost more than the restore itself: the verification is remembered
+//! (per process, and across processes by a stamp of the files' inode/size/mtime in the
+//! runtime dir), and any change to a file invalidates it.
 
 use std::collections::{BTreeMap, HashMap};
 use std::fs;
@@ -196,6 +198,13 @@ fn dir_stamp(dir: &Path) -> String {
     format!("{}|{}|{}", s(fmt::METADATA_FILE), s(fmt::STATE_FILE), s(fmt::MEMORY_FILE))
 }
 
+/// Where the verification stamp of snapshot `dir` is kept (per user, in the runtime dir).
+fn stamp_path(dir: &Path) -> PathBuf {
+    use sha2::{Digest, Sha256};
+    let h: String = Sha256::digest(dir.as_os_str().as_encoded_bytes()).iter().take(16).map(|b| format!("{b:02x}")).collect();
+    crate::workdir::base_dir().join("verified").join(h)
+}
+
 impl Snapshot {
     /// Reads and verifies a snapshot (checksums of every file). Verification is remembered
     /// for this process while the files are unchanged, so repeated opens are cheap.
@@ -209,7 +218,21 @@ impl Snapshot {
                 return Ok(Snapshot { dir, meta: meta.clone() });
             }
         }
-        let meta = fmt::load(&dir)?;
+        // A stamp left by an earlier full verification (same files: inode, size, mtime) lets
+        // us trust the checksums without reading the memory file again. Any write to a file
+        // changes its stamp, so damage after verification is still caught.
+        let stamp_file = stamp_path(&dir);
+        let meta = match fs::read_to_string(&stamp_file) {
+            Ok(s) if s == stamp => fmt::read_meta(&dir)?,
+            _ => {
+                let meta = fmt::load(&dir)?;
+                if let Some(parent) = stamp_file.parent() {
+                    let _ = fs::create_dir_all(parent);
+                }
+                let _ = fs::write(&stamp_file, &stamp);
+                meta
+            }
+        };
         verified_cache().lock().unwrap_or_else(|e| e.into_inner()).insert(dir.clone(), (stamp, meta.clone()));
         Ok(Snapshot { dir, meta })
     }
@@ -320,7 +343,13 @@ impl Vm {
         };
         let meta = pending.commit(meta)?;
         let dir = fs::canonicalize(dest).map_err(|e| Error::io(format!("resolve {}", dest.display()), e))?;
-        verified_cache().lock().unwrap_or_else(|e| e.into_inner()).insert(dir.clone(), (dir_stamp(&dir), meta.clone()));
+        let stamp = dir_stamp(&dir);
+        let stamp_file = stamp_path(&dir);
+        if let Some(parent) = stamp_file.parent() {
+            let _ = fs::create_dir_all(parent);
+        }
+        let _ = fs::write(&stamp_file, &stamp);
+        verified_cache().lock().unwrap_or_else(|e| e.into_inner()).insert(dir.clone(), (stamp, meta.clone()));
         Ok(Snapshot { dir, meta })
     }
 

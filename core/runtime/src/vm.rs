@@ -578,9 +578,12 @@ impl Vm {
         r
     }
 
-    /// True until the VM died or was released.
+    /// True until the VM died or was released (QEMU's exit is noticed at once, before the
+    /// connection's reader has seen the socket close).
     pub fn is_alive(&self) -> bool {
-        !self.released.load(Ordering::SeqCst) && self.conn.failure().is_none()
+        !self.released.load(Ordering::SeqCst)
+            && self.conn.failure().is_none()
+            && self.qemu.as_ref().is_none_or(|q| q.try_status().is_none())
     }
 
     /// Kills QEMU, closes the connection (every waiter gets "released") and removes the work

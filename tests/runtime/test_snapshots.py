@@ -1,0 +1,269 @@
+"""Snapshots, restore and the pool (real microVMs).
+
+One image is baked per test session (into a temporary snapshots dir): its warmup writes a
+marker file and starts a small REPL whose state must survive into every restore."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import threading
+import time
+
+import pytest
+
+from supermachine_kernel import api
+
+from .helpers import pid_alive, wait_until
+
+pytestmark = pytest.mark.vm
+
+# A line-oriented REPL: "set K V" stores, "get K" prints the value.
+REPL = r"""
+import sys
+state = {"boot": "warm"}
+print("ready", flush=True)
+for line in sys.stdin:
+    cmd, _, rest = line.strip().partition(" ")
+    if cmd == "set":
+        k, _, v = rest.partition(" ")
+        state[k] = v
+        print("ok", flush=True)
+    elif cmd == "get":
+        print(state.get(rest, "<unset>"), flush=True)
+"""
+
+
+def read_line(child, timeout: float = 60) -> bytes:
+    out = b""
+    while not out.endswith(b"\n"):
+        chunk = child.read_stdout(timeout=timeout)
+        assert chunk, f"EOF; got {out!r}"
+        out += chunk
+    return out
+
+
+def warmup(vm: api.Vm) -> None:
+    vm.write_file("/etc/baked-marker", b"baked")
+    vm.write_file("/root/repl.py", REPL)
+    child = vm.spawn(["python3", "-u", "/root/repl.py"])
+    assert read_line(child) == b"ready\n"
+    vm.write_file("/root/repl.id", str(child.id))
+
+
+@pytest.fixture(scope="session")
+def snapshots_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("snapshots")
+
+
+@pytest.fixture(scope="session")
+def baked(snapshots_dir) -> api.Image:
+    return api.Image.build(snapshots_dir=snapshots_dir, warmup=warmup, warmup_tag="test-repl-v1", progress=False)
+
+
+def repl_of(vm: api.Vm):
+    return vm.attach_process(int(vm.read_file("/root/repl.id")))
+
+
+def test_cache_hit_returns_the_same_snapshot(baked, snapshots_dir):
+    again = api.Image.build(snapshots_dir=snapshots_dir, warmup=warmup, warmup_tag="test-repl-v1", progress=False)
+    assert again.snapshot == baked.snapshot
+    meta = json.loads(open(os.path.join(baked.snapshot, "metadata.json")).read())
+    assert meta["kind"] == "template"
+    assert meta["machine"]["memory_mib"] == 256
+    assert meta["labels"]["warmup_tag"] == "test-repl-v1"
+
+
+def test_state_survives_restore(baked):
+    with baked.boot() as vm:
+        assert vm.read_file("/etc/baked-marker") == b"baked"
+        repl = repl_of(vm)
+        repl.write_stdin(b"get boot\n")
+        assert read_line(repl) == b"warm\n"
+
+
+def test_clones_have_different_rng_and_a_fresh_clock(baked):
+    a = api.Vm(api._core.Vm.restore(baked.snapshot))
+    b = api.Vm(api._core.Vm.restore(baked.snapshot))
+    try:
+        ra = a.exec(["sh", "-c", "head -c 32 /dev/urandom | od -An -tx1"]).stdout
+        rb = b.exec(["sh", "-c", "head -c 32 /dev/urandom | od -An -tx1"]).stdout
+        assert ra != rb
+        pa = a.exec(["python3", "-c", "import os; print(os.urandom(16).hex())"]).stdout
+        pb = b.exec(["python3", "-c", "import os; print(os.urandom(16).hex())"]).stdout
+        assert pa != pb
+        for vm in (a, b):
+            host_before = time.time()
+            guest = float(vm.exec(["date", "+%s.%N"]).stdout)
+            host_after = time.time()
+            assert host_before - 1 <= guest <= host_after + 1, (host_before, guest, host_after)
+        assert a.boot_id == b.boot_id  # one snapshot lineage
+    finally:
+        a.release()
+        b.release()
+
+
+def test_mid_flight_snapshot_reattaches_a_running_repl(baked, tmp_path):
+    with baked.boot() as vm:
+        repl = repl_of(vm)
+        repl.write_stdin(b"set answer 42\n")
+        assert read_line(repl) == b"ok\n"
+        vm.write_file("/tmp/mid-flight", b"written before the snapshot")
+        t = time.monotonic()
+        image = vm.snapshot(tmp_path / "mid")
+        took = time.monotonic() - t
+        # the source VM runs on, REPL included
+        repl.write_stdin(b"set answer 43\n")
+        assert read_line(repl) == b"ok\n"
+    meta = json.loads((tmp_path / "mid" / "metadata.json").read_text())
+    assert meta["kind"] == "full"  # a restored VM's RAM is a private mapping
+    assert took < 60
+    for _ in range(2):
+        with image.boot() as clone:
+            assert clone.read_file("/tmp/mid-flight") == b"written before the snapshot"
+            r = repl_of(clone)
+            r.write_stdin(b"get answer\n")
+            assert read_line(r) == b"42\n"
+            r.close_stdin()
+            assert r.wait(timeout=60).exit_code == 0
+
+
+def test_snapshot_of_a_cold_booted_vm_is_a_template(image, tmp_path):
+    with image.cold_boot() as vm:
+        vm.write_file("/tmp/cold", b"cold")
+        snap = vm.snapshot(tmp_path / "cold")
+        assert vm.exec(["cat", "/tmp/cold"]).stdout == b"cold"  # runs on
+    meta = json.loads((tmp_path / "cold" / "metadata.json").read_text())
+    assert meta["kind"] == "template"
+    # the memory file is sparse: far smaller on disk than the guest RAM
+    st = os.stat(tmp_path / "cold" / "memory")
+    assert st.st_blocks * 512 < st.st_size
+    with snap.boot() as clone:
+        assert clone.read_file("/tmp/cold") == b"cold"
+
+
+def corrupt_copy(src: str, dst) -> str:
+    subprocess.run(["cp", "-a", "--sparse=always", src, str(dst)], check=True)
+    return str(dst)
+
+
+def test_corrupted_snapshot_is_refused(baked, tmp_path):
+    bad = corrupt_copy(baked.snapshot, tmp_path / "bad")
+    with open(os.path.join(bad, "state"), "r+b") as f:
+        f.seek(1000)
+        byte = f.read(1)
+        f.seek(1000)
+        f.write(bytes([byte[0] ^ 0xFF]))
+    with pytest.raises(api.SnapshotError, match="checksum"):
+        api.Image.from_snapshot(bad)
+    truncated = corrupt_copy(baked.snapshot, tmp_path / "short")
+    os.truncate(os.path.join(truncated, "memory"), 4096)
+    with pytest.raises(api.SnapshotError, match="memory"):
+        api.Image.from_snapshot(truncated)
+    with pytest.raises(api.SnapshotError, match="metadata.json is missing"):
+        api.Image.from_snapshot(tmp_path)
+
+
+def test_mismatched_snapshot_is_refused(baked, tmp_path):
+    other = corrupt_copy(baked.snapshot, tmp_path / "other")
+    meta_path = os.path.join(other, "metadata.json")
+    meta = json.loads(open(meta_path).read())
+    meta["machine"]["qemu_version"] = "QEMU emulator version 1.0"
+    open(meta_path, "w").write(json.dumps(meta))
+    image = api.Image.from_snapshot(other)  # the files themselves are intact
+    with pytest.raises(api.SnapshotError, match="QEMU version"):
+        image.boot()
+
+
+# ---------------------------------------------------------------- the pool
+
+
+def test_pool_restore_on_release_isolates_users(baked):
+    pool = baked.pool(min=1, max=1)
+    try:
+        with pool.acquire() as vm:
+            vm.write_file("/tmp/left-behind", b"private")
+            first_pid = vm.qemu_pid
+        with pool.acquire() as vm:
+            assert vm.exec(["test", "-e", "/tmp/left-behind"]).exit_code == 1
+            assert vm.qemu_pid != first_pid
+    finally:
+        pool.shutdown()
+
+
+def test_pool_without_restore_on_release_reuses_the_vm(baked):
+    pool = baked.pool(min=1, max=1, restore_on_release=False)
+    try:
+        with pool.acquire() as vm:
+            vm.write_file("/tmp/kept", b"kept")
+            pid = vm.qemu_pid
+        with pool.acquire() as vm:
+            assert vm.qemu_pid == pid
+            assert vm.read_file("/tmp/kept") == b"kept"
+    finally:
+        pool.shutdown()
+
+
+def test_pool_saturation_timeout_and_fifo(baked):
+    pool = baked.pool(min=1, max=1, acquire_timeout_ms=500)
+    try:
+        lease = pool.acquire()
+        t = time.monotonic()
+        with pytest.raises(TimeoutError, match="no VM became free"):
+            pool.acquire()
+        assert 0.4 <= time.monotonic() - t < 10
+        lease.release()
+
+        slow = baked.pool(min=1, max=1, acquire_timeout_ms=0)
+        order = []
+        try:
+            held = slow.acquire()
+            threads = []
+            for i in range(3):
+                def take(i=i):
+                    with slow.acquire():
+                        order.append(i)
+                th = threading.Thread(target=take)
+                th.start()
+                threads.append(th)
+                assert wait_until(lambda: slow.stats()["waiting"] == i + 1, 10)
+            st = slow.stats()
+            assert (st["in_use"], st["waiting"], st["max"]) == (1, 3, 1)
+            held.release()
+            for th in threads:
+                th.join(120)
+            assert order == [0, 1, 2]
+        finally:
+            slow.shutdown()
+    finally:
+        pool.shutdown()
+
+
+def test_pool_replaces_a_vm_that_died_while_idle(baked):
+    pool = baked.pool(min=1, max=1, restore_on_release=False)
+    try:
+        with pool.acquire() as vm:
+            pid = vm.qemu_pid
+        os.kill(pid, 9)
+        # (a SIGKILLed QEMU takes a moment to finish dying: wait until the runtime sees it)
+        assert wait_until(lambda: not vm.alive, 10)
+        with pool.acquire() as vm:
+            assert vm.exec(["true"]).exit_code == 0
+            assert vm.qemu_pid != pid
+    finally:
+        pool.shutdown()
+
+
+def test_pool_shutdown_leaves_no_qemu(baked):
+    pool = baked.pool(min=2, max=3)
+    pids = []
+    leases = [pool.acquire() for _ in range(3)]
+    pids = [l.vm.qemu_pid for l in leases]
+    leases[0].release()
+    pool.shutdown()
+    for l in leases[1:]:
+        l.release()  # VMs in use die when they come back
+    with pytest.raises(api.PoolError):
+        pool.acquire()
+    assert wait_until(lambda: not any(pid_alive(p) for p in pids), 20), pids
