@@ -207,10 +207,9 @@ class MicroVMKernel(Kernel):
 
     @property
     def language_info(self) -> dict:  # type: ignore[override]
-        info = self.guest.info if self.guest is not None else None
         return {
             "name": "python",
-            "version": info.python_version if info else "3",
+            "version": self._guest_python_version() or "3",
             "mimetype": "text/x-python",
             "codemirror_mode": {"name": "ipython", "version": 3},
             "pygments_lexer": "ipython3",
@@ -228,14 +227,25 @@ class MicroVMKernel(Kernel):
         return info
 
     async def kernel_info_request(self, stream, ident, parent):  # type: ignore[override]
-        # language_info carries the guest's Python version: wait for the first guest to answer.
+        # language_info carries the guest's Python version. The image knows it before any VM
+        # answers, so wait only until either the image or the first guest is there.
         guest = self.guest
-        if guest is not None and guest.info is None:
-            try:
-                await self._on_main(guest.wait_ready(timeout=self.startup_timeout))
-            except Exception as e:  # noqa: BLE001 - still answer; execute will report the cause
-                self.log.warning("guest not ready for kernel_info: %s", e)
+        deadline = time.monotonic() + self.startup_timeout
+        while (guest is not None and self._guest_python_version() is None
+               and time.monotonic() < deadline):
+            starting = guest.starting_future()
+            if starting is not None and starting.done() and starting.exception() is not None:
+                break  # it failed: answer anyway; execute will report why
+            await asyncio.sleep(0.01)
         await super().kernel_info_request(stream, ident, parent)
+
+    def _guest_python_version(self) -> str | None:
+        guest = self.guest
+        if guest is None:
+            return None
+        if guest.info is not None:
+            return guest.info.python_version
+        return getattr(guest.backend, "python_version", None)
 
     async def _on_main(self, coro: t.Awaitable) -> t.Any:
         """Await `coro` on the shell loop (where the session lives), from any thread's loop."""

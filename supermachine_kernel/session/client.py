@@ -345,6 +345,10 @@ class GuestSession:
             except Exception:  # noqa: BLE001
                 log.exception("preparing a spare guest failed")
 
+    def starting_future(self) -> concurrent.futures.Future | None:
+        """The current start attempt, if any (read-only; safe from any thread)."""
+        return self._starting
+
     async def wait_ready(self, timeout: float | None = None) -> GuestInfo:
         """The running guest's info, starting one if needed. Raises GuestUnavailable."""
         fut = self.start()

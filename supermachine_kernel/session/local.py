@@ -9,6 +9,7 @@ forwarded by the kernel, as they must be for a VM).
 from __future__ import annotations
 
 import os
+import platform
 import select
 import shutil
 import signal
@@ -132,6 +133,7 @@ class LocalBackend:
     def __init__(self, python: str | None = None, spares: int = 1,
                  preimport: list[str] | None = None) -> None:
         self.python = python or sys.executable
+        self.python_version = platform.python_version() if self.python == sys.executable else None
         self.preimport = list(preimport or [])
         self._recipe: tuple[bytes, dict[str, str]] | None = None
         self._spares = SpareKeeper(self._start_spare, lambda h: h.child.poll() is None) \

@@ -86,6 +86,8 @@ class VmBackend:
         self.warmup_imports = list(warmup_imports or [])
         self.use_pool = use_pool
         self._image: Any = None
+        #: The guest's Python version once the image is known (before any VM answers).
+        self.python_version: str | None = None
         self._pool: Any = None
         self._recipe: tuple[bytes, dict[str, str]] | None = None
         self._spares = SpareKeeper(self._start_spare, lambda h: h.vm.alive and h.child.poll() is None) \
@@ -112,6 +114,7 @@ class VmBackend:
                 kwargs["warmup"] = self._warmup(driver, env)
                 kwargs["warmup_tag"] = self._warmup_tag(driver, env)
             self._image = api.Image.build(**kwargs)
+            self.python_version = getattr(self._image, "python_version", None)
             if snapshots:
                 self._pool = self._image.pool(min=self.pool_min, max=self.pool_max)
                 self._spares = None  # the pool keeps restored VMs warm instead
@@ -147,9 +150,18 @@ class VmBackend:
 
     def _take_vm(self) -> tuple[Any, Callable[[], None]]:
         if self._pool is not None:
-            cm = self._pool.acquire()
-            vm = cm.__enter__()
-            return vm, lambda: cm.__exit__(None, None, None)
+            lease = self._pool.acquire()
+            vm = lease.__enter__()
+
+            def give_back() -> None:
+                # A dead VM is destroyed, not returned (the pool restores a fresh one anyway).
+                discard = getattr(lease, "discard", None)
+                if discard is not None and not getattr(vm, "alive", True):
+                    discard()
+                else:
+                    lease.__exit__(None, None, None)
+
+            return vm, give_back
         vm = self._image.boot()
         return vm, vm.release
 
