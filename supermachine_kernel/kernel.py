@@ -48,6 +48,11 @@ DISPLAY_EVENTS = ("display_data", "update_display_data")
 COMM_EVENTS = ("comm_open", "comm_msg", "comm_close")
 LIMITED_EVENTS = ("stream", *DISPLAY_EVENTS, "execute_result", "error", "clear_output", *COMM_EVENTS)
 RED, RESET = "\x1b[0;31m", "\x1b[0m"
+BAKING_NOTICE = (
+    "[supermachine] First start with this configuration: baking the warm VM snapshot (boot, "
+    "start Python, import the warmup modules). Under TCG this takes a few minutes, once; "
+    "`supermachine-kernel prepare` does it ahead of time.\n"
+)
 
 
 def _approx_size(content: dict) -> int:
@@ -282,6 +287,8 @@ class MicroVMKernel(Kernel):
         self._allow_stdin = allow_stdin
         self._cell_error_seen = False
         self._input_cancel.clear()
+        if not self.guest.alive and getattr(self.guest.backend, "baking", False) and not silent:
+            self._publish("stream", {"name": "stderr", "text": BAKING_NOTICE})
         try:
             reply = await self.guest.request(
                 "execute",

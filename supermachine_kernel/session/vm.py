@@ -88,6 +88,8 @@ class VmBackend:
         self._image: Any = None
         #: The guest's Python version once the image is known (before any VM answers).
         self.python_version: str | None = None
+        #: True while Image.build runs with the warmup (a bake, when nothing is cached).
+        self.baking = False
         self._pool: Any = None
         self._recipe: tuple[bytes, dict[str, str]] | None = None
         self._spares = SpareKeeper(self._start_spare, lambda h: h.vm.alive and h.child.poll() is None) \
@@ -111,9 +113,17 @@ class VmBackend:
                 kwargs["progress"] = False
             snapshots = self.use_pool and "warmup" in params and hasattr(api.Image, "pool")
             if snapshots:
+                # Learn the guest's Python version first (a quick lookup), so kernel_info can
+                # answer while a first-ever bake is still running.
+                plain = api.Image.build(**kwargs, snapshot=False)
+                self.python_version = getattr(plain, "python_version", None)
                 kwargs["warmup"] = self._warmup(driver, env)
                 kwargs["warmup_tag"] = self._warmup_tag(driver, env)
-            self._image = api.Image.build(**kwargs)
+                self.baking = True  # only slow when the snapshot is not cached yet
+            try:
+                self._image = api.Image.build(**kwargs)
+            finally:
+                self.baking = False
             self.python_version = getattr(self._image, "python_version", None)
             if snapshots:
                 self._pool = self._image.pool(min=self.pool_min, max=self.pool_max)
