@@ -32,6 +32,7 @@ from ipykernel.kernelbase import Kernel
 from jupyter_core.paths import jupyter_config_path
 from traitlets import Any, Bool, Dict, Float, Integer, List, Unicode, default
 
+from . import magics
 from .ratelimit import RateLimiter
 from .session import (
     GuestDied,
@@ -290,7 +291,8 @@ class MicroVMKernel(Kernel):
         if not self.guest.alive and getattr(self.guest.backend, "baking", False) and not silent:
             self._publish("stream", {"name": "stderr", "text": BAKING_NOTICE})
         try:
-            reply = await self.guest.request(
+            code, reply = await magics.dispatch(self, code, silent)  # host-side %magics: magics/
+            reply = reply or await self.guest.request(
                 "execute",
                 code=code,
                 silent=silent,

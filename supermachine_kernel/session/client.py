@@ -447,3 +447,40 @@ class GuestSession:
         link = self._link
         if link is not None:
             link.handle.child.signal(signal.SIGKILL)
+
+    # -- adopting a guest started elsewhere (%restore: supermachine_kernel/machine.py) ---------
+
+    @property
+    def handle(self) -> GuestHandle | None:
+        """The running guest's handle (None while none runs)."""
+        link = self._link
+        return None if link is None or link.dead else link.handle
+
+    async def adopt(self, handle: GuestHandle, timeout: float | None = None) -> GuestInfo:
+        """Make `handle` — a REPL that is already running, e.g. in a VM restored from a snapshot —
+        the session's guest: say hello, wait for its ready, then release the previous guest (in
+        the background). If it does not answer, it is released and the previous guest stays."""
+        if self._shutting_down:
+            raise GuestUnavailable("the session is shutting down")
+        starting = self._starting
+        if starting is not None and not starting.done():
+            try:
+                await asyncio.wrap_future(starting)
+            except Exception:  # noqa: BLE001 - replacing it anyway
+                pass
+        link = _Link(self, handle)  # its events are dropped until it becomes self._link
+        link.start()
+        link.send({"type": "hello"})
+        try:
+            info = await asyncio.wait_for(asyncio.wrap_future(link.ready),
+                                          timeout or self.startup_timeout)
+        except BaseException:
+            link.closing = True
+            threading.Thread(target=link.close, name="guest-release", daemon=True).start()
+            raise
+        old, self._link = self._link, link
+        self.info = info
+        if old is not None:
+            old.closing = True
+            threading.Thread(target=old.close, name="guest-release", daemon=True).start()
+        return info

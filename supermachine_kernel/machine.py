@@ -1,0 +1,279 @@
+"""The kernel's current VM as a whole: snapshot it into the notebook's store, put a snapshot's VM
+in its place, and the facts about it (for %snapshot, %restore, %vm, %pool).
+
+Restore, built on what the runtime offers (``api.Image.from_snapshot`` verifies the snapshot,
+``image.boot()`` restores a VM from it, ``vm.attach_process(id)`` re-attaches to a process that
+was running when it was taken): the REPL the session talked to when the snapshot was taken is
+still running inside it, under the same process id, with every variable, thread and file. The
+session adopts that REPL (hello → ready; its agent has already fixed the clock and reseeded the
+kernel RNG, and the REPL reseeds Python's ``random`` when it sees the restore generation change)
+and releases the VM it had. The kernel process, its sockets and its execution count stay.
+
+Lineage: ``head`` is the snapshot this kernel's state last came from (taken or restored); a new
+snapshot records it as its parent.
+"""
+from __future__ import annotations
+
+import asyncio
+import collections
+import json
+import logging
+import os
+import time
+from typing import Any, Optional
+
+from .snapshots import Entry, NotebookSnapshots, SnapshotStore, disk_usage, notebook_key
+
+log = logging.getLogger("supermachine_kernel.machine")
+
+RESTORE_TIMEOUT = 60.0  # seconds for the restored REPL to answer (it is running already)
+
+
+class MachineError(Exception):
+    """Something the user can act on; ``hint`` says what to do next."""
+
+    def __init__(self, message: str, hint: str = "", ename: str = "SnapshotError") -> None:
+        super().__init__(message)
+        self.hint = hint
+        self.ename = ename
+
+
+def _kernel_id(kernel: Any) -> Optional[str]:
+    """The id jupyter_client gave this kernel (kernel-<id>.json); it survives restarts."""
+    cf = getattr(getattr(kernel, "parent", None), "connection_file", "") or ""
+    base = os.path.basename(cf)
+    if base.startswith("kernel-") and base.endswith(".json"):
+        return base[len("kernel-"):-len(".json")]
+    return None
+
+
+def _process_uptime(pid: Optional[int]) -> Optional[float]:
+    """Seconds since host process ``pid`` started (from /proc), or None."""
+    if not pid:
+        return None
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        start_ticks = int(fields[19])
+        with open("/proc/uptime") as f:
+            host_up = float(f.read().split()[0])
+        return max(0.0, host_up - start_ticks / os.sysconf("SC_CLK_TCK"))
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _process_rss(pid: Optional[int]) -> Optional[int]:
+    if not pid:
+        return None
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError):
+        return None
+    return None
+
+
+class Machine:
+    """One per kernel: the notebook's snapshot folder and what this kernel did with it."""
+
+    def __init__(self, kernel: Any, store: Optional[SnapshotStore] = None) -> None:
+        self.kernel = kernel
+        session_id = getattr(getattr(kernel, "session", None), "session", "") or str(os.getpid())
+        key, label = notebook_key(os.environ, os.getcwd(), _kernel_id(kernel), session_id)
+        self.snapshots: NotebookSnapshots = (store or SnapshotStore()).notebook(key, label)
+        self.head: Optional[str] = None
+        self.restore_ms: collections.deque[float] = collections.deque(maxlen=10)
+        self.snapshot_ms: collections.deque[float] = collections.deque(maxlen=10)
+        self._since: dict[int, tuple[float, str]] = {}  # id(vm) -> (wall time, how it came)
+
+    # -- the running VM --------------------------------------------------------------------------
+
+    def check_backend(self) -> Any:
+        """The session, if its guest runs in microVMs (else MachineError)."""
+        guest = getattr(self.kernel, "guest", None)
+        backend = getattr(getattr(guest, "backend", None), "name", "?")
+        if backend != "vm":
+            raise MachineError(
+                f"this kernel runs its guest with the {backend!r} backend (a host process), which "
+                "has no VM to snapshot", "Use the vm backend (the default) for these magics.",
+                ename="UnsupportedBackend")
+        return guest
+
+    def handle(self) -> Any:
+        """The session's current guest handle, if it runs in a VM (else MachineError)."""
+        handle = self.check_backend().handle
+        if handle is None or getattr(handle, "vm", None) is None:
+            raise MachineError("the kernel's microVM is not running right now",
+                               "Run a cell (a fresh VM starts), then try again.",
+                               ename="GuestUnavailable")
+        return handle
+
+    async def ready_handle(self) -> Any:
+        guest = getattr(self.kernel, "guest", None)
+        if guest is not None and getattr(getattr(guest, "backend", None), "name", "") == "vm":
+            try:
+                await guest.wait_ready(timeout=getattr(self.kernel, "startup_timeout", 180.0))
+            except Exception as e:  # noqa: BLE001
+                raise MachineError(f"the kernel's microVM is not available: {e}",
+                                   ename="GuestUnavailable") from e
+        return self.handle()
+
+    def vm_origin(self, vm: Any) -> tuple[Optional[float], str]:
+        """(wall-clock time this kernel got ``vm``, how) — None when it came from the pool."""
+        return self._since.get(id(vm), (None, "from the kernel's pool"))
+
+    # -- snapshot --------------------------------------------------------------------------------
+
+    async def snapshot(self, name: str) -> Entry:
+        handle = await self.ready_handle()
+        path = self.snapshots.reserve(name)
+        repl_id = getattr(handle.child, "id", None)
+        t0 = time.monotonic()
+        try:
+            await asyncio.to_thread(handle.vm.snapshot, path)
+        except Exception as e:  # noqa: BLE001 - SnapshotError, VmDiedError, OSError
+            raise MachineError(f"taking snapshot {name!r} failed: {e}",
+                               "The running session is unchanged.") from e
+        took = time.monotonic() - t0
+        self.snapshot_ms.append(took * 1000)
+        kind = None
+        try:
+            with open(os.path.join(path, "metadata.json")) as f:
+                kind = json.load(f).get("kind")
+        except (OSError, ValueError):
+            pass
+        entry = Entry(name=name, created=time.time(), size_bytes=disk_usage(path), parent=self.head,
+                      repl_id=repl_id, took_s=round(took, 4),
+                      execution_count=getattr(self.kernel, "execution_count", None), kind=kind)
+        self.snapshots.record(entry)
+        self.head = name
+        return entry
+
+    # -- restore ---------------------------------------------------------------------------------
+
+    async def restore(self, entry: Entry) -> float:
+        """Replaces the session's VM with one restored from ``entry``; returns seconds taken."""
+        guest = self.check_backend()  # a dead guest is fine: it is replaced anyway
+        path = self.snapshots.path(entry.name)
+        t0 = time.monotonic()
+        handle = await asyncio.to_thread(self._restored_handle, path, entry)
+        try:
+            await guest.adopt(handle, timeout=RESTORE_TIMEOUT)
+        except Exception as e:  # noqa: BLE001
+            raise MachineError(
+                f"the REPL in snapshot {entry.name!r} did not answer after the restore: {e}",
+                "The previous session is still running.") from e
+        took = time.monotonic() - t0
+        self.restore_ms.append(took * 1000)
+        self._since = {id(handle.vm): (time.time(), f"restored from {entry.name!r}")}
+        self.head = entry.name
+        return took
+
+    def _restored_handle(self, path: str, entry: Entry) -> Any:
+        """Blocking: verify, restore, re-attach to the REPL. Runs on a worker thread."""
+        from . import api  # noqa: PLC0415 - needs the compiled runtime
+        from .session.vm import VmHandle  # noqa: PLC0415
+
+        try:
+            image = api.Image.from_snapshot(path)
+        except (api.SnapshotError, OSError, KeyError, ValueError) as e:
+            raise MachineError(f"cannot restore {entry.name!r}: {e}",
+                               f"Delete it with %snapshot --delete {entry.name}.") from e
+        try:
+            vm = image.boot()
+        except api.VmError as e:
+            raise MachineError(f"restoring {entry.name!r} failed: {e}",
+                               "The previous session is still running.") from e
+        try:
+            child = self._attach_repl(vm, entry.repl_id)
+        except BaseException:
+            vm.release()
+            raise
+        accel = getattr(vm, "accel", None)
+        where = f"microVM {vm.id}" + (f" ({accel})" if accel else "") + f", snapshot {entry.name}"
+        handle = VmHandle(vm, child, vm.release, where)
+        handle.prestarted = True
+        return handle
+
+    @staticmethod
+    def _attach_repl(vm: Any, repl_id: Optional[int]) -> Any:
+        """The REPL process inside a restored VM: by the id recorded at snapshot time, else the
+        one running the REPL driver."""
+        from .session.vm import GUEST_DRIVER_PATH  # noqa: PLC0415
+
+        if repl_id is None:
+            running = [p for p in vm.processes()
+                       if p.get("running") and GUEST_DRIVER_PATH in (p.get("argv") or [])]
+            if not running:
+                raise MachineError("the snapshot holds no running REPL to re-attach to",
+                                   "It was not taken by %snapshot; take a new one.")
+            repl_id = running[-1]["id"]
+        try:
+            return vm.attach_process(int(repl_id))
+        except Exception as e:  # noqa: BLE001
+            raise MachineError(f"the REPL (process {repl_id}) is not in the restored VM: {e}",
+                               "The snapshot is unusable; delete it and take a new one.") from e
+
+    # -- facts -----------------------------------------------------------------------------------
+
+    def lineage(self) -> list[str]:
+        """head, its parent, … (names; a deleted one is marked), ending at the base image."""
+        parents = {e.name: e.parent for e in self.snapshots.entries()}
+        chain: list[str] = []
+        name = self.head
+        while name is not None and name not in chain and len(chain) < 50:
+            chain.append(name if name in parents else f"{name} (deleted)")
+            name = parents.get(name)
+        return chain
+
+    def facts(self) -> dict:
+        """What %vm prints: accelerator, memory, vcpus, image, uptime, lineage, …"""
+        handle = self.handle()
+        vm = handle.vm
+        out: dict[str, Any] = {"vm": getattr(vm, "id", "?"), "accelerator": getattr(vm, "accel", None)}
+        restored_from = getattr(vm, "restored_from", None)
+        meta: dict = {}
+        if restored_from:
+            try:
+                from . import _core  # noqa: PLC0415
+
+                meta = _core.snapshot_info(restored_from)
+            except Exception:  # noqa: BLE001 - e.g. deleted since
+                meta = {}
+        machine = meta.get("machine") or {}
+        labels = meta.get("labels") or {}
+        backend = getattr(self.kernel.guest, "backend", None)
+        image = getattr(backend, "_image", None)
+        out["memory_mib"] = machine.get("memory_mib") or getattr(image, "memory_mib", None)
+        out["vcpus"] = machine.get("vcpus") or getattr(image, "vcpus", None)
+        out["image"] = labels.get("image") or getattr(image, "name", None)
+        out["image_hash"] = labels.get("image_hash") or getattr(image, "hash", None)
+        out["base_snapshot"] = getattr(image, "snapshot", None)
+        out["restored_from"] = restored_from
+        pid = getattr(vm, "qemu_pid", None)
+        out["qemu_pid"] = pid
+        out["uptime_s"] = _process_uptime(pid)
+        out["host_rss_bytes"] = _process_rss(pid)
+        since, how = self.vm_origin(vm)
+        out["origin"] = how
+        out["origin_time"] = since
+        try:
+            out["guest_uptime_s"] = float(vm.read_file("/proc/uptime").split()[0])
+        except Exception:  # noqa: BLE001
+            out["guest_uptime_s"] = None
+        try:
+            info = dict(line.split(":", 1) for line in
+                        vm.read_file("/proc/meminfo").decode().splitlines() if ":" in line)
+            out["guest_mem_available_bytes"] = int(info["MemAvailable"].split()[0]) * 1024
+        except Exception:  # noqa: BLE001
+            out["guest_mem_available_bytes"] = None
+        out["lineage"] = self.lineage()
+        out["notebook"] = self.snapshots.label
+        return out
+
+    def pool(self) -> Any:
+        """The kernel's VM pool (api.Pool) or None (local backend, cold boots)."""
+        backend = getattr(getattr(self.kernel, "guest", None), "backend", None)
+        return getattr(backend, "pool", None) or getattr(backend, "_pool", None)

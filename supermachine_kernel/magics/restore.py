@@ -1,0 +1,39 @@
+"""%restore: replace the running microVM with one of this notebook's snapshots."""
+from __future__ import annotations
+
+import time
+
+from . import ArgumentParser, Context, MagicError
+
+_parser = ArgumentParser("restore")
+_parser.add_argument("name", nargs="?")
+
+
+async def magic(ctx: Context, args: str) -> None:
+    """Go back to a snapshot of this notebook: the running microVM is replaced by the one in the
+    snapshot, and the kernel carries on with its state — variables, files written in the guest,
+    background threads and processes, exactly as they were when ``%snapshot`` ran.
+
+        %restore          the latest snapshot
+        %restore NAME     snapshot NAME (see %snapshots)
+
+    The execution count keeps counting. The restored guest's clock is set to now and its random
+    number generators (the kernel's and Python's ``random``) are reseeded, so two restores of one
+    snapshot never share random numbers. Works from a later kernel session of the same notebook;
+    another notebook's snapshots are never touched. A damaged snapshot is refused with the
+    reason (its files are checksummed).
+    """
+    from ..snapshots import StoreError, format_size  # noqa: PLC0415
+
+    opts = _parser.parse(args)
+    machine = ctx.machine
+    nb = machine.snapshots
+    try:
+        entry = nb.get(opts.name) if opts.name else nb.latest()
+    except StoreError as e:
+        raise MagicError(str(e), "List them with %snapshots.", ename="SnapshotNotFound") from e
+    took = await machine.restore(entry)
+    when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(entry.created))
+    cell = f", after cell [{entry.execution_count}]" if entry.execution_count else ""
+    ctx.print(f"Restored snapshot {entry.name!r} (taken {when}{cell}; "
+              f"{format_size(entry.size_bytes)}) in {took:.2f} s.")

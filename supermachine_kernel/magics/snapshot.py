@@ -1,0 +1,101 @@
+"""%snapshot: capture the whole VM (variables, guest files, threads, processes) under a name."""
+from __future__ import annotations
+
+import time
+
+from . import ArgumentParser, Context, MagicError
+
+_parser = ArgumentParser("snapshot")
+_parser.add_argument("name", nargs="?")
+_group = _parser.add_mutually_exclusive_group()
+_group.add_argument("--delete", action="store_true")
+_group.add_argument("--force", "-f", action="store_true")
+_group.add_argument("--report", action="store_true")
+
+
+async def magic(ctx: Context, args: str) -> None:
+    """Capture the whole microVM — every variable, file written in the guest, background thread
+    and process — as a named snapshot of this notebook, between cells.
+
+        %snapshot               snapshot under a generated name (snap-1, snap-2, …)
+        %snapshot NAME          snapshot under NAME (letters, digits, '.', '_', '-')
+        %snapshot --force NAME  replace the existing snapshot NAME
+        %snapshot --delete NAME delete snapshot NAME and report the space freed
+        %snapshot --report      disk usage of the snapshots of every notebook
+
+    Prints the name, its size on disk and the time taken. Go back to it with
+    ``%restore NAME`` (even from a later kernel session: snapshots live under
+    ``jupyter --data-dir``/supermachine-kernel/snapshots/, one folder per notebook); list them
+    with ``%snapshots``.
+    """
+    from ..snapshots import StoreError, format_size  # noqa: PLC0415
+
+    opts = _parser.parse(args)
+    machine = ctx.machine
+    nb = machine.snapshots
+    try:
+        if opts.report:
+            return _report(ctx, machine)
+        if opts.delete:
+            if not opts.name:
+                raise MagicError("%snapshot --delete needs the name of the snapshot to delete",
+                                 "usage: %snapshot --delete NAME", ename="UsageError")
+            freed = nb.delete(opts.name)
+            remaining = nb.entries()
+            ctx.print(f"Deleted snapshot {opts.name!r}: freed {format_size(freed)}. "
+                      f"{_summary(remaining)}")
+            return None
+        name = opts.name or nb.new_name()
+        if opts.force:
+            try:
+                nb.delete(name)
+            except StoreError:
+                pass  # nothing to replace
+        entry = await machine.snapshot(name)
+    except StoreError as e:
+        raise MagicError(str(e), ename="SnapshotError") from e
+    parent = f", parent {entry.parent!r}" if entry.parent else ""
+    ctx.print(f"Snapshot {entry.name!r}: {format_size(entry.size_bytes)} on disk, taken in "
+              f"{entry.took_s:.2f} s ({entry.kind or 'full'}{parent}). "
+              f"{_summary(nb.entries())} Restore with %restore {entry.name}")
+    return None
+
+
+def _summary(entries: list) -> str:
+    from ..snapshots import format_size  # noqa: PLC0415
+
+    if not entries:
+        return "This notebook has no snapshots now."
+    total = sum(e.size_bytes for e in entries)
+    s = "" if len(entries) == 1 else "s"
+    return f"This notebook's {len(entries)} snapshot{s} use {format_size(total)}."
+
+
+def _report(ctx: Context, machine) -> None:
+    import shutil  # noqa: PLC0415
+
+    from ..snapshots import SnapshotStore, format_size  # noqa: PLC0415
+
+    store = SnapshotStore(machine.snapshots.root)
+    rows = store.notebooks()
+    lines = [f"Snapshots under {store.root}:"]
+    if not rows:
+        lines.append("  (none)")
+    width = max((len(label) for _, label, _, _ in rows), default=8)
+    for key, label, count, size in sorted(rows, key=lambda r: -r[3]):
+        here = "  <- this notebook" if key == machine.snapshots.key else ""
+        lines.append(f"  {label:<{width}}  {count:>3} snapshot(s)  {format_size(size):>10}{here}")
+    total = sum(r[3] for r in rows)
+    lines.append(f"Total: {format_size(total)}.")
+    try:
+        free = shutil.disk_usage(store.root if rows else "/").free
+        lines.append(f"Free on that disk: {format_size(free)}.")
+    except OSError:
+        pass
+    entries = sorted(machine.snapshots.entries(), key=lambda e: -e.size_bytes)
+    if entries:
+        lines.append("This notebook's largest: " + ", ".join(
+            f"{e.name} ({format_size(e.size_bytes)})" for e in entries[:5]))
+        lines.append("Free space with %snapshot --delete NAME.")
+    ctx.print("\n".join(lines))
+    return None

@@ -1,0 +1,62 @@
+"""%vm: facts about the microVM this kernel runs in."""
+from __future__ import annotations
+
+import asyncio
+import time
+
+from . import ArgumentParser, Context
+
+_parser = ArgumentParser("vm")
+
+
+def duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "?"
+    s = int(seconds)
+    if s < 60:
+        return f"{seconds:.1f} s"
+    if s < 3600:
+        return f"{s // 60} min {s % 60} s"
+    return f"{s // 3600} h {s % 3600 // 60} min"
+
+
+async def magic(ctx: Context, args: str) -> None:
+    """Show the microVM this kernel runs in: accelerator (kvm, or tcg = software emulation),
+    memory, vCPUs, guest image, uptime, memory use, where it came from (the kernel's pool or a
+    ``%restore``) and its snapshot lineage (the snapshot the session's state came from, its
+    parent, …, back to the kernel's fresh start).
+    """
+    from ..snapshots import format_size  # noqa: PLC0415
+
+    _parser.parse(args)
+    facts = await asyncio.to_thread(ctx.machine.facts)
+    accel = facts["accelerator"] or "?"
+    accel_note = {"tcg": " (software emulation: no hardware virtualization here)",
+                  "kvm": " (hardware virtualization)"}.get(accel, "")
+    image = facts["image"] or "?"
+    if facts.get("image_hash"):
+        image += f" ({facts['image_hash']})"
+    origin = facts["origin"]
+    if facts.get("origin_time"):
+        origin += time.strftime(" at %H:%M:%S", time.localtime(facts["origin_time"]))
+    lineage = " <- ".join([*facts["lineage"], "fresh start"]) if facts["lineage"] else \
+        "fresh start (no snapshot restored or taken in this session)"
+    mem = f"{facts['memory_mib']} MiB" if facts["memory_mib"] else "?"
+    if facts.get("guest_mem_available_bytes") is not None:
+        mem += f" ({format_size(facts['guest_mem_available_bytes'])} available in the guest)"
+    rows = [
+        ("VM", f"{facts['vm']} (QEMU pid {facts['qemu_pid']})"),
+        ("accelerator", accel + accel_note),
+        ("memory", mem),
+        ("vcpus", str(facts["vcpus"] or "?")),
+        ("image", image),
+        ("uptime", f"{duration(facts['uptime_s'])} this VM process; "
+                   f"{duration(facts['guest_uptime_s'])} guest running time since its cold boot"),
+        ("host memory", format_size(facts["host_rss_bytes"]) + " resident (QEMU)"
+         if facts.get("host_rss_bytes") else "?"),
+        ("came", origin),
+        ("lineage", lineage),
+        ("notebook", facts["notebook"]),
+    ]
+    width = max(len(k) for k, _ in rows)
+    ctx.print("\n".join(f"{k:<{width}}  {v}" for k, v in rows))

@@ -1,0 +1,314 @@
+"""The on-disk store behind %snapshot / %restore / %snapshots: whole-VM snapshots kept per notebook.
+
+    <jupyter_data_dir>/supermachine-kernel/snapshots/
+      <notebook-key>/          one folder per notebook (per kernel when the notebook is unknown)
+        index.json             {"notebook": label, "snapshots": {name: entry}}
+        .lock                  flock held while index.json changes (two kernels, one notebook)
+        <name>/                a runtime snapshot: metadata.json, state[, memory]
+                               (core/runtime/src/snapshot/format.rs; written atomically by it)
+
+The store lives in the user's Jupyter data directory (``jupyter --data-dir``; honours
+JUPYTER_DATA_DIR), so snapshots outlive the kernel and the machine's reboots and a later kernel
+of the same notebook finds them. A notebook only ever sees its own folder: names are resolved
+inside it and nothing here takes a path from the user.
+
+The notebook key comes from what the frontend tells the kernel: Jupyter Server puts the
+notebook's path in the kernel's environment as JPY_SESSION_NAME (relative to the server root;
+the kernel's working directory is the notebook's folder). Without it (nbclient, jupyter
+console) the key is the kernel id from the connection file name, which survives restarts of
+that kernel, else the kernel's session id.
+
+Sizes are actual disk usage (allocated blocks), so a sparse memory file counts for the pages it
+holds, not its length. The index is a cache of names, parents and the REPL's process id; the
+snapshot directories are the truth: an entry whose directory vanished is dropped, a directory
+without an entry (e.g. written by a kernel that died before updating the index) is listed from
+its metadata.json.
+"""
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import os
+import re
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Iterator, Mapping, Optional
+
+INDEX_FILE = "index.json"
+LOCK_FILE = ".lock"
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+DEFAULT_PREFIX = "snap-"
+
+
+class StoreError(Exception):
+    """A snapshot name or store operation the user has to fix (the message says how)."""
+
+
+def default_root() -> str:
+    from jupyter_core.paths import jupyter_data_dir  # noqa: PLC0415 - keep import-time cheap
+
+    return os.path.join(jupyter_data_dir(), "supermachine-kernel", "snapshots")
+
+
+def disk_usage(path: str) -> int:
+    """Bytes allocated on disk under ``path`` (sparse-aware: holes cost nothing)."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return 0
+    if not os.path.isdir(path):
+        return st.st_blocks * 512
+    total = 0
+    for root, dirs, files in os.walk(path):
+        for name in files:
+            with contextlib.suppress(FileNotFoundError):
+                total += os.lstat(os.path.join(root, name)).st_blocks * 512
+    return total
+
+
+def format_size(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} GiB"  # pragma: no cover
+
+
+def validate_name(name: str) -> str:
+    if not NAME_RE.match(name or ""):
+        raise StoreError(
+            f"invalid snapshot name {name!r}: use 1-64 letters, digits, '.', '_' or '-', "
+            "starting with a letter or digit"
+        )
+    return name
+
+
+def _slug(text: str, limit: int = 40) -> str:
+    s = re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-.") or "notebook"
+    return s[:limit]
+
+
+def notebook_key(env: Mapping[str, str], cwd: str, kernel_id: Optional[str],
+                 session_id: str) -> tuple[str, str]:
+    """(folder name, human label) for the notebook this kernel serves.
+
+    JPY_SESSION_NAME (Jupyter Server: the notebook path relative to the server root; the
+    kernel's cwd is the notebook's folder) → "<stem>-<hash of the absolute path>". Else the
+    kernel id (stable across restarts of one kernel), else the session id.
+    """
+    name = (env.get("JPY_SESSION_NAME") or "").strip()
+    if name:
+        path = name if os.path.isabs(name) else os.path.join(cwd, os.path.basename(name))
+        path = os.path.normpath(path)
+        stem = os.path.splitext(os.path.basename(path))[0]
+        digest = hashlib.sha256(path.encode()).hexdigest()[:10]
+        return f"{_slug(stem)}-{digest}", path
+    if kernel_id:
+        return f"kernel-{_slug(kernel_id, 64)}", f"kernel {kernel_id} (notebook path unknown)"
+    return f"session-{_slug(session_id, 64)}", f"kernel session {session_id} (notebook path unknown)"
+
+
+@dataclass
+class Entry:
+    """One snapshot of a notebook."""
+
+    name: str
+    created: float  # unix seconds
+    size_bytes: int = 0
+    parent: Optional[str] = None  # the snapshot this session's state came from, if any
+    repl_id: Optional[int] = None  # guest process id of the REPL inside the snapshot
+    took_s: Optional[float] = None
+    execution_count: Optional[int] = None
+    kind: Optional[str] = None  # template | full (how the runtime stored the RAM)
+    extra: dict = field(default_factory=dict)
+
+    @classmethod
+    def from_json(cls, name: str, d: Mapping) -> "Entry":
+        known = {k: d[k] for k in ("created", "size_bytes", "parent", "repl_id", "took_s",
+                                   "execution_count", "kind") if k in d}
+        extra = {k: v for k, v in d.items() if k not in known and k != "name"}
+        return cls(name=name, extra=extra, **known)
+
+    def to_json(self) -> dict:
+        d = asdict(self)
+        d.pop("name")
+        extra = d.pop("extra")
+        d.update(extra)
+        return d
+
+
+class NotebookSnapshots:
+    """The snapshots of one notebook: ``<root>/<key>/``."""
+
+    def __init__(self, root: str, key: str, label: str) -> None:
+        self.root = root
+        self.key = key
+        self.label = label
+        self.dir = os.path.join(root, key)
+
+    # -- index ---------------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[None]:
+        os.makedirs(self.dir, exist_ok=True)
+        with open(os.path.join(self.dir, LOCK_FILE), "a+") as f:
+            fcntl.flock(f, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(f, fcntl.LOCK_UN)
+
+    def _read_index(self) -> dict:
+        try:
+            with open(os.path.join(self.dir, INDEX_FILE)) as f:
+                data = json.load(f)
+        except FileNotFoundError:
+            return {}
+        except (OSError, ValueError):
+            return {}  # a damaged index is rebuilt from the snapshot directories
+        return data if isinstance(data, dict) else {}
+
+    def _write_index(self, snapshots: dict) -> None:
+        data = {"notebook": self.label, "snapshots": snapshots}
+        path = os.path.join(self.dir, INDEX_FILE)
+        tmp = f"{path}.tmp-{os.getpid()}"
+        with open(tmp, "w") as f:
+            json.dump(data, f, indent=1, sort_keys=True)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+
+    def path(self, name: str) -> str:
+        return os.path.join(self.dir, validate_name(name))
+
+    def entries(self) -> list[Entry]:
+        """All snapshots, oldest first (directories are the truth; see the module docstring)."""
+        indexed = self._read_index().get("snapshots") or {}
+        out: list[Entry] = []
+        try:
+            names = sorted(os.listdir(self.dir))
+        except FileNotFoundError:
+            return []
+        for name in names:
+            full = os.path.join(self.dir, name)
+            if not NAME_RE.match(name) or not os.path.isfile(os.path.join(full, "metadata.json")):
+                continue
+            raw = indexed.get(name)
+            if isinstance(raw, dict):
+                try:
+                    entry = Entry.from_json(name, raw)
+                except TypeError:
+                    entry = self._entry_from_metadata(name, full)
+            else:
+                entry = self._entry_from_metadata(name, full)
+            entry.size_bytes = disk_usage(full)
+            out.append(entry)
+        out.sort(key=lambda e: (e.created, e.name))
+        return out
+
+    @staticmethod
+    def _entry_from_metadata(name: str, full: str) -> Entry:
+        try:
+            with open(os.path.join(full, "metadata.json")) as f:
+                meta = json.load(f)
+            created = float(meta.get("created_unix_ms", 0)) / 1000.0
+            kind = meta.get("kind")
+        except (OSError, ValueError, TypeError, AttributeError):
+            created, kind = os.path.getmtime(full), None
+        return Entry(name=name, created=created or os.path.getmtime(full), kind=kind)
+
+    def get(self, name: str) -> Entry:
+        validate_name(name)
+        for e in self.entries():
+            if e.name == name:
+                return e
+        raise StoreError(self.unknown_message(name))
+
+    def latest(self) -> Entry:
+        entries = self.entries()
+        if not entries:
+            raise StoreError(f"this notebook has no snapshots yet ({self.label}); take one with "
+                             "%snapshot [name]")
+        return entries[-1]
+
+    def unknown_message(self, name: str) -> str:
+        names = [e.name for e in self.entries()]
+        if not names:
+            return (f"no snapshot named {name!r}: this notebook has no snapshots yet; take one "
+                    "with %snapshot [name]")
+        return f"no snapshot named {name!r}; available: {', '.join(names)}"
+
+    def new_name(self) -> str:
+        """The next free generated name: snap-1, snap-2, …"""
+        used = set()
+        with contextlib.suppress(FileNotFoundError):
+            used = set(os.listdir(self.dir))
+        n = 1 + max((int(m.group(1)) for u in used
+                     if (m := re.fullmatch(re.escape(DEFAULT_PREFIX) + r"(\d+)", u))), default=0)
+        return f"{DEFAULT_PREFIX}{n}"
+
+    def reserve(self, name: str) -> str:
+        """The path a new snapshot ``name`` is to be written to (its parent folder exists)."""
+        path = self.path(name)
+        if os.path.exists(path):
+            raise StoreError(f"a snapshot named {name!r} already exists; choose another name, "
+                             f"or replace it with %snapshot --force {name}")
+        os.makedirs(self.dir, exist_ok=True)
+        return path
+
+    def record(self, entry: Entry) -> None:
+        with self._locked():
+            snaps = self._read_index().get("snapshots") or {}
+            snaps = {k: v for k, v in snaps.items()
+                     if os.path.isdir(os.path.join(self.dir, k))}  # forget vanished ones
+            snaps[entry.name] = entry.to_json()
+            self._write_index(snaps)
+
+    def delete(self, name: str) -> int:
+        """Removes snapshot ``name``; returns the bytes freed."""
+        path = self.path(name)
+        if not os.path.isdir(path):
+            raise StoreError(self.unknown_message(name))
+        freed = disk_usage(path)
+        with self._locked():
+            # Rename first: a half-deleted snapshot never sits under its name.
+            doomed = os.path.join(self.dir, f".deleting-{name}-{os.getpid()}-{time.monotonic_ns()}")
+            os.rename(path, doomed)
+            shutil.rmtree(doomed, ignore_errors=True)
+            snaps = self._read_index().get("snapshots") or {}
+            snaps.pop(name, None)
+            self._write_index(snaps)
+        return freed
+
+    def total_bytes(self) -> int:
+        return sum(e.size_bytes for e in self.entries())
+
+
+class SnapshotStore:
+    """All notebooks' snapshot folders under one root."""
+
+    def __init__(self, root: Optional[str] = None) -> None:
+        self.root = root or default_root()
+
+    def notebook(self, key: str, label: str) -> NotebookSnapshots:
+        return NotebookSnapshots(self.root, key, label)
+
+    def notebooks(self) -> list[tuple[str, str, int, int]]:
+        """(key, label, snapshot count, bytes on disk) for every notebook folder."""
+        out = []
+        try:
+            keys = sorted(os.listdir(self.root))
+        except FileNotFoundError:
+            return []
+        for key in keys:
+            folder = os.path.join(self.root, key)
+            if not os.path.isdir(folder):
+                continue
+            nb = NotebookSnapshots(self.root, key, key)
+            label = nb._read_index().get("notebook") or key
+            entries = nb.entries()
+            out.append((key, str(label), len(entries), disk_usage(folder)))
+        return out
