@@ -30,10 +30,12 @@ import zmq
 from ipykernel.kernelapp import IPKernelApp
 from ipykernel.kernelbase import Kernel
 from jupyter_core.paths import jupyter_config_path
+from traitlets.config import Config, Configurable
 from traitlets import Any, Bool, Dict, Float, Integer, List, Unicode, default
 
 from . import magics
 from .ratelimit import RateLimiter
+from .session.backend import driver_source
 from .session import (
     GuestDied,
     GuestSession,
@@ -83,18 +85,10 @@ def summarize_death(reason: str, max_details: int = 8) -> tuple[str, list[str]]:
     return summary.rstrip(".") + ".", details
 
 
-class MicroVMKernel(Kernel):
-    implementation = "supermachine-kernel"
-    implementation_version = __version__
-    language = "python"
-    help_links = List(
-        [
-            {"text": "Python Reference", "url": "https://docs.python.org/3/"},
-            {"text": "IPython Reference", "url": "https://ipython.readthedocs.io/en/stable/"},
-        ]
-    )
+class GuestConfig(Configurable):
+    """Where and how the guest runs. Set as `c.MicroVMKernel.<trait>` (the kernel inherits these);
+    the kernel app reads them early to start the guest while ipykernel is still initializing."""
 
-    # -- configuration ---------------------------------------------------------------------------
     backend = Unicode(
         help="Where cells run: 'vm' (a microVM per kernel) or 'local' (a host subprocess; NOT "
         "isolated, for debugging). Default: $SUPERMACHINE_KERNEL_BACKEND or 'vm'."
@@ -125,6 +119,35 @@ class MicroVMKernel(Kernel):
     startup_timeout = Float(180.0, help="Seconds to wait for the guest REPL to start.").tag(
         config=True
     )
+
+    def backend_options(self) -> dict:
+        return dict(
+            python=self.local_python,
+            image=self.image,
+            memory_mib=self.memory_mib,
+            vcpus=self.vcpus,
+            pool_min=self.pool_min,
+            pool_max=self.pool_max,
+            accelerator=self.accelerator,
+            warmup_imports=list(self.warmup_imports),
+        )
+
+    def make_backend(self) -> t.Any:
+        return make_backend(self.backend, **self.backend_options())
+
+
+class MicroVMKernel(Kernel, GuestConfig):
+    implementation = "supermachine-kernel"
+    implementation_version = __version__
+    language = "python"
+    help_links = List(
+        [
+            {"text": "Python Reference", "url": "https://docs.python.org/3/"},
+            {"text": "IPython Reference", "url": "https://ipython.readthedocs.io/en/stable/"},
+        ]
+    )
+
+    # -- configuration (plus GuestConfig's traits) -----------------------------------------------
     iopub_msg_rate_limit = Float(
         1000.0, help="Output messages per second (averaged over rate_limit_window); 0 = no limit."
     ).tag(config=True)
@@ -160,17 +183,8 @@ class MicroVMKernel(Kernel):
     def start(self) -> None:
         super().start()
         self._main_loop = asyncio.get_event_loop()
-        backend = make_backend(
-            self.backend,
-            python=self.local_python,
-            image=self.image,
-            memory_mib=self.memory_mib,
-            vcpus=self.vcpus,
-            pool_min=self.pool_min,
-            pool_max=self.pool_max,
-            accelerator=self.accelerator,
-            warmup_imports=list(self.warmup_imports),
-        )
+        # The app may have started the guest already (while ipykernel was initializing).
+        backend = getattr(self.parent, "early_backend", None) or self.make_backend()
         self.guest = GuestSession(
             backend,
             self._main_loop,
@@ -575,6 +589,22 @@ class MicroVMKernelApp(IPKernelApp):
     @default("config_file_paths")
     def _config_file_paths_default(self) -> list[str]:
         return list(jupyter_config_path())
+
+    early_backend = Any(None)
+
+    def init_connection_file(self) -> None:
+        # The first step after the config is loaded: start the guest now, so its VM restore
+        # overlaps the rest of ipykernel's start-up instead of following it.
+        try:
+            options = GuestConfig(config=Config({"GuestConfig": self.config.get("MicroVMKernel", {})}))
+            backend = options.make_backend()
+            prelaunch = getattr(backend, "prelaunch", None)
+            if prelaunch is not None:
+                prelaunch(driver_source(), guest_environment(dict(options.guest_env)))
+            self.early_backend = backend
+        except Exception:  # noqa: BLE001 - the kernel starts the guest the normal way
+            self.log.warning("could not start the guest early", exc_info=True)
+        super().init_connection_file()
 
     def start(self) -> None:
         try:

@@ -178,3 +178,50 @@ class SpareKeeper:
             fut, self._future = self._future, None
         if fut is not None:
             fut.add_done_callback(lambda f: f.exception() is None and f.result().release())
+
+
+class Prelaunch:
+    """One launch started before anyone asked (while the kernel process is still starting).
+
+    `start(driver, env, fn)` runs `fn()` in a thread; `take(driver, env)` returns its future if
+    it was started for the same driver and environment (else None, and the early guest is
+    released when it arrives).
+    """
+
+    def __init__(self) -> None:
+        import threading
+
+        self._lock = threading.Lock()
+        self._entry: tuple[bytes, dict, Any] | None = None
+
+    def start(self, driver: bytes, env: dict[str, str], fn: Any) -> None:
+        import concurrent.futures
+        import threading
+
+        fut: Any = concurrent.futures.Future()
+        with self._lock:
+            self._entry = (driver, dict(env), fut)
+
+        def run() -> None:
+            try:
+                fut.set_result(fn())
+            except BaseException as e:  # noqa: BLE001 - reported by whoever takes it
+                fut.set_exception(e)
+
+        threading.Thread(target=run, name="guest-prelaunch", daemon=True).start()
+
+    def take(self, driver: bytes, env: dict[str, str]) -> Any:
+        with self._lock:
+            entry, self._entry = self._entry, None
+        if entry is None:
+            return None
+        if entry[0] == driver and entry[1] == env:
+            return entry[2]
+        entry[2].add_done_callback(lambda f: f.exception() is None and f.result().release())
+        return None
+
+    def close(self) -> None:
+        with self._lock:
+            entry, self._entry = self._entry, None
+        if entry is not None:
+            entry[2].add_done_callback(lambda f: f.exception() is None and f.result().release())
