@@ -49,7 +49,7 @@ impl Pool {
         let snap = py.allow_threads(|| Snapshot::open(&snapshot)).py_err()?;
         let factory = RestoreFactory {
             snapshot: snap,
-            options: RestoreOptions { timeout: Duration::from_secs_f64(restore_timeout.max(0.1)), qemu: None },
+            options: RestoreOptions { timeout: Duration::from_secs_f64(restore_timeout.max(0.1)), ..Default::default() },
         };
         let cfg = PoolConfig {
             min,

@@ -422,7 +422,7 @@ impl Vm {
         let vm = py
             .allow_threads(|| {
                 let snap = Snapshot::open(&snapshot)?;
-                let opts = RestoreOptions { timeout: Duration::from_secs_f64(timeout.max(0.1)), qemu: None };
+                let opts = RestoreOptions { timeout: Duration::from_secs_f64(timeout.max(0.1)), ..Default::default() };
                 RtVm::restore(&snap, &opts)
             })
             .py_err()?;

@@ -164,11 +164,15 @@ impl QemuConfig {
                 if self.ram.share { "on" } else { "off" }
             ),
         ]);
-        push(&["-kernel", &p(&self.kernel)]);
-        if let Some(initrd) = &self.initrd {
-            push(&["-initrd", &p(initrd)]);
+        // A restoring QEMU gets no kernel: guest memory already holds the booted one, and QEMU
+        // would keep a private ~17 MiB copy of vmlinuz + initrd (for fw_cfg) in every clone.
+        if self.incoming.is_none() {
+            push(&["-kernel", &p(&self.kernel)]);
+            if let Some(initrd) = &self.initrd {
+                push(&["-initrd", &p(initrd)]);
+            }
+            push(&["-append", &self.kernel_cmdline()]);
         }
-        push(&["-append", &self.kernel_cmdline()]);
         push(&["-serial", &format!("file:{}", p(&self.console_log))]);
         push(&["-device", "virtio-serial-device"]);
         push(&[
@@ -356,6 +360,7 @@ mod tests {
         assert_eq!(value_after(&a, "-cpu"), ["host"]);
         assert!(value_after(&a, "-object")[0].ends_with("share=off"));
         assert_eq!(value_after(&a, "-incoming"), ["defer"]);
+        assert!(value_after(&a, "-kernel").is_empty() && value_after(&a, "-initrd").is_empty());
         c.accel = Accel::Tcg;
         assert_eq!(value_after(&c.args(), "-accel"), ["tcg,tb-size=32"]);
     }
