@@ -978,7 +978,9 @@ def warm_up_steps(executor):
         except KeyboardInterrupt:
             executor.format_exception(*sys.exc_info())
 
+    # Jedi parses the typeshed stubs on first use: complete a module, a builtin and an attribute.
     return [traceback_step, lambda: executor.complete("import o", 8),
+            lambda: executor.complete("pri", 3), lambda: executor.complete("'x'.up", 6),
             lambda: executor.format_value(1)]
 
 

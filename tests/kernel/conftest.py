@@ -53,3 +53,13 @@ def kernel():
     k = Kernel(KERNEL)
     yield k
     k.shutdown()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def baked_snapshot():
+    """On VMs, bake the kernel's warm snapshot once before any test (a first bake takes minutes
+    under TCG and would otherwise land inside some test's timeout)."""
+    if BACKEND == "vm":
+        from supermachine_kernel.install import prepare
+
+        prepare(KERNEL, timeout=1800)
