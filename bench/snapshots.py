@@ -1,15 +1,28 @@
-"""Benchmark: snapshots, restore and the pool, each figure beside a cold boot measured in the
-same run.
+"""Benchmark: snapshots, restore and the VM pool (issue 3), each figure beside cold boot measured
+in the same run.
 
-Figures:
-  restore p50 / p95: process start -> agent answered, and -> first exec answered;
-  cycle-restore on release: a pool of max 1 with restore_on_release, release -> next VM ready;
-  cache-hit build: Image.build of an already baked image, in a fresh Python process;
-  mid-flight snapshot time and size for a guest that touched 200 MiB (template snapshot of a
-  cold-booted VM, and full snapshot of a restored clone);
-  host Pss per idle VM with 1, 4 and 8 VMs restored from one snapshot.
+Figures (ratio = snapshot path / cold boot):
+  restore p50 / p95        process start -> VM handed out, and -> first exec answered, restoring a
+                           warmed snapshot (Image.from_snapshot(path).boot()) vs the same for cold boot
+  cycle-restore on release pool(min=max=1, restore_on_release=True): release -> next acquire ready
+                           (its first exec answered); also checks the next user does not see a file
+                           the previous one wrote
+  cache-hit Image.build    Image.build(warmup=..., warmup_tag=..., snapshots_dir=...) again, in this
+                           process and in a fresh Python process
+  mid-flight snapshot      vm.snapshot(dest) of a cold-booted guest whose spawned process holds
+                           200 MiB it wrote (template snapshot), then restore + re-attach to that
+                           process by id; and a full snapshot of a restored clone holding the same;
+                           sizes on disk (allocated) beside the guest RAM size
+  per-VM Pss, 1/4/8 VMs    idle VMs acquired from a pool of one snapshot, Pss from
+                           /proc/<vm.qemu_pid>/smaps_rollup, read twice: idle as handed out, and idle
+                           after a first exec; vs the same number of cold-booted VMs
 
-Run: .venv/bin/python bench/snapshots.py [--restores N] [--touch-mb 200]
+The snapshot is baked with warmup `python3 -c "import numpy, pandas"`; the probe exec is `true`.
+Goals under TCG (issue 3): restore p50 <= 60 ms, <= 16 MiB Pss per idle VM.
+Memory break-down and QEMU option experiments: bench/memory.py.
+
+Run: .venv/bin/python bench/snapshots.py [--restores 20] [--cycles 10] [--cold-boots 5]
+     [--counts 1,4,8] [--cold-counts 1,4,8] [--idle 5] [--touch-mib 200] [--keep DIR]
 """
 from __future__ import annotations
 
@@ -20,11 +33,41 @@ import subprocess
 import sys
 import tempfile
 import time
+from typing import Any, Callable
 
 sys.path.insert(0, os.path.dirname(__file__))
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from common import median, percentile, print_table  # noqa: E402
 
-from supermachine_kernel import api  # noqa: E402
+from supermachine_kernel.api import Image  # noqa: E402
+
+PROBE = ["true"]
+WARMUP_CODE = "import numpy, pandas"
+MIB = 1024 * 1024
+NAN = float("nan")
+
+
+# ---------------------------------------------------------------------------------------------
+# helpers
+
+
+def warmup(vm: Any) -> None:
+    r = vm.exec(["python3", "-c", WARMUP_CODE])
+    if r.exit_code != 0:
+        raise RuntimeError(f"warmup failed: {r.stderr[-500:]!r}")
+
+
+def probe(vm: Any) -> None:
+    r = vm.exec(PROBE)
+    if r.exit_code != 0:
+        raise RuntimeError(f"probe {PROBE} failed ({r.exit_code}): {r.stderr[-300:]!r}")
+
+
+def qemu_pid(vm: Any) -> int:
+    pid = getattr(vm, "qemu_pid", None)
+    if not pid:
+        raise RuntimeError(f"{vm!r} exposes no qemu_pid")
+    return int(pid)
 
 
 def pss_mib(pid: int) -> float:
@@ -32,120 +75,277 @@ def pss_mib(pid: int) -> float:
         for line in f:
             if line.startswith("Pss:"):
                 return int(line.split()[1]) / 1024
-    return float("nan")
+    raise RuntimeError(f"no Pss in /proc/{pid}/smaps_rollup")
 
 
-def disk_mib(path: str) -> float:
-    total = 0
-    for root, _, files in os.walk(path):
-        for name in files:
-            total += os.stat(os.path.join(root, name)).st_blocks * 512
-    return total / (1 << 20)
+def du_mib(path: str) -> tuple[float, float]:
+    """(allocated, apparent) MiB of a file or directory tree."""
+    alloc = apparent = 0
+    paths = [path] if os.path.isfile(path) else [os.path.join(d, f) for d, _, fs in os.walk(path) for f in fs]
+    for p in paths:
+        st = os.stat(p)
+        alloc += st.st_blocks * 512
+        apparent += st.st_size
+    return alloc / MIB, apparent / MIB
+
+
+def timed(fn: Callable[[], Any]) -> tuple[float, Any]:
+    t = time.perf_counter()
+    r = fn()
+    return time.perf_counter() - t, r
+
+
+def log(msg: str) -> None:
+    print(f"[snapshots] {msg}", file=sys.stderr, flush=True)
+
+
+def start_times(make: Callable[[], Any], n: int) -> tuple[list[float], list[float]]:
+    """(start -> VM handed out, start -> first exec answered) for n VMs made one at a time."""
+    ready, first = [], []
+    for _ in range(n):
+        t = time.perf_counter()
+        vm = make()
+        try:
+            ready.append(time.perf_counter() - t)
+            probe(vm)
+            first.append(time.perf_counter() - t)
+        finally:
+            vm.release()
+    return ready, first
+
+
+def idle_pss(vms: list, idle: float) -> tuple[float, float]:
+    """Mean Pss per VM: (idle as handed out, idle after a first exec)."""
+    pids = [qemu_pid(vm) for vm in vms]
+    if len(set(pids)) != len(pids):
+        raise RuntimeError(f"VMs share a QEMU pid: {pids}")
+    time.sleep(idle)
+    fresh = sum(pss_mib(p) for p in pids) / len(pids)
+    for vm in vms:
+        probe(vm)
+    time.sleep(idle)
+    return fresh, sum(pss_mib(p) for p in pids) / len(pids)
+
+
+# ---------------------------------------------------------------------------------------------
+# figures
+
+
+def cold_pss(image: Any, n: int, idle: float) -> tuple[float, float]:
+    vms = []
+    try:
+        for _ in range(n):
+            vms.append(image.cold_boot())
+        return idle_pss(vms, idle)
+    finally:
+        for vm in vms:
+            vm.release()
+
+
+def pool_pss(image: Any, n: int, idle: float) -> tuple[tuple[float, float], dict]:
+    pool = image.pool(min=0, max=n, restore_on_release=True)
+    leases = []
+    try:
+        for _ in range(n):
+            leases.append(pool.acquire())
+        per_vm = idle_pss([lease.vm for lease in leases], idle)
+        return per_vm, pool.stats()
+    finally:
+        for lease in leases:
+            lease.release()
+        pool.shutdown()
+
+
+def cycle_restores(image: Any, n: int) -> list[float]:
+    """release -> next acquire ready (first exec answered), pool of one VM restoring on release."""
+    pool = image.pool(min=1, max=1, restore_on_release=True)
+    out = []
+    try:
+        lease = pool.acquire()
+        probe(lease.vm)
+        for _ in range(n):
+            lease.vm.exec(["sh", "-c", "echo dirty > /tmp/dirty"])
+            t = time.perf_counter()
+            lease.release()
+            lease = pool.acquire()
+            probe(lease.vm)
+            out.append(time.perf_counter() - t)
+            r = lease.vm.exec(["sh", "-c", "test ! -e /tmp/dirty"])
+            if r.exit_code != 0:
+                raise RuntimeError("restore_on_release handed out a VM with the previous user's file")
+        lease.release()
+    finally:
+        pool.shutdown()
+    return out
+
+
+def fresh_process_build(image_ref: str | None, snapdir: str) -> float:
+    """Cache-hit Image.build timed inside a new Python process (nothing remembered in-process)."""
+    code = (
+        "import sys, time; sys.path.insert(0, %r); t = time.perf_counter()\n"
+        "from supermachine_kernel.api import Image\n"
+        "t1 = time.perf_counter()\n"
+        "Image.build(%r, progress=False, warmup=lambda vm: None, warmup_tag=%r, snapshots_dir=%r)\n"
+        "print(time.perf_counter() - t1)\n"
+    ) % (os.path.join(os.path.dirname(__file__), ".."), image_ref, f"bench-{WARMUP_CODE}", snapdir)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    return float(out.stdout.strip().splitlines()[-1])
+
+
+TOUCH = """
+import sys
+n = {mib} << 20
+buf = bytearray(b"\\x5a") * n          # written, non-zero pages: nothing a zero-page skip can drop
+for i in range(0, n, 4096 * 64):
+    buf[i] = (i >> 12) & 0xff
+sys.stdout.write("ready\\n"); sys.stdout.flush()
+sys.stdin.read()                       # stay alive, holding buf, until stdin closes
+"""
+
+
+def spawn_toucher(vm: Any, mib: int) -> Any:
+    child = vm.spawn(["python3", "-c", TOUCH.format(mib=mib)])
+    got = b""
+    deadline = time.monotonic() + 300
+    while b"ready" not in got:
+        chunk = child.read_stdout(64, timeout=max(0.1, deadline - time.monotonic()))
+        if not chunk:
+            raise RuntimeError(f"toucher exited early: {child.read_stderr(4096, timeout=1)!r}")
+        got += chunk
+    return child
+
+
+def midflight(image: Any, dest_root: str, mib: int) -> dict:
+    """Template snapshot of a cold-booted VM holding `mib` MiB in a spawned process; restore it
+    and re-attach to that process; then a full snapshot of that restored clone."""
+    res: dict = {}
+    tmpl_dest = os.path.join(dest_root, f"midflight-template-{os.getpid()}-{time.time_ns()}")
+    full_dest = os.path.join(dest_root, f"midflight-full-{os.getpid()}-{time.time_ns()}")
+    try:
+        vm = image.cold_boot()
+        try:
+            child = spawn_toucher(vm, mib)
+            res["child_id"] = child.id
+            res["template_time"], _ = timed(lambda: vm.snapshot(tmpl_dest))
+            res["template_alloc_mib"], res["template_apparent_mib"] = du_mib(tmpl_dest)
+        finally:
+            vm.release()
+        t = time.perf_counter()
+        vm2 = Image.from_snapshot(tmpl_dest).boot()
+        try:
+            c2 = vm2.attach_process(res["child_id"])
+            res["restore_time"] = time.perf_counter() - t
+            # The restored clone's RAM is a private copy-on-write mapping: a full snapshot.
+            res["full_time"], _ = timed(lambda: vm2.snapshot(full_dest))
+            res["full_alloc_mib"], res["full_apparent_mib"] = du_mib(full_dest)
+            c2.close_stdin()
+            st = c2.wait(timeout=60)
+            res["reattached_exit"] = getattr(st, "exit_code", st)
+        finally:
+            vm2.release()
+    finally:
+        shutil.rmtree(tmpl_dest, ignore_errors=True)
+        shutil.rmtree(full_dest, ignore_errors=True)
+    return res
+
+
+# ---------------------------------------------------------------------------------------------
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--restores", type=int, default=10)
-    ap.add_argument("--cycles", type=int, default=5)
-    ap.add_argument("--touch-mb", type=int, default=200)
-    args = ap.parse_args()
+    ap.add_argument("--image", default=None, help="guest image ref (default image if omitted)")
+    ap.add_argument("--restores", type=int, default=20)
+    ap.add_argument("--cycles", type=int, default=10)
+    ap.add_argument("--cold-boots", type=int, default=5)
+    ap.add_argument("--counts", default="1,4,8", help="idle VMs from one snapshot, for Pss")
+    ap.add_argument("--cold-counts", default="1,4,8", help="idle cold-booted VMs, for Pss ('' = none)")
+    ap.add_argument("--idle", type=float, default=5.0, help="seconds idle before reading Pss")
+    ap.add_argument("--touch-mib", type=int, default=200)
+    ap.add_argument("--midflight-memory", type=int, default=512, help="guest MiB for the mid-flight VM")
+    ap.add_argument("--keep", default=None, help="snapshots_dir to use and keep (default: a temp dir)")
+    a = ap.parse_args()
+    counts = [int(x) for x in a.counts.split(",") if x]
+    cold_counts = [int(x) for x in a.cold_counts.split(",") if x]
 
-    work = tempfile.mkdtemp(prefix="sm-bench-snap-")
-    snaps = os.path.join(work, "snapshots")
+    snapdir = a.keep or tempfile.mkdtemp(prefix="smk-snapbench-")
+    os.makedirs(snapdir, exist_ok=True)
+    tag = f"bench-{WARMUP_CODE}"
     try:
-        # cold boot -> first exec (the baseline for every row)
-        image = api.Image.build(snapshot=False, progress=True)
-        colds = []
-        for _ in range(2):
-            t = time.perf_counter()
-            with image.cold_boot() as vm:
-                vm.exec(["true"])
-                colds.append(time.perf_counter() - t)
-        cold = median(colds)
+        plain = Image.build(a.image, progress=False, snapshot=False)
 
-        t = time.perf_counter()
-        baked = api.Image.build(snapshots_dir=snaps, progress=False)
-        bake_s = time.perf_counter() - t
-        seed = baked.boot()  # the bake VM: not a restore
-        seed.release()
+        log(f"cold boots x{a.cold_boots}")
+        cold_ready, cold = start_times(plain.cold_boot, a.cold_boots)
 
-        to_agent, to_exec = [], []
-        for _ in range(args.restores):
-            t = time.perf_counter()
-            vm = baked.boot()
-            to_agent.append(time.perf_counter() - t)
-            vm.exec(["true"])
-            to_exec.append(time.perf_counter() - t)
-            vm.release()
+        log("Image.build with warmup (bake; a cache miss unless --keep already holds it)")
+        miss_t, baked = timed(lambda: Image.build(a.image, progress=False, warmup=warmup,
+                                                  warmup_tag=tag, snapshots_dir=snapdir))
+        hit_t, hit = timed(lambda: Image.build(a.image, progress=False, warmup=warmup,
+                                               warmup_tag=tag, snapshots_dir=snapdir))
+        path = hit.snapshot
+        hits_fresh = [fresh_process_build(a.image, snapdir) for _ in range(3)]
+        log(f"snapshot at {path}; build miss {miss_t:.2f} s, hit {hit_t * 1e3:.1f} ms, "
+            f"hit in a fresh process {median(hits_fresh) * 1e3:.1f} ms")
+        # Restores below come from Image.from_snapshot, which has no baking VM to hand out first;
+        # dropping `baked` releases the one Image.build kept.
+        del baked
+        src = Image.from_snapshot(path)
 
-        pool = baked.pool(min=1, max=1, restore_on_release=True)
-        cycles = []
-        try:
-            pool.acquire().release()  # the first acquire may find the pool still restoring
-            for _ in range(args.cycles):
-                lease = pool.acquire()
-                lease.release()
-                t = time.perf_counter()
-                with pool.acquire() as vm:
-                    vm.exec(["true"])
-                cycles.append(time.perf_counter() - t)
-        finally:
-            pool.shutdown()
+        log(f"restores x{a.restores}")
+        rest_ready, rest = start_times(src.boot, a.restores)
 
-        code = (
-            "import time; t = time.perf_counter(); from supermachine_kernel import api; "
-            f"api.Image.build(snapshots_dir={snaps!r}, progress=False); print(time.perf_counter() - t)"
-        )
-        hits = [float(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout)
-                for _ in range(3)]
+        log(f"cycle-restores x{a.cycles}")
+        cyc = cycle_restores(src, a.cycles)
 
-        # a guest that touched N MiB: template snapshot of a cold VM, full snapshot of a clone
-        big = api.Image.build(memory_mib=512, snapshot=False, progress=False)
-        touch = ["python3", "-c", f"import os; open('/tmp/touched', 'wb').write(os.urandom({args.touch_mb} << 20))"]
-        with big.cold_boot() as vm:
-            vm.exec(touch)
-            t = time.perf_counter()
-            tmpl = vm.snapshot(os.path.join(work, "mid-template"))
-            tmpl_s = time.perf_counter() - t
-        tmpl_mib = disk_mib(tmpl.snapshot)
-        with tmpl.boot() as clone:
-            clone.exec(["true"])
-            t = time.perf_counter()
-            full = clone.snapshot(os.path.join(work, "mid-full"))
-            full_s = time.perf_counter() - t
-        full_mib = disk_mib(full.snapshot)
+        pss_snap, pss_cold, stats = {}, {}, {}
+        for n in counts:
+            log(f"Pss: {n} idle VMs from the pool")
+            pss_snap[n], stats[n] = pool_pss(src, n, a.idle)
+        for n in cold_counts:
+            log(f"Pss: {n} idle cold-booted VMs")
+            pss_cold[n] = cold_pss(plain, n, a.idle)
 
-        pss = {}
-        vms = []
-        try:
-            for n in (1, 4, 8):
-                while len(vms) < n:
-                    vms.append(baked.boot())
-                time.sleep(2)
-                pss[n] = sum(pss_mib(v.qemu_pid) for v in vms) / n
-        finally:
-            for v in vms:
-                v.release()
+        log(f"mid-flight snapshots of a guest holding {a.touch_mib} MiB")
+        big = Image.build(a.image, progress=False, memory_mib=a.midflight_memory, snapshot=False)
+        mf = midflight(big, snapdir, a.touch_mib)
+
+        cold50, cold95 = percentile(cold, 50), percentile(cold, 95)
+        rows = [
+            ("start -> VM handed out p50", percentile(rest_ready, 50), percentile(cold_ready, 50), "ms"),
+            ("start -> VM handed out p95", percentile(rest_ready, 95), percentile(cold_ready, 95), "ms"),
+            ("start -> first exec answered p50", percentile(rest, 50), cold50, "ms"),
+            ("start -> first exec answered p95", percentile(rest, 95), cold95, "ms"),
+            ("cycle-restore on release p50", percentile(cyc, 50), cold50, "ms"),
+            ("cycle-restore on release p95", percentile(cyc, 95), cold95, "ms"),
+            ("Image.build, snapshot cache hit", hit_t, cold50, "ms"),
+            ("Image.build, cache hit, fresh process p50", median(hits_fresh), cold50, "ms"),
+            ("Image.build, cache miss (bake + warmup)", miss_t, cold50, "ms"),
+            (f"mid-flight snapshot, template ({a.touch_mib} MiB)", mf["template_time"], cold50, "ms"),
+            ("  restore it + re-attach to the process", mf["restore_time"], cold50, "ms"),
+            ("mid-flight snapshot, full, of that clone", mf["full_time"], cold50, "ms"),
+        ]
+        print_table("snapshots vs cold boot (time)", rows, "snapshot", "cold boot")
+        nan2 = (NAN, NAN)
+        rows = []
+        for i, when in enumerate(("as handed out", "after 1st exec")):
+            rows += [(f"Pss/VM, {n} idle VM{'s' if n > 1 else ''}, {when}", pss_snap.get(n, nan2)[i],
+                      pss_cold.get(n, nan2)[i], "MiB") for n in sorted(set(counts) | set(cold_counts))]
+        print_table("host memory per idle VM (Pss)", rows, "from snapshot", "cold boot")
+        ram = float(a.midflight_memory)
+        rows = [("mid-flight template snapshot, allocated", mf["template_alloc_mib"], ram, "MiB"),
+                ("mid-flight template snapshot, apparent", mf["template_apparent_mib"], ram, "MiB"),
+                ("mid-flight full snapshot, allocated", mf["full_alloc_mib"], ram, "MiB")]
+        print_table(f"mid-flight snapshot size ({a.touch_mib} MiB touched)", rows, "snapshot", "guest RAM")
+        print(f"\nrestores: n={len(rest)} min {min(rest) * 1e3:.0f} ms, max {max(rest) * 1e3:.0f} ms;"
+              f" cold boots: n={len(cold)} median {median(cold):.2f} s")
+        print(f"goals (TCG): restore p50 <= 60 ms -> {percentile(rest, 50) * 1e3:.0f} ms to first exec, "
+              f"{percentile(rest_ready, 50) * 1e3:.0f} ms to handed out; Pss <= 16 MiB per idle VM -> "
+              + ", ".join(f"{n}: {pss_snap[n][1]:.1f}" for n in counts) + " (after 1st exec)")
+        print(f"pool stats at {counts[-1]} VMs: {stats.get(counts[-1])}")
+        print(f"re-attached toucher exit: {mf.get('reattached_exit')}")
     finally:
-        shutil.rmtree(work, ignore_errors=True)
-
-    rows = [
-        ("restore -> agent answered p50", percentile(to_agent, 50), cold, "ms"),
-        ("restore -> agent answered p95", percentile(to_agent, 95), cold, "ms"),
-        ("restore -> first exec answered p50", percentile(to_exec, 50), cold, "ms"),
-        ("restore -> first exec answered p95", percentile(to_exec, 95), cold, "ms"),
-        ("cycle-restore on release -> exec p50", median(cycles), cold, "ms"),
-        ("cache-hit Image.build (fresh process) p50", median(hits), cold, "ms"),
-        ("first build (bake: cold boot + snapshot)", bake_s, cold, "ms"),
-        (f"mid-flight snapshot, template, {args.touch_mb} MiB touched", tmpl_s, cold, "ms"),
-        (f"mid-flight snapshot, full, {args.touch_mb} MiB touched", full_s, cold, "ms"),
-    ]
-    print_table("snapshots vs cold boot (ratio = figure / cold boot)", rows, ours="figure", baseline="cold boot")
-    print(f"\nsnapshot sizes on disk: template {tmpl_mib:.0f} MiB, full {full_mib:.0f} MiB "
-          f"(guest touched {args.touch_mb} MiB of 512)")
-    print("host Pss per idle VM restored from one snapshot (cold-booted VM for comparison: see "
-          "bench/runtime.py): " + ", ".join(f"{n} VMs {v:.1f} MiB" for n, v in pss.items()))
-    print(f"cold boots: {', '.join(f'{c:.2f} s' for c in colds)}")
+        if not a.keep:
+            shutil.rmtree(snapdir, ignore_errors=True)
 
 
 if __name__ == "__main__":
