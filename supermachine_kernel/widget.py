@@ -113,9 +113,9 @@ class HostWidgets:
                 parent: Optional[dict] = None) -> None:
         self._publish(msg_type, content, metadata=metadata, parent=parent or self.parent)
 
-    def send_msg(self, w: HostWidget, data: dict) -> None:
+    def send_msg(self, w: HostWidget, data: dict, parent: Optional[dict] = None) -> None:
         self.publish("comm_msg", {"comm_id": w.comm_id, "data": data},
-                     metadata={"version": PROTOCOL_VERSION})
+                     metadata={"version": PROTOCOL_VERSION}, parent=parent)
 
     def _open(self, state: dict, text: str) -> HostWidget:
         w = HostWidget(self, state, text)
@@ -137,8 +137,9 @@ class HostWidgets:
     def owns(self, comm_id: Any) -> bool:
         return isinstance(comm_id, str) and comm_id in self.widgets
 
-    def handle_comm(self, msg_type: str, content: dict) -> None:
-        """A comm_msg/comm_close from the frontend for one of our comm ids."""
+    def handle_comm(self, msg_type: str, content: dict, parent: Optional[dict] = None) -> None:
+        """A comm_msg/comm_close from the frontend for one of our comm ids (``parent``: its
+        header, which the answer refers to)."""
         w = self.widgets.get(content.get("comm_id"))
         if w is None:
             return
@@ -151,7 +152,8 @@ class HostWidgets:
         data = content.get("data") or {}
         method = data.get("method")
         if method == "request_state":
-            self.send_msg(w, {"method": "update", "state": dict(w.state), "buffer_paths": []})
+            self.send_msg(w, {"method": "update", "state": dict(w.state), "buffer_paths": []},
+                          parent=parent)
         elif method == "update":  # the frontend changed attributes (echo them into our state)
             state = data.get("state")
             if isinstance(state, dict):

@@ -223,7 +223,7 @@ def _route_host_comms(kernel: Any, widgets: Any) -> None:
         async def handler(stream, ident, parent, _forward=forward, _type=msg_type):
             content = parent.get("content") or {}
             if widgets.owns(content.get("comm_id")):
-                widgets.handle_comm(_type, content)
+                widgets.handle_comm(_type, content, parent=parent)
             elif _forward is not None:
                 await _forward(stream, ident, parent)
 

@@ -1,0 +1,99 @@
+"""Magic tests: real kernels (jupyter_client) whose snapshot store is a temporary Jupyter data dir.
+
+The kernel harness is the kernel tests' (tests/kernel/harness.py). Kernels get their own
+kernelspec, `smk-magics` (installed into a private prefix added to JUPYTER_PATH), without warm
+spares (on 2 cores a background restore per test kernel slows everything down). The notebook a
+kernel serves is named through JPY_SESSION_NAME, as Jupyter Server does; every kernel's
+JUPYTER_DATA_DIR is a temporary directory, so nothing touches the user's snapshots.
+
+Most tests need the vm backend (a local-process guest has no VM to snapshot): they are skipped
+on SUPERMACHINE_TEST_BACKEND=local and marked `vm` otherwise.
+"""
+from __future__ import annotations
+
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: the kernel harness
+from kernel.harness import BACKEND, Kernel, stderr_of, stdout_of  # noqa: E402
+
+from supermachine_kernel.install import install  # noqa: E402
+from supermachine_kernel.snapshots import SnapshotStore, notebook_key  # noqa: E402
+
+KERNEL = "smk-magics"
+_root = tempfile.mkdtemp(prefix="smk-magics-specs-")
+install(prefix=_root, kernel_name=KERNEL, backend=BACKEND, interrupt_mode="message",
+        display_name=f"Python (microVM, {BACKEND}, magic tests)",
+        extra_args=["--MicroVMKernel.pool_min=0"])
+os.environ["JUPYTER_PATH"] = os.pathsep.join(
+    [os.path.join(_root, "share", "jupyter"), *filter(None, [os.environ.get("JUPYTER_PATH")])])
+
+
+
+def needs_vm(test):
+    """For tests that start their own kernels: skipped without the vm backend."""
+    return pytest.mark.vm(pytest.mark.skipif(BACKEND != "vm", reason="snapshots need the vm "
+                                             "backend")(test))
+
+
+__all__ = ["KERNEL", "MagicKernel", "needs_vm", "stdout_of", "stderr_of"]
+
+
+def pytest_collection_modifyitems(config, items):
+    here = os.path.dirname(__file__)
+    if BACKEND == "vm":
+        for item in items:
+            if str(item.fspath).startswith(here) and "kernel" in getattr(item, "fixturenames", ()):
+                item.add_marker(pytest.mark.vm)
+
+
+class MagicKernel(Kernel):
+    """A kernel serving notebook ``notebook`` with snapshots under ``data_dir``."""
+
+    def __init__(self, data_dir: str, notebook: str = "analysis.ipynb",
+                 extra_arguments: list[str] | None = None) -> None:
+        self.data_dir = data_dir
+        self.notebook = notebook
+        env = dict(os.environ, JUPYTER_DATA_DIR=data_dir, JPY_SESSION_NAME=notebook)
+        super().__init__(KERNEL, extra_arguments=extra_arguments, env=env)
+
+    def store(self):
+        """This kernel's notebook folder, as the kernel computes it."""
+        key, label = notebook_key({"JPY_SESSION_NAME": self.notebook}, os.getcwd(), None, "")
+        root = os.path.join(self.data_dir, "supermachine-kernel", "snapshots")
+        return SnapshotStore(root).notebook(key, label)
+
+    def ok(self, code: str, timeout: float = 60) -> str:
+        """Runs ``code``, asserts it succeeded, returns its stdout."""
+        reply, outputs = self.execute(code, timeout=timeout)
+        assert reply["status"] == "ok", (code, reply, stderr_of(outputs))
+        return stdout_of(outputs)
+
+    def error(self, code: str, timeout: float = 60) -> tuple[dict, list[dict]]:
+        """Runs ``code``, asserts it failed; returns (reply, the published error's content)."""
+        reply, outputs = self.execute(code, timeout=timeout)
+        assert reply["status"] == "error", (code, reply)
+        errors = [m["content"] for m in outputs if m["msg_type"] == "error"]
+        assert errors, outputs
+        return reply, errors
+
+
+@pytest.fixture(scope="module")
+def data_dir():
+    with tempfile.TemporaryDirectory(prefix="smk-jupyter-data-") as d:
+        yield d
+
+
+@pytest.fixture(scope="module")
+def kernel(data_dir, request):
+    """One kernel per test module, serving a notebook named after the module."""
+    if BACKEND != "vm":
+        pytest.skip("snapshots need the vm backend")
+    name = request.module.__name__.rsplit(".", 1)[-1].replace("test_", "") + ".ipynb"
+    k = MagicKernel(data_dir, notebook=name)
+    yield k
+    k.shutdown()

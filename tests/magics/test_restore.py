@@ -1,0 +1,139 @@
+"""%restore: the whole session state comes back (variables, guest files, a background thread's
+progress, a background process), the kernel carries on; unknown names and damaged snapshots are
+clear errors; snapshots survive a kernel restart and are restorable from a new kernel of the same
+notebook, and only there."""
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import nbformat
+import pytest
+from nbclient import NotebookClient
+
+from .conftest import BACKEND, KERNEL, MagicKernel, needs_vm
+
+SETUP = """
+import os, random, subprocess, threading, time
+counter = {"n": 0}
+def _tick():
+    while True:
+        counter["n"] += 1
+        time.sleep(0.05)
+threading.Thread(target=_tick, daemon=True).start()
+sleeper = subprocess.Popen(["sleep", "100000"])
+data = {"rows": list(range(1000)), "label": "original"}
+with open("/root/results.csv", "w") as f:
+    f.write("a,b\\n1,2\\n")
+time.sleep(0.5)
+"""
+
+
+def test_state_is_back_after_restore(kernel):
+    kernel.ok(SETUP)
+    kernel.ok("%snapshot base")
+    progress_at_snapshot = int(kernel.ok("print(counter['n'])"))
+    # Destroy things: variables, the file, the process; let the thread run on.
+    kernel.ok("del data\nwith open('/root/results.csv', 'w') as f: f.write('overwritten')\n"
+              "sleeper.kill(); sleeper.wait(); time.sleep(1.5)")
+    progress_before_restore = int(kernel.ok("print(counter['n'])"))
+    assert progress_before_restore > progress_at_snapshot
+    count_before = kernel.execute("1")[0]["execution_count"]
+
+    out = kernel.ok("%restore base")
+    assert "Restored snapshot 'base'" in out
+
+    assert kernel.value("data['label'], len(data['rows'])") == "('original', 1000)"
+    assert kernel.value("open('/root/results.csv').read()") == repr("a,b\n1,2\n")
+    assert kernel.value("sleeper.poll() is None and os.path.exists(f'/proc/{sleeper.pid}')") == "True"
+    # The thread is back where it was at the snapshot, and running again.
+    n1 = int(kernel.ok("print(counter['n'])"))
+    assert n1 < progress_before_restore
+    n2 = int(kernel.ok("time.sleep(0.5); print(counter['n'])"))
+    assert n2 > n1
+    # The kernel's execution count kept counting.
+    reply, _ = kernel.execute("1")
+    assert reply["execution_count"] > count_before
+
+
+def test_clock_and_random_after_restore(kernel):
+    kernel.ok("%snapshot clock")
+    time.sleep(3)
+    kernel.ok("%restore clock")
+    skew = float(kernel.value(f"time.time() - {time.time()}"))
+    assert abs(skew) < 2.0 + 1.0, skew  # the guest clock was set to the host's at restore
+    first = kernel.value("random.random(), os.urandom(8).hex()")
+    kernel.ok("%restore clock")
+    second = kernel.value("random.random(), os.urandom(8).hex()")
+    assert first != second  # two restores of one snapshot never share random numbers
+
+
+def test_default_is_latest_and_unknown_lists_available(kernel):
+    kernel.ok("marker = 'latest'")
+    kernel.ok("%snapshot newest")
+    kernel.ok("marker = 'changed'")
+    assert "Restored snapshot 'newest'" in kernel.ok("%restore")
+    assert kernel.value("marker") == "'latest'"
+    reply, (err,) = kernel.error("%restore no-such-snapshot")
+    assert err["ename"] == "SnapshotNotFound"
+    assert "no snapshot named 'no-such-snapshot'" in err["evalue"]
+    for name in ("base", "clock", "newest"):
+        assert name in err["evalue"]
+
+
+def test_corrupted_snapshot_is_refused_clearly(kernel):
+    kernel.ok("%snapshot damaged")
+    state = Path(kernel.store().path("damaged")) / "state"
+    with open(state, "r+b") as f:
+        f.seek(state.stat().st_size // 2)
+        chunk = f.read(64)
+        f.seek(state.stat().st_size // 2)
+        f.write(bytes(b ^ 0xFF for b in chunk))
+    reply, (err,) = kernel.error("%restore damaged")
+    assert "cannot restore 'damaged'" in err["evalue"]
+    assert "corrupt" in err["evalue"]  # the runtime's checksum message, surfaced as is
+    assert "%snapshot --delete damaged" in "\n".join(err["traceback"])
+    assert kernel.value("6 * 7") == "42"  # the running session is untouched
+
+
+@needs_vm
+def test_snapshots_survive_restart_and_new_kernel(data_dir):
+    k = MagicKernel(data_dir, notebook="persist.ipynb")
+    try:
+        k.ok("survivor = 'from the first kernel'")
+        k.ok("%snapshot keep")
+        k.km.restart_kernel(now=False)
+        k.kc.wait_for_ready(timeout=300)
+        k.flush()
+        reply, _ = k.execute("survivor")
+        assert reply["status"] == "error"  # a restart is a fresh VM ...
+        k.ok("%restore keep")  # ... and the snapshot is still there
+        assert k.value("survivor") == "'from the first kernel'"
+    finally:
+        k.shutdown()
+    other = MagicKernel(data_dir, notebook="someone-else.ipynb")
+    try:
+        reply, (err,) = other.error("%restore keep")  # another notebook never sees it
+        assert "has no snapshots" in err["evalue"]
+    finally:
+        other.shutdown()
+    again = MagicKernel(data_dir, notebook="persist.ipynb")
+    try:
+        again.ok("%restore keep")
+        assert again.value("survivor") == "'from the first kernel'"
+    finally:
+        again.shutdown()
+
+
+@needs_vm
+def test_snapshot_mid_analysis_notebook(data_dir):
+    path = Path(__file__).resolve().parents[2] / "notebooks" / "snapshot-mid-analysis.ipynb"
+    nb = nbformat.read(path, as_version=4)
+    env = dict(os.environ, JUPYTER_DATA_DIR=data_dir, JPY_SESSION_NAME=path.name)
+    NotebookClient(nb, kernel_name=KERNEL, timeout=600, startup_timeout=300).execute(env=env)
+    errors = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs
+              if o.output_type == "error"]
+    assert not errors, errors
+    text = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.outputs)
+    assert "Restored snapshot 'cleaned'" in text

@@ -1,0 +1,70 @@
+"""%snapshot: capture, names, --force, --delete, --report, help, placement, failures as errors."""
+from __future__ import annotations
+
+import os
+import re
+
+from .conftest import stdout_of
+
+
+def test_snapshot_prints_name_size_and_time(kernel):
+    kernel.ok("import numpy as np; kept = np.ones(1 << 20)")
+    out = kernel.ok("%snapshot")
+    m = re.search(r"Snapshot 'snap-1': ([\d.]+) (KiB|MiB|GiB) on disk, taken in ([\d.]+) s", out)
+    assert m, out
+    nb = kernel.store()
+    (entry,) = nb.entries()
+    assert entry.name == "snap-1" and entry.size_bytes > 0 and entry.repl_id is not None
+    assert os.path.isfile(os.path.join(nb.path("snap-1"), "metadata.json"))
+    # Sizes are disk usage (allocated blocks), never more than the files' lengths (+ a block).
+    files = os.listdir(nb.path("snap-1"))
+    assert entry.size_bytes <= sum(os.path.getsize(os.path.join(nb.path("snap-1"), f)) + 4096
+                                   for f in files)
+
+
+def test_named_duplicate_and_force(kernel):
+    assert "Snapshot 'keep'" in kernel.ok("%snapshot keep")
+    reply, (err,) = kernel.error("%snapshot keep")
+    assert err["ename"] == "SnapshotError"
+    assert "already exists" in err["evalue"] and "--force" in err["evalue"]
+    before = kernel.store().get("keep").created
+    assert "Snapshot 'keep'" in kernel.ok("%snapshot --force keep")
+    assert kernel.store().get("keep").created > before
+
+
+def test_delete_and_report(kernel):
+    out = kernel.ok("%snapshot --report")
+    assert "this notebook" in out and "Total:" in out
+    out = kernel.ok("%snapshot --delete keep")
+    assert re.search(r"Deleted snapshot 'keep': freed [\d.]+ (KiB|MiB|GiB)", out), out
+    assert not os.path.exists(kernel.store().path("keep"))
+    reply, (err,) = kernel.error("%snapshot --delete keep")
+    assert "no snapshot named 'keep'" in err["evalue"] and "snap-1" in err["evalue"]
+    reply, (err,) = kernel.error("%snapshot --delete")
+    assert err["ename"] == "UsageError"
+
+
+def test_bad_names_and_placement_are_cell_errors(kernel):
+    reply, (err,) = kernel.error("%snapshot ../escape")
+    assert "invalid snapshot name" in err["evalue"]
+    reply, (err,) = kernel.error("x = 1\n%snapshot late")
+    assert err["ename"] == "UsageError" and "must come first" in err["evalue"]
+    assert not os.path.exists(kernel.store().path("late"))
+    reply, (err,) = kernel.error("%snapshot --bogus")
+    assert err["ename"] == "UsageError"
+
+
+def test_magic_then_code_in_one_cell(kernel):
+    reply, outputs = kernel.execute("%snapshot with-code\nprint('code ran', 6 * 7)")
+    assert reply["status"] == "ok"
+    out = stdout_of(outputs)
+    assert out.index("Snapshot 'with-code'") < out.index("code ran 42")
+
+
+def test_help_is_the_docstring(kernel):
+    reply, outputs = kernel.execute("%snapshot?")
+    assert reply["status"] == "ok"
+    (page,) = reply["payload"]
+    assert page["source"] == "page"
+    assert "Capture the whole microVM" in page["data"]["text/plain"]
+    assert "--delete" in page["data"]["text/plain"]
