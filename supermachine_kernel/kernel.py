@@ -200,12 +200,13 @@ class MicroVMKernel(Kernel, GuestConfig):
 
     def _release_at_exit(self) -> None:
         guest = self.guest
-        link = guest._link if guest is not None else None
+        if guest is None:
+            return
+        guest.backend.close()  # first, so the pool destroys what is given back (no restore)
+        link = guest._link
         if link is not None:
             link.closing = True
             link.close()
-        if guest is not None:
-            guest.backend.close()
 
     def _on_sigterm(self, signum: int, frame: t.Any) -> None:
         # Release the guest now (no VM may outlive us), then exit without unwinding threads.

@@ -384,8 +384,10 @@ class GuestSession:
 
     async def shutdown(self) -> None:
         self._shutting_down = True
-        await self._stop()
+        # Close the backend first: a pool that is shut down destroys the VM given back to it
+        # instead of restoring a replacement nobody will use.
         await asyncio.to_thread(self.backend.close)
+        await self._stop()
 
     async def _stop(self) -> None:
         starting = self._starting
