@@ -281,6 +281,12 @@ class NotebookSnapshots:
             snaps = self._read_index().get("snapshots") or {}
             snaps.pop(name, None)
             self._write_index(snaps)
+            if not self.entries():  # the notebook's last snapshot: leave no empty folder behind
+                for leftover in (INDEX_FILE, LOCK_FILE):
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(os.path.join(self.dir, leftover))
+                with contextlib.suppress(OSError):
+                    os.rmdir(self.dir)
         return freed
 
     def total_bytes(self) -> int:

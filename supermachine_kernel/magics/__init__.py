@@ -253,7 +253,16 @@ async def dispatch(kernel: Any, code: str, silent: bool = False) -> tuple[str, O
     cell was handled (entirely, or it failed) on the host. Cheap for cells without ``%``."""
     if "%" not in code:
         return code, None
-    host = getattr(kernel, "_host_magics", None)
-    if host is None:
-        host = kernel._host_magics = HostMagics(kernel)
-    return await host.run_cell(code, silent)
+    try:
+        host = getattr(kernel, "_host_magics", None)
+        if host is None:
+            host = kernel._host_magics = HostMagics(kernel)
+        return await host.run_cell(code, silent)
+    except Exception as e:  # noqa: BLE001 - a bug here must not take the cell (or kernel) down
+        log.exception("host magics failed")
+        content = {"ename": "MagicError", "evalue": f"host magics failed: {type(e).__name__}: {e}",
+                   "traceback": [f"{RED}MagicError{RESET}: {type(e).__name__}: {e}",
+                                 "This is a bug in supermachine_kernel.magics; see the kernel log."]}
+        if not silent:
+            kernel._publish("error", content)
+        return code, dict(content, status="error", user_expressions={}, payload=[])
