@@ -58,6 +58,12 @@ BAKING_NOTICE = (
 )
 
 
+def _parent_stub(parent: dict) -> dict:
+    """The part of a request's header the guest may know (libraries route output by msg_id)."""
+    header = parent.get("header") or {}
+    return {"header": {"msg_id": header.get("msg_id", ""), "msg_type": header.get("msg_type", "")}}
+
+
 def _approx_size(content: dict) -> int:
     data = content.get("data") or {}
     size = 0
@@ -315,6 +321,7 @@ class MicroVMKernel(Kernel, GuestConfig):
                 user_expressions=user_expressions or {},
                 allow_stdin=allow_stdin,
                 execution_count=self.execution_count,
+                parent=_parent_stub(parent),
             )
         except GuestDied as e:
             summary, details = summarize_death(e.reason)
@@ -520,6 +527,7 @@ class MicroVMKernel(Kernel, GuestConfig):
             "metadata": parent.get("metadata") or {},
             "buffers": [base64.b64encode(bytes(b)).decode("ascii") for b in parent.get("buffers") or []],
         }
+        fields["parent"] = _parent_stub(parent)
         if kind == "comm_open":
             fields["target_name"] = str(content.get("target_name", ""))
             fields["target_module"] = content.get("target_module")

@@ -313,6 +313,26 @@ class State:
     executing = False
     allow_stdin = False
     generation = None
+    parent = {}  # {"header": {"msg_id", "msg_type"}} of the Jupyter request being handled
+
+
+def _parent_of(req):
+    parent = req.get("parent")
+    if isinstance(parent, dict) and isinstance(parent.get("header"), dict):
+        return parent
+    return {}
+
+
+class KernelShim:
+    """What `get_ipython().kernel` offers libraries that look for ipykernel's kernel object:
+    the current request (ipywidgets' Output widget routes output by its msg_id)."""
+
+    def get_parent(self, channel=None):
+        return state.parent
+
+    @property
+    def _parent_header(self):
+        return state.parent
 
 
 state = State()
@@ -777,6 +797,14 @@ class IPythonExecutor:
         executor = self
 
         class GuestShell(InteractiveShell):
+            kernel = KernelShim()
+
+            def get_parent(self):
+                return state.parent
+
+            def set_parent(self, parent):
+                state.parent = parent or {}
+
             def _showtraceback(self, etype, evalue, stb):
                 state.output.flush()
                 err = {"ename": getattr(etype, "__name__", str(etype)), "evalue": str(evalue),
@@ -813,6 +841,7 @@ class IPythonExecutor:
         cfg.HistoryManager.hist_file = ":memory:"
         cfg.InteractiveShell.colors = "linux"
         cfg.InteractiveShell.xmode = "Context"
+        cfg.IPKernelApp = Config()  # how tqdm & co. recognise a notebook frontend
         self.last_error = None
         self.shell = GuestShell.instance(
             config=cfg,
@@ -1061,6 +1090,7 @@ class Driver:
         if "execution_count" in req:
             ex.execution_count = int(req["execution_count"])
         state.allow_stdin = bool(req.get("allow_stdin"))
+        state.parent = _parent_of(req)
         reseed_if_restored()
         error = None
         state.executing = True
@@ -1119,6 +1149,7 @@ class Driver:
                        "metadata": {}, "buffers": []})
             return None
         handler = getattr(self.comm_manager, req["type"])
+        state.parent = _parent_of(req)
         state.executing = True  # widget callbacks are user code: interruptible
         try:
             handler(None, None, _comm_message(req))

@@ -107,3 +107,32 @@ def test_comm_open_to_unknown_target_is_closed(kernel):
     _send_shell(kernel, "comm_open", {"comm_id": "c-2", "target_name": "nobody-home", "data": {}})
     msg = _iopub_until(kernel, lambda m: m["msg_type"] == "comm_close")
     assert msg["content"]["comm_id"] == "c-2"
+
+
+def test_output_widget_captures_by_parent_msg_id(kernel):
+    """ipywidgets.Output learns the current request's msg_id from the guest (KernelShim), so
+    frontends route the output into the widget."""
+    reply, _ = kernel.execute("import ipywidgets as w\nout = w.Output()\nout", timeout=60)
+    assert reply["status"] == "ok"
+    msg_id = kernel.kc.execute("with out:\n    print('inside')")
+    seen = []
+    deadline = time.monotonic() + 30 * SLOW
+    while time.monotonic() < deadline:
+        try:
+            msg = kernel.kc.iopub_channel.get_msg(timeout=0.1)
+        except queue.Empty:
+            continue
+        if msg["parent_header"].get("msg_id") != msg_id:
+            continue
+        seen.append(msg)
+        if msg["msg_type"] == "status" and msg["content"]["execution_state"] == "idle":
+            break
+    updates = [m["content"]["data"]["state"]["msg_id"] for m in seen
+               if m["msg_type"] == "comm_msg" and "msg_id" in m["content"]["data"].get("state", {})]
+    assert msg_id in updates, [m["msg_type"] for m in seen]
+    assert "" in updates  # and cleared on leaving the context
+    assert any(m["msg_type"] == "stream" and "inside" in m["content"]["text"] for m in seen)
+
+
+def test_tqdm_style_notebook_detection(kernel):
+    assert kernel.value("'IPKernelApp' in get_ipython().config") == "True"

@@ -7,15 +7,28 @@ import nbformat
 import pytest
 from nbclient import NotebookClient
 
-from .harness import KERNEL, SLOW, START_TIMEOUT
+from .harness import BACKEND, KERNEL, SLOW, START_TIMEOUT
 
 NOTEBOOKS = sorted((Path(__file__).resolve().parents[2] / "notebooks").glob("*.ipynb"))
 NOTEBOOKS = [p for p in NOTEBOOKS if not p.name.endswith(".executed.ipynb")]
 
 
+VM_MAGICS = ("%snapshot", "%restore", "%snapshots", "%pool", "%vm")
+
+
+def needs_vm(nb) -> bool:
+    """Notebook metadata `supermachine.backend == "vm"`, or a cell using the VM magics."""
+    if nb.metadata.get("supermachine", {}).get("backend") == "vm":
+        return True
+    return any(line.lstrip().startswith(VM_MAGICS)
+               for c in nb.cells if c.cell_type == "code" for line in c.source.splitlines())
+
+
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.name for p in NOTEBOOKS])
 def test_notebook_executes(path):
     nb = nbformat.read(path, as_version=4)
+    if BACKEND != "vm" and needs_vm(nb):
+        pytest.skip("this notebook needs the vm backend")
     NotebookClient(nb, kernel_name=KERNEL, timeout=int(120 * SLOW),
                    startup_timeout=START_TIMEOUT).execute()
     outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs]
