@@ -281,16 +281,20 @@ impl Default for RestoreOptions {
     }
 }
 
-/// Translation-buffer size for restored clones: `SUPERMACHINE_TCG_TB_MIB` (0 or unset: QEMU's
-/// default). Measured (TCG, `import numpy` in a clone): tb 4 MiB 41–74 s, 16 MiB 7–11 s,
-/// 64 MiB 1.7–3.1 s, default 2.5–3.7 s — while an idle clone only ever touches ~6 MiB of it.
-/// A small buffer saves almost nothing idle and costs a lot busy, so the default is QEMU's.
+/// TCG translation-buffer size (MiB): `SUPERMACHINE_TCG_TB_MIB` (0 = QEMU's default of 1 GiB),
+/// else [`DEFAULT_TB_SIZE_MIB`]. Measured (TCG, `import numpy` in a clone): tb 4 MiB 41–74 s,
+/// 16 MiB 7–11 s, 64 MiB 1.7–3.1 s, QEMU's default 2.5–3.7 s: below the working set it
+/// thrashes, 64 MiB costs nothing and caps how much translated code a busy VM keeps.
 pub fn default_tb_size_mib() -> Option<u32> {
     match std::env::var("SUPERMACHINE_TCG_TB_MIB").ok().and_then(|v| v.trim().parse::<u32>().ok()) {
-        Some(0) | None => None,
+        Some(0) => None,
         Some(n) => Some(n),
+        None => Some(DEFAULT_TB_SIZE_MIB),
     }
 }
+
+/// Default TCG translation buffer (MiB), see [`default_tb_size_mib`].
+pub const DEFAULT_TB_SIZE_MIB: u32 = 64;
 
 impl Vm {
     /// Snapshots this VM into `dest` (a new directory) and lets it run on. Processes keep
@@ -313,6 +317,9 @@ impl Vm {
         let qmp = qmp_guard.as_mut().expect("qmp connected");
         let result = (|| -> Result<()> {
             qmp.execute("stop", None)?;
+            // The VM is stopped: no need for QEMU's default migration throttle (it made a
+            // full snapshot of a 500 MiB guest take ~5 s).
+            qmp.execute("migrate-set-parameters", Some(json!({"max-bandwidth": 1u64 << 40})))?;
             qmp.execute(
                 "migrate-set-capabilities",
                 Some(json!({"capabilities": [{"capability": "x-ignore-shared", "state": kind == SnapshotKind::Template}]})),
