@@ -4,12 +4,12 @@ checkout (plain python3 ipykernel), same run, same sessions.
 For each size (default 50 and 400 MiB), a fresh kernel of each kind holds a numpy array of that
 many MiB of random doubles (random: no zero pages, nothing compressible), then:
   microVM: %snapshot (of the pool VM the kernel started on) → size on disk; `del` the array;
-           %restore ×N (p50, array checked after each); %snapshot again (now of a VM restored
-           by %restore, whose RAM is a file: the runtime's other snapshot path) and %restore
-           of that ×N.
+           %restore ×N (the first one apart, then p50; array checked after each); %snapshot
+           again (now of a VM restored by %restore, whose RAM is a file: the runtime's other
+           snapshot path) and %restore of that ×N.
   Kishu:   init_kishu, then the cell that creates the array is auto-committed (Kishu's own
            checkpoint_runtime_s is reported); a manual `_kishu.commit()`; `del` the array;
-           checkout of the commit holding it ×N (p50, array checked after each); the size of
+           checkout of the commit holding it ×N (first, then p50; array checked); the size of
            Kishu's store.
 Times are client-side round trips (execute_request → idle), i.e. what a user waits for; the
 microVM rows also show the magic's own figure in the table's notes.
@@ -115,7 +115,7 @@ def bench_microvm(mib: int, rounds: int, memory_mib: int, data_dir: str) -> dict
             restores.append(t)
             inner.append(_parse_restore(out))
             k.run(CHECK)
-        r["restore"], r["restore_inner"] = median(restores), median(inner)
+        r["restore_first"], r["restore"], r["restore_inner"] = _first_rest(restores, inner)
         # A VM restored by %restore has its RAM in a file: its snapshots take the other path.
         r["snapshot2"], out, _ = k.run("%snapshot gen2")
         r["snapshot2_inner"], r["size2"] = _parse_snapshot(out)
@@ -125,12 +125,19 @@ def bench_microvm(mib: int, rounds: int, memory_mib: int, data_dir: str) -> dict
             restores.append(t)
             inner.append(_parse_restore(out))
             k.run(CHECK)
-        r["restore2"], r["restore2_inner"] = median(restores), median(inner)
+        r["restore2_first"], r["restore2"], r["restore2_inner"] = _first_rest(restores, inner)
         _, out, _ = k.run("%vm")
         r["accel"] = re.search(r"accelerator\s+(\w+)", out).group(1)
     finally:
         k.close()
     return r
+
+
+def _first_rest(times: list[float], inner: list[float]) -> tuple[float, float, float]:
+    """(the first restore — right after the snapshot was written, while the kernel may still be
+    flushing it to disk — p50 of the later ones, p50 of the later ones' own timing)."""
+    rest, rest_inner = (times[1:], inner[1:]) if len(times) > 1 else (times, inner)
+    return times[0], median(rest), median(rest_inner)
 
 
 def _parse_snapshot(out: str) -> tuple[float, float]:
@@ -173,7 +180,8 @@ def bench_kishu(mib: int, rounds: int, work: str) -> dict:
             checkouts.append(t)
             k.run(CHECK)
             k.run("del a")
-        r["checkout"] = median(checkouts)
+        r["checkout_first"] = checkouts[0]
+        r["checkout"] = median(checkouts[1:] or checkouts)
         r["size"] = disk_usage(root) / MIB
     finally:
         k.close()
@@ -183,12 +191,14 @@ def bench_kishu(mib: int, rounds: int, work: str) -> dict:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--sizes", default="50,400", help="MiB touched per session (comma list)")
-    ap.add_argument("--rounds", type=int, default=3, help="restores/checkouts per session")
+    ap.add_argument("--rounds", type=int, default=4, help="restores/checkouts per session")
     ap.add_argument("--memory-mib", type=int, default=1024, help="guest RAM of the microVM")
     ap.add_argument("--skip-kishu", action="store_true")
     args = ap.parse_args(argv)
     sizes = [int(s) for s in args.sizes.split(",")]
     work = tempfile.mkdtemp(prefix="smk-bench-magics-")
+    load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
+    print(f"host: {os.cpu_count()} cores, load average {load} (other VMs share the machine)")
     try:
         for mib in sizes:
             print(f"[{mib} MiB] microVM kernel …", file=sys.stderr, flush=True)
@@ -205,24 +215,31 @@ def main(argv: list[str] | None = None) -> int:
                 ("%snapshot (VM from the pool) / Kishu commit", ours["snapshot"],
                  g("auto_checkpoint", NAN), "ms"),
                 ("  its size on disk", ours["size"], g("size", NAN), "MiB"),
-                ("%restore p50 / Kishu checkout p50", ours["restore"], g("checkout", NAN), "ms"),
+                ("first %restore / checkout after it", ours["restore_first"],
+                 g("checkout_first", NAN), "ms"),
+                ("later %restore p50 / Kishu checkout p50", ours["restore"], g("checkout", NAN),
+                 "ms"),
                 ("%snapshot (VM from %restore)", ours["snapshot2"], NAN, "ms"),
                 ("  its size on disk", ours["size2"], NAN, "MiB"),
-                ("%restore of that p50", ours["restore2"], NAN, "ms"),
+                ("  first %restore of that", ours["restore2_first"], NAN, "ms"),
+                ("  later %restore of that p50", ours["restore2"], NAN, "ms"),
                 ("manual commit, nothing changed (Kishu)", NAN, g("checkpoint", NAN), "ms"),
             ]
             print_table(f"{mib} MiB touched ({ours['accel']}, guest {args.memory_mib} MiB, "
                         f"{args.rounds} rounds)", rows, "microVM", "Kishu")
             print(f"  magic's own timings: %snapshot {ours['snapshot_inner']:.3f} s / "
-                  f"{ours['snapshot2_inner']:.3f} s; %restore p50 {ours['restore_inner']:.3f} s / "
+                  f"{ours['snapshot2_inner']:.3f} s; later %restore p50 {ours['restore_inner']:.3f} s / "
                   f"{ours['restore2_inner']:.3f} s")
             if theirs:
                 print(f"  Kishu: checkpoint_runtime_s of the auto-commit holding the array "
                       f"{theirs['auto_checkpoint']:.3f} s; checkout is a cell round trip")
-            goal_r = "met" if ours["restore"] <= 0.2 else "NOT met"
-            print(f"  goals: %restore <= 200 ms {goal_r}"
-                  + (f"; %snapshot <= 1 s {'met' if ours['snapshot'] <= 1 else 'NOT met'}"
-                     if mib >= 400 else ""))
+            verdict = lambda ok: "met" if ok else "NOT met"  # noqa: E731
+            line = (f"  goals: %restore <= 200 ms: {verdict(ours['restore'] <= 0.2)} (p50), "
+                    f"{verdict(ours['restore2'] <= 0.2)} (p50 after a %restore)")
+            if mib >= 400:
+                line += (f"; %snapshot <= 1 s: {verdict(ours['snapshot'] <= 1)}, "
+                         f"{verdict(ours['snapshot2'] <= 1)} (after a %restore)")
+            print(line, flush=True)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return 0
