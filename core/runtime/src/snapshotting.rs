@@ -40,7 +40,7 @@ use crate::qemu::{self, Incoming, QemuConfig, RamFile};
 use crate::qmp::Qmp;
 use crate::snapshot::format::{self as fmt};
 use crate::snapshot::{MachineIdentity, PendingSnapshot, SnapshotError, SnapshotKind, SnapshotMeta};
-use crate::vm::{Vm, DEFAULT_BOOT_TIMEOUT};
+use crate::vm::Vm;
 use crate::workdir::WorkDir;
 
 /// How long a snapshot's migration may take before we give up.
@@ -408,9 +408,6 @@ impl Vm {
         self.restored_from().map(|s| s.to_string())
     }
 }
-
-/// The default boot timeout re-exported for callers that restore or boot.
-pub const BOOT_TIMEOUT: Duration = DEFAULT_BOOT_TIMEOUT;
 
 /// Pool items are VMs restored from one snapshot.
 pub struct RestoreFactory {

@@ -4,7 +4,11 @@
 //!
 //! Cold boot: launch QEMU → connect to the agent port (retrying until QEMU listens) → Hello →
 //! Welcome before the boot deadline. If QEMU exits or the guest never answers, the error
-//! carries QEMU's exit status and the tail of the guest console.
+//! carries QEMU's exit status and the tail of the guest console. Restoring from a snapshot
+//! (`snapshotting.rs`) goes through the same [`Vm::start`], with the state fed over QMP
+//! before the Welcome is awaited.
+//!
+//! Set `SUPERMACHINE_TRACE=1` to print the phases of every boot/restore with timings.
 
 use std::fs;
 use std::io::{Read, Seek, SeekFrom, Write};
@@ -192,6 +196,9 @@ fn tail(path: &Path, max: u64) -> String {
     text
 }
 
+/// Feeds an incoming migration (a snapshot's state) to a QEMU started with `-incoming defer`.
+pub(crate) type FeedState<'a> = dyn Fn(&mut Qmp) -> Result<()> + 'a;
+
 /// A running VM (or an attached agent).
 pub struct Vm {
     conn: Conn,
@@ -261,7 +268,7 @@ impl Vm {
         deadline: Instant,
         budget: Duration,
         restored_from: Option<String>,
-        incoming: Option<&dyn Fn(&mut Qmp) -> Result<()>>,
+        incoming: Option<&FeedState>,
     ) -> Result<Vm> {
         let accel = config.accel;
         let t0 = Instant::now();
