@@ -87,6 +87,7 @@ class Machine:
         self.restore_ms: collections.deque[float] = collections.deque(maxlen=10)
         self.snapshot_ms: collections.deque[float] = collections.deque(maxlen=10)
         self._since: dict[int, tuple[float, str]] = {}  # id(vm) -> (wall time, how it came)
+        self._log = getattr(kernel, "log", None) or log  # the kernel app's log (--log-level)
 
     # -- the running VM --------------------------------------------------------------------------
 
@@ -159,6 +160,7 @@ class Machine:
         path = self.snapshots.path(entry.name)
         t0 = time.monotonic()
         handle = await asyncio.to_thread(self._restored_handle, path, entry)
+        t1 = time.monotonic()
         try:
             await guest.adopt(handle, timeout=RESTORE_TIMEOUT)
         except Exception as e:  # noqa: BLE001
@@ -166,6 +168,8 @@ class Machine:
                 f"the REPL in snapshot {entry.name!r} did not answer after the restore: {e}",
                 "The previous session is still running.") from e
         took = time.monotonic() - t0
+        self._log.info("restored %s in %.3f s (VM restored and REPL attached %.3f s, REPL answered "
+                 "%.3f s)", entry.name, took, t1 - t0, took - (t1 - t0))
         self.restore_ms.append(took * 1000)
         self._since = {id(handle.vm): (time.time(), f"restored from {entry.name!r}")}
         self.head = entry.name
@@ -176,16 +180,20 @@ class Machine:
         from . import api  # noqa: PLC0415 - needs the compiled runtime
         from .session.vm import VmHandle  # noqa: PLC0415
 
+        t0 = time.monotonic()
         try:
             image = api.Image.from_snapshot(path)
         except (api.SnapshotError, OSError, KeyError, ValueError) as e:
             raise MachineError(f"cannot restore {entry.name!r}: {e}",
                                f"Delete it with %snapshot --delete {entry.name}.") from e
+        t1 = time.monotonic()
         try:
             vm = image.boot()
         except api.VmError as e:
             raise MachineError(f"restoring {entry.name!r} failed: {e}",
                                "The previous session is still running.") from e
+        self._log.info("snapshot %s verified in %.3f s, VM restored in %.3f s", entry.name, t1 - t0,
+                 time.monotonic() - t1)
         try:
             child = self._attach_repl(vm, entry.repl_id)
         except BaseException:
