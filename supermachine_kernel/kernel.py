@@ -30,12 +30,11 @@ import zmq
 from ipykernel.kernelapp import IPKernelApp
 from ipykernel.kernelbase import Kernel
 from jupyter_core.paths import jupyter_config_path
-from traitlets.config import Config, Configurable
+from traitlets.config import Configurable
 from traitlets import Any, Bool, Dict, Float, Integer, List, Unicode, default
 
 from . import magics
 from .ratelimit import RateLimiter
-from .session.backend import driver_source
 from .session import (
     GuestDied,
     GuestSession,
@@ -92,8 +91,8 @@ def summarize_death(reason: str, max_details: int = 8) -> tuple[str, list[str]]:
 
 
 class GuestConfig(Configurable):
-    """Where and how the guest runs. Set as `c.MicroVMKernel.<trait>` (the kernel inherits these);
-    the kernel app reads them early to start the guest while ipykernel is still initializing."""
+    """Where and how the guest runs. Set as `c.MicroVMKernel.<trait>` (the kernel inherits these).
+    A separate class so tools can read the guest settings without constructing a kernel."""
 
     backend = Unicode(
         help="Where cells run: 'vm' (a microVM per kernel) or 'local' (a host subprocess; NOT "
@@ -189,8 +188,7 @@ class MicroVMKernel(Kernel, GuestConfig):
     def start(self) -> None:
         super().start()
         self._main_loop = asyncio.get_event_loop()
-        # The app may have started the guest already (while ipykernel was initializing).
-        backend = getattr(self.parent, "early_backend", None) or self.make_backend()
+        backend = self.make_backend()
         self.guest = GuestSession(
             backend,
             self._main_loop,
@@ -598,22 +596,6 @@ class MicroVMKernelApp(IPKernelApp):
     @default("config_file_paths")
     def _config_file_paths_default(self) -> list[str]:
         return list(jupyter_config_path())
-
-    early_backend = Any(None)
-
-    def init_connection_file(self) -> None:
-        # The first step after the config is loaded: start the guest now, so its VM restore
-        # overlaps the rest of ipykernel's start-up instead of following it.
-        try:
-            options = GuestConfig(config=Config({"GuestConfig": self.config.get("MicroVMKernel", {})}))
-            backend = options.make_backend()
-            prelaunch = getattr(backend, "prelaunch", None)
-            if prelaunch is not None:
-                prelaunch(driver_source(), guest_environment(dict(options.guest_env)))
-            self.early_backend = backend
-        except Exception:  # noqa: BLE001 - the kernel starts the guest the normal way
-            self.log.warning("could not start the guest early", exc_info=True)
-        super().init_connection_file()
 
     def start(self) -> None:
         try:

@@ -18,7 +18,7 @@ import sys
 import tempfile
 from dataclasses import dataclass
 
-from .backend import PREIMPORT_ENV, Prelaunch, SpareKeeper, read_ready_frame
+from .backend import PREIMPORT_ENV, SpareKeeper, read_ready_frame
 
 
 @dataclass
@@ -136,7 +136,6 @@ class LocalBackend:
         self.python_version = platform.python_version() if self.python == sys.executable else None
         self.preimport = list(preimport or [])
         self._recipe: tuple[bytes, dict[str, str]] | None = None
-        self._prelaunch = Prelaunch()
         self._spares = SpareKeeper(self._start_spare, lambda h: h.child.poll() is None) \
             if spares > 0 else None
 
@@ -163,18 +162,7 @@ class LocalBackend:
         handle.prestarted = True
         return handle
 
-    def prelaunch(self, driver: bytes, env: dict[str, str]) -> None:
-        self._prelaunch.start(driver, env, lambda: self._spawn(driver, env))
-
     def launch(self, driver: bytes, env: dict[str, str]) -> LocalHandle:
-        early = self._prelaunch.take(driver, env)
-        if early is not None:
-            try:
-                handle = early.result()
-                self._recipe = (driver, env)
-                return handle
-            except Exception:  # noqa: BLE001 - start it the normal way, which reports errors
-                pass
         if self._recipe != (driver, env):
             self._recipe = (driver, env)
             spare = None
@@ -187,6 +175,5 @@ class LocalBackend:
             self._spares.refill()
 
     def close(self) -> None:
-        self._prelaunch.close()
         if self._spares is not None:
             self._spares.close()

@@ -22,7 +22,7 @@ import os
 import threading
 from typing import Any, Callable
 
-from .backend import PREIMPORT_ENV, Prelaunch, SpareKeeper, read_ready_frame
+from .backend import PREIMPORT_ENV, SpareKeeper, read_ready_frame
 
 log = logging.getLogger("supermachine_kernel.session.vm")
 
@@ -92,7 +92,6 @@ class VmBackend:
         self.baking = False
         self._pool: Any = None
         self._recipe: tuple[bytes, dict[str, str]] | None = None
-        self._prelaunch = Prelaunch()
         self._spares = SpareKeeper(self._start_spare, lambda h: h.vm.alive and h.child.poll() is None) \
             if pool_min > 0 else None
         self._lock = threading.Lock()
@@ -209,25 +208,7 @@ class VmBackend:
         handle.prestarted = True
         return handle
 
-    def prelaunch(self, driver: bytes, env: dict[str, str]) -> None:
-        """Start the first guest now, in the background; `launch` with the same driver and
-        environment then takes it."""
-
-        def first() -> VmHandle:
-            self._ensure(driver, env)
-            return self._spawn(driver, env)
-
-        self._prelaunch.start(driver, env, first)
-
     def launch(self, driver: bytes, env: dict[str, str]) -> VmHandle:
-        early = self._prelaunch.take(driver, env)
-        if early is not None:
-            try:
-                handle = early.result()
-                self._recipe = (driver, env)
-                return handle
-            except Exception:  # noqa: BLE001 - try again the normal way, which reports errors
-                log.warning("the early guest start failed; retrying", exc_info=True)
         self._ensure(driver, env)
         spare = None
         if self._recipe != (driver, env):
@@ -241,7 +222,6 @@ class VmBackend:
             self._spares.refill()
 
     def close(self) -> None:
-        self._prelaunch.close()
         if self._spares is not None:
             self._spares.close()
         with self._lock:
