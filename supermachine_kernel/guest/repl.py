@@ -542,10 +542,13 @@ class PlainExecutor:
 
         self.ns = __main__.__dict__
         self.ns.setdefault("__builtins__", builtins)
-        self.history = []  # (line number, source, output repr)
+        self.inputs = []  # (line number, source, output repr)
         self.execution_count = 1
         self.payload = []
         builtins.display = self.display
+        if os.environ.get("MPLBACKEND", "").startswith("module://matplotlib_inline"):
+            os.environ["MPLBACKEND"] = "Agg"  # the inline backend needs IPython; figures are
+            # sent as PNG after each cell instead (_flush_figures)
 
     def banner(self):
         return "Python %s (no IPython in this image)" % platform.python_version()
@@ -595,14 +598,14 @@ class PlainExecutor:
             return self._error(type(e), e, lines)
         finally:
             if store_history:
-                self.history.append((count, code, None))
+                self.inputs.append((count, code, None))
                 self.execution_count += 1
         self._flush_figures()
         if result is not None:
             self.ns["_"] = result
             data, md = plain_mimebundle(result)
-            if self.history and store_history:
-                self.history[-1] = (count, code, data.get("text/plain"))
+            if self.inputs and store_history:
+                self.inputs[-1] = (count, code, data.get("text/plain"))
             state.output.flush()
             _send({"type": "execute_result", "execution_count": count, "data": data, "metadata": md})
         return None
@@ -725,7 +728,7 @@ class PlainExecutor:
             line, source, out = entry
             return [1, line, [source, out] if output else source]
 
-        entries = self.history
+        entries = self.inputs
         if hist_access_type == "tail":
             entries = entries[-n:] if n else entries
         elif hist_access_type == "range":
