@@ -226,7 +226,7 @@ impl Procs {
         }
         let tty = req.tty.is_some();
         // SAFETY: the closure runs in the forked child before exec and only makes
-        // async-signal-safe system calls (setsid, ioctl, signal).
+        // async-signal-safe system calls (setsid, ioctl, signal, sigprocmask).
         unsafe {
             cmd.pre_exec(move || {
                 if libc::setsid() == -1 {
@@ -235,7 +235,16 @@ impl Procs {
                 if tty && libc::ioctl(0, libc::TIOCSCTTY, 0) == -1 {
                     return Err(io::Error::last_os_error());
                 }
-                libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+                // A child starts with default signal handling whatever the agent inherited
+                // (e.g. SIGINT ignored when the agent was started from a background shell).
+                for sig in 1..32 {
+                    if sig != libc::SIGKILL && sig != libc::SIGSTOP {
+                        libc::signal(sig, libc::SIG_DFL);
+                    }
+                }
+                let mut none: libc::sigset_t = std::mem::zeroed();
+                libc::sigemptyset(&mut none);
+                libc::sigprocmask(libc::SIG_SETMASK, &none, std::ptr::null_mut());
                 Ok(())
             });
         }

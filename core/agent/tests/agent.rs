@@ -21,17 +21,36 @@ struct Agent {
 
 impl Agent {
     fn start(name: &str) -> Agent {
+        Agent::start_with(name, false)
+    }
+
+    /// Starts the agent; with `ignoring_sigint` it inherits SIGINT ignored and blocked, as when
+    /// it is started from a background shell.
+    fn start_with(name: &str, ignoring_sigint: bool) -> Agent {
         let dir = std::env::temp_dir().join(format!("sm-agent-it-{}-{name}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
         let socket = dir.join("agent.sock");
-        let child = Command::new(env!("CARGO_BIN_EXE_supermachine-agent"))
-            .arg("--listen-unix")
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_supermachine-agent"));
+        cmd.arg("--listen-unix")
             .arg(&socket)
             .arg("--state-dir")
-            .arg(dir.join("state"))
-            .spawn()
-            .expect("start the agent");
+            .arg(dir.join("state"));
+        if ignoring_sigint {
+            use std::os::unix::process::CommandExt;
+            // SAFETY: runs in the forked child before exec; signal/sigprocmask are async-signal-safe.
+            unsafe {
+                cmd.pre_exec(|| {
+                    libc::signal(libc::SIGINT, libc::SIG_IGN);
+                    let mut set: libc::sigset_t = std::mem::zeroed();
+                    libc::sigemptyset(&mut set);
+                    libc::sigaddset(&mut set, libc::SIGINT);
+                    libc::sigprocmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+                    Ok(())
+                });
+            }
+        }
+        let child = cmd.spawn().expect("start the agent");
         Agent { child, socket, dir }
     }
 
@@ -300,6 +319,20 @@ fn timeout_kills_the_process_group() {
     assert!(t0.elapsed() < Duration::from_secs(10), "took {:?}", t0.elapsed());
     assert!(out.is_empty());
     assert_eq!((st.exit_code, st.timed_out, st.signal), (-1, true, Some(9)));
+}
+
+#[test]
+fn children_get_default_signal_handling_whatever_the_agent_inherited() {
+    let agent = Agent::start_with("sigdfl", true);
+    let (mut c, _) = agent.session();
+    let id = c.spawn(&["sleep", "30"]);
+    let req = c.req();
+    c.send(&Control::Signal { req, id, signal: libc::SIGINT });
+    assert_eq!(c.reply(req), Control::Ok { req });
+    let t0 = Instant::now();
+    let (_, _, st) = c.collect(id);
+    assert!(t0.elapsed() < Duration::from_secs(10), "SIGINT was ignored: took {:?}", t0.elapsed());
+    assert_eq!((st.exit_code, st.signal), (-1, Some(libc::SIGINT)));
 }
 
 #[test]
