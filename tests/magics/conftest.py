@@ -29,8 +29,17 @@ _root = tempfile.mkdtemp(prefix="smk-magics-specs-")
 install(prefix=_root, kernel_name=KERNEL, backend=BACKEND, interrupt_mode="message",
         display_name=f"Python (microVM, {BACKEND}, magic tests)",
         extra_args=["--MicroVMKernel.pool_min=0"])
-os.environ["JUPYTER_PATH"] = os.pathsep.join(
-    [os.path.join(_root, "share", "jupyter"), *filter(None, [os.environ.get("JUPYTER_PATH")])])
+_SPECS = os.path.join(_root, "share", "jupyter")
+
+
+def use_kernelspec() -> None:
+    """Puts our kernelspec on JUPYTER_PATH (other conftests may have replaced it since)."""
+    paths = [p for p in os.environ.get("JUPYTER_PATH", "").split(os.pathsep) if p]
+    if _SPECS not in paths:
+        os.environ["JUPYTER_PATH"] = os.pathsep.join([_SPECS, *paths])
+
+
+use_kernelspec()
 
 
 
@@ -40,7 +49,7 @@ def needs_vm(test):
                                              "backend")(test))
 
 
-__all__ = ["KERNEL", "MagicKernel", "needs_vm", "stdout_of", "stderr_of"]
+__all__ = ["KERNEL", "MagicKernel", "needs_vm", "stdout_of", "stderr_of", "use_kernelspec"]
 
 
 def pytest_collection_modifyitems(config, items):
@@ -58,6 +67,7 @@ class MagicKernel(Kernel):
                  extra_arguments: list[str] | None = None) -> None:
         self.data_dir = data_dir
         self.notebook = notebook
+        use_kernelspec()
         env = dict(os.environ, JUPYTER_DATA_DIR=data_dir, JPY_SESSION_NAME=notebook)
         super().__init__(KERNEL, extra_arguments=extra_arguments, env=env)
 

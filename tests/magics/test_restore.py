@@ -9,10 +9,9 @@ import time
 from pathlib import Path
 
 import nbformat
-import pytest
 from nbclient import NotebookClient
 
-from .conftest import BACKEND, KERNEL, MagicKernel, needs_vm
+from .conftest import KERNEL, MagicKernel, needs_vm, use_kernelspec
 
 SETUP = """
 import os, random, subprocess, threading, time
@@ -130,6 +129,7 @@ def test_snapshots_survive_restart_and_new_kernel(data_dir):
 def test_snapshot_mid_analysis_notebook(data_dir):
     path = Path(__file__).resolve().parents[2] / "notebooks" / "snapshot-mid-analysis.ipynb"
     nb = nbformat.read(path, as_version=4)
+    use_kernelspec()
     env = dict(os.environ, JUPYTER_DATA_DIR=data_dir, JPY_SESSION_NAME=path.name)
     NotebookClient(nb, kernel_name=KERNEL, timeout=600, startup_timeout=300).execute(env=env)
     errors = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs
