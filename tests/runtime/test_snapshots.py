@@ -134,6 +134,9 @@ def test_snapshot_of_a_cold_booted_vm_is_a_template(image, tmp_path):
         vm.write_file("/tmp/cold", b"cold")
         snap = vm.snapshot(tmp_path / "cold")
         assert vm.exec(["cat", "/tmp/cold"]).stdout == b"cold"  # runs on
+        with pytest.raises(api.SnapshotError, match="already exists"):
+            vm.snapshot(tmp_path / "cold")
+        assert vm.exec(["true"]).exit_code == 0
     meta = json.loads((tmp_path / "cold" / "metadata.json").read_text())
     assert meta["kind"] == "template"
     # the memory file is sparse: far smaller on disk than the guest RAM
@@ -141,6 +144,12 @@ def test_snapshot_of_a_cold_booted_vm_is_a_template(image, tmp_path):
     assert st.st_blocks * 512 < st.st_size
     with snap.boot() as clone:
         assert clone.read_file("/tmp/cold") == b"cold"
+
+
+def test_agent_without_qemu_cannot_be_snapshotted(unix_vm, tmp_path):
+    with pytest.raises(ValueError, match="only QEMU-backed VMs"):
+        unix_vm.snapshot(tmp_path / "nope")
+    assert unix_vm.exec(["true"]).exit_code == 0
 
 
 def corrupt_copy(src: str, dst) -> str:

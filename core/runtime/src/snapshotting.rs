@@ -56,8 +56,9 @@ impl From<SnapshotError> for Error {
                 kind: std::io::ErrorKind::Other,
                 message: e.to_string(),
             },
-            SnapshotError::Corrupt { .. } | SnapshotError::Mismatch { .. } => Error::Snapshot(e.to_string()),
-            SnapshotError::Exists { .. } => Error::InvalidArgument(e.to_string()),
+            SnapshotError::Corrupt { .. } | SnapshotError::Mismatch { .. } | SnapshotError::Exists { .. } => {
+                Error::Snapshot(e.to_string())
+            }
         }
     }
 }
