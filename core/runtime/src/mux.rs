@@ -302,7 +302,9 @@ impl Mux {
                 Ok(())
             }
             Control::StdinAck { id, bytes } => {
-                let p = self.procs.get_mut(&id).ok_or_else(|| Violation(format!("stdin ack for unknown process {id}")))?;
+                // Acks for stdin the agent dropped may arrive after the host forgot the process
+                // (exited, handle dropped): harmless, so ignored.
+                let Some(p) = self.procs.get_mut(&id) else { return Ok(()) };
                 if bytes > p.stdin_unacked {
                     return Err(Violation(format!(
                         "stdin ack of {bytes} bytes for process {id}, but only {} were sent",
@@ -851,6 +853,9 @@ mod tests {
         assert!(m.stdin_close(2).unwrap());
         assert!(!m.stdin_close(2).unwrap());
         assert!(matches!(m.stdin_reserve(2, 1), Err(Error::BrokenPipe(_))));
+        // late acks for a forgotten process are ignored
+        m.remove_proc(2);
+        m.on_frame(ctl(Control::StdinAck { id: 2, bytes: 10 })).unwrap();
     }
 
     #[test]
