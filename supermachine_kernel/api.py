@@ -119,6 +119,7 @@ def _snapshot_key(paths: Mapping[str, Any], memory_mib: int, vcpus: int, env: Ma
         "extra_files": sorted((k, hashlib.sha256(v).hexdigest()) for k, v in files.items()),
         "warmup_tag": warmup_tag,
         "accel": _core.detect_accel(),
+        "qemu": ident(os.fspath(_core.find_qemu())),  # an upgraded QEMU cannot restore old state
         "protocol": _core.PROTOCOL_VERSION,
     }
     return hashlib.sha256(json.dumps(material, sort_keys=True).encode()).hexdigest()[:20]
@@ -284,8 +285,9 @@ class Image:
 
     @classmethod
     def from_snapshot(cls, path: PathLike, env: Optional[Mapping[str, str]] = None) -> "Image":
-        """An Image whose VMs are restored from the snapshot at ``path`` (verified now: a
-        corrupt or mismatched snapshot raises SnapshotError)."""
+        """An Image whose VMs are restored from the snapshot at ``path``. Its files are verified
+        now (a corrupt or incomplete snapshot raises SnapshotError); one taken with another QEMU,
+        accelerator, image or command line is refused with SnapshotError when booted."""
         meta = _core.snapshot_info(os.fspath(path))
         labels = meta.get("labels") or {}
         machine = meta["machine"]
