@@ -507,6 +507,12 @@ class Vm:
         self._vm.snapshot(os.fspath(dest), {"taken_from": self.id})
         return Image.from_snapshot(dest, env=self._env)
 
+    def reconnect(self, timeout: float = 30.0) -> int:
+        """Drops the channel to the guest agent and opens a new one. Processes, their unread
+        output and every ExecChild handle survive; calls in flight fail. Returns the guest's
+        generation (how many Hellos it has seen)."""
+        return self._vm.reconnect(timeout)
+
     @property
     def restored_from(self) -> Optional[str]:
         """The snapshot this VM was restored from (None for a cold boot)."""

@@ -196,3 +196,17 @@ def test_wait_timeout_then_kill(vm):
     child.signal(signal.SIGKILL)
     st = child.wait(timeout=30)
     assert st.exit_code == -1 and st.signal == signal.SIGKILL
+
+
+def test_reconnect_keeps_processes_and_streams(vm):
+    child = vm.spawn(["cat"])
+    child.write_stdin(b"before\n")
+    assert read_until(child, b"\n") == b"before\n"
+    generation = vm.reconnect()
+    assert generation >= 2
+    child.write_stdin(b"after\n")
+    assert read_until(child, b"\n") == b"after\n"
+    assert any(p["id"] == child.id and p["running"] for p in vm.processes())
+    child.close_stdin()
+    assert child.wait(timeout=60).exit_code == 0
+    assert vm.exec(["echo", "ok"]).stdout == b"ok\n"

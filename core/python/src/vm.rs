@@ -429,6 +429,15 @@ impl Vm {
         Ok(Vm { inner: Arc::new(vm) })
     }
 
+    /// Drops the channel to the agent and opens a new one; processes, their unread output and
+    /// every handle survive. Returns the guest's generation (Hellos seen).
+    #[pyo3(signature = (timeout=30.0))]
+    fn reconnect(&self, py: Python<'_>, timeout: f64) -> PyResult<u64> {
+        py.allow_threads(|| self.inner.reconnect(Duration::from_secs_f64(timeout.max(0.1))))
+            .py_err()
+            .map(|w| w.generation)
+    }
+
     /// The snapshot this VM was restored from (None for cold boots).
     #[getter]
     fn restored_from(&self) -> Option<String> {

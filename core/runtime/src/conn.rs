@@ -140,7 +140,7 @@ impl Conn {
         });
         let conn = Conn { inner };
         let generation = conn.bump_generation();
-        conn.start(stream, generation)?;
+        conn.start(stream, generation, false)?;
         Ok(conn)
     }
 
@@ -151,7 +151,7 @@ impl Conn {
         let generation = self.bump_generation();
         self.shutdown_socket();
         self.lock().reconnect();
-        self.start(stream, generation)?;
+        self.start(stream, generation, true)?;
         self.await_welcome(deadline)
     }
 
@@ -166,14 +166,14 @@ impl Conn {
         *self.inner.hook.lock().unwrap_or_else(|e| e.into_inner()) = Some(hook);
     }
 
-    fn start(&self, stream: UnixStream, generation: u64) -> Result<()> {
+    fn start(&self, stream: UnixStream, generation: u64, resync: bool) -> Result<()> {
         let read_half = stream.try_clone().map_err(|e| Error::io("clone the agent socket", e))?;
         let _ = stream.set_write_timeout(Some(WRITE_STALL));
         *self.inner.writer.lock().unwrap_or_else(|e| e.into_inner()) = Some(stream);
         let inner = Arc::clone(&self.inner);
         std::thread::Builder::new()
             .name("supermachine-reader".into())
-            .spawn(move || reader_loop(inner, read_half, generation))
+            .spawn(move || reader_loop(inner, read_half, generation, resync))
             .map_err(|e| Error::io("start the connection reader thread", e))?;
 
         self.send_control(&Control::Hello { version: PROTOCOL_VERSION, host_time_ns: now_ns(), entropy: entropy() })
@@ -401,9 +401,42 @@ fn end_inner(inner: &Arc<Inner>, ending: Ending, generation: Option<u64>) {
     inner.changed.notify_all();
 }
 
-fn reader_loop(inner: Arc<Inner>, mut sock: UnixStream, generation: u64) {
+/// Most bytes skipped while looking for the Welcome on a reconnect.
+const MAX_RESYNC: usize = 1 << 20;
+
+/// Where the first complete Welcome frame starts in `buf`: `Ok(Some(offset))`, `Ok(None)` if
+/// more bytes are needed. Used on reconnects, where the tail of a frame the guest was writing
+/// when the previous host vanished may precede the Welcome (see the agent's host contract).
+pub fn find_welcome(buf: &[u8]) -> Option<usize> {
+    let mut i = 0;
+    while i + supermachine_protocol::HEADER_LEN <= buf.len() {
+        let off = buf[i..].windows(4).position(|w| w == [b'S', b'M', Kind::Control as u8, 0])?;
+        let at = i + off;
+        let hdr = &buf[at..];
+        if hdr.len() < supermachine_protocol::HEADER_LEN {
+            return None;
+        }
+        let channel = u32::from_le_bytes([hdr[4], hdr[5], hdr[6], hdr[7]]);
+        let len = u32::from_le_bytes([hdr[8], hdr[9], hdr[10], hdr[11]]) as usize;
+        if channel == 0 && len <= supermachine_protocol::MAX_PAYLOAD {
+            let end = supermachine_protocol::HEADER_LEN + len;
+            if hdr.len() < end {
+                return None; // maybe the Welcome: wait for the rest
+            }
+            if matches!(Control::from_bytes(&hdr[supermachine_protocol::HEADER_LEN..end]), Ok(Control::Welcome { .. })) {
+                return Some(at);
+            }
+        }
+        i = at + 1;
+    }
+    None
+}
+
+fn reader_loop(inner: Arc<Inner>, mut sock: UnixStream, generation: u64, resync: bool) {
     let mut decoder = Decoder::new();
     let mut buf = vec![0u8; 128 * 1024];
+    // Before the Welcome of a reconnect, bytes are collected here and skipped up to it.
+    let mut pre: Option<Vec<u8>> = resync.then(Vec::new);
     let ending = loop {
         let n = match sock.read(&mut buf) {
             Ok(0) => break Ending::Closed("the connection to the guest agent closed".into()),
@@ -411,7 +444,21 @@ fn reader_loop(inner: Arc<Inner>, mut sock: UnixStream, generation: u64) {
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
             Err(e) => break Ending::Closed(format!("reading from the guest agent failed: {e}")),
         };
-        decoder.push(&buf[..n]);
+        if let Some(p) = pre.as_mut() {
+            p.extend_from_slice(&buf[..n]);
+            match find_welcome(p) {
+                Some(at) => {
+                    decoder.push(&p[at..]);
+                    pre = None;
+                }
+                None if p.len() > MAX_RESYNC => {
+                    break Ending::Violation(format!("no welcome in the first {} bytes after reconnecting", p.len()))
+                }
+                None => continue,
+            }
+        } else {
+            decoder.push(&buf[..n]);
+        }
         let mut violation = None;
         {
             let mut mux = inner.state.lock().unwrap_or_else(|e| e.into_inner());
@@ -577,6 +624,69 @@ mod tests {
             |g, _| g.write_all(&Frame::new(Kind::Stdout, 77, b"boo".to_vec()).encode().unwrap()).unwrap(),
             "unknown process 77",
         );
+    }
+
+    #[test]
+    fn welcome_is_found_behind_a_torn_frame() {
+        let welcome = supermachine_protocol::control_frame(&Control::Welcome {
+            version: PROTOCOL_VERSION,
+            boot_id: "b".into(),
+            generation: 2,
+            processes: vec![],
+        })
+        .unwrap();
+        let torn = Frame::new(Kind::Stdout, 1, vec![7; 500]).encode().unwrap();
+        let mut wire = torn[300..].to_vec(); // the tail of a frame cut by the old connection
+        wire.extend_from_slice(b"SM\x01\x00"); // a false start
+        let at = wire.len();
+        wire.extend_from_slice(&welcome);
+        assert_eq!(find_welcome(&wire), Some(at));
+        assert_eq!(find_welcome(&wire[..at + 20]), None, "incomplete welcome: wait");
+        assert_eq!(find_welcome(&welcome), Some(0));
+        let pong = supermachine_protocol::control_frame(&Control::Pong { req: 1 }).unwrap();
+        assert_eq!(find_welcome(&pong), None);
+    }
+
+    #[test]
+    fn reconnect_keeps_processes() {
+        // first connection: spawn process 9; second: the guest reports it still running
+        let script = |conn_no: u64| {
+            move |g: &mut UnixStream, d: &mut Decoder| {
+                if conn_no == 1 {
+                    let f = read_frame(g, d).unwrap();
+                    let req = Control::from_bytes(&f.payload).unwrap().req().unwrap();
+                    write_control(g, &Control::Spawned { req, id: 9, os_pid: 99 });
+                    g.write_all(&Frame::new(Kind::Stdout, 9, b"before".to_vec()).encode().unwrap()).unwrap();
+                    std::thread::sleep(Duration::from_millis(300));
+                }
+                std::thread::sleep(Duration::from_secs(2));
+            }
+        };
+        let (conn, _) = Conn::establish(fake_guest(script(1)), deadline(), None).unwrap();
+        let child = crate::child::ExecChild::spawn(&conn, &crate::child::SpawnOptions { argv: vec!["x".into()], ..Default::default() }).unwrap();
+        assert_eq!(child.read(crate::mux::Stream::Stdout, 100, Some(Duration::from_secs(5))).unwrap(), b"before");
+
+        let (host, mut guest) = UnixStream::pair().unwrap();
+        std::thread::spawn(move || {
+            let mut d = Decoder::new();
+            let _hello = read_control(&mut guest, &mut d);
+            guest.write_all(b"ail of an old frame").unwrap();
+            write_control(
+                &mut guest,
+                &Control::Welcome {
+                    version: PROTOCOL_VERSION,
+                    boot_id: "fake".into(),
+                    generation: 2,
+                    processes: vec![ProcessInfo { id: 9, os_pid: 99, argv: vec![], running: true, tty: false }],
+                },
+            );
+            guest.write_all(&Frame::new(Kind::Stdout, 9, b"after".to_vec()).encode().unwrap()).unwrap();
+            std::thread::sleep(Duration::from_secs(2));
+        });
+        let w = conn.reconnect(host, deadline()).unwrap();
+        assert_eq!(w.generation, 2);
+        assert_eq!(child.read(crate::mux::Stream::Stdout, 100, Some(Duration::from_secs(5))).unwrap(), b"after");
+        assert_eq!(child.poll().unwrap(), None);
     }
 
     #[test]

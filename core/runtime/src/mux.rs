@@ -483,10 +483,19 @@ impl Mux {
 
     /// The reply to `req`, if it came. `Err` if the connection died first.
     pub fn take_reply(&mut self, req: u64) -> Result<Option<Control>, Error> {
-        if let Some(r) = self.requests.get_mut(&req) {
-            if let Some(reply) = r.reply.take() {
-                self.requests.remove(&req);
-                return Ok(Some(reply));
+        match self.requests.get_mut(&req) {
+            Some(r) => {
+                if let Some(reply) = r.reply.take() {
+                    self.requests.remove(&req);
+                    return Ok(Some(reply));
+                }
+            }
+            None => {
+                self.check()?;
+                // Only a reconnect forgets outstanding requests.
+                return Err(Error::VmDied(
+                    "the channel to the guest was re-established while this call waited; its outcome is unknown".into(),
+                ));
             }
         }
         self.check()?;
@@ -965,8 +974,10 @@ mod tests {
         let req = m.begin(ReqKind::Spawn).unwrap();
         m.on_frame(ctl(Control::Spawned { req, id: 2, os_pid: 43 })).unwrap();
         m.on_frame(out(1, b"kept")).unwrap();
+        let waiting = m.begin(ReqKind::Ping).unwrap();
         m.fail(Error::VmDied("channel dropped".into()));
         m.reconnect();
+        assert!(matches!(m.take_reply(waiting), Err(Error::VmDied(_))), "abandoned requests fail, never hang");
         let info = |id, os_pid| ProcessInfo { id, os_pid, argv: vec![], running: true, tty: false };
         m.on_frame(ctl(Control::Welcome { version: PROTOCOL_VERSION, boot_id: "b".into(), generation: 2, processes: vec![info(1, 42), info(5, 50)] }))
             .unwrap();

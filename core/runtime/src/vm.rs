@@ -211,6 +211,8 @@ pub struct Vm {
     qmp: Mutex<Option<Qmp>>,
     /// The snapshot this VM was restored from.
     restored_from: Option<String>,
+    /// The socket of an attached agent (no QEMU).
+    unix_path: Option<PathBuf>,
 }
 
 impl Vm {
@@ -318,6 +320,7 @@ impl Vm {
                 accel: Some(accel),
                 qmp: Mutex::new(qmp),
                 restored_from,
+                unix_path: None,
             }),
             Err(e) => {
                 proc_.released.store(true, Ordering::SeqCst);
@@ -416,6 +419,7 @@ impl Vm {
             accel: None,
             qmp: Mutex::new(None),
             restored_from: None,
+            unix_path: Some(path.to_path_buf()),
         })
     }
 
@@ -583,6 +587,25 @@ impl Vm {
             let _ = fs::remove_file(&tmp);
         }
         r
+    }
+
+    /// Drops the channel to the agent and opens a new one (Hello → Welcome): outstanding
+    /// requests fail, processes and their unread output stay, and handles keep working. Bytes
+    /// the guest was half-way through sending are skipped up to the new Welcome.
+    pub fn reconnect(&self, timeout: Duration) -> Result<WelcomeInfo> {
+        self.check()?;
+        let deadline = Instant::now() + timeout;
+        let stream = match (&self.qemu, &self.unix_path) {
+            (Some(q), _) => {
+                if let Some(st) = q.try_status() {
+                    return Err(Error::VmDied(q.diagnosis(Some(st))));
+                }
+                connect_retry(&q.config.agent_sock, deadline, || Ok(()))?
+            }
+            (None, Some(p)) => connect_retry(p, deadline, || Ok(()))?,
+            (None, None) => return Err(Error::InvalidArgument("nothing to reconnect to".into())),
+        };
+        self.conn.reconnect(stream, deadline)
     }
 
     /// True until the VM died or was released (QEMU's exit is noticed at once, before the
