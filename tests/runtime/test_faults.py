@@ -290,11 +290,12 @@ def test_killing_the_owner_leaves_no_qemu(image):
 
 def test_missing_qemu_is_a_clear_error(image, monkeypatch):
     monkeypatch.setenv("SUPERMACHINE_QEMU", "/nonexistent/qemu-system-x86_64")
-    with pytest.raises(api.QemuNotFoundError) as ei:
-        image.boot()
-    msg = str(ei.value)
-    assert msg.startswith("QEMU not found")
-    assert "apt-get install qemu-system-x86" in msg
+    for boot in (image.cold_boot, image.boot):  # cold boot and snapshot restore
+        with pytest.raises(api.QemuNotFoundError) as ei:
+            boot()
+        msg = str(ei.value)
+        assert msg.startswith("QEMU not found")
+        assert "apt-get install qemu-system-x86" in msg
 
 
 def test_unknown_image_name_is_a_clear_error():
