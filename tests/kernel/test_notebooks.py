@@ -44,6 +44,6 @@ def test_demo_script(tmp_path, capsys):
     from supermachine_kernel.demo import main
 
     out = tmp_path / "demo.executed.ipynb"
-    assert main(["--kernel", KERNEL, "--output", str(out)]) == 0
+    assert main(["--kernel", KERNEL, "--output", str(out), "--no-tour"]) == 0
     assert out.exists()
     assert str(out) in capsys.readouterr().out
