@@ -28,7 +28,9 @@ _root = tempfile.mkdtemp(prefix="smk-kernelspecs-")
 for name, mode in ((KERNEL, "message"), (KERNEL_SIGNAL, "signal")):
     install(prefix=_root, kernel_name=name, backend=BACKEND, interrupt_mode=mode,
             display_name=f"Python (microVM, {BACKEND}, {mode} interrupts)", extra_args=_extra)
-os.environ["JUPYTER_PATH"] = os.path.join(_root, "share", "jupyter")
+# Prepended, so kernelspecs other test packages put on JUPYTER_PATH stay visible.
+os.environ["JUPYTER_PATH"] = os.pathsep.join(
+    p for p in (os.path.join(_root, "share", "jupyter"), os.environ.get("JUPYTER_PATH")) if p)
 
 
 def pytest_report_header(config):
