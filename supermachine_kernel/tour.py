@@ -25,8 +25,11 @@ def run() -> None:
     from .api import Image
 
     print("runtime tour: one microVM from the default image")
-    image = _step("ensure the default image (cached after first build)", lambda: Image.build())
-    vm = _step("cold boot -> agent answers", image.boot)
+    image = _step("ensure image + warm snapshot (cached after first build)", lambda: Image.build())
+    cold = _step("cold boot -> agent answers", image.cold_boot)
+    with cold:
+        _step("  exec `true` in the cold-booted VM", lambda: cold.exec(["true"]))
+    vm = _step("restore from the snapshot -> agent answers", image.boot)
     with vm:
         print(f"    accelerator: {vm.accel}, QEMU pid {vm.qemu_pid}")
         r = _step("exec python3 in the guest", lambda: vm.exec(
