@@ -122,6 +122,20 @@ def read_ready_frame(child: GuestChild, timeout: float) -> dict[str, Any]:
 PREIMPORT_ENV = "SUPERMACHINE_REPL_PREIMPORT"
 
 
+def start_prestarted(spawn: Any, driver: bytes, env: dict[str, str], preimport: list[str],
+                     timeout: float) -> Any:
+    """Starts a guest REPL via `spawn(driver, env)` with `preimport` modules imported at start,
+    consumes its ready frame, and marks the handle prestarted; releases it if it never gets ready."""
+    handle = spawn(driver, dict(env, **{PREIMPORT_ENV: ",".join(preimport)}))
+    try:
+        read_ready_frame(handle.child, timeout=timeout)
+    except BaseException:
+        handle.release()
+        raise
+    handle.prestarted = True
+    return handle
+
+
 class SpareKeeper:
     """Keeps one guest started ahead of time: REPL running, modules preimported, ready consumed.
 

@@ -18,7 +18,7 @@ import sys
 import tempfile
 from dataclasses import dataclass
 
-from .backend import PREIMPORT_ENV, SpareKeeper, read_ready_frame
+from .backend import SpareKeeper, start_prestarted
 
 
 @dataclass
@@ -153,14 +153,7 @@ class LocalBackend:
     def _start_spare(self) -> LocalHandle:
         assert self._recipe is not None
         driver, env = self._recipe
-        handle = self._spawn(driver, dict(env, **{PREIMPORT_ENV: ",".join(self.preimport)}))
-        try:
-            read_ready_frame(handle.child, timeout=120)
-        except BaseException:
-            handle.release()
-            raise
-        handle.prestarted = True
-        return handle
+        return start_prestarted(self._spawn, driver, env, self.preimport, timeout=120)
 
     def launch(self, driver: bytes, env: dict[str, str]) -> LocalHandle:
         if self._recipe != (driver, env):

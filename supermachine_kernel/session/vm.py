@@ -22,7 +22,7 @@ import os
 import threading
 from typing import Any, Callable
 
-from .backend import PREIMPORT_ENV, SpareKeeper, read_ready_frame
+from .backend import PREIMPORT_ENV, SpareKeeper, read_ready_frame, start_prestarted
 
 log = logging.getLogger("supermachine_kernel.session.vm")
 
@@ -194,19 +194,12 @@ class VmBackend:
         handle.prestarted = prestarted
         return handle
 
-    # Until the runtime's snapshot pool is available, keep one VM with the REPL already started
-    # and the warmup modules imported, so a restart (or a death) does not wait for a boot.
+    # Without the snapshot pool (use_pool=False), keep one VM with the REPL already started and
+    # the warmup modules imported, so a restart (or a death) does not wait for a boot.
     def _start_spare(self) -> VmHandle:
         assert self._recipe is not None
         driver, env = self._recipe
-        handle = self._spawn(driver, dict(env, **{PREIMPORT_ENV: ",".join(self.warmup_imports)}))
-        try:
-            read_ready_frame(handle.child, timeout=900)
-        except BaseException:
-            handle.release()
-            raise
-        handle.prestarted = True
-        return handle
+        return start_prestarted(self._spawn, driver, env, self.warmup_imports, timeout=900)
 
     def launch(self, driver: bytes, env: dict[str, str]) -> VmHandle:
         self._ensure(driver, env)
