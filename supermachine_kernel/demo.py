@@ -15,11 +15,12 @@ NOTEBOOKS = Path(__file__).resolve().parent.parent / "notebooks"
 
 def run(notebook: Path, output: Path, kernel_name: str, timeout: int) -> int:
     import nbformat
-    from nbclient import NotebookClient
     from nbclient.exceptions import CellExecutionError
 
+    from .notebook_runner import NotebookRunner
+
     nb = nbformat.read(notebook, as_version=4)
-    client = NotebookClient(nb, kernel_name=kernel_name, timeout=timeout, allow_errors=False,
+    client = NotebookRunner(nb, kernel_name=kernel_name, timeout=timeout, allow_errors=False,
                             startup_timeout=600, resources={"metadata": {"path": str(notebook.parent)}})
     t0 = time.monotonic()
     status = 0

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import nbformat
 import pytest
-from nbclient import NotebookClient
+from supermachine_kernel.notebook_runner import NotebookRunner
 
 from .harness import BACKEND, KERNEL, SLOW, START_TIMEOUT
 
@@ -29,7 +29,7 @@ def test_notebook_executes(path):
     nb = nbformat.read(path, as_version=4)
     if BACKEND != "vm" and needs_vm(nb):
         pytest.skip("this notebook needs the vm backend")
-    NotebookClient(nb, kernel_name=KERNEL, timeout=int(120 * SLOW),
+    NotebookRunner(nb, kernel_name=KERNEL, timeout=int(120 * SLOW),
                    startup_timeout=START_TIMEOUT).execute()
     outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs]
     assert not [o for o in outputs if o.output_type == "error"]

@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 
 import nbformat
-from nbclient import NotebookClient
+from supermachine_kernel.notebook_runner import NotebookRunner
 
 from .conftest import KERNEL, MagicKernel, needs_vm, use_kernelspec
 
@@ -131,7 +131,7 @@ def test_snapshot_mid_analysis_notebook(data_dir):
     nb = nbformat.read(path, as_version=4)
     use_kernelspec()
     env = dict(os.environ, JUPYTER_DATA_DIR=data_dir, JPY_SESSION_NAME=path.name)
-    NotebookClient(nb, kernel_name=KERNEL, timeout=600, startup_timeout=300).execute(env=env)
+    NotebookRunner(nb, kernel_name=KERNEL, timeout=600, startup_timeout=300).execute(env=env)
     errors = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs
               if o.output_type == "error"]
     assert not errors, errors
