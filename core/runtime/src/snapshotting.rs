@@ -39,6 +39,7 @@ use crate::mux::ReqKind;
 use crate::qemu::{self, Incoming, QemuConfig, RamFile};
 use crate::qmp::Qmp;
 use crate::snapshot::format::{self as fmt};
+use crate::snapshot::stream::{split_stream, PageSink};
 use crate::snapshot::{MachineIdentity, PendingSnapshot, SnapshotError, SnapshotKind, SnapshotMeta};
 use crate::vm::Vm;
 use crate::workdir::WorkDir;
@@ -154,6 +155,103 @@ pub fn copy_sparse(src: &Path, dst: &Path) -> Result<u64> {
         pos = end;
     }
     Ok(written)
+}
+
+/// Writes main-RAM pages from a split stream into a sparse memory file (zero pages stay
+/// holes; adjacent pages go out in one write) and digests them as [`fmt::digest_file`] would.
+struct MemoryFileSink {
+    file: fs::File,
+    run_at: u64,
+    run: Vec<u8>,
+    hash: xxhash_rust::xxh3::Xxh3,
+    /// Next offset the digest expects; None once pages came out of order (digest the file).
+    next: Option<u64>,
+}
+
+const SINK_RUN: usize = 1 << 20;
+
+impl MemoryFileSink {
+    fn flush_run(&mut self) -> std::io::Result<()> {
+        if !self.run.is_empty() {
+            self.file.write_all_at(&self.run, self.run_at)?;
+            self.run.clear();
+        }
+        Ok(())
+    }
+}
+
+impl PageSink for MemoryFileSink {
+    fn page(&mut self, offset: u64, data: &[u8]) -> std::io::Result<()> {
+        self.next = match self.next {
+            Some(n) if offset >= n => Some(offset + data.len() as u64),
+            _ => None,
+        };
+        if self.next.is_some() {
+            fmt::mix_page(&mut self.hash, offset, data);
+        }
+        let zero = data.iter().all(|b| *b == 0);
+        let adjacent = self.run_at + self.run.len() as u64 == offset;
+        if zero || !adjacent || self.run.len() + data.len() > SINK_RUN {
+            self.flush_run()?;
+        }
+        if zero {
+            if self.next.is_none() {
+                // A page written earlier may be zero now: punch it out.
+                self.file.write_all_at(data, offset)?;
+            }
+            return Ok(());
+        }
+        if self.run.is_empty() {
+            self.run_at = offset;
+        }
+        self.run.extend_from_slice(data);
+        Ok(())
+    }
+}
+
+/// Has QEMU send its migration stream to a unix socket we read, splitting it into `memory`
+/// (main RAM, sparse, `ram_size` bytes) and `state` (everything else). The VM is stopped.
+fn save_split(qmp: &mut Qmp, sock: &Path, state: &Path, memory: &Path, ram_size: u64) -> Result<fmt::FileDigest> {
+    use std::io::{BufReader, BufWriter};
+    use std::os::unix::net::{UnixListener, UnixStream};
+    let _ = fs::remove_file(sock);
+    let listener = UnixListener::bind(sock).map_err(|e| Error::io(format!("listen on {}", sock.display()), e))?;
+    let mem = fs::OpenOptions::new().read(true).write(true).create_new(true).open(memory)
+        .map_err(|e| Error::io(format!("create {}", memory.display()), e))?;
+    mem.set_len(ram_size).map_err(|e| Error::io(format!("size {}", memory.display()), e))?;
+    let state_file = fs::File::create(state).map_err(|e| Error::io(format!("create {}", state.display()), e))?;
+    let reader = std::thread::Builder::new()
+        .name("snapshot-split".into())
+        .spawn(move || -> std::result::Result<Option<fmt::FileDigest>, String> {
+            let (conn, _) = listener.accept().map_err(|e| format!("accepting QEMU's stream: {e}"))?;
+            let mut sink = MemoryFileSink { file: mem, run_at: 0, run: Vec::with_capacity(SINK_RUN), hash: Default::default(), next: Some(0) };
+            let input = BufReader::with_capacity(1 << 20, conn);
+            let out = BufWriter::with_capacity(1 << 16, state_file);
+            split_stream(input, out, &mut sink, "mem").map_err(|e| e.to_string())?;
+            sink.flush_run().map_err(|e| format!("writing the memory file: {e}"))?;
+            // Pages out of order (not seen from QEMU 7.2): digest the finished file instead.
+            Ok(sink.next.map(|_| fmt::digest_from(&sink.hash, ram_size)))
+        })
+        .map_err(|e| Error::io("start the snapshot reader thread", e))?;
+    let sent = (|| -> Result<()> {
+        qmp.execute(
+            "migrate-set-capabilities",
+            Some(json!({"capabilities": [{"capability": "x-ignore-shared", "state": true}]})),
+        )?;
+        qmp.execute("migrate", Some(json!({"uri": format!("unix:{}", sock.display())})))?;
+        wait_migration(qmp, "saving the VM state")
+    })();
+    if sent.is_err() {
+        // QEMU may never have connected: wake the reader so it can end.
+        let _ = UnixStream::connect(sock);
+    }
+    let read = reader.join().unwrap_or_else(|_| Err("the snapshot reader thread panicked".into()));
+    let _ = fs::remove_file(sock);
+    sent?;
+    match read.map_err(|e| Error::Snapshot(format!("splitting the VM state: {e}")))? {
+        Some(digest) => Ok(digest),
+        None => Ok(fmt::digest_file(memory)?),
+    }
 }
 
 fn sh_quote(p: &Path) -> String {
@@ -308,8 +406,10 @@ impl Vm {
         }
         let config = proc_.config.clone();
         let identity = machine_identity(&config)?;
-        let kind = if config.ram.share { SnapshotKind::Template } else { SnapshotKind::Full };
+        let mut kind = if config.ram.share { SnapshotKind::Template } else { SnapshotKind::Full };
+        let mut memory_digest = None;
         let pending = PendingSnapshot::begin(dest)?;
+        let split_sock = self.workdir().map(|w| w.join("migrate.sock"));
 
         // Quiesce the channel: after Paused the agent writes nothing until Resume.
         let conn = self.conn();
@@ -321,15 +421,35 @@ impl Vm {
             // The VM is stopped: no need for QEMU's default migration throttle (it made a
             // full snapshot of a 500 MiB guest take ~5 s).
             qmp.execute("migrate-set-parameters", Some(json!({"max-bandwidth": 1u64 << 40})))?;
+            let state = pending.dir().join(fmt::STATE_FILE);
+            let memory = pending.dir().join(fmt::MEMORY_FILE);
+            if kind == SnapshotKind::Full {
+                // Private RAM: split QEMU's stream into a memory file + device state, so the
+                // snapshot restores copy-on-write like a template (fast) instead of loading
+                // every page. Anything unexpected falls back to keeping the stream whole.
+                if let Some(sock) = &split_sock {
+                    match save_split(qmp, sock, &state, &memory, u64::from(config.memory_mib) << 20) {
+                        Ok(digest) => {
+                            kind = SnapshotKind::Template;
+                            memory_digest = Some(digest);
+                            return Ok(());
+                        }
+                        Err(e) => {
+                            eprintln!("supermachine: snapshot of {} keeps RAM in the stream ({e})", dest.display());
+                            let _ = fs::remove_file(&state);
+                            let _ = fs::remove_file(&memory);
+                        }
+                    }
+                }
+            }
             qmp.execute(
                 "migrate-set-capabilities",
                 Some(json!({"capabilities": [{"capability": "x-ignore-shared", "state": kind == SnapshotKind::Template}]})),
             )?;
-            let state = pending.dir().join(fmt::STATE_FILE);
             qmp.execute("migrate", Some(json!({"uri": format!("exec:cat > {}", sh_quote(&state))})))?;
             wait_migration(qmp, "saving the VM state")?;
             if kind == SnapshotKind::Template {
-                copy_sparse(&config.ram.path, &pending.dir().join(fmt::MEMORY_FILE))?;
+                copy_sparse(&config.ram.path, &memory)?;
             }
             Ok(())
         })();
@@ -357,7 +477,7 @@ impl Vm {
             initrd: config.initrd.clone().unwrap_or_default(),
             rootfs: config.rootfs.clone(),
             state: fmt::FileDigest { size: 0, xxh3_128: String::new() },
-            memory: None,
+            memory: memory_digest,
             parent: self.snapshot_parent(),
             labels: all_labels,
         };
