@@ -28,7 +28,7 @@ import typing as t
 
 import zmq
 from ipykernel.kernelapp import IPKernelApp
-from ipykernel.kernelbase import Kernel
+from ipykernel.kernelbase import Kernel, kernel_protocol_version
 from jupyter_core.paths import jupyter_config_path
 from traitlets.config import Configurable
 from traitlets import Any, Bool, Dict, Float, Integer, List, Unicode, default
@@ -244,12 +244,18 @@ class MicroVMKernel(Kernel, GuestConfig):
 
     @property
     def kernel_info(self) -> dict:
-        info = super().kernel_info
+        # Built here rather than by the base property, which imports ipykernel.debugger (and
+        # debugpy: 60-160 ms before the first reply) only to learn a feature we do not offer.
         # No debugger, and no subshells: the guest runs one request at a time.
-        info["supported_features"] = [
-            f for f in info.get("supported_features", []) if f not in ("debugger", "kernel subshells")
-        ]
-        return info
+        return {
+            "protocol_version": kernel_protocol_version,
+            "implementation": self.implementation,
+            "implementation_version": self.implementation_version,
+            "language_info": self.language_info,
+            "banner": self.banner,
+            "help_links": self.help_links,
+            "supported_features": [],
+        }
 
     async def kernel_info_request(self, stream, ident, parent):  # type: ignore[override]
         # language_info carries the guest's Python version. The image knows it before any VM
