@@ -95,6 +95,20 @@ class Channel:
     def _write_loop(self):
         while True:
             frame = self._out.get()
+            # Frames queued meanwhile (a result and its reply) leave in one write: every write
+            # wakes the agent and crosses virtio-serial once, which under TCG costs more than
+            # the copying.
+            batch = [frame]
+            size = len(frame)
+            while size < STREAM_CHUNK:
+                try:
+                    more = self._out.get_nowait()
+                except queue.Empty:
+                    break
+                batch.append(more)
+                size += len(more)
+            if len(batch) > 1:
+                frame = b"".join(batch)
             view = memoryview(frame)
             try:
                 while view:
@@ -349,18 +363,26 @@ def _on_sigint(signum, frame):
 
 
 def _read_generation():
+    # Raw fds: this runs before every cell, and under TCG open() with its buffered text
+    # layers costs several times more than open/read/close.
     try:
-        with open(GENERATION_FILE) as f:
-            return f.read().strip()
+        fd = os.open(GENERATION_FILE, os.O_RDONLY)
     except OSError:
         return None
+    try:
+        return os.read(fd, 256).decode("ascii", "replace").strip()
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
 
 
 def reseed_if_restored():
-    """After a snapshot restore every clone has the same RNG state: reseed before user code."""
+    """After a snapshot restore every clone has the same RNG state: reseed before user code.
+    Returns True if this is the first call since a restore."""
     gen = _read_generation()
     if gen == state.generation:
-        return
+        return False
     state.generation = gen
     import random
 
@@ -371,6 +393,7 @@ def reseed_if_restored():
             np.random.seed()
         except Exception:
             pass
+    return True
 
 
 def _request_input(prompt, password):
@@ -609,6 +632,14 @@ class PlainExecutor:
             state.output.flush()
             _send({"type": "execute_result", "execution_count": count, "data": data, "metadata": md})
         return None
+
+    def warm_cell(self):
+        """Compiles and runs a trivial cell outside the user's namespace (after-restore warm-up)."""
+        tree = ast.parse("x = 1 + 1\nx", "<warm-up>", "exec")
+        last = ast.Expression(tree.body.pop().value)
+        scratch = {"__builtins__": builtins}
+        eval(compile(tree, "<warm-up>", "exec"), scratch)  # noqa: S307
+        plain_mimebundle(eval(compile(last, "<warm-up>", "eval"), scratch))  # noqa: S307
 
     def _run_code(self, codeobj):
         result = eval(codeobj, self.ns)  # noqa: S307 - that is the job
@@ -888,6 +919,18 @@ class IPythonExecutor:
         err = res.error_before_exec or res.error_in_exec
         return {"ename": type(err).__name__, "evalue": str(err), "traceback": []}
 
+    def warm_cell(self):
+        """A silent, history-less cell with the shell's event callbacks set aside, so nothing
+        the user registered (post_execute hooks, figure flushing) sees it (after-restore
+        warm-up; the execution count, history and `_` variables are not touched)."""
+        events = self.shell.events
+        saved = events.callbacks
+        events.callbacks = {name: [] for name in saved}
+        try:
+            self.shell.run_cell("1 + 1", store_history=False, silent=True)
+        finally:
+            events.callbacks = saved
+
     def take_payload(self):
         payload = self.shell.payload_manager.read_payload()
         self.shell.payload_manager.clear_payload()
@@ -1016,6 +1059,22 @@ def warm_up_steps(executor):
             lambda: executor.format_value(1)]
 
 
+def after_restore_steps(executor):
+    """Right after a restore QEMU's translation cache is empty (under TCG), so the first cell
+    runs several times slower than later ones. These steps take the paths a cell takes —
+    parsing, transforming, compiling and running code, formatting a result, encoding a reply —
+    without touching the user's namespace, history, execution count or output."""
+
+    def reply_step():
+        json.dumps({"type": "reply", "id": 0, "content": {"status": "ok", "user_expressions": {},
+                                                            "payload": []}},
+                   default=_json_default)
+        executor.user_expressions({})
+
+    return [executor.warm_cell, lambda: executor.format_value(2), reply_step,
+            lambda: __import__("sys")]
+
+
 def run_quietly(step):
     try:
         step()
@@ -1044,7 +1103,9 @@ class Driver:
 
     def do_hello(self, req):
         """A host attaching to an already running REPL (warm spare, restored snapshot)."""
-        reseed_if_restored()
+        if reseed_if_restored():
+            # Warm up while no request waits (serve() runs one step at a time between them).
+            self.warm_up = after_restore_steps(self.executor) + self.warm_up
         self.send_ready()
 
     def serve(self):
