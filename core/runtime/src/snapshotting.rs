@@ -158,25 +158,69 @@ pub fn copy_sparse(src: &Path, dst: &Path) -> Result<u64> {
 }
 
 /// Writes main-RAM pages from a split stream into a sparse memory file (zero pages stay
-/// holes; adjacent pages go out in one write) and digests them as [`fmt::digest_file`] would.
+/// holes; adjacent pages go out in one write, on a writer thread so writing overlaps reading
+/// the stream) and digests them as [`fmt::digest_file`] would.
 struct MemoryFileSink {
-    file: fs::File,
     run_at: u64,
     run: Vec<u8>,
     hash: xxhash_rust::xxh3::Xxh3,
     /// Next offset the digest expects; None once pages came out of order (digest the file).
     next: Option<u64>,
+    to_writer: Option<std::sync::mpsc::SyncSender<(u64, Vec<u8>)>>,
+    spare: std::sync::mpsc::Receiver<Vec<u8>>,
+    writer: Option<std::thread::JoinHandle<std::io::Result<()>>>,
 }
 
 const SINK_RUN: usize = 1 << 20;
 
 impl MemoryFileSink {
+    fn new(file: fs::File) -> std::io::Result<MemoryFileSink> {
+        let (to_writer, runs) = std::sync::mpsc::sync_channel::<(u64, Vec<u8>)>(8);
+        let (give_back, spare) = std::sync::mpsc::channel::<Vec<u8>>();
+        let writer = std::thread::Builder::new().name("snapshot-write".into()).spawn(move || {
+            for (at, mut run) in runs {
+                file.write_all_at(&run, at)?;
+                run.clear();
+                let _ = give_back.send(run);
+            }
+            Ok(())
+        })?;
+        Ok(MemoryFileSink {
+            run_at: 0,
+            run: Vec::with_capacity(SINK_RUN),
+            hash: Default::default(),
+            next: Some(0),
+            to_writer: Some(to_writer),
+            spare,
+            writer: Some(writer),
+        })
+    }
+
     fn flush_run(&mut self) -> std::io::Result<()> {
-        if !self.run.is_empty() {
-            self.file.write_all_at(&self.run, self.run_at)?;
-            self.run.clear();
+        if self.run.is_empty() {
+            return Ok(());
         }
-        Ok(())
+        let fresh = self.spare.try_recv().unwrap_or_else(|_| Vec::with_capacity(SINK_RUN));
+        let run = std::mem::replace(&mut self.run, fresh);
+        let sent = self.to_writer.as_ref().map(|tx| tx.send((self.run_at, run)).is_ok()).unwrap_or(false);
+        if sent {
+            Ok(())
+        } else {
+            self.finish() // the writer stopped: report its error
+                .and(Err(std::io::Error::other("the memory file writer stopped")))
+        }
+    }
+
+    /// Writes what is pending and waits for the writer.
+    fn finish(&mut self) -> std::io::Result<()> {
+        if !self.run.is_empty() && self.to_writer.is_some() {
+            self.flush_run()?;
+        }
+        self.to_writer = None;
+        match self.writer.take() {
+            Some(w) => w.join().unwrap_or_else(|_| Err(std::io::Error::other("the memory file writer panicked"))),
+            None => Ok(()),
+        }
     }
 }
 
@@ -190,16 +234,12 @@ impl PageSink for MemoryFileSink {
             fmt::mix_page(&mut self.hash, offset, data);
         }
         let zero = data.iter().all(|b| *b == 0);
-        let adjacent = self.run_at + self.run.len() as u64 == offset;
-        if zero || !adjacent || self.run.len() + data.len() > SINK_RUN {
-            self.flush_run()?;
+        if zero && self.next.is_some() {
+            return Ok(()); // first visit of this page: the file already reads as zeros there
         }
-        if zero {
-            if self.next.is_none() {
-                // A page written earlier may be zero now: punch it out.
-                self.file.write_all_at(data, offset)?;
-            }
-            return Ok(());
+        let adjacent = self.run_at + self.run.len() as u64 == offset;
+        if !adjacent || self.run.len() + data.len() > SINK_RUN {
+            self.flush_run()?;
         }
         if self.run.is_empty() {
             self.run_at = offset;
@@ -224,11 +264,13 @@ fn save_split(qmp: &mut Qmp, sock: &Path, state: &Path, memory: &Path, ram_size:
         .name("snapshot-split".into())
         .spawn(move || -> std::result::Result<Option<fmt::FileDigest>, String> {
             let (conn, _) = listener.accept().map_err(|e| format!("accepting QEMU's stream: {e}"))?;
-            let mut sink = MemoryFileSink { file: mem, run_at: 0, run: Vec::with_capacity(SINK_RUN), hash: Default::default(), next: Some(0) };
+            let mut sink = MemoryFileSink::new(mem).map_err(|e| format!("starting the memory file writer: {e}"))?;
             let input = BufReader::with_capacity(1 << 20, conn);
             let out = BufWriter::with_capacity(1 << 16, state_file);
-            split_stream(input, out, &mut sink, "mem").map_err(|e| e.to_string())?;
-            sink.flush_run().map_err(|e| format!("writing the memory file: {e}"))?;
+            let split = split_stream(input, out, &mut sink, "mem").map_err(|e| e.to_string());
+            let written = sink.finish().map_err(|e| format!("writing the memory file: {e}"));
+            split?;
+            written?;
             // Pages out of order (not seen from QEMU 7.2): digest the finished file instead.
             Ok(sink.next.map(|_| fmt::digest_from(&sink.hash, ram_size)))
         })
