@@ -507,6 +507,17 @@ class Vm:
         self._vm.snapshot(os.fspath(dest), {"taken_from": self.id})
         return Image.from_snapshot(dest, env=self._env)
 
+    def pause(self) -> None:
+        """Freezes the guest: the agent goes quiet and QEMU stops the vCPUs, so nothing in the
+        VM runs and it costs no CPU until ``resume()``."""
+        self._vm.pause()
+
+    def resume(self, timeout: float = 30.0) -> int:
+        """Continues a paused guest over a new agent channel. As after a restore, the guest
+        clock is set to the host's, its RNG reseeded and its generation bumped (the REPL
+        reseeds Python's ``random``). Returns the new generation."""
+        return self._vm.resume(timeout)
+
     def reconnect(self, timeout: float = 30.0) -> int:
         """Drops the channel to the guest agent and opens a new one. Processes, their unread
         output and every ExecChild handle survive; calls in flight fail. Returns the guest's

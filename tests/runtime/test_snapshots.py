@@ -282,3 +282,27 @@ def test_pool_shutdown_leaves_no_qemu(baked):
     with pytest.raises(api.PoolError):
         pool.acquire()
     assert wait_until(lambda: not any(pid_alive(p) for p in pids), 20), pids
+
+
+def test_pause_freezes_the_guest_and_resume_resyncs_it(baked):
+    with baked.boot() as vm:
+        ticker = vm.spawn(["sh", "-c", "while :; do echo t; sleep 0.05; done"])
+        assert ticker.read_stdout(timeout=30)
+        before = vm.exec(["cat", "/run/supermachine/generation"]).stdout
+        urandom_before = vm.exec(["head", "-c", "16", "/dev/urandom"]).stdout
+        vm.pause()
+        # Frozen: the ticker's pending output is drained, then nothing new arrives.
+        with pytest.raises(TimeoutError):
+            while ticker.read_stdout(timeout=0.5):
+                pass
+        with pytest.raises(TimeoutError):
+            ticker.read_stdout(timeout=1.5)
+        time.sleep(1.5)  # wall time passes; the guest's clock must not lag after resume
+        generation = vm.resume()
+        assert ticker.read_stdout(timeout=30)  # it runs again, same handle
+        assert generation == int(before) + 1
+        host_before = time.time()
+        guest = float(vm.exec(["date", "+%s.%N"]).stdout)
+        assert host_before - 1 <= guest <= time.time() + 1
+        assert vm.exec(["head", "-c", "16", "/dev/urandom"]).stdout != urandom_before
+        ticker.signal(9)

@@ -438,6 +438,18 @@ impl Vm {
             .map(|w| w.generation)
     }
 
+    /// Freezes the guest (agent quiet, vCPUs stopped): it uses no CPU until `resume`.
+    fn pause(&self, py: Python<'_>) -> PyResult<()> {
+        py.allow_threads(|| self.inner.pause()).py_err()
+    }
+
+    /// Continues a paused guest with a new agent channel (clock set, RNG reseeded, generation
+    /// bumped as after a restore). Returns the new generation.
+    #[pyo3(signature = (timeout=30.0))]
+    fn resume(&self, py: Python<'_>, timeout: f64) -> PyResult<u64> {
+        py.allow_threads(|| self.inner.resume(Duration::from_secs_f64(timeout.max(0.1)))).py_err()
+    }
+
     /// The snapshot this VM was restored from (None for cold boots).
     #[getter]
     fn restored_from(&self) -> Option<String> {

@@ -566,6 +566,32 @@ impl Vm {
 }
 
 impl Vm {
+    /// Freezes the guest: the agent stops writing (Pause), then QEMU stops the vCPUs. Nothing
+    /// in the guest runs and QEMU uses no CPU until [`Vm::resume`]; the translated code QEMU
+    /// already holds stays, so the guest resumes warm.
+    pub fn pause(&self) -> Result<()> {
+        self.qemu_proc().ok_or_else(|| Error::InvalidArgument("only QEMU-backed VMs can be paused".into()))?;
+        if !self.is_alive() {
+            return Err(self.conn().failure().unwrap_or(Error::Released));
+        }
+        self.conn().request(ReqKind::Pause, Some(Instant::now() + Duration::from_secs(30)), |req| Control::Pause { req })?;
+        let mut qmp_guard = self.qmp()?;
+        qmp_guard.as_mut().expect("qmp connected").execute("stop", None)?;
+        Ok(())
+    }
+
+    /// Continues a paused guest and opens a new channel to its agent. The new Hello sets the
+    /// guest clock to the host's, reseeds its RNG and bumps its generation, exactly as after a
+    /// restore, so a guest paused for hours comes back with the right time and fresh entropy.
+    pub fn resume(&self, timeout: Duration) -> Result<u64> {
+        self.qemu_proc().ok_or_else(|| Error::InvalidArgument("only QEMU-backed VMs can be resumed".into()))?;
+        {
+            let mut qmp_guard = self.qmp()?;
+            qmp_guard.as_mut().expect("qmp connected").execute("cont", None)?;
+        }
+        Ok(self.reconnect(timeout)?.generation)
+    }
+
     /// Used as the `parent` of snapshots taken from this VM.
     fn snapshot_parent(&self) -> Option<String> {
         self.restored_from().map(|s| s.to_string())
