@@ -15,6 +15,7 @@ snapshot records it as its parent.
 from __future__ import annotations
 
 import asyncio
+import atexit
 import collections
 import json
 import logging
@@ -23,6 +24,7 @@ import time
 from typing import Any, Optional
 
 from .snapshots import Entry, NotebookSnapshots, SnapshotStore, disk_usage, notebook_key
+from .standby import RestoreAhead
 
 log = logging.getLogger("supermachine_kernel.machine")
 
@@ -88,6 +90,9 @@ class Machine:
         self.snapshot_ms: collections.deque[float] = collections.deque(maxlen=10)
         self._since: dict[int, tuple[float, str]] = {}  # id(vm) -> (wall time, how it came)
         self._log = getattr(kernel, "log", None) or log  # the kernel app's log (--log-level)
+        self._ahead = RestoreAhead(self._log)  # a paused VM of the likely next %restore
+        atexit.register(self._ahead.forget)
+        self.last_restore_was_ahead = False
 
     # -- the running VM --------------------------------------------------------------------------
 
@@ -150,7 +155,17 @@ class Machine:
                       execution_count=getattr(self.kernel, "execution_count", None), kind=kind)
         self.snapshots.record(entry)
         self.head = name
+        self.restore_ahead(entry)
         return entry
+
+    def restore_ahead(self, entry: Entry) -> None:
+        """Restore ``entry`` in the background and keep it paused for a fast %restore."""
+        path = self.snapshots.path(entry.name)
+        self._ahead.prepare(entry.name, path, lambda: self._restore_and_greet(path, entry))
+
+    def forget_snapshot(self, name: str) -> None:
+        """``name`` was deleted or is being replaced: drop what was restored ahead from it."""
+        self._ahead.forget(name)
 
     # -- restore ---------------------------------------------------------------------------------
 
@@ -159,7 +174,10 @@ class Machine:
         guest = self.check_backend()  # a dead guest is fine: it is replaced anyway
         path = self.snapshots.path(entry.name)
         t0 = time.monotonic()
-        handle = await asyncio.to_thread(self._restored_handle, path, entry)
+        handle = await asyncio.to_thread(self._standby_handle, entry)
+        ahead = handle is not None
+        if handle is None:
+            handle = await asyncio.to_thread(self._restored_handle, path, entry)
         t1 = time.monotonic()
         try:
             await guest.adopt(handle, timeout=RESTORE_TIMEOUT)
@@ -168,12 +186,47 @@ class Machine:
                 f"the REPL in snapshot {entry.name!r} did not answer after the restore: {e}",
                 "The previous session is still running.") from e
         took = time.monotonic() - t0
-        self._log.info("restored %s in %.3f s (VM restored and REPL attached %.3f s, REPL answered "
-                 "%.3f s)", entry.name, took, t1 - t0, took - (t1 - t0))
+        self._log.info("restored %s in %.3f s (VM %s and REPL attached %.3f s, REPL answered "
+                 "%.3f s)", entry.name, took, "resumed from restore-ahead" if ahead else "restored",
+                 t1 - t0, took - (t1 - t0))
+        self.last_restore_was_ahead = ahead
+        self.restore_ahead(entry)  # the same snapshot is the likeliest next %restore
         self.restore_ms.append(took * 1000)
         self._since = {id(handle.vm): (time.time(), f"restored from {entry.name!r}")}
         self.head = entry.name
         return took
+
+    def _standby_handle(self, entry: Entry) -> Any:
+        """The restore-ahead VM of ``entry`` as a session handle, or None."""
+        from .session.vm import VmHandle  # noqa: PLC0415
+
+        taken = self._ahead.take(entry.name)
+        if taken is None:
+            return None
+        vm, child = taken
+        handle = VmHandle(vm, child, vm.release, self._where(vm, entry))
+        handle.prestarted = True
+        return handle
+
+    def _restore_and_greet(self, path: str, entry: Entry) -> tuple[Any, Any]:
+        """Restore-ahead worker: the verified restore, then one hello to the REPL so its
+        after-restore path has run (and been translated by TCG) before the VM is paused."""
+        from .session.backend import read_ready_frame  # noqa: PLC0415
+        from .session.protocol import encode_frame  # noqa: PLC0415
+
+        handle = self._restored_handle(path, entry)
+        try:
+            handle.child.write_stdin(encode_frame({"type": "hello"}))
+            read_ready_frame(handle.child, timeout=60)
+        except BaseException:
+            handle.vm.release()
+            raise
+        return handle.vm, handle.child
+
+    @staticmethod
+    def _where(vm: Any, entry: Entry) -> str:
+        accel = getattr(vm, "accel", None)
+        return f"microVM {vm.id}" + (f" ({accel})" if accel else "") + f", snapshot {entry.name}"
 
     def _restored_handle(self, path: str, entry: Entry) -> Any:
         """Blocking: verify, restore, re-attach to the REPL. Runs on a worker thread."""
@@ -199,9 +252,7 @@ class Machine:
         except BaseException:
             vm.release()
             raise
-        accel = getattr(vm, "accel", None)
-        where = f"microVM {vm.id}" + (f" ({accel})" if accel else "") + f", snapshot {entry.name}"
-        handle = VmHandle(vm, child, vm.release, where)
+        handle = VmHandle(vm, child, vm.release, self._where(vm, entry))
         handle.prestarted = True
         return handle
 

@@ -19,7 +19,10 @@ async def magic(ctx: Context, args: str) -> None:
 
     The execution count keeps counting. The restored guest's clock is set to now and its random
     number generators (the kernel's and Python's ``random``) are reseeded, so two restores of one
-    snapshot never share random numbers. Works from a later kernel session of the same notebook;
+    snapshot never share random numbers. The snapshot just taken or restored is restored ahead
+    in the background and kept paused (one idle VM; SUPERMACHINE_RESTORE_AHEAD=0 turns it off),
+    so going back to it takes a few tens of milliseconds; its files are checked unchanged before
+    it is used. Works from a later kernel session of the same notebook;
     another notebook's snapshots are never touched. A damaged snapshot is refused with the
     reason (its files are checksummed).
     """
@@ -35,5 +38,6 @@ async def magic(ctx: Context, args: str) -> None:
     took = await machine.restore(entry)
     when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(entry.created))
     cell = f", after cell [{entry.execution_count}]" if entry.execution_count else ""
+    ahead = " (its VM was restored ahead, in the background)" if machine.last_restore_was_ahead else ""
     ctx.print(f"Restored snapshot {entry.name!r} (taken {when}{cell}; "
-              f"{format_size(entry.size_bytes)}) in {took:.2f} s.")
+              f"{format_size(entry.size_bytes)}) in {took:.2f} s{ahead}.")

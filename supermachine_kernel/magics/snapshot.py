@@ -40,6 +40,7 @@ async def magic(ctx: Context, args: str) -> None:
             if not opts.name:
                 raise MagicError("%snapshot --delete needs the name of the snapshot to delete",
                                  "usage: %snapshot --delete NAME", ename="UsageError")
+            machine.forget_snapshot(opts.name)
             freed = nb.delete(opts.name)
             remaining = nb.entries()
             ctx.print(f"Deleted snapshot {opts.name!r}: freed {format_size(freed)}. "
@@ -47,6 +48,7 @@ async def magic(ctx: Context, args: str) -> None:
             return None
         name = opts.name or nb.new_name()
         if opts.force:
+            machine.forget_snapshot(name)
             try:
                 nb.delete(name)
             except StoreError:

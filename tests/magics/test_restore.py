@@ -137,3 +137,36 @@ def test_snapshot_mid_analysis_notebook(data_dir):
     assert not errors, errors
     text = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.outputs)
     assert "Restored snapshot 'cleaned'" in text
+
+
+def test_restore_ahead_resumes_a_paused_vm_with_fresh_clock_and_random(kernel):
+    kernel.ok("import os, random, time\nahead = 'at the snapshot'")
+    kernel.ok("%snapshot ahead")
+    kernel.ok("ahead = 'changed'")
+    time.sleep(4)  # the standby is restored, greeted and paused in the background
+    out = kernel.ok("%restore ahead")
+    assert "restored ahead" in out, out
+    assert kernel.value("ahead") == "'at the snapshot'"
+    skew = float(kernel.value(f"time.time() - {time.time()}"))
+    assert abs(skew) < 3.0, skew  # paused for seconds, yet the clock is the host's
+    first = kernel.value("random.random(), os.urandom(8).hex()")
+    kernel.ok("ahead = 'changed again'")
+    time.sleep(4)  # after a %restore the same snapshot is restored ahead again
+    out = kernel.ok("%restore ahead")
+    assert "restored ahead" in out, out
+    assert kernel.value("ahead") == "'at the snapshot'"
+    assert kernel.value("random.random(), os.urandom(8).hex()") != first
+
+
+def test_restore_ahead_never_hides_a_damaged_snapshot(kernel):
+    kernel.ok("%snapshot damaged-later")
+    time.sleep(4)  # its standby is ready and paused
+    state = Path(kernel.store().path("damaged-later")) / "state"
+    with open(state, "r+b") as f:
+        f.seek(8)
+        chunk = f.read(16)
+        f.seek(8)
+        f.write(bytes(b ^ 0xFF for b in chunk))
+    reply, (err,) = kernel.error("%restore damaged-later")
+    assert "corrupt" in err["evalue"], err["evalue"]
+    assert kernel.value("6 * 7") == "42"
