@@ -14,28 +14,36 @@ variable SUPERMACHINE_KERNEL_BACKEND=local|vm overrides the default backend.
 """
 from __future__ import annotations
 
-import asyncio
-import atexit
-import base64
-import json
-import os
-import re
-import signal
 import sys
-import threading
-import time
-import typing as t
 
-import zmq
-from ipykernel.kernelapp import IPKernelApp
-from ipykernel.kernelbase import Kernel, kernel_protocol_version
-from jupyter_core.paths import jupyter_config_path
-from traitlets.config import Configurable
-from traitlets import Any, Bool, Dict, Float, Integer, List, Unicode, default
+from .kernel_sockets import EarlySockets
 
-from . import magics
-from .ratelimit import RateLimiter
-from .session import (
+# Run as the kernel process: bind the shell and iopub sockets before the imports below, so the
+# frontend connects while they run (kernel_sockets.py says why that matters).
+_EARLY_SOCKETS = EarlySockets.bind(sys.argv[1:]) if __name__ == "__main__" else None
+
+import asyncio  # noqa: E402
+import atexit  # noqa: E402
+import base64  # noqa: E402
+import json  # noqa: E402
+import os  # noqa: E402
+import re  # noqa: E402
+import signal  # noqa: E402
+import threading  # noqa: E402
+import time  # noqa: E402
+import typing as t  # noqa: E402
+
+import zmq  # noqa: E402
+from ipykernel.iostream import IOPubThread  # noqa: E402
+from ipykernel.kernelapp import IPKernelApp  # noqa: E402
+from ipykernel.kernelbase import Kernel, kernel_protocol_version  # noqa: E402
+from jupyter_core.paths import jupyter_config_path  # noqa: E402
+from traitlets.config import Configurable  # noqa: E402
+from traitlets import Any, Bool, Dict, Float, Integer, List, Unicode, default  # noqa: E402
+
+from . import magics  # noqa: E402
+from .ratelimit import RateLimiter  # noqa: E402
+from .session import (  # noqa: E402
     GuestDied,
     GuestSession,
     GuestUnavailable,
@@ -602,6 +610,49 @@ class MicroVMKernelApp(IPKernelApp):
     @default("config_file_paths")
     def _config_file_paths_default(self) -> list[str]:
         return list(jupyter_config_path())
+
+    def init_sockets(self) -> None:
+        early = _EARLY_SOCKETS
+        if early is None or not early.matches(self):
+            if early is not None:
+                early.close()
+            self._early_iopub = None
+            return super().init_sockets()
+        # IPKernelApp.init_sockets, with the shell socket (and in init_iopub the iopub socket)
+        # bound at process start.
+        self.log.info("Starting the kernel at pid: %i", os.getpid())
+        self.context = context = early.context
+        atexit.register(self.close)
+        if self.transport == "tcp":
+            self.log.warning(
+                "Kernel is running over TCP without encryption. All communication (including "
+                "code and outputs) is sent in plain text and is susceptible to eavesdropping. "
+                "Use IPC transport or launch with kernel manager-provisioned CurveZMQ keys to "
+                "enable transport encryption."
+            )
+        self.shell_socket = early.shell
+        self.log.debug("shell ROUTER Channel on port: %i (bound at start)", self.shell_port)
+        self.stdin_socket = context.socket(zmq.ROUTER)
+        self.stdin_socket.linger = 1000
+        self.stdin_port = self._bind_socket(self.stdin_socket, self.stdin_port)
+        self.log.debug("stdin ROUTER Channel on port: %i", self.stdin_port)
+        if hasattr(zmq, "ROUTER_HANDOVER"):
+            self.shell_socket.router_handover = self.stdin_socket.router_handover = 1
+        self._early_iopub = early.iopub
+        self.init_control(context)
+        self.init_iopub(context)
+
+    def init_iopub(self, context: t.Any) -> None:
+        iopub, self._early_iopub = getattr(self, "_early_iopub", None), None
+        if iopub is None:
+            return super().init_iopub(context)
+        # IPKernelApp.init_iopub, with the socket bound at process start.
+        self.iopub_socket = iopub
+        self.log.debug("iopub PUB Channel on port: %i (bound at start)", self.iopub_port)
+        self.configure_tornado_logger()
+        self.iopub_thread = IOPubThread(self.iopub_socket, pipe=True, session=self.session)
+        self.iopub_thread.start()
+        self.iopub_socket = self.iopub_thread.background_socket
 
     def start(self) -> None:
         try:

@@ -1,0 +1,83 @@
+"""The kernel's shell and iopub sockets, bound in the kernel process's first milliseconds.
+
+A frontend connects right after it has started the kernel process, and ZMQ retries a refused
+connection every 100 ms (`reconnect_ivl`). ipykernel binds its sockets only after its imports
+(~250 ms), so the first kernel_info used to wait a further 0-100 ms for the frontend's next retry.
+`EarlySockets.bind(argv)` binds the shell and iopub sockets before those imports, so the frontend
+connects while they run and its first request is waiting when the kernel starts reading;
+`MicroVMKernelApp` adopts them (its `init_sockets` and `init_iopub`). Only the plain case is
+handled — TCP, ports given in the connection file, no CurveZMQ keys — anything else, or any
+error, leaves the binding to ipykernel as before.
+
+Imports nothing heavy: it runs before ipykernel is loaded.
+"""
+from __future__ import annotations
+
+import json
+from typing import Any
+
+
+def connection_file_arg(argv: list[str]) -> str | None:
+    """The connection file given as `-f PATH` / `-f=PATH` / `--f=PATH` (as kernelspecs do)."""
+    for i, arg in enumerate(argv):
+        if arg in ("-f", "--f") and i + 1 < len(argv):
+            return argv[i + 1]
+        for prefix in ("-f=", "--f="):
+            if arg.startswith(prefix):
+                return arg[len(prefix):]
+    return None
+
+
+class EarlySockets:
+    """A ZMQ context with the shell ROUTER and iopub XPUB sockets bound to their ports."""
+
+    def __init__(self, context: Any, ip: str, shell_port: int, iopub_port: int,
+                 shell: Any, iopub: Any) -> None:
+        self.context = context
+        self.ip = ip
+        self.shell_port = shell_port
+        self.iopub_port = iopub_port
+        self.shell = shell
+        self.iopub = iopub
+
+    @classmethod
+    def bind(cls, argv: list[str]) -> "EarlySockets | None":
+        """Binds the sockets named by the connection file in `argv`; None if not possible."""
+        path = connection_file_arg(argv)
+        if not path:
+            return None
+        try:
+            with open(path) as f:
+                info = json.load(f)
+            if info.get("transport", "tcp") != "tcp" or info.get("curve_secretkey"):
+                return None
+            ip, shell_port, iopub_port = info["ip"], int(info["shell_port"]), int(info["iopub_port"])
+            if shell_port <= 0 or iopub_port <= 0:
+                return None
+            import zmq  # noqa: PLC0415
+        except Exception:  # noqa: BLE001 - ipykernel binds them (and reports problems)
+            return None
+        context = zmq.Context()
+        sockets = []
+        try:
+            for kind, port in ((zmq.ROUTER, shell_port), (zmq.XPUB, iopub_port)):
+                sock = context.socket(kind)
+                sockets.append(sock)
+                sock.linger = 1000
+                sock.bind(f"tcp://{ip}:{port}")
+        except Exception:  # noqa: BLE001 - e.g. the port is taken: ipykernel will say so
+            for sock in sockets:
+                sock.close(linger=0)
+            context.term()
+            return None
+        return cls(context, ip, shell_port, iopub_port, *sockets)
+
+    def matches(self, app: Any) -> bool:
+        """Whether the kernel app was configured with exactly these sockets."""
+        return (app.transport == "tcp" and app.ip == self.ip and app.shell_port == self.shell_port
+                and app.iopub_port == self.iopub_port and app.curve_secretkey is None)
+
+    def close(self) -> None:
+        self.shell.close(linger=0)
+        self.iopub.close(linger=0)
+        self.context.term()

@@ -1,0 +1,73 @@
+"""The shell and iopub sockets the kernel process binds before its imports (kernel_sockets.py)."""
+from __future__ import annotations
+
+import json
+import time
+from types import SimpleNamespace
+
+import zmq
+from jupyter_client.connect import write_connection_file
+
+from supermachine_kernel.kernel_sockets import EarlySockets, connection_file_arg
+
+
+def test_connection_file_argument_forms():
+    assert connection_file_arg(["-f", "/a.json", "--x=1"]) == "/a.json"
+    assert connection_file_arg(["--MicroVMKernel.backend=local", "-f=/b.json"]) == "/b.json"
+    assert connection_file_arg(["--f=/c.json"]) == "/c.json"
+    assert connection_file_arg(["--MicroVMKernel.backend=local"]) is None
+    assert connection_file_arg(["-f"]) is None
+
+
+def _app(info: dict, **over) -> SimpleNamespace:
+    fields = dict(transport="tcp", ip=info["ip"], shell_port=info["shell_port"],
+                  iopub_port=info["iopub_port"], curve_secretkey=None)
+    fields.update(over)
+    return SimpleNamespace(**fields)
+
+
+def test_binds_shell_and_iopub_and_a_client_reaches_them(tmp_path):
+    path, info = write_connection_file(str(tmp_path / "kernel-1.json"))
+    early = EarlySockets.bind(["-f", path])
+    assert early is not None
+    try:
+        assert early.matches(_app(info))
+        assert not early.matches(_app(info, shell_port=info["shell_port"] + 1))
+        assert not early.matches(_app(info, transport="ipc"))
+        assert not early.matches(_app(info, curve_secretkey=b"k" * 40))
+        # A frontend's request is queued on the early shell socket until someone reads it.
+        client = early.context.socket(zmq.DEALER)
+        client.connect(f"tcp://{info['ip']}:{info['shell_port']}")
+        client.send(b"kernel_info_request")
+        assert early.shell.poll(5000)
+        _, body = early.shell.recv_multipart()
+        assert body == b"kernel_info_request"
+        sub = early.context.socket(zmq.SUB)
+        sub.setsockopt(zmq.SUBSCRIBE, b"")
+        sub.connect(f"tcp://{info['ip']}:{info['iopub_port']}")
+        assert early.iopub.poll(5000)  # the XPUB socket sees the subscription
+        assert early.iopub.recv() == b"\x01"
+        client.close(linger=0)
+        sub.close(linger=0)
+    finally:
+        early.close()
+
+
+def test_leaves_what_it_cannot_bind_to_ipykernel(tmp_path):
+    assert EarlySockets.bind([]) is None
+    assert EarlySockets.bind(["-f", str(tmp_path / "missing.json")]) is None
+    ipc = tmp_path / "ipc.json"
+    ipc.write_text(json.dumps({"transport": "ipc", "ip": str(tmp_path / "k"), "shell_port": 1,
+                               "iopub_port": 2}))
+    assert EarlySockets.bind(["-f", str(ipc)]) is None
+    path, info = write_connection_file(str(tmp_path / "kernel-2.json"))
+    taken = zmq.Context.instance().socket(zmq.ROUTER)
+    taken.bind(f"tcp://{info['ip']}:{info['shell_port']}")
+    try:
+        assert EarlySockets.bind(["-f", path]) is None  # port in use: ipykernel reports it
+    finally:
+        taken.close(linger=0)
+    time.sleep(0.05)
+    early = EarlySockets.bind(["-f", path])  # and the ports were not left bound by the failure
+    assert early is not None
+    early.close()
