@@ -1,0 +1,88 @@
+"""The guest REPL's warm-up after a restore: armed by the first hello after a restore, invisible to
+the user (no output, no execution count, history, `_` or namespace change, no event callbacks).
+
+The driver runs in a host subprocess with a recording channel; a restore is simulated by changing
+the generation file the driver reads.
+"""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+
+from supermachine_kernel.session.backend import GUEST_DRIVER
+
+SCRIPT = textwrap.dedent("""
+    import importlib.util, json, sys
+    spec = importlib.util.spec_from_file_location("repl", sys.argv[1])
+    repl = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(repl)
+    gen = sys.argv[2]
+    repl.GENERATION_FILE = gen
+    with open(gen, "w") as f:
+        f.write("1")
+
+    sent = []
+    class Channel:
+        def send(self, msg):
+            json.dumps(msg, default=repl._json_default)
+            sent.append(msg["type"])
+    repl.state.channel = Channel()
+    repl.state.output = repl.Output(repl.state.channel)
+    repl.state.generation = repl._read_generation()
+    executor = repl.IPythonExecutor()
+    driver = repl.Driver(executor, None)
+    driver.warm_up = []
+    shell = executor.shell
+    calls = []
+    shell.events.register("post_execute", lambda: calls.append("post_execute"))
+    shell.events.register("pre_run_cell", lambda info: calls.append("pre_run_cell"))
+    shell.run_cell("a = 41", store_history=True)
+    calls.clear()
+    before = dict(count=shell.execution_count, hist=len(shell.history_manager.input_hist_raw),
+                  names=sorted(k for k in shell.user_ns if not k.startswith("_")),
+                  last=shell.user_ns.get("_"))
+
+    out = {}
+    driver.do_hello({"type": "hello"})            # no restore: nothing armed
+    out["armed_without_restore"] = len(driver.warm_up)
+    with open(gen, "w") as f:
+        f.write("2")                              # a restore happened
+    del sent[:]
+    driver.do_hello({"type": "hello"})
+    out["armed_after_restore"] = len(driver.warm_up)
+    out["sent_by_hello"] = list(sent)
+    driver.do_hello({"type": "hello"})            # a second host attaching: not armed again
+    out["armed_twice"] = len(driver.warm_up)
+    del sent[:]
+    while driver.warm_up:
+        driver.warm_up.pop(0)()                   # each step must succeed on its own
+    repl.state.output.flush(fds=True)
+    out["sent_by_warm_up"] = list(sent)
+    out["callbacks"] = calls
+    out["before"] = before
+    out["after"] = dict(count=shell.execution_count, hist=len(shell.history_manager.input_hist_raw),
+                        names=sorted(k for k in shell.user_ns if not k.startswith("_")),
+                        last=shell.user_ns.get("_"))
+    with open(sys.argv[3], "w") as f:
+        json.dump(out, f)
+""")
+
+
+def test_warm_up_after_restore_is_invisible(tmp_path):
+    script = tmp_path / "drive.py"
+    script.write_text(SCRIPT)
+    result = tmp_path / "result.json"
+    proc = subprocess.run([sys.executable, str(script), str(GUEST_DRIVER),
+                           str(tmp_path / "generation"), str(result)],
+                          capture_output=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr.decode()
+    out = json.loads(result.read_text())
+    assert out["armed_without_restore"] == 0
+    assert out["armed_after_restore"] > 0
+    assert out["sent_by_hello"] == ["ready"]
+    assert out["armed_twice"] == out["armed_after_restore"]  # unchanged, not doubled
+    assert out["sent_by_warm_up"] == []
+    assert out["callbacks"] == []
+    assert out["after"] == out["before"]
