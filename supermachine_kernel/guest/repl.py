@@ -46,6 +46,7 @@ HEADER = struct.Struct(">I")
 MAX_FRAME = 32 * 1024 * 1024
 STREAM_CHUNK = 1024 * 1024  # largest stream text per frame
 FLUSH_INTERVAL = 0.05
+WARM_UP_GRACE = 0.05  # seconds a host that just attached has to send its first request
 GENERATION_FILE = "/run/supermachine/generation"
 
 # ---------------------------------------------------------------------------------------------
@@ -1087,6 +1088,7 @@ class Driver:
         self.executor = executor
         self.comm_manager = comm_manager
         self.warm_up = warm_up_steps(executor)  # run one at a time while no request waits
+        self.attached = False  # a host just said hello
 
     def send_ready(self):
         _send(
@@ -1104,24 +1106,37 @@ class Driver:
     def do_hello(self, req):
         """A host attaching to an already running REPL (warm spare, restored snapshot)."""
         if reseed_if_restored():
-            # Warm up while no request waits (serve() runs one step at a time between them).
+            # Warm up while no request waits (next_request runs them between requests).
             self.warm_up = after_restore_steps(self.executor) + self.warm_up
+        self.attached = True
         self.send_ready()
 
     def serve(self):
         requests = state.channel.requests
         while True:
-            while self.warm_up and requests.empty():
-                run_quietly(self.warm_up.pop(0))
-                state.output.flush(fds=True)
             try:
-                req = requests.get()
+                req = self.next_request(requests)
             except KeyboardInterrupt:
                 continue
             if req is None or req.get("type") == "shutdown":
                 state.output.flush(fds=True)
                 return
             self.handle(req)
+
+    def next_request(self, requests):
+        """The next request. While none waits, the warm-up steps run, one at a time, so a
+        request waits at most for the step in progress; right after a host attached they
+        start only if its first request does not follow within WARM_UP_GRACE seconds."""
+        grace = WARM_UP_GRACE if self.attached else 0
+        self.attached = False
+        while self.warm_up:
+            try:
+                return requests.get(timeout=grace)
+            except queue.Empty:
+                grace = 0
+            run_quietly(self.warm_up.pop(0))
+            state.output.flush(fds=True)
+        return requests.get()
 
     def handle(self, req):
         kind = req.get("type")

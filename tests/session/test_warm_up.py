@@ -1,5 +1,6 @@
-"""The guest REPL's warm-up after a restore: armed by the first hello after a restore, invisible to
-the user (no output, no execution count, history, `_` or namespace change, no event callbacks).
+"""The guest REPL's warm-up after a restore: armed by the first hello after a restore, never ahead
+of a waiting request, invisible to the user (no output, no execution count, history, `_` or
+namespace change, no event callbacks).
 
 The driver runs in a host subprocess with a recording channel; a restore is simulated by changing
 the generation file the driver reads.
@@ -55,6 +56,11 @@ SCRIPT = textwrap.dedent("""
     out["sent_by_hello"] = list(sent)
     driver.do_hello({"type": "hello"})            # a second host attaching: not armed again
     out["armed_twice"] = len(driver.warm_up)
+    import queue
+    requests = queue.SimpleQueue()
+    requests.put({"type": "execute", "id": 1})
+    first = driver.next_request(requests)         # a waiting request goes first
+    out["first_request"] = [first["type"], len(driver.warm_up)]
     del sent[:]
     while driver.warm_up:
         driver.warm_up.pop(0)()                   # each step must succeed on its own
@@ -83,6 +89,7 @@ def test_warm_up_after_restore_is_invisible(tmp_path):
     assert out["armed_after_restore"] > 0
     assert out["sent_by_hello"] == ["ready"]
     assert out["armed_twice"] == out["armed_after_restore"]  # unchanged, not doubled
+    assert out["first_request"] == ["execute", out["armed_after_restore"]]  # no step ran first
     assert out["sent_by_warm_up"] == []
     assert out["callbacks"] == []
     assert out["after"] == out["before"]
