@@ -306,3 +306,16 @@ def test_pause_freezes_the_guest_and_resume_resyncs_it(baked):
         assert host_before - 1 <= guest <= time.time() + 1
         assert vm.exec(["head", "-c", "16", "/dev/urandom"]).stdout != urandom_before
         ticker.signal(9)
+
+
+def test_full_snapshot_when_splitting_is_off(baked, tmp_path, monkeypatch):
+    """SUPERMACHINE_SNAPSHOT_SPLIT=0: RAM stays in the migration stream; it still restores."""
+    monkeypatch.setenv("SUPERMACHINE_SNAPSHOT_SPLIT", "0")
+    with baked.boot() as vm:
+        vm.write_file("/tmp/kept", b"in a full snapshot")
+        image = vm.snapshot(tmp_path / "full")
+    meta = json.loads((tmp_path / "full" / "metadata.json").read_text())
+    assert meta["kind"] == "full" and meta["memory"] is None
+    assert not (tmp_path / "full" / "memory").exists()
+    with image.boot() as clone:
+        assert clone.read_file("/tmp/kept") == b"in a full snapshot"

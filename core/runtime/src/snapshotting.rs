@@ -249,6 +249,12 @@ impl PageSink for MemoryFileSink {
     }
 }
 
+/// `SUPERMACHINE_SNAPSHOT_SPLIT=0` keeps RAM inside the migration stream (the slower "full"
+/// snapshot: loading it copies every page), e.g. should a QEMU version's stream not split.
+fn split_enabled() -> bool {
+    !matches!(std::env::var("SUPERMACHINE_SNAPSHOT_SPLIT").as_deref().map(str::trim), Ok("0" | "no" | "off" | "false"))
+}
+
 /// Has QEMU send its migration stream to a unix socket we read, splitting it into `memory`
 /// (main RAM, sparse, `ram_size` bytes) and `state` (everything else). The VM is stopped.
 fn save_split(qmp: &mut Qmp, sock: &Path, state: &Path, memory: &Path, ram_size: u64) -> Result<fmt::FileDigest> {
@@ -465,7 +471,7 @@ impl Vm {
             qmp.execute("migrate-set-parameters", Some(json!({"max-bandwidth": 1u64 << 40})))?;
             let state = pending.dir().join(fmt::STATE_FILE);
             let memory = pending.dir().join(fmt::MEMORY_FILE);
-            if kind == SnapshotKind::Full {
+            if kind == SnapshotKind::Full && split_enabled() {
                 // Private RAM: split QEMU's stream into a memory file + device state, so the
                 // snapshot restores copy-on-write like a template (fast) instead of loading
                 // every page. Anything unexpected falls back to keeping the stream whole.
