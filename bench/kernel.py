@@ -5,6 +5,10 @@ Figures (each printed with the ratio microVM / ipykernel):
   `1+1` execute round trip p50; restart -> ready; restart -> imports finished;
   50 MB printed -> received.
 
+"launch" starts at KernelManager.start_kernel(); "ready" is jupyter_client's wait_for_ready(),
+which after the first kernel_info reply also waits for 0.2 s of IOPub silence — both kernels pay
+that, and it bounds how small the launch -> imports ratio can get.
+
 Run: .venv/bin/python bench/kernel.py [--rounds N] [--mb 50]
 """
 from __future__ import annotations

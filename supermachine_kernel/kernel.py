@@ -7,7 +7,10 @@ guest (the base signals its own process group), `kernel_info` without a debugger
 does not have, stdin forwarding for the guest's `input()`, output rate limiting, and recovery
 when the guest dies.
 
-Run: `python -m supermachine_kernel.kernel -f CONNECTION_FILE` (what the kernelspec does).
+Run: `python -m supermachine_kernel.kernel -f CONNECTION_FILE` (what the kernelspec does). Run
+that way, the shell and iopub sockets are bound before ipykernel is imported (kernel_sockets.py)
+and `MicroVMKernelApp` adopts them; the guest's VM is restored when the kernel starts, and the
+restored REPL warms itself up while no request waits (guest/repl.py).
 Config: `c.MicroVMKernel.<trait>` in `supermachine_kernel_config.py` in any Jupyter config dir
 (`jupyter --paths`), or `--MicroVMKernel.<trait>=...` on the command line. The environment
 variable SUPERMACHINE_KERNEL_BACKEND=local|vm overrides the default backend.
