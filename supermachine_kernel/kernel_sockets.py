@@ -75,7 +75,8 @@ class EarlySockets:
     def matches(self, app: Any) -> bool:
         """Whether the kernel app was configured with exactly these sockets."""
         return (app.transport == "tcp" and app.ip == self.ip and app.shell_port == self.shell_port
-                and app.iopub_port == self.iopub_port and app.curve_secretkey is None)
+                and app.iopub_port == self.iopub_port
+                and getattr(app, "curve_secretkey", None) is None)
 
     def close(self) -> None:
         self.shell.close(linger=0)
