@@ -134,6 +134,9 @@ class Machine:
 
     async def snapshot(self, name: str) -> Entry:
         handle = await self.ready_handle()
+        # The standby is replaced by this snapshot's anyway: stop it now rather than let its
+        # restore compete with the snapshot for the CPU.
+        self._ahead.forget()
         path = self.snapshots.reserve(name)
         repl_id = getattr(handle.child, "id", None)
         t0 = time.monotonic()

@@ -280,17 +280,16 @@ impl PendingSnapshot {
         let json = serde_json::to_vec_pretty(&meta).expect("metadata serialises");
         let mut f = fs::File::create(&meta_path).map_err(io_err(&meta_path))?;
         f.write_all(&json).map_err(io_err(&meta_path))?;
-        f.sync_all().map_err(io_err(&meta_path))?;
-        let state_path = self.tmp.join(STATE_FILE);
-        if let Ok(f) = fs::File::open(&state_path) {
-            f.sync_all().map_err(io_err(&state_path))?;
-        }
-        // Hundreds of MiB: syncing it here cost ~0.9 s per snapshot. The open handle keeps
-        // syncing the same file after the rename below.
-        if let Ok(f) = fs::File::open(self.tmp.join(MEMORY_FILE)) {
-            std::thread::spawn(move || {
-                let _ = f.sync_all();
-            });
+        // Flushing to disk happens in the background, after the rename: fsyncs here cost up to
+        // ~1 s per snapshot (hundreds of MiB, and on ext4 a journal commit waits for the data
+        // of earlier snapshots still being written back). A crash before they finish leaves a
+        // snapshot whose checksums no longer match, which loading reports as corrupt (the
+        // per-boot verification stamps live in a tmpfs, so nothing unverified is trusted).
+        let mut to_sync = vec![f];
+        for name in [MEMORY_FILE, STATE_FILE] {
+            if let Ok(f) = fs::File::open(self.tmp.join(name)) {
+                to_sync.push(f);
+            }
         }
         if self.dest.exists() {
             return Err(SnapshotError::Exists { path: self.dest.clone() });
@@ -298,9 +297,14 @@ impl PendingSnapshot {
         fs::rename(&self.tmp, &self.dest).map_err(io_err(&self.dest))?;
         if let Some(parent) = self.dest.parent() {
             if let Ok(d) = fs::File::open(parent) {
-                let _ = d.sync_all();
+                to_sync.push(d);
             }
         }
+        std::thread::spawn(move || {
+            for f in to_sync {
+                let _ = f.sync_all();
+            }
+        });
         self.committed = true;
         Ok(meta)
     }
