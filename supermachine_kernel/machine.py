@@ -250,6 +250,10 @@ class Machine:
                                "The previous session is still running.") from e
         self._log.info("snapshot %s verified in %.3f s, VM restored in %.3f s", entry.name, t1 - t0,
                  time.monotonic() - t1)
+        # Snapshotting this VM reads all its RAM: have the file's holes cached before that.
+        from . import _core  # noqa: PLC0415
+
+        _core.prefetch_snapshot_memory(path)
         try:
             child = self._attach_repl(vm, entry.repl_id)
         except BaseException:

@@ -525,6 +525,13 @@ pub fn snapshot_info(py: Python<'_>, path: PathBuf) -> PyResult<Bound<'_, PyAny>
     snapshot_dict(py, &snap)
 }
 
+/// Starts reading snapshot `path`'s memory file into the page cache in the background (holes
+/// too), so a later snapshot of a VM restored from it does not fault them in one by one.
+#[pyfunction]
+pub fn prefetch_snapshot_memory(path: PathBuf) {
+    supermachine_runtime::snapshotting::prefetch_memory(&path);
+}
+
 /// Host accelerator that would be used now ("kvm" or "tcg"), honouring SUPERMACHINE_ACCEL.
 #[pyfunction]
 pub fn detect_accel() -> PyResult<&'static str> {
@@ -545,5 +552,6 @@ pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(detect_accel, m)?)?;
     m.add_function(wrap_pyfunction!(find_qemu, m)?)?;
     m.add_function(wrap_pyfunction!(snapshot_info, m)?)?;
+    m.add_function(wrap_pyfunction!(prefetch_snapshot_memory, m)?)?;
     Ok(())
 }

@@ -249,6 +249,35 @@ impl PageSink for MemoryFileSink {
     }
 }
 
+/// Has the page cache take in snapshot `dir`'s memory file, holes included, on a background
+/// thread (once per file and process). A snapshot of a VM restored from that file reads every
+/// page; each hole met uncached costs a page fault that allocates and zeroes a cache page
+/// (~0.4 s for 700 MiB of holes in a 1 GiB guest, measured with perf). Populating a read-only
+/// shared mapping does that work ahead, off the snapshot's path (fadvise WILLNEED is capped at
+/// the readahead window). The pages are clean cache, reclaimable under memory pressure.
+pub fn prefetch_memory(dir: &Path) {
+    use std::os::unix::io::AsRawFd;
+    static DONE: OnceLock<Mutex<std::collections::HashSet<(u64, u64, i64)>>> = OnceLock::new();
+    let path = dir.join(fmt::MEMORY_FILE);
+    let Ok(meta) = fs::metadata(&path) else { return };
+    let key = (meta.dev(), meta.ino(), meta.mtime());
+    if meta.len() == 0 || !DONE.get_or_init(Default::default).lock().unwrap_or_else(|e| e.into_inner()).insert(key) {
+        return;
+    }
+    let _ = std::thread::Builder::new().name("memory-prefetch".into()).spawn(move || {
+        let Ok(f) = fs::File::open(&path) else { return };
+        let len = meta.len() as usize;
+        // SAFETY: a fresh read-only shared mapping of a file we opened, unmapped right away;
+        // nothing reads through the pointer.
+        unsafe {
+            let p = libc::mmap(std::ptr::null_mut(), len, libc::PROT_READ, libc::MAP_SHARED | libc::MAP_POPULATE, f.as_raw_fd(), 0);
+            if p != libc::MAP_FAILED {
+                libc::munmap(p, len);
+            }
+        }
+    });
+}
+
 /// `SUPERMACHINE_SNAPSHOT_SPLIT=0` keeps RAM inside the migration stream (the slower "full"
 /// snapshot: loading it copies every page), e.g. should a QEMU version's stream not split.
 fn split_enabled() -> bool {
