@@ -183,11 +183,16 @@ class Machine:
             handle = await asyncio.to_thread(self._restored_handle, path, entry)
         t1 = time.monotonic()
         try:
-            await guest.adopt(handle, timeout=RESTORE_TIMEOUT)
-        except Exception as e:  # noqa: BLE001
-            raise MachineError(
-                f"the REPL in snapshot {entry.name!r} did not answer after the restore: {e}",
-                "The previous session is still running.") from e
+            await self._adopt(guest, handle, entry)
+        except MachineError as e:
+            if not ahead:
+                raise
+            # The VM restored ahead did not make it: restore the snapshot afresh, once.
+            self._log.warning("restore-ahead VM of %s failed (%s); restoring it again", entry.name, e)
+            ahead = False
+            handle = await asyncio.to_thread(self._restored_handle, path, entry)
+            t1 = time.monotonic()
+            await self._adopt(guest, handle, entry)
         took = time.monotonic() - t0
         self._log.info("restored %s in %.3f s (VM %s and REPL attached %.3f s, REPL answered "
                  "%.3f s)", entry.name, took, "resumed from restore-ahead" if ahead else "restored",
@@ -198,6 +203,15 @@ class Machine:
         self._since = {id(handle.vm): (time.time(), f"restored from {entry.name!r}")}
         self.head = entry.name
         return took
+
+    @staticmethod
+    async def _adopt(guest: Any, handle: Any, entry: Entry) -> None:
+        try:
+            await guest.adopt(handle, timeout=RESTORE_TIMEOUT)
+        except Exception as e:  # noqa: BLE001
+            raise MachineError(
+                f"the REPL in snapshot {entry.name!r} did not answer after the restore: {e}",
+                "The previous session is still running.") from e
 
     def _standby_handle(self, entry: Entry) -> Any:
         """The restore-ahead VM of ``entry`` as a session handle, or None."""

@@ -170,3 +170,20 @@ def test_restore_ahead_never_hides_a_damaged_snapshot(kernel):
     reply, (err,) = kernel.error("%restore damaged-later")
     assert "corrupt" in err["evalue"], err["evalue"]
     assert kernel.value("6 * 7") == "42"
+
+
+def test_restore_works_when_the_vm_restored_ahead_died(kernel):
+    import signal
+    import subprocess
+
+    kernel.ok("ahead_victim = 'kept'")
+    kernel.ok("%snapshot victim")
+    time.sleep(4)  # its standby is ready and paused
+    memory = os.path.join(kernel.store().path("victim"), "memory")
+    pids = subprocess.run(["pgrep", "-f", memory], capture_output=True, text=True).stdout.split()
+    assert pids, "no VM was restored ahead from the snapshot"
+    for pid in pids:
+        os.kill(int(pid), signal.SIGKILL)
+    out = kernel.ok("%restore victim")
+    assert "Restored snapshot 'victim'" in out and "restored ahead" not in out, out
+    assert kernel.value("ahead_victim") == "'kept'"
