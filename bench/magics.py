@@ -270,8 +270,8 @@ def main(argv: list[str] | None = None) -> int:
                       f"{theirs['auto_checkpoint']:.3f} s; checkout is a cell round trip")
             verdict = lambda ok: "met" if ok else "NOT met"  # noqa: E731
             line = (f"  goals: %restore <= 200 ms: {verdict(ours['restore'] <= 0.2)} (p50 with a "
-                    f"pause), {verdict(ours['restore2'] <= 0.2)} (back to back), "
-                    f"{verdict(ours['restore_plain'] <= 0.2)} (restore-ahead off)")
+                    f"pause), {verdict(ours['restore2'] <= 0.2)} (back to back); for reference, "
+                    f"{ours['restore_plain'] * 1000:.0f} ms with restore-ahead turned off")
             if mib >= 400:
                 line += (f"; %snapshot <= 1 s: {verdict(ours['snapshot'] <= 1)}, "
                          f"{verdict(ours['snapshot2'] <= 1)} (after a %restore)")
