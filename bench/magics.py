@@ -5,8 +5,9 @@ For each size (default 50 and 400 MiB), a fresh kernel of each kind holds a nump
 many MiB of random doubles (random: no zero pages, nothing compressible), then:
   microVM: %snapshot (of the pool VM the kernel started on) → size on disk; `del` the array;
            %restore ×N, each after a --think pause (the VM restored ahead is ready by then;
-           the first one apart, then p50; array checked after each); %snapshot again (of a VM
-           restored by %restore) and %restore of that ×N back to back; and, in a second
+           the first one apart, then p50; array checked after each); after another pause
+           %snapshot again (of a VM restored by %restore) and %restore of that ×N back to
+           back; and, in a second
            kernel with restore-ahead off, %restore ×N (every one a full restore).
   Kishu:   init_kishu, then the cell that creates the array is auto-committed (Kishu's own
            checkpoint_runtime_s is reported); a manual `_kishu.commit()`; `del` the array;
@@ -121,8 +122,11 @@ def bench_microvm(mib: int, rounds: int, memory_mib: int, data_dir: str, think: 
             k.run(CHECK)
         r["restore_first"], r["restore"], r["restore_inner"] = _first_rest(restores, inner)
         r["ahead"] = ahead
-        # Snapshot of a VM that came from %restore, then restores back to back (each %restore
-        # finds the standby of the previous one still being prepared, or none).
+        # Snapshot of a VM that came from %restore (after the same pause: right after a
+        # %restore the kernel is restoring that snapshot ahead again, which competes for the
+        # CPU), then restores back to back (each %restore finds the standby of the previous one
+        # still being prepared).
+        time.sleep(think)
         r["snapshot2"], out, _ = k.run("%snapshot gen2")
         r["snapshot2_inner"], r["size2"] = _parse_snapshot(out)
         restores, inner = [], []
