@@ -134,14 +134,14 @@ pub fn copy_sparse(src: &Path, dst: &Path) -> Result<u64> {
             let mut i = 0;
             while i < n {
                 let page_end = (i + 4096).min(n);
-                if buf[i..page_end].iter().all(|b| *b == 0) {
+                if fmt::is_zero_page(&buf[i..page_end]) {
                     i = page_end;
                     continue;
                 }
                 let mut j = page_end;
                 while j < n {
                     let pe = (j + 4096).min(n);
-                    if buf[j..pe].iter().all(|b| *b == 0) {
+                    if fmt::is_zero_page(&buf[j..pe]) {
                         break;
                     }
                     j = pe;
@@ -230,10 +230,10 @@ impl PageSink for MemoryFileSink {
             Some(n) if offset >= n => Some(offset + data.len() as u64),
             _ => None,
         };
-        if self.next.is_some() {
-            fmt::mix_page(&mut self.hash, offset, data);
+        let zero = fmt::is_zero_page(data);
+        if self.next.is_some() && !zero {
+            fmt::mix_nonzero_page(&mut self.hash, offset, data);
         }
-        let zero = data.iter().all(|b| *b == 0);
         if zero && self.next.is_some() {
             return Ok(()); // first visit of this page: the file already reads as zeros there
         }

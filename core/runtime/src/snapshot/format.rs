@@ -201,13 +201,34 @@ fn hash_nonzero_pages(h: &mut Xxh3, at: u64, data: &[u8]) {
     }
 }
 
+/// True when every byte of `data` is zero. Word-wise without an early exit per byte, so the
+/// compiler vectorises it: a byte loop here was 30% of a snapshot's CPU time (perf).
+pub fn is_zero_page(data: &[u8]) -> bool {
+    let mut chunks = data.chunks_exact(64);
+    for c in &mut chunks {
+        let mut acc = 0u64;
+        for w in c.chunks_exact(8) {
+            acc |= u64::from_ne_bytes(w.try_into().expect("8-byte chunk"));
+        }
+        if acc != 0 {
+            return false;
+        }
+    }
+    chunks.remainder().iter().all(|b| *b == 0)
+}
+
 /// Mixes one page at byte `offset` into a memory-file digest (zero pages count as holes).
 /// Pages must come in ascending offset order for the result to equal [`digest_file`]'s.
 pub fn mix_page(h: &mut Xxh3, offset: u64, page: &[u8]) {
-    if page.iter().any(|b| *b != 0) {
-        h.update(&offset.to_le_bytes());
-        h.update(page);
+    if !is_zero_page(page) {
+        mix_nonzero_page(h, offset, page);
     }
+}
+
+/// [`mix_page`] for a page the caller already knows is not all zeros.
+pub fn mix_nonzero_page(h: &mut Xxh3, offset: u64, page: &[u8]) {
+    h.update(&offset.to_le_bytes());
+    h.update(page);
 }
 
 /// A memory-file digest computed while the file is written (see [`mix_page`]).
@@ -460,6 +481,18 @@ mod tests {
         use std::os::unix::fs::FileExt;
         mem.write_all_at(b"guest page", 8 << 20).unwrap();
         p.commit(meta(SnapshotKind::Template)).unwrap()
+    }
+
+    #[test]
+    fn zero_pages_are_recognised_anywhere() {
+        let mut p = vec![0u8; 4096];
+        assert!(is_zero_page(&p) && is_zero_page(&p[..100]) && is_zero_page(&[]));
+        for at in [0usize, 7, 63, 64, 2049, 4095] {
+            p[at] = 1;
+            assert!(!is_zero_page(&p), "{at}");
+            p[at] = 0;
+        }
+        assert!(!is_zero_page(&[0, 0, 3]));
     }
 
     #[test]

@@ -6,6 +6,6 @@ pub mod format;
 pub mod stream;
 
 pub use format::{
-    check_identity, digest_file, digest_from, mix_page, fingerprint, load, read_meta, verify_files, FileDigest, MachineIdentity,
+    check_identity, digest_file, digest_from, is_zero_page, mix_nonzero_page, mix_page, fingerprint, load, read_meta, verify_files, FileDigest, MachineIdentity,
     PendingSnapshot, SnapshotError, SnapshotKind, SnapshotMeta,
 };
