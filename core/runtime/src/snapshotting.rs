@@ -39,7 +39,7 @@ use crate::mux::ReqKind;
 use crate::qemu::{self, Incoming, QemuConfig, RamFile};
 use crate::qmp::Qmp;
 use crate::snapshot::format::{self as fmt};
-use crate::snapshot::stream::{split_stream, PageSink};
+use crate::snapshot::stream::{self, split_stream, PageSink};
 use crate::snapshot::{MachineIdentity, PendingSnapshot, SnapshotError, SnapshotKind, SnapshotMeta};
 use crate::vm::Vm;
 use crate::workdir::WorkDir;
@@ -103,58 +103,52 @@ pub fn machine_identity(config: &QemuConfig) -> Result<MachineIdentity> {
     })
 }
 
-/// Copies `src` to `dst` leaving every all-zero 4 KiB page a hole (guest RAM is mostly zero).
-/// Returns the bytes of data written.
-pub fn copy_sparse(src: &Path, dst: &Path) -> Result<u64> {
+/// Copies `src` to `dst` leaving every all-zero 4 KiB page a hole (guest RAM is mostly zero),
+/// through the same [`MemoryFileSink`] as split snapshots. Returns the bytes of data written and
+/// the copy's digest (so committing the snapshot need not read the copy again).
+pub fn copy_sparse(src: &Path, dst: &Path) -> Result<(u64, fmt::FileDigest)> {
     use std::os::unix::io::AsRawFd;
     let ctx = |what: &str| format!("{what} while copying guest memory {} → {}", src.display(), dst.display());
     let f = fs::File::open(src).map_err(|e| Error::io(ctx("open"), e))?;
     let size = f.metadata().map_err(|e| Error::io(ctx("stat"), e))?.len();
     let out = fs::OpenOptions::new().write(true).create_new(true).open(dst).map_err(|e| Error::io(ctx("create"), e))?;
     out.set_len(size).map_err(|e| Error::io(ctx("size"), e))?;
+    let mut sink = MemoryFileSink::new(out).map_err(|e| Error::io(ctx("start the writer"), e))?;
     let fd = f.as_raw_fd();
     let mut buf = vec![0u8; 1 << 20];
-    let mut written = 0u64;
     let mut pos = 0u64;
-    while pos < size {
-        // SAFETY: lseek on our open fd; errors are handled below.
-        let data = unsafe { libc::lseek(fd, pos as libc::off_t, libc::SEEK_DATA) };
-        if data < 0 {
-            break; // ENXIO: only a hole remains (EINVAL would mean no SEEK_DATA: tmpfs has it)
-        }
-        let start = data as u64;
-        // SAFETY: as above.
-        let hole = unsafe { libc::lseek(fd, start as libc::off_t, libc::SEEK_HOLE) };
-        let end = if hole < 0 { size } else { (hole as u64).min(size) };
-        let mut off = start;
-        while off < end {
-            let n = ((end - off) as usize).min(buf.len());
-            f.read_exact_at(&mut buf[..n], off).map_err(|e| Error::io(ctx("read"), e))?;
-            // write runs of non-zero pages
-            let mut i = 0;
-            while i < n {
-                let page_end = (i + 4096).min(n);
-                if fmt::is_zero_page(&buf[i..page_end]) {
-                    i = page_end;
-                    continue;
-                }
-                let mut j = page_end;
-                while j < n {
-                    let pe = (j + 4096).min(n);
-                    if fmt::is_zero_page(&buf[j..pe]) {
-                        break;
-                    }
-                    j = pe;
-                }
-                out.write_all_at(&buf[i..j], off + i as u64).map_err(|e| Error::io(ctx("write"), e))?;
-                written += (j - i) as u64;
-                i = j;
+    let copied = (|| -> Result<()> {
+        while pos < size {
+            // SAFETY: lseek on our open fd; errors are handled below.
+            let data = unsafe { libc::lseek(fd, pos as libc::off_t, libc::SEEK_DATA) };
+            if data < 0 {
+                break; // ENXIO: only a hole remains (EINVAL would mean no SEEK_DATA: tmpfs has it)
             }
-            off += n as u64;
+            let start = data as u64;
+            // SAFETY: as above.
+            let hole = unsafe { libc::lseek(fd, start as libc::off_t, libc::SEEK_HOLE) };
+            let end = if hole < 0 { size } else { (hole as u64).min(size) };
+            let mut off = start;
+            while off < end {
+                let n = ((end - off) as usize).min(buf.len());
+                f.read_exact_at(&mut buf[..n], off).map_err(|e| Error::io(ctx("read"), e))?;
+                for (i, page) in buf[..n].chunks(stream::PAGE_SIZE).enumerate() {
+                    sink.page(off + (i * stream::PAGE_SIZE) as u64, page).map_err(|e| Error::io(ctx("write"), e))?;
+                }
+                off += n as u64;
+            }
+            pos = end;
         }
-        pos = end;
-    }
-    Ok(written)
+        Ok(())
+    })();
+    let finished = sink.finish().map_err(|e| Error::io(ctx("write"), e));
+    copied?;
+    finished?;
+    let digest = match sink.next {
+        Some(_) => fmt::digest_from(&sink.hash, size),
+        None => fmt::digest_file(dst)?,
+    };
+    Ok((sink.written, digest))
 }
 
 /// Writes main-RAM pages from a split stream into a sparse memory file (zero pages stay
@@ -166,6 +160,8 @@ struct MemoryFileSink {
     hash: xxhash_rust::xxh3::Xxh3,
     /// Next offset the digest expects; None once pages came out of order (digest the file).
     next: Option<u64>,
+    /// Bytes of non-zero pages handed to the writer.
+    written: u64,
     to_writer: Option<std::sync::mpsc::SyncSender<(u64, Vec<u8>)>>,
     spare: std::sync::mpsc::Receiver<Vec<u8>>,
     writer: Option<std::thread::JoinHandle<std::io::Result<()>>>,
@@ -190,6 +186,7 @@ impl MemoryFileSink {
             run: Vec::with_capacity(SINK_RUN),
             hash: Default::default(),
             next: Some(0),
+            written: 0,
             to_writer: Some(to_writer),
             spare,
             writer: Some(writer),
@@ -245,6 +242,9 @@ impl PageSink for MemoryFileSink {
             self.run_at = offset;
         }
         self.run.extend_from_slice(data);
+        if !zero {
+            self.written += data.len() as u64;
+        }
         Ok(())
     }
 }
@@ -526,7 +526,7 @@ impl Vm {
             qmp.execute("migrate", Some(json!({"uri": format!("exec:cat > {}", sh_quote(&state))})))?;
             wait_migration(qmp, "saving the VM state")?;
             if kind == SnapshotKind::Template {
-                copy_sparse(&config.ram.path, &memory)?;
+                memory_digest = Some(copy_sparse(&config.ram.path, &memory)?.1);
             }
             Ok(())
         })();
@@ -672,8 +672,9 @@ mod tests {
         f.write_all_at(&[2u8; 8192], 40 << 20).unwrap();
         drop(f);
         let dst = dir.join("dst");
-        let written = copy_sparse(&src, &dst).unwrap();
+        let (written, digest) = copy_sparse(&src, &dst).unwrap();
         assert_eq!(written, 4096 + 8192);
+        assert_eq!(digest, fmt::digest_file(&dst).unwrap());
         assert_eq!(fs::read(&src).unwrap(), fs::read(&dst).unwrap());
         let blocks = fs::metadata(&dst).unwrap().blocks();
         assert!(blocks * 512 < 1 << 20, "destination is not sparse: {} bytes allocated", blocks * 512);
