@@ -245,7 +245,9 @@ class Image:
         dest = os.path.join(root, f"{image.name}-{memory_mib}m-{vcpus}c-{key}")
         if os.path.isdir(dest):
             try:
-                _core.snapshot_info(dest)
+                # check_host: a snapshot baked before a QEMU upgrade (or a change of the command
+                # line) is baked again rather than handed out to fail at every restore.
+                _core.snapshot_info(dest, check_host=True)
                 image.snapshot = dest
                 return image
             except (SnapshotError, OSError) as e:

@@ -189,6 +189,24 @@ def test_mismatched_snapshot_is_refused(baked, tmp_path):
     image = api.Image.from_snapshot(other)  # the files themselves are intact
     with pytest.raises(api.SnapshotError, match="QEMU version"):
         image.boot()
+    with pytest.raises(api.SnapshotError, match="cannot be restored here.*QEMU version"):
+        api._core.snapshot_info(other, check_host=True)
+    assert api._core.snapshot_info(baked.snapshot, check_host=True)["path"] == baked.snapshot
+
+
+def test_build_rebakes_a_cached_snapshot_this_host_cannot_restore(tmp_path):
+    """A QEMU upgrade (or a changed command line) must not leave Image.build handing out a
+    cached snapshot that every restore refuses."""
+    first = api.Image.build(snapshots_dir=tmp_path, progress=False)
+    meta_path = os.path.join(first.snapshot, "metadata.json")
+    meta = json.loads(open(meta_path).read())
+    meta["machine"]["qemu_version"] = "QEMU emulator version 1.0"
+    open(meta_path, "w").write(json.dumps(meta))
+    again = api.Image.build(snapshots_dir=tmp_path, progress=False)
+    assert again.snapshot == first.snapshot
+    assert json.loads(open(meta_path).read())["machine"]["qemu_version"] != "QEMU emulator version 1.0"
+    with again.boot() as vm:
+        assert vm.exec(["true"]).exit_code == 0
 
 
 # ---------------------------------------------------------------- the pool

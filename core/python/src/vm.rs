@@ -518,10 +518,21 @@ fn snapshot_dict<'py>(py: Python<'py>, snap: &Snapshot) -> PyResult<Bound<'py, P
     py.import("json")?.call_method1("loads", (text,))
 }
 
-/// Opens and verifies a snapshot directory; returns its metadata (with "path").
+/// Opens and verifies a snapshot directory; returns its metadata (with "path"). With
+/// `check_host`, also refuses one this host cannot restore (other QEMU, accelerator, image
+/// files or command line), with the message a restore would give.
 #[pyfunction]
-pub fn snapshot_info(py: Python<'_>, path: PathBuf) -> PyResult<Bound<'_, PyAny>> {
-    let snap = py.allow_threads(|| Snapshot::open(&path)).py_err()?;
+#[pyo3(signature = (path, check_host=false))]
+pub fn snapshot_info(py: Python<'_>, path: PathBuf, check_host: bool) -> PyResult<Bound<'_, PyAny>> {
+    let snap = py
+        .allow_threads(|| {
+            let snap = Snapshot::open(&path)?;
+            if check_host {
+                snap.check_host(None)?;
+            }
+            Ok::<_, supermachine_runtime::Error>(snap)
+        })
+        .py_err()?;
     snapshot_dict(py, &snap)
 }
 

@@ -415,12 +415,24 @@ impl Snapshot {
         Ok(Snapshot { dir, meta })
     }
 
-    /// A QEMU configuration to restore this snapshot into `workdir`.
-    fn config(&self, workdir: &WorkDir, qemu_bin: PathBuf, accel: Accel) -> QemuConfig {
+    /// Refuses, with the same message a restore would give, a snapshot this host cannot
+    /// restore: taken with another QEMU, accelerator, image files or command line. Cheap (no
+    /// QEMU is started; its version is asked once per process).
+    pub fn check_host(&self, qemu: Option<&Path>) -> Result<()> {
+        let qemu_bin = match qemu {
+            Some(q) => q.to_path_buf(),
+            None => qemu::find_qemu()?,
+        };
+        let config = self.config(|name| Path::new("/unused").join(name), qemu_bin, accel::detect()?);
+        Ok(fmt::check_identity(&self.dir, &self.meta.machine, &machine_identity(&config)?)?)
+    }
+
+    /// A QEMU configuration to restore this snapshot; `place` names a per-VM file.
+    fn config(&self, place: impl Fn(&str) -> PathBuf, qemu_bin: PathBuf, accel: Accel) -> QemuConfig {
         let m = &self.meta;
         let ram = match m.kind {
             SnapshotKind::Template => RamFile { path: self.dir.join(fmt::MEMORY_FILE), share: false },
-            SnapshotKind::Full => RamFile { path: workdir.join("ram"), share: true },
+            SnapshotKind::Full => RamFile { path: place("ram"), share: true },
         };
         QemuConfig {
             qemu: qemu_bin,
@@ -433,9 +445,9 @@ impl Snapshot {
             append_extra: m.labels.get("append").map(|a| a.split(' ').filter(|w| !w.is_empty()).map(String::from).collect()).unwrap_or_default(),
             tsc_khz: m.labels.get("tsc_khz").and_then(|t| t.parse().ok()),
             ram,
-            console_log: workdir.join("console.log"),
-            agent_sock: workdir.join("agent.sock"),
-            qmp_sock: workdir.join("qmp.sock"),
+            console_log: place("console.log"),
+            agent_sock: place("agent.sock"),
+            qmp_sock: place("qmp.sock"),
             incoming: Some(Incoming::Defer),
             tcg_tb_size_mib: None,
         }
@@ -578,7 +590,7 @@ impl Vm {
         };
         let accel = accel::detect()?;
         let workdir = WorkDir::create("vm")?;
-        let mut config = snap.config(&workdir, qemu_bin, accel);
+        let mut config = snap.config(|name| workdir.join(name), qemu_bin, accel);
         config.tcg_tb_size_mib = opts.tcg_tb_size_mib.or_else(default_tb_size_mib);
         let here = machine_identity(&config)?;
         fmt::check_identity(&snap.dir, &snap.meta.machine, &here)?;
