@@ -1,5 +1,7 @@
 """supermachine-kernel: run Python in snapshot-restored microVMs, from Python and from Jupyter."""
 
+__version__ = "0.1.0"
+
 # The VM API (``supermachine_kernel.api``) is re-exported lazily, so importing the package (e.g.
 # for the kernelspec installer) does not load the compiled runtime.
 _API_NAMES = frozenset(

@@ -19,11 +19,14 @@ from __future__ import annotations
 
 import sys
 
+from .early_start import EarlyStart
 from .kernel_sockets import EarlySockets
 
 # Run as the kernel process: bind the shell and iopub sockets before the imports below, so the
-# frontend connects while they run (kernel_sockets.py says why that matters).
+# frontend connects while they run (kernel_sockets.py says why that matters), and use the time
+# those imports take: answer the first kernel_info and restore the VM (early_start.py).
 _EARLY_SOCKETS = EarlySockets.bind(sys.argv[1:]) if __name__ == "__main__" else None
+_EARLY_START = EarlyStart.begin(sys.argv[1:], _EARLY_SOCKETS) if __name__ == "__main__" else None
 
 import asyncio  # noqa: E402
 import atexit  # noqa: E402
@@ -55,7 +58,7 @@ from .session import (  # noqa: E402
     make_backend,
 )
 
-__version__ = "0.1.0"
+from . import __version__  # noqa: E402
 
 DISPLAY_EVENTS = ("display_data", "update_display_data")
 COMM_EVENTS = ("comm_open", "comm_msg", "comm_close")
@@ -198,8 +201,15 @@ class MicroVMKernel(Kernel, GuestConfig):
 
     def start(self) -> None:
         super().start()
+        self._dispatch_early_requests()
         self._main_loop = asyncio.get_event_loop()
         backend = self.make_backend()
+        early_vm = _EARLY_START.take_vm() if _EARLY_START is not None else None
+        if early_vm is not None:
+            if hasattr(backend, "early"):
+                backend.early = early_vm  # adopted if the configuration names its snapshot
+            else:
+                early_vm.release()
         self.guest = GuestSession(
             backend,
             self._main_loop,
@@ -207,13 +217,44 @@ class MicroVMKernel(Kernel, GuestConfig):
             env=guest_environment(dict(self.guest_env)),
             startup_timeout=self.startup_timeout,
         )
-        self.guest.start()
+        started = self.guest.start()
+        if _EARLY_START is not None:
+            started.add_done_callback(self._save_launch_hint)
         if self.forward_sigint:
             signal.signal(signal.SIGINT, self._on_sigint)
         signal.signal(signal.SIGTERM, self._on_sigterm)
         atexit.register(self._release_at_exit)
 
+    def _dispatch_early_requests(self) -> None:
+        """The request the early responder read but did not answer (early_start.py): handed to
+        the shell handlers before anything the socket delivers from now on."""
+        stash = getattr(self.parent, "early_stash", None) or []
+        for frames in stash:
+            msg = [zmq.Frame(f) for f in frames]
+            if self.shell_channel_thread:
+                self.shell_channel_thread.io_loop.add_callback(self.shell_channel_thread_main, msg)
+            else:
+                self.io_loop.add_callback(self.shell_main, None, msg)
+
+    def _publish_status(self, status, channel, parent=None):  # type: ignore[override]
+        # The early responder already told the frontend the kernel is up; a "starting" now
+        # would only restart its wait for IOPub to fall quiet.
+        if status == "starting" and _EARLY_START is not None and _EARLY_START.answered_kernel_info:
+            return
+        super()._publish_status(status, channel, parent)
+
+    def _save_launch_hint(self, started: t.Any) -> None:
+        """Once the first guest runs: what the next kernel with this command line may use
+        before its imports (launch_hint.py)."""
+        if _EARLY_START is None or started.cancelled() or started.exception() is not None:
+            return
+        info = dict(self.kernel_info, banner=self._banner_text(None, starting="restoring"))
+        _EARLY_START.save_hint(info, getattr(self.guest.backend, "snapshot_path", None))
+
     def _release_at_exit(self) -> None:
+        early_vm = _EARLY_START.take_vm() if _EARLY_START is not None else None
+        if early_vm is not None:
+            early_vm.release()
         guest = self.guest
         if guest is None:
             return
@@ -233,9 +274,12 @@ class MicroVMKernel(Kernel, GuestConfig):
 
     @property
     def banner(self) -> str:  # type: ignore[override]
-        info = self.guest.info if self.guest is not None else None
-        head = info.banner if info else "Python (microVM)"
-        where = info.where if info else f"{self.backend} backend (starting)"
+        return self._banner_text(self.guest.info if self.guest is not None else None)
+
+    def _banner_text(self, info: t.Any, starting: str = "starting") -> str:
+        head = info.banner if info else (self.guest.info.banner if self.guest and self.guest.info
+                                         else "Python (microVM)")
+        where = info.where if info else f"{self.backend} backend ({starting})"
         text = f"{head}\nRunning in: {where}"
         if self.backend == "local":
             text += "\nWARNING: the local backend is NOT isolated: code runs on the host."
@@ -615,6 +659,8 @@ class MicroVMKernelApp(IPKernelApp):
         return list(jupyter_config_path())
 
     def init_sockets(self) -> None:
+        # The early responder (if any) stops before the sockets change hands.
+        self.early_stash = _EARLY_START.stop_responder() if _EARLY_START is not None else []
         early = _EARLY_SOCKETS
         if early is None or not early.matches(self):
             if early is not None:

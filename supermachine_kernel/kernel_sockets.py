@@ -39,6 +39,10 @@ class EarlySockets:
         self.iopub_port = iopub_port
         self.shell = shell
         self.iopub = iopub
+        # The message-signing key and scheme from the connection file (early_start.py answers
+        # the first kernel_info with them); None when the file's key is not usable as given.
+        self.key: bytes | None = None
+        self.signature_scheme = "hmac-sha256"
 
     @classmethod
     def bind(cls, argv: list[str]) -> "EarlySockets | None":
@@ -70,7 +74,11 @@ class EarlySockets:
                 sock.close(linger=0)
             context.term()
             return None
-        return cls(context, ip, shell_port, iopub_port, *sockets)
+        early = cls(context, ip, shell_port, iopub_port, *sockets)
+        key, scheme = info.get("key", ""), info.get("signature_scheme", "hmac-sha256")
+        if isinstance(key, str) and scheme in ("hmac-sha256", "hmac-sha512", "hmac-md5", "hmac-sha1"):
+            early.key, early.signature_scheme = key.encode(), scheme
+        return early
 
     def matches(self, app: Any) -> bool:
         """Whether the kernel app was configured with exactly these sockets."""

@@ -233,7 +233,7 @@ class Machine:
 
         handle = self._restored_handle(path, entry)
         try:
-            handle.child.write_stdin(encode_frame({"type": "hello"}))
+            handle.child.write_stdin(encode_frame({"type": "hello", "idle": True}))
             read_ready_frame(handle.child, timeout=60)
         except BaseException:
             handle.vm.release()

@@ -1104,11 +1104,13 @@ class Driver:
         )
 
     def do_hello(self, req):
-        """A host attaching to an already running REPL (warm spare, restored snapshot)."""
+        """A host attaching to an already running REPL (warm spare, restored snapshot). With
+        "idle": true nobody waits for a cell yet (a VM restored ahead of use): the warm-up
+        starts at once instead of after WARM_UP_GRACE."""
         if reseed_if_restored():
             # Warm up while no request waits (next_request runs them between requests).
             self.warm_up = after_restore_steps(self.executor) + self.warm_up
-        self.attached = True
+        self.attached = not req.get("idle")
         self.send_ready()
 
     def serve(self):

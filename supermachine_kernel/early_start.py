@@ -1,0 +1,316 @@
+"""Early start: the kernel process's first ~300 ms, while ipykernel is being imported, put to use.
+
+ipykernel's imports take ~250-300 ms before a kernel can answer anything, and the kernel's VM
+was restored only after them. When an earlier kernel with the same command line left a launch
+hint (launch_hint.py), `EarlyStart.begin`, called right after the shell and iopub sockets are
+bound (kernel_sockets.py) and before those imports:
+
+- answers the frontend's first request if it is kernel_info_request, from the hint, and
+  welcomes iopub subscribers (`EarlyResponder`, a thread). It reads at most one shell request:
+  a first request of any other kind is kept unanswered and handed to the kernel, which
+  dispatches it before anything else. `stop_responder()` ends the thread before the kernel
+  takes the sockets over;
+- restores the hinted warm snapshot on another thread, re-attaches to its REPL and says hello,
+  so the REPL warms itself up in the guest while ipykernel loads (`EarlyVm`). The VM backend
+  takes that VM only if its own configuration resolves to the same snapshot, and releases it
+  otherwise.
+
+SUPERMACHINE_EARLY_START=0 turns both off. The wire helpers below are pure (no I/O).
+"""
+from __future__ import annotations
+
+import atexit
+import datetime
+import hashlib
+import hmac
+import json
+import logging
+import os
+import sys
+import threading
+import uuid
+from typing import Any, Optional
+
+from . import __version__, launch_hint
+
+log = logging.getLogger("supermachine_kernel.early_start")
+
+DELIM = b"<IDS|MSG>"
+POLL_MS = 10
+EARLY_SWITCH_INTERVAL = 0.0005  # seconds; sys.getswitchinterval() while the early threads run
+
+
+def enabled(env: dict[str, str]) -> bool:
+    return env.get("SUPERMACHINE_EARLY_START", "1").strip().lower() not in ("0", "no", "off", "false")
+
+
+def cache_dir() -> str:
+    """Where hints live: beside the image cache (the compiled runtime knows where that is)."""
+    try:
+        from . import _core  # noqa: PLC0415
+
+        return _core.image_cache_dir(None)
+    except Exception:  # noqa: BLE001 - no runtime (local backend only): the XDG default
+        base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+        return os.path.join(base, "supermachine-kernel")
+
+
+# -- wire format (Jupyter messaging: identities, delimiter, HMAC, four JSON parts) ------------
+
+
+def sign(key: bytes, scheme: str, parts: list[bytes]) -> bytes:
+    """The hex HMAC of the four message parts (empty when there is no key)."""
+    if not key:
+        return b""
+    algorithm = scheme.split("-", 1)[1] if scheme.startswith("hmac-") else scheme
+    mac = hmac.new(key, digestmod=getattr(hashlib, algorithm))
+    for part in parts:
+        mac.update(part)
+    return mac.hexdigest().encode()
+
+
+def parse_request(frames: list[bytes], key: bytes, scheme: str) -> Optional[tuple[list[bytes], dict]]:
+    """(identities, header) of a correctly signed message, or None."""
+    try:
+        at = frames.index(DELIM)
+    except ValueError:
+        return None
+    parts = frames[at + 2:at + 6]
+    if len(parts) != 4 or not hmac.compare_digest(frames[at + 1], sign(key, scheme, parts)):
+        return None
+    try:
+        header = json.loads(parts[0])
+    except ValueError:
+        return None
+    return (frames[:at], header) if isinstance(header, dict) else None
+
+
+def message(key: bytes, scheme: str, session: str, protocol: str, msg_type: str, content: dict,
+            parent: dict, prefix: tuple[bytes, ...] = ()) -> list[bytes]:
+    """The frames of one message: `prefix` (identities or an iopub topic), then the rest."""
+    header = {
+        "msg_id": uuid.uuid4().hex,
+        "msg_type": msg_type,
+        "username": "supermachine",
+        "session": session,
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(),
+        "version": protocol,
+    }
+    parts = [json.dumps(p).encode() for p in (header, parent, {}, content)]
+    return [*prefix, DELIM, sign(key, scheme, parts), *parts]
+
+
+# -- the responder thread ---------------------------------------------------------------------
+
+
+class EarlyResponder:
+    """Answers one kernel_info_request and greets iopub subscribers until `stop()`."""
+
+    def __init__(self, shell: Any, iopub: Any, key: bytes, scheme: str, kernel_info: dict) -> None:
+        self._shell = shell
+        self._iopub = iopub
+        self._key = key
+        self._scheme = scheme
+        self._info = dict(kernel_info, status="ok")
+        self._protocol = str(kernel_info.get("protocol_version", "5.3"))
+        self._session = uuid.uuid4().hex
+        self._stop = threading.Event()
+        self.answered = False  # a kernel_info_request was answered (and status published)
+        self.stash: list[list[bytes]] = []  # a first request of another kind, unanswered
+        self._thread = threading.Thread(target=self._run, name="early-responder", daemon=True)
+        self._thread.start()
+
+    def _send(self, sock: Any, msg_type: str, content: dict, parent: dict,
+              prefix: tuple[bytes, ...] = ()) -> None:
+        sock.send_multipart(message(self._key, self._scheme, self._session, self._protocol,
+                                    msg_type, content, parent, prefix))
+
+    def _run(self) -> None:
+        import zmq  # noqa: PLC0415 - already imported by the early sockets
+
+        poller = zmq.Poller()
+        poller.register(self._shell, zmq.POLLIN)
+        poller.register(self._iopub, zmq.POLLIN)
+        shell_open = True
+        try:
+            while not self._stop.is_set():
+                ready = dict(poller.poll(POLL_MS))
+                if self._iopub in ready:
+                    for frame in self._iopub.recv_multipart():
+                        if frame[:1] == b"\x01":  # a subscription: welcome it (JEP 65)
+                            topic = frame[1:]
+                            self._send(self._iopub, "iopub_welcome",
+                                       {"subscription": topic.decode("utf-8", "replace")}, {},
+                                       (topic,) if topic else ())
+                if shell_open and self._shell in ready:
+                    shell_open = False  # at most one request: the rest waits for the kernel
+                    poller.unregister(self._shell)
+                    self._answer(self._shell.recv_multipart())
+        except Exception:  # noqa: BLE001 - the kernel still starts; it answers from now on
+            log.exception("early responder failed")
+
+    def _answer(self, frames: list[bytes]) -> None:
+        parsed = parse_request(frames, self._key, self._scheme)
+        if parsed is None or parsed[1].get("msg_type") != "kernel_info_request":
+            self.stash.append(frames)  # the kernel dispatches it (and rejects it if invalid)
+            return
+        idents, parent = parsed
+        topic = f"kernel.{self._session}.status".encode()
+        self._send(self._iopub, "status", {"execution_state": "busy"}, parent, (topic,))
+        self._send(self._shell, "kernel_info_reply", self._info, parent, tuple(idents))
+        self._send(self._iopub, "status", {"execution_state": "idle"}, parent, (topic,))
+        self.answered = True
+
+    def stop(self) -> list[list[bytes]]:
+        """Stops the thread (the sockets are the caller's again); returns the stashed request."""
+        self._stop.set()
+        self._thread.join()
+        return self.stash
+
+
+# -- the VM restored ahead --------------------------------------------------------------------
+
+
+class EarlyVm:
+    """Restores `snapshot` and greets its REPL on a thread; `take()` hands (vm, child) over."""
+
+    def __init__(self, snapshot: str) -> None:
+        self.snapshot = snapshot
+        self._done = threading.Event()
+        self._lock = threading.Lock()
+        self._result: Optional[tuple[Any, Any]] = None
+        self._claimed = False
+        self.error: Optional[BaseException] = None
+        threading.Thread(target=self._run, name="early-vm", daemon=True).start()
+
+    def _run(self) -> None:
+        try:
+            result = restore_and_greet(self.snapshot)
+        except BaseException as e:  # noqa: BLE001 - the backend's normal path runs instead
+            self.error = e
+            log.info("early restore of %s failed: %s", self.snapshot, e)
+            self._done.set()
+            return
+        with self._lock:
+            self._result = result
+            claimed = self._claimed
+        self._done.set()
+        if claimed:  # released before it was ready
+            result[0].release()
+
+    def take(self, snapshot: Optional[str], timeout: float = 60.0) -> Optional[tuple[Any, Any]]:
+        """(vm, REPL child) if it was restored from `snapshot` and is alive; else None (and
+        the VM is released)."""
+        if snapshot is None or os.path.realpath(snapshot) != os.path.realpath(self.snapshot):
+            self.release()
+            return None
+        self._done.wait(timeout)
+        with self._lock:
+            if self._claimed or self._result is None:
+                self._claimed = True
+                return None
+            self._claimed = True
+            vm, child = self._result
+        if not getattr(vm, "alive", True):
+            vm.release()
+            return None
+        return vm, child
+
+    def release(self) -> None:
+        with self._lock:
+            if self._claimed:
+                return
+            self._claimed = True
+            result = self._result
+        if result is not None:
+            result[0].release()
+
+
+def restore_and_greet(snapshot: str) -> tuple[Any, Any]:
+    """Restores the warm snapshot, re-attaches to the REPL it holds and says hello (so the
+    REPL's after-restore warm-up starts now). Blocking."""
+    from . import api  # noqa: PLC0415 - needs the compiled runtime
+
+    vm = api.Image.from_snapshot(snapshot).boot()
+    try:
+        # Imported only now: the restore above is what the kernel waits for.
+        from .session.backend import read_ready_frame  # noqa: PLC0415
+        from .session.protocol import encode_frame  # noqa: PLC0415
+        from .session.vm import REPL_ARGV  # noqa: PLC0415
+
+        repls = [p for p in vm.processes()
+                 if p.get("running") and list(p.get("argv") or []) == REPL_ARGV]
+        if len(repls) != 1:
+            raise RuntimeError(f"expected one REPL in the snapshot, found {len(repls)}")
+        child = vm.attach_process(int(repls[0]["id"]))
+        # idle: nobody waits for a cell yet, so the REPL starts its warm-up at once.
+        child.write_stdin(encode_frame({"type": "hello", "idle": True}))
+        read_ready_frame(child, timeout=60)
+    except BaseException:
+        vm.release()
+        raise
+    return vm, child
+
+
+# -- the facade the kernel uses ---------------------------------------------------------------
+
+
+class EarlyStart:
+    def __init__(self, key: str, responder: Optional[EarlyResponder], vm: Optional[EarlyVm]) -> None:
+        self.key = key
+        self.responder = responder
+        self.vm = vm
+        self._switch_interval: Optional[float] = None
+        if vm is not None:
+            atexit.register(vm.release)
+
+    @classmethod
+    def begin(cls, argv: list[str], sockets: Any) -> "EarlyStart":
+        early = cls._begin(argv, sockets)
+        if early.responder is not None or early.vm is not None:
+            # The main thread is busy importing ipykernel for the next ~250 ms; with the default
+            # 5 ms GIL switch interval the responder waited ~100 ms to send one reply.
+            early._switch_interval = sys.getswitchinterval()
+            sys.setswitchinterval(EARLY_SWITCH_INTERVAL)
+        return early
+
+    @classmethod
+    def _begin(cls, argv: list[str], sockets: Any) -> "EarlyStart":
+        """Starts what the hint allows; always returns an EarlyStart (its key is where this
+        kernel writes its own hint)."""
+        env = dict(os.environ)
+        key = launch_hint.hint_key(argv, env, __version__)
+        if not enabled(env):
+            return cls(key, None, None)
+        hint = launch_hint.read(cache_dir(), key)
+        if hint is None:
+            return cls(key, None, None)
+        responder = None
+        if sockets is not None and sockets.key is not None:
+            responder = EarlyResponder(sockets.shell, sockets.iopub, sockets.key,
+                                       sockets.signature_scheme, hint["kernel_info"])
+        vm = EarlyVm(hint["snapshot"]) if hint.get("snapshot") else None
+        return cls(key, responder, vm)
+
+    def stop_responder(self) -> list[list[bytes]]:
+        """Ends the responder (if any); returns the request it kept for the kernel (if any).
+        The imports are over by now: the GIL switch interval goes back to what it was."""
+        if self._switch_interval is not None:
+            sys.setswitchinterval(self._switch_interval)
+            self._switch_interval = None
+        responder = self.responder
+        return responder.stop() if responder is not None else []
+
+    @property
+    def answered_kernel_info(self) -> bool:
+        return self.responder is not None and self.responder.answered
+
+    def take_vm(self) -> Optional[EarlyVm]:
+        vm, self.vm = self.vm, None
+        return vm
+
+    def save_hint(self, kernel_info: dict, snapshot: Optional[str]) -> None:
+        try:
+            launch_hint.write(cache_dir(), self.key, kernel_info, snapshot)
+        except OSError as e:
+            log.info("cannot write the launch hint: %s", e)
