@@ -71,6 +71,10 @@ SCRIPT = textwrap.dedent("""
     out["after"] = dict(count=shell.execution_count, hist=len(shell.history_manager.input_hist_raw),
                         names=sorted(k for k in shell.user_ns if not k.startswith("_")),
                         last=shell.user_ns.get("_"))
+    driver.do_hello({"type": "hello"})
+    out["grace_after_hello"] = driver.attached    # a host is about to send its first request
+    driver.do_hello({"type": "hello", "idle": True})
+    out["grace_after_idle_hello"] = driver.attached  # restored ahead: warm up at once
     with open(sys.argv[3], "w") as f:
         json.dump(out, f)
 """)
@@ -93,3 +97,4 @@ def test_warm_up_after_restore_is_invisible(tmp_path):
     assert out["sent_by_warm_up"] == []
     assert out["callbacks"] == []
     assert out["after"] == out["before"]
+    assert out["grace_after_hello"] is True and out["grace_after_idle_hello"] is False
