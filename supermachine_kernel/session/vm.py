@@ -29,6 +29,7 @@ log = logging.getLogger("supermachine_kernel.session.vm")
 GUEST_DRIVER_PATH = "/tmp/supermachine-repl.py"
 REPL_ID_FILE = "/tmp/.supermachine-repl.json"
 REPL_ARGV = ["python3", "-u", GUEST_DRIVER_PATH]
+POOL_DEFER_SECONDS = 3.0  # after a kernel start that adopted its early VM (early_start.py)
 
 
 def _api():
@@ -99,11 +100,24 @@ class VmBackend:
         #: A VM the kernel process began restoring before its imports (early_start.EarlyVm):
         #: the first launch takes it if this configuration's warm snapshot is the one it holds.
         self.early: Any = None
+        self._snapshots = False  # VMs come from the warm snapshot through the pool
+        self._closed = False
 
     @property
     def snapshot_path(self) -> str | None:
         """The warm snapshot this backend's VMs are restored from (None: cold boots)."""
-        return self._image.snapshot if self._image is not None and self._pool is not None else None
+        return self._image.snapshot if self._image is not None and self._snapshots else None
+
+    @property
+    def pool(self) -> Any:
+        """The VM pool (created now if its start was deferred); None without snapshots."""
+        return self._ensure_pool() if self._snapshots else None
+
+    def _ensure_pool(self) -> Any:
+        with self._lock:
+            if self._pool is None and self._snapshots and not self._closed:
+                self._pool = self._image.pool(min=self.pool_min, max=self.pool_max)
+            return self._pool
 
     def _ensure(self, driver: bytes, env: dict[str, str]) -> None:
         with self._lock:
@@ -135,8 +149,16 @@ class VmBackend:
                 self.baking = False
             self.python_version = getattr(self._image, "python_version", None)
             if snapshots:
-                self._pool = self._image.pool(min=self.pool_min, max=self.pool_max)
+                self._snapshots = True
                 self._spares = None  # the pool keeps restored VMs warm instead
+                if self.early is None:
+                    self._pool = self._image.pool(min=self.pool_min, max=self.pool_max)
+                else:
+                    # The first VM was restored at kernel start. Restoring the pool's spare now
+                    # would compete for the CPU with that VM's warm-up and the first cell.
+                    timer = threading.Timer(POOL_DEFER_SECONDS, self._ensure_pool)
+                    timer.daemon = True
+                    timer.start()
 
     # With the runtime's snapshots, the warmup starts the REPL itself (modules imported, slow
     # paths warmed) and the snapshot is taken with it running: every VM the pool restores
@@ -175,8 +197,9 @@ class VmBackend:
             return None
 
     def _take_vm(self) -> tuple[Any, Callable[[], None]]:
-        if self._pool is not None:
-            lease = self._pool.acquire()
+        pool = self.pool
+        if pool is not None:
+            lease = pool.acquire()
             vm = lease.__enter__()
 
             def give_back() -> None:
@@ -195,7 +218,7 @@ class VmBackend:
         vm, release = self._take_vm()
         prestarted = False
         try:
-            child = self._attach_restored(vm) if self._pool is not None else None
+            child = self._attach_restored(vm) if self._snapshots else None
             if child is not None:
                 prestarted = True
             else:
@@ -238,7 +261,7 @@ class VmBackend:
         return spare or self._spawn(driver, env)
 
     def prepare_spare(self) -> None:
-        if self._spares is not None and self._pool is None and self._recipe is not None:
+        if self._spares is not None and not self._snapshots and self._recipe is not None:
             self._spares.refill()
 
     def close(self) -> None:
@@ -248,6 +271,7 @@ class VmBackend:
         if self._spares is not None:
             self._spares.close()
         with self._lock:
+            self._closed = True
             pool, self._pool = self._pool, None
         if pool is not None:
             try:
