@@ -32,6 +32,11 @@ REPL_ARGV = ["python3", "-u", GUEST_DRIVER_PATH]
 POOL_DEFER_SECONDS = 3.0  # after a kernel start that adopted its early VM (early_start.py)
 
 
+def _where(vm: Any) -> str:
+    accel = getattr(vm, "accel", None)
+    return f"microVM {getattr(vm, 'id', '?')}" + (f" ({accel})" if accel else "")
+
+
 def _api():
     from .. import api  # noqa: PLC0415 - lazy on purpose: needs the compiled runtime
 
@@ -227,9 +232,7 @@ class VmBackend:
         except BaseException:
             release()
             raise
-        accel = getattr(vm, "accel", None)
-        where = f"microVM {getattr(vm, 'id', '?')}" + (f" ({accel})" if accel else "")
-        handle = VmHandle(vm, child, release, where)
+        handle = VmHandle(vm, child, release, _where(vm))
         handle.prestarted = prestarted
         return handle
 
@@ -248,9 +251,7 @@ class VmBackend:
             if taken is not None:
                 self._recipe = (driver, env)
                 vm, child = taken
-                accel = getattr(vm, "accel", None)
-                where = f"microVM {getattr(vm, 'id', '?')}" + (f" ({accel})" if accel else "")
-                handle = VmHandle(vm, child, vm.release, where + ", restored at kernel start")
+                handle = VmHandle(vm, child, vm.release, _where(vm) + ", restored at kernel start")
                 handle.prestarted = True
                 return handle
         spare = None
