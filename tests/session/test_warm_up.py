@@ -3,7 +3,7 @@ of a waiting request, invisible to the user (no output, no execution count, hist
 namespace change, no event callbacks).
 
 The driver runs in a host subprocess with a recording channel; a restore is simulated by changing
-the generation file the driver reads.
+the generation file the driver reads (renamed into place, as the agent does).
 """
 from __future__ import annotations
 
@@ -48,8 +48,10 @@ SCRIPT = textwrap.dedent("""
     out = {}
     driver.do_hello({"type": "hello"})            # no restore: nothing armed
     out["armed_without_restore"] = len(driver.warm_up)
-    with open(gen, "w") as f:
-        f.write("2")                              # a restore happened
+    with open(gen + ".tmp", "w") as f:
+        f.write("2")                              # a restore happened: the agent renames a
+    import os                                     # new file into place, as on every hello
+    os.replace(gen + ".tmp", gen)
     del sent[:]
     driver.do_hello({"type": "hello"})
     out["armed_after_restore"] = len(driver.warm_up)
