@@ -958,6 +958,16 @@ class IPythonExecutor:
             def ask_exit(self):
                 self.payload_manager.write_payload({"source": "ask_exit", "keepkernel": False})
 
+            def should_run_async(self, raw_cell, *, transformed_cell=None,
+                                 preprocessing_exc_tuple=None):
+                # IPython compiles every cell once more to look for top-level await; a cell
+                # without the words `await` or `async` cannot have any (saves that compile).
+                cell = transformed_cell if transformed_cell is not None else raw_cell
+                if "await" not in cell and "async" not in cell:
+                    return False
+                return super().should_run_async(raw_cell, transformed_cell=transformed_cell,
+                                                preprocessing_exc_tuple=preprocessing_exc_tuple)
+
             def set_next_input(self, text, replace=False):
                 self.payload_manager.write_payload(
                     {"source": "set_next_input", "text": text, "replace": replace}
@@ -982,6 +992,9 @@ class IPythonExecutor:
 
         cfg = Config()
         cfg.HistoryManager.hist_file = ":memory:"
+        # An in-memory database either way; reads (history requests) write the cache out
+        # first, so batching only saves a SQLite transaction per cell.
+        cfg.HistoryManager.db_cache_size = 100
         cfg.InteractiveShell.colors = "linux"
         cfg.InteractiveShell.xmode = "Context"
         cfg.IPKernelApp = Config()  # how tqdm & co. recognise a notebook frontend

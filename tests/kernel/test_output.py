@@ -120,3 +120,17 @@ def test_large_output_is_rate_limited():
         assert time.monotonic() - t0 < 5 * SLOW
     finally:
         k.shutdown()
+
+
+def test_top_level_await_still_runs(kernel):
+    """The REPL skips IPython's await probe only for cells without `await`/`async`."""
+    code = ("import asyncio\nasync def f():\n    await asyncio.sleep(0)\n    return 41\n"
+            "async def agen():\n    yield 1\n")
+    reply, _ = kernel.execute(code)
+    assert reply["status"] == "ok"
+    for cell, expected in (("await f() + 1", "42"), ("[x async for x in agen()]", "[1]")):
+        reply, outputs = kernel.execute(cell)
+        assert reply["status"] == "ok", reply
+        results = [m["content"]["data"]["text/plain"] for m in outputs
+                   if m["msg_type"] == "execute_result"]
+        assert results == [expected]
