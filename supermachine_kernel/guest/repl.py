@@ -921,6 +921,15 @@ class IPythonExecutor:
         class GuestDisplayHook(DisplayHook):
             msg = None
 
+            def quiet(self):
+                # IPython tokenizes the whole cell to see whether it ends with `;`; a cell
+                # without any `;` cannot (~0.4 ms of a TCG guest's time per result).
+                info = getattr(getattr(self, "exec_result", None), "info", None)
+                raw = getattr(info, "raw_cell", None)
+                if isinstance(raw, str) and ";" not in raw:
+                    return False
+                return super().quiet()
+
             def start_displayhook(self):
                 self.msg = {"type": "execute_result", "data": {}, "metadata": {}}
 

@@ -134,3 +134,16 @@ def test_top_level_await_still_runs(kernel):
         results = [m["content"]["data"]["text/plain"] for m in outputs
                    if m["msg_type"] == "execute_result"]
         assert results == [expected]
+
+
+def test_trailing_semicolon_still_silences_the_result(kernel):
+    def results(cell):
+        reply, outputs = kernel.execute(cell)
+        assert reply["status"] == "ok", reply
+        return [m["content"]["data"]["text/plain"] for m in outputs
+                if m["msg_type"] == "execute_result"]
+
+    assert results("20 + 1") == ["21"]
+    assert results("20 + 2;") == []
+    assert results("20 + 3;  # a comment") == []
+    assert results("s = 'a;b'\ns") == ["'a;b'"]  # a `;` elsewhere: IPython's own check decides
