@@ -2,18 +2,18 @@
 
 ipykernel's imports take ~250-300 ms before a kernel can answer anything, and the kernel's VM
 was restored only after them. When an earlier kernel with the same command line left a launch
-hint (launch_hint.py), `EarlyStart.begin`, called right after the shell and iopub sockets are
-bound (kernel_sockets.py) and before those imports:
+hint (launch_hint.py), the kernel process, before those imports:
 
-- answers the frontend's first request if it is kernel_info_request, from the hint, and
+- restores the hinted warm snapshot on a thread, re-attaches to its REPL and says hello, so
+  the REPL warms itself up in the guest while ipykernel loads (`EarlyVm`, started first by
+  `EarlyStart.begin`). The VM backend takes that VM only if its own configuration resolves
+  to the same snapshot, and releases it otherwise;
+- once the shell and iopub sockets are bound (kernel_sockets.py), `EarlyStart.answer`
+  answers the frontend's first request if it is kernel_info_request, from the hint, and
   welcomes iopub subscribers (`EarlyResponder`, a thread). It reads at most one shell request:
   a first request of any other kind is kept unanswered and handed to the kernel, which
   dispatches it before anything else. `stop_responder()` ends the thread before the kernel
-  takes the sockets over;
-- restores the hinted warm snapshot on another thread, re-attaches to its REPL and says hello,
-  so the REPL warms itself up in the guest while ipykernel loads (`EarlyVm`). The VM backend
-  takes that VM only if its own configuration resolves to the same snapshot, and releases it
-  otherwise.
+  takes the sockets over.
 
 SUPERMACHINE_EARLY_START=0 turns both off. The wire helpers below are pure (no I/O).
 """
@@ -214,7 +214,9 @@ class EarlyVm:
         if not getattr(vm, "alive", True):
             vm.release()
             return None
-        return vm, child
+        from . import api  # noqa: PLC0415
+
+        return api.Vm(vm), child
 
     def release(self) -> None:
         with self._lock:
@@ -228,10 +230,13 @@ class EarlyVm:
 
 def restore_and_greet(snapshot: str) -> tuple[Any, Any]:
     """Restores the warm snapshot, re-attaches to the REPL it holds and says hello (so the
-    REPL's after-restore warm-up starts now). Blocking."""
-    from . import api  # noqa: PLC0415 - needs the compiled runtime
+    REPL's after-restore warm-up starts now). Blocking. Returns the runtime's own VM object
+    (`take` wraps it in `api.Vm`) and the REPL's process handle."""
+    from . import _core  # noqa: PLC0415 - imported already (cache_dir)
 
-    vm = api.Image.from_snapshot(snapshot).boot()
+    # The runtime directly (it verifies the snapshot and restores with the GIL released):
+    # importing the Python API here would hold the GIL the main thread's imports need.
+    vm = _core.Vm.restore(snapshot, timeout=60.0)
     try:
         # Imported only now: the restore above is what the kernel waits for.
         from .session.backend import read_ready_frame  # noqa: PLC0415
@@ -256,41 +261,36 @@ def restore_and_greet(snapshot: str) -> tuple[Any, Any]:
 
 
 class EarlyStart:
-    def __init__(self, key: str, responder: Optional[EarlyResponder], vm: Optional[EarlyVm]) -> None:
+    def __init__(self, key: str, hint: Optional[dict]) -> None:
         self.key = key
-        self.responder = responder
-        self.vm = vm
+        self.hint = hint
+        self.responder: Optional[EarlyResponder] = None
+        self.vm: Optional[EarlyVm] = None
         self._switch_interval: Optional[float] = None
-        if vm is not None:
-            atexit.register(vm.release)
-
-    @classmethod
-    def begin(cls, argv: list[str], sockets: Any) -> "EarlyStart":
-        early = cls._begin(argv, sockets)
-        if early.responder is not None or early.vm is not None:
+        if hint is not None:
             # The main thread is busy importing ipykernel for the next ~250 ms; with the default
             # 5 ms GIL switch interval the responder waited ~100 ms to send one reply.
-            early._switch_interval = sys.getswitchinterval()
+            self._switch_interval = sys.getswitchinterval()
             sys.setswitchinterval(EARLY_SWITCH_INTERVAL)
-        return early
+            if hint.get("snapshot"):
+                self.vm = EarlyVm(hint["snapshot"])
+                atexit.register(self.vm.release)
 
     @classmethod
-    def _begin(cls, argv: list[str], sockets: Any) -> "EarlyStart":
-        """Starts what the hint allows; always returns an EarlyStart (its key is where this
-        kernel writes its own hint)."""
+    def begin(cls, argv: list[str]) -> "EarlyStart":
+        """Reads this command line's hint and starts restoring its VM at once; always returns
+        an EarlyStart (its key is where this kernel writes its own hint)."""
         env = dict(os.environ)
         key = launch_hint.hint_key(argv, env, __version__)
-        if not enabled(env):
-            return cls(key, None, None)
-        hint = launch_hint.read(cache_dir(), key)
-        if hint is None:
-            return cls(key, None, None)
-        responder = None
-        if sockets is not None and sockets.key is not None:
-            responder = EarlyResponder(sockets.shell, sockets.iopub, sockets.key,
-                                       sockets.signature_scheme, hint["kernel_info"])
-        vm = EarlyVm(hint["snapshot"]) if hint.get("snapshot") else None
-        return cls(key, responder, vm)
+        hint = launch_hint.read(cache_dir(), key) if enabled(env) else None
+        return cls(key, hint)
+
+    def answer(self, sockets: Any) -> None:
+        """Starts answering on the early-bound sockets (see the module doc), if there is a hint
+        and the connection file's key is usable."""
+        if self.hint is not None and sockets is not None and sockets.key is not None:
+            self.responder = EarlyResponder(sockets.shell, sockets.iopub, sockets.key,
+                                            sockets.signature_scheme, self.hint["kernel_info"])
 
     def stop_responder(self) -> list[list[bytes]]:
         """Ends the responder (if any); returns the request it kept for the kernel (if any).

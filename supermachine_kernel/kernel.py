@@ -22,11 +22,13 @@ import sys
 from .early_start import EarlyStart
 from .kernel_sockets import EarlySockets
 
-# Run as the kernel process: bind the shell and iopub sockets before the imports below, so the
-# frontend connects while they run (kernel_sockets.py says why that matters), and use the time
-# those imports take: answer the first kernel_info and restore the VM (early_start.py).
+# Run as the kernel process, use the time the imports below take (early_start.py): start
+# restoring the VM, bind the shell and iopub sockets so the frontend connects meanwhile
+# (kernel_sockets.py says why that matters), and answer its first kernel_info.
+_EARLY_START = EarlyStart.begin(sys.argv[1:]) if __name__ == "__main__" else None
 _EARLY_SOCKETS = EarlySockets.bind(sys.argv[1:]) if __name__ == "__main__" else None
-_EARLY_START = EarlyStart.begin(sys.argv[1:], _EARLY_SOCKETS) if __name__ == "__main__" else None
+if _EARLY_START is not None:
+    _EARLY_START.answer(_EARLY_SOCKETS)
 
 import asyncio  # noqa: E402
 import atexit  # noqa: E402

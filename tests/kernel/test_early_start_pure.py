@@ -3,6 +3,7 @@ real sockets, and the early VM's hand-over rules (early_start.py, launch_hint.py
 from __future__ import annotations
 
 import json
+import sys
 import threading
 import time
 
@@ -51,13 +52,20 @@ def test_hint_round_trip_and_rejects(tmp_path):
 def test_disabled_by_environment_and_without_a_hint(tmp_path, monkeypatch):
     monkeypatch.setattr(early_start, "cache_dir", lambda: str(tmp_path))
     monkeypatch.setenv("SUPERMACHINE_EARLY_START", "1")
-    started = early_start.EarlyStart.begin(["--x"], None)
+    started = early_start.EarlyStart.begin(["--x"])
     assert started.responder is None and started.vm is None and started.stop_responder() == []
     started.save_hint(KERNEL_INFO, None)
     assert launch_hint.read(str(tmp_path), started.key)["kernel_info"] == KERNEL_INFO
+    before = sys.getswitchinterval()
+    hinted = early_start.EarlyStart.begin(["--x"])  # a hint now, but no snapshot and no sockets
+    assert hinted.hint is not None and hinted.vm is None
+    hinted.answer(None)
+    assert hinted.responder is None
+    assert sys.getswitchinterval() == early_start.EARLY_SWITCH_INTERVAL  # while ipykernel loads
+    assert hinted.stop_responder() == [] and sys.getswitchinterval() == before
     launch_hint.write(str(tmp_path), started.key, KERNEL_INFO, str(tmp_path))
     monkeypatch.setenv("SUPERMACHINE_EARLY_START", "0")
-    off = early_start.EarlyStart.begin(["--x"], None)  # a hint with a snapshot, but turned off
+    off = early_start.EarlyStart.begin(["--x"])  # a hint with a snapshot, but turned off
     assert off.key == started.key and off.responder is None and off.vm is None
 
 
@@ -203,7 +211,8 @@ def _early_vm(monkeypatch, tmp_path, vm, gate=None, fail=None):
 def test_early_vm_is_taken_only_for_its_own_snapshot(monkeypatch, tmp_path):
     vm = FakeVm()
     early = _early_vm(monkeypatch, tmp_path, vm)
-    assert early.take(str(tmp_path / "snap" / ".")) == (vm, "child")
+    taken = early.take(str(tmp_path / "snap" / "."))
+    assert taken is not None and taken[0]._vm is vm and taken[1] == "child"  # wrapped in api.Vm
     assert early.take(str(tmp_path / "snap")) is None and vm.released == 0  # taken once
     other = FakeVm()
     early = _early_vm(monkeypatch, tmp_path, other)
