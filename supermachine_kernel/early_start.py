@@ -4,8 +4,9 @@ ipykernel's imports take ~250-300 ms before a kernel can answer anything, and th
 was restored only after them. When an earlier kernel with the same command line left a launch
 hint (launch_hint.py), the kernel process, before those imports:
 
-- restores the hinted warm snapshot on a thread, re-attaches to its REPL and says hello, so
-  the REPL warms itself up in the guest while ipykernel loads (`EarlyVm`, started first by
+- restores the hinted warm snapshot on a thread and re-attaches to its REPL, which warms
+  itself up in the guest while ipykernel loads (the agent signals it after the restore's
+  Hello: guest/repl.py, install_hello_notification) (`EarlyVm`, started first by
   `EarlyStart.begin`). The VM backend takes that VM only if its own configuration resolves
   to the same snapshot, and releases it otherwise;
 - once the shell and iopub sockets are bound (kernel_sockets.py), `EarlyStart.answer`
@@ -185,7 +186,7 @@ class EarlyVm:
 
     def _run(self) -> None:
         try:
-            result = restore_and_greet(self.snapshot)
+            result = restore_and_attach(self.snapshot)
         except BaseException as e:  # noqa: BLE001 - the backend's normal path runs instead
             self.error = e
             log.info("early restore of %s failed: %s", self.snapshot, e)
@@ -228,10 +229,11 @@ class EarlyVm:
             result[0].release()
 
 
-def restore_and_greet(snapshot: str) -> tuple[Any, Any]:
-    """Restores the warm snapshot, re-attaches to the REPL it holds and says hello (so the
-    REPL's after-restore warm-up starts now). Blocking. Returns the runtime's own VM object
-    (`take` wraps it in `api.Vm`) and the REPL's process handle."""
+def restore_and_attach(snapshot: str) -> tuple[Any, Any]:
+    """Restores the warm snapshot and re-attaches to the REPL it holds. No hello: the agent's
+    signal has the REPL warming up already, and a hello now would only run ahead of that
+    warm-up, cold (the session says hello when it adopts the VM). Blocking. Returns the
+    runtime's own VM object (`take` wraps it in `api.Vm`) and the REPL's process handle."""
     from . import _core  # noqa: PLC0415 - imported already (cache_dir)
 
     # The runtime directly (it verifies the snapshot and restores with the GIL released):
@@ -239,8 +241,6 @@ def restore_and_greet(snapshot: str) -> tuple[Any, Any]:
     vm = _core.Vm.restore(snapshot, timeout=60.0)
     try:
         # Imported only now: the restore above is what the kernel waits for.
-        from .session.backend import read_ready_frame  # noqa: PLC0415
-        from .session.protocol import encode_frame  # noqa: PLC0415
         from .session.vm import REPL_ARGV  # noqa: PLC0415
 
         repls = [p for p in vm.processes()
@@ -248,9 +248,6 @@ def restore_and_greet(snapshot: str) -> tuple[Any, Any]:
         if len(repls) != 1:
             raise RuntimeError(f"expected one REPL in the snapshot, found {len(repls)}")
         child = vm.attach_process(int(repls[0]["id"]))
-        # idle: nobody waits for a cell yet, so the REPL starts its warm-up at once.
-        child.write_stdin(encode_frame({"type": "hello", "idle": True}))
-        read_ready_frame(child, timeout=60)
     except BaseException:
         vm.release()
         raise

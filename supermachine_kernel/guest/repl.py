@@ -48,6 +48,7 @@ STREAM_CHUNK = 1024 * 1024  # largest stream text per frame
 FLUSH_INTERVAL = 0.05
 WARM_UP_GRACE = 0.05  # seconds a host that just attached has to send its first request
 GENERATION_FILE = "/run/supermachine/generation"
+NOTIFY_HELLO_ENV = "SUPERMACHINE_NOTIFY_HELLO"  # the agent signals us after every Hello
 
 # ---------------------------------------------------------------------------------------------
 # Protocol channel
@@ -392,6 +393,31 @@ def _generation_stamp():
     except OSError:
         return None
     return (st.st_ino, st.st_mtime_ns)
+
+
+def install_hello_notification():
+    """With SUPERMACHINE_NOTIFY_HELLO=<signal> (set by the host when it spawns the REPL), the
+    agent sends that signal after every Hello: right after a restore the REPL queues a
+    `restored` request and starts its warm-up at once, instead of when a host says hello.
+    The variable is taken out of the environment user code sees."""
+    value = os.environ.pop(NOTIFY_HELLO_ENV, None)
+    try:
+        signum = int(value or "")
+    except ValueError:
+        return None
+
+    def on_hello(signum, frame):
+        channel = state.channel
+        if channel is not None:
+            channel.requests.put({"type": "restored"})
+
+    try:
+        # Not SA_RESTART: the main thread must wake from its wait for the next request to run
+        # the handler (a Hello comes between cells; Python retries its own interrupted calls).
+        signal.signal(signum, on_hello)
+    except (OSError, ValueError):
+        return None
+    return signum
 
 
 def _read_generation():
@@ -1245,6 +1271,13 @@ class Driver:
         self.attached = not req.get("idle")
         self.send_ready()
 
+    def do_restored(self, req):
+        """The agent's signal after a Hello (install_hello_notification): after a restore, the
+        warm-up starts now, before any host attaches. No reply."""
+        if reseed_if_restored():
+            self.warm_up = after_restore_steps(self.executor) + self.warm_up
+        return None
+
     def serve(self):
         requests = state.channel.requests
         while True:
@@ -1394,6 +1427,7 @@ def main():
     sys.__stderr__ = os.fdopen(diag, "w", buffering=1)
 
     signal.signal(signal.SIGINT, _on_sigint)
+    install_hello_notification()
     state.generation_stamp = _generation_stamp()
     state.generation = _read_generation()
 

@@ -29,7 +29,15 @@ log = logging.getLogger("supermachine_kernel.session.vm")
 GUEST_DRIVER_PATH = "/tmp/supermachine-repl.py"
 REPL_ID_FILE = "/tmp/.supermachine-repl.json"
 REPL_ARGV = ["python3", "-u", GUEST_DRIVER_PATH]
+# The agent signals the REPL with this (a real-time signal user code is unlikely to use) after
+# every Hello, so a restored REPL starts warming up at once (guest/repl.py).
+NOTIFY_HELLO_ENV = "SUPERMACHINE_NOTIFY_HELLO"
+NOTIFY_HELLO_SIGNAL = 40  # SIGRTMIN + 6 on Linux
 POOL_DEFER_SECONDS = 3.0  # after a kernel start that adopted its early VM (early_start.py)
+
+
+def _repl_env(env: dict[str, str], **extra: str) -> dict[str, str]:
+    return dict(env, **{NOTIFY_HELLO_ENV: str(NOTIFY_HELLO_SIGNAL)}, **extra)
 
 
 def _where(vm: Any) -> str:
@@ -173,7 +181,7 @@ class VmBackend:
 
         def warmup(vm: Any) -> None:
             vm.write_file(GUEST_DRIVER_PATH, driver, mode=0o644)
-            child = vm.spawn(REPL_ARGV, env=dict(env, **{PREIMPORT_ENV: imports}), cwd="/root")
+            child = vm.spawn(REPL_ARGV, env=_repl_env(env, **{PREIMPORT_ENV: imports}), cwd="/root")
             read_ready_frame(child, timeout=900)
             vm.write_file(REPL_ID_FILE, json.dumps({"id": child.id}).encode(), mode=0o600)
 
@@ -228,7 +236,7 @@ class VmBackend:
                 prestarted = True
             else:
                 vm.write_file(GUEST_DRIVER_PATH, driver, mode=0o644)
-                child = vm.spawn(REPL_ARGV, env=env, cwd="/root")
+                child = vm.spawn(REPL_ARGV, env=_repl_env(env), cwd="/root")
         except BaseException:
             release()
             raise

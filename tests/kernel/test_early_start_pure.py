@@ -203,7 +203,7 @@ def _early_vm(monkeypatch, tmp_path, vm, gate=None, fail=None):
             raise fail
         return vm, "child"
 
-    monkeypatch.setattr(early_start, "restore_and_greet", restore)
+    monkeypatch.setattr(early_start, "restore_and_attach", restore)
     (tmp_path / "snap").mkdir(exist_ok=True)
     return EarlyVm(str(tmp_path / "snap"))
 

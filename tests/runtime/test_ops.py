@@ -210,3 +210,33 @@ def test_reconnect_keeps_processes_and_streams(vm):
     child.close_stdin()
     assert child.wait(timeout=60).exit_code == 0
     assert vm.exec(["echo", "ok"]).stdout == b"ok\n"
+
+
+def test_hello_signals_the_processes_that_asked_for_it(vm):
+    """SUPERMACHINE_NOTIFY_HELLO=<signal>: the agent signals the process after every Hello
+    (what lets a restored REPL start warming up at once)."""
+    script = ("import signal, time\n"
+              "got = []\n"
+              "signal.signal(signal.SIGUSR1, lambda *a: got.append(1))\n"
+              "print('ready', flush=True)\n"
+              "while True:\n"
+              "    time.sleep(0.02)\n"
+              "    while got:\n"
+              "        got.pop()\n"
+              "        print('hello', flush=True)\n")
+    asked = vm.spawn(["python3", "-c", script],
+                     env={"SUPERMACHINE_NOTIFY_HELLO": str(int(signal.SIGUSR1))})
+    other = vm.spawn(["python3", "-c", script])
+    try:
+        for child in (asked, other):
+            assert read_until(child, b"ready\n").endswith(b"ready\n")
+        vm.reconnect()
+        assert read_until(asked, b"hello\n").endswith(b"hello\n")
+        vm.reconnect()
+        assert read_until(asked, b"hello\n") == b"hello\n"  # after every Hello
+        with pytest.raises(TimeoutError):
+            other.read_stdout(timeout=1.0)  # did not ask: not signalled
+    finally:
+        for child in (asked, other):
+            child.signal(signal.SIGKILL)
+            child.wait(timeout=30)

@@ -100,3 +100,53 @@ def test_warm_up_after_restore_is_invisible(tmp_path):
     assert out["callbacks"] == []
     assert out["after"] == out["before"]
     assert out["grace_after_hello"] is True and out["grace_after_idle_hello"] is False
+
+
+NOTIFY_SCRIPT = textwrap.dedent("""
+    import importlib.util, json, os, queue, signal, sys, time
+    spec = importlib.util.spec_from_file_location("repl", sys.argv[1])
+    repl = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(repl)
+    gen = sys.argv[2]
+    repl.GENERATION_FILE = gen
+    with open(gen, "w") as f:
+        f.write("1")
+    class Channel:
+        requests = queue.SimpleQueue()
+        def send(self, msg, hold=False):
+            pass
+    repl.state.channel = Channel()
+    repl.state.output = repl.Output(repl.state.channel)
+    repl.state.generation_stamp = repl._generation_stamp()
+    repl.state.generation = repl._read_generation()
+    os.environ[repl.NOTIFY_HELLO_ENV] = str(int(signal.SIGUSR2))
+    out = {"signum": repl.install_hello_notification(),
+           "env_left": repl.NOTIFY_HELLO_ENV in os.environ}
+    driver = repl.Driver(repl.PlainExecutor(), None)
+    driver.warm_up = []
+    with open(gen + ".tmp", "w") as f:
+        f.write("2")
+    os.replace(gen + ".tmp", gen)                 # the agent's Hello after a restore...
+    os.kill(os.getpid(), signal.SIGUSR2)          # ...and its signal
+    req = Channel.requests.get(timeout=5)         # the main thread wakes to queue it
+    out["request"] = req
+    driver.handle(req)
+    out["armed"] = len(driver.warm_up)
+    out["attached"] = driver.attached             # no host yet: no grace before warming up
+    with open(sys.argv[3], "w") as f:
+        json.dump(out, f)
+""")
+
+
+def test_the_agents_hello_signal_starts_the_warm_up(tmp_path):
+    script = tmp_path / "notify.py"
+    script.write_text(NOTIFY_SCRIPT)
+    result = tmp_path / "result.json"
+    proc = subprocess.run([sys.executable, str(script), str(GUEST_DRIVER),
+                           str(tmp_path / "generation"), str(result)],
+                          capture_output=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr.decode()
+    out = json.loads(result.read_text())
+    assert out["signum"] == 12 and out["env_left"] is False  # SIGUSR2; hidden from user code
+    assert out["request"] == {"type": "restored"}
+    assert out["armed"] > 0 and out["attached"] is False

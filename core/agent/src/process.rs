@@ -35,6 +35,17 @@ pub const BASE_ENV: &[(&str, &str)] = &[
     ("LANG", "C.UTF-8"),
 ];
 
+/// A process spawned with this variable set to a signal number gets that signal after every
+/// Hello (a restore, a resume): it can learn at once that its clock, RNG and generation changed,
+/// instead of at its next request (the kernel's REPL starts its warm-up then).
+pub const NOTIFY_HELLO_ENV: &str = "SUPERMACHINE_NOTIFY_HELLO";
+
+/// The signal a spawn request asks for with [`NOTIFY_HELLO_ENV`] (1..=64), if any.
+pub fn notify_signal(env: &[(String, String)]) -> Option<i32> {
+    let (_, v) = env.iter().rev().find(|(k, _)| k == NOTIFY_HELLO_ENV)?;
+    v.trim().parse::<i32>().ok().filter(|s| (1..=64).contains(s))
+}
+
 /// Stdin bytes we queue at most per process (the host keeps at most STDIN_WINDOW unacked).
 const MAX_STDIN_QUEUE: usize = 4 * STDIN_WINDOW as usize;
 
@@ -69,6 +80,8 @@ pub struct Proc {
     pub id: u32,
     pub os_pid: i32,
     argv: Vec<String>,
+    /// Signal to send after every Hello ([`NOTIFY_HELLO_ENV`]).
+    notify: Option<i32>,
     /// The pty master, for resize (None for pipes).
     master: Option<OwnedFd>,
     window: Window,
@@ -199,6 +212,7 @@ impl Procs {
         validate(&req)?;
         Self::make_room(&mut lock(&self.table))?;
         let argv0 = req.argv[0].clone();
+        let notify = notify_signal(&req.env);
         let mut cmd = Command::new(&argv0);
         cmd.args(&req.argv[1..]).env_clear();
         for (k, v) in BASE_ENV {
@@ -278,6 +292,7 @@ impl Procs {
             id,
             os_pid,
             argv: req.argv,
+            notify,
             master,
             window: Window::new(self.writer.epoch()),
             st: Mutex::new(State { outputs_open: outputs, ..State::default() }),
@@ -344,6 +359,19 @@ impl Procs {
     pub fn reset_windows(&self, epoch: u64) {
         for p in lock(&self.table).procs.values() {
             p.window.reset(epoch);
+        }
+    }
+
+    /// After a Hello: signals every running process that asked for it (best effort).
+    pub fn notify_hello(&self) {
+        for p in lock(&self.table).procs.values() {
+            if let Some(sig) = p.notify {
+                if lock(&p.st).exit.is_none() {
+                    if let Err(e) = sys::signal_main_thread(p.os_pid, sig) {
+                        debug!("cannot notify process {} of the hello: {e}", p.id);
+                    }
+                }
+            }
         }
     }
 
@@ -537,6 +565,17 @@ fn timeout(p: Arc<Proc>, after: Duration) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn notify_signal_is_read_from_the_environment() {
+        let env = |v: &str| vec![("A".to_string(), "1".to_string()), (NOTIFY_HELLO_ENV.to_string(), v.to_string())];
+        assert_eq!(notify_signal(&env("36")), Some(36));
+        assert_eq!(notify_signal(&env(" 12 ")), Some(12));
+        for bad in ["0", "65", "-1", "usr1", ""] {
+            assert_eq!(notify_signal(&env(bad)), None, "{bad}");
+        }
+        assert_eq!(notify_signal(&[]), None);
+    }
 
     #[test]
     fn exit_status_of_code_signal_and_timeout() {

@@ -166,6 +166,7 @@ impl Server {
             procs.reset_windows(epoch);
             Control::Welcome { version: PROTOCOL_VERSION, boot_id, generation, processes: fit_processes(procs.list()) }
         });
+        self.procs.notify_hello();
         debug!("hello: generation {generation}");
     }
 

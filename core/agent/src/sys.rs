@@ -33,6 +33,14 @@ pub fn kill(pid: i32, sig: i32) -> io::Result<()> {
     cvt(unsafe { libc::kill(pid, sig) }).map(|_| ())
 }
 
+/// Signals the main thread of process `pid` (`tgkill(pid, pid, sig)`): a process-directed
+/// signal may land on any thread, and CPython runs its handlers only in the main thread, which
+/// stays asleep if another thread took the signal.
+pub fn signal_main_thread(pid: i32, sig: i32) -> io::Result<()> {
+    // SAFETY: tgkill has no memory effects.
+    cvt(unsafe { libc::syscall(libc::SYS_tgkill, pid, pid, sig) } as i32).map(|_| ())
+}
+
 /// Signals a whole process group, falling back to the single process if the group is gone.
 pub fn kill_group(pid: i32, sig: i32) -> io::Result<()> {
     kill(-pid, sig).or_else(|_| kill(pid, sig))
