@@ -82,15 +82,21 @@ SCRIPT = textwrap.dedent("""
 """)
 
 
-def test_warm_up_after_restore_is_invisible(tmp_path):
+def run_driver_script(tmp_path, source: str) -> dict:
+    """Runs `source` in a host subprocess with the guest driver's path, a generation file and
+    a result file as arguments; returns what it wrote there."""
     script = tmp_path / "drive.py"
-    script.write_text(SCRIPT)
+    script.write_text(source)
     result = tmp_path / "result.json"
     proc = subprocess.run([sys.executable, str(script), str(GUEST_DRIVER),
                            str(tmp_path / "generation"), str(result)],
                           capture_output=True, timeout=120)
     assert proc.returncode == 0, proc.stderr.decode()
-    out = json.loads(result.read_text())
+    return json.loads(result.read_text())
+
+
+def test_warm_up_after_restore_is_invisible(tmp_path):
+    out = run_driver_script(tmp_path, SCRIPT)
     assert out["armed_without_restore"] == 0
     assert out["armed_after_restore"] > 0
     assert out["sent_by_hello"] == ["ready"]
@@ -139,14 +145,7 @@ NOTIFY_SCRIPT = textwrap.dedent("""
 
 
 def test_the_agents_hello_signal_starts_the_warm_up(tmp_path):
-    script = tmp_path / "notify.py"
-    script.write_text(NOTIFY_SCRIPT)
-    result = tmp_path / "result.json"
-    proc = subprocess.run([sys.executable, str(script), str(GUEST_DRIVER),
-                           str(tmp_path / "generation"), str(result)],
-                          capture_output=True, timeout=120)
-    assert proc.returncode == 0, proc.stderr.decode()
-    out = json.loads(result.read_text())
+    out = run_driver_script(tmp_path, NOTIFY_SCRIPT)
     assert out["signum"] == 12 and out["env_left"] is False  # SIGUSR2; hidden from user code
     assert out["request"] == {"type": "restored"}
     assert out["armed"] > 0 and out["attached"] is False
