@@ -14,8 +14,9 @@ import textwrap
 
 from supermachine_kernel.session.backend import GUEST_DRIVER
 
-SCRIPT = textwrap.dedent("""
-    import importlib.util, json, sys
+# Loads the driver from argv[1] as `repl`, its generation file (argv[2]) reading "1".
+PROLOGUE = textwrap.dedent("""
+    import importlib.util, json, os, queue, signal, sys
     spec = importlib.util.spec_from_file_location("repl", sys.argv[1])
     repl = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(repl)
@@ -23,7 +24,9 @@ SCRIPT = textwrap.dedent("""
     repl.GENERATION_FILE = gen
     with open(gen, "w") as f:
         f.write("1")
+""")
 
+SCRIPT = PROLOGUE + textwrap.dedent("""
     sent = []
     class Channel:
         def send(self, msg):
@@ -50,8 +53,7 @@ SCRIPT = textwrap.dedent("""
     out["armed_without_restore"] = len(driver.warm_up)
     with open(gen + ".tmp", "w") as f:
         f.write("2")                              # a restore happened: the agent renames a
-    import os                                     # new file into place, as on every hello
-    os.replace(gen + ".tmp", gen)
+    os.replace(gen + ".tmp", gen)                 # new file into place, as on every hello
     del sent[:]
     driver.do_hello({"type": "hello"})
     out["armed_after_restore"] = len(driver.warm_up)
@@ -108,15 +110,7 @@ def test_warm_up_after_restore_is_invisible(tmp_path):
     assert out["grace_after_hello"] is True and out["grace_after_idle_hello"] is False
 
 
-NOTIFY_SCRIPT = textwrap.dedent("""
-    import importlib.util, json, os, queue, signal, sys, time
-    spec = importlib.util.spec_from_file_location("repl", sys.argv[1])
-    repl = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(repl)
-    gen = sys.argv[2]
-    repl.GENERATION_FILE = gen
-    with open(gen, "w") as f:
-        f.write("1")
+NOTIFY_SCRIPT = PROLOGUE + textwrap.dedent("""
     class Channel:
         requests = queue.SimpleQueue()
         def send(self, msg, hold=False):
