@@ -709,12 +709,24 @@ class MicroVMKernelApp(IPKernelApp):
         try:
             super().start()
         finally:
+            self._let_control_finish()
             # Exit without interpreter finalization: daemon threads may sit inside the VM
             # runtime's blocking calls, and unwinding them at finalization aborts the process.
             atexit._run_exitfuncs()
             sys.stdout.flush()
             sys.stderr.flush()
             os._exit(0)
+
+    def _let_control_finish(self, timeout: float = 2.0) -> None:
+        """After a shutdown_request the control thread still flushes stdio through the IOPub
+        thread and publishes its idle status, then stops. ipykernel's close() (an exit
+        function) stops the IOPub thread first and then joins the control thread, which then
+        waits on a flush nobody serves: the kernel hung for 10 s or for good when the main
+        thread got there first. Let the control thread finish first."""
+        control = getattr(self, "control_thread", None)
+        requested = getattr(getattr(self, "kernel", None), "_shutdown_message", None) is not None
+        if control is not None and requested and control.is_alive():
+            control.join(timeout)
 
     @default("capture_fd_output")
     def _capture_fd_output_default(self) -> bool:

@@ -31,3 +31,24 @@ def test_shutdown_reply_and_process_exit():
     k.km.shutdown_kernel(now=False)
     assert not k.km.is_alive()
     k.kc.stop_channels()
+
+
+def test_shutdown_request_ends_the_process_promptly():
+    """The process exits right after its shutdown_reply, every time (ipykernel's close() used
+    to race the control thread's last flush: a 10 s stall or a hang until jupyter_client
+    killed the kernel)."""
+    import time
+
+    for _ in range(3):
+        k = Kernel(KERNEL)
+        try:
+            assert k.value("1+1") == "2"
+            process = k.km.provisioner.process
+            k.km.request_shutdown()
+            deadline = time.monotonic() + 5
+            while process.poll() is None and time.monotonic() < deadline:
+                time.sleep(0.01)
+            assert process.poll() is not None, "the kernel did not exit within 5 s of shutdown"
+        finally:
+            k.kc.stop_channels()
+            k.km.shutdown_kernel(now=True)
