@@ -286,10 +286,12 @@ class FdCapture:
             with self._lock:
                 self._drain_locked()
 
-    def sync(self):
-        """Forward everything written to the fd so far (called before a reply)."""
+    def sync(self, readable=True):
+        """Forward everything written to the fd so far (called before a reply). The lock is
+        taken even when the pipe is empty: the thread may hold data it has just read."""
         with self._lock:
-            self._drain_locked()
+            if readable:
+                self._drain_locked()
 
 
 class Output:
@@ -330,8 +332,13 @@ class Output:
                     self._libc_fflush(None)
                 except Exception:
                     pass
+            # One select instead of a read (and a BlockingIOError) per empty pipe.
+            try:
+                ready = select.select([c._r for c in self._captures], [], [], 0)[0]
+            except (OSError, ValueError):
+                ready = [c._r for c in self._captures]
             for capture in self._captures:
-                capture.sync()
+                capture.sync(capture._r in ready)
         self.stdout.flush()
         self.stderr.flush()
 
@@ -1091,8 +1098,10 @@ class IPythonExecutor:
             events.callbacks = saved
 
     def take_payload(self):
-        payload = self.shell.payload_manager.read_payload()
-        self.shell.payload_manager.clear_payload()
+        manager = self.shell.payload_manager
+        payload = manager.read_payload()
+        if payload:
+            manager.clear_payload()
         return payload
 
     def user_expressions(self, expressions):
