@@ -9,6 +9,11 @@ Figures (each printed with the ratio microVM / ipykernel):
 which after the first kernel_info reply also waits for 0.2 s of IOPub silence — both kernels pay
 that, and it bounds how small the launch -> imports ratio can get.
 
+From its second launch on, the microVM kernel starts from the launch hint its previous launch
+left (early start: VM restored and first kernel_info answered while ipykernel imports; see
+supermachine_kernel/early_start.py); the medians are over --rounds launches. Run with
+SUPERMACHINE_EARLY_START=0 in the environment to measure without it.
+
 Run: .venv/bin/python bench/kernel.py [--rounds N] [--mb 50]
 """
 from __future__ import annotations
