@@ -241,13 +241,12 @@ def restore_and_attach(snapshot: str) -> tuple[Any, Any]:
     vm = _core.Vm.restore(snapshot, timeout=60.0)
     try:
         # Imported only now: the restore above is what the kernel waits for.
-        from .session.vm import REPL_ARGV  # noqa: PLC0415
+        from .session.vm import running_repl_ids  # noqa: PLC0415
 
-        repls = [p for p in vm.processes()
-                 if p.get("running") and list(p.get("argv") or []) == REPL_ARGV]
+        repls = running_repl_ids(vm)
         if len(repls) != 1:
             raise RuntimeError(f"expected one REPL in the snapshot, found {len(repls)}")
-        child = vm.attach_process(int(repls[0]["id"]))
+        child = vm.attach_process(repls[0])
     except BaseException:
         vm.release()
         raise

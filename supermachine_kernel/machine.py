@@ -281,15 +281,14 @@ class Machine:
     def _attach_repl(vm: Any, repl_id: Optional[int]) -> Any:
         """The REPL process inside a restored VM: by the id recorded at snapshot time, else the
         one running the REPL driver."""
-        from .session.vm import GUEST_DRIVER_PATH  # noqa: PLC0415
+        from .session.vm import running_repl_ids  # noqa: PLC0415
 
         if repl_id is None:
-            running = [p for p in vm.processes()
-                       if p.get("running") and GUEST_DRIVER_PATH in (p.get("argv") or [])]
+            running = running_repl_ids(vm)
             if not running:
                 raise MachineError("the snapshot holds no running REPL to re-attach to",
                                    "It was not taken by %snapshot; take a new one.")
-            repl_id = running[-1]["id"]
+            repl_id = running[-1]
         try:
             return vm.attach_process(int(repl_id))
         except Exception as e:  # noqa: BLE001

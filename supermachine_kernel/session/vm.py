@@ -36,6 +36,13 @@ NOTIFY_HELLO_SIGNAL = 40  # SIGRTMIN + 6 on Linux
 POOL_DEFER_SECONDS = 3.0  # after a kernel start that adopted its early VM (early_start.py)
 
 
+def running_repl_ids(vm: Any) -> list[int]:
+    """Ids of the guest processes that are a running REPL, from the agent's process table
+    (one round trip; works on the runtime's VM object and on `api.Vm`)."""
+    return [int(p["id"]) for p in vm.processes()
+            if p.get("running") and list(p.get("argv") or []) == REPL_ARGV]
+
+
 def _repl_env(env: dict[str, str], **extra: str) -> dict[str, str]:
     return dict(env, **{NOTIFY_HELLO_ENV: str(NOTIFY_HELLO_SIGNAL)}, **extra)
 
@@ -199,10 +206,9 @@ class VmBackend:
         restore); the id file the warmup left is read only if the table is ambiguous (reading a
         guest file right after a restore takes ~40 ms: that is on every kernel start's path)."""
         try:
-            repls = [p for p in vm.processes()
-                     if p.get("running") and list(p.get("argv") or []) == REPL_ARGV]
+            repls = running_repl_ids(vm)
             if len(repls) == 1:
-                return vm.attach_process(int(repls[0]["id"]))
+                return vm.attach_process(repls[0])
             repl_id = json.loads(vm.read_file(REPL_ID_FILE))["id"]
             return vm.attach_process(int(repl_id))
         except Exception:  # noqa: BLE001 - e.g. a pool without the warmup: start one instead
