@@ -30,16 +30,12 @@ def enabled() -> bool:
     return os.environ.get("SUPERMACHINE_RESTORE_AHEAD", "1").strip().lower() not in ("0", "no", "off", "false")
 
 
-def files_stamp(path: str) -> tuple:
-    """What changes when a snapshot directory's files are rewritten or damaged."""
-    out = []
-    for name in ("metadata.json", "state", "memory"):
-        try:
-            st = os.stat(os.path.join(path, name))
-            out.append((name, st.st_ino, st.st_size, st.st_mtime_ns))
-        except OSError:
-            out.append((name, None))
-    return tuple(out)
+def files_stamp(path: str) -> str:
+    """What changes when a snapshot directory's files are rewritten or damaged (the runtime's
+    stamp: inode, size and mtime of each file)."""
+    from . import _core  # noqa: PLC0415 - standbys exist only with the compiled runtime
+
+    return _core.snapshot_files_stamp(path)
 
 
 class Standby:

@@ -536,6 +536,13 @@ pub fn snapshot_info(py: Python<'_>, path: PathBuf, check_host: bool) -> PyResul
     snapshot_dict(py, &snap)
 }
 
+/// What changes when any file of snapshot `path` is rewritten or damaged (the runtime's own
+/// stamp for trusting an earlier verification); cheap: three stats.
+#[pyfunction]
+pub fn snapshot_files_stamp(path: PathBuf) -> String {
+    supermachine_runtime::snapshotting::dir_stamp(&path)
+}
+
 /// Starts reading snapshot `path`'s memory file into the page cache in the background (holes
 /// too), so a later snapshot of a VM restored from it does not fault them in one by one.
 #[pyfunction]
@@ -564,5 +571,6 @@ pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(find_qemu, m)?)?;
     m.add_function(wrap_pyfunction!(snapshot_info, m)?)?;
     m.add_function(wrap_pyfunction!(prefetch_snapshot_memory, m)?)?;
+    m.add_function(wrap_pyfunction!(snapshot_files_stamp, m)?)?;
     Ok(())
 }

@@ -369,7 +369,9 @@ fn verified_cache() -> &'static Mutex<HashMap<PathBuf, (String, SnapshotMeta)>> 
     CACHE.get_or_init(|| Mutex::new(HashMap::new()))
 }
 
-fn dir_stamp(dir: &Path) -> String {
+/// What changes when any file of snapshot `dir` is rewritten or damaged: inode, size and
+/// mtime of its metadata, state and memory files.
+pub fn dir_stamp(dir: &Path) -> String {
     let s = |name: &str| {
         fs::metadata(dir.join(name)).map(|m| format!("{}:{}:{}.{}", m.ino(), m.len(), m.mtime(), m.mtime_nsec())).unwrap_or_default()
     };
