@@ -242,8 +242,9 @@ class Machine:
 
     @staticmethod
     def _where(vm: Any, entry: Entry) -> str:
-        accel = getattr(vm, "accel", None)
-        return f"microVM {vm.id}" + (f" ({accel})" if accel else "") + f", snapshot {entry.name}"
+        from .session.vm import describe_vm  # noqa: PLC0415
+
+        return f"{describe_vm(vm)}, snapshot {entry.name}"
 
     def _restored_handle(self, path: str, entry: Entry) -> Any:
         """Blocking: verify, restore, re-attach to the REPL. Runs on a worker thread."""

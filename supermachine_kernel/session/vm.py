@@ -47,7 +47,8 @@ def _repl_env(env: dict[str, str], **extra: str) -> dict[str, str]:
     return dict(env, **{NOTIFY_HELLO_ENV: str(NOTIFY_HELLO_SIGNAL)}, **extra)
 
 
-def _where(vm: Any) -> str:
+def describe_vm(vm: Any) -> str:
+    """"microVM vm-3 (tcg)": how banners and logs name where the REPL runs."""
     accel = getattr(vm, "accel", None)
     return f"microVM {getattr(vm, 'id', '?')}" + (f" ({accel})" if accel else "")
 
@@ -246,7 +247,7 @@ class VmBackend:
         except BaseException:
             release()
             raise
-        handle = VmHandle(vm, child, release, _where(vm))
+        handle = VmHandle(vm, child, release, describe_vm(vm))
         handle.prestarted = prestarted
         return handle
 
@@ -265,7 +266,7 @@ class VmBackend:
             if taken is not None:
                 self._recipe = (driver, env)
                 vm, child = taken
-                handle = VmHandle(vm, child, vm.release, _where(vm) + ", restored at kernel start")
+                handle = VmHandle(vm, child, vm.release, describe_vm(vm) + ", restored at kernel start")
                 handle.prestarted = True
                 return handle
         spare = None
