@@ -17,12 +17,17 @@ import json
 from typing import Any
 
 
+# How a kernelspec passes the connection file: `-f PATH`, `--f PATH`, `-f=PATH`, `--f=PATH`.
+CONNECTION_FILE_FLAGS = ("-f", "--f")
+CONNECTION_FILE_PREFIXES = ("-f=", "--f=")
+
+
 def connection_file_arg(argv: list[str]) -> str | None:
-    """The connection file given as `-f PATH` / `-f=PATH` / `--f=PATH` (as kernelspecs do)."""
+    """The connection file given in `argv` (see CONNECTION_FILE_FLAGS / _PREFIXES)."""
     for i, arg in enumerate(argv):
-        if arg in ("-f", "--f") and i + 1 < len(argv):
+        if arg in CONNECTION_FILE_FLAGS and i + 1 < len(argv):
             return argv[i + 1]
-        for prefix in ("-f=", "--f="):
+        for prefix in CONNECTION_FILE_PREFIXES:
             if arg.startswith(prefix):
                 return arg[len(prefix):]
     return None

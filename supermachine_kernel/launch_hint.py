@@ -19,20 +19,22 @@ import os
 import sys
 from typing import Any, Optional
 
+from .kernel_sockets import CONNECTION_FILE_FLAGS, CONNECTION_FILE_PREFIXES
+
 FORMAT = 1
 _ENV_PREFIXES = ("SUPERMACHINE_", "JUPYTER_CONFIG", "JUPYTER_PATH", "XDG_CACHE_HOME", "XDG_CONFIG")
 
 
 def kernel_args(argv: list[str]) -> list[str]:
-    """`argv` without the connection file (`-f PATH`, `-f=PATH`, `--f=PATH`), which differs
-    for every kernel."""
+    """`argv` without the connection file (kernel_sockets.connection_file_arg's forms), which
+    differs for every kernel."""
     out, skip = [], False
     for arg in argv:
         if skip:
             skip = False
-        elif arg in ("-f", "--f"):
+        elif arg in CONNECTION_FILE_FLAGS:
             skip = True
-        elif not arg.startswith(("-f=", "--f=")):
+        elif not arg.startswith(CONNECTION_FILE_PREFIXES):
             out.append(arg)
     return out
 
