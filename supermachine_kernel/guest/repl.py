@@ -1274,18 +1274,21 @@ class Driver:
         """A host attaching to an already running REPL (warm spare, restored snapshot). With
         "idle": true nobody waits for a cell yet (a VM restored ahead of use): the warm-up
         starts at once instead of after WARM_UP_GRACE."""
-        if reseed_if_restored():
-            # Warm up while no request waits (next_request runs them between requests).
-            self.warm_up = after_restore_steps(self.executor) + self.warm_up
+        self.note_restore()
         self.attached = not req.get("idle")
         self.send_ready()
 
     def do_restored(self, req):
         """The agent's signal after a Hello (install_hello_notification): after a restore, the
         warm-up starts now, before any host attaches. No reply."""
+        self.note_restore()
+        return None
+
+    def note_restore(self):
+        """After a restore (first call since one): reseed, and queue the after-restore warm-up
+        (next_request runs it between requests)."""
         if reseed_if_restored():
             self.warm_up = after_restore_steps(self.executor) + self.warm_up
-        return None
 
     def serve(self):
         requests = state.channel.requests
