@@ -19,14 +19,20 @@ from __future__ import annotations
 
 import sys
 
-from .early_start import EarlyStart
-from .kernel_sockets import EarlySockets
+from .early_listeners import EarlyListeners
 
-# Run as the kernel process, use the time the imports below take (early_start.py): start
-# restoring the VM, bind the shell and iopub sockets so the frontend connects meanwhile
-# (kernel_sockets.py says why that matters), and answer its first kernel_info.
+# Run as the kernel process: listen on the shell and iopub ports at once (early_listeners.py says
+# why), then use the time the imports below take (early_start.py): start restoring the VM, bind
+# the two sockets with ZMQ so the frontend connects meanwhile (kernel_sockets.py) and answer its
+# first kernel_info.
+_EARLY_LISTENERS = EarlyListeners.listen(sys.argv[1:]) if __name__ == "__main__" else None
+
+from .early_start import EarlyStart  # noqa: E402
+from .kernel_sockets import EarlySockets  # noqa: E402
+
 _EARLY_START = EarlyStart.begin(sys.argv[1:]) if __name__ == "__main__" else None
-_EARLY_SOCKETS = EarlySockets.bind(sys.argv[1:]) if __name__ == "__main__" else None
+_EARLY_SOCKETS = (EarlySockets.bind(sys.argv[1:], _EARLY_LISTENERS)
+                  if __name__ == "__main__" else None)
 if _EARLY_START is not None:
     _EARLY_START.answer(_EARLY_SOCKETS)
 

@@ -9,28 +9,21 @@ connects while they run and its first request is waiting when the kernel starts 
 handled — TCP, ports given in the connection file, no CurveZMQ keys — anything else, or any
 error, leaves the binding to ipykernel as before.
 
+Earlier still, `early_listeners.EarlyListeners` opens plain listening sockets on those ports,
+and `EarlySockets.bind` hands them to ZMQ (early_listeners.py says why).
+
 Imports nothing heavy: it runs before ipykernel is loaded.
 """
 from __future__ import annotations
 
 import json
+import os
 from typing import Any
 
-
-# How a kernelspec passes the connection file: `-f PATH`, `--f PATH`, `-f=PATH`, `--f=PATH`.
-CONNECTION_FILE_FLAGS = ("-f", "--f")
-CONNECTION_FILE_PREFIXES = ("-f=", "--f=")
-
-
-def connection_file_arg(argv: list[str]) -> str | None:
-    """The connection file given in `argv` (see CONNECTION_FILE_FLAGS / _PREFIXES)."""
-    for i, arg in enumerate(argv):
-        if arg in CONNECTION_FILE_FLAGS and i + 1 < len(argv):
-            return argv[i + 1]
-        for prefix in CONNECTION_FILE_PREFIXES:
-            if arg.startswith(prefix):
-                return arg[len(prefix):]
-    return None
+from .early_listeners import (  # noqa: F401 - re-exported
+    CONNECTION_FILE_FLAGS, CONNECTION_FILE_PREFIXES, EarlyListeners, connection_file_arg,
+    plain_tcp_info,
+)
 
 
 class EarlySockets:
@@ -50,22 +43,28 @@ class EarlySockets:
         self.signature_scheme = "hmac-sha256"
 
     @classmethod
-    def bind(cls, argv: list[str]) -> "EarlySockets | None":
-        """Binds the sockets named by the connection file in `argv`; None if not possible."""
-        path = connection_file_arg(argv)
-        if not path:
+    def bind(cls, argv: list[str],
+             listeners: EarlyListeners | None = None) -> "EarlySockets | None":
+        """Binds the sockets named by the connection file in `argv`; None if not possible.
+
+        Listening sockets `listeners` opened for those ports are taken over; whatever is not
+        taken is closed, so ipykernel can bind the ports itself when this returns None."""
+        try:
+            return cls._bind(argv, listeners)
+        finally:
+            if listeners is not None:
+                listeners.close()
+
+    @classmethod
+    def _bind(cls, argv: list[str], listeners: EarlyListeners | None) -> "EarlySockets | None":
+        info = plain_tcp_info(connection_file_arg(argv))
+        if info is None:
             return None
         try:
-            with open(path) as f:
-                info = json.load(f)
-            if info.get("transport", "tcp") != "tcp" or info.get("curve_secretkey"):
-                return None
-            ip, shell_port, iopub_port = info["ip"], int(info["shell_port"]), int(info["iopub_port"])
-            if shell_port <= 0 or iopub_port <= 0:
-                return None
             import zmq  # noqa: PLC0415
-        except Exception:  # noqa: BLE001 - ipykernel binds them (and reports problems)
+        except ImportError:
             return None
+        ip, shell_port, iopub_port = info["ip"], int(info["shell_port"]), int(info["iopub_port"])
         context = zmq.Context()
         sockets = []
         try:
@@ -73,6 +72,13 @@ class EarlySockets:
                 sock = context.socket(kind)
                 sockets.append(sock)
                 sock.linger = 1000
+                fd = listeners.take(ip, port) if listeners is not None else None
+                if fd is not None:
+                    try:
+                        sock.setsockopt(zmq.USE_FD, fd)  # ZMQ owns (and closes) it from now on
+                    except Exception:
+                        os.close(fd)
+                        raise
                 sock.bind(f"tcp://{ip}:{port}")
         except Exception:  # noqa: BLE001 - e.g. the port is taken: ipykernel will say so
             for sock in sockets:

@@ -19,14 +19,14 @@ import os
 import sys
 from typing import Any, Optional
 
-from .kernel_sockets import CONNECTION_FILE_FLAGS, CONNECTION_FILE_PREFIXES
+from .early_listeners import CONNECTION_FILE_FLAGS, CONNECTION_FILE_PREFIXES
 
 FORMAT = 1
 _ENV_PREFIXES = ("SUPERMACHINE_", "JUPYTER_CONFIG", "JUPYTER_PATH", "XDG_CACHE_HOME", "XDG_CONFIG")
 
 
 def kernel_args(argv: list[str]) -> list[str]:
-    """`argv` without the connection file (kernel_sockets.connection_file_arg's forms), which
+    """`argv` without the connection file (early_listeners.connection_file_arg's forms), which
     differs for every kernel."""
     out, skip = [], False
     for arg in argv:
