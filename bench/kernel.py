@@ -2,8 +2,16 @@
 
 Figures (each printed with the ratio microVM / ipykernel):
   launch -> kernel_info reply; launch -> `import numpy, pandas, matplotlib` finished;
-  `1+1` execute round trip p50; restart -> ready; restart -> imports finished;
+  `1+1` execute round trip p50; restart -> ready; restart -> imports finished (both also for a
+  restart that kills the old process);
   50 MB printed -> received.
+
+"restart" is KernelManager.restart_kernel() as JupyterLab's restart button calls it (through
+jupyter_server): a shutdown_request, then the new process once the old one has exited; "restart
+(kill)" is restart_kernel(now=True), which kills the old process instead. Each round restarts
+RESTARTS times each way: how soon the frontend's sockets reconnect to the new process varies by
+~100 ms from restart to restart (ZMQ's reconnect interval has random jitter), so medians need
+more than a few samples.
 
 "launch" starts at KernelManager.start_kernel(); "ready" is jupyter_client's wait_for_ready(),
 which after the first kernel_info reply also waits for 0.2 s of IOPub silence — both kernels pay
@@ -32,6 +40,7 @@ IMPORTS = "import numpy, pandas, matplotlib"
 # Pause before the `1+1` series, for both kernels: the microVM kernel's pool restores its next
 # VM in the background right after start-up, and a user's cells come seconds apart anyway.
 SETTLE_S = 2.0
+RESTARTS = 4  # per round and kind (graceful, kill)
 
 
 def run_cell(kc, code: str, timeout: float = 300.0) -> tuple[int, list[dict]]:
@@ -57,7 +66,8 @@ def run_cell(kc, code: str, timeout: float = 300.0) -> tuple[int, list[dict]]:
 
 def measure(kernel_name: str, rounds: int, mb: int) -> dict[str, float]:
     out: dict[str, list[float]] = {k: [] for k in
-                                   ("info", "imports", "rt", "restart", "restart_imports", "print")}
+                                   ("info", "imports", "rt", "restart", "restart_imports",
+                                    "restart_kill", "restart_kill_imports", "print")}
     for _ in range(rounds):
         km = KernelManager(kernel_name=kernel_name)
         t0 = time.perf_counter()
@@ -80,12 +90,15 @@ def measure(kernel_name: str, rounds: int, mb: int) -> dict[str, float]:
             got, _ = run_cell(kc, code)
             dt = time.perf_counter() - t
             out["print"].append(got / dt / 1e6 if got else float("nan"))
-            t = time.perf_counter()
-            km.restart_kernel(now=True)
-            kc.wait_for_ready(timeout=300)
-            out["restart"].append(time.perf_counter() - t)
-            run_cell(kc, IMPORTS)
-            out["restart_imports"].append(time.perf_counter() - t)
+            for kill in (False, True) * RESTARTS:
+                time.sleep(SETTLE_S / 2)  # as a user would: the last cell's work is over
+                key = "restart_kill" if kill else "restart"
+                t = time.perf_counter()
+                km.restart_kernel(now=kill)
+                kc.wait_for_ready(timeout=300)
+                out[key].append(time.perf_counter() - t)
+                run_cell(kc, IMPORTS)
+                out[key + "_imports"].append(time.perf_counter() - t)
         finally:
             kc.stop_channels()
             km.shutdown_kernel(now=True)
@@ -111,6 +124,9 @@ def main() -> None:
         ("`1+1` round trip p95", ours["rt_p95"], base["rt_p95"], "ms"),
         ("restart -> ready", ours["restart"], base["restart"], "ms"),
         ("restart -> imports done", ours["restart_imports"], base["restart_imports"], "ms"),
+        ("restart (kill) -> ready", ours["restart_kill"], base["restart_kill"], "ms"),
+        ("restart (kill) -> imports done", ours["restart_kill_imports"],
+         base["restart_kill_imports"], "ms"),
         (f"{args.mb} MB printed -> received", ours["print"], base["print"], "MB/s"),
     ]
     print_table("kernel: Python (microVM) vs plain ipykernel", rows, args.kernel, args.baseline)
