@@ -230,10 +230,13 @@ class EarlyVm:
 
 
 def restore_and_attach(snapshot: str) -> tuple[Any, Any]:
-    """Restores the warm snapshot and re-attaches to the REPL it holds. No hello: the agent's
-    signal has the REPL warming up already, and a hello now would only run ahead of that
-    warm-up, cold (the session says hello when it adopts the VM). Blocking. Returns the
-    runtime's own VM object (`take` wraps it in `api.Vm`) and the REPL's process handle."""
+    """Restores the warm snapshot, re-attaches to the REPL it holds and says hello to it
+    ("idle": nobody waits for a cell yet, so its after-restore warm-up, which the agent's
+    signal started, goes on). The REPL's "ready" answer waits unread in the runtime until the
+    session adopts the VM (the handle is marked `greeted`): answering takes the REPL ~80 ms
+    right after a restore under TCG, and this way it is done while ipykernel is imported, not
+    after. Blocking. Returns the runtime's own VM object (`take` wraps it in `api.Vm`) and the
+    REPL's process handle."""
     from . import _core  # noqa: PLC0415 - imported already (cache_dir)
 
     # The runtime directly (it verifies the snapshot and restores with the GIL released):
@@ -247,6 +250,9 @@ def restore_and_attach(snapshot: str) -> tuple[Any, Any]:
         if len(repls) != 1:
             raise RuntimeError(f"expected one REPL in the snapshot, found {len(repls)}")
         child = vm.attach_process(repls[0])
+        from .session.protocol import encode_frame  # noqa: PLC0415
+
+        child.write_stdin(encode_frame({"type": "hello", "idle": True}))
     except BaseException:
         vm.release()
         raise

@@ -71,6 +71,9 @@ class GuestChild(Protocol):
 
 class GuestHandle(Protocol):
     child: GuestChild
+    # Optional attributes (read with getattr): `prestarted` — the REPL was started ahead of
+    # time and its first "ready" consumed, so the session says hello; `greeted` — that hello
+    # was sent already and its "ready" is still unread.
 
     def release(self) -> None:
         """Stop the REPL and give back what runs it (VM to the pool, process killed)."""

@@ -318,9 +318,10 @@ class GuestSession:
         link = _Link(self, handle)
         self._link = link
         link.start()
-        if getattr(handle, "prestarted", False):
+        if getattr(handle, "prestarted", False) and not getattr(handle, "greeted", False):
             # The REPL was started ahead of time (warm spare, restored snapshot) and its first
-            # "ready" was consumed then: ask it to introduce itself again.
+            # "ready" was consumed then: ask it to introduce itself again (unless whoever
+            # started it did so already and left the answer unread: `greeted`).
             link.send({"type": "hello"})
         try:
             info = link.ready.result(timeout=self.startup_timeout)

@@ -61,6 +61,7 @@ def _api():
 
 class VmHandle:
     prestarted = False
+    greeted = False
 
     def __init__(self, vm: Any, child: Any, release: Any, where: str) -> None:
         self.vm = vm
@@ -268,6 +269,7 @@ class VmBackend:
                 vm, child = taken
                 handle = VmHandle(vm, child, vm.release, describe_vm(vm) + ", restored at kernel start")
                 handle.prestarted = True
+                handle.greeted = True  # early_start.restore_and_attach said hello
                 return handle
         spare = None
         if self._recipe != (driver, env):
