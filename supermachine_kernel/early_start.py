@@ -10,35 +10,37 @@ hint (launch_hint.py), the kernel process, before those imports:
   `EarlyStart.begin`). The VM backend takes that VM only if its own configuration resolves
   to the same snapshot, and releases it otherwise;
 - once the shell and iopub sockets are bound (kernel_sockets.py), `EarlyStart.answer`
-  answers the frontend's first request if it is kernel_info_request, from the hint, and
-  welcomes iopub subscribers (`EarlyResponder`, a thread). It reads at most one shell request:
-  a first request of any other kind is kept unanswered and handed to the kernel, which
-  dispatches it before anything else. `stop_responder()` ends the thread before the kernel
-  takes the sockets over.
+  starts the early responder (early_responder.py), which answers the frontend's first request
+  if it is kernel_info_request, from the hint, and welcomes iopub subscribers;
+  `stop_responder()` ends it before the kernel takes the sockets over.
 
-SUPERMACHINE_EARLY_START=0 turns both off. The wire helpers below are pure (no I/O).
+SUPERMACHINE_EARLY_START=0 turns both off.
 """
 from __future__ import annotations
 
 import atexit
-import datetime
-import hashlib
-import hmac
-import json
-import logging
 import os
 import sys
 import threading
-import uuid
-from typing import Any, Optional
 
 from . import __version__, launch_hint
 
-log = logging.getLogger("supermachine_kernel.early_start")
+# Everything else is imported when needed: this module runs first in the kernel process, and
+# the VM restore it starts is on the path of the first cell (`logging` and `typing` take ~8 ms
+# each to import; mypy reads TYPE_CHECKING as typing's).
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any, Optional
 
-DELIM = b"<IDS|MSG>"
-POLL_MS = 10
+    from .early_responder import EarlyResponder
+
 EARLY_SWITCH_INTERVAL = 0.0005  # seconds; sys.getswitchinterval() while the early threads run
+
+
+def _log() -> Any:
+    import logging  # noqa: PLC0415
+
+    return logging.getLogger("supermachine_kernel.early_start")
 
 
 def enabled(env: dict[str, str]) -> bool:
@@ -54,119 +56,6 @@ def cache_dir() -> str:
     except Exception:  # noqa: BLE001 - no runtime (local backend only): the XDG default
         base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
         return os.path.join(base, "supermachine-kernel")
-
-
-# -- wire format (Jupyter messaging: identities, delimiter, HMAC, four JSON parts) ------------
-
-
-def sign(key: bytes, scheme: str, parts: list[bytes]) -> bytes:
-    """The hex HMAC of the four message parts (empty when there is no key)."""
-    if not key:
-        return b""
-    algorithm = scheme.split("-", 1)[1] if scheme.startswith("hmac-") else scheme
-    mac = hmac.new(key, digestmod=getattr(hashlib, algorithm))
-    for part in parts:
-        mac.update(part)
-    return mac.hexdigest().encode()
-
-
-def parse_request(frames: list[bytes], key: bytes, scheme: str) -> Optional[tuple[list[bytes], dict]]:
-    """(identities, header) of a correctly signed message, or None."""
-    try:
-        at = frames.index(DELIM)
-    except ValueError:
-        return None
-    parts = frames[at + 2:at + 6]
-    if len(parts) != 4 or not hmac.compare_digest(frames[at + 1], sign(key, scheme, parts)):
-        return None
-    try:
-        header = json.loads(parts[0])
-    except ValueError:
-        return None
-    return (frames[:at], header) if isinstance(header, dict) else None
-
-
-def message(key: bytes, scheme: str, session: str, protocol: str, msg_type: str, content: dict,
-            parent: dict, prefix: tuple[bytes, ...] = ()) -> list[bytes]:
-    """The frames of one message: `prefix` (identities or an iopub topic), then the rest."""
-    header = {
-        "msg_id": uuid.uuid4().hex,
-        "msg_type": msg_type,
-        "username": "supermachine",
-        "session": session,
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(),
-        "version": protocol,
-    }
-    parts = [json.dumps(p).encode() for p in (header, parent, {}, content)]
-    return [*prefix, DELIM, sign(key, scheme, parts), *parts]
-
-
-# -- the responder thread ---------------------------------------------------------------------
-
-
-class EarlyResponder:
-    """Answers one kernel_info_request and greets iopub subscribers until `stop()`."""
-
-    def __init__(self, shell: Any, iopub: Any, key: bytes, scheme: str, kernel_info: dict) -> None:
-        self._shell = shell
-        self._iopub = iopub
-        self._key = key
-        self._scheme = scheme
-        self._info = dict(kernel_info, status="ok")
-        self._protocol = str(kernel_info.get("protocol_version", "5.3"))
-        self._session = uuid.uuid4().hex
-        self._stop = threading.Event()
-        self.answered = False  # a kernel_info_request was answered (and status published)
-        self.stash: list[list[bytes]] = []  # a first request of another kind, unanswered
-        self._thread = threading.Thread(target=self._run, name="early-responder", daemon=True)
-        self._thread.start()
-
-    def _send(self, sock: Any, msg_type: str, content: dict, parent: dict,
-              prefix: tuple[bytes, ...] = ()) -> None:
-        sock.send_multipart(message(self._key, self._scheme, self._session, self._protocol,
-                                    msg_type, content, parent, prefix))
-
-    def _run(self) -> None:
-        import zmq  # noqa: PLC0415 - already imported by the early sockets
-
-        poller = zmq.Poller()
-        poller.register(self._shell, zmq.POLLIN)
-        poller.register(self._iopub, zmq.POLLIN)
-        shell_open = True
-        try:
-            while not self._stop.is_set():
-                ready = dict(poller.poll(POLL_MS))
-                if self._iopub in ready:
-                    for frame in self._iopub.recv_multipart():
-                        if frame[:1] == b"\x01":  # a subscription: welcome it (JEP 65)
-                            topic = frame[1:]
-                            self._send(self._iopub, "iopub_welcome",
-                                       {"subscription": topic.decode("utf-8", "replace")}, {},
-                                       (topic,) if topic else ())
-                if shell_open and self._shell in ready:
-                    shell_open = False  # at most one request: the rest waits for the kernel
-                    poller.unregister(self._shell)
-                    self._answer(self._shell.recv_multipart())
-        except Exception:  # noqa: BLE001 - the kernel still starts; it answers from now on
-            log.exception("early responder failed")
-
-    def _answer(self, frames: list[bytes]) -> None:
-        parsed = parse_request(frames, self._key, self._scheme)
-        if parsed is None or parsed[1].get("msg_type") != "kernel_info_request":
-            self.stash.append(frames)  # the kernel dispatches it (and rejects it if invalid)
-            return
-        idents, parent = parsed
-        topic = f"kernel.{self._session}.status".encode()
-        self._send(self._iopub, "status", {"execution_state": "busy"}, parent, (topic,))
-        self._send(self._shell, "kernel_info_reply", self._info, parent, tuple(idents))
-        self._send(self._iopub, "status", {"execution_state": "idle"}, parent, (topic,))
-        self.answered = True
-
-    def stop(self) -> list[list[bytes]]:
-        """Stops the thread (the sockets are the caller's again); returns the stashed request."""
-        self._stop.set()
-        self._thread.join()
-        return self.stash
 
 
 # -- the VM restored ahead --------------------------------------------------------------------
@@ -189,7 +78,7 @@ class EarlyVm:
             result = restore_and_attach(self.snapshot)
         except BaseException as e:  # noqa: BLE001 - the backend's normal path runs instead
             self.error = e
-            log.info("early restore of %s failed: %s", self.snapshot, e)
+            _log().info("early restore of %s failed: %s", self.snapshot, e)
             self._done.set()
             return
         with self._lock:
@@ -291,6 +180,8 @@ class EarlyStart:
         """Starts answering on the early-bound sockets (see the module doc), if there is a hint
         and the connection file's key is usable."""
         if self.hint is not None and sockets is not None and sockets.key is not None:
+            from .early_responder import EarlyResponder  # noqa: PLC0415
+
             self.responder = EarlyResponder(sockets.shell, sockets.iopub, sockets.key,
                                             sockets.signature_scheme, self.hint["kernel_info"])
 
@@ -315,4 +206,4 @@ class EarlyStart:
         try:
             launch_hint.write(cache_dir(), self.key, kernel_info, snapshot)
         except OSError as e:
-            log.info("cannot write the launch hint: %s", e)
+            _log().info("cannot write the launch hint: %s", e)

@@ -14,12 +14,16 @@ Imports nothing heavy: it runs before ipykernel is loaded.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import sys
-from typing import Any, Optional
 
-from .early_listeners import CONNECTION_FILE_FLAGS, CONNECTION_FILE_PREFIXES
+from .early_listeners import CONNECTION_FILE_FLAGS, CONNECTION_FILE_PREFIXES, parse_json
+
+# `json` and `typing` are imported only where needed: reading a hint is on the path of the
+# kernel process's first milliseconds (early_start.py). mypy reads TYPE_CHECKING as typing's.
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any, Optional
 
 FORMAT = 1
 _ENV_PREFIXES = ("SUPERMACHINE_", "JUPYTER_CONFIG", "JUPYTER_PATH", "XDG_CACHE_HOME", "XDG_CONFIG")
@@ -42,7 +46,7 @@ def kernel_args(argv: list[str]) -> list[str]:
 def hint_key(argv: list[str], env: dict[str, str], version: str) -> str:
     relevant = sorted((k, v) for k, v in env.items()
                       if k.startswith(_ENV_PREFIXES) and k != "SUPERMACHINE_EARLY_START")
-    material = json.dumps([FORMAT, version, sys.executable, kernel_args(argv), relevant])
+    material = repr([FORMAT, version, sys.executable, kernel_args(argv), relevant])
     return hashlib.sha256(material.encode()).hexdigest()[:32]
 
 
@@ -54,7 +58,7 @@ def read(cache_dir: str, key: str) -> Optional[dict[str, Any]]:
     """The hint for `key`, or None (missing, unreadable, or not a hint of this format)."""
     try:
         with open(os.path.join(hints_dir(cache_dir), key + ".json")) as f:
-            hint = json.load(f)
+            hint = parse_json(f.read())
     except (OSError, ValueError):
         return None
     if not isinstance(hint, dict) or hint.get("format") != FORMAT:
@@ -70,7 +74,8 @@ def read(cache_dir: str, key: str) -> Optional[dict[str, Any]]:
 
 def write(cache_dir: str, key: str, kernel_info: dict[str, Any], snapshot: Optional[str]) -> None:
     """Writes the hint atomically (a concurrent reader sees the old one or the new one)."""
-    import tempfile  # noqa: PLC0415 - only the running kernel writes hints
+    import json  # noqa: PLC0415 - only the running kernel writes hints
+    import tempfile  # noqa: PLC0415
 
     directory = hints_dir(cache_dir)
     os.makedirs(directory, exist_ok=True)

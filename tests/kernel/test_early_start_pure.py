@@ -1,5 +1,5 @@
 """Early start without a kernel process: launch hints, the wire helpers, the responder thread on
-real sockets, and the early VM's hand-over rules (early_start.py, launch_hint.py)."""
+real sockets, and the early VM's hand-over rules (early_responder.py, early_start.py, launch_hint.py)."""
 from __future__ import annotations
 
 import json
@@ -12,8 +12,9 @@ import zmq
 from jupyter_client.connect import write_connection_file
 from jupyter_client.session import Session
 
-from supermachine_kernel import early_start, launch_hint
-from supermachine_kernel.early_start import EarlyResponder, EarlyVm, message, parse_request, sign
+from supermachine_kernel import early_responder, early_start, launch_hint
+from supermachine_kernel.early_responder import EarlyResponder, message, parse_request, sign
+from supermachine_kernel.early_start import EarlyVm
 from supermachine_kernel.kernel_sockets import EarlySockets
 
 KERNEL_INFO = {"protocol_version": "5.4", "implementation": "supermachine-kernel",
@@ -93,12 +94,12 @@ def test_parse_refuses_what_is_not_a_signed_message():
     good = message(key, "hmac-sha256", "s", "5.4", "kernel_info_request", {}, {}, (b"id",))
     assert parse_request(good, key, "hmac-sha256") is not None
     assert parse_request(good, b"other", "hmac-sha256") is None
-    assert parse_request([f for f in good if f != early_start.DELIM], key, "hmac-sha256") is None
+    assert parse_request([f for f in good if f != early_responder.DELIM], key, "hmac-sha256") is None
     assert parse_request(good[:-1], key, "hmac-sha256") is None
     tampered = list(good)
     tampered[-1] = b'{"x": 1}'
     assert parse_request(tampered, key, "hmac-sha256") is None
-    garbage = [b"id", early_start.DELIM, sign(key, "hmac-sha256", [b"{", b"{}", b"{}", b"{}"]),
+    garbage = [b"id", early_responder.DELIM, sign(key, "hmac-sha256", [b"{", b"{}", b"{}", b"{}"]),
                b"{", b"{}", b"{}", b"{}"]
     assert parse_request(garbage, key, "hmac-sha256") is None
     unsigned = message(b"", "hmac-sha256", "s", "5.4", "kernel_info_request", {}, {})
