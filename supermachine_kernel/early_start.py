@@ -166,6 +166,10 @@ class EarlyStart:
             if hint.get("snapshot"):
                 self.vm = EarlyVm(hint["snapshot"])
                 atexit.register(self.vm.release)
+                # What restore_and_attach imports after the restore (~40 ms of modules, they are
+                # the kernel's anyway), imported now, while the restore runs with the GIL
+                # released, instead of after it, on the path of the first cell.
+                from .session import protocol, vm  # noqa: F401, PLC0415
 
     @classmethod
     def begin(cls, argv: list[str]) -> "EarlyStart":
