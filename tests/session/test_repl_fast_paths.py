@@ -64,7 +64,8 @@ def test_a_held_frame_leaves_in_one_write_with_the_next(repl):
 
 
 @pytest.mark.parametrize("value", [2, -7, 10**40, 3.25, float("nan"), 1 + 2j, True, False,
-                                   "text", "x" * 5000, b"\x00bytes", ""])
+                                   "text", "x" * 5000, b"\x00bytes", "", "a\nb\u2028c\x85'\"",
+                                   b"\n\x0b", 0, -(2**63)])
 def test_scalar_display_matches_ipython(repl, value):
     reference = DisplayFormatter()
     fast = DisplayFormatter()
@@ -83,6 +84,29 @@ def test_scalar_display_defers_to_registered_printers(repl):
     assert fast.format(1.5)[0]["text/latex"] == "$x$"
     fast.formatters["text/plain"].float_precision = "%.2f"  # %precision still applies
     assert fast.format(3.14159)[0]["text/plain"] == "3.14"
+
+
+def test_scalar_plain_text_follows_the_plain_formatter(repl):
+    reference = DisplayFormatter()
+    fast = DisplayFormatter()
+    repl.install_scalar_fast_path(fast)
+    # An int too long to print: IPython's formatter reports the error the same way.
+    assert fast.format(10**5000) == reference.format(10**5000)
+    for formatter in (reference, fast):  # %pprint off
+        formatter.formatters["text/plain"].pprint = False
+    assert fast.format("x\ny") == reference.format("x\ny")
+    for formatter in (reference, fast):  # printers registered for the plain formatter
+        formatter.formatters["text/plain"].pprint = True
+        plain = formatter.formatters["text/plain"]
+        plain.for_type(int, lambda n, p, cycle: p.text(f"int:{n}"))
+        plain.singleton_printers[id(True)] = lambda obj, p, cycle: p.text("yes")
+        plain.deferred_printers[("builtins", "bytes")] = lambda b, p, cycle: p.text("some bytes")
+        plain.type_printers.pop(bytes)
+    for value in (5, True, False, b"x", "x"):
+        assert fast.format(value) == reference.format(value), value
+    assert fast.format(5)[0] == {"text/plain": "int:5"}
+    assert fast.format(True)[0] == {"text/plain": "yes"}
+    assert fast.format(b"x")[0] == {"text/plain": "some bytes"}
 
 
 def test_scalar_subclasses_take_the_long_way(repl):
