@@ -738,6 +738,10 @@ class MicroVMKernelApp(IPKernelApp):
     def _capture_fd_output_default(self) -> bool:
         return False  # the host process's own fds are not user output: that is in the guest
 
+    @default("outstream_class")
+    def _outstream_class_default(self) -> str:
+        return "supermachine_kernel.host_streams.HostOutStream"  # flushes only what it holds
+
 
 def main() -> None:
     MicroVMKernelApp.launch_instance()
