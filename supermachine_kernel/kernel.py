@@ -40,6 +40,7 @@ import asyncio  # noqa: E402
 import atexit  # noqa: E402
 import base64  # noqa: E402
 import json  # noqa: E402
+import logging  # noqa: E402
 import os  # noqa: E402
 import re  # noqa: E402
 import signal  # noqa: E402
@@ -738,9 +739,32 @@ class MicroVMKernelApp(IPKernelApp):
     def _capture_fd_output_default(self) -> bool:
         return False  # the host process's own fds are not user output: that is in the guest
 
+    def _configure_logging(self) -> None:
+        super()._configure_logging()
+        # traitlets sets the app's logger to DEBUG and filters in its handler, so each of the
+        # five log.debug() calls ipykernel makes per request built a LogRecord only to drop it
+        # (~8% of the kernel process's time for a small cell). The logger now starts at its
+        # handlers' lowest level; a lower log_level (e.g. --debug) lowers that too.
+        raise_to_handler_level(logging.getLogger(self.__class__.__name__))
+
     @default("outstream_class")
     def _outstream_class_default(self) -> str:
         return "supermachine_kernel.host_streams.HostOutStream"  # flushes only what it holds
+
+
+def raise_to_handler_level(log: logging.Logger) -> None:
+    """Sets `log`'s level to the lowest level of the handlers its records reach, if that is
+    higher: a record none of them would emit is then not built at all."""
+    levels = []
+    current: logging.Logger | None = log
+    while current is not None:
+        levels += [handler.level for handler in current.handlers]
+        if not current.propagate:
+            break
+        current = current.parent
+    lowest = min(levels) if levels else logging.lastResort.level if logging.lastResort else 0
+    if lowest > log.getEffectiveLevel():
+        log.setLevel(lowest)
 
 
 def main() -> None:

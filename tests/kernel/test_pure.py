@@ -38,3 +38,25 @@ def test_rate_limiter_window():
 def test_rate_limiter_disabled():
     rl = RateLimiter(msg_rate=0, data_rate=0, window=3)
     assert all(rl.allow(10**9, t / 10) for t in range(1000))
+
+
+def test_kernel_log_builds_no_debug_records_unless_asked():
+    import logging
+
+    from supermachine_kernel.kernel import MicroVMKernelApp, raise_to_handler_level
+
+    app = MicroVMKernelApp()
+    try:
+        assert not app.log.isEnabledFor(logging.DEBUG)  # the handler is at WARN by default
+        assert app.log.isEnabledFor(logging.WARNING)
+        app.log_level = "DEBUG"  # --debug: records are built and emitted again
+        assert app.log.isEnabledFor(logging.DEBUG)
+        app.log_level = "INFO"
+        assert not app.log.isEnabledFor(logging.DEBUG) and app.log.isEnabledFor(logging.INFO)
+    finally:
+        MicroVMKernelApp.clear_instance()
+    plain = logging.getLogger("supermachine-test-no-handlers")
+    plain.propagate = False
+    plain.setLevel(logging.DEBUG)
+    raise_to_handler_level(plain)  # no handler: Python's last-resort handler (WARNING) decides
+    assert plain.level == logging.WARNING
