@@ -13,6 +13,10 @@ RESTARTS times each way: how soon the frontend's sockets reconnect to the new pr
 ~100 ms from restart to restart (ZMQ's reconnect interval has random jitter), so medians need
 more than a few samples.
 
+Each round launches the two kernels one after the other and then runs every other series
+interleaved (a `1+1` cell or a restart of one kernel, then of the other): the ratios compare
+the kernels under the same machine conditions, which drift here by +-20% over minutes.
+
 "launch" starts at KernelManager.start_kernel(); "ready" is jupyter_client's wait_for_ready(),
 which after the first kernel_info reply also waits for 0.2 s of IOPub silence — both kernels pay
 that, and it bounds how small the launch -> imports ratio can get.
@@ -37,9 +41,11 @@ from common import median, percentile, print_table  # noqa: E402
 from jupyter_client.manager import KernelManager  # noqa: E402
 
 IMPORTS = "import numpy, pandas, matplotlib"
-# Pause before the `1+1` series, for both kernels: the microVM kernel's pool restores its next
-# VM in the background right after start-up, and a user's cells come seconds apart anyway.
-SETTLE_S = 2.0
+# Pause after a launch and before each restart, for both kernels: the microVM kernel's pool
+# restores its next VM in the background 3 s after start-up (session/vm.py POOL_DEFER_SECONDS),
+# and a user's cells come seconds apart anyway.
+SETTLE_S = 4.0
+RT_CELLS = 40  # `1+1` cells per round and kernel
 RESTARTS = 4  # per round and kind (graceful, kill)
 
 
@@ -64,44 +70,67 @@ def run_cell(kc, code: str, timeout: float = 300.0) -> tuple[int, list[dict]]:
     return received, msgs
 
 
-def measure(kernel_name: str, rounds: int, mb: int) -> dict[str, float]:
-    out: dict[str, list[float]] = {k: [] for k in
-                                   ("info", "imports", "rt", "restart", "restart_imports",
-                                    "restart_kill", "restart_kill_imports", "print")}
-    for _ in range(rounds):
-        km = KernelManager(kernel_name=kernel_name)
-        t0 = time.perf_counter()
-        km.start_kernel()
-        kc = km.client()
-        kc.start_channels()
-        try:
-            kc.wait_for_ready(timeout=300)
-            out["info"].append(time.perf_counter() - t0)
-            run_cell(kc, IMPORTS)
-            out["imports"].append(time.perf_counter() - t0)
-            time.sleep(SETTLE_S)  # steady state: start-up work in the background is over
-            for _ in range(30):
+FIGURES = ("info", "imports", "rt", "restart", "restart_imports", "restart_kill",
+           "restart_kill_imports", "print")
+
+
+def launch(name: str, out: dict[str, list[float]]) -> tuple[KernelManager, object]:
+    """Starts one kernel, recording launch -> kernel_info and launch -> imports done."""
+    km = KernelManager(kernel_name=name)
+    t0 = time.perf_counter()
+    km.start_kernel()
+    kc = km.client()
+    kc.start_channels()
+    try:
+        kc.wait_for_ready(timeout=300)
+        out["info"].append(time.perf_counter() - t0)
+        run_cell(kc, IMPORTS)
+        out["imports"].append(time.perf_counter() - t0)
+    except BaseException:
+        kc.stop_channels()
+        km.shutdown_kernel(now=True)
+        raise
+    return km, kc
+
+
+def measure_round(names: list[str], mb: int, out: dict[str, dict[str, list[float]]]) -> None:
+    """One round: the kernels launched one after the other, then every series interleaved (a
+    cell or a restart of one kernel, then of the next), so the machine's speed drifting during
+    the run (it does, by +-20% over minutes here) affects both kernels alike."""
+    running: dict[str, tuple[KernelManager, object]] = {}
+    try:
+        for name in names:
+            running[name] = launch(name, out[name])
+            time.sleep(SETTLE_S)  # its start-up work in the background is over
+        for _ in range(RT_CELLS):
+            for name, (_, kc) in running.items():
                 t = time.perf_counter()
                 run_cell(kc, "1+1")
-                out["rt"].append(time.perf_counter() - t)
+                out[name]["rt"].append(time.perf_counter() - t)
+        chunk = 1 << 20
+        code = f"import sys\nfor _ in range({mb}):\n    sys.stdout.write('x' * {chunk - 1} + '\\n')\n"
+        for name, (_, kc) in running.items():
             t = time.perf_counter()
-            chunk = 1 << 20
-            code = f"import sys\nfor _ in range({mb}):\n    sys.stdout.write('x' * {chunk - 1} + '\\n')\n"
             got, _ = run_cell(kc, code)
             dt = time.perf_counter() - t
-            out["print"].append(got / dt / 1e6 if got else float("nan"))
-            for kill in (False, True) * RESTARTS:
-                time.sleep(SETTLE_S / 2)  # as a user would: the last cell's work is over
-                key = "restart_kill" if kill else "restart"
+            out[name]["print"].append(got / dt / 1e6 if got else float("nan"))
+        for kill in (False, True) * RESTARTS:
+            key = "restart_kill" if kill else "restart"
+            for name, (km, kc) in running.items():
+                time.sleep(SETTLE_S)  # as a user would: the last restart's background work is over
                 t = time.perf_counter()
                 km.restart_kernel(now=kill)
                 kc.wait_for_ready(timeout=300)
-                out[key].append(time.perf_counter() - t)
+                out[name][key].append(time.perf_counter() - t)
                 run_cell(kc, IMPORTS)
-                out[key + "_imports"].append(time.perf_counter() - t)
-        finally:
+                out[name][key + "_imports"].append(time.perf_counter() - t)
+    finally:
+        for km, kc in running.values():
             kc.stop_channels()
             km.shutdown_kernel(now=True)
+
+
+def summarize(out: dict[str, list[float]]) -> dict[str, float]:
     res = {k: median(v) for k, v in out.items() if k != "rt"}
     res["rt_p50"] = percentile(out["rt"], 50)
     res["rt_p95"] = percentile(out["rt"], 95)
@@ -115,8 +144,11 @@ def main() -> None:
     ap.add_argument("--kernel", default="python-microvm")
     ap.add_argument("--baseline", default="python3")
     args = ap.parse_args()
-    base = measure(args.baseline, args.rounds, args.mb)
-    ours = measure(args.kernel, args.rounds, args.mb)
+    names = [args.baseline, args.kernel]
+    out = {name: {k: [] for k in FIGURES} for name in names}
+    for _ in range(args.rounds):
+        measure_round(names, args.mb, out)
+    base, ours = summarize(out[args.baseline]), summarize(out[args.kernel])
     rows = [
         ("launch -> kernel_info reply", ours["info"], base["info"], "ms"),
         (f"launch -> `{IMPORTS}` done", ours["imports"], base["imports"], "ms"),
