@@ -864,17 +864,6 @@ class PlainExecutor:
 SCALAR_TYPES = frozenset((int, float, complex, bool, str, bytes))
 
 
-def _trait_values(obj, *names):
-    """`obj`'s current values of the traits `names`, read from the instance dict traitlets keeps
-    them in, without its descriptor machinery (~10 us per read under TCG, a few dozen reads per
-    result); None if one is not set yet (the caller then takes IPython's own path)."""
-    values = getattr(obj, "_trait_values", None)
-    try:
-        return [values[name] for name in names]
-    except (KeyError, TypeError):
-        return None
-
-
 def install_scalar_fast_path(display_formatter):
     """`1+1`, `len(df)`, `x.mean()`: for an exact built-in scalar, IPython asks each of its ~12
     formatters in turn, each looking the type up, probing the object for `_repr_*_` methods
@@ -888,45 +877,58 @@ def install_scalar_fast_path(display_formatter):
 
     full = display_formatter.format
     repr_printer = getattr(pretty, "_repr_pprint", None)
-    printer_traits = ("singleton_printers", "type_printers", "deferred_printers")
+    # For each scalar type: its classes, each with the (module, name) deferred printers use.
+    lookups = {t: tuple((c, (c.__module__, c.__name__)) for c in t.__mro__) for t in SCALAR_TYPES}
 
-    def claims(printers, obj, mro):
-        """Whether (singleton, type, deferred) printers have one for `obj` (classes `mro`)."""
-        singletons, types, deferred = printers
-        if id(obj) in singletons:
+    def claims(values, obj, lookup):
+        """Whether a formatter (its trait values) has a printer for `obj` (classes `lookup`)."""
+        if id(obj) in values["singleton_printers"]:
             return True
-        for c in mro:
-            if c in types or (c.__module__, c.__name__) in deferred:
+        types = values["type_printers"]
+        deferred = values["deferred_printers"]
+        for c, key in lookup:
+            if c in types or key in deferred:
                 return True
         return False
 
-    def others_claim(obj, formatters, mro):
-        others = [f for kind, f in formatters.items() if kind != "text/plain"]
-        extra = _trait_values(display_formatter, "ipython_display_formatter",
-                              "mimebundle_formatter")
-        if extra is None:
+    def others_claim(obj, formatters, lookup):
+        """Whether a formatter other than text/plain would add to the result. Trait values are
+        read from the dict traitlets keeps them in (its descriptors cost ~10 us per read under
+        TCG, dozens of reads per result); one that is not set yet: True (the long way)."""
+        try:
+            own = display_formatter._trait_values
+            for f in (own["ipython_display_formatter"], own["mimebundle_formatter"]):
+                values = f._trait_values
+                if values["enabled"] and claims(values, obj, lookup):
+                    return True
+            for kind, f in formatters.items():
+                if kind != "text/plain":
+                    values = f._trait_values
+                    if values["enabled"] and claims(values, obj, lookup):
+                        return True
+        except (AttributeError, KeyError):
             return True
-        for f in others + extra:
-            values = _trait_values(f, "enabled", *printer_traits)
-            if values is None:
-                return True
-            if values[0] and claims(values[1:], obj, mro):
-                return True
         return False
 
-    def plain_text(plain, obj, mro):
-        values = _trait_values(plain, "pprint", *printer_traits)
-        if values is None or repr_printer is None:
+    def plain_text(plain, obj, lookup):
+        try:
+            values = plain._trait_values
+            pprint = values["pprint"]
+            singletons = values["singleton_printers"]
+            types = values["type_printers"]
+            deferred = values["deferred_printers"]
+        except (AttributeError, KeyError):
             return plain(obj)
-        pprint, singletons, types, deferred = values
+        if repr_printer is None:
+            return plain(obj)
         if pprint:
             printer = singletons.get(id(obj))
             if printer is None:
-                for c in mro:
+                for c, key in lookup:
                     if c in types:
                         printer = types[c]
                         break
-                    if (c.__module__, c.__name__) in deferred or "_repr_pretty_" in c.__dict__:
+                    if key in deferred or "_repr_pretty_" in c.__dict__:
                         break
             if printer is not repr_printer:
                 return plain(obj)
@@ -936,14 +938,12 @@ def install_scalar_fast_path(display_formatter):
             return plain(obj)
 
     def format(obj, include=None, exclude=None):
-        cls = type(obj)
-        if cls in SCALAR_TYPES and not include and not exclude:
-            found = _trait_values(display_formatter, "formatters")
-            if found is not None and "text/plain" in found[0]:
-                formatters = found[0]
-                mro = cls.__mro__
-                if not others_claim(obj, formatters, mro):
-                    data = plain_text(formatters["text/plain"], obj, mro)
+        lookup = lookups.get(type(obj))
+        if lookup is not None and not include and not exclude:
+            formatters = getattr(display_formatter, "_trait_values", {}).get("formatters")
+            if formatters is not None and "text/plain" in formatters:
+                if not others_claim(obj, formatters, lookup):
+                    data = plain_text(formatters["text/plain"], obj, lookup)
                     if isinstance(data, str):
                         return {"text/plain": data}, {}
         return full(obj, include=include, exclude=exclude)
