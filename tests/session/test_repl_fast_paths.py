@@ -125,6 +125,14 @@ CELLS = [
     "/print 1", ",f a b", ";f a b", "  /print 2", "x = 1 if y else 2", "s = '?'",
     "d = {'a': 1}\nd['a']\n", "%%bash\necho hi\n", "   \n\nx = [1,\n, 2]\n",
 ]
+# Cells for the cleanup passes: indents, blank lines, prompts, doctests, line endings.
+CLEANUP_CELLS = CELLS + [
+    "x = 1", "x = 1\n", "\nx = 1\n", "\tx = 1\n", "  x = 1\n  y = 2\n", "x = 1\n   \ny = 2\n",
+    "s = '''\n  \t\n'''\n", "x = 1\r\ny = 2\r\n", ">>> x = 1\n>>> x\n", "x = 1\n... y\n",
+    "In [1]: x = 1\n", "   ...: y = 2\n", "print('In [1]')\n", "a = ...\n", "  >>> 1\n",
+    'def f():\n    """\n    >>> f()\n    """\n', "%%time\nx = 1\n", "%%timeit?\n",
+    "if x:\n    pass\n\n", "\x0cx = 1\n", "x = 1\n\x0c\n", "",
+]
 
 
 @pytest.mark.parametrize("cell", CELLS)
@@ -134,6 +142,26 @@ def test_token_skip_matches_ipython(repl, cell):
     repl.install_token_fast_path(fast)
     assert fast.transform_cell(cell) == reference.transform_cell(cell)
     assert fast.check_complete(cell) == reference.check_complete(cell)
+
+
+@pytest.mark.parametrize("cell", CLEANUP_CELLS)
+def test_cleanup_skip_matches_ipython(repl, cell):
+    reference = TransformerManager()
+    fast = TransformerManager()
+    repl.install_token_fast_path(fast)
+    repl.install_cleanup_fast_path(fast)
+    assert fast.transform_cell(cell) == reference.transform_cell(cell)
+
+
+def test_cleanup_skip_steps_aside_for_user_passes(repl):
+    fast = TransformerManager()
+    repl.install_cleanup_fast_path(fast)
+    fast.cleanup_transforms.append(lambda lines: [line.replace("one", "1") for line in lines])
+    assert fast.transform_cell("x = one") == "x = 1\n"
+    late = TransformerManager()
+    late.line_transforms.append(lambda lines: lines + ["y = 2\n"])
+    repl.install_cleanup_fast_path(late)  # not installed over a user's pass
+    assert late.transform_cell("x = 1") == "x = 1\ny = 2\n"
 
 
 def test_token_skip_steps_aside_for_user_transformers(repl):
