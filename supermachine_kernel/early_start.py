@@ -166,10 +166,6 @@ class EarlyStart:
             if hint.get("snapshot"):
                 self.vm = EarlyVm(hint["snapshot"])
                 atexit.register(self.vm.release)
-                # What restore_and_attach imports after the restore (~40 ms of modules, they are
-                # the kernel's anyway), imported now, while the restore runs with the GIL
-                # released, instead of after it, on the path of the first cell.
-                from .session import protocol, vm  # noqa: F401, PLC0415
 
     @classmethod
     def begin(cls, argv: list[str]) -> "EarlyStart":
@@ -188,6 +184,13 @@ class EarlyStart:
 
             self.responder = EarlyResponder(sockets.shell, sockets.iopub, sockets.key,
                                             sockets.signature_scheme, self.hint["kernel_info"])
+
+    def prepare_attach(self) -> None:
+        """Imports what restore_and_attach needs after the restore (~40 ms of modules, the
+        kernel's anyway) now, while the restore runs with the GIL released, instead of after
+        it, on the path of the first cell. Called once the sockets are bound and answered."""
+        if self.vm is not None:
+            from .session import protocol, vm  # noqa: F401, PLC0415
 
     def stop_responder(self) -> list[list[bytes]]:
         """Ends the responder (if any); returns the request it kept for the kernel (if any).

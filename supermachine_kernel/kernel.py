@@ -35,6 +35,7 @@ _EARLY_SOCKETS = (EarlySockets.bind(sys.argv[1:], _EARLY_LISTENERS)
                   if __name__ == "__main__" else None)
 if _EARLY_START is not None:
     _EARLY_START.answer(_EARLY_SOCKETS)
+    _EARLY_START.prepare_attach()
 
 import asyncio  # noqa: E402
 import atexit  # noqa: E402
