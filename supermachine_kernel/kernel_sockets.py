@@ -16,14 +16,10 @@ Imports nothing heavy: it runs before ipykernel is loaded.
 """
 from __future__ import annotations
 
-import json
 import os
 from typing import Any
 
-from .early_listeners import (  # noqa: F401 - re-exported
-    CONNECTION_FILE_FLAGS, CONNECTION_FILE_PREFIXES, EarlyListeners, connection_file_arg,
-    plain_tcp_info,
-)
+from .early_listeners import EarlyListeners, connection_file_arg, plain_tcp_info
 
 
 class EarlySockets:

@@ -12,8 +12,16 @@ import pytest
 import zmq
 from jupyter_client.connect import write_connection_file
 
-from supermachine_kernel.early_listeners import EarlyListeners, parse_json
+from supermachine_kernel.early_listeners import EarlyListeners, connection_file_arg, parse_json
 from supermachine_kernel.kernel_sockets import EarlySockets
+
+
+def test_connection_file_argument_forms():
+    assert connection_file_arg(["-f", "/a.json", "--x=1"]) == "/a.json"
+    assert connection_file_arg(["--MicroVMKernel.backend=local", "-f=/b.json"]) == "/b.json"
+    assert connection_file_arg(["--f=/c.json"]) == "/c.json"
+    assert connection_file_arg(["--MicroVMKernel.backend=local"]) is None
+    assert connection_file_arg(["-f"]) is None
 
 
 @pytest.mark.parametrize("text", [

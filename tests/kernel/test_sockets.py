@@ -8,15 +8,7 @@ from types import SimpleNamespace
 import zmq
 from jupyter_client.connect import write_connection_file
 
-from supermachine_kernel.kernel_sockets import EarlySockets, connection_file_arg
-
-
-def test_connection_file_argument_forms():
-    assert connection_file_arg(["-f", "/a.json", "--x=1"]) == "/a.json"
-    assert connection_file_arg(["--MicroVMKernel.backend=local", "-f=/b.json"]) == "/b.json"
-    assert connection_file_arg(["--f=/c.json"]) == "/c.json"
-    assert connection_file_arg(["--MicroVMKernel.backend=local"]) is None
-    assert connection_file_arg(["-f"]) is None
+from supermachine_kernel.kernel_sockets import EarlySockets
 
 
 def _app(info: dict, **over) -> SimpleNamespace:
