@@ -51,7 +51,7 @@ def parse_json(text: str) -> object:
     try:
         from _json import make_scanner  # noqa: PLC0415
 
-        scan = make_scanner(_ScannerContext())  # type: ignore[arg-type] - duck-typed decoder
+        scan = make_scanner(_ScannerContext())  # type: ignore[arg-type]
         start = len(text) - len(text.lstrip())
         value, end = scan(text, start)
         if text[end:].strip():
