@@ -288,25 +288,85 @@ pub fn launch(config: &QemuConfig, stderr_log: &Path) -> Result<Child> {
     })
 }
 
-/// `qemu-system-x86_64 --version`'s first line (cached per binary path).
+/// `qemu-system-x86_64 --version`'s first line: asked once per binary and process, and kept on
+/// disk between processes (`version_on_disk`), since running it takes ~25 ms on the path of every
+/// kernel process's first restore.
 pub fn qemu_version(qemu: &Path) -> Result<String> {
     static CACHE: OnceLock<Mutex<Vec<(PathBuf, String)>>> = OnceLock::new();
     let cache = CACHE.get_or_init(|| Mutex::new(Vec::new()));
     if let Some((_, v)) = cache.lock().unwrap().iter().find(|(p, _)| p == qemu) {
         return Ok(v.clone());
     }
+    let v = version_on_disk(qemu, &crate::image::cache_root(None).join("qemu-versions"))?;
+    cache.lock().unwrap().push((qemu.to_path_buf(), v.clone()));
+    Ok(v)
+}
+
+/// The version of `qemu` from `dir`, where it is filed under the binary's identity (device,
+/// inode, size, modification and change times: an upgraded or replaced binary has another);
+/// asked from the binary and filed when not there. Filing is best effort.
+pub fn version_on_disk(qemu: &Path, dir: &Path) -> Result<String> {
+    use std::os::unix::fs::MetadataExt;
+    let identity = std::fs::metadata(qemu).ok().map(|m| {
+        format!("{:x}-{:x}-{:x}-{:x}.{:x}-{:x}.{:x}", m.dev(), m.ino(), m.size(), m.mtime(), m.mtime_nsec(),
+                m.ctime(), m.ctime_nsec())
+    });
+    let filed = identity.as_ref().map(|id| dir.join(id));
+    if let Some(v) = filed.as_ref().and_then(|f| std::fs::read_to_string(f).ok()) {
+        let v = v.trim();
+        if !v.is_empty() && !v.contains('\n') {
+            return Ok(v.to_string());
+        }
+    }
     let out = Command::new(qemu)
         .arg("--version")
         .output()
         .map_err(|e| Error::io(format!("run {} --version", qemu.display()), e))?;
     let v = String::from_utf8_lossy(&out.stdout).lines().next().unwrap_or("").trim().to_string();
-    cache.lock().unwrap().push((qemu.to_path_buf(), v.clone()));
+    if let (Some(f), true, true) = (filed, out.status.success(), !v.is_empty()) {
+        let tmp = dir.join(format!(".tmp-{}", std::process::id()));
+        let _ = std::fs::create_dir_all(dir)
+            .and_then(|_| std::fs::write(&tmp, &v))
+            .and_then(|_| std::fs::rename(&tmp, &f));
+        let _ = std::fs::remove_file(&tmp);
+    }
     Ok(v)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn version_is_asked_once_per_binary_and_kept_on_disk() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = std::env::temp_dir().join(format!("smk-qemu-version-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let bin = dir.join("fake-qemu");
+        let calls = dir.join("calls");
+        let script = |version: &str| {
+            format!("#!/bin/sh\necho x >> {}\necho '{version}'\necho 'Copyright'\n", calls.display())
+        };
+        std::fs::write(&bin, script("QEMU emulator version 7.2.0")).unwrap();
+        std::fs::set_permissions(&bin, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let filed = dir.join("versions");
+        let count = || std::fs::read_to_string(&calls).map(|s| s.lines().count()).unwrap_or(0);
+        assert_eq!(version_on_disk(&bin, &filed).unwrap(), "QEMU emulator version 7.2.0");
+        assert_eq!(version_on_disk(&bin, &filed).unwrap(), "QEMU emulator version 7.2.0");
+        assert_eq!(count(), 1, "the second answer comes from disk");
+        // An upgrade replaces the binary (another inode): asked again.
+        let new = dir.join("fake-qemu.new");
+        std::fs::write(&new, script("QEMU emulator version 10.0.2")).unwrap();
+        std::fs::set_permissions(&new, std::fs::Permissions::from_mode(0o755)).unwrap();
+        std::fs::rename(&new, &bin).unwrap();
+        assert_eq!(version_on_disk(&bin, &filed).unwrap(), "QEMU emulator version 10.0.2");
+        assert_eq!(count(), 2);
+        // A binary that cannot run is an error, and nothing is filed for it.
+        let missing = dir.join("no-such-qemu");
+        assert!(version_on_disk(&missing, &filed).is_err());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 
     fn config() -> QemuConfig {
         QemuConfig {
