@@ -3,6 +3,10 @@
 //! `/dev/shm/supermachine-<uid>`, else `$TMPDIR/supermachine-<uid>` — RAM-backed where
 //! possible, since the RAM file is guest memory.
 //!
+//! The base directory must be the user's own and private: in a shared `/dev/shm` another user
+//! could otherwise create `supermachine-<uid>` first and meddle with the VMs' sockets and files.
+//! One we own is made 0700; one we do not own (or a symlink) is refused with a message.
+//!
 //! A directory is removed when its [`WorkDir`] drops. An owner that was SIGKILLed cannot do
 //! that, so each directory records its owner (pid + process start time) and every new
 //! directory first sweeps away those whose owner is gone.
@@ -64,6 +68,33 @@ fn owner_alive(line: &str) -> bool {
     }
 }
 
+/// Checks that `base` is a directory (not a symlink) owned by this user, and makes it 0700.
+fn make_private(base: &Path) -> Result<()> {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let m = fs::symlink_metadata(base).map_err(|e| Error::io(format!("inspect {}", base.display()), e))?;
+    if !m.is_dir() {
+        return Err(Error::InvalidArgument(format!(
+            "refusing to keep VM files in {}: it is not a directory (a symlink?); remove it or set \
+             XDG_RUNTIME_DIR to a private directory",
+            base.display()
+        )));
+    }
+    if m.uid() != uid() {
+        return Err(Error::InvalidArgument(format!(
+            "refusing to keep VM files in {}: it belongs to uid {}, not to this user ({}); remove \
+             it or set XDG_RUNTIME_DIR to a private directory",
+            base.display(),
+            m.uid(),
+            uid()
+        )));
+    }
+    if m.mode() & 0o077 != 0 {
+        fs::set_permissions(base, fs::Permissions::from_mode(0o700))
+            .map_err(|e| Error::io(format!("make {} private", base.display()), e))?;
+    }
+    Ok(())
+}
+
 /// Removes work dirs whose owner process no longer exists.
 pub fn sweep_stale(base: &Path) {
     let Ok(entries) = fs::read_dir(base) else { return };
@@ -101,6 +132,7 @@ impl WorkDir {
 
     pub fn create_in(base: &Path, prefix: &str) -> Result<WorkDir> {
         fs::create_dir_all(base).map_err(|e| Error::io(format!("create {}", base.display()), e))?;
+        make_private(base)?;
         sweep_stale(base);
         for _ in 0..16 {
             let rand = crate::conn::entropy();
@@ -175,5 +207,34 @@ mod tests {
         assert!(!p.exists());
         drop(w2);
         let _ = fs::remove_dir_all(&base);
+    }
+
+    #[test]
+    fn base_dir_must_be_ours_and_private() {
+        use std::os::unix::fs::{MetadataExt, PermissionsExt};
+        let root = std::env::temp_dir().join(format!("sm-workdir-private-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&root);
+        let base = root.join("base");
+        fs::create_dir_all(&base).unwrap();
+        fs::set_permissions(&base, fs::Permissions::from_mode(0o777)).unwrap();
+        let w = WorkDir::create_in(&base, "vm").unwrap();
+        assert_eq!(fs::metadata(&base).unwrap().mode() & 0o777, 0o700, "made private");
+        drop(w);
+        // A symlink planted where the base should be is refused, not followed.
+        let elsewhere = root.join("elsewhere");
+        fs::create_dir_all(&elsewhere).unwrap();
+        let link = root.join("link");
+        std::os::unix::fs::symlink(&elsewhere, &link).unwrap();
+        let err = WorkDir::create_in(&link, "vm").unwrap_err().to_string();
+        assert!(err.contains("not a directory"), "{err}");
+        // Someone else's directory is refused (only root can make one here to test with).
+        if uid() == 0 {
+            let theirs = root.join("theirs");
+            fs::create_dir_all(&theirs).unwrap();
+            std::os::unix::fs::chown(&theirs, Some(12345), None).unwrap();
+            let err = WorkDir::create_in(&theirs, "vm").unwrap_err().to_string();
+            assert!(err.contains("belongs to uid 12345"), "{err}");
+        }
+        fs::remove_dir_all(&root).unwrap();
     }
 }
