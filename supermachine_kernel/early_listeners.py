@@ -1,4 +1,4 @@
-"""The kernel process's first act: listen on its shell and iopub ports, ~20 ms after it started.
+"""The kernel process's first act: listen on its shell and iopub ports, ~25 ms after it started.
 
 A frontend whose kernel restarts reconnects 100-200 ms (ZMQ's `reconnect_ivl` plus jitter) after
 the old process closed its sockets, and it starts the new process only ~110 ms after asking the
