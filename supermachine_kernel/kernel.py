@@ -262,9 +262,7 @@ class MicroVMKernel(Kernel, GuestConfig):
         _EARLY_START.save_hint(info, getattr(self.guest.backend, "snapshot_path", None))
 
     def _release_at_exit(self) -> None:
-        early_vm = _EARLY_START.take_vm() if _EARLY_START is not None else None
-        if early_vm is not None:
-            early_vm.release()
+        # An early VM is the backend's by now (start() handed it over; close() releases it).
         guest = self.guest
         if guest is None:
             return
