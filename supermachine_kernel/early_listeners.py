@@ -86,8 +86,9 @@ def plain_tcp_info(path: str | None) -> dict | None:
 class EarlyListeners:
     """Listening TCP sockets (file descriptors) on the shell and iopub ports, for ZMQ to adopt."""
 
-    def __init__(self, ip: str, fds: dict[int, int]) -> None:
-        self.ip = ip
+    def __init__(self, info: dict, fds: dict[int, int]) -> None:
+        self.info = info  # the connection file, as plain_tcp_info read it
+        self.ip: str = info["ip"]
         self._fds = fds
 
     @classmethod
@@ -100,7 +101,7 @@ class EarlyListeners:
             _socket.inet_pton(_socket.AF_INET, ip)
         except (OSError, TypeError, ValueError):
             return None
-        listeners = cls(ip, {})
+        listeners = cls(info, {})
         try:
             for port in (int(info["shell_port"]), int(info["iopub_port"])):
                 sock = _socket.socket(_socket.AF_INET, _socket.SOCK_STREAM)

@@ -53,7 +53,8 @@ class EarlySockets:
 
     @classmethod
     def _bind(cls, argv: list[str], listeners: EarlyListeners | None) -> "EarlySockets | None":
-        info = plain_tcp_info(connection_file_arg(argv))
+        # The listeners read the connection file already; read it here only without them.
+        info = listeners.info if listeners is not None else plain_tcp_info(connection_file_arg(argv))
         if info is None:
             return None
         try:

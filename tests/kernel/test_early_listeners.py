@@ -3,7 +3,6 @@ and their hand-over to ZMQ (kernel_sockets.EarlySockets.bind)."""
 from __future__ import annotations
 
 import json
-import os
 import socket
 import subprocess
 import sys
@@ -91,11 +90,11 @@ def test_a_frontend_connecting_before_zmq_is_served_once_zmq_takes_over(tmp_path
     assert _port_is_free(info["ip"], info["shell_port"])  # ZMQ closed the adopted socket
 
 
-def test_what_zmq_does_not_take_is_closed_so_ipykernel_can_bind(tmp_path):
+def test_what_zmq_does_not_take_is_closed_so_ipykernel_can_bind(tmp_path, monkeypatch):
     path, info = write_connection_file(str(tmp_path / "kernel-2.json"))
     listeners = EarlyListeners.listen(["-f", path])
     assert listeners is not None
-    os.unlink(path)  # bind cannot read the file now: it leaves the ports to ipykernel
+    monkeypatch.setitem(sys.modules, "zmq", None)  # no ZMQ: the ports are left to ipykernel
     assert EarlySockets.bind(["-f", path], listeners) is None
     assert _port_is_free(info["ip"], info["shell_port"])
     assert _port_is_free(info["ip"], info["iopub_port"])
