@@ -1006,8 +1006,8 @@ def install_cleanup_fast_path(manager):
     full = manager.transform_cell
 
     def transform_cell(cell):
-        if (list(manager.cleanup_transforms) != cleanup
-                or list(manager.line_transforms) != lines_pass
+        if (manager.cleanup_transforms != cleanup
+                or manager.line_transforms != lines_pass
                 or not cell or cell[0].isspace() or cell.startswith("%%")
                 or ">>>" in cell or "..." in cell or "In [" in cell
                 or _BLANK_WITH_SPACES.search(cell)):
