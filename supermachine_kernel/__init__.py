@@ -2,6 +2,13 @@
 
 __version__ = "0.1.0"
 
+
+def env_switch(env, name: str) -> bool:
+    """An on/off switch in the environment mapping `env`: on unless `name` is 0, no, off or
+    false (any case); on when unset."""
+    return env.get(name, "1").strip().lower() not in ("0", "no", "off", "false")
+
+
 # The VM API (``supermachine_kernel.api``) is re-exported lazily, so importing the package (e.g.
 # for the kernelspec installer) does not load the compiled runtime.
 _API_NAMES = frozenset(

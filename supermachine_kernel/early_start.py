@@ -23,7 +23,7 @@ import os
 import sys
 import threading
 
-from . import __version__, launch_hint
+from . import __version__, env_switch, launch_hint
 
 # Everything else is imported when needed: this module runs first in the kernel process, and
 # the VM restore it starts is on the path of the first cell (`logging` and `typing` take ~8 ms
@@ -44,7 +44,7 @@ def _log() -> Any:
 
 
 def enabled(env: dict[str, str]) -> bool:
-    return env.get("SUPERMACHINE_EARLY_START", "1").strip().lower() not in ("0", "no", "off", "false")
+    return env_switch(env, "SUPERMACHINE_EARLY_START")
 
 
 def cache_dir() -> str:

@@ -22,12 +22,14 @@ import threading
 import time
 from typing import Any, Callable, Optional
 
+from . import env_switch
+
 WARM_SECONDS = 0.2  # the REPL runs its after-restore warm-up steps; keep the drift short
 READY_TIMEOUT = 120.0
 
 
 def enabled() -> bool:
-    return os.environ.get("SUPERMACHINE_RESTORE_AHEAD", "1").strip().lower() not in ("0", "no", "off", "false")
+    return env_switch(os.environ, "SUPERMACHINE_RESTORE_AHEAD")
 
 
 def files_stamp(path: str) -> str:
