@@ -40,6 +40,7 @@ import signal
 import struct
 import sys
 import threading
+import time
 import traceback
 
 HEADER = struct.Struct(">I")
@@ -192,16 +193,28 @@ class StreamBuffer:
         self.name = name
         self._parts = []
         self._size = 0
+        self._since = 0.0  # time.monotonic() of the oldest text waiting
         self._lock = threading.Lock()
 
     def write(self, text):
         if not text:
             return
         with self._lock:
+            if not self._parts:
+                self._since = time.monotonic()
             self._parts.append(text)
             self._size += len(text)
             big = self._size >= STREAM_CHUNK
         if big:
+            self.flush()
+
+    def flush_waited(self, seconds):
+        """Flushes if the oldest text has waited `seconds`: the flusher's periodic tick, which
+        so does not cut in two a line being written right now (`print` writes the text and the
+        newline separately), as it could when it flushed whatever was there."""
+        with self._lock:
+            due = bool(self._parts) and time.monotonic() - self._since >= seconds
+        if due:
             self.flush()
 
     def flush(self):
@@ -318,13 +331,11 @@ class Output:
         threading.Thread(target=self._flush_loop, name="repl-flusher", daemon=True).start()
 
     def _flush_loop(self):
-        import time
-
         while True:
             time.sleep(FLUSH_INTERVAL)
             try:
-                self.stdout.flush()
-                self.stderr.flush()
+                self.stdout.flush_waited(FLUSH_INTERVAL)
+                self.stderr.flush_waited(FLUSH_INTERVAL)
                 state.channel.release_held()
             except Exception:
                 pass

@@ -1,6 +1,7 @@
 """The guest REPL's shortcuts for small cells give exactly what the long way gives: a held
-result leaves with the next frame, the scalar display path matches IPython's formatter, and the
-token-transform skip matches IPython's transformer manager (guest/repl.py)."""
+result leaves with the next frame, the flusher's tick does not split a line being written, the
+scalar display path matches IPython's formatter, and the token-transform and cleanup skips match
+IPython's transformer manager (guest/repl.py)."""
 from __future__ import annotations
 
 import importlib.util
@@ -8,6 +9,8 @@ import json
 import os
 import select
 import struct
+import time
+from types import SimpleNamespace
 
 import pytest
 
@@ -61,6 +64,22 @@ def test_a_held_frame_leaves_in_one_write_with_the_next(repl):
         assert _read_available(r, 0.1) == b""
     finally:
         os.close(r)
+
+
+def test_the_flusher_tick_sends_only_text_that_has_waited(repl):
+    sent = []
+    buffer = repl.StreamBuffer(SimpleNamespace(send=sent.append), "stdout")
+    buffer.write("a")  # print('a') writes the text, then the newline
+    buffer.flush_waited(0.5)  # a tick between the two writes: too fresh to send
+    assert sent == []
+    buffer.write("\n")
+    time.sleep(0.2)
+    buffer.flush_waited(0.1)  # the next tick: the whole line, in one message
+    assert sent == [{"type": "stream", "name": "stdout", "text": "a\n"}]
+    buffer.flush_waited(0.0)  # nothing waits any more
+    buffer.write("b")
+    buffer.flush()  # an explicit flush (before a reply) sends whatever is there
+    assert [m["text"] for m in sent] == ["a\n", "b"]
 
 
 @pytest.mark.parametrize("value", [2, -7, 10**40, 3.25, float("nan"), 1 + 2j, True, False,
