@@ -104,7 +104,7 @@ def add_image_commands(sub: "argparse._SubParsersAction") -> None:
         help="build (or reuse) an image",
         description="Build an image from a built-in recipe or a root filesystem directory, or "
         "reuse it if the cache already has it. Built-in recipes: default (Debian bookworm, "
-        "python3, IPython, numpy, pandas, matplotlib, ipywidgets 8), minimal (python3 only).",
+        "python3, IPython, numpy, pandas, matplotlib, ipywidgets 8, tqdm), minimal (python3 only).",
     )
     b.add_argument("ref", nargs="?", metavar="NAME_OR_PATH",
                    help="recipe name, cached image name, or directory (default: default)")

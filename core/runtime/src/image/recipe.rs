@@ -66,6 +66,7 @@ const DEFAULT_PIP: &[&str] = &[
     "pyparsing==3.3.3",
     "python-dateutil==4.0.0",
     "stack-data==0.6.3",
+    "tqdm==4.70.1",
     "traitlets==5.16.1",
     "typing-extensions==4.16.0",
     "tzdata==2026.6",
@@ -83,7 +84,7 @@ pub fn builtin() -> Vec<Recipe> {
         Recipe {
             name: DEFAULT_RECIPE.into(),
             description: "Debian bookworm, python3, IPython, numpy, pandas, matplotlib, \
-                          ipywidgets 8"
+                          ipywidgets 8, tqdm"
                 .into(),
             suite: "bookworm".into(),
             debs: strings(&["python3", "procps"]),
