@@ -23,7 +23,7 @@ import os
 import time
 from typing import Any, Optional
 
-from .snapshots import Entry, NotebookSnapshots, SnapshotStore, disk_usage, notebook_key
+from .snapshots import Entry, NotebookSnapshots, SnapshotStore, disk_usage, kernel_id, notebook_key
 from .standby import RestoreAhead
 
 log = logging.getLogger("supermachine_kernel.machine")
@@ -38,15 +38,6 @@ class MachineError(Exception):
         super().__init__(message)
         self.hint = hint
         self.ename = ename
-
-
-def _kernel_id(kernel: Any) -> Optional[str]:
-    """The id jupyter_client gave this kernel (kernel-<id>.json); it survives restarts."""
-    cf = getattr(getattr(kernel, "parent", None), "connection_file", "") or ""
-    base = os.path.basename(cf)
-    if base.startswith("kernel-") and base.endswith(".json"):
-        return base[len("kernel-"):-len(".json")]
-    return None
 
 
 def _process_uptime(pid: Optional[int]) -> Optional[float]:
@@ -82,9 +73,13 @@ class Machine:
 
     def __init__(self, kernel: Any, store: Optional[SnapshotStore] = None) -> None:
         self.kernel = kernel
-        session_id = getattr(getattr(kernel, "session", None), "session", "") or str(os.getpid())
-        key, label = notebook_key(os.environ, os.getcwd(), _kernel_id(kernel), session_id)
-        self.snapshots: NotebookSnapshots = (store or SnapshotStore()).notebook(key, label)
+        session = getattr(kernel, "session", None)
+        session_id = getattr(session, "session", "") or str(os.getpid())
+        connection_file = getattr(getattr(kernel, "parent", None), "connection_file", "") or ""
+        kid = kernel_id(connection_file, getattr(session, "key", b"") or b"")
+        key, label = notebook_key(os.environ, os.getcwd(), kid, session_id)
+        self.store = store or SnapshotStore()
+        self.snapshots: NotebookSnapshots = self.store.notebook(key, label)
         self.head: Optional[str] = None
         self.restore_ms: collections.deque[float] = collections.deque(maxlen=10)
         self.snapshot_ms: collections.deque[float] = collections.deque(maxlen=10)
@@ -163,11 +158,18 @@ class Machine:
 
     def restore_ahead(self, entry: Entry) -> None:
         """Restore ``entry`` in the background and keep it paused for a fast %restore."""
-        path = self.snapshots.path(entry.name)
-        self._ahead.prepare(entry.name, path, lambda: self._restore_and_greet(path, entry))
+        path = self.path(entry)
+        self._ahead.prepare(entry.ref, path, lambda: self._restore_and_greet(path, entry))
+
+    def path(self, entry: Entry) -> str:
+        """The directory of ``entry``: in this notebook's group, or in ``entry.group``."""
+        if entry.group is None:
+            return self.snapshots.path(entry.name)
+        return self.store.group(entry.group, self.snapshots).path(entry.name)
 
     def forget_snapshot(self, name: str) -> None:
-        """``name`` was deleted or is being replaced: drop what was restored ahead from it."""
+        """``name`` (a ref: NAME or GROUP/NAME) was deleted or is being replaced: drop what was
+        restored ahead from it."""
         self._ahead.forget(name)
 
     # -- restore ---------------------------------------------------------------------------------
@@ -175,7 +177,7 @@ class Machine:
     async def restore(self, entry: Entry) -> float:
         """Replaces the session's VM with one restored from ``entry``; returns seconds taken."""
         guest = self.check_backend()  # a dead guest is fine: it is replaced anyway
-        path = self.snapshots.path(entry.name)
+        path = self.path(entry)
         t0 = time.monotonic()
         handle = await asyncio.to_thread(self._standby_handle, entry)
         ahead = handle is not None
@@ -188,20 +190,20 @@ class Machine:
             if not ahead:
                 raise
             # The VM restored ahead did not make it: restore the snapshot afresh, once.
-            self._log.warning("restore-ahead VM of %s failed (%s); restoring it again", entry.name, e)
+            self._log.warning("restore-ahead VM of %s failed (%s); restoring it again", entry.ref, e)
             ahead = False
             handle = await asyncio.to_thread(self._restored_handle, path, entry)
             t1 = time.monotonic()
             await self._adopt(guest, handle, entry)
         took = time.monotonic() - t0
         self._log.info("restored %s in %.3f s (VM %s and REPL attached %.3f s, REPL answered "
-                 "%.3f s)", entry.name, took, "resumed from restore-ahead" if ahead else "restored",
+                 "%.3f s)", entry.ref, took, "resumed from restore-ahead" if ahead else "restored",
                  t1 - t0, took - (t1 - t0))
         self.last_restore_was_ahead = ahead
         self.restore_ahead(entry)  # the same snapshot is the likeliest next %restore
         self.restore_ms.append(took * 1000)
-        self._since = {id(handle.vm): (time.time(), f"restored from {entry.name!r}")}
-        self.head = entry.name
+        self._since = {id(handle.vm): (time.time(), f"restored from {entry.ref!r}")}
+        self.head = entry.ref
         return took
 
     @staticmethod
@@ -210,14 +212,14 @@ class Machine:
             await guest.adopt(handle, timeout=RESTORE_TIMEOUT)
         except Exception as e:  # noqa: BLE001
             raise MachineError(
-                f"the REPL in snapshot {entry.name!r} did not answer after the restore: {e}",
+                f"the REPL in snapshot {entry.ref!r} did not answer after the restore: {e}",
                 "The previous session is still running.") from e
 
     def _standby_handle(self, entry: Entry) -> Any:
         """The restore-ahead VM of ``entry`` as a session handle, or None."""
         from .session.vm import VmHandle  # noqa: PLC0415
 
-        taken = self._ahead.take(entry.name)
+        taken = self._ahead.take(entry.ref)
         if taken is None:
             return None
         vm, child = taken
@@ -244,7 +246,7 @@ class Machine:
     def _where(vm: Any, entry: Entry) -> str:
         from .session.vm import describe_vm  # noqa: PLC0415
 
-        return f"{describe_vm(vm)}, snapshot {entry.name}"
+        return f"{describe_vm(vm)}, snapshot {entry.ref}"
 
     def _restored_handle(self, path: str, entry: Entry) -> Any:
         """Blocking: verify, restore, re-attach to the REPL. Runs on a worker thread."""
@@ -255,15 +257,15 @@ class Machine:
         try:
             image = api.Image.from_snapshot(path)
         except (api.SnapshotError, OSError, KeyError, ValueError) as e:
-            raise MachineError(f"cannot restore {entry.name!r}: {e}",
-                               f"Delete it with %snapshot --delete {entry.name}.") from e
+            raise MachineError(f"cannot restore {entry.ref!r}: {e}",
+                               f"Delete it with %snapshot --delete {entry.ref}.") from e
         t1 = time.monotonic()
         try:
             vm = image.boot()
         except api.VmError as e:
-            raise MachineError(f"restoring {entry.name!r} failed: {e}",
+            raise MachineError(f"restoring {entry.ref!r} failed: {e}",
                                "The previous session is still running.") from e
-        self._log.info("snapshot %s verified in %.3f s, VM restored in %.3f s", entry.name, t1 - t0,
+        self._log.info("snapshot %s verified in %.3f s, VM restored in %.3f s", entry.ref, t1 - t0,
                  time.monotonic() - t1)
         # Snapshotting this VM reads all its RAM: have the file's holes cached before that.
         from . import _core  # noqa: PLC0415
@@ -304,7 +306,7 @@ class Machine:
         chain: list[str] = []
         name = self.head
         while name is not None and name not in chain and len(chain) < 50:
-            chain.append(name if name in parents else f"{name} (deleted)")
+            chain.append(name if name in parents or "/" in name else f"{name} (deleted)")
             name = parents.get(name)
         return chain
 

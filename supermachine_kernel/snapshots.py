@@ -9,14 +9,19 @@
 
 The store lives in the user's Jupyter data directory (``jupyter --data-dir``; honours
 JUPYTER_DATA_DIR), so snapshots outlive the kernel and the machine's reboots and a later kernel
-of the same notebook finds them. A notebook only ever sees its own folder: names are resolved
-inside it and nothing here takes a path from the user.
+of the same notebook finds them. A plain name (``s1``) is resolved in the kernel's own folder;
+another folder's snapshots are reached only when the user names the folder (``GROUP/s1``, the
+folder names ``%snapshots --all`` lists). Nothing here takes a path from the user: folder and
+snapshot names are checked against the patterns below.
 
-The notebook key comes from what the frontend tells the kernel: Jupyter Server puts the
+The folder ("group") comes from what the frontend tells the kernel: Jupyter Server puts the
 notebook's path in the kernel's environment as JPY_SESSION_NAME (relative to the server root;
-the kernel's working directory is the notebook's folder). Without it (nbclient, jupyter
-console) the key is the kernel id from the connection file name, which survives restarts of
-that kernel, else the kernel's session id.
+the kernel's working directory is the notebook's folder). Without it (nbclient, papermill,
+jupyter console, any jupyter_client frontend) the group is the kernel's own: jupyter_client's
+kernel manager keeps the connection file, and the session key in it, across both kinds of
+restart, so `kernel_id` derives the group from them (the kernel id itself when the file is
+Jupyter Server's ``kernel-<uuid>.json``). Only a kernel started without a connection file falls
+back to its session id, which changes with every process.
 
 Sizes are actual disk usage (allocated blocks), so a sparse memory file counts for the pages it
 holds, not its length. The index is a cache of names, parents and the REPL's process id; the
@@ -40,6 +45,9 @@ from typing import Iterator, Mapping, Optional
 INDEX_FILE = "index.json"
 LOCK_FILE = ".lock"
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+GROUP_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+UUID_RE = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$", re.I)
+OTHERS_HINT = "`%snapshots --all` lists other notebooks' (restore one with `%restore GROUP/NAME`)"
 DEFAULT_PREFIX = "snap-"
 
 
@@ -91,13 +99,36 @@ def _slug(text: str, limit: int = 40) -> str:
     return s[:limit]
 
 
+def kernel_id(connection_file: Optional[str], session_key: bytes = b"") -> Optional[str]:
+    """An id every start of one kernel shares, from the connection file it was given (None
+    without one).
+
+    jupyter_client's kernel manager writes the connection file once and keeps it, with its
+    session key, across ``restart_kernel()`` with or without ``now=True``. Jupyter Server (any
+    MultiKernelManager) names it ``kernel-<kernel id>.json``: that id is used as is. A plain
+    KernelManager (nbclient, papermill) uses a temporary name and jupyter console
+    ``kernel-<its pid>.json``, names a later kernel may get again, so the id is the name plus a
+    digest of the file's path and the session key (random per kernel manager).
+    """
+    if not connection_file:
+        return None
+    stem = os.path.basename(connection_file)
+    stem = stem[:-len(".json")] if stem.endswith(".json") else stem
+    stem = stem[len("kernel-"):] if stem.startswith("kernel-") else stem
+    if UUID_RE.match(stem):
+        return stem.lower()
+    path = os.path.realpath(connection_file)
+    digest = hashlib.sha256(path.encode() + b"\0" + bytes(session_key or b"")).hexdigest()[:10]
+    return f"{_slug(stem, 40)}-{digest}"
+
+
 def notebook_key(env: Mapping[str, str], cwd: str, kernel_id: Optional[str],
                  session_id: str) -> tuple[str, str]:
     """(folder name, human label) for the notebook this kernel serves.
 
     JPY_SESSION_NAME (Jupyter Server: the notebook path relative to the server root; the
     kernel's cwd is the notebook's folder) → "<stem>-<hash of the absolute path>". Else the
-    kernel id (stable across restarts of one kernel), else the session id.
+    kernel id (`kernel_id`: stable across restarts of one kernel), else the session id.
     """
     name = (env.get("JPY_SESSION_NAME") or "").strip()
     if name:
@@ -107,8 +138,22 @@ def notebook_key(env: Mapping[str, str], cwd: str, kernel_id: Optional[str],
         digest = hashlib.sha256(path.encode()).hexdigest()[:10]
         return f"{_slug(stem)}-{digest}", path
     if kernel_id:
-        return f"kernel-{_slug(kernel_id, 64)}", f"kernel {kernel_id} (notebook path unknown)"
-    return f"session-{_slug(session_id, 64)}", f"kernel session {session_id} (notebook path unknown)"
+        return (f"kernel-{_slug(kernel_id, 64)}",
+                f"kernel {kernel_id}, started in {cwd} (notebook path unknown)")
+    return (f"session-{_slug(session_id, 64)}",
+            f"kernel session {session_id}, started in {cwd} (notebook path unknown; this group "
+            "is not found again after a restart)")
+
+
+def split_ref(ref: str) -> tuple[Optional[str], str]:
+    """``NAME`` → (None, NAME); ``GROUP/NAME`` → (GROUP, NAME), both checked."""
+    group, sep, name = ref.rpartition("/")
+    if not sep:
+        return None, validate_name(name)
+    if not GROUP_RE.match(group):
+        raise StoreError(f"invalid snapshot group {group!r} in {ref!r}: use a group name that "
+                         "`%snapshots --all` lists, as GROUP/NAME")
+    return group, validate_name(name)
 
 
 @dataclass
@@ -124,29 +169,39 @@ class Entry:
     execution_count: Optional[int] = None
     kind: Optional[str] = None  # template | full (how the runtime stored the RAM)
     extra: dict = field(default_factory=dict)
+    # The folder it is in, when that is not the kernel's own (never written to the index).
+    group: Optional[str] = field(default=None, compare=False)
+
+    @property
+    def ref(self) -> str:
+        """How the user names it from this kernel: NAME, or GROUP/NAME for another folder's."""
+        return f"{self.group}/{self.name}" if self.group else self.name
 
     @classmethod
     def from_json(cls, name: str, d: Mapping) -> "Entry":
         known = {k: d[k] for k in ("created", "size_bytes", "parent", "repl_id", "took_s",
                                    "execution_count", "kind") if k in d}
-        extra = {k: v for k, v in d.items() if k not in known and k != "name"}
+        extra = {k: v for k, v in d.items() if k not in known and k not in ("name", "group")}
         return cls(name=name, extra=extra, **known)
 
     def to_json(self) -> dict:
         d = asdict(self)
         d.pop("name")
+        d.pop("group")
         extra = d.pop("extra")
         d.update(extra)
         return d
 
 
 class NotebookSnapshots:
-    """The snapshots of one notebook: ``<root>/<key>/``."""
+    """The snapshots of one notebook (one group): ``<root>/<key>/``. ``foreign``: another group
+    than the kernel's own, whose entries are named GROUP/NAME (`Entry.ref`)."""
 
-    def __init__(self, root: str, key: str, label: str) -> None:
+    def __init__(self, root: str, key: str, label: str, foreign: bool = False) -> None:
         self.root = root
         self.key = key
         self.label = label
+        self.foreign = foreign
         self.dir = os.path.join(root, key)
 
     # -- index ---------------------------------------------------------------------------------
@@ -205,6 +260,7 @@ class NotebookSnapshots:
             else:
                 entry = self._entry_from_metadata(name, full)
             entry.size_bytes = disk_usage(full)
+            entry.group = self.key if self.foreign else None
             out.append(entry)
         out.sort(key=lambda e: (e.created, e.name))
         return out
@@ -220,6 +276,9 @@ class NotebookSnapshots:
             created, kind = os.path.getmtime(full), None
         return Entry(name=name, created=created or os.path.getmtime(full), kind=kind)
 
+    def ref(self, name: str) -> str:
+        return f"{self.key}/{name}" if self.foreign else name
+
     def get(self, name: str) -> Entry:
         validate_name(name)
         for e in self.entries():
@@ -230,16 +289,21 @@ class NotebookSnapshots:
     def latest(self) -> Entry:
         entries = self.entries()
         if not entries:
+            if self.foreign:
+                raise StoreError(f"group {self.key!r} has no snapshots; {OTHERS_HINT}")
             raise StoreError(f"this notebook has no snapshots yet ({self.label}); take one with "
-                             "%snapshot [name]")
+                             f"`%snapshot [name]`; {OTHERS_HINT}")
         return entries[-1]
 
     def unknown_message(self, name: str) -> str:
-        names = [e.name for e in self.entries()]
-        if not names:
-            return (f"no snapshot named {name!r}: this notebook has no snapshots yet; take one "
-                    "with %snapshot [name]")
-        return f"no snapshot named {name!r}; available: {', '.join(names)}"
+        refs = [e.ref for e in self.entries()]
+        asked = self.ref(name)
+        if refs:
+            return f"no snapshot named {asked!r}; available: {', '.join(refs)}; {OTHERS_HINT}"
+        if self.foreign:
+            return f"no snapshot named {asked!r}: group {self.key!r} has none; {OTHERS_HINT}"
+        return (f"no snapshot named {asked!r}: this notebook has no snapshots yet; take one with "
+                f"`%snapshot [name]`; {OTHERS_HINT}")
 
     def new_name(self) -> str:
         """The next free generated name: snap-1, snap-2, …"""
@@ -294,7 +358,7 @@ class NotebookSnapshots:
 
 
 class SnapshotStore:
-    """All notebooks' snapshot folders under one root."""
+    """All notebooks' snapshot folders (groups) under one root."""
 
     def __init__(self, root: Optional[str] = None) -> None:
         self.root = root or default_root()
@@ -302,19 +366,42 @@ class SnapshotStore:
     def notebook(self, key: str, label: str) -> NotebookSnapshots:
         return NotebookSnapshots(self.root, key, label)
 
-    def notebooks(self) -> list[tuple[str, str, int, int]]:
-        """(key, label, snapshot count, bytes on disk) for every notebook folder."""
-        out = []
+    def groups(self, own: Optional[NotebookSnapshots] = None) -> list[NotebookSnapshots]:
+        """Every group folder, labelled from its index; ``own`` itself where its key comes up,
+        the others foreign."""
         try:
             keys = sorted(os.listdir(self.root))
         except FileNotFoundError:
             return []
-        for key in keys:
-            folder = os.path.join(self.root, key)
-            if not os.path.isdir(folder):
-                continue
-            nb = NotebookSnapshots(self.root, key, key)
-            label = nb._read_index().get("notebook") or key
-            entries = nb.entries()
-            out.append((key, str(label), len(entries), disk_usage(folder)))
-        return out
+        return [own if own is not None and key == own.key else self._group(key)
+                for key in keys if GROUP_RE.match(key) and os.path.isdir(os.path.join(self.root, key))]
+
+    def _group(self, key: str) -> NotebookSnapshots:
+        nb = NotebookSnapshots(self.root, key, key, foreign=True)
+        nb.label = str(nb._read_index().get("notebook") or key)
+        return nb
+
+    def group(self, key: str, own: NotebookSnapshots) -> NotebookSnapshots:
+        """Group ``key`` (``own`` when it is the kernel's own); StoreError if there is none."""
+        if key == own.key:
+            return own
+        if not GROUP_RE.match(key) or not os.path.isdir(os.path.join(self.root, key)):
+            raise StoreError(f"there is no snapshot group {key!r}; `%snapshots --all` lists "
+                             "every group with its snapshots")
+        return self._group(key)
+
+    def resolve(self, own: NotebookSnapshots, ref: Optional[str]) -> tuple[NotebookSnapshots, Entry]:
+        """``NAME`` (in ``own``), ``GROUP/NAME``, ``GROUP/`` (its latest) or None (``own``'s
+        latest) → (its group, the entry)."""
+        if ref is None:
+            return own, own.latest()
+        if ref.endswith("/"):  # GROUP/: that group's latest
+            nb = self.group(ref[:-1], own)
+            return nb, nb.latest()
+        key, name = split_ref(ref)
+        nb = own if key is None else self.group(key, own)
+        return nb, nb.get(name)
+
+    def notebooks(self) -> list[tuple[str, str, int, int]]:
+        """(key, label, snapshot count, bytes on disk) for every notebook folder."""
+        return [(nb.key, nb.label, len(nb.entries()), disk_usage(nb.dir)) for nb in self.groups()]

@@ -20,7 +20,8 @@ async def magic(ctx: Context, args: str) -> None:
         %snapshot               snapshot under a generated name (snap-1, snap-2, …)
         %snapshot NAME          snapshot under NAME (letters, digits, '.', '_', '-')
         %snapshot --force NAME  replace the existing snapshot NAME
-        %snapshot --delete NAME delete snapshot NAME and report the space freed
+        %snapshot --delete NAME delete snapshot NAME and report the space freed (GROUP/NAME:
+                                another notebook's, see %snapshots --all)
         %snapshot --report      disk usage of the snapshots of every notebook
 
     Prints the name, its size on disk and the time taken. Go back to it with
@@ -28,7 +29,7 @@ async def magic(ctx: Context, args: str) -> None:
     ``jupyter --data-dir``/supermachine-kernel/snapshots/, one folder per notebook); list them
     with ``%snapshots``.
     """
-    from ..snapshots import StoreError, format_size  # noqa: PLC0415
+    from ..snapshots import StoreError, format_size, split_ref  # noqa: PLC0415
 
     opts = _parser.parse(args)
     machine = ctx.machine
@@ -40,11 +41,13 @@ async def magic(ctx: Context, args: str) -> None:
             if not opts.name:
                 raise MagicError("%snapshot --delete needs the name of the snapshot to delete",
                                  "usage: %snapshot --delete NAME", ename="UsageError")
-            machine.forget_snapshot(opts.name)
-            freed = nb.delete(opts.name)
-            remaining = nb.entries()
-            ctx.print(f"Deleted snapshot {opts.name!r}: freed {format_size(freed)}. "
-                      f"{_summary(remaining)}")
+            key, name = split_ref(opts.name)
+            group = nb if key is None else machine.store.group(key, nb)
+            ref = group.ref(name)
+            machine.forget_snapshot(ref)
+            freed = group.delete(name)
+            ctx.print(f"Deleted snapshot {ref!r}: freed {format_size(freed)}. "
+                      f"{_summary(group.entries(), group.foreign)}")
             return None
         name = opts.name or nb.new_name()
         if opts.force:
@@ -63,23 +66,24 @@ async def magic(ctx: Context, args: str) -> None:
     return None
 
 
-def _summary(entries: list) -> str:
+def _summary(entries: list, foreign: bool = False) -> str:
     from ..snapshots import format_size  # noqa: PLC0415
 
+    whose = "That group" if foreign else "This notebook"
     if not entries:
-        return "This notebook has no snapshots now."
+        return f"{whose} has no snapshots now."
     total = sum(e.size_bytes for e in entries)
     s = "" if len(entries) == 1 else "s"
-    return f"This notebook's {len(entries)} snapshot{s} use {format_size(total)}."
+    return f"{whose}'s {len(entries)} snapshot{s} use {format_size(total)}."
 
 
 def _report(ctx: Context, machine) -> None:
     import shutil  # noqa: PLC0415
 
-    from ..snapshots import SnapshotStore, format_size  # noqa: PLC0415
+    from ..snapshots import format_size  # noqa: PLC0415
 
-    store = SnapshotStore(machine.snapshots.root)
-    rows = store.notebooks()
+    store = machine.store
+    rows = [(key, f"{key}: {label}", count, size) for key, label, count, size in store.notebooks()]
     lines = [f"Snapshots under {store.root}:"]
     if not rows:
         lines.append("  (none)")
@@ -98,6 +102,6 @@ def _report(ctx: Context, machine) -> None:
     if entries:
         lines.append("This notebook's largest: " + ", ".join(
             f"{e.name} ({format_size(e.size_bytes)})" for e in entries[:5]))
-        lines.append("Free space with %snapshot --delete NAME.")
+        lines.append("Free space with %snapshot --delete NAME (another group's: GROUP/NAME).")
     ctx.print("\n".join(lines))
     return None

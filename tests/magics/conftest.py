@@ -3,8 +3,9 @@
 The kernel harness is the kernel tests' (tests/kernel/harness.py). Kernels get their own
 kernelspec, `smk-magics` (installed into a private prefix added to JUPYTER_PATH), without warm
 spares (on 2 cores a background restore per test kernel slows everything down). The notebook a
-kernel serves is named through JPY_SESSION_NAME, as Jupyter Server does; every kernel's
-JUPYTER_DATA_DIR is a temporary directory, so nothing touches the user's snapshots.
+kernel serves is named through JPY_SESSION_NAME, as Jupyter Server does (or not at all, as with
+nbclient or jupyter console); every kernel's JUPYTER_DATA_DIR is a temporary directory, so
+nothing touches the user's snapshots.
 
 Most tests need the vm backend (a local-process guest has no VM to snapshot): they are skipped
 on SUPERMACHINE_TEST_BACKEND=local and marked `vm` otherwise.
@@ -22,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: the kern
 from kernel.harness import BACKEND, Kernel, stderr_of, stdout_of  # noqa: E402
 
 from supermachine_kernel.install import install  # noqa: E402
-from supermachine_kernel.snapshots import SnapshotStore, notebook_key  # noqa: E402
+from supermachine_kernel.snapshots import SnapshotStore, kernel_id, notebook_key  # noqa: E402
 
 KERNEL = "smk-magics"
 _root = tempfile.mkdtemp(prefix="smk-magics-specs-")
@@ -61,19 +62,26 @@ def pytest_collection_modifyitems(config, items):
 
 
 class MagicKernel(Kernel):
-    """A kernel serving notebook ``notebook`` with snapshots under ``data_dir``."""
+    """A kernel serving notebook ``notebook`` with snapshots under ``data_dir``; without a
+    notebook (None) it is started the way a plain jupyter_client frontend does it."""
 
-    def __init__(self, data_dir: str, notebook: str = "analysis.ipynb",
+    def __init__(self, data_dir: str, notebook: str | None = "analysis.ipynb",
                  extra_arguments: list[str] | None = None) -> None:
         self.data_dir = data_dir
         self.notebook = notebook
         use_kernelspec()
-        env = dict(os.environ, JUPYTER_DATA_DIR=data_dir, JPY_SESSION_NAME=notebook)
+        env = dict(os.environ, JUPYTER_DATA_DIR=data_dir)
+        env.pop("JPY_SESSION_NAME", None)
+        if notebook is not None:
+            env["JPY_SESSION_NAME"] = notebook
         super().__init__(KERNEL, extra_arguments=extra_arguments, env=env)
 
     def store(self):
-        """This kernel's notebook folder, as the kernel computes it."""
-        key, label = notebook_key({"JPY_SESSION_NAME": self.notebook}, os.getcwd(), None, "")
+        """This kernel's notebook folder, as the kernel should compute it: from the notebook's
+        name, else from the connection file and session key its KernelManager holds."""
+        env = {"JPY_SESSION_NAME": self.notebook} if self.notebook is not None else {}
+        kid = kernel_id(self.km.connection_file, self.km.session.key)
+        key, label = notebook_key(env, os.getcwd(), kid, "")
         root = os.path.join(self.data_dir, "supermachine-kernel", "snapshots")
         return SnapshotStore(root).notebook(key, label)
 

@@ -1,11 +1,13 @@
 """%restore: the whole session state comes back (variables, guest files, a background thread's
 progress, a background process), the kernel carries on; unknown names and damaged snapshots are
-clear errors; snapshots survive a kernel restart and are restorable from a new kernel of the same
-notebook, and only there."""
+clear errors; snapshots survive a kernel restart (both kinds, with or without Jupyter Server's
+notebook name) and are restorable by NAME from a new kernel of the same notebook, and from any
+other kernel as GROUP/NAME."""
 from __future__ import annotations
 
 import ast
 import os
+import re
 import time
 from pathlib import Path
 
@@ -73,13 +75,17 @@ def test_clock_and_random_after_restore(kernel):
 
 def test_default_is_latest_and_unknown_lists_available(kernel):
     kernel.ok("marker = 'latest'")
-    kernel.ok("%snapshot newest")
+    reply, _ = kernel.execute("%snapshot newest")
     kernel.ok("marker = 'changed'")
-    assert "Restored snapshot 'newest'" in kernel.ok("%restore")
+    out = kernel.ok("%restore")
+    assert "Restored snapshot 'newest'" in out
+    # The state is the one the %snapshot cell ran in: "at" that cell, not "after" it.
+    assert f"at cell [{reply['execution_count']}]" in out, out
     assert kernel.value("marker") == "'latest'"
     reply, (err,) = kernel.error("%restore no-such-snapshot")
     assert err["ename"] == "SnapshotNotFound"
     assert "no snapshot named 'no-such-snapshot'" in err["evalue"]
+    assert "%snapshots --all" in err["evalue"]
     for name in ("base", "clock", "newest"):
         assert name in err["evalue"]
 
@@ -126,6 +132,57 @@ def test_snapshots_survive_restart_and_new_kernel(data_dir):
         assert again.value("survivor") == "'from the first kernel'"
     finally:
         again.shutdown()
+
+
+def _group_of(k: MagicKernel) -> str:
+    """The group %snapshots names (its first line: "Group KEY: label")."""
+    reply, outputs = k.execute("%snapshots")
+    (shown,) = [m["content"]["data"]["text/plain"] for m in outputs
+                if m["msg_type"] == "display_data"]
+    m = re.match(r"Group (\S+): ", shown)
+    assert m, shown
+    return m.group(1)
+
+
+def test_snapshots_survive_both_restarts_outside_jupyter_server(data_dir, kernel):
+    """A plain jupyter_client frontend (nbclient, papermill, jupyter console): no notebook name;
+    the group is the kernel's own, the same after restart_kernel() and restart_kernel(now=True).
+    Another kernel (the module's, another notebook) lists it with --all, restores it as
+    GROUP/NAME."""
+    k = MagicKernel(data_dir, notebook=None)
+    try:
+        k.ok("survivor = 'before the restarts'")
+        k.ok("%snapshot s1")
+        group = _group_of(k)
+        assert group == k.store().key  # derived from the connection file and session key
+        for now in (False, True):  # shutdown_request with restart=True; kill and relaunch
+            k.km.restart_kernel(now=now)
+            k.kc.wait_for_ready(timeout=300)
+            k.flush()
+            reply, _ = k.execute("survivor")
+            assert reply["status"] == "error", now  # a fresh VM ...
+            assert _group_of(k) == group, now  # ... in the same group
+            assert "Restored snapshot 's1'" in k.ok("%restore s1"), now
+            assert k.value("survivor") == "'before the restarts'", now
+    finally:
+        k.shutdown()
+    # From another kernel: a plain name stays in its own notebook, and says where to look.
+    reply, (err,) = kernel.error("%restore s1")
+    assert "%snapshots --all" in err["evalue"] and "GROUP/NAME" in err["evalue"]
+    reply, outputs = kernel.execute("%snapshots --all")
+    (listing,) = [m["content"]["data"] for m in outputs if m["msg_type"] == "display_data"]
+    text = listing["text/plain"]
+    assert f"{group}/: s1" in text, text
+    own_row = [ln for ln in text.splitlines() if ln.startswith(kernel.store().key)]
+    assert own_row and "(this notebook)" in own_row[0], text
+    assert f"{group}  " in text and "notebook path unknown" in text and "<table" in listing["text/html"]
+    out = kernel.ok(f"%restore {group}/s1")
+    assert f"Restored snapshot '{group}/s1'" in out and "notebook path unknown" in out, out
+    assert kernel.value("survivor") == "'before the restarts'"
+    out = kernel.ok(f"%snapshot --delete {group}/s1")
+    assert f"Deleted snapshot '{group}/s1'" in out, out
+    reply, (err,) = kernel.error(f"%restore {group}/s1")
+    assert "no snapshot group" in err["evalue"]  # its last one: the group's folder went too
 
 
 @needs_vm
