@@ -15,6 +15,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import re
 import struct
 from typing import Any
 
@@ -76,13 +77,57 @@ class FrameDecoder:
 
 
 def decode_body(body: bytes) -> dict[str, Any]:
+    """One frame's JSON object, with every string in it (keys too) encodable as UTF-8.
+
+    This is the one place where text from the guest enters the host, so it is also where lone
+    surrogates are made harmless. Python strings may hold them (`'\\ud800'`, a file name decoded
+    with surrogateescape) and JSON can carry them as `\\udXXX` escapes, but a Jupyter message
+    cannot: jupyter_client's packer would raise and the message (a stream batch, an error, a
+    reply) would be lost. Each lone surrogate becomes U+FFFD, the replacement character."""
     try:
         msg = json.loads(body.decode("utf-8"))
     except (UnicodeDecodeError, ValueError) as e:
         raise ProtocolError(f"guest frame is not UTF-8 JSON: {e}") from None
+    except RecursionError:
+        raise ProtocolError("guest frame nests its JSON too deeply") from None
     if not isinstance(msg, dict) or not isinstance(msg.get("type"), str):
         raise ProtocolError("guest frame is not an object with a string 'type'")
+    # Strict UTF-8 cannot encode a surrogate, so a lone one can only arrive as an escape.
+    if b"\\ud" in body or b"\\uD" in body:
+        msg = make_encodable(msg)
     return msg
+
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def make_encodable(value: Any) -> Any:
+    """`value` (decoded JSON) with each lone surrogate in its strings replaced by U+FFFD.
+    (A valid pair has already been joined into one character by the JSON decoder.)
+    Iterative, so any depth the decoder accepted is fine."""
+    def clean(v: Any) -> Any:
+        if isinstance(v, str):
+            return _SURROGATE.sub("\ufffd", v)
+        if isinstance(v, dict):
+            out: dict = {}
+            pending.append((v, out))
+            return out
+        if isinstance(v, list):
+            out_list: list = []
+            pending.append((v, out_list))
+            return out_list
+        return v
+
+    pending: list[tuple[Any, Any]] = []
+    root = clean(value)
+    while pending:
+        source, target = pending.pop()
+        if isinstance(source, dict):
+            for k, v in source.items():
+                target[clean(k)] = clean(v)
+        else:
+            target.extend(clean(v) for v in source)
+    return root
 
 
 # --- validation ------------------------------------------------------------------------------

@@ -143,3 +143,43 @@ def test_fuzz_only_protocol_errors():
                                                                     "history", "payload")})
             except ProtocolError:
                 pass
+
+
+def _packable(obj) -> None:
+    """What jupyter_client's packer does with a message's parts: strict UTF-8."""
+    json.dumps(obj, ensure_ascii=False).encode("utf-8")
+
+
+@pytest.mark.parametrize("msg", [
+    {"type": "stream", "name": "stdout", "text": "A\ud800B\n"},
+    {"type": "error", "ename": "Val\udc80Error", "evalue": "bad \ud800 value",
+     "traceback": ["line \udfff"]},
+    {"type": "display_data", "data": {"text/plain": "x\ud800"},
+     "metadata": {"k\udc00": ["v\ud800"]}, "transient": {}},
+    {"type": "comm_msg", "comm_id": "c", "data": {"nested": [{"deep": "\ud800"}]}},
+    {"type": "ready", "python_version": "3.11\ud800", "banner": "Python \udc80"},
+    {"type": "reply", "id": 1, "content": {"status": "ok", "matches": ["a\ud800"],
+                                           "cursor_start": 0, "cursor_end": 1, "metadata": {}}},
+])
+def test_lone_surrogates_become_replacement_characters(msg):
+    data = encode_frame(msg)  # the guest's encoder escapes them as \udXXX, as json does
+    [got] = FrameDecoder().feed(data)
+    _packable(got)
+    text = json.dumps(got, ensure_ascii=False)
+    assert "\ufffd" in text
+    # Nothing else changes: same shape, same other characters.
+    assert json.loads(json.dumps(msg).replace("\\ud800", "\\ufffd").replace("\\udc80", "\\ufffd")
+                      .replace("\\udfff", "\\ufffd").replace("\\udc00", "\\ufffd")) == got
+    validate_event(got)
+
+
+def test_surrogate_pairs_stay_one_character():
+    [got] = FrameDecoder().feed(encode_frame({"type": "stream", "name": "stdout",
+                                              "text": "smile \U0001F600 \ud83d"}))
+    assert got["text"] == "smile \U0001F600 \ufffd"
+
+
+def test_deeply_nested_frame_is_a_protocol_error():
+    body = b'{"type":"comm_msg","data":' + b"[" * 200_000 + b"]" * 200_000 + b"}"
+    with pytest.raises(ProtocolError, match="too deeply"):
+        FrameDecoder().feed(struct.pack(">I", len(body)) + body)
