@@ -74,7 +74,11 @@ def plain_tcp_info(path: str | None) -> dict | None:
             info = parse_json(f.read())
         if not isinstance(info, dict):
             return None
-        if info.get("transport", "tcp") != "tcp" or info.get("curve_secretkey"):
+        if info.get("transport", "tcp") != "tcp":
+            return None
+        # CurveZMQ keys (z85 text), if any, must come as a pair of strings.
+        curve = info.get("curve_secretkey"), info.get("curve_publickey")
+        if any(curve) and not all(isinstance(k, str) and k for k in curve):
             return None
         if int(info["shell_port"]) <= 0 or int(info["iopub_port"]) <= 0 or not info["ip"]:
             return None

@@ -22,8 +22,13 @@ _DEFAULT_SPEC = {
     "display_name": "Python (microVM)",
     "language": "python",
     "interrupt_mode": "message",
-    "metadata": {"debugger": False},
+    # CurveZMQ: jupyter_client provisions keys for kernels that declare it (with its
+    # transport_encryption policy "auto" or "required"); the kernel encrypts all its sockets then.
+    "metadata": {"debugger": False, "supported_encryption": ["curve"]},
 }
+# The launcher icons; kernelspecs/python-microvm links to them.
+_LOGOS = Path(__file__).resolve().parent / "logos"
+LOGO_FILES = ("logo-32x32.png", "logo-64x64.png", "logo-svg.svg")
 
 
 def template() -> dict:
@@ -69,10 +74,8 @@ def install(
     spec = kernel_json(**spec_options)
     with tempfile.TemporaryDirectory() as tmp:
         Path(tmp, "kernel.json").write_text(json.dumps(spec, indent=2) + "\n")
-        for extra in ("logo-32x32.png", "logo-64x64.png"):
-            src = _REPO_TEMPLATE / extra
-            if src.is_file():
-                shutil.copy(src, tmp)
+        for logo in LOGO_FILES:
+            shutil.copy(_LOGOS / logo, tmp)
         return KernelSpecManager().install_kernel_spec(
             tmp, kernel_name=kernel_name, user=user, prefix=prefix
         )

@@ -6,8 +6,8 @@ connection every 100 ms (`reconnect_ivl`). ipykernel binds its sockets only afte
 `EarlySockets.bind(argv)` binds the shell and iopub sockets before those imports, so the frontend
 connects while they run and its first request is waiting when the kernel starts reading;
 `MicroVMKernelApp` adopts them (its `init_sockets` and `init_iopub`). Only the plain case is
-handled — TCP, ports given in the connection file, no CurveZMQ keys — anything else, or any
-error, leaves the binding to ipykernel as before.
+handled — TCP, ports given in the connection file (with or without CurveZMQ keys) — anything
+else, or any error, leaves the binding to ipykernel as before.
 
 Earlier still, `early_listeners.EarlyListeners` opens plain listening sockets on those ports,
 and `EarlySockets.bind` hands them to ZMQ (early_listeners.py says why).
@@ -37,6 +37,8 @@ class EarlySockets:
         # the first kernel_info with them); None when the file's key is not usable as given.
         self.key: bytes | None = None
         self.signature_scheme = "hmac-sha256"
+        # The CurveZMQ server secret key the sockets encrypt with (z85), if the file has one.
+        self.curve_secretkey: bytes | None = None
 
     @classmethod
     def bind(cls, argv: list[str],
@@ -62,6 +64,7 @@ class EarlySockets:
         except ImportError:
             return None
         ip, shell_port, iopub_port = info["ip"], int(info["shell_port"]), int(info["iopub_port"])
+        secret, public = info.get("curve_secretkey"), info.get("curve_publickey")
         context = zmq.Context()
         sockets = []
         try:
@@ -69,6 +72,10 @@ class EarlySockets:
                 sock = context.socket(kind)
                 sockets.append(sock)
                 sock.linger = 1000
+                if secret:  # as ipykernel's _apply_curve_server_options
+                    sock.curve_secretkey = secret.encode()
+                    sock.curve_publickey = public.encode()
+                    sock.curve_server = True
                 fd = listeners.take(ip, port) if listeners is not None else None
                 if fd is not None:
                     try:
@@ -83,6 +90,7 @@ class EarlySockets:
             context.term()
             return None
         early = cls(context, ip, shell_port, iopub_port, *sockets)
+        early.curve_secretkey = secret.encode() if secret else None
         key, scheme = info.get("key", ""), info.get("signature_scheme", "hmac-sha256")
         if isinstance(key, str) and scheme in ("hmac-sha256", "hmac-sha512", "hmac-md5", "hmac-sha1"):
             early.key, early.signature_scheme = key.encode(), scheme
@@ -92,7 +100,7 @@ class EarlySockets:
         """Whether the kernel app was configured with exactly these sockets."""
         return (app.transport == "tcp" and app.ip == self.ip and app.shell_port == self.shell_port
                 and app.iopub_port == self.iopub_port
-                and getattr(app, "curve_secretkey", None) is None)
+                and getattr(app, "curve_secretkey", None) == self.curve_secretkey)
 
     def close(self) -> None:
         self.shell.close(linger=0)

@@ -63,3 +63,31 @@ def test_leaves_what_it_cannot_bind_to_ipykernel(tmp_path):
     early = EarlySockets.bind(["-f", path])  # and the ports were not left bound by the failure
     assert early is not None
     early.close()
+
+
+def test_curve_keys_encrypt_the_early_sockets(tmp_path):
+    public, secret = zmq.curve_keypair()
+    path, info = write_connection_file(str(tmp_path / "kernel-2.json"),
+                                       curve_publickey=public, curve_secretkey=secret)
+    early = EarlySockets.bind(["-f", path])
+    assert early is not None
+    try:
+        assert early.matches(_app(info, curve_secretkey=secret))
+        assert not early.matches(_app(info))  # an app without the key binds its own sockets
+        endpoint = f"tcp://{info['ip']}:{info['shell_port']}"
+        plain = early.context.socket(zmq.DEALER)
+        plain.connect(endpoint)
+        plain.send(b"not encrypted")
+        assert not early.shell.poll(1000)  # the handshake fails: nothing arrives
+        client = early.context.socket(zmq.DEALER)
+        client_public, client_secret = zmq.curve_keypair()
+        client.curve_serverkey, client.curve_publickey, client.curve_secretkey = (
+            public, client_public, client_secret)
+        client.connect(endpoint)
+        client.send(b"kernel_info_request")
+        assert early.shell.poll(5000)
+        assert early.shell.recv_multipart()[-1] == b"kernel_info_request"
+        plain.close(linger=0)
+        client.close(linger=0)
+    finally:
+        early.close()
