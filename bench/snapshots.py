@@ -144,15 +144,15 @@ def cold_pss(image: Any, n: int, idle: float) -> tuple[float, float]:
 
 def pool_pss(image: Any, n: int, idle: float) -> tuple[tuple[float, float], dict]:
     pool = image.pool(min=0, max=n, restore_on_release=True)
-    leases = []
+    vms = []
     try:
         for _ in range(n):
-            leases.append(pool.acquire())
-        per_vm = idle_pss([lease.vm for lease in leases], idle)
+            vms.append(pool.acquire())
+        per_vm = idle_pss(vms, idle)
         return per_vm, pool.stats()
     finally:
-        for lease in leases:
-            lease.release()
+        for vm in vms:
+            vm.release()
         pool.shutdown()
 
 
@@ -161,19 +161,19 @@ def cycle_restores(image: Any, n: int) -> list[float]:
     pool = image.pool(min=1, max=1, restore_on_release=True)
     out = []
     try:
-        lease = pool.acquire()
-        probe(lease.vm)
+        vm = pool.acquire()
+        probe(vm)
         for _ in range(n):
-            lease.vm.exec(["sh", "-c", "echo dirty > /tmp/dirty"])
+            vm.exec(["sh", "-c", "echo dirty > /tmp/dirty"])
             t = time.perf_counter()
-            lease.release()
-            lease = pool.acquire()
-            probe(lease.vm)
+            vm.release()
+            vm = pool.acquire()
+            probe(vm)
             out.append(time.perf_counter() - t)
-            r = lease.vm.exec(["sh", "-c", "test ! -e /tmp/dirty"])
+            r = vm.exec(["sh", "-c", "test ! -e /tmp/dirty"])
             if r.exit_code != 0:
                 raise RuntimeError("restore_on_release handed out a VM with the previous user's file")
-        lease.release()
+        vm.release()
     finally:
         pool.shutdown()
     return out

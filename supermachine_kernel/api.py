@@ -8,6 +8,11 @@
         r = vm.exec(["python3", "-c", "print(1 + 1)"])
         assert r.stdout == b"2\\n"
 
+    pool = image.pool(min=1, max=4)
+    vm = pool.acquire()                   # a Vm, on loan: release() gives it back
+    vm.exec(["true"])
+    vm.release()
+
 Everything that blocks releases the GIL. Errors are typed (see the exception classes below);
 their messages say what to do next.
 """
@@ -21,6 +26,7 @@ import shutil
 import sys
 import threading
 import time
+import warnings
 import weakref
 from typing import Any, Callable, Mapping, Optional, Sequence, Union
 
@@ -46,7 +52,6 @@ ImageError = _core.ImageError
 __all__ = [
     "Image",
     "Pool",
-    "Lease",
     "Vm",
     "ExecChild",
     "ExecResult",
@@ -344,8 +349,9 @@ class Image:
     ) -> "Pool":
         """A thread-safe pool of VMs restored from this image's snapshot. ``acquire()`` is
         FIFO-fair when saturated (``acquire_timeout_ms=0`` waits forever); with
-        ``restore_on_release`` a returned VM is replaced by a fresh restore, so nothing one
-        user wrote is visible to the next. The VM that baked the snapshot is handed out first."""
+        ``restore_on_release`` a VM given back by ``vm.release()`` is replaced by a fresh
+        restore, so nothing one user wrote is visible to the next; without it the same VM is
+        handed out again as it was left. The VM that baked the snapshot is handed out first."""
         if self.snapshot is None:
             raise ValueError("this image has no snapshot: build it with Image.build(snapshot=True)")
         seed = self._take_seed()
@@ -363,24 +369,33 @@ class Image:
 
 
 class Pool:
-    """VMs restored from one snapshot; see ``Image.pool``."""
+    """VMs restored from one snapshot; see ``Image.pool``.
+
+        vm = pool.acquire()        # waits while all are in use
+        vm.exec([...])
+        vm.release()               # back to the pool (or ``with pool.acquire() as vm: ...``)
+    """
 
     def __init__(self, raw: "_core.Pool", env: Optional[Mapping[str, str]] = None) -> None:
         self._pool = raw
         self._env = dict(env or {})
         self._finalizer = weakref.finalize(self, raw.shutdown)
 
-    def acquire(self) -> "Lease":
-        """Takes a VM (waiting in FIFO order while all are in use). Use as a context manager:
-        ``with pool.acquire() as vm: ...`` — or call ``.release()`` on the lease."""
-        return Lease(self, Vm(self._pool.acquire(), env=self._env))
+    def acquire(self) -> "Vm":
+        """Takes a VM (waiting in FIFO order while all are in use) and returns it. Give it
+        back with ``vm.release()`` (or use it as a context manager: ``with pool.acquire() as
+        vm: ...``); ``vm.discard()`` destroys it instead. A VM never given back keeps its
+        place in the pool. Raises TimeoutError after ``acquire_timeout_ms``, PoolError once
+        the pool is shut down."""
+        return Vm(self._pool.acquire(), env=self._env, pool=self)
 
     def stats(self) -> dict:
         """alive, in_use, idle, waiting, min, max (plus creating and recent latencies)."""
         return self._pool.stats()
 
     def shutdown(self) -> None:
-        """Releases idle VMs and refuses further acquires; leased VMs die when given back."""
+        """Releases idle VMs and refuses further acquires. VMs acquired before keep working
+        until they are released; then they are destroyed instead of returned."""
         self._pool.shutdown()
 
     def __enter__(self) -> "Pool":
@@ -390,39 +405,36 @@ class Pool:
         self.shutdown()
 
 
-class Lease:
-    """A VM on loan from a Pool: a context manager yielding the VM."""
+class _GivenBack:
+    """Stands in for a pooled VM's runtime handle once ``release()`` or ``discard()`` let go of
+    the VM: the pool may already have handed it to someone else, so this handle must never
+    reach it again."""
 
-    def __init__(self, pool: Pool, vm: "Vm") -> None:
-        self._pool = pool
-        self.vm = vm
-        self._done = False
+    alive = False
+    qemu_pid = None
+    workdir = None
 
-    def release(self) -> None:
-        """Gives the VM back (idempotent)."""
-        if not self._done:
-            self._done = True
-            self._pool._pool.release(self.vm._vm)
+    def __init__(self, vm_id: str, how: str) -> None:
+        self.how = how
+        done = ("given back to its pool by release()" if how == "released"
+                else "destroyed by discard()")
+        self._message = f"{vm_id} was {done}; take another VM with pool.acquire()"
 
-    def discard(self) -> None:
-        """Destroys the VM instead of giving it back."""
-        if not self._done:
-            self._done = True
-            self._pool._pool.discard(self.vm._vm)
-
-    def __enter__(self) -> "Vm":
-        return self.vm
-
-    def __exit__(self, *exc: object) -> None:
-        self.release()
+    def __getattr__(self, name: str) -> Any:
+        raise VmReleasedError(self._message)
 
 
 class Vm:
-    """A running microVM. Use as a context manager, or call ``release()``."""
+    """A running microVM, from ``image.boot()`` or on loan from ``pool.acquire()``. Use it as
+    a context manager, or call ``release()`` when done: that kills a booted VM and gives a
+    pooled one back to its pool."""
 
-    def __init__(self, raw: "_core.Vm", env: Optional[Mapping[str, str]] = None) -> None:
-        self._vm = raw
+    def __init__(self, raw: "_core.Vm", env: Optional[Mapping[str, str]] = None, *,
+                 pool: Optional[Pool] = None) -> None:
+        self._vm: Any = raw
         self._env = dict(env or {})
+        self._pool = pool
+        self._give_back_lock = threading.Lock()
         self.id = f"vm-{next(_vm_ids)}"
 
     @classmethod
@@ -560,9 +572,49 @@ class Vm:
         w = self._vm.workdir
         return None if w is None else os.fspath(w)
 
+    @property
+    def pool(self) -> Optional[Pool]:
+        """The Pool this VM is on loan from (None for a VM from ``boot()``)."""
+        return self._pool
+
     def release(self) -> None:
-        """Kills the VM and removes its work dir. Idempotent."""
-        self._vm.release()
+        """Done with this VM. A VM from ``pool.acquire()`` goes back to its pool: with
+        ``restore_on_release`` (the default) the pool destroys it and restores a fresh one in
+        the background, else it is handed out again as it is; if the pool was shut down it is
+        destroyed. Any other VM is killed and its work dir removed. Afterwards every call on
+        this handle raises VmReleasedError. Idempotent."""
+        if self._pool is None:
+            self._vm.release()
+        else:
+            self._give_back(discard=False)
+
+    def discard(self) -> None:
+        """Destroys a pooled VM instead of giving it back (it broke, or it holds something
+        the next user must not see, in a pool without ``restore_on_release``); the pool
+        restores a replacement when it needs one. For a VM not from a pool this is
+        ``release()``. A no-op after ``discard()``; after ``release()`` the VM may already be
+        someone else's, so that raises VmReleasedError."""
+        if self._pool is None:
+            self._vm.release()
+        else:
+            self._give_back(discard=True)
+
+    def _give_back(self, discard: bool) -> None:
+        assert self._pool is not None
+        with self._give_back_lock:
+            raw = self._vm
+            if isinstance(raw, _GivenBack):
+                if discard and raw.how == "released":
+                    raise VmReleasedError(
+                        f"{self.id} was already given back to its pool by release(), so it can "
+                        "no longer be discarded: call discard() instead of release(), not after it"
+                    )
+                return
+            self._vm = _GivenBack(self.id, "discarded" if discard else "released")
+        if discard:
+            self._pool._pool.discard(raw)
+        else:
+            self._pool._pool.release(raw)
 
     def __enter__(self) -> "Vm":
         return self
@@ -572,4 +624,18 @@ class Vm:
 
     def __repr__(self) -> str:
         state = "alive" if self.alive else "released"
-        return f"<Vm {self.id} {state} qemu_pid={self.qemu_pid}>"
+        pooled = " pooled" if self._pool is not None else ""
+        return f"<Vm {self.id}{pooled} {state} qemu_pid={self.qemu_pid}>"
+
+
+def __getattr__(name: str) -> Any:
+    if name == "Lease":
+        warnings.warn(
+            "supermachine_kernel.api.Lease is deprecated: pool.acquire() returns the Vm itself "
+            "(vm.exec(...), then vm.release() gives it back, vm.discard() destroys it); "
+            "Lease is now an alias of Vm",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return Vm
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

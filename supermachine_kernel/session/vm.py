@@ -220,16 +220,14 @@ class VmBackend:
     def _take_vm(self) -> tuple[Any, Callable[[], None]]:
         pool = self.pool
         if pool is not None:
-            lease = pool.acquire()
-            vm = lease.__enter__()
+            vm = pool.acquire()
 
             def give_back() -> None:
                 # A dead VM is destroyed, not returned (the pool restores a fresh one anyway).
-                discard = getattr(lease, "discard", None)
-                if discard is not None and not getattr(vm, "alive", True):
-                    discard()
+                if vm.alive:
+                    vm.release()
                 else:
-                    lease.__exit__(None, None, None)
+                    vm.discard()
 
             return vm, give_back
         vm = self._image.boot()

@@ -212,41 +212,107 @@ def test_build_rebakes_a_cached_snapshot_this_host_cannot_restore(tmp_path):
 # ---------------------------------------------------------------- the pool
 
 
-def test_pool_restore_on_release_isolates_users(baked):
+def test_pool_acquire_returns_the_vm_and_release_restores_it(baked):
+    """The seed's shape: vm = pool.acquire(); vm.exec(...); vm.release(). The released VM is
+    replaced by a fresh restore, so the next user does not see what this one wrote."""
     pool = baked.pool(min=1, max=1)
     try:
-        with pool.acquire() as vm:
-            vm.write_file("/tmp/left-behind", b"private")
-            first_pid = vm.qemu_pid
-        with pool.acquire() as vm:
-            assert vm.exec(["test", "-e", "/tmp/left-behind"]).exit_code == 1
-            assert vm.qemu_pid != first_pid
+        vm = pool.acquire()
+        assert isinstance(vm, api.Vm) and vm.pool is pool
+        assert vm.exec(["python3", "-c", "print(6 * 7)"]).stdout == b"42\n"
+        vm.write_file("/tmp/left-behind", b"private")
+        first_pid = vm.qemu_pid
+        st = pool.stats()
+        assert (st["in_use"], st["idle"]) == (1, 0)
+        vm.release()
+        assert pool.stats()["in_use"] == 0
+        assert wait_until(lambda: pool.stats()["idle"] == 1, 120), pool.stats()
+        assert wait_until(lambda: not pid_alive(first_pid), 20)
+        vm.release()  # a second release does nothing
+        assert not vm.alive and vm.qemu_pid is None and "released" in repr(vm)
+        with pytest.raises(api.VmReleasedError, match=r"given back to its pool.*pool\.acquire\(\)"):
+            vm.exec(["true"])
+        with pool.acquire() as again:
+            assert pool.stats()["in_use"] == 1
+            assert again.exec(["test", "-e", "/tmp/left-behind"]).exit_code == 1
+            assert again.qemu_pid != first_pid
+        assert pool.stats()["in_use"] == 0
+        with pytest.raises(api.VmReleasedError):
+            again.read_file("/etc/baked-marker")
     finally:
         pool.shutdown()
 
 
 def test_pool_without_restore_on_release_reuses_the_vm(baked):
-    pool = baked.pool(min=1, max=1, restore_on_release=False)
+    pool = baked.pool(min=1, max=2, restore_on_release=False)
     try:
+        # Let the pool fill first, so that acquire takes its one VM instead of starting another.
+        assert wait_until(lambda: pool.stats()["idle"] == 1, 120), pool.stats()
         with pool.acquire() as vm:
             vm.write_file("/tmp/kept", b"kept")
             pid = vm.qemu_pid
+        vm.release()  # again, after the with block: must not return the VM a second time
+        st = pool.stats()
+        assert (st["in_use"], st["idle"]) == (0, 1)
+        nxt = pool.acquire()
+        other = pool.acquire()
+        try:
+            assert nxt.qemu_pid == pid and other.qemu_pid != pid
+            assert nxt.read_file("/tmp/kept") == b"kept"
+            # The old handle must not reach the VM someone else holds now, nor destroy it.
+            with pytest.raises(api.VmReleasedError, match="given back to its pool"):
+                vm.read_file("/tmp/kept")
+            with pytest.raises(api.VmReleasedError, match="call discard\\(\\) instead of release"):
+                vm.discard()
+            assert nxt.exec(["true"]).exit_code == 0
+        finally:
+            other.release()
+        nxt.discard()  # destroyed instead of given back
+        nxt.release()  # a no-op after discard (what a with block does after a discard inside it)
+        nxt.discard()
+        assert wait_until(lambda: not pid_alive(pid), 20)
+        with pytest.raises(api.VmReleasedError, match="destroyed by discard"):
+            nxt.exec(["true"])
+        assert pool.stats()["in_use"] == 0
         with pool.acquire() as vm:
-            assert vm.qemu_pid == pid
-            assert vm.read_file("/tmp/kept") == b"kept"
+            assert vm.qemu_pid != pid
+            assert vm.exec(["test", "-e", "/tmp/kept"]).exit_code == 1
     finally:
         pool.shutdown()
+
+
+def test_discard_of_a_booted_vm_kills_it(baked):
+    vm = baked.boot()
+    try:
+        assert vm.pool is None
+        pid = vm.qemu_pid
+        vm.discard()
+        assert wait_until(lambda: not pid_alive(pid), 20)
+        vm.discard()
+        vm.release()
+        with pytest.raises(api.VmReleasedError):
+            vm.exec(["true"])
+    finally:
+        vm.release()
+
+
+def test_lease_is_a_deprecated_alias_of_vm():
+    with pytest.warns(DeprecationWarning, match="pool.acquire\\(\\) returns the Vm itself"):
+        from supermachine_kernel.api import Lease
+    assert Lease is api.Vm
+    with pytest.raises(AttributeError):
+        api.NoSuchThing
 
 
 def test_pool_saturation_timeout_and_fifo(baked):
     pool = baked.pool(min=1, max=1, acquire_timeout_ms=500)
     try:
-        lease = pool.acquire()
+        held = pool.acquire()
         t = time.monotonic()
         with pytest.raises(TimeoutError, match="no VM became free"):
             pool.acquire()
         assert 0.4 <= time.monotonic() - t < 10
-        lease.release()
+        held.release()
 
         slow = baked.pool(min=1, max=1, acquire_timeout_ms=0)
         order = []
@@ -279,8 +345,9 @@ def test_pool_replaces_a_vm_that_died_while_idle(baked):
         with pool.acquire() as vm:
             pid = vm.qemu_pid
         os.kill(pid, 9)
-        # (a SIGKILLed QEMU takes a moment to finish dying: wait until the runtime sees it)
-        assert wait_until(lambda: not vm.alive, 10)
+        # (a SIGKILLed QEMU takes a moment to finish dying: wait until it is a zombie, which is
+        # what the pool's liveness check sees; the released handle no longer reaches the VM)
+        assert wait_until(lambda: not pid_alive(pid), 10)
         with pool.acquire() as vm:
             assert vm.exec(["true"]).exit_code == 0
             assert vm.qemu_pid != pid
@@ -290,15 +357,20 @@ def test_pool_replaces_a_vm_that_died_while_idle(baked):
 
 def test_pool_shutdown_leaves_no_qemu(baked):
     pool = baked.pool(min=2, max=3)
-    pids = []
-    leases = [pool.acquire() for _ in range(3)]
-    pids = [l.vm.qemu_pid for l in leases]
-    leases[0].release()
+    vms = [pool.acquire() for _ in range(3)]
+    pids = [vm.qemu_pid for vm in vms]
+    vms[0].release()
     pool.shutdown()
-    for l in leases[1:]:
-        l.release()  # VMs in use die when they come back
     with pytest.raises(api.PoolError):
         pool.acquire()
+    # VMs still out keep working until they are released; then they die instead of going back.
+    assert vms[1].exec(["true"]).exit_code == 0
+    for vm in vms[1:]:
+        vm.release()
+        vm.release()
+    with pytest.raises(api.VmReleasedError):
+        vms[1].exec(["true"])
+    assert pool.stats()["in_use"] == 0 and pool.stats()["idle"] == 0
     assert wait_until(lambda: not any(pid_alive(p) for p in pids), 20), pids
 
 
