@@ -408,14 +408,18 @@ class Pool:
 class _GivenBack:
     """Stands in for a pooled VM's runtime handle once ``release()`` or ``discard()`` let go of
     the VM: the pool may already have handed it to someone else, so this handle must never
-    reach it again."""
+    reach it again. It still answers the facts fixed at restore (accel, boot_id,
+    restored_from), like a released VM does."""
 
     alive = False
     qemu_pid = None
     workdir = None
 
-    def __init__(self, vm_id: str, how: str) -> None:
+    def __init__(self, vm_id: str, how: str, raw: "_core.Vm") -> None:
         self.how = how
+        self.accel = raw.accel
+        self.boot_id = raw.boot_id
+        self.restored_from = raw.restored_from
         done = ("given back to its pool by release()" if how == "released"
                 else "destroyed by discard()")
         self._message = f"{vm_id} was {done}; take another VM with pool.acquire()"
@@ -610,7 +614,7 @@ class Vm:
                         "no longer be discarded: call discard() instead of release(), not after it"
                     )
                 return
-            self._vm = _GivenBack(self.id, "discarded" if discard else "released")
+            self._vm = _GivenBack(self.id, "discarded" if discard else "released", raw)
         if discard:
             self._pool._pool.discard(raw)
         else:

@@ -222,6 +222,7 @@ def test_pool_acquire_returns_the_vm_and_release_restores_it(baked):
         assert vm.exec(["python3", "-c", "print(6 * 7)"]).stdout == b"42\n"
         vm.write_file("/tmp/left-behind", b"private")
         first_pid = vm.qemu_pid
+        facts = (vm.restored_from, vm.accel, vm.boot_id)
         st = pool.stats()
         assert (st["in_use"], st["idle"]) == (1, 0)
         vm.release()
@@ -230,6 +231,7 @@ def test_pool_acquire_returns_the_vm_and_release_restores_it(baked):
         assert wait_until(lambda: not pid_alive(first_pid), 20)
         vm.release()  # a second release does nothing
         assert not vm.alive and vm.qemu_pid is None and "released" in repr(vm)
+        assert (vm.restored_from, vm.accel, vm.boot_id) == facts  # fixed facts stay readable
         with pytest.raises(api.VmReleasedError, match=r"given back to its pool.*pool\.acquire\(\)"):
             vm.exec(["true"])
         with pool.acquire() as again:
