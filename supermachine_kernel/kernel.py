@@ -74,11 +74,18 @@ DISPLAY_EVENTS = ("display_data", "update_display_data")
 COMM_EVENTS = ("comm_open", "comm_msg", "comm_close")
 LIMITED_EVENTS = ("stream", *DISPLAY_EVENTS, "execute_result", "error", "clear_output", *COMM_EVENTS)
 RED, RESET = "\x1b[0;31m", "\x1b[0m"
+# Seconds the kernel still waits for the guest's answer to a comm or introspection request after
+# an interrupt before it gives up on it (the guest then ignored the interrupt).
+INTERRUPT_GRACE = 5.0
 BAKING_NOTICE = (
     "[supermachine] First start with this configuration: baking the warm VM snapshot (boot, "
     "start Python, import the warmup modules). Under TCG this takes a few minutes, once; "
     "`supermachine-kernel prepare` does it ahead of time.\n"
 )
+
+
+class GuestUnanswered(RuntimeError):
+    """The guest did not answer a request, and the kernel stopped waiting (an interrupt)."""
 
 
 def _parent_stub(parent: dict) -> dict:
@@ -203,6 +210,7 @@ class MicroVMKernel(Kernel, GuestConfig):
         self._allow_stdin = False
         self._cell_error_seen = False
         self._input_cancel = threading.Event()
+        self._interrupted: asyncio.Event | None = None  # set on the main loop by an interrupt
         self._limiter = RateLimiter(
             self.iopub_msg_rate_limit, self.iopub_data_rate_limit, self.rate_limit_window
         )
@@ -566,41 +574,99 @@ class MicroVMKernel(Kernel, GuestConfig):
 
     def _interrupt_guest(self) -> None:
         self._input_cancel.set()
+        loop = self._main_loop
+        if loop is not None and self._interrupted is not None:
+            loop.call_soon_threadsafe(self._interrupted.set)  # see _guest_request
         guest = self.guest
         if guest is not None:
             threading.Thread(target=guest.interrupt, name="guest-interrupt", daemon=True).start()
 
-    # -- comms -------------------------------------------------------------------------------------
+    # -- requests the guest answers for the frontend (comms, introspection) ----------------------
+    #
+    # Everything the guest sends while it handles such a request (a widget callback's prints,
+    # echo_update, an Output widget's msg_id) is published with the request as its parent, and
+    # before the reply resolves (the session delivers guest frames in order; the guest answers
+    # only after flushing the handler's output). So it all lands between ipykernel's busy and
+    # idle for that request, where frontends route it (ipykernel: the same).
+
+    async def shell_main(self, subshell_id: str | None, msg: t.Any) -> None:  # type: ignore[override]
+        """One shell request at a time, comm messages included. ipykernel lets a comm message
+        overtake a running cell (an async cell may await a widget), with no busy/idle of its
+        own; the guest handles requests one after another anyway, so here the comm message
+        waits for the cell, then runs with its own busy ... idle around the callback's output,
+        as ipykernel does while a (synchronous) cell runs."""
+        async with self._main_asyncio_lock:
+            await self.dispatch_shell(msg, subshell_id=subshell_id)
+
+    async def _guest_request(self, kind: str, shell_request: dict, /, **fields: t.Any) -> dict:
+        """`kind` sent to the guest on behalf of `shell_request`; returns the guest's reply.
+        An interrupt ends the wait once the guest has not answered within INTERRUPT_GRACE
+        seconds (raises GuestUnanswered): a guest that ignores it cannot hold the shell channel.
+        Raises GuestDied, GuestUnavailable, ProtocolError like `GuestSession.request`."""
+        assert self.guest is not None
+        main = self._main_loop
+        if main is not None and asyncio.get_running_loop() is not main:
+            return await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(
+                self._guest_request(kind, shell_request, **fields), main))
+        self._last_parent = shell_request
+        if self._interrupted is None:
+            self._interrupted = asyncio.Event()
+        interrupted = self._interrupted
+        interrupted.clear()
+        reply = asyncio.ensure_future(self.guest.request(kind, **fields))
+        interrupt = asyncio.ensure_future(interrupted.wait())
+        try:
+            await asyncio.wait((reply, interrupt), return_when=asyncio.FIRST_COMPLETED)
+            if not reply.done():
+                await asyncio.wait((reply,), timeout=INTERRUPT_GRACE)
+            if not reply.done():
+                raise GuestUnanswered(
+                    f"the guest did not answer the {kind} request within {INTERRUPT_GRACE:g} s "
+                    "of an interrupt; the kernel stopped waiting for it")
+            return reply.result()
+        finally:
+            interrupt.cancel()
+            reply.cancel()  # a late reply is then dropped by the session
 
     async def comm_open(self, stream, ident, parent) -> None:
-        self._forward_comm("comm_open", parent)
+        await self._forward_comm("comm_open", parent)
 
     async def comm_msg(self, stream, ident, parent) -> None:
-        self._forward_comm("comm_msg", parent)
+        await self._forward_comm("comm_msg", parent)
 
     async def comm_close(self, stream, ident, parent) -> None:
-        self._forward_comm("comm_close", parent)
+        await self._forward_comm("comm_close", parent)
 
-    def _forward_comm(self, kind: str, parent: dict) -> None:
+    async def _forward_comm(self, kind: str, parent: dict) -> None:
+        """The frontend's comm message to the guest's comm manager; returns once the guest's
+        handler (user code: widget callbacks) finished and its output was published."""
         content = parent.get("content") or {}
         comm_id = content.get("comm_id")
         if not isinstance(comm_id, str):
             return
-        if self._exec_parent is None:
-            self._last_parent = parent
+        self._last_parent = parent
+        if self.guest is None or not self.guest.alive:  # no guest: its comms died with it
+            if kind == "comm_open":  # nobody to talk to: close it on the frontend
+                self._publish("comm_close", {"comm_id": comm_id, "data": {}}, parent=parent)
+            return
         fields: dict[str, t.Any] = {
             "comm_id": comm_id,
             "data": content.get("data") or {},
             "metadata": parent.get("metadata") or {},
             "buffers": [base64.b64encode(bytes(b)).decode("ascii") for b in parent.get("buffers") or []],
+            "parent": _parent_stub(parent),
         }
-        fields["parent"] = _parent_stub(parent)
         if kind == "comm_open":
             fields["target_name"] = str(content.get("target_name", ""))
             fields["target_module"] = content.get("target_module")
-        sent = self.guest is not None and self.guest.notify(kind, **fields)
-        if not sent and kind == "comm_open":  # nobody to talk to: close it on the frontend
-            self._publish("comm_close", {"comm_id": comm_id, "data": {}}, parent=parent)
+        try:
+            reply = await self._guest_request(kind, parent, **fields)
+        except (GuestDied, GuestUnavailable, GuestUnanswered, ProtocolError) as e:
+            self.log.warning("%s %s: %s", kind, comm_id, e)  # a death is announced on IOPub
+            return
+        if reply.get("status") == "error":  # ipykernel logs a failing comm handler, too
+            self.log.warning("%s %s failed in the guest: %s: %s", kind, comm_id,
+                             reply.get("ename"), reply.get("evalue"))
 
     async def comm_info_request(self, stream, ident, parent) -> None:  # type: ignore[override]
         target = (parent.get("content") or {}).get("target_name")
@@ -608,7 +674,7 @@ class MicroVMKernel(Kernel, GuestConfig):
         if self.guest is not None and self.guest.alive:
             try:
                 reply = await asyncio.wait_for(
-                    self._on_main(self.guest.request("comm_info", target_name=target)), 10
+                    self._guest_request("comm_info", parent, target_name=target), 10
                 )
             except Exception as e:  # noqa: BLE001
                 self.log.warning("comm_info from the guest failed: %s", e)
@@ -619,8 +685,8 @@ class MicroVMKernel(Kernel, GuestConfig):
     async def _ask(self, kind: str, fallback: dict, **fields: t.Any) -> dict:
         assert self.guest is not None
         try:
-            return await self._on_main(self.guest.request(kind, **fields))
-        except (GuestDied, GuestUnavailable, ProtocolError) as e:
+            return await self._guest_request(kind, self.get_parent("shell"), **fields)
+        except (GuestDied, GuestUnavailable, GuestUnanswered, ProtocolError) as e:
             self.log.warning("%s request failed: %s", kind, e)
             return fallback
 

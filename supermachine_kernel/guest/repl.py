@@ -7,7 +7,8 @@ Wire format, both directions: a 4-byte big-endian length, then that many bytes o
 holding one object with a "type" key. Binary payloads (PNG, comm buffers) travel as base64.
 
     host -> guest: execute, complete, inspect, is_complete, history, comm_info, comm_open,
-                   comm_msg, comm_close, input_reply, hello, shutdown
+                   comm_msg, comm_close, input_reply, hello, shutdown (requests with an
+                   "id" are answered with a reply once their output has been sent)
     guest -> host: ready, reply {id, content}, stream, display_data, update_display_data,
                    execute_result, clear_output, error, input_request, comm_open, comm_msg,
                    comm_close
@@ -563,8 +564,9 @@ def _comm_message(req):
     if req["type"] == "comm_open":
         content["target_name"] = req.get("target_name", "")
         content["target_module"] = req.get("target_module")
+    header = dict(_parent_of(req).get("header") or {}, msg_type=req["type"])
     return {
-        "header": {"msg_type": req["type"]},
+        "header": header,
         "parent_header": {},
         "metadata": req.get("metadata") or {},
         "content": content,
@@ -1440,6 +1442,10 @@ class Driver:
         except Exception as e:  # a driver bug must not kill the session
             content = {"status": "error", "ename": type(e).__name__, "evalue": str(e),
                        "traceback": traceback.format_exc().splitlines()}
+        if kind != "execute":  # (do_execute flushes before it builds its reply)
+            # What the handler printed leaves before the reply: the host publishes idle for
+            # the request once the reply is in.
+            state.output.flush(fds=True)
         if rid is not None:
             try:
                 _send({"type": "reply", "id": rid, "content": content})
@@ -1508,11 +1514,14 @@ class Driver:
         return {"status": "ok", "comms": comms}
 
     def _comm(self, req):
+        """A frontend's comm_open/comm_msg/comm_close, handled by the comm manager (widget
+        callbacks run here, with the comm message as the current request); answered once
+        the handler returned and its output was sent (handle() flushes before the reply)."""
         if self.comm_manager is None:
             if req["type"] == "comm_open":  # nobody here to talk to: close it again
                 _send({"type": "comm_close", "comm_id": req.get("comm_id"), "data": {},
                        "metadata": {}, "buffers": []})
-            return None
+            return {"status": "ok"}
         handler = getattr(self.comm_manager, req["type"])
         state.parent = _parent_of(req)
         state.executing = True  # widget callbacks are user code: interruptible
@@ -1520,8 +1529,7 @@ class Driver:
             handler(None, None, _comm_message(req))
         finally:
             state.executing = False
-        state.output.flush(fds=True)
-        return None
+        return {"status": "ok"}
 
     do_comm_open = do_comm_msg = do_comm_close = _comm
 
