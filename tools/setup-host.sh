@@ -4,7 +4,9 @@
 set -euo pipefail
 
 PACKAGES=(qemu-system-x86 qemu-utils erofs-utils mmdebstrap e2fsprogs cpio busybox-static kmod
-          python3-venv ca-certificates)
+          python3-venv ca-certificates
+          # OCI image tests: a local registry, pushing test images, htpasswd, test TLS certs.
+          docker-registry skopeo apache2-utils openssl)
 
 if ! command -v dpkg-query >/dev/null 2>&1 || ! command -v apt-get >/dev/null 2>&1; then
     echo "setup: this host is not Debian-family (no dpkg/apt-get)." >&2

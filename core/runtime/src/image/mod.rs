@@ -27,6 +27,7 @@ mod cache;
 mod error;
 mod initramfs;
 mod kernel;
+pub mod oci;
 mod recipe;
 mod rootfs;
 mod tools;
@@ -129,7 +130,7 @@ pub fn ensure_image(reference: Option<&str>, opts: &BuildOptions) -> Result<Imag
         Build::Existing(c) => c,
         Build::Recipe(r) => {
             let hash = r.hash();
-            ensure_rootfs(&root, &name, &hash, opts, &progress, |s, log, t| {
+            ensure_rootfs(&root, &name, &hash, opts, &progress, true, |s, log, t| {
                 let scratch = rootfs::Scratch {
                     dir: s.to_path_buf(),
                     log: log.to_path_buf(),
@@ -142,7 +143,7 @@ pub fn ensure_image(reference: Option<&str>, opts: &BuildOptions) -> Result<Imag
         }
         Build::Dir(p) => {
             let hash = recipe::dir_fingerprint(&p)?;
-            ensure_rootfs(&root, &name, &hash, opts, &progress, |_, _, _| {
+            ensure_rootfs(&root, &name, &hash, opts, &progress, true, |_, _, _| {
                 let py = rootfs::guest_python_version(&p);
                 Ok((p.clone(), py, format!("dir:{}", p.display()), None))
             })?
@@ -190,13 +191,15 @@ enum Build {
 type Tree = (PathBuf, Option<String>, String, Option<serde_json::Value>);
 
 /// Returns the cached `images/<name>/<hash>`, or builds it with `make_tree(scratch, log,
-/// timings)` and packs the tree into erofs.
+/// timings)` and packs the tree into erofs. With `pin_kernel` false the manifest names no
+/// kernel yet: [`ensure_image`] pins one the first time the image is used.
 fn ensure_rootfs(
     root: &Path,
     name: &str,
     hash: &str,
     opts: &BuildOptions,
     progress: &Progress,
+    pin_kernel: bool,
     make_tree: impl FnOnce(&Path, &Path, &mut rootfs::Timings) -> Result<Tree>,
 ) -> Result<CachedImage> {
     let parent = cache::images_dir(root).join(name);
@@ -241,14 +244,17 @@ fn ensure_rootfs(
         timings.push(("mkfs.erofs".into(), secs));
         cache::remove_tree(&scratch)?;
         // A recipe build picks up the current Debian kernel; packing a directory does not ask apt.
-        let kernel = kernel::ensure(root, None, recipe_json.is_none(), progress)?;
+        let kernel = match pin_kernel {
+            true => Some(kernel::ensure(root, None, recipe_json.is_none(), progress)?),
+            false => None,
+        };
         timings.push(("total".into(), started.elapsed().as_secs_f64()));
         let rootfs_bytes = fs::metadata(&out).map(|m| m.len()).unwrap_or(0);
         progress.note(&format!(
             "rootfs {:.0} MB, python {}, kernel {}",
             rootfs_bytes as f64 / 1e6,
             python_version.as_deref().unwrap_or("none"),
-            kernel.release
+            kernel.as_ref().map_or("(chosen at first use)", |k| k.release.as_str())
         ));
         let manifest = Manifest {
             format: cache::MANIFEST_FORMAT,
@@ -258,7 +264,7 @@ fn ensure_rootfs(
             recipe: recipe_json,
             created_unix: cache::now_unix(),
             python_version,
-            kernel: Some(kernel.id),
+            kernel: kernel.map(|k| k.id),
             rootfs_bytes,
             timings,
         };
