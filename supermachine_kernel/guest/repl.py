@@ -367,14 +367,34 @@ class StdinNotImplementedError(RuntimeError):
     """input() was called, but the frontend does not support input requests."""
 
 
+def _ignore_sigint(signum, frame):
+    """SIGINT between requests: an interrupt has nothing to stop."""
+
+
 class State:
     channel = None
     output = None
-    executing = False
+    _executing = False
     allow_stdin = False
     generation = None
     generation_stamp = None  # (inode, mtime) of the generation file when last read
     parent = {}  # {"header": {"msg_id", "msg_type"}} of the Jupyter request being handled
+
+    @property
+    def executing(self):
+        """True while user code runs (a cell, a widget callback): only then does SIGINT (the
+        host's interrupt) raise KeyboardInterrupt. Set from the main thread only. While true,
+        SIGINT has Python's own handler, as in a plain kernel: it raises without a Python frame
+        of its own, so the traceback shows the user's frames only, and `asyncio.run` in a cell
+        takes the interrupt over as it does there."""
+        return self._executing
+
+    @executing.setter
+    def executing(self, value):
+        value = bool(value)
+        if value != self._executing:
+            signal.signal(signal.SIGINT, signal.default_int_handler if value else _ignore_sigint)
+        self._executing = value
 
 
 def _parent_of(req):
@@ -401,12 +421,6 @@ state = State()
 
 def _send(msg):
     state.channel.send(msg)
-
-
-def _on_sigint(signum, frame):
-    if state.executing:
-        raise KeyboardInterrupt
-    # Between requests an interrupt has nothing to stop.
 
 
 def _generation_stamp():
@@ -1032,6 +1046,282 @@ def install_cleanup_fast_path(manager):
     manager.transform_cell = transform_cell
 
 
+# ---------------------------------------------------------------------------------------------
+# The shell's kernel side: what ipykernel's ZMQInteractiveShell adds to IPython, made for a VM
+
+# GUI names that need no event loop because figures go to the notebook (ipykernel's list).
+NOTEBOOK_GUIS = frozenset((None, "inline", "nbagg", "webagg", "notebook", "ipympl", "widget"))
+
+NO_DISPLAY = (
+    "%s needs a display, and this microVM guest has none: GUI event loops (Qt, Tk, GTK, wx, "
+    "macOS) cannot run here. Figures go to the notebook instead: `%%matplotlib inline` (the "
+    "default), with `%%config InlineBackend.figure_format = 'svg'` for SVG."
+)
+
+# Options of `pip install` / `conda install` that take a value (the value is not a package).
+_INSTALL_VALUE_OPTIONS = frozenset((
+    "-c", "--constraint", "-i", "--index-url", "--extra-index-url", "-f", "--find-links",
+    "-t", "--target", "--prefix", "--root", "--platform", "--python-version", "--implementation",
+    "--abi", "--src", "--upgrade-strategy", "--progress-bar", "--report", "--python", "-p",
+    "--channel", "-n", "--name", "--cache-dir", "--log", "--timeout", "--retries", "--proxy",
+))
+# Options that name requirements we cannot check without an installer (files, editable trees).
+_INSTALL_SOURCE_OPTIONS = frozenset(("-r", "--requirement", "-e", "--editable", "--file"))
+_REQUIREMENT_NAME = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9._-]*[A-Za-z0-9])?")
+
+
+def _normalized(name):
+    """A distribution name as package indexes compare them (PEP 503)."""
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def image_distributions():
+    """{normalized name: (name, version, summary, location)} of the Python distributions the
+    guest image has."""
+    from importlib import metadata
+
+    found = {}
+    for dist in metadata.distributions():
+        meta = dist.metadata
+        name = meta.get("Name") if meta is not None else None
+        if not name or _normalized(name) in found:
+            continue  # the first on sys.path wins, as for imports
+        location = getattr(dist, "_path", None)
+        found[_normalized(name)] = (name, dist.version or "", meta.get("Summary") or "",
+                                    str(location.parent) if location is not None else "")
+    return found
+
+
+def install_request(args):
+    """What `install ARGS` asks for: (package names, sources it names that are not a plain
+    package name: requirement files, paths, URLs)."""
+    names, others = [], []
+    args = iter(args)
+    for arg in args:
+        if arg in _INSTALL_VALUE_OPTIONS:
+            next(args, None)
+        elif arg in _INSTALL_SOURCE_OPTIONS:
+            others.append("%s %s" % (arg, next(args, "")))
+        elif arg.startswith("-"):
+            if arg.split("=", 1)[0] in _INSTALL_SOURCE_OPTIONS:
+                others.append(arg)
+        elif "/" in arg or "://" in arg or arg.endswith((".whl", ".tar.gz", ".zip")):
+            others.append(arg)
+        else:
+            m = _REQUIREMENT_NAME.match(arg)
+            if m:
+                names.append(m.group(0))
+            else:
+                others.append(arg)
+    return names, others
+
+
+def no_installer(magic, line):
+    """`%pip LINE` (or %conda, %mamba, %micromamba, %uv): the guest has no network and no
+    installer. What can be answered from the image is (install of packages it already has,
+    list, freeze, show); the rest is a message saying why not and what to do instead. Output
+    only, no exception: the reply is ok, as ipykernel's %pip reply is whatever pip did."""
+    import shlex
+
+    try:
+        args = shlex.split(line)
+    except ValueError:
+        args = line.split()
+    prefix = "%" + magic
+    if magic == "uv" and args[:1] == ["pip"]:
+        args = args[1:]
+        prefix += " pip"
+    command = args[0] if args else ""
+    rest = args[1:]
+    have = image_distributions()
+    if command in ("list", "freeze"):
+        rows = sorted(have.values(), key=lambda d: d[0].lower())
+        if command == "freeze":
+            print("\n".join("%s==%s" % (name, version) for name, version, _, _ in rows))
+        else:
+            width = max([len("Package")] + [len(r[0]) for r in rows])
+            lines = ["%-*s %s" % (width, "Package", "Version"), "%s %s" % ("-" * width, "-" * 7)]
+            lines += ["%-*s %s" % (width, name, version) for name, version, _, _ in rows]
+            print("\n".join(lines))
+        return
+    if command == "show" and rest:
+        blocks = []
+        for name in rest:
+            if name.startswith("-"):
+                continue
+            dist = have.get(_normalized(name))
+            if dist is None:
+                print("WARNING: Package(s) not found: %s" % name, file=sys.stderr)
+                continue
+            blocks.append("Name: %s\nVersion: %s\nSummary: %s\nLocation: %s" % dist)
+        if blocks:
+            print("\n---\n".join(blocks))
+        return
+    why = ("there is no package installer in this microVM guest: it has no network and no %s, "
+           "and the guest's packages come with its image (`%%pip list` shows them)." % magic)
+    if command == "install":
+        names, others = install_request(rest)
+        present = [have[_normalized(n)] for n in names if _normalized(n) in have]
+        missing = [n for n in names if _normalized(n) not in have]
+        if names and not missing and not others:
+            print("Already in this image: %s" % ", ".join("%s %s" % d[:2] for d in present))
+            return
+        lines = ["%s install: %s" % (prefix, why)]
+        if present:
+            lines.append("Already in this image: %s." % ", ".join("%s %s" % d[:2] for d in present))
+        if missing:
+            lines.append("Not in this image: %s." % ", ".join(missing))
+        if others:
+            lines.append("Not checked (no installer to read them): %s." % ", ".join(others))
+        lines.append("To use other packages, build an image that includes them and select it: "
+                     "`supermachine-kernel image build ROOTFS_DIR --name NAME` on the host (see "
+                     "the README), then `c.MicroVMKernel.image = \"NAME\"`.")
+        print("\n".join(lines), file=sys.stderr)
+        return
+    what = "%s %s" % (prefix, command) if command else prefix
+    print("%s: %s What works here: `%%pip list`, `%%pip freeze`, `%%pip show NAME`, and "
+          "`%%pip install NAME` for packages the image has." % (what, why), file=sys.stderr)
+
+
+def init_import_path():
+    """As in ipykernel: the driver's own directory is not on sys.path (its launcher removes it),
+    and the working directory ('') is, before site-packages (IPython's init_path), so
+    `import mymodule` finds a module the notebook wrote with %%writefile, wherever %cd went."""
+    driver = globals().get("__file__")
+    here = os.path.dirname(os.path.abspath(driver)) if driver else ""
+    if sys.path and sys.path[0] in ("", here):
+        del sys.path[0]
+    if "" not in sys.path:
+        at = next((i for i, p in enumerate(sys.path)
+                   if p.endswith(("site-packages", "dist-packages"))), len(sys.path))
+        sys.path.insert(at, "")
+
+
+def install_shell_module(shell_class):
+    """tqdm.auto (and others) choose notebook widgets only when `"ipykernel.zmqshell" in
+    sys.modules`. The guest has no ipykernel: a stand-in module of that name holds the guest's
+    shell class and nothing else (`import ipykernel` still fails, as it should)."""
+    import types
+
+    if "ipykernel.zmqshell" not in sys.modules:
+        module = types.ModuleType("ipykernel.zmqshell", install_shell_module.__doc__)
+        module.ZMQInteractiveShell = shell_class
+        sys.modules["ipykernel.zmqshell"] = module
+
+
+def guest_kernel_magics():
+    """The magics ipykernel's shell adds to IPython (%clear, %less, %more, %man, %edit,
+    %autosave, %connect_info, %qtconsole) as far as they make sense in a VM, and %pip, %conda,
+    %mamba, %micromamba and %uv, which have no installer to run here (see no_installer)."""
+    import shutil
+
+    from IPython.core import page
+    from IPython.core.error import UsageError
+    from IPython.core.magic import Magics, line_magic, magics_class
+
+    @magics_class
+    class GuestKernelMagics(Magics):
+        @line_magic
+        def clear(self, arg_s):
+            """Clear the terminal (writes the escape sequence `clear` writes)."""
+            sys.stdout.write("\x1b[H\x1b[2J")
+
+        @line_magic
+        def less(self, arg_s):
+            """Show a guest file through the pager. Files ending in .py are syntax-highlighted."""
+            if not arg_s:
+                raise UsageError("Missing filename.")
+            if arg_s.endswith(".py"):
+                from IPython.utils import openpy
+
+                text = self.shell.pycolorize(openpy.read_py_file(arg_s, skip_encoding_cookie=False))
+            else:
+                with open(arg_s) as f:
+                    text = f.read()
+            page.page(text)
+
+        @line_magic
+        def more(self, arg_s):
+            """Show a guest file through the pager (same as %less)."""
+            self.less(arg_s)
+
+        @line_magic
+        def man(self, arg_s):
+            """Show a man page of the guest through the pager."""
+            if shutil.which("man") is None:
+                raise UsageError("this guest image has no man pages (no `man` command): try "
+                                 "`!%s --help`, or `help(obj)` / `obj?` for Python objects."
+                                 % (arg_s or "CMD"))
+            page.page(self.shell.getoutput("man %s | col -b" % arg_s, split=False))
+
+        @line_magic
+        def edit(self, arg_s):
+            """Not available: an editor would run inside the VM, which has none."""
+            raise UsageError("%edit would start an editor inside the microVM guest, which has "
+                             "none. Write a guest file with `%%writefile FILE` and bring one into "
+                             "a cell with `%load FILE`.")
+
+        @line_magic
+        def ed(self, arg_s):
+            """Alias for %edit."""
+            self.edit(arg_s)
+
+        @line_magic
+        def autosave(self, arg_s):
+            """Set the notebook's autosave interval in seconds (0 disables it); only the classic
+            notebook acts on it."""
+            from IPython.display import Javascript, display
+
+            try:
+                interval = int(arg_s)
+            except ValueError:
+                raise UsageError("%%autosave requires an integer, got %r" % arg_s) from None
+            display(Javascript("IPython.notebook.set_autosave_interval(%i)" % (1000 * interval)),
+                    include=["application/javascript"])
+            print("Autosaving every %i seconds" % interval if interval else "Autosave disabled")
+
+        @line_magic
+        def connect_info(self, arg_s):
+            """Not available in the guest: the kernel and its connection file are on the host."""
+            raise UsageError("this kernel's connection file is on the host, not in the microVM "
+                             "guest: `jupyter --runtime-dir` on the host shows where it is "
+                             "(kernel-ID.json).")
+
+        @line_magic
+        def qtconsole(self, arg_s):
+            """Not available: a Qt console needs a display."""
+            raise UsageError(NO_DISPLAY % "%qtconsole")
+
+        @line_magic
+        def pip(self, line):
+            """No installer in the guest: its packages come with the image. `%pip list`,
+            `%pip freeze` and `%pip show NAME` show them; `%pip install NAME` says whether the
+            image has NAME and, if not, what to do instead."""
+            no_installer("pip", line)
+
+        @line_magic
+        def conda(self, line):
+            """No installer in the guest: see %pip."""
+            no_installer("conda", line)
+
+        @line_magic
+        def mamba(self, line):
+            """No installer in the guest: see %pip."""
+            no_installer("mamba", line)
+
+        @line_magic
+        def micromamba(self, line):
+            """No installer in the guest: see %pip."""
+            no_installer("micromamba", line)
+
+        @line_magic
+        def uv(self, line):
+            """No installer in the guest: see %pip."""
+            no_installer("uv", line)
+
+    return GuestKernelMagics
+
+
 class IPythonExecutor:
     """Runs cells with IPython's InteractiveShell: magics, rich tracebacks, display machinery."""
 
@@ -1040,6 +1330,7 @@ class IPythonExecutor:
     def __init__(self):
         from IPython.core.displayhook import DisplayHook
         from IPython.core.displaypub import DisplayPublisher
+        from IPython.core.error import UsageError
         from IPython.core.interactiveshell import InteractiveShell
         from IPython.core import page
 
@@ -1090,7 +1381,11 @@ class IPythonExecutor:
 
         executor = self
 
-        class GuestShell(InteractiveShell):
+        class ZMQInteractiveShell(InteractiveShell):
+            """The guest's shell. It has ipykernel's shell's name (there is no ZMQ here), since
+            libraries check `get_ipython().__class__.__name__ == "ZMQInteractiveShell"` to know
+            their output goes to a notebook (rich, for one)."""
+
             kernel = KernelShim()
 
             def get_parent(self):
@@ -1136,8 +1431,35 @@ class IPythonExecutor:
                 self.set_hook("show_in_pager", page.as_hook(pager), 99)
 
             def init_environment(self):
-                os.environ.setdefault("PAGER", "cat")
-                os.environ.setdefault("GIT_PAGER", "cat")
+                for key, value in (("PAGER", "cat"), ("GIT_PAGER", "cat"),
+                                   ("CLICOLOR_FORCE", "1")):
+                    os.environ.setdefault(key, value)
+
+            def init_virtualenv(self):
+                pass  # as in ipykernel: a kernel uses the Python it runs on
+
+            def init_magics(self):
+                super().init_magics()
+                self.register_magics(guest_kernel_magics())
+
+            def enable_gui(self, gui=None):
+                # Only the loop-less "GUIs" of notebook figures; IPython's base class raises
+                # NotImplementedError, which `%matplotlib inline` ended with.
+                if gui not in NOTEBOOK_GUIS:
+                    raise UsageError(NO_DISPLAY % ("%%gui %s" % gui))
+                self.active_eventloop = gui
+
+            def enable_matplotlib(self, gui=None):
+                # A desktop backend is refused before matplotlib switches to it.
+                from IPython.core import pylabtools
+
+                try:
+                    wanted, _ = pylabtools.find_gui_and_backend(gui, self.pylab_gui_select)
+                except Exception:
+                    wanted = None  # matplotlib's own error follows
+                if wanted not in NOTEBOOK_GUIS:
+                    raise UsageError(NO_DISPLAY % ("%%matplotlib %s" % (gui or wanted)))
+                return super().enable_matplotlib(gui)
 
         from traitlets.config import Config
 
@@ -1150,13 +1472,15 @@ class IPythonExecutor:
         cfg.InteractiveShell.xmode = "Context"
         cfg.IPKernelApp = Config()  # how tqdm & co. recognise a notebook frontend
         self.last_error = None
-        self.shell = GuestShell.instance(
+        self.shell = ZMQInteractiveShell.instance(
             config=cfg,
             displayhook_class=GuestDisplayHook,
             display_pub_class=GuestDisplayPublisher,
         )
         self.shell.display_page = True
         self.shell.enable_html_pager = True
+        install_shell_module(ZMQInteractiveShell)
+        init_import_path()
         install_scalar_fast_path(self.shell.display_formatter)
         install_token_fast_path(self.shell.input_transformer_manager)
         install_cleanup_fast_path(self.shell.input_transformer_manager)
@@ -1553,7 +1877,7 @@ def main():
     sys.stderr = TextStream(output.stderr, 2)
     sys.__stderr__ = os.fdopen(diag, "w", buffering=1)
 
-    signal.signal(signal.SIGINT, _on_sigint)
+    signal.signal(signal.SIGINT, _ignore_sigint)
     install_hello_notification()
     state.generation_stamp = _generation_stamp()
     state.generation = _read_generation()
