@@ -21,7 +21,7 @@ use std::time::Duration;
 
 use futures_util::StreamExt;
 use oci_client::client::{BlobResponse, Certificate, CertificateEncoding, ClientConfig, ClientProtocol};
-use oci_client::errors::{OciDistributionError, OciErrorCode};
+use oci_client::errors::{DigestError, OciDistributionError, OciErrorCode};
 use oci_client::secrets::RegistryAuth;
 use oci_client::RegistryOperation;
 use oci_client::{Client, Reference};
@@ -194,8 +194,15 @@ impl Registry {
         let mut client = make(ClientProtocol::Https)?;
         if plain {
             let probe = rt.block_on(client.auth(reference, &auth, RegistryOperation::Pull));
-            if let Err(OciDistributionError::RequestError(_)) = probe {
-                client = make(ClientProtocol::HttpsExcept(vec![registry.clone()]))?;
+            match probe {
+                // It speaks TLS but we do not trust its certificate: say so, do not downgrade.
+                Err(e @ OciDistributionError::RequestError(_)) if chain(&e).to_ascii_lowercase().contains("certificate") => {
+                    return Err(RegistryError::Tls { registry, detail: chain(&e) }.into());
+                }
+                Err(OciDistributionError::RequestError(_)) => {
+                    client = make(ClientProtocol::HttpsExcept(vec![registry.clone()]))?;
+                }
+                _ => {}
             }
         }
         Ok(Registry { rt, client, reference: reference.clone(), auth })
@@ -251,11 +258,22 @@ impl Registry {
                 .open(partial)
                 .map_err(io_err(format!("opening {}", partial.display())))?;
             while let Some(chunk) = stream.next().await {
-                let chunk = chunk.map_err(|e| RegistryError::Interrupted {
-                    what: what.into(),
-                    received,
-                    detail: chain(&e),
-                })?;
+                let chunk = match chunk {
+                    Ok(c) => c,
+                    // oci-client checks a whole blob's digest at its end: refuse it like commit().
+                    Err(e) if e.get_ref().is_some_and(|i| i.is::<DigestError>()) => {
+                        drop(f);
+                        let _ = fs::remove_file(partial);
+                        return Err(match d.size {
+                            Some(s) if received < s => StoreError::Truncated { what: what.into(), expected: s, actual: received },
+                            _ => StoreError::DigestMismatch { what: what.into(), expected: d.digest.clone(), actual: e.to_string() },
+                        }
+                        .into());
+                    }
+                    Err(e) => {
+                        return Err(RegistryError::Interrupted { what: what.into(), received, detail: chain(&e) }.into())
+                    }
+                };
                 f.write_all(&chunk).map_err(io_err(format!("writing {}", partial.display())))?;
                 received += chunk.len() as u64;
                 if d.size.is_some_and(|s| received > s) {
