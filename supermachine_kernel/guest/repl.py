@@ -1118,9 +1118,10 @@ def install_request(args):
 
 def no_installer(magic, line):
     """`%pip LINE` (or %conda, %mamba, %micromamba, %uv): the guest has no network and no
-    installer. What can be answered from the image is (install of packages it already has,
-    list, freeze, show); the rest is a message saying why not and what to do instead. Output
-    only, no exception: the reply is ok, as ipykernel's %pip reply is whatever pip did."""
+    installer. What the image itself answers is answered (install of packages it already has,
+    list, freeze, show); anything else gets a message saying why not and what to do instead.
+    Output only, no exception: the reply is ok, as ipykernel's %pip reply is ok whatever pip
+    did, so a notebook runs on as it would there."""
     import shlex
 
     try:
