@@ -90,6 +90,14 @@ fn plain_loopback_registry_pull_resume_and_bad_input() {
     assert!(matches!(e, OciError::Store(StoreError::Truncated { .. }) | OciError::Registry(RegistryError::Interrupted { .. })), "{e}");
     assert!(!c.join("oci/blobs/sha256").join(first.trim_start_matches("sha256:")).exists());
     assert!(supermachine_runtime::image::list_images(Some(&c)).is_empty());
+
+    // Offline (registry gone), the image built earlier from this reference is used.
+    drop(reg);
+    let offline = oci::build(&reference, &opts(&cache, no_creds(&t))).unwrap_or_else(|e| panic!("offline: {e}"));
+    assert_eq!(offline.record.manifest_digest, img.record.manifest_digest);
+    assert_eq!(offline.rootfs, img.rootfs);
+    let e = oci::build(&reference, &opts(&c, no_creds(&t))).unwrap_err();
+    assert!(matches!(e, OciError::Registry(RegistryError::Unreachable { .. })), "{e}");
 }
 
 #[test]

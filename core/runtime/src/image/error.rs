@@ -28,6 +28,8 @@ pub enum ImageError {
     Corrupt { path: PathBuf, detail: String },
     /// A filesystem operation failed.
     Io { context: String, source: io::Error },
+    /// Pulling or unpacking an OCI image failed (see `oci/`).
+    Oci(Box<super::oci::OciError>),
 }
 
 pub type Result<T> = std::result::Result<T, ImageError>;
@@ -94,6 +96,7 @@ impl fmt::Display for ImageError {
                 path.display()
             ),
             ImageError::Io { context, source } => write!(f, "{context}: {source}"),
+            ImageError::Oci(e) => e.fmt(f),
         }
     }
 }

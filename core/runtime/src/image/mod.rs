@@ -108,8 +108,34 @@ pub const PRUNE_UNUSED_AFTER: std::time::Duration = std::time::Duration::from_se
 pub fn ensure_image(reference: Option<&str>, opts: &BuildOptions) -> Result<ImagePaths> {
     let root = cache_root(opts.cache_dir.as_deref());
     let cached_names = cache::names(&root);
-    let source = recipe::resolve(reference, &cached_names)?;
+    // An OCI reference (`python:3.12-slim`, `oci:DIR:TAG`, a `docker save` tarball) is pulled
+    // and packed first; it then boots like any cached image, with our kernel and initrd.
+    let oci_image = match reference {
+        Some(r) if !recipe::builtin_names().iter().any(|n| n == r)
+            && !cached_names.iter().any(|n| n == r)
+            && oci::looks_like_oci(r) =>
+        {
+            let oci_opts = oci::OciBuildOptions {
+                cache_dir: Some(root.clone()),
+                name: opts.name.clone(),
+                progress: opts.progress,
+                force: opts.force,
+                ..Default::default()
+            };
+            Some(oci::build(r, &oci_opts).map_err(|e| ImageError::Oci(Box::new(e)))?)
+        }
+        _ => None,
+    };
+    let source = match &oci_image {
+        Some(img) => recipe::Source::Cached(img.name.clone()),
+        None => recipe::resolve(reference, &cached_names)?,
+    };
     let (name, source) = match source {
+        recipe::Source::Cached(n) if oci_image.is_some() => {
+            let img = oci_image.expect("checked");
+            let manifest = Manifest::read(&img.dir.join("manifest.json"))?;
+            (n, Build::Existing(CachedImage { dir: img.dir, rootfs: img.rootfs, manifest }))
+        }
         recipe::Source::Recipe(r) => (opts.name.clone().unwrap_or_else(|| r.name.clone()), Build::Recipe(r)),
         recipe::Source::Dir(p) => {
             (opts.name.clone().unwrap_or_else(|| recipe::dir_image_name(&p)), Build::Dir(p))

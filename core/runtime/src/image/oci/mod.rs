@@ -38,7 +38,7 @@ pub use credentials::CredentialsError;
 pub use local::LocalError;
 pub use manifest::ManifestError;
 pub use pull::{Pulled, StoredLayer};
-pub use reference::{parse as parse_reference, ReferenceError, Source};
+pub use reference::{looks_like_oci, parse as parse_reference, ReferenceError, Source};
 pub use registry::{is_loopback, RegistryError, RegistryOptions};
 pub use store::{digest_of, Store, StoreError};
 pub use unpack::{LayerStats, Root, UnpackError};
@@ -201,7 +201,24 @@ pub fn build(reference: &str, opts: &OciBuildOptions) -> Result<OciImage, OciErr
     let progress = Progress::new(format!("image {name}"), opts.progress);
     progress.note(&format!("pull {} ...", source.display()));
     let started = std::time::Instant::now();
-    let pulled = pull(&source, &root, &opts.registry, &|line| progress.note(line))?;
+    let pulled = match pull(&source, &root, &opts.registry, &|line| progress.note(line)) {
+        Ok(p) => p,
+        // Offline: the newest image built from this reference serves (a registry's tag may
+        // have moved since; the note says which digest is used).
+        Err(e @ OciError::Registry(RegistryError::Unreachable { .. })) => {
+            let prefix = format!("oci:{}@", source.display());
+            let cached = cache::list(&root).into_iter().find(|c| c.manifest.source.starts_with(&prefix));
+            match cached.and_then(|c| from_cached(&c)) {
+                Some(img) => {
+                    progress.note(&format!("{e}; using the cached {}", img.record.manifest_digest));
+                    cache::touch_used(&img.dir);
+                    return Ok(img);
+                }
+                None => return Err(e),
+            }
+        }
+        Err(e) => return Err(e),
+    };
     progress.note(&format!(
         "pull {} ... {:.1} s ({})",
         source.display(),
@@ -248,19 +265,25 @@ pub fn build(reference: &str, opts: &OciBuildOptions) -> Result<OciImage, OciErr
         (Err(e), None) => return Err(e.into()),
     };
     cache::touch_used(&image.dir);
-    let record = image
-        .manifest
-        .recipe
-        .as_ref()
-        .and_then(|v| v.get("oci"))
-        .and_then(|v| serde_json::from_value(v.clone()).ok())
-        .unwrap_or(record);
-    Ok(OciImage {
+    Ok(from_cached(&image).unwrap_or(OciImage {
         name,
         hash,
         dir: image.dir.clone(),
         rootfs: image.rootfs.clone(),
         python_version: image.manifest.python_version.clone(),
+        record,
+    }))
+}
+
+/// The OCI image a cache entry holds (None if it was not built from an OCI source).
+fn from_cached(c: &cache::CachedImage) -> Option<OciImage> {
+    let record: OciRecord = serde_json::from_value(c.manifest.recipe.as_ref()?.get("oci")?.clone()).ok()?;
+    Some(OciImage {
+        name: c.manifest.name.clone(),
+        hash: c.manifest.hash.clone(),
+        dir: c.dir.clone(),
+        rootfs: c.rootfs.clone(),
+        python_version: c.manifest.python_version.clone(),
         record,
     })
 }

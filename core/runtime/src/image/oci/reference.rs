@@ -115,6 +115,29 @@ fn split_tag(s: &str) -> (PathBuf, Option<String>) {
     (PathBuf::from(s), None)
 }
 
+/// Whether `reference` names an OCI image (and not a root filesystem directory or an image
+/// name): a local-source prefix, a directory holding `oci-layout`, an existing file, or a
+/// registry reference with a tag, a digest or a registry host (`ghcr.io/x`, `localhost:5000/x`).
+pub fn looks_like_oci(reference: &str) -> bool {
+    let r = reference.trim();
+    if ["oci:", "oci-archive:", "docker-archive:"].iter().any(|p| r.starts_with(p)) {
+        return true;
+    }
+    let p = Path::new(r);
+    if p.is_dir() {
+        return p.join("oci-layout").is_file();
+    }
+    if p.is_file() {
+        return true;
+    }
+    if r.starts_with(['.', '/', '~']) {
+        return false;
+    }
+    let first = r.split('/').next().unwrap_or("");
+    let registry_host = r.contains('/') && (first.contains(['.', ':']) || first == "localhost");
+    (r.contains([':', '@']) || registry_host) && r.parse::<oci_client::Reference>().is_ok()
+}
+
 /// Parses a user's image reference.
 pub fn parse(reference: &str) -> Result<Source, ReferenceError> {
     let r = reference.trim();
@@ -174,6 +197,18 @@ mod tests {
         let e = parse("UPPER/Case:tag").unwrap_err();
         assert!(e.to_string().contains("python:3.12-slim"), "{e}");
         assert!(matches!(parse("oci:/no/such/dir:v1"), Err(ReferenceError::NoSuchPath { .. })));
+    }
+
+    #[test]
+    fn oci_references_are_told_from_names_and_paths() {
+        for r in ["python:3.12-slim", "ghcr.io/owner/img", "localhost:5000/x", "docker-archive:/x"] {
+            assert!(looks_like_oci(r), "{r}");
+        }
+        let digest = format!("repo@sha256:{}", "a".repeat(64));
+        assert!(looks_like_oci(&digest));
+        for r in ["default", "minimal", "some/dir", "./rootfs", "/no/such/dir", "~/root"] {
+            assert!(!looks_like_oci(r), "{r}");
+        }
     }
 
     #[test]
