@@ -14,7 +14,7 @@ import time
 
 import pytest
 
-from .harness import KERNEL, SLOW, Kernel, stderr_of, stdout_of
+from .harness import BACKEND, SLOW, Kernel, stderr_of, stdout_of
 
 PLAIN = "python3"
 
@@ -90,7 +90,7 @@ def shape(reply: dict, outputs: list[dict]) -> tuple:
 
 @pytest.fixture(scope="module")
 def plain(tmp_path_factory):
-    """Plain ipykernel, working in a scratch directory as the guest works in its /tmp."""
+    """Plain ipykernel, working in a scratch directory as the guest does."""
     k = Kernel(PLAIN)
     reply, _ = k.execute("%%cd %s" % tmp_path_factory.mktemp("plain-ipykernel"))
     assert reply["status"] == "ok", reply
@@ -99,8 +99,12 @@ def plain(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def guest(kernel):
-    reply, _ = kernel.execute("%cd /tmp")
+def guest(kernel, tmp_path_factory):
+    """The microVM kernel in a scratch directory of its own (not the directory the REPL driver
+    was started from: `import` of a module written there must work through '' on sys.path)."""
+    scratch = "/tmp/smk-magics" if BACKEND == "vm" else str(tmp_path_factory.mktemp("guest"))
+    reply, _ = kernel.execute("import os\nos.makedirs(%r, exist_ok=True)\n%%cd %s"
+                              % (scratch, scratch))
     assert reply["status"] == "ok", reply
     return kernel
 
