@@ -5,6 +5,8 @@ Started by the host as `python3 -u repl.py`; the host owns the other end of its 
 
 Wire format, both directions: a 4-byte big-endian length, then that many bytes of UTF-8 JSON
 holding one object with a "type" key. Binary payloads (PNG, comm buffers) travel as base64.
+Stream text from the guest travels raw instead: a length with its top bit set (RAW_STREAM)
+announces a body of one byte (1 = stdout, 2 = stderr) followed by the text in UTF-8.
 
     host -> guest: execute, complete, inspect, is_complete, history, comm_info, comm_open,
                    comm_msg, comm_close, input_reply, hello, shutdown (requests with an
@@ -27,7 +29,9 @@ import ast
 import base64
 import builtins
 import codeop
+import collections
 import datetime
+import fcntl
 import fnmatch
 import inspect
 import io
@@ -46,7 +50,13 @@ import traceback
 
 HEADER = struct.Struct(">I")
 MAX_FRAME = 32 * 1024 * 1024
-STREAM_CHUNK = 1024 * 1024  # largest stream text per frame
+RAW_STREAM = 0x80000000  # header flag: a raw stream frame (see the module doc)
+STREAM_IDS = {"stdout": b"\x01", "stderr": b"\x02"}
+STREAM_CHUNK = 1024 * 1024  # most characters of stream text per frame
+MAX_QUEUED = 4 * 1024 * 1024  # bytes of frames waiting for the writer before senders block
+MAX_PIECES = 512  # buffers per writev (IOV_MAX is 1024)
+F_SETPIPE_SZ = 1031  # fcntl.F_SETPIPE_SZ (Python >= 3.10 names it)
+PIPE_SIZE = 1024 * 1024
 FLUSH_INTERVAL = 0.05
 WARM_UP_GRACE = 0.05  # seconds a host that just attached has to send its first request
 GENERATION_FILE = "/run/supermachine/generation"
@@ -76,74 +86,119 @@ def _json_default(obj):
 
 # One encoder for every frame (json.dumps with `default=` builds a new one per call).
 _ENCODER = json.JSONEncoder(default=_json_default)
+_SURROGATES = re.compile("[\ud800-\udfff]")
+
+
+def _utf8(text):
+    """`text` as UTF-8; a lone surrogate (a file name decoded with surrogateescape, say) shows
+    as U+FFFD instead of failing the whole write."""
+    try:
+        return text.encode("utf-8")
+    except UnicodeEncodeError:
+        return _SURROGATES.sub("\ufffd", text).encode("utf-8")
+
+
+def _write_all(fd, pieces):
+    """Writes every buffer in `pieces`, in order, with as few system calls as the fd allows."""
+    while pieces:
+        n = os.writev(fd, pieces)
+        done = 0
+        while done < len(pieces) and n >= len(pieces[done]):
+            n -= len(pieces[done])
+            done += 1
+        pieces = pieces[done:]
+        if n:
+            pieces[0] = memoryview(pieces[0])[n:]
 
 
 class Channel:
-    """Frames in from the host, frames out to it. `send` is safe from any thread."""
+    """Frames in from the host, frames out to it. `send` is safe from any thread.
+
+    Outgoing frames wait in a queue of at most MAX_QUEUED bytes (one larger frame may pass
+    alone): a sender blocks while the writer is that far behind, so a flood of output waits for
+    the host instead of filling guest memory."""
 
     def __init__(self, rfd, wfd):
         self._rfd = rfd
         self._wfd = wfd
-        self._out = queue.SimpleQueue()
+        self._out = collections.deque()  # frames: tuples of bytes pieces
+        self._queued = 0  # bytes in _out plus the batch being written
         self._held = None  # a frame kept back by send(hold=True)
-        self._held_lock = threading.Lock()
+        self._cond = threading.Condition(threading.Lock())
         self.requests = queue.SimpleQueue()  # for the main thread; None = host went away
         self.input_replies = queue.SimpleQueue()
+        try:  # fewer, larger writes and reads between us and the agent
+            fcntl.fcntl(wfd, F_SETPIPE_SZ, PIPE_SIZE)
+        except OSError:
+            pass
         threading.Thread(target=self._write_loop, name="repl-writer", daemon=True).start()
 
     def start_reading(self):
         threading.Thread(target=self._read_loop, name="repl-reader", daemon=True).start()
 
     def send(self, msg, hold=False):
-        """Queues one frame for the host. With hold=True it is kept back until the next send
-        (or the flusher's next tick, FLUSH_INTERVAL at most), so a cell's result leaves in one
-        write with the reply that follows it: under TCG every write wakes the agent and crosses
-        virtio-serial, and the host handles each separately (a `1+1` cell: ~1 ms less)."""
+        """Queues one JSON frame for the host. With hold=True it is kept back until the next
+        send (or the flusher's next tick, FLUSH_INTERVAL at most), so a cell's result leaves
+        in one write with the reply that follows it: under TCG every write wakes the agent and
+        crosses virtio-serial, and the host handles each separately (a `1+1` cell: ~1 ms less)."""
         data = _ENCODER.encode(msg).encode("utf-8")
         if len(data) > MAX_FRAME:
             raise ValueError(
                 "output of %d bytes is larger than the %d-byte message limit" % (len(data), MAX_FRAME)
             )
-        frame = HEADER.pack(len(data)) + data
-        with self._held_lock:
-            held, self._held = self._held, None
-            if hold:
-                self._held, frame = frame, held
-            elif held is not None:
-                frame = held + frame
-            if frame is not None:
-                self._out.put(frame)
+        self._put((HEADER.pack(len(data)), data), len(data) + HEADER.size, hold)
 
-    def release_held(self):
-        with self._held_lock:
+    def send_stream(self, name, data):
+        """Queues stream text (`name` "stdout" or "stderr"; `data` UTF-8 of at most
+        STREAM_CHUNK characters) as a raw stream frame: no JSON, whose encoder under TCG cost
+        more than everything else on the way out (~40 ms per MB)."""
+        self._put((HEADER.pack(RAW_STREAM | (len(data) + 1)) + STREAM_IDS[name], data),
+                  len(data) + HEADER.size + 1)
+
+    def _put(self, frame, size, hold=False):
+        with self._cond:
+            while self._queued and self._queued + size > MAX_QUEUED:
+                self._cond.wait()
             held, self._held = self._held, None
             if held is not None:
-                self._out.put(held)
+                self._enqueue(*held)
+            if hold:
+                self._held = (frame, size)
+            else:
+                self._enqueue(frame, size)
+
+    def _enqueue(self, frame, size):
+        self._out.append(frame)
+        self._queued += size
+        self._cond.notify_all()
+
+    def release_held(self):
+        with self._cond:
+            held, self._held = self._held, None
+            if held is not None:
+                self._enqueue(*held)
 
     def _write_loop(self):
         while True:
-            frame = self._out.get()
             # Frames queued meanwhile (a result and its reply) leave in one write: every write
             # wakes the agent and crosses virtio-serial once, which under TCG costs more than
-            # the copying.
-            batch = [frame]
-            size = len(frame)
-            while size < STREAM_CHUNK:
-                try:
-                    more = self._out.get_nowait()
-                except queue.Empty:
-                    break
-                batch.append(more)
-                size += len(more)
-            if len(batch) > 1:
-                frame = b"".join(batch)
-            view = memoryview(frame)
+            # anything else per frame.
+            pieces = []
+            size = 0
+            with self._cond:
+                while not self._out:
+                    self._cond.wait()
+                while self._out and size < STREAM_CHUNK and len(pieces) < MAX_PIECES:
+                    frame = self._out.popleft()
+                    pieces.extend(frame)
+                    size += sum(map(len, frame))
             try:
-                while view:
-                    n = os.write(self._wfd, view)
-                    view = view[n:]
+                _write_all(self._wfd, pieces)
             except OSError:
                 os._exit(0)  # the host is gone; nothing left to serve
+            with self._cond:
+                self._queued -= size
+                self._cond.notify_all()
 
     def _read_exact(self, n):
         buf = bytearray()
@@ -222,13 +277,11 @@ class StreamBuffer:
         with self._lock:
             if not self._parts:
                 return
-            text = "".join(self._parts)
+            text = "".join(self._parts) if len(self._parts) > 1 else self._parts[0]
             self._parts = []
             self._size = 0
             for start in range(0, len(text), STREAM_CHUNK):
-                self._channel.send(
-                    {"type": "stream", "name": self.name, "text": text[start : start + STREAM_CHUNK]}
-                )
+                self._channel.send_stream(self.name, _utf8(text[start : start + STREAM_CHUNK]))
 
 
 class TextStream(io.TextIOBase):

@@ -2,7 +2,10 @@
 
 A frame is a 4-byte big-endian length followed by that many bytes of UTF-8 JSON holding one
 object with a "type" key (the guest side of this lives in `guest/repl.py`, which must stay
-stdlib-only and so repeats the few lines of encoding).
+stdlib-only and so repeats the few lines of encoding). The guest sends stream text as *raw*
+frames: the length has its top bit set (`RAW_STREAM`) and the body is one byte naming the
+stream (1 stdout, 2 stderr) and then the text in UTF-8, decoded here with invalid bytes
+replaced; they become the same `{"type": "stream", "name", "text"}` objects as JSON frames.
 
 Everything the guest sends is untrusted. `FrameDecoder` caps every frame (`MAX_FRAME_BYTES`);
 `validate_event` / `validate_reply` turn a decoded object into the shape the kernel publishes or
@@ -21,6 +24,8 @@ from typing import Any
 
 HEADER = struct.Struct(">I")
 MAX_FRAME_BYTES = 32 * 1024 * 1024
+RAW_STREAM = 0x80000000
+RAW_STREAM_NAMES = {1: "stdout", 2: "stderr"}
 MAX_BUFFERS = 64
 
 
@@ -42,6 +47,7 @@ class FrameDecoder:
     def __init__(self, max_frame: int = MAX_FRAME_BYTES) -> None:
         self._buf = bytearray()
         self._need: int | None = None
+        self._raw = False
         self._max = max_frame
 
     def feed(self, data: bytes) -> list[dict[str, Any]]:
@@ -49,31 +55,52 @@ class FrameDecoder:
 
     def feed_sized(self, data: bytes) -> list[tuple[int, dict[str, Any]]]:
         """Like `feed`, with each frame's encoded size (for memory accounting)."""
-        self._buf += data
+        buf = self._buf
+        buf += data
         out = []
         while True:
             if self._need is None:
-                if len(self._buf) < HEADER.size:
+                if len(buf) < HEADER.size:
                     break
-                (size,) = HEADER.unpack_from(self._buf)
+                (size,) = HEADER.unpack_from(buf)
+                self._raw = bool(size & RAW_STREAM)
+                size &= ~RAW_STREAM
                 if size > self._max:
                     raise ProtocolError(
                         f"guest frame of {size} bytes exceeds the {self._max}-byte limit"
                     )
-                del self._buf[: HEADER.size]
+                if self._raw and size < 1:
+                    raise ProtocolError("raw stream frame without its stream byte")
+                del buf[: HEADER.size]
                 self._need = size
-            if len(self._buf) < self._need:
+            need = self._need
+            if len(buf) < need:
                 break
-            body = bytes(self._buf[: self._need])
-            del self._buf[: self._need]
+            if self._raw:
+                msg = _raw_stream(buf, need)
+            else:
+                with memoryview(buf) as view:
+                    body = bytes(view[:need])
+                msg = decode_body(body)
+            del buf[:need]
             self._need = None
-            out.append((len(body), decode_body(body)))
+            out.append((need, msg))
         return out
 
     @property
     def pending(self) -> int:
         """Bytes of an incomplete frame still held."""
         return len(self._buf)
+
+
+def _raw_stream(buf: bytearray, size: int) -> dict[str, Any]:
+    """The stream message of a raw frame whose body is `buf[:size]`."""
+    name = RAW_STREAM_NAMES.get(buf[0])
+    if name is None:
+        raise ProtocolError(f"raw stream frame names stream {buf[0]}, not 1 (stdout) or 2 (stderr)")
+    with memoryview(buf) as view:
+        text = str(view[1:size], "utf-8", "replace")
+    return {"type": "stream", "name": name, "text": text}
 
 
 def decode_body(body: bytes) -> dict[str, Any]:

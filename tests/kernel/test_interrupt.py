@@ -47,6 +47,25 @@ def test_interrupt_stops_cell(any_mode_kernel, code):
     assert k.value("6*7") == "42"
 
 
+def test_interrupt_stops_an_output_flood(any_mode_kernel):
+    """The guest blocks a cell that prints faster than the host takes output; an interrupt
+    still ends it, and what it printed before keeps its order."""
+    k = any_mode_kernel
+    started = threading.Event()
+    _interrupt_after(k, 1.0, started)
+    reply, outputs = k.execute(
+        "import sys\ni = 0\nwhile True:\n    sys.stdout.write('%09d' % i + 'x' * 9990 + '\\n')\n"
+        "    i += 1\n", timeout=120,
+        on_iopub=lambda m: m["msg_type"] == "stream" and started.set())
+    assert reply["status"] == "error", reply
+    assert reply["ename"] == "KeyboardInterrupt"
+    lines = "".join(m["content"]["text"] for m in outputs
+                    if m["msg_type"] == "stream" and m["content"]["name"] == "stdout").splitlines()
+    numbers = [int(line[:9]) for line in lines if len(line) == 9_999 and line[:9].isdigit()]
+    assert numbers and numbers == sorted(numbers), "flood output out of order"
+    assert k.value("6*7") == "42"
+
+
 def test_interrupt_while_idle_is_harmless(any_mode_kernel):
     k = any_mode_kernel
     k.km.interrupt_kernel()

@@ -102,6 +102,39 @@ def test_moderate_output_arrives_whole(kernel):
     assert len(stdout_of(outputs)) == 3_000_001
 
 
+def test_large_output_arrives_whole_and_in_order_without_rate_limit():
+    """21 MB of stdout (ASCII and multi-byte characters) around displays and stderr: every
+    character arrives, in order, with nothing dropped when the rate limit is off."""
+    k = Kernel(KERNEL, extra_arguments=["--MicroVMKernel.iopub_data_rate_limit=0"])
+    try:
+        reply, outputs = k.execute(
+            "import sys\nfrom IPython.display import display\n"
+            "for i in range(12):\n"
+            "    sys.stdout.write(''.join('%07d %s\\n' % (j, 'é€😀' if j % 3 else 'x' * 9)"
+            " for j in range(i * 100_000, (i + 1) * 100_000)))\n"
+            "    if i % 4 == 3:\n"
+            "        sys.stdout.flush()\n"
+            "        display(i)\n"
+            "        sys.stderr.write('err %d\\n' % i)\n"
+            "        sys.stderr.flush()\n", timeout=300)
+        assert reply["status"] == "ok", reply
+        stdout = stdout_of(outputs)
+        lines = ["%07d %s\n" % (j, "é€😀" if j % 3 else "x" * 9) for j in range(1_200_000)]
+        expected = "".join(lines)
+        assert len(stdout) == len(expected) and stdout == expected
+        assert stderr_of(outputs) == "err 3\nerr 7\nerr 11\n"
+        # each display comes after exactly the stdout written before it
+        seen = 0
+        for m in outputs:
+            if m["msg_type"] == "stream" and m["content"]["name"] == "stdout":
+                seen += len(m["content"]["text"])
+            elif m["msg_type"] == "display_data":
+                i = int(m["content"]["data"]["text/plain"])
+                assert seen == len("".join(lines[:(i + 1) * 100_000])), (i, seen)
+    finally:
+        k.shutdown()
+
+
 def test_large_output_is_rate_limited():
     k = Kernel(KERNEL, extra_arguments=["--MicroVMKernel.iopub_data_rate_limit=1000000",
                                         "--MicroVMKernel.rate_limit_window=1"])

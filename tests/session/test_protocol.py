@@ -9,6 +9,7 @@ import pytest
 
 from supermachine_kernel.session.protocol import (
     MAX_FRAME_BYTES,
+    RAW_STREAM,
     FrameDecoder,
     ProtocolError,
     encode_frame,
@@ -183,3 +184,40 @@ def test_deeply_nested_frame_is_a_protocol_error():
     body = b'{"type":"comm_msg","data":' + b"[" * 200_000 + b"]" * 200_000 + b"}"
     with pytest.raises(ProtocolError, match="too deeply"):
         FrameDecoder().feed(struct.pack(">I", len(body)) + body)
+
+
+def raw(stream: int, body: bytes) -> bytes:
+    return struct.pack(">I", RAW_STREAM | (len(body) + 1)) + bytes([stream]) + body
+
+
+def test_raw_stream_frames_between_json_frames_and_split_anywhere():
+    data = (raw(1, "héllo €😀\n".encode()) + encode_frame({"type": "clear_output", "wait": False})
+            + raw(2, b"err\n") + raw(1, b""))
+    expected = [{"type": "stream", "name": "stdout", "text": "héllo €😀\n"},
+                {"type": "clear_output", "wait": False},
+                {"type": "stream", "name": "stderr", "text": "err\n"},
+                {"type": "stream", "name": "stdout", "text": ""}]
+    for step in (1, 2, 5, len(data)):
+        dec = FrameDecoder()
+        got = []
+        for i in range(0, len(data), step):
+            got += dec.feed_sized(data[i:i + step])
+        assert [m for _, m in got] == expected
+        assert [size for size, _ in got][0] == len("héllo €😀\n".encode()) + 1
+        assert dec.pending == 0
+
+
+def test_raw_stream_text_that_is_not_utf8_is_replaced_not_fatal():
+    [msg] = FrameDecoder().feed(raw(1, b"a\xffb\xed\xa0\x80c"))
+    assert msg["text"].startswith("a\ufffdb\ufffd") and msg["text"].endswith("c")
+    msg["text"].encode("utf-8")  # no lone surrogate reaches the Jupyter message
+
+
+@pytest.mark.parametrize("data, error", [
+    (raw(3, b"x"), "names stream 3"),
+    (struct.pack(">I", RAW_STREAM), "without its stream byte"),
+    (struct.pack(">I", RAW_STREAM | (MAX_FRAME_BYTES + 1)), "exceeds"),
+])
+def test_bad_raw_frames_are_framing_errors(data, error):
+    with pytest.raises(ProtocolError, match=error):
+        FrameDecoder().feed(data)

@@ -68,7 +68,9 @@ def test_a_held_frame_leaves_in_one_write_with_the_next(repl):
 
 def test_the_flusher_tick_sends_only_text_that_has_waited(repl):
     sent = []
-    buffer = repl.StreamBuffer(SimpleNamespace(send=sent.append), "stdout")
+    channel = SimpleNamespace(send_stream=lambda name, data: sent.append(
+        {"type": "stream", "name": name, "text": data.decode()}))
+    buffer = repl.StreamBuffer(channel, "stdout")
     buffer.write("a")  # print('a') writes the text, then the newline
     buffer.flush_waited(0.5)  # a tick between the two writes: too fresh to send
     assert sent == []
