@@ -241,3 +241,53 @@ fn oci_archive_and_docker_save_tarballs() {
     let e = oci::build(&format!("docker-archive:{}", ds_tar.display()), &opts(&t.path().join("cache2"))).unwrap_err();
     assert!(matches!(e, OciError::Store(StoreError::DigestMismatch { .. })), "{e}");
 }
+
+/// Unmounts on drop.
+struct Mount(std::path::PathBuf);
+
+impl Drop for Mount {
+    fn drop(&mut self) {
+        let c = std::ffi::CString::new(self.0.to_str().unwrap()).unwrap();
+        // SAFETY: a valid path; MNT_DETACH only detaches the mount.
+        unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
+    }
+}
+
+#[test]
+fn disk_full_during_a_pull_leaves_no_image_and_no_blob() {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("disk_full test needs root to mount a small tmpfs; not run");
+        return;
+    }
+    let t = TempDir::new("full");
+    let l = Layout::new(&t.path().join("layout"));
+    // 2 MB that do not compress, into a 512 KiB filesystem.
+    let mut noise = Vec::with_capacity(2 << 20);
+    let mut x: u64 = 0x9e3779b97f4a7c15;
+    while noise.len() < 2 << 20 {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        noise.extend_from_slice(&x.to_le_bytes());
+    }
+    let layer = gzip(&LayerBuilder::new().file("noise", &noise).finish());
+    let m = l.image("amd64", &[(layer.clone(), GZIP)], json!({}));
+    let mut l = l;
+    l.tag(&m, "v1");
+    let cache = t.path().join("cache");
+    fs::create_dir_all(&cache).unwrap();
+    let src = std::ffi::CString::new("tmpfs").unwrap();
+    let dst = std::ffi::CString::new(cache.to_str().unwrap()).unwrap();
+    let data = std::ffi::CString::new("size=512k").unwrap();
+    // SAFETY: valid NUL-terminated strings; a fresh tmpfs on our own temp directory.
+    let r = unsafe { libc::mount(src.as_ptr(), dst.as_ptr(), src.as_ptr(), 0, data.as_ptr().cast()) };
+    assert_eq!(r, 0, "mount tmpfs: {}", std::io::Error::last_os_error());
+    let _m = Mount(cache.clone());
+    let e = oci::build(&format!("oci:{}:v1", l.dir.display()), &opts(&cache)).unwrap_err();
+    assert!(matches!(e, OciError::Store(StoreError::Io { .. })), "{e}");
+    assert!(e.to_string().contains("free disk space"), "{e}");
+    assert!(supermachine_runtime::image::list_images(Some(&cache)).is_empty());
+    assert!(!cache.join("oci/blobs/sha256").join(sha256(&layer).trim_start_matches("sha256:")).exists());
+    assert_eq!(fs::read_dir(cache.join("oci/partial")).unwrap().count(), 0, "partial file left behind");
+}
