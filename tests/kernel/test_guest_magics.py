@@ -54,7 +54,7 @@ CASES = [
     ("clear-output", ["from IPython.display import clear_output\nprint('x')\nclear_output()"]),
     ("tqdm-notebook", ["from tqdm.notebook import tqdm\nfor i in tqdm(range(3)): pass"]),
     ("tqdm-auto", ["from tqdm.auto import tqdm\nfor i in tqdm(range(3)): pass"]),
-    ("pip-present", ["%pip install numpy"]),
+    ("pip-present", ["%pip install --disable-pip-version-check numpy"]),
     ("reset", ["reset_me = 1\n%reset -f", "'reset_me' in dir()"]),
     # After %reset IPython turns clear/less/more/man into shell aliases unless magics of
     # those names exist, as ipykernel's do.
