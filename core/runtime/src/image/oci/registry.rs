@@ -172,17 +172,14 @@ impl Registry {
             Client::try_from(config)
                 .map_err(|e| RegistryError::Protocol { registry: registry.clone(), detail: chain(&e) })
         };
+        // Credentials are looked up under the name the user wrote, then the resolved one
+        // (Docker Hub: `docker.io` → `index.docker.io`).
         let auth = match opts.docker_config.clone().or_else(credentials::docker_config_path) {
-            Some(path) => credentials::lookup(&path, &registry)
-                .or_else(|_| credentials::lookup(&path, reference.registry()))?,
-            None => RegistryAuth::Anonymous,
-        };
-        let auth = match (&auth, reference.registry() != registry) {
-            (RegistryAuth::Anonymous, true) => match opts.docker_config.clone().or_else(credentials::docker_config_path) {
-                Some(path) => credentials::lookup(&path, reference.registry())?,
-                None => auth,
+            Some(path) => match credentials::lookup(&path, reference.registry())? {
+                RegistryAuth::Anonymous if reference.registry() != registry => credentials::lookup(&path, &registry)?,
+                a => a,
             },
-            _ => auth,
+            None => RegistryAuth::Anonymous,
         };
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
