@@ -49,7 +49,8 @@ def _blob(layout: Path, data: bytes, media_type: str) -> dict:
     return {"mediaType": media_type, "digest": f"sha256:{digest}", "size": len(data)}
 
 
-def write_layout(layout: Path) -> None:
+def write_layout(layout: Path, greeting: bytes = b"from layer 2\n") -> Path:
+    """Writes the image; returns the path of its top layer's blob."""
     (layout / "blobs" / "sha256").mkdir(parents=True)
     (layout / "oci-layout").write_text('{"imageLayoutVersion": "1.0.0"}')
     assert BUSYBOX is not None
@@ -62,7 +63,7 @@ def write_layout(layout: Path) -> None:
         ("etc/removed", b"x", 0o644, None),
     ])
     top = _layer([
-        ("etc/greeting", b"from layer 2\n", 0o644, None),
+        ("etc/greeting", greeting, 0o644, None),
         ("etc/.wh.removed", b"", 0o644, None),
     ])
     layers = [_blob(layout, base, "application/vnd.oci.image.layer.v1.tar"),
@@ -79,6 +80,7 @@ def write_layout(layout: Path) -> None:
     m = _blob(layout, json.dumps(manifest).encode(), "application/vnd.oci.image.manifest.v1+json")
     m["annotations"] = {"org.opencontainers.image.ref.name": "v1"}
     (layout / "index.json").write_text(json.dumps({"schemaVersion": 2, "manifests": [m]}))
+    return layout / "blobs" / "sha256" / layers[1]["digest"].removeprefix("sha256:")
 
 
 @pytest.fixture(scope="module")
@@ -103,3 +105,29 @@ def test_oci_layout_image_boots_and_runs(oci_image):
         assert r.stdout == b"whited-out\n", r
     finally:
         vm.release()
+
+
+def test_ensure_image_reports_the_image_config(oci_image, tmp_path):
+    layout = tmp_path / "same"
+    write_layout(layout)
+    paths = _core.ensure_image(f"oci:{layout}:v1", NAME, None, None, False)
+    assert paths["hash"] == oci_image.hash, "the same manifest is the same cached root"
+    oci = paths["oci"]
+    assert (oci["env"], oci["working_dir"], oci["user"]) == (["PATH=/bin"], "/etc", None)
+    assert oci["manifest_digest"].startswith("sha256:") and len(oci["layers"]) == 2
+    assert "oci" not in _core.ensure_image(None, None, None, None, False)
+
+
+def test_bad_sources_raise_image_error_with_the_fix(tmp_path):
+    _core.remove_image("test-oci-tampered", None)
+    with pytest.raises(api.ImageError, match="does not exist"):
+        api.Image.build(ref=f"oci:{tmp_path}/missing:v1", snapshot=False, progress=False)
+    layout = tmp_path / "layout"
+    # A top layer no other test stores: a blob already verified in the store is not read again.
+    top = write_layout(layout, greeting=f"tampered {tmp_path}\n".encode())
+    data = bytearray(top.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    top.write_bytes(bytes(data))
+    with pytest.raises(api.ImageError, match="corrupt.*nothing was cached"):
+        api.Image.build(ref=f"oci:{layout}:v1", name="test-oci-tampered", snapshot=False, progress=False)
+    assert not any(i["name"] == "test-oci-tampered" for i in _core.list_images(None))

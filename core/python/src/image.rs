@@ -34,6 +34,20 @@ fn paths_dict<'py>(py: Python<'py>, p: &ImagePaths) -> PyResult<Bound<'py, PyDic
     d.set_item("kernel_release", &p.kernel_release)?;
     d.set_item("modules", &p.modules)?;
     d.set_item("dir", path_str(&p.dir))?;
+    if let Some(o) = &p.oci {
+        let od = PyDict::new(py);
+        od.set_item("reference", &o.reference)?;
+        od.set_item("manifest_digest", &o.manifest_digest)?;
+        od.set_item("index_digest", &o.index_digest)?;
+        od.set_item("config_digest", &o.config_digest)?;
+        od.set_item("layers", &o.layers)?;
+        od.set_item("env", &o.config.env)?;
+        od.set_item("working_dir", &o.config.working_dir)?;
+        od.set_item("user", &o.config.user)?;
+        od.set_item("entrypoint", &o.config.entrypoint)?;
+        od.set_item("cmd", &o.config.cmd)?;
+        d.set_item("oci", od)?;
+    }
     Ok(d)
 }
 
@@ -58,7 +72,9 @@ fn packaged_agent(py: Python<'_>) -> Option<PathBuf> {
 }
 
 /// Finds or builds an image and returns its paths:
-/// {name, hash, kernel, initrd, rootfs, python_version, kernel_release, modules, dir}.
+/// {name, hash, kernel, initrd, rootfs, python_version, kernel_release, modules, dir}, plus
+/// `oci` {reference, manifest_digest, index_digest, config_digest, layers, env, working_dir,
+/// user, entrypoint, cmd} for an image built from an OCI source.
 #[pyfunction]
 #[pyo3(signature = (r#ref=None, name=None, cache_dir=None, agent=None, progress=true,
                     require_agent=true, force=false))]

@@ -99,6 +99,9 @@ pub struct ImagePaths {
     pub modules: Vec<String>,
     /// The image's cache directory (manifest.json, build.log).
     pub dir: PathBuf,
+    /// For an image built from an OCI source: its digests and config (Env, WorkingDir, User,
+    /// Entrypoint/Cmd), for the bake to apply.
+    pub oci: Option<oci::OciRecord>,
 }
 
 /// Other versions of a rebuilt image are removed once unused for this long.
@@ -204,6 +207,7 @@ pub fn ensure_image(reference: Option<&str>, opts: &BuildOptions) -> Result<Imag
         kernel_release: kernel.release.clone(),
         modules: kernel.modules.clone(),
         dir: image.dir.clone(),
+        oci: oci::record_of(&manifest),
     })
 }
 

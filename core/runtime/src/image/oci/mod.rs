@@ -275,9 +275,14 @@ pub fn build(reference: &str, opts: &OciBuildOptions) -> Result<OciImage, OciErr
     }))
 }
 
+/// The OCI record of an image's manifest (None if it was not built from an OCI source).
+pub fn record_of(m: &cache::Manifest) -> Option<OciRecord> {
+    serde_json::from_value(m.recipe.as_ref()?.get("oci")?.clone()).ok()
+}
+
 /// The OCI image a cache entry holds (None if it was not built from an OCI source).
 fn from_cached(c: &cache::CachedImage) -> Option<OciImage> {
-    let record: OciRecord = serde_json::from_value(c.manifest.recipe.as_ref()?.get("oci")?.clone()).ok()?;
+    let record = record_of(&c.manifest)?;
     Some(OciImage {
         name: c.manifest.name.clone(),
         hash: c.manifest.hash.clone(),
