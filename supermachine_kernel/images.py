@@ -27,6 +27,9 @@ class ImagePaths:
     kernel_release: str
     modules: tuple
     dir: str
+    #: For an image built from an OCI source: reference, digests, layers and its config
+    #: (env, working_dir, user, entrypoint, cmd).
+    oci: Optional[dict] = None
 
 
 @dataclass(frozen=True)
@@ -59,7 +62,9 @@ def ensure_image(
     force: bool = False,
 ) -> ImagePaths:
     """Find or build image ``ref`` (None = the default recipe; a recipe name, a cached image's
-    name, or a root filesystem directory). Blocks while building; progress goes to stderr."""
+    name, a root filesystem directory, or an OCI image: ``python:3.12-slim``,
+    ``ghcr.io/owner/img:tag``, ``oci:DIR[:TAG]``, ``oci-archive:FILE``, ``docker-archive:FILE``).
+    Blocks while building; progress goes to stderr."""
     d = _core.ensure_image(
         ref, name, _path(cache_dir), _path(agent), progress, require_agent, force
     )

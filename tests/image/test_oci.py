@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from supermachine_kernel import api
+from supermachine_kernel import api, images
 from supermachine_kernel.api import _core
 
 BUSYBOX = shutil.which("busybox")
@@ -116,6 +116,7 @@ def test_ensure_image_reports_the_image_config(oci_image, tmp_path):
     assert (oci["env"], oci["working_dir"], oci["user"]) == (["PATH=/bin"], "/etc", None)
     assert oci["manifest_digest"].startswith("sha256:") and len(oci["layers"]) == 2
     assert "oci" not in _core.ensure_image(None, None, None, None, False)
+    assert images.ensure_image(f"oci:{layout}:v1", name=NAME, progress=False).oci == oci
 
 
 def test_bad_sources_raise_image_error_with_the_fix(tmp_path):
