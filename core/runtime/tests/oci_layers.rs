@@ -85,6 +85,29 @@ fn hostile_paths_never_leave_the_build_directory() {
 }
 
 #[test]
+fn a_directory_replaced_by_a_symlink_in_the_same_layer_is_not_followed() {
+    let t = TempDir::new("swap");
+    let (root, outside) = (t.path().join("root"), t.path().join("outside"));
+    fs::create_dir_all(&root).unwrap();
+    fs::create_dir_all(outside.join("b")).unwrap();
+    fs::set_permissions(outside.join("b"), std::os::unix::fs::PermissionsExt::from_mode(0o700)).unwrap();
+    let before = fs::metadata(outside.join("b")).unwrap();
+    // `a/` and `a/b/` get their metadata at the end of the layer; by then `a` is a symlink
+    // to a host directory that has a `b`.
+    let layer = LayerBuilder::new()
+        .dir("a/", 0o755)
+        .dir("a/b/", 0o777)
+        .symlink("a", &outside.display().to_string())
+        .finish();
+    apply_all(&[(layer, TAR)], &root, t.path());
+    let after = fs::metadata(outside.join("b")).unwrap();
+    assert_eq!(after.mode(), before.mode(), "host directory's mode changed");
+    assert_eq!(after.mtime(), before.mtime(), "host directory's mtime changed");
+    assert_eq!((after.uid(), after.gid()), (before.uid(), before.gid()));
+    assert!(fs::symlink_metadata(root.join("a")).unwrap().file_type().is_symlink());
+}
+
+#[test]
 fn truncated_and_foreign_layers_are_errors() {
     let t = TempDir::new("trunc");
     let root = t.path().join("root");

@@ -212,7 +212,11 @@ impl Root {
         let mut dirs = std::mem::take(&mut self.dirs);
         dirs.sort_by_key(|(p, _)| std::cmp::Reverse(p.components().count()));
         for (rel, meta) in &dirs {
-            self.set_meta(rel, meta, false, &mut stats)?;
+            // A later entry of this layer may have replaced the directory, or one of its
+            // parents, by a symlink: then the path could lead out of the root. Skip it.
+            if self.is_real_dir_path(rel) {
+                self.set_meta(rel, meta, false, &mut stats)?;
+            }
         }
         if !stats.devices_skipped.is_empty() {
             log(&format!(
@@ -419,6 +423,15 @@ impl Root {
         Ok(Parent::Dir(at))
     }
 
+    /// Whether every component of `rel` is a real directory (no symlink on the way).
+    fn is_real_dir_path(&self, rel: &Path) -> bool {
+        let mut at = self.dir.clone();
+        rel.components().all(|c| {
+            at.push(c);
+            fs::symlink_metadata(&at).is_ok_and(|m| m.is_dir())
+        })
+    }
+
     /// Removes `rel` (a file, symlink or whole directory) if it exists; never follows it.
     fn remove(&self, rel: &Path) -> Result<(), UnpackError> {
         let abs = self.abs(rel);
@@ -452,8 +465,13 @@ impl Root {
                 .map_err(io_err(format!("setting the owner of {}", abs.display())))?;
         }
         if !symlink {
-            // After chown, which clears setuid/setgid.
-            fs::set_permissions(&abs, fs::Permissions::from_mode(m.mode))
+            // After chown, which clears setuid/setgid; through a descriptor opened without
+            // following a symlink (chmod(2) would follow one).
+            OpenOptions::new()
+                .read(true)
+                .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC | libc::O_NONBLOCK)
+                .open(&abs)
+                .and_then(|f| f.set_permissions(fs::Permissions::from_mode(m.mode)))
                 .map_err(io_err(format!("setting the mode of {}", abs.display())))?;
             for (k, v) in &m.xattrs {
                 let Ok(key) = CString::new(k.as_bytes()) else { continue };
