@@ -461,7 +461,7 @@ impl Snapshot {
 pub struct RestoreOptions {
     pub timeout: Duration,
     pub qemu: Option<PathBuf>,
-    /// TCG translation-buffer size for the clone (None: [`default_tb_size_mib`]).
+    /// TCG translation-buffer size for the clone (None: [`qemu::default_tb_size_mib`]).
     pub tcg_tb_size_mib: Option<u32>,
 }
 
@@ -470,21 +470,6 @@ impl Default for RestoreOptions {
         RestoreOptions { timeout: DEFAULT_RESTORE_TIMEOUT, qemu: None, tcg_tb_size_mib: None }
     }
 }
-
-/// TCG translation-buffer size (MiB): `SUPERMACHINE_TCG_TB_MIB` (0 = QEMU's default of 1 GiB),
-/// else [`DEFAULT_TB_SIZE_MIB`]. Measured (TCG, `import numpy` in a clone): tb 4 MiB 41–74 s,
-/// 16 MiB 7–11 s, 64 MiB 1.7–3.1 s, QEMU's default 2.5–3.7 s: below the working set it
-/// thrashes, 64 MiB costs nothing and caps how much translated code a busy VM keeps.
-pub fn default_tb_size_mib() -> Option<u32> {
-    match std::env::var("SUPERMACHINE_TCG_TB_MIB").ok().and_then(|v| v.trim().parse::<u32>().ok()) {
-        Some(0) => None,
-        Some(n) => Some(n),
-        None => Some(DEFAULT_TB_SIZE_MIB),
-    }
-}
-
-/// Default TCG translation buffer (MiB), see [`default_tb_size_mib`].
-pub const DEFAULT_TB_SIZE_MIB: u32 = 64;
 
 impl Vm {
     /// Snapshots this VM into `dest` (a new directory) and lets it run on. Processes keep
@@ -593,7 +578,7 @@ impl Vm {
         let accel = accel::detect()?;
         let workdir = WorkDir::create("vm")?;
         let mut config = snap.config(|name| workdir.join(name), qemu_bin, accel);
-        config.tcg_tb_size_mib = opts.tcg_tb_size_mib.or_else(default_tb_size_mib);
+        config.tcg_tb_size_mib = opts.tcg_tb_size_mib.or_else(qemu::default_tb_size_mib);
         let here = machine_identity(&config)?;
         fmt::check_identity(&snap.dir, &snap.meta.machine, &here)?;
         let deadline = Instant::now() + opts.timeout;

@@ -257,7 +257,7 @@ impl Vm {
             agent_sock: workdir.join("agent.sock"),
             qmp_sock: workdir.join("qmp.sock"),
             incoming: None,
-            tcg_tb_size_mib: opts.tcg_tb_size_mib.or_else(crate::snapshotting::default_tb_size_mib),
+            tcg_tb_size_mib: opts.tcg_tb_size_mib.or_else(qemu::default_tb_size_mib),
         };
         let deadline = Instant::now() + opts.boot_timeout;
         Self::start(config, workdir, deadline, opts.boot_timeout, None, None)
