@@ -270,3 +270,24 @@ def test_interrupt_frees_the_kernel_from_a_guest_that_ignores_it(microvm):
     assert not [item for item in trace if item[1] == "stream"], trace  # it was still running
     # The guest finishes the callback, then runs the next cell.
     assert microvm.value("stubborn.value", timeout=60) == "4"
+
+
+def test_guest_death_in_a_callback_is_told_before_idle():
+    """The guest dies inside a widget callback: the comm_msg's trace says so before its idle,
+    and the next cell runs in a fresh guest."""
+    k = Kernel(KERNEL)
+    try:
+        reply, _ = k.execute("import ipywidgets as w, os\nfatal = w.IntSlider()\n"
+                             "fatal.observe(lambda change: os._exit(3), names='value')\n")
+        assert reply["status"] == "ok", reply
+        model_id = k.value("fatal.model_id").strip("'")
+        _drain(k)
+        comm = _send(k, "comm_msg", {"comm_id": model_id, "data": {
+            "method": "update", "state": {"value": 1}, "buffer_paths": []}})
+        trace = _summary(_collect(k, [comm], idle_for=comm), {comm: "comm_msg"})
+        assert trace[0] == ("comm_msg", "status", "busy") and trace[-1][2] == "idle", trace
+        notices = [item for item in trace if item[1] == "stream" and item[2] == "stderr"]
+        assert notices and "died" in notices[0][3], trace
+        assert k.value("1 + 1", timeout=120) == "2"
+    finally:
+        k.shutdown()
