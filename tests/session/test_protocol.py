@@ -116,6 +116,19 @@ def test_replies():
         validate_reply("execute", {"status": "ok", "payload": [{"source": "page", "data": 3}]})
 
 
+def test_comm_replies():
+    """A comm request's reply only says the handler ran; an empty one (a REPL from an older
+    snapshot) counts as ok, a failing handler as an error."""
+    for kind in ("comm_open", "comm_msg", "comm_close"):
+        assert validate_reply(kind, {"status": "ok"}) == {"status": "ok"}
+        assert validate_reply(kind, {}) == {"status": "ok"}
+        err = validate_reply(kind, {"status": "error", "ename": "KeyboardInterrupt",
+                                    "evalue": "", "traceback": []})
+        assert err["status"] == "error" and err["ename"] == "KeyboardInterrupt"
+        with pytest.raises(ProtocolError):
+            validate_reply(kind, {"status": "aborted"})
+
+
 def test_fuzz_only_protocol_errors():
     """Random bytes and random JSON never raise anything but ProtocolError."""
     rng = random.Random(1234)
