@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 from typing import Any, Protocol
 
-from .protocol import HEADER, MAX_FRAME_BYTES, ProtocolError, decode_body
+from .protocol import HEADER, MAX_FRAME_BYTES, RAW_STREAM, ProtocolError, decode_body
 
 GUEST_DRIVER = Path(__file__).resolve().parent.parent / "guest" / "repl.py"
 
@@ -114,6 +114,8 @@ def read_ready_frame(child: GuestChild, timeout: float) -> dict[str, Any]:
         return buf
 
     (size,) = HEADER.unpack(read_exact(HEADER.size))
+    if size & RAW_STREAM:
+        raise ProtocolError("expected the REPL's ready frame, got stream output first")
     if size > MAX_FRAME_BYTES:
         raise ProtocolError(f"guest frame of {size} bytes exceeds the limit")
     msg = decode_body(read_exact(size))

@@ -234,3 +234,20 @@ def test_raw_stream_text_that_is_not_utf8_is_replaced_not_fatal():
 def test_bad_raw_frames_are_framing_errors(data, error):
     with pytest.raises(ProtocolError, match=error):
         FrameDecoder().feed(data)
+
+
+def test_a_prestarted_repl_that_prints_before_ready_is_reported_as_such():
+    from supermachine_kernel.session.backend import read_ready_frame
+
+    class Child:
+        def __init__(self, data: bytes) -> None:
+            self.data = data
+
+        def read_stdout(self, n: int, timeout: float | None = None) -> bytes:
+            chunk, self.data = self.data[:n], self.data[n:]
+            return chunk
+
+    ready = {"type": "ready", "python_version": "3.11"}
+    assert read_ready_frame(Child(encode_frame(ready)), timeout=5) == ready
+    with pytest.raises(ProtocolError, match="stream output first"):
+        read_ready_frame(Child(raw(2, b"warning\n") + encode_frame(ready)), timeout=5)
