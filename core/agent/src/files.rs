@@ -16,7 +16,7 @@ use supermachine_protocol::{Control, ErrorKind, Kind, CHUNK};
 use crate::credit::Window;
 use crate::process::Failure;
 use crate::sys::lock;
-use crate::transport::Writer;
+use crate::writer::Writer;
 use crate::{debug, log};
 
 struct WriteXfer {

@@ -7,9 +7,10 @@
 //!   socket, one connection at a time, each like a host reconnecting after a restore (the
 //!   process table persists). Host-side tests use it to run against the real agent without a VM.
 //!
-//! Module map: `transport` (framed writer with the pause gate, read loops), `server` (dispatch),
-//! `process` + `reaper` (children), `credit` (output windows), `files` (transfers),
-//! `restore` (clock, RNG, generation), `init` (PID 1 setup), `sys` (raw syscalls), `log`.
+//! Module map: `writer` (the framed writer with the pause gate), `transport` (read loops on the
+//! port or socket), `server` (dispatch), `process` + `reaper` (children), `credit` (output
+//! windows), `files` (transfers), `restore` (clock, RNG, generation), `init` (PID 1 setup),
+//! `sys` (raw syscalls), `log`.
 //!
 //! # What the host can rely on
 //! * **Sessions.** Every connection starts with `Hello`; the first frame the agent writes after
@@ -54,6 +55,7 @@ mod restore;
 mod server;
 mod sys;
 mod transport;
+mod writer;
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::PathBuf;
@@ -63,7 +65,7 @@ use std::time::Duration;
 use process::Procs;
 use restore::Restore;
 use server::Server;
-use transport::Writer;
+use writer::Writer;
 
 const USAGE: &str = "usage: supermachine-agent --listen-unix PATH [--state-dir DIR] [--debug] [--die-with-parent]
   (as PID 1 in the microVM it takes no arguments)";

@@ -25,7 +25,7 @@ use supermachine_protocol::{Control, ErrorKind, ExitStatus, Kind, ProcessInfo, T
 
 use crate::credit::Window;
 use crate::sys::{self, lock};
-use crate::transport::Writer;
+use crate::writer::Writer;
 use crate::{debug, log};
 
 /// Base environment of every spawned process (the request's env is applied on top).

@@ -1,6 +1,6 @@
 //! Dispatch: turns the host's byte stream into frames and each frame into an action and a
 //! reply. Runs on the one reader thread; it never waits for the writer's gate (see
-//! `transport.rs`), so it can always receive the next Hello or Resume.
+//! `writer.rs`), so it can always receive the next Hello or Resume.
 //!
 //! Connection rules:
 //! * Every connection starts with `Hello`; anything before it is ignored. A version mismatch
@@ -20,7 +20,7 @@ use supermachine_protocol::{Control, Decoder, ErrorKind, Frame, Kind, ProcessInf
 use crate::files::Files;
 use crate::process::{Failure, Procs, SpawnRequest};
 use crate::restore::Restore;
-use crate::transport::Writer;
+use crate::writer::Writer;
 use crate::{debug, log};
 
 pub struct Server {
