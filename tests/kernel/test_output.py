@@ -102,6 +102,19 @@ def test_moderate_output_arrives_whole(kernel):
     assert len(stdout_of(outputs)) == 3_000_001
 
 
+def test_history_keeps_a_bounded_copy_of_cell_output(kernel):
+    """IPython's history records a cell's stream output (for %notebook) only up to a cap, in
+    whole writes; the frontend still gets everything."""
+    reply, outputs = kernel.execute(
+        "import sys\nprint('small')\nsys.stdout.write('z' * 2_000_000)\nprint('after')", timeout=60)
+    assert reply["status"] == "ok", reply
+    assert stdout_of(outputs) == "small\n" + "z" * 2_000_000 + "after\n"
+    recorded = kernel.value(
+        "''.join(t for o in get_ipython().history_manager.outputs[%d] "
+        "if o.output_type == 'out_stream' for t in o.bundle['stream'])" % reply["execution_count"])
+    assert recorded == repr("small\n")
+
+
 def test_large_output_arrives_whole_and_in_order_without_rate_limit():
     """21 MB of stdout (ASCII and multi-byte characters) around displays and stderr: every
     character arrives, in order, with nothing dropped when the rate limit is off."""
