@@ -171,6 +171,9 @@ def ensure_image(
     progress: bool = True,
     require_agent: bool = True,
     force: bool = False,
+    kernel_layer: Optional[bool] = None,
+    packages: Optional[list[str]] = None,
+    requirements: Optional[_Path] = None,
 ) -> dict: ...
 def list_images(cache_dir: Optional[_Path] = None) -> list[dict]: ...
 def remove_image(name: str, cache_dir: Optional[_Path] = None) -> bool: ...

@@ -28,7 +28,7 @@ import threading
 import time
 import warnings
 import weakref
-from typing import Any, Callable, Mapping, Optional, Sequence, Union
+from typing import Any, Callable, Iterable, Mapping, Optional, Sequence, Union
 
 from . import _core
 from ._core import (
@@ -74,6 +74,11 @@ FileData = Union[bytes, bytearray, memoryview, str]
 Tty = Union[bool, "tuple[int, int]", None]
 
 _vm_ids = itertools.count(1)
+
+
+def _config_env(entries: Iterable[str]) -> dict:
+    """An OCI image config's ``Env`` (``KEY=value`` entries) as a dict."""
+    return dict(e.split("=", 1) for e in entries if "=" in e)
 
 
 def _merge_env(base: Mapping[str, str], extra: Optional[Mapping[str, str]]) -> Optional[dict]:
@@ -213,20 +218,38 @@ class Image:
         progress: bool = True,
         boot_timeout: float = 60.0,
         snapshot: bool = True,
+        packages: Optional[Sequence[str]] = None,
+        requirements: Optional[PathLike] = None,
+        kernel_layer: Optional[bool] = None,
     ) -> "Image":
         """Finds (or builds, on first use) guest image ``ref`` (None = the default image) and
         bakes its snapshot: a cold boot, ``extra_files`` (guest path → bytes, str or a host
         path) written, ``warmup(vm)`` run (e.g. imports), then a snapshot. Snapshots are cached
         under ``snapshots_dir`` keyed by image, memory, vcpus, env, extra files' contents and
         ``warmup_tag``: the next build returns at once. ``env`` is added to every process's
-        environment. ``snapshot=False`` skips baking: every boot is then a cold boot."""
+        environment. ``snapshot=False`` skips baking: every boot is then a cold boot.
+
+        For an OCI image (``ref="python:3.12-slim"``), the guest's Python is detected from its
+        files and a cached *kernel layer* (IPython, comm, matplotlib-inline, ipywidgets for
+        that Python and libc) is stacked on it; ``kernel_layer=False`` leaves it out (the image
+        then needs no python3). ``packages`` (e.g. ``["scikit-learn==1.6.1"]``) and
+        ``requirements`` (a requirements file) are installed by the host's pip into another
+        cached layer keyed by the resolved set. Versions the image already has are kept. The
+        image config's ``Env`` is the default of ``env`` (``env`` wins per variable)."""
         if memory_mib < 64:
             raise ValueError(f"memory_mib must be at least 64 (got {memory_mib})")
         if vcpus < 1:
             raise ValueError(f"vcpus must be at least 1 (got {vcpus})")
+        if isinstance(packages, str):
+            raise TypeError("packages must be a list of requirement strings, not one string")
         paths = _core.ensure_image(
-            ref, name, None if cache_dir is None else os.fspath(cache_dir), None, progress
+            ref, name, None if cache_dir is None else os.fspath(cache_dir), None, progress,
+            kernel_layer=kernel_layer,
+            packages=None if packages is None else [str(p) for p in packages],
+            requirements=None if requirements is None else os.fspath(requirements),
         )
+        oci = paths.get("oci") or {}
+        env = {**_config_env(oci.get("env") or ()), **dict(env or {})}
         files = {str(k): _file_bytes(v) for k, v in (extra_files or {}).items()}
         image = cls(
             name=paths["name"],

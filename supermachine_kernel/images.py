@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Sequence
 
 from . import _core
 
@@ -28,7 +28,8 @@ class ImagePaths:
     modules: tuple
     dir: str
     #: For an image built from an OCI source: reference, digests, layers and its config
-    #: (env, working_dir, user, entrypoint, cmd).
+    #: (env, working_dir, user, entrypoint, cmd); with package layers also ``pip_layers``
+    #: ([{kind, key, pins}]) and ``guest`` ({python, version, platforms, site, installed}).
     oci: Optional[dict] = None
 
 
@@ -60,13 +61,23 @@ def ensure_image(
     progress: bool = True,
     require_agent: bool = True,
     force: bool = False,
+    kernel_layer: Optional[bool] = None,
+    packages: Optional[Sequence[str]] = None,
+    requirements: "Optional[str | os.PathLike[str]]" = None,
 ) -> ImagePaths:
     """Find or build image ``ref`` (None = the default recipe; a recipe name, a cached image's
     name, a root filesystem directory, or an OCI image: ``python:3.12-slim``,
     ``ghcr.io/owner/img:tag``, ``oci:DIR[:TAG]``, ``oci-archive:FILE``, ``docker-archive:FILE``).
-    Blocks while building; progress goes to stderr."""
+    Blocks while building; progress goes to stderr.
+
+    An OCI image gets the kernel layer (what the guest REPL needs, for the guest's own Python
+    and libc) unless ``kernel_layer=False``; ``packages``/``requirements`` add a layer of the
+    user's packages. Both are installed by the host's pip and cached by their resolved sets."""
     d = _core.ensure_image(
-        ref, name, _path(cache_dir), _path(agent), progress, require_agent, force
+        ref, name, _path(cache_dir), _path(agent), progress, require_agent, force,
+        kernel_layer=kernel_layer,
+        packages=None if packages is None else list(packages),
+        requirements=_path(requirements),
     )
     d["modules"] = tuple(d["modules"])
     return ImagePaths(**d)

@@ -89,7 +89,8 @@ def oci_image(tmp_path_factory):
         pytest.fail("busybox is missing: install busybox-static (tools/setup-host.sh does)")
     layout = tmp_path_factory.mktemp("oci") / "layout"
     write_layout(layout)
-    img = api.Image.build(ref=f"oci:{layout}:v1", name=NAME, snapshot=False, progress=False)
+    img = api.Image.build(ref=f"oci:{layout}:v1", name=NAME, snapshot=False, progress=False,
+                          kernel_layer=False)
     yield img
     _core.remove_image(NAME, None)
 
@@ -110,19 +111,34 @@ def test_oci_layout_image_boots_and_runs(oci_image):
 def test_ensure_image_reports_the_image_config(oci_image, tmp_path):
     layout = tmp_path / "same"
     write_layout(layout)
-    paths = _core.ensure_image(f"oci:{layout}:v1", NAME, None, None, False)
+    paths = _core.ensure_image(f"oci:{layout}:v1", NAME, None, None, False, kernel_layer=False)
     assert paths["hash"] == oci_image.hash, "the same manifest is the same cached root"
     oci = paths["oci"]
     assert (oci["env"], oci["working_dir"], oci["user"]) == (["PATH=/bin"], "/etc", None)
     assert oci["manifest_digest"].startswith("sha256:") and len(oci["layers"]) == 2
     assert "oci" not in _core.ensure_image(None, None, None, None, False)
-    assert images.ensure_image(f"oci:{layout}:v1", name=NAME, progress=False).oci == oci
+    assert images.ensure_image(f"oci:{layout}:v1", name=NAME, progress=False,
+                               kernel_layer=False).oci == oci
+
+
+def test_image_without_python3_is_refused_with_what_to_use(oci_image, tmp_path):
+    """The kernel layer (the default for OCI images) needs python3; the error names the image
+    and what to use instead, and nothing is cached under the name."""
+    layout = tmp_path / "nopy"
+    write_layout(layout)
+    with pytest.raises(api.ImageError) as e:
+        api.Image.build(ref=f"oci:{layout}:v1", name="test-oci-nopy", snapshot=False, progress=False)
+    msg = str(e.value)
+    assert f"oci:{layout}:v1" in msg and "no python3" in msg, msg
+    assert "python:3.12-slim" in msg and "kernel_layer=False" in msg, msg
+    assert not any(i["name"] == "test-oci-nopy" for i in _core.list_images(None))
 
 
 def test_bad_sources_raise_image_error_with_the_fix(tmp_path):
     _core.remove_image("test-oci-tampered", None)
     with pytest.raises(api.ImageError, match="does not exist"):
-        api.Image.build(ref=f"oci:{tmp_path}/missing:v1", snapshot=False, progress=False)
+        api.Image.build(ref=f"oci:{tmp_path}/missing:v1", snapshot=False, progress=False,
+                        kernel_layer=False)
     layout = tmp_path / "layout"
     # A top layer no other test stores: a blob already verified in the store is not read again.
     top = write_layout(layout, greeting=f"tampered {tmp_path}\n".encode())
@@ -130,5 +146,6 @@ def test_bad_sources_raise_image_error_with_the_fix(tmp_path):
     data[len(data) // 2] ^= 0xFF
     top.write_bytes(bytes(data))
     with pytest.raises(api.ImageError, match="corrupt.*nothing was cached"):
-        api.Image.build(ref=f"oci:{layout}:v1", name="test-oci-tampered", snapshot=False, progress=False)
+        api.Image.build(ref=f"oci:{layout}:v1", name="test-oci-tampered", snapshot=False,
+                        progress=False, kernel_layer=False)
     assert not any(i["name"] == "test-oci-tampered" for i in _core.list_images(None))

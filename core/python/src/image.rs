@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use pyo3::create_exception;
 use pyo3::exceptions::PyRuntimeError;
 use pyo3::prelude::*;
-use pyo3::types::PyDict;
+use pyo3::types::{PyDict, PyList};
 use supermachine_runtime::image::{self, BuildOptions, ImagePaths, ImageInfo};
 
 create_exception!(
@@ -46,6 +46,24 @@ fn paths_dict<'py>(py: Python<'py>, p: &ImagePaths) -> PyResult<Bound<'py, PyDic
         od.set_item("user", &o.config.user)?;
         od.set_item("entrypoint", &o.config.entrypoint)?;
         od.set_item("cmd", &o.config.cmd)?;
+        let layers = PyList::empty(py);
+        for l in &o.pip_layers {
+            let ld = PyDict::new(py);
+            ld.set_item("kind", &l.kind)?;
+            ld.set_item("key", &l.key)?;
+            ld.set_item("pins", &l.pins)?;
+            layers.append(ld)?;
+        }
+        od.set_item("pip_layers", layers)?;
+        if let Some(g) = &o.guest {
+            let gd = PyDict::new(py);
+            gd.set_item("python", &g.path)?;
+            gd.set_item("version", &g.version)?;
+            gd.set_item("platforms", g.platforms())?;
+            gd.set_item("site", format!("/{}", g.site))?;
+            gd.set_item("installed", g.installed.clone())?;
+            od.set_item("guest", gd)?;
+        }
         d.set_item("oci", od)?;
     }
     Ok(d)
@@ -74,10 +92,13 @@ fn packaged_agent(py: Python<'_>) -> Option<PathBuf> {
 /// Finds or builds an image and returns its paths:
 /// {name, hash, kernel, initrd, rootfs, python_version, kernel_release, modules, dir}, plus
 /// `oci` {reference, manifest_digest, index_digest, config_digest, layers, env, working_dir,
-/// user, entrypoint, cmd} for an image built from an OCI source.
+/// user, entrypoint, cmd, pip_layers [{kind, key, pins}], guest {python, version, platforms,
+/// site, installed}} for an image built from an OCI source. `kernel_layer` (None = yes for
+/// OCI images), `packages` and `requirements` stack package layers on an OCI image.
 #[pyfunction]
 #[pyo3(signature = (r#ref=None, name=None, cache_dir=None, agent=None, progress=true,
-                    require_agent=true, force=false))]
+                    require_agent=true, force=false, kernel_layer=None, packages=None,
+                    requirements=None))]
 #[allow(clippy::too_many_arguments)]
 fn ensure_image<'py>(
     py: Python<'py>,
@@ -88,6 +109,9 @@ fn ensure_image<'py>(
     progress: bool,
     require_agent: bool,
     force: bool,
+    kernel_layer: Option<bool>,
+    packages: Option<Vec<String>>,
+    requirements: Option<PathBuf>,
 ) -> PyResult<Bound<'py, PyDict>> {
     let opts = BuildOptions {
         cache_dir,
@@ -104,6 +128,8 @@ fn ensure_image<'py>(
             .ok()
             .filter(|e| !e.is_empty())
             .map(PathBuf::from),
+        kernel_layer,
+        packages: image::layers::PackageRequest { packages: packages.unwrap_or_default(), requirements },
     };
     let paths = py.allow_threads(|| image::ensure_image(r#ref.as_deref(), &opts)).map_err(err)?;
     paths_dict(py, &paths)

@@ -30,6 +30,16 @@ pub enum ImageError {
     Io { context: String, source: io::Error },
     /// Pulling or unpacking an OCI image failed (see `oci/`).
     Oci(Box<super::oci::OciError>),
+    /// The image has no `python3` on its PATH, so no guest REPL and no package layer.
+    NoPython { image: String },
+    /// pip found no wheel of a package for the guest's Python and platform.
+    NoWheel { package: String, guest: String, image: String },
+    /// The packages asked for need other versions than the image already has.
+    PackageConflict { image: String, detail: String },
+    /// The requirements file cannot be read.
+    BadRequirements { path: PathBuf, detail: String },
+    /// Package layers are only stacked on images built from an OCI source.
+    LayersNeedOci { image: String },
 }
 
 pub type Result<T> = std::result::Result<T, ImageError>;
@@ -97,6 +107,33 @@ impl fmt::Display for ImageError {
             ),
             ImageError::Io { context, source } => write!(f, "{context}: {source}"),
             ImageError::Oci(e) => e.fmt(f),
+            ImageError::NoPython { image } => write!(
+                f,
+                "image {image} has no python3 on its PATH, and the guest REPL and package layers \
+                 need one: use an image with Python, e.g. `python:3.12-slim`, or a Debian one \
+                 with python3 installed (`debian:bookworm` + `apt-get install python3`); pass \
+                 kernel_layer=False to boot it for vm.exec only"
+            ),
+            ImageError::NoWheel { package, guest, image } => write!(
+                f,
+                "package {package} has no wheel for the guest's {guest} (image {image}); the \
+                 guest cannot build from source: pick a version that publishes a wheel for it, \
+                 or an image with another Python"
+            ),
+            ImageError::PackageConflict { image, detail } => write!(
+                f,
+                "the packages asked for need other versions than image {image} already has (its \
+                 versions are kept): {detail}. Ask for the image's version, or leave the pin out"
+            ),
+            ImageError::BadRequirements { path, detail } => {
+                write!(f, "cannot read requirements file {}: {detail}", path.display())
+            }
+            ImageError::LayersNeedOci { image } => write!(
+                f,
+                "packages= and requirements= are stacked on OCI images only, and {image} is not \
+                 one: build from one (e.g. Image.build(ref=\"python:3.12-slim\", packages=...)) \
+                 or add the packages to the root directory yourself"
+            ),
         }
     }
 }

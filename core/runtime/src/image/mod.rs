@@ -25,8 +25,10 @@
 //! erofs, read-only). The agent as `/init` loads `/modules/order` and mounts it.
 mod cache;
 mod error;
+pub mod guest;
 mod initramfs;
 mod kernel;
+pub mod layers;
 pub mod oci;
 mod recipe;
 mod rootfs;
@@ -64,6 +66,11 @@ pub struct BuildOptions {
     /// The host Python whose pip fetches the guest's wheels (default: `python3` on PATH;
     /// `$SUPERMACHINE_HOST_PYTHON` overrides both).
     pub host_python: Option<PathBuf>,
+    /// Stack the kernel layer (IPython, comm, matplotlib-inline, ipywidgets for the guest's
+    /// Python) on an OCI image. None = yes for OCI images; the built-in ones have it already.
+    pub kernel_layer: Option<bool>,
+    /// Packages installed into a layer of their own (OCI images only).
+    pub packages: layers::PackageRequest,
 }
 
 impl Default for BuildOptions {
@@ -77,6 +84,8 @@ impl Default for BuildOptions {
             progress: true,
             force: false,
             host_python: None,
+            kernel_layer: None,
+            packages: layers::PackageRequest::default(),
         }
     }
 }
@@ -123,9 +132,15 @@ pub fn ensure_image(reference: Option<&str>, opts: &BuildOptions) -> Result<Imag
                 name: opts.name.clone(),
                 progress: opts.progress,
                 force: opts.force,
+                kernel_layer: opts.kernel_layer.unwrap_or(true),
+                packages: opts.packages.clone(),
+                host_python: opts.host_python.clone(),
                 ..Default::default()
             };
-            Some(oci::build(r, &oci_opts).map_err(|e| ImageError::Oci(Box::new(e)))?)
+            Some(oci::build(r, &oci_opts).map_err(|e| match e {
+                oci::OciError::Image(e) => e,
+                e => ImageError::Oci(Box::new(e)),
+            })?)
         }
         _ => None,
     };
@@ -133,6 +148,9 @@ pub fn ensure_image(reference: Option<&str>, opts: &BuildOptions) -> Result<Imag
         Some(img) => recipe::Source::Cached(img.name.clone()),
         None => recipe::resolve(reference, &cached_names)?,
     };
+    if oci_image.is_none() && (!opts.packages.is_empty() || opts.kernel_layer == Some(true)) {
+        return Err(ImageError::LayersNeedOci { image: reference.unwrap_or(DEFAULT_RECIPE).to_string() });
+    }
     let (name, source) = match source {
         recipe::Source::Cached(n) if oci_image.is_some() => {
             let img = oci_image.expect("checked");

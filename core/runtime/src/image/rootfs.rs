@@ -122,7 +122,7 @@ pub fn build_tree(recipe: &Recipe, s: &Scratch, progress: &Progress, t: &mut Tim
 /// The host Python whose pip downloads the guest's wheels: `$SUPERMACHINE_HOST_PYTHON`, else
 /// the caller's choice (the bindings pass the running interpreter, which in a venv always has
 /// pip), else `python3` on PATH.
-fn host_python(given: Option<&Path>) -> String {
+pub(super) fn host_python(given: Option<&Path>) -> String {
     std::env::var("SUPERMACHINE_HOST_PYTHON")
         .ok()
         .filter(|s| !s.is_empty())

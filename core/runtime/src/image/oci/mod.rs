@@ -17,6 +17,13 @@
 //! other image. Its manifest's `source` is `oci:<reference>@<digest>` and its `recipe` field
 //! holds `{"oci": {...}}` with the [`ImageConfig`] for the later bake. The guest kernel,
 //! initramfs and agent stay ours; the kernel is pinned the first time the image boots.
+//!
+//! Package layers (`../layers.rs`): with the kernel layer or a package list, the guest's Python
+//! is detected from the unpacked files (`../guest.rs`, cached per manifest digest in
+//! `oci/guest/`), the layers are resolved and installed by the host's pip (each cached on its
+//! own), and hard-linked into the tree before `mkfs.erofs`. The rootfs key then also holds the
+//! layers' keys, so the same image with another package list is another cache entry that
+//! shares the pulled blobs and any unchanged layer.
 mod config;
 mod credentials;
 mod local;
@@ -44,6 +51,8 @@ pub use store::{digest_of, Store, StoreError};
 pub use unpack::{LayerStats, Root, UnpackError};
 
 use super::error::ImageError;
+use super::guest::{self, GuestPython};
+use super::layers::{self, LayerRecord, PackageRequest};
 use super::tools::Progress;
 use super::{cache, recipe, rootfs, BuildOptions};
 
@@ -104,8 +113,15 @@ pub struct OciBuildOptions {
     pub registry: RegistryOptions,
     /// Print progress lines on stderr.
     pub progress: bool,
-    /// Rebuild the root filesystem even if it is cached (blobs stay cached).
+    /// Rebuild the root filesystem even if it is cached (blobs stay cached); also re-resolves
+    /// the package layers.
     pub force: bool,
+    /// Add the kernel layer (what the guest REPL needs); the image must have python3.
+    pub kernel_layer: bool,
+    /// The user's packages, installed into a layer of their own.
+    pub packages: PackageRequest,
+    /// The host Python whose pip installs the layers (see `BuildOptions::host_python`).
+    pub host_python: Option<PathBuf>,
 }
 
 impl Default for OciBuildOptions {
@@ -116,6 +132,9 @@ impl Default for OciBuildOptions {
             registry: RegistryOptions::from_env(),
             progress: true,
             force: false,
+            kernel_layer: false,
+            packages: PackageRequest::default(),
+            host_python: None,
         }
     }
 }
@@ -129,6 +148,12 @@ pub struct OciRecord {
     pub config_digest: String,
     pub layers: Vec<String>,
     pub config: ImageConfig,
+    /// The guest's Python, when package layers were added.
+    #[serde(default)]
+    pub guest: Option<GuestPython>,
+    /// The package layers stacked on the image, bottom first.
+    #[serde(default)]
+    pub pip_layers: Vec<LayerRecord>,
 }
 
 /// A built OCI image.
@@ -232,8 +257,30 @@ pub fn build(reference: &str, opts: &OciBuildOptions) -> Result<OciImage, OciErr
         config_digest: pulled.config_digest.clone(),
         layers: pulled.layers.iter().map(|l| l.digest.clone()).collect(),
         config: pulled.config.clone(),
+        guest: None,
+        pip_layers: Vec::new(),
     };
-    let hash = rootfs_hash(&pulled.manifest_digest);
+    let mut record = record;
+    let mut unpacked: Option<PathBuf> = None;
+    let mut layer_trees = Vec::new();
+    let mut layer_secs = 0.0;
+    if opts.kernel_layer || !opts.packages.is_empty() {
+        let started = std::time::Instant::now();
+        let (g, tree) = guest_of(&pulled, &root, &name, &progress)?;
+        unpacked = tree;
+        let r = add_layers(&root, &name, &source.display(), g, opts, &progress, &mut record, &mut layer_trees);
+        if let Err(e) = r {
+            if let Some(t) = &unpacked {
+                let _ = cache::remove_tree(t.parent().unwrap_or(t));
+            }
+            return Err(e);
+        }
+        layer_secs = started.elapsed().as_secs_f64();
+    }
+    let hash = match record.pip_layers.is_empty() {
+        true => rootfs_hash(&pulled.manifest_digest),
+        false => rootfs_hash(&format!("{}\n{}", pulled.manifest_digest, layers::keys(&record.pip_layers))),
+    };
     let build_opts = BuildOptions {
         cache_dir: Some(root.clone()),
         name: Some(name.clone()),
@@ -244,21 +291,44 @@ pub fn build(reference: &str, opts: &OciBuildOptions) -> Result<OciImage, OciErr
     let mut apply_err = None;
     let image = super::ensure_rootfs(&root, &name, &hash, &build_opts, &progress, false, |scratch, _log, t| {
         let tree = scratch.join("root");
-        cache::mkdirs(&tree)?;
-        let r = progress.step(&format!("apply {} layers", pulled.layers.len()), || {
-            apply(&pulled, &tree).map_err(|e| {
-                let msg = e.to_string();
-                apply_err = Some(e);
-                ImageError::BadRootDir { path: tree.clone(), detail: msg }
-            })
-        });
-        let (_, secs) = r?;
-        t.push(("unpack".into(), secs));
-        let py = rootfs::guest_python_version(&tree);
+        match unpacked.take() {
+            Some(u) => {
+                std::fs::rename(&u, &tree).map_err(ImageError::io("moving the unpacked image"))?;
+                let _ = cache::remove_tree(u.parent().unwrap_or(&u));
+            }
+            None => {
+                cache::mkdirs(&tree)?;
+                let r = progress.step(&format!("apply {} layers", pulled.layers.len()), || {
+                    apply(&pulled, &tree).map_err(|e| {
+                        let msg = e.to_string();
+                        apply_err = Some(e);
+                        ImageError::BadRootDir { path: tree.clone(), detail: msg }
+                    })
+                });
+                let (_, secs) = r?;
+                t.push(("unpack".into(), secs));
+            }
+        }
+        if !layer_trees.is_empty() {
+            t.push(("pip layers".into(), layer_secs));
+            let (_, secs) = progress.step(&format!("stack {} package layers", layer_trees.len()), || {
+                layer_trees.iter().try_for_each(|l: &PathBuf| layers::stack(l, &tree))
+            })?;
+            t.push(("stack".into(), secs));
+        }
+        let py = match &record.guest {
+            Some(g) => Some(g.full_version.clone().unwrap_or_else(|| g.version.clone())),
+            None => guest::detect(&tree, &record.config.env)
+                .map(|g| g.full_version.unwrap_or(g.version))
+                .or_else(|| rootfs::guest_python_version(&tree)),
+        };
         let src = format!("oci:{}@{}", source.display(), pulled.manifest_digest);
         let json = serde_json::json!({ "oci": &record });
         Ok((tree, py, src, Some(json)))
     });
+    if let Some(u) = &unpacked {
+        let _ = cache::remove_tree(u.parent().unwrap_or(u));
+    }
     let image = match (image, apply_err) {
         (Ok(i), _) => i,
         (Err(_), Some(e)) => return Err(e),
@@ -273,6 +343,77 @@ pub fn build(reference: &str, opts: &OciBuildOptions) -> Result<OciImage, OciErr
         python_version: image.manifest.python_version.clone(),
         record,
     }))
+}
+
+/// The guest Python of a pulled image: from `oci/guest/<digest>.json`, else detected in a
+/// fresh unpack of its layers (returned too, so the build does not unpack twice).
+fn guest_of(pulled: &Pulled, root: &Path, name: &str, progress: &Progress)
+    -> Result<(Option<GuestPython>, Option<PathBuf>), OciError>
+{
+    let dir = root.join("oci").join("guest");
+    let file = dir.join(format!("{}-v{}.json", pulled.manifest_digest.replace(':', "-"), OCI_BUILDER_VERSION));
+    if let Some(g) = std::fs::read(&file).ok().and_then(|b| serde_json::from_slice::<Option<GuestPython>>(&b).ok()) {
+        return Ok((g, None));
+    }
+    let scratch = root.join("tmp").join(format!("oci-guest-{name}-{}", std::process::id()));
+    let _ = cache::remove_tree(&scratch);
+    let tree = scratch.join("root");
+    cache::mkdirs(&tree)?;
+    let r = progress.step(&format!("apply {} layers", pulled.layers.len()), || {
+        apply(pulled, &tree).map_err(|e| ImageError::BadRootDir { path: tree.clone(), detail: e.to_string() })
+    });
+    if let Err(e) = r {
+        let _ = cache::remove_tree(&scratch);
+        return Err(e.into());
+    }
+    let g = guest::detect(&tree, &pulled.config.env);
+    cache::mkdirs(&dir)?;
+    let tmp = dir.join(format!(".tmp-{}", std::process::id()));
+    std::fs::write(&tmp, serde_json::to_vec_pretty(&g).expect("serializes"))
+        .and_then(|_| std::fs::rename(&tmp, &file))
+        .map_err(ImageError::io("caching the guest's Python"))?;
+    Ok((g, Some(tree)))
+}
+
+/// Resolves and installs the kernel layer and the user's package layer (each cached), records
+/// them and pushes their trees to `trees`.
+#[allow(clippy::too_many_arguments)]
+fn add_layers(root: &Path, name: &str, image: &str, g: Option<GuestPython>, opts: &OciBuildOptions,
+              progress: &Progress, record: &mut OciRecord, trees: &mut Vec<PathBuf>) -> Result<(), OciError> {
+    let g = g.ok_or_else(|| ImageError::NoPython { image: image.to_string() })?;
+    let log = cache::log_path(root, &format!("layers-{name}"));
+    let pip = layers::Pip {
+        root,
+        python: rootfs::host_python(opts.host_python.as_deref()),
+        log: &log,
+        progress,
+        image,
+        force: opts.force,
+    };
+    let mut kernel_pins = Vec::new();
+    if opts.kernel_layer {
+        let specs: Vec<String> = layers::KERNEL_REQUIREMENTS.iter().map(|s| s.to_string()).collect();
+        // The built-in image's tested versions where the guest allows them, else any.
+        let pins = match pip.resolve(&g, &specs, None, &[], &layers::tested_pins()) {
+            Err(ImageError::NoWheel { .. } | ImageError::PackageConflict { .. }) => {
+                pip.resolve(&g, &specs, None, &[], &[])?
+            }
+            r => r?,
+        };
+        let (rec, tree) = pip.layer(&g, "kernel", &pins)?;
+        kernel_pins = pins;
+        record.pip_layers.push(rec);
+        trees.push(tree);
+    }
+    if !opts.packages.is_empty() {
+        let p = &opts.packages;
+        let pins = pip.resolve(&g, &p.packages, p.requirements.as_deref(), &kernel_pins, &[])?;
+        let (rec, tree) = pip.layer(&g, "packages", &pins)?;
+        record.pip_layers.push(rec);
+        trees.push(tree);
+    }
+    record.guest = Some(g);
+    Ok(())
 }
 
 /// The OCI record of an image's manifest (None if it was not built from an OCI source).
