@@ -8,7 +8,7 @@ use pyo3::prelude::*;
 use pyo3::types::PyDict;
 
 use supermachine_runtime::pool::{Pool as RtPool, PoolConfig, PoolError as RtPoolError};
-use supermachine_runtime::snapshotting::RestoreFactory;
+use supermachine_runtime::snapshot::RestoreFactory;
 use supermachine_runtime::{RestoreOptions, Snapshot};
 
 use crate::errors::{IntoPy, PoolError};

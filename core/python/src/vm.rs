@@ -540,14 +540,14 @@ pub fn snapshot_info(py: Python<'_>, path: PathBuf, check_host: bool) -> PyResul
 /// stamp for trusting an earlier verification); cheap: three stats.
 #[pyfunction]
 pub fn snapshot_files_stamp(path: PathBuf) -> String {
-    supermachine_runtime::snapshotting::dir_stamp(&path)
+    supermachine_runtime::snapshot::dir_stamp(&path)
 }
 
 /// Starts reading snapshot `path`'s memory file into the page cache in the background (holes
 /// too), so a later snapshot of a VM restored from it does not fault them in one by one.
 #[pyfunction]
 pub fn prefetch_snapshot_memory(path: PathBuf) {
-    supermachine_runtime::snapshotting::prefetch_memory(&path);
+    supermachine_runtime::snapshot::memory::prefetch_memory(&path);
 }
 
 /// Host accelerator that would be used now ("kvm" or "tcg"), honouring SUPERMACHINE_ACCEL.

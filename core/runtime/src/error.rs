@@ -6,6 +6,8 @@ use std::io;
 
 use supermachine_protocol::ErrorKind;
 
+use crate::snapshot::SnapshotError;
+
 pub type Result<T> = std::result::Result<T, Error>;
 
 /// Everything that can go wrong on the host side.
@@ -76,5 +78,20 @@ pub fn kind_name(kind: ErrorKind) -> &'static str {
         ErrorKind::Limit => "limit",
         ErrorKind::Io => "io",
         ErrorKind::Protocol => "protocol",
+    }
+}
+
+impl From<SnapshotError> for Error {
+    fn from(e: SnapshotError) -> Error {
+        match e {
+            SnapshotError::Io { ref path, .. } => Error::Io {
+                context: format!("snapshot {}", path.display()),
+                kind: std::io::ErrorKind::Other,
+                message: e.to_string(),
+            },
+            SnapshotError::Corrupt { .. } | SnapshotError::Mismatch { .. } | SnapshotError::Exists { .. } => {
+                Error::Snapshot(e.to_string())
+            }
+        }
     }
 }

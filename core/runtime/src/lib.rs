@@ -1,6 +1,6 @@
 //! Host runtime library: QEMU supervision ([`qemu`], [`accel`], [`qmp`]), the connection to the
 //! guest agent ([`conn`] over the pure multiplexer [`mux`]), VMs and their processes ([`vm`],
-//! [`child`]), snapshots and the VM pool.
+//! [`child`]), snapshots ([`snapshot`]: on disk, taking, restoring) and the VM pool ([`pool`]).
 pub mod accel;
 pub mod child;
 pub mod conn;
@@ -11,11 +11,10 @@ pub mod pool;
 pub mod qemu;
 pub mod qmp;
 pub mod snapshot;
-pub mod snapshotting;
 pub mod vm;
 pub mod workdir;
 
 pub use child::{ExecChild, SpawnOptions};
 pub use error::{Error, Result};
-pub use snapshotting::{RestoreOptions, Snapshot};
+pub use snapshot::{RestoreOptions, Snapshot};
 pub use vm::{BootOptions, ExecOptions, ExecResult, GuestFiles, Vm};

@@ -1,11 +1,11 @@
 //! A VM: one QEMU process (or, for tests, an agent on a unix socket), its work dir, and the
 //! connection to its agent. Operations: exec (collect), spawn (streaming), file transfer,
-//! release.
+//! pause/resume, release.
 //!
 //! Cold boot: launch QEMU → connect to the agent port (retrying until QEMU listens) → Hello →
 //! Welcome before the boot deadline. If QEMU exits or the guest never answers, the error
 //! carries QEMU's exit status and the tail of the guest console. Restoring from a snapshot
-//! (`snapshotting.rs`) goes through the same [`Vm::start`], with the state fed over QMP
+//! (`snapshot/restore.rs`) goes through the same `Vm::start`, with the state fed over QMP
 //! before the Welcome is awaited.
 //!
 //! Set `SUPERMACHINE_TRACE=1` to print the phases of every boot/restore with timings.
@@ -606,6 +606,32 @@ impl Vm {
             (None, None) => return Err(Error::InvalidArgument("nothing to reconnect to".into())),
         };
         self.conn.reconnect(stream, deadline)
+    }
+
+    /// Freezes the guest: the agent stops writing (Pause), then QEMU stops the vCPUs. Nothing
+    /// in the guest runs and QEMU uses no CPU until [`Vm::resume`]; the translated code QEMU
+    /// already holds stays, so the guest resumes warm.
+    pub fn pause(&self) -> Result<()> {
+        self.qemu_proc().ok_or_else(|| Error::InvalidArgument("only QEMU-backed VMs can be paused".into()))?;
+        if !self.is_alive() {
+            return Err(self.conn().failure().unwrap_or(Error::Released));
+        }
+        self.conn().request(ReqKind::Pause, Some(Instant::now() + Duration::from_secs(30)), |req| Control::Pause { req })?;
+        let mut qmp_guard = self.qmp()?;
+        qmp_guard.as_mut().expect("qmp connected").execute("stop", None)?;
+        Ok(())
+    }
+
+    /// Continues a paused guest and opens a new channel to its agent. The new Hello sets the
+    /// guest clock to the host's, reseeds its RNG and bumps its generation, exactly as after a
+    /// restore, so a guest paused for hours comes back with the right time and fresh entropy.
+    pub fn resume(&self, timeout: Duration) -> Result<u64> {
+        self.qemu_proc().ok_or_else(|| Error::InvalidArgument("only QEMU-backed VMs can be resumed".into()))?;
+        {
+            let mut qmp_guard = self.qmp()?;
+            qmp_guard.as_mut().expect("qmp connected").execute("cont", None)?;
+        }
+        Ok(self.reconnect(timeout)?.generation)
     }
 
     /// True until the VM died or was released (QEMU's exit is noticed at once, before the
