@@ -746,7 +746,9 @@ class MicroVMKernelApp(IPKernelApp):
         self.log.info("Starting the kernel at pid: %i", os.getpid())
         self.context = context = early.context
         atexit.register(self.close)
-        if self.transport == "tcp":
+        if self.curve_secretkey is not None:  # as IPKernelApp.init_sockets says it
+            self.log.info("Detected CurveZMQ secret key; using transport encryption")
+        elif self.transport == "tcp":
             self.log.warning(
                 "Kernel is running over TCP without encryption. All communication (including "
                 "code and outputs) is sent in plain text and is susceptible to eavesdropping. "
@@ -757,6 +759,7 @@ class MicroVMKernelApp(IPKernelApp):
         self.log.debug("shell ROUTER Channel on port: %i (bound at start)", self.shell_port)
         self.stdin_socket = context.socket(zmq.ROUTER)
         self.stdin_socket.linger = 1000
+        self._apply_curve_server_options(self.stdin_socket)
         self.stdin_port = self._bind_socket(self.stdin_socket, self.stdin_port)
         self.log.debug("stdin ROUTER Channel on port: %i", self.stdin_port)
         if hasattr(zmq, "ROUTER_HANDOVER"):
