@@ -105,6 +105,18 @@ class Kernel:
                         reply = shell["content"]
         return reply, outputs
 
+    def reply(self, msg_id: str, timeout: float = 30) -> dict:
+        """The content of the shell reply to request `msg_id` (other replies are dropped)."""
+        deadline = time.monotonic() + timeout * SLOW
+        while time.monotonic() < deadline:
+            try:
+                msg = self.kc.shell_channel.get_msg(timeout=0.1)
+            except queue.Empty:
+                continue
+            if msg["parent_header"].get("msg_id") == msg_id:
+                return msg["content"]
+        raise TimeoutError(f"no shell reply to {msg_id} in {timeout * SLOW:.0f} s")
+
     def value(self, expr: str, timeout: float = 30) -> str:
         """text/plain of evaluating `expr` in the guest."""
         reply, outputs = self.execute(expr, timeout=timeout)

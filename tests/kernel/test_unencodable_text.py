@@ -4,10 +4,7 @@ Every path from the guest into a Jupyter message: stream text, errors, mimebundl
 metadata, comm data, completion and inspection replies. Nothing around them is lost."""
 from __future__ import annotations
 
-import queue
-import time
-
-from .harness import SLOW, stdout_of
+from .harness import stdout_of
 
 REPLACEMENT = "\ufffd"
 
@@ -59,18 +56,6 @@ def test_comm_data_from_the_guest(kernel):
     assert sent and sent[0]["content"]["data"] == {"k": [f"msg {REPLACEMENT}"]}
 
 
-def _shell_reply(kernel, msg_id, timeout=30):
-    deadline = time.monotonic() + timeout * SLOW
-    while time.monotonic() < deadline:
-        try:
-            msg = kernel.kc.shell_channel.get_msg(timeout=0.1)
-        except queue.Empty:
-            continue
-        if msg["parent_header"].get("msg_id") == msg_id:
-            return msg["content"]
-    raise AssertionError("no reply")
-
-
 def test_complete_and_inspect_replies(kernel):
     # A file name that is not UTF-8: Python lists it with surrogateescape.
     reply, _ = kernel.execute(
@@ -81,9 +66,9 @@ def test_complete_and_inspect_replies(kernel):
     assert reply["status"] == "ok", reply
     folder = kernel.value("surrogate_dir").strip("'")
     code = f"open('{folder}/name-"
-    content = _shell_reply(kernel, kernel.kc.complete(code, len(code)))
+    content = kernel.reply(kernel.kc.complete(code, len(code)))
     assert content["status"] == "ok"
     assert any(f"name-{REPLACEMENT}.txt" in m for m in content["matches"]), content["matches"]
-    content = _shell_reply(kernel, kernel.kc.inspect("surrogate_doc", 13))
+    content = kernel.reply(kernel.kc.inspect("surrogate_doc", 13))
     assert content["status"] == "ok" and content["found"]
     assert f"doc with {REPLACEMENT} inside" in content["data"]["text/plain"]
