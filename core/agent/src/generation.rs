@@ -24,7 +24,9 @@ const RNDRESEEDCRNG: libc::c_ulong = 0x5207;
 /// Most entropy bytes we pass on from one Hello.
 const MAX_ENTROPY: usize = 4096;
 
-pub struct Restore {
+/// The guest's identity across clones (`boot_id`) and its count of Hellos (`generation`),
+/// kept in the state files.
+pub struct Generation {
     /// Clock and RNG are only touched as PID 1 (never on a developer's host in test mode).
     touch_system: bool,
     state_dir: Option<PathBuf>,
@@ -32,15 +34,15 @@ pub struct Restore {
     pub generation: u64,
 }
 
-impl Restore {
-    pub fn new(touch_system: bool, state_dir: Option<PathBuf>) -> Restore {
+impl Generation {
+    pub fn new(touch_system: bool, state_dir: Option<PathBuf>) -> Generation {
         let mut id = [0u8; 16];
         if !sys::random_bytes(&mut id) {
             // Not secret, only unique: fall back to time and pid.
             let t = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
             id[..16].copy_from_slice(&(t ^ (std::process::id() as u128) << 64).to_le_bytes());
         }
-        let r = Restore { touch_system, state_dir, boot_id: sys::hex(&id), generation: 0 };
+        let r = Generation { touch_system, state_dir, boot_id: sys::hex(&id), generation: 0 };
         r.write_file("boot_id", &r.boot_id);
         r
     }
@@ -132,7 +134,7 @@ mod tests {
     #[test]
     fn hello_bumps_generation_and_writes_state() {
         let d = std::env::temp_dir().join(format!("sm-agent-restore-{}", std::process::id()));
-        let mut r = Restore::new(false, Some(d.clone()));
+        let mut r = Generation::new(false, Some(d.clone()));
         assert_eq!(r.boot_id.len(), 32);
         assert_eq!(r.on_hello(42, &[1]), 1);
         assert_eq!(r.on_hello(43, &[]), 2);

@@ -9,8 +9,8 @@
 //!
 //! Module map: `writer` (the framed writer with the pause gate), `transport` (read loops on the
 //! port or socket), `server` (dispatch), `process` + `reaper` (children), `credit` (output
-//! windows), `files` (transfers), `restore` (clock, RNG, generation), `init` (PID 1 setup),
-//! `sys` (raw syscalls), `log`.
+//! windows), `files` (transfers), `generation` (what a Hello changes: clock, RNG, generation),
+//! `init` (PID 1 setup), `sys` (raw syscalls), `log`.
 //!
 //! # What the host can rely on
 //! * **Sessions.** Every connection starts with `Hello`; the first frame the agent writes after
@@ -47,11 +47,11 @@
 
 mod credit;
 mod files;
+mod generation;
 mod init;
 mod log;
 mod process;
 mod reaper;
-mod restore;
 mod server;
 mod sys;
 mod transport;
@@ -63,14 +63,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use process::Procs;
-use restore::Restore;
+use generation::Generation;
 use server::Server;
 use writer::Writer;
 
 const USAGE: &str = "usage: supermachine-agent --listen-unix PATH [--state-dir DIR] [--debug] [--die-with-parent]
   (as PID 1 in the microVM it takes no arguments)";
 
-/// Where PID 1 writes its state files (see `restore.rs`).
+/// Where PID 1 writes its state files (see `generation.rs`).
 const STATE_DIR: &str = "/run/supermachine";
 
 struct Args {
@@ -100,7 +100,7 @@ fn build(touch_system: bool, state_dir: Option<PathBuf>) -> Server {
     let writer = Arc::new(Writer::new());
     let procs = Arc::new(Procs::new(writer.clone()));
     reaper::start(procs.clone());
-    Server::new(writer, procs, Restore::new(touch_system, state_dir))
+    Server::new(writer, procs, Generation::new(touch_system, state_dir))
 }
 
 fn main() {

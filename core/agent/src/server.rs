@@ -19,7 +19,7 @@ use supermachine_protocol::{Control, Decoder, ErrorKind, Frame, Kind, ProcessInf
 
 use crate::files::Files;
 use crate::process::{Failure, Procs, SpawnRequest};
-use crate::restore::Restore;
+use crate::generation::Generation;
 use crate::writer::Writer;
 use crate::{debug, log};
 
@@ -27,7 +27,7 @@ pub struct Server {
     writer: Arc<Writer>,
     procs: Arc<Procs>,
     files: Files,
-    restore: Restore,
+    generation: Generation,
     decoder: Decoder,
     /// A valid Hello was received on this connection.
     welcomed: bool,
@@ -76,9 +76,9 @@ pub fn fit_processes(mut list: Vec<ProcessInfo>) -> Vec<ProcessInfo> {
 }
 
 impl Server {
-    pub fn new(writer: Arc<Writer>, procs: Arc<Procs>, restore: Restore) -> Server {
+    pub fn new(writer: Arc<Writer>, procs: Arc<Procs>, generation: Generation) -> Server {
         let files = Files::new(writer.clone());
-        Server { writer, procs, files, restore, decoder: Decoder::new(), welcomed: false, desynced: false }
+        Server { writer, procs, files, generation, decoder: Decoder::new(), welcomed: false, desynced: false }
     }
 
     pub fn writer(&self) -> &Arc<Writer> {
@@ -157,11 +157,11 @@ impl Server {
             self.writer.disconnected();
             return;
         }
-        let generation = self.restore.on_hello(host_time_ns, entropy);
+        let generation = self.generation.on_hello(host_time_ns, entropy);
         self.files.new_session();
         self.welcomed = true;
         self.desynced = false;
-        let (procs, boot_id) = (&self.procs, self.restore.boot_id.clone());
+        let (procs, boot_id) = (&self.procs, self.generation.boot_id.clone());
         self.writer.begin_session(|epoch| {
             procs.reset_windows(epoch);
             Control::Welcome { version: PROTOCOL_VERSION, boot_id, generation, processes: fit_processes(procs.list()) }
