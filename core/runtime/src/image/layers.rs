@@ -152,7 +152,7 @@ impl Pip<'_> {
             fs::write(&cons, constraints.join("\n") + "\n").map_err(ImageError::io("writing constraints"))?;
             let report = scratch.join("report.json");
             let mut c = self.pip(guest)?;
-            c.args(["--dry-run", "--quiet", "--report"]).arg(&report)
+            c.args(["--dry-run", "--report"]).arg(&report)
                 .arg("--target").arg(scratch.join("target"))
                 .arg("-c").arg(&cons);
             if let Some(p) = requirements {
@@ -321,6 +321,7 @@ fn classify(text: &str, image: &str, guest: &GuestPython) -> Option<ImageError> 
         } else {
             detail.join("; ")
         };
+        let detail = detail.trim_end_matches('.').to_string();
         return Some(ImageError::PackageConflict { image: image.into(), detail });
     }
     None

@@ -1,0 +1,194 @@
+"""Package layers on an OCI image: the kernel layer and ``packages=``, for the guest's Python.
+
+The image is an OCI layout this module writes from a Debian bookworm root with python3 and
+python3-six only (mmdebstrap, ~20 s; the layout is cached under the image cache's ``test/``,
+so later runs start at once). Six 1.16.0 from Debian is the version the layers must not
+override. Resolving and installing use the host's pip and PyPI.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from supermachine_kernel import api, images
+from supermachine_kernel.api import _core
+
+NAME = "test-oci-debian-py"
+LAYOUT_VERSION = "1"  # bump to rebuild the cached test layout
+
+
+def _write_layout(layout: Path, layer_tar: Path) -> None:
+    blobs = layout / "blobs" / "sha256"
+    blobs.mkdir(parents=True)
+    (layout / "oci-layout").write_text('{"imageLayoutVersion": "1.0.0"}')
+    h = hashlib.sha256()
+    with open(layer_tar, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    layer_digest = h.hexdigest()
+    size = layer_tar.stat().st_size
+    layer_tar.rename(blobs / layer_digest)
+
+    def blob(data: bytes, media_type: str) -> dict:
+        d = hashlib.sha256(data).hexdigest()
+        (blobs / d).write_bytes(data)
+        return {"mediaType": media_type, "digest": f"sha256:{d}", "size": len(data)}
+
+    config = {
+        "architecture": "amd64", "os": "linux",
+        "config": {"Env": ["PATH=/usr/local/bin:/usr/bin:/bin", "SMK_FROM_IMAGE=yes"],
+                   "WorkingDir": "/root"},
+        "rootfs": {"type": "layers", "diff_ids": [f"sha256:{layer_digest}"]},
+    }
+    cfg = blob(json.dumps(config).encode(), "application/vnd.oci.image.config.v1+json")
+    manifest = {"schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",
+                "config": cfg, "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar",
+                                           "digest": f"sha256:{layer_digest}", "size": size}]}
+    m = blob(json.dumps(manifest).encode(), "application/vnd.oci.image.manifest.v1+json")
+    m["annotations"] = {"org.opencontainers.image.ref.name": "v1"}
+    (layout / "index.json").write_text(json.dumps({"schemaVersion": 2, "manifests": [m]}))
+
+
+@pytest.fixture(scope="session")
+def debian_python_layout() -> Path:
+    """oci:<layout>:v1 — Debian bookworm with python3 and python3-six, built once and cached."""
+    final = Path(images.cache_dir()) / "test" / f"oci-debian-python3-v{LAYOUT_VERSION}"
+    if (final / "index.json").is_file():
+        return final
+    if shutil.which("mmdebstrap") is None or os.geteuid() != 0:
+        pytest.skip("building the test image needs root and mmdebstrap (tools/setup-host.sh)")
+    tmp = final.with_name(f".tmp-{final.name}-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    tar = tmp / "root.tar"
+    subprocess.run(
+        ["mmdebstrap", "--mode=root", "--variant=apt", "--include=python3,python3-six",
+         "--dpkgopt=path-exclude=/usr/share/doc/*", "--dpkgopt=path-exclude=/usr/share/man/*",
+         "--dpkgopt=path-exclude=/usr/share/locale/*", "--quiet", "bookworm", str(tar)],
+        check=True, capture_output=True,
+    )
+    _write_layout(tmp / "layout", tar)
+    (tmp / "layout").rename(final)
+    shutil.rmtree(tmp, ignore_errors=True)
+    return final
+
+
+@pytest.fixture(scope="module")
+def built(debian_python_layout):
+    """The image with the kernel layer and ``packages=["six", "attrs"]``, and its build time."""
+    ref = f"oci:{debian_python_layout}:v1"
+    t = time.monotonic()
+    paths = images.ensure_image(ref, name=NAME, progress=True, packages=["six", "attrs"])
+    first = time.monotonic() - t
+    print(f"\nfirst build (kernel layer + packages, layout cached): {first:.1f} s")
+    yield ref, paths
+    _core.remove_image(NAME, None)
+
+
+def _layers(paths) -> dict:
+    return {l["kind"]: l for l in paths.oci["pip_layers"]}
+
+
+def test_guest_python_is_detected_from_the_image(built):
+    _, paths = built
+    g = paths.oci["guest"]
+    assert (g["python"], g["version"]) == ("/usr/bin/python3", "3.11")
+    assert g["platforms"][0] == "manylinux_2_36_x86_64"
+    assert g["site"] == "/usr/local/lib/python3.11/dist-packages"
+    assert g["installed"]["six"] == "1.16.0"
+    assert paths.python_version.startswith("3.11.")
+
+
+def test_layers_add_what_is_missing_and_keep_the_images_versions(built):
+    _, paths = built
+    layers = _layers(paths)
+    kernel = {p.split("==")[0] for p in layers["kernel"]["pins"]}
+    assert {"ipython", "comm", "matplotlib-inline", "ipywidgets", "traitlets"} <= kernel
+    added = {p.split("==")[0] for p in layers["packages"]["pins"]}
+    assert "attrs" in added
+    assert "six" not in added, "the image's six 1.16.0 is kept, not installed again"
+    assert not added & kernel, "the packages layer does not repeat the kernel layer"
+
+
+@pytest.mark.vm
+@pytest.mark.timeout(600)
+def test_guest_imports_the_layers(built):
+    """A cold boot of the stacked root: the REPL's stack (IPython runs a cell, comm, ipywidgets)
+    and the packages import, with six from Debian's dist-packages; the image config's Env
+    reaches guest processes."""
+    ref, _ = built
+    img = api.Image.build(ref=ref, name=NAME, packages=["six", "attrs"], snapshot=False,
+                          progress=False)
+    assert img.env.get("SMK_FROM_IMAGE") == "yes"
+    vm = img.boot()
+    try:
+        code = (
+            "import importlib.util, os, IPython, comm, ipywidgets, attrs, six\n"
+            # matplotlib-inline is there for when the user adds matplotlib (it imports it).
+            "assert importlib.util.find_spec('matplotlib_inline') is not None\n"
+            "from IPython.core.interactiveshell import InteractiveShell\n"
+            "sh = InteractiveShell.instance()\n"
+            "sh.run_cell('x = 21 * 2', silent=True)\n"
+            "print(sh.user_ns['x'], six.__version__, six.__file__, attrs.__file__, os.environ['SMK_FROM_IMAGE'])\n"
+        )
+        r = vm.exec(["python3", "-c", code], timeout_ms=300_000)
+        assert r.exit_code == 0, r.stderr.decode(errors="replace")[-3000:]
+        result, six_version, six_file, attrs_file, from_image = r.stdout.decode().split()
+        assert (result, six_version, from_image) == ("42", "1.16.0", "yes")
+        assert six_file.startswith("/usr/lib/python3/dist-packages/")
+        assert attrs_file.startswith("/usr/local/lib/python3.11/dist-packages/")
+    finally:
+        vm.release()
+
+
+def test_cache_hit_and_a_changed_list_reuses_the_kernel_layer(built):
+    ref, paths = built
+    t = time.monotonic()
+    again = images.ensure_image(ref, name=NAME, progress=False, packages=["six", "attrs"])
+    print(f"\ncache hit: {(time.monotonic() - t) * 1000:.0f} ms")
+    assert again.hash == paths.hash and again.rootfs == paths.rootfs
+    same = images.ensure_image(ref, name=NAME, progress=False, packages=["attrs"])
+    assert same.hash == paths.hash, "six resolves to the image's own: the same set, the same root"
+    other = images.ensure_image(ref, name=NAME, progress=False, packages=["attrs", "iniconfig"])
+    assert other.hash != paths.hash, "another resolved set is another root"
+    assert _layers(other)["kernel"]["key"] == _layers(paths)["kernel"]["key"]
+    assert {p.split("==")[0] for p in _layers(other)["packages"]["pins"]} == {"attrs", "iniconfig"}
+
+
+def test_requirements_file(built, tmp_path):
+    ref, paths = built
+    req = tmp_path / "requirements.txt"
+    req.write_text("attrs\nsix\n")
+    p = images.ensure_image(ref, name=NAME, progress=False, requirements=req)
+    assert _layers(p)["packages"] == _layers(paths)["packages"], "same resolved set, same layer"
+    with pytest.raises(api.ImageError, match="cannot read requirements file"):
+        images.ensure_image(ref, name=NAME, progress=False, requirements=tmp_path / "missing.txt")
+
+
+def test_a_version_the_image_has_is_not_overridden(built):
+    ref, _ = built
+    with pytest.raises(api.ImageError) as e:
+        images.ensure_image(ref, name=NAME, progress=False, packages=["six==1.17.0"])
+    msg = str(e.value)
+    assert "six==1.16.0" in msg and "already has" in msg and ref in msg, msg
+
+
+def test_a_package_without_a_wheel_names_it_and_the_guest(built):
+    ref, _ = built
+    # docopt 0.6.2 is published as an sdist only.
+    with pytest.raises(api.ImageError) as e:
+        images.ensure_image(ref, name=NAME, progress=False, packages=["docopt==0.6.2"])
+    msg = str(e.value)
+    assert "docopt" in msg and "Python 3.11" in msg and "manylinux_2_36_x86_64" in msg, msg
+
+
+def test_packages_need_an_oci_image():
+    with pytest.raises(api.ImageError, match="OCI images only"):
+        images.ensure_image("minimal", progress=False, packages=["attrs"])
