@@ -3,7 +3,7 @@
 
 use libfuzzer_sys::fuzz_target;
 use std::io;
-use supermachine_runtime::snapshot::stream::{split_stream, PageSink};
+use supermachine_runtime::snapshot::migration_stream::{split_stream, PageSink};
 
 struct Discard;
 

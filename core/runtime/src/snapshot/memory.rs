@@ -4,7 +4,7 @@
 //! * [`copy_sparse`] copies a template VM's shared RAM file (reading only its data extents,
 //!   `SEEK_DATA`/`SEEK_HOLE`).
 //! * `MemoryFileSink` receives main-RAM pages split out of QEMU's migration stream (see
-//!   [`super::stream`]) or from [`copy_sparse`]; adjacent pages go out in one write on a writer
+//!   [`super::migration_stream`]) or from [`copy_sparse`]; adjacent pages go out in one write on a writer
 //!   thread.
 //! * [`prefetch_memory`] pulls a memory file into the page cache ahead of a snapshot of a VM
 //!   restored from it.
@@ -24,7 +24,7 @@ use std::sync::{Mutex, OnceLock};
 
 use crate::error::{Error, Result};
 use crate::snapshot::format as fmt;
-use crate::snapshot::stream::{self, PageSink};
+use crate::snapshot::migration_stream::{PageSink, PAGE_SIZE};
 
 /// Copies `src` to `dst` leaving every all-zero 4 KiB page a hole (guest RAM is mostly zero),
 /// through the same `MemoryFileSink` as split snapshots. Returns the bytes of data written and
@@ -55,8 +55,8 @@ pub fn copy_sparse(src: &Path, dst: &Path) -> Result<(u64, fmt::FileDigest)> {
             while off < end {
                 let n = ((end - off) as usize).min(buf.len());
                 f.read_exact_at(&mut buf[..n], off).map_err(|e| Error::io(ctx("read"), e))?;
-                for (i, page) in buf[..n].chunks(stream::PAGE_SIZE).enumerate() {
-                    sink.page(off + (i * stream::PAGE_SIZE) as u64, page).map_err(|e| Error::io(ctx("write"), e))?;
+                for (i, page) in buf[..n].chunks(PAGE_SIZE).enumerate() {
+                    sink.page(off + (i * PAGE_SIZE) as u64, page).map_err(|e| Error::io(ctx("write"), e))?;
                 }
                 off += n as u64;
             }

@@ -4,7 +4,7 @@
 //! | module                 | owns                                                                      |
 //! |------------------------|---------------------------------------------------------------------------|
 //! | [`format`](mod@format) | the on-disk format: metadata, checksums, atomic commit, trust             |
-//! | [`stream`]             | splitting QEMU's migration stream into memory file + device state         |
+//! | [`migration_stream`]   | splitting QEMU's migration stream into memory file + device state         |
 //! | [`identity`]           | the machine identity a snapshot must match (command-line fingerprint)     |
 //! | [`memory`]             | writing the sparse memory file; prefetching it into the page cache        |
 //! | [`verified`]           | [`Snapshot`]: a verified snapshot directory; verification remembered      |
@@ -13,7 +13,7 @@
 //! | `qmp`                  | the QMP migration steps taking and restoring share                        |
 //!
 //! Dependencies run one way: `take`/`restore` → `verified`/`memory`/`identity`/`qmp` →
-//! `format`/`stream`; nothing here is imported by [`crate::vm`].
+//! `format`/`migration_stream`; nothing here is imported by [`crate::vm`].
 //!
 //! Template snapshot: a memory file (guest RAM, sparse) mapped private copy-on-write on
 //! restore, plus the device state. Full snapshot: RAM inside the migration stream, no memory
@@ -22,9 +22,9 @@
 pub mod format;
 pub mod identity;
 pub mod memory;
+pub mod migration_stream;
 mod qmp;
 pub mod restore;
-pub mod stream;
 pub mod take;
 pub mod verified;
 

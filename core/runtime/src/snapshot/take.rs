@@ -8,7 +8,7 @@
 //!
 //! A restored VM's RAM is a private copy-on-write mapping: QEMU's migration stream carries it,
 //! and we split that stream on a unix socket into a memory file and the device state
-//! ([`super::stream`]), so the result restores like a template. Should splitting fail (or
+//! ([`super::migration_stream`]), so the result restores like a template. Should splitting fail (or
 //! `SUPERMACHINE_SNAPSHOT_SPLIT=0`), the stream is kept whole: a "full" snapshot, with no
 //! memory file, whose restore loads every page.
 //!
@@ -34,7 +34,7 @@ use crate::snapshot::format as fmt;
 use crate::snapshot::identity::machine_identity;
 use crate::snapshot::memory::{copy_sparse, MemoryFileSink};
 use crate::snapshot::qmp::{sh_quote, wait_migration};
-use crate::snapshot::stream::split_stream;
+use crate::snapshot::migration_stream::split_stream;
 use crate::snapshot::verified::{remember_verified, Snapshot};
 use crate::snapshot::{PendingSnapshot, SnapshotKind, SnapshotMeta};
 use crate::vm::Vm;
