@@ -12,6 +12,7 @@ import json
 import os
 import shutil
 import subprocess
+import tarfile
 import time
 from pathlib import Path
 
@@ -24,7 +25,7 @@ NAME = "test-oci-debian-py"
 LAYOUT_VERSION = "1"  # bump to rebuild the cached test layout
 
 
-def _write_layout(layout: Path, layer_tar: Path) -> None:
+def _write_layout(layout: Path, layer_tar: Path, env: list[str]) -> None:
     blobs = layout / "blobs" / "sha256"
     blobs.mkdir(parents=True)
     (layout / "oci-layout").write_text('{"imageLayoutVersion": "1.0.0"}')
@@ -43,8 +44,7 @@ def _write_layout(layout: Path, layer_tar: Path) -> None:
 
     config = {
         "architecture": "amd64", "os": "linux",
-        "config": {"Env": ["PATH=/usr/local/bin:/usr/bin:/bin", "SMK_FROM_IMAGE=yes"],
-                   "WorkingDir": "/root"},
+        "config": {"Env": env, "WorkingDir": "/root"},
         "rootfs": {"type": "layers", "diff_ids": [f"sha256:{layer_digest}"]},
     }
     cfg = blob(json.dumps(config).encode(), "application/vnd.oci.image.config.v1+json")
@@ -74,7 +74,7 @@ def debian_python_layout() -> Path:
          "--dpkgopt=path-exclude=/usr/share/locale/*", "--quiet", "bookworm", str(tar)],
         check=True, capture_output=True,
     )
-    _write_layout(tmp / "layout", tar)
+    _write_layout(tmp / "layout", tar, ["PATH=/usr/local/bin:/usr/bin:/bin", "SMK_FROM_IMAGE=yes"])
     (tmp / "layout").rename(final)
     shutil.rmtree(tmp, ignore_errors=True)
     return final
@@ -192,3 +192,38 @@ def test_a_package_without_a_wheel_names_it_and_the_guest(built):
 def test_packages_need_an_oci_image():
     with pytest.raises(api.ImageError, match="OCI images only"):
         images.ensure_image("minimal", progress=False, packages=["attrs"])
+
+
+def test_cross_install_for_another_python(tmp_path):
+    """An image whose python3 is /usr/local/bin/python3.12 (python:3.12-slim's layout; the
+    files are stand-ins, nothing from an image runs on the host) gets a kernel layer of wheels
+    for CPython 3.12 in its site-packages; the host (3.11) writes no bytecode for it."""
+    root = tmp_path / "root"
+    for d in ("usr/local/bin", "usr/local/lib/python3.12/site-packages/pip-24.0.dist-info",
+              "lib/x86_64-linux-gnu"):
+        (root / d).mkdir(parents=True)
+    (root / "usr/local/bin/python3.12").write_bytes(b"\x7fELF stand-in")
+    (root / "usr/local/bin/python3").symlink_to("python3.12")
+    (root / "usr/local/lib/python3.12/os.py").write_text("")
+    (root / "lib/x86_64-linux-gnu/libc.so.6").write_bytes(b"\0GLIBC_2.17\0GLIBC_2.36\0")
+    tar = tmp_path / "layer.tar"
+    with tarfile.open(tar, "w", format=tarfile.PAX_FORMAT) as t:
+        t.add(root, arcname=".")
+    layout = tmp_path / "layout"
+    _write_layout(layout, tar, ["PATH=/usr/local/bin:/usr/bin:/bin", "PYTHON_VERSION=3.12.7"])
+    name = "test-oci-py312-standin"
+    try:
+        p = images.ensure_image(f"oci:{layout}:v1", name=name, progress=False)
+        g = p.oci["guest"]
+        assert (g["python"], g["version"], g["site"]) == (
+            "/usr/local/bin/python3", "3.12", "/usr/local/lib/python3.12/site-packages")
+        assert p.python_version == "3.12.7"
+        pins = {x.split("==")[0] for x in _layers(p)["kernel"]["pins"]}
+        assert "ipython" in pins and "pip" not in pins
+        if shutil.which("dump.erofs") is None:
+            pytest.skip("dump.erofs not installed (apt-get install erofs-utils)")
+        ls = subprocess.run(["dump.erofs", "--path=/usr/local/lib/python3.12/site-packages/IPython",
+                             "--ls", p.rootfs], capture_output=True, text=True, check=True).stdout
+        assert "__init__.py" in ls and "__pycache__" not in ls, ls
+    finally:
+        _core.remove_image(name, None)

@@ -159,7 +159,14 @@ impl Pip<'_> {
                 c.arg("-r").arg(p);
             }
             c.args(specs);
-            self.run(&mut c, "resolving packages (pip --dry-run)", guest)?;
+            let what = specs.join(" ");
+            let what = match requirements {
+                Some(p) => format!("{what} -r {}", p.display()).trim().to_string(),
+                None => what,
+            };
+            self.progress.step(&format!("resolve {what} for {}", guest.describe()), || {
+                self.run(&mut c, "resolving packages (pip --dry-run)", guest)
+            })?;
             let bytes = fs::read(&report).map_err(ImageError::io("reading pip's report"))?;
             let v: serde_json::Value = serde_json::from_slice(&bytes).map_err(|e| ImageError::Corrupt {
                 path: report.clone(),
