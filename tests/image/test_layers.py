@@ -20,6 +20,8 @@ import pytest
 
 from supermachine_kernel import api, images
 from supermachine_kernel.api import _core
+from supermachine_kernel.session.backend import driver_source, read_ready_frame
+from supermachine_kernel.session.vm import GUEST_DRIVER_PATH, REPL_ARGV
 
 NAME = "test-oci-debian-py"
 LAYOUT_VERSION = "1"  # bump to rebuild the cached test layout
@@ -122,7 +124,7 @@ def test_layers_add_what_is_missing_and_keep_the_images_versions(built):
 def test_guest_imports_the_layers(built):
     """A cold boot of the stacked root: the REPL's stack (IPython runs a cell, comm, ipywidgets)
     and the packages import, with six from Debian's dist-packages; the image config's Env
-    reaches guest processes."""
+    reaches guest processes; the kernel's guest REPL starts with IPython and comms."""
     ref, _ = built
     img = api.Image.build(ref=ref, name=NAME, packages=["six", "attrs"], snapshot=False,
                           progress=False)
@@ -144,6 +146,15 @@ def test_guest_imports_the_layers(built):
         assert (result, six_version, from_image) == ("42", "1.16.0", "yes")
         assert six_file.startswith("/usr/lib/python3/dist-packages/")
         assert attrs_file.startswith("/usr/local/lib/python3.11/dist-packages/")
+        # The kernel's guest REPL itself, as the kernel starts it: IPython executor, comms on.
+        vm.write_file(GUEST_DRIVER_PATH, driver_source(), mode=0o644)
+        child = vm.spawn(REPL_ARGV, cwd="/root")
+        try:
+            ready = read_ready_frame(child, timeout=300)
+        finally:
+            child.signal(9)
+        assert (ready["executor"], ready["comms"]) == ("ipython", True), ready
+        assert ready["python_version"].startswith("3.11."), ready
     finally:
         vm.release()
 
