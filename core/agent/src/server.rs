@@ -18,8 +18,8 @@ use std::sync::Arc;
 use supermachine_protocol::{Control, Decoder, ErrorKind, Frame, Kind, ProcessInfo, MAX_PAYLOAD, PROTOCOL_VERSION};
 
 use crate::files::Files;
-use crate::process::{Failure, Procs, SpawnRequest};
 use crate::generation::Generation;
+use crate::process::{Failure, Procs, SpawnRequest};
 use crate::writer::Writer;
 use crate::{debug, log};
 

@@ -6,7 +6,7 @@ use std::io;
 
 use supermachine_protocol::ErrorKind;
 
-use crate::snapshot::SnapshotError;
+use crate::snapshot::format::SnapshotError;
 
 pub type Result<T> = std::result::Result<T, Error>;
 
