@@ -29,6 +29,7 @@ async def magic(ctx: Context, args: str) -> None:
     from ..snapshots import format_size  # noqa: PLC0415
 
     _parser.parse(args)
+    await ctx.machine.ready_handle()  # a kernel's first cell may come while its VM still starts
     facts = await asyncio.to_thread(ctx.machine.facts)
     accel = facts["accelerator"] or "?"
     accel_note = {"tcg": " (software emulation: no hardware virtualization here)",
