@@ -51,11 +51,11 @@ impl GuestPython {
     pub fn platforms(&self) -> Vec<String> {
         match self.libc {
             Libc::Glibc { major: 2, minor } => {
-                let mut v: Vec<String> =
-                    (17..=minor.max(17)).rev().map(|m| format!("manylinux_2_{m}_x86_64")).collect();
-                if minor < 17 {
-                    v.clear();
-                }
+                // PEP 600 tags start at glibc 2.17; older ones only have the legacy aliases.
+                let mut v: Vec<String> = match minor >= 17 {
+                    true => (17..=minor).rev().map(|m| format!("manylinux_2_{m}_x86_64")).collect(),
+                    false => Vec::new(),
+                };
                 let legacy = [(17, "manylinux2014_x86_64"), (12, "manylinux2010_x86_64"), (5, "manylinux1_x86_64")];
                 v.extend(legacy.iter().filter(|(m, _)| minor >= *m).map(|(_, t)| t.to_string()));
                 v
@@ -317,6 +317,8 @@ mod tests {
         assert_eq!(p[0], "manylinux_2_36_x86_64");
         assert!(p.contains(&"manylinux2014_x86_64".into()) && p.contains(&"manylinux_2_17_x86_64".into()));
         assert!(g.describe().contains("Python 3.11"));
+        let old = GuestPython { libc: Libc::Glibc { major: 2, minor: 12 }, ..g.clone() };
+        assert_eq!(old.platforms(), ["manylinux2010_x86_64", "manylinux1_x86_64"]);
         fs::remove_dir_all(&r).unwrap();
     }
 

@@ -100,13 +100,10 @@ impl Pip<'_> {
         let Err(e) = r else { return Ok(()) };
         let text = fs::read(self.log).unwrap_or_default();
         let text = String::from_utf8_lossy(text.get(start as usize..).unwrap_or_default()).into_owned();
-        Err(classify(&text, self.image, guest).unwrap_or(match e {
-            ImageError::StepFailed { tail, status, .. } if text.contains("No module named pip") => {
-                let _ = (tail, status);
-                ImageError::MissingTool { tool: format!("{} -m pip", self.python), package: "python3-pip".into() }
-            }
-            e => e,
-        }))
+        if text.contains("No module named pip") {
+            return Err(ImageError::MissingTool { tool: format!("{} -m pip", self.python), package: "python3-pip".into() });
+        }
+        Err(classify(&text, self.image, guest).unwrap_or(e))
     }
 
     /// The exact set (`name==version`, sorted) that `specs` + `requirements` add to an image
