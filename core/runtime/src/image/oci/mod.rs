@@ -351,7 +351,13 @@ fn guest_of(pulled: &Pulled, root: &Path, name: &str, progress: &Progress)
     -> Result<(Option<GuestPython>, Option<PathBuf>), OciError>
 {
     let dir = root.join("oci").join("guest");
-    let file = dir.join(format!("{}-v{}.json", pulled.manifest_digest.replace(':', "-"), OCI_BUILDER_VERSION));
+    // Keyed by the builders too: a change in applying layers or in detection detects again.
+    let file = dir.join(format!(
+        "{}-v{}.{}.json",
+        pulled.manifest_digest.replace(':', "-"),
+        OCI_BUILDER_VERSION,
+        layers::LAYER_BUILDER_VERSION
+    ));
     if let Some(g) = std::fs::read(&file).ok().and_then(|b| serde_json::from_slice::<Option<GuestPython>>(&b).ok()) {
         return Ok((g, None));
     }
