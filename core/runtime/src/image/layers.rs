@@ -29,6 +29,7 @@ use super::cache;
 use super::error::{ImageError, Result};
 use super::guest::{normalize, resolve_in_root, GuestPython};
 use super::recipe::{self, short_hex};
+use super::rootfs;
 use super::tools::{self, Progress};
 
 /// Bump when a layer built from the same inputs would differ.
@@ -244,26 +245,7 @@ impl Pip<'_> {
         let tree = dir.join("tree");
         // Console scripts go to /usr/local/bin with the guest interpreter in the shebang;
         // front-end assets (share/jupyter) are of no use in the guest.
-        let bin = site.join("bin");
-        if bin.is_dir() {
-            let dest = tree.join("usr/local/bin");
-            cache::mkdirs(&dest)?;
-            for e in fs::read_dir(&bin).map_err(ImageError::io("reading scripts"))?.flatten() {
-                let data = fs::read(e.path()).map_err(ImageError::io("reading a script"))?;
-                let data = match data.strip_prefix(b"#!") {
-                    Some(rest) if rest.windows(6).take(200).any(|w| w == b"python") => {
-                        let nl = rest.iter().position(|b| *b == b'\n').unwrap_or(rest.len());
-                        [format!("#!{}", guest.path).as_bytes(), &rest[nl..]].concat()
-                    }
-                    _ => data,
-                };
-                let to = dest.join(e.file_name());
-                fs::write(&to, data).map_err(ImageError::io("writing a script"))?;
-                use std::os::unix::fs::PermissionsExt;
-                let _ = fs::set_permissions(&to, fs::Permissions::from_mode(0o755));
-            }
-            fs::remove_dir_all(&bin).map_err(ImageError::io("removing scripts dir"))?;
-        }
+        rootfs::place_scripts(&site.join("bin"), &tree.join("usr/local/bin"), &guest.path)?;
         let _ = fs::remove_dir_all(site.join("share"));
         let dest = tree.join(&guest.site);
         cache::mkdirs(dest.parent().expect("site has a parent"))?;

@@ -185,30 +185,35 @@ fn site_packages(recipe: &Recipe) -> String {
     format!("usr/local/lib/python{}/dist-packages", recipe.python)
 }
 
+/// Moves the console scripts pip wrote to `bin` (if any) into `dest`, each Python script's
+/// shebang replaced by `#!<interpreter>` (pip wrote the host's), mode 0755; `bin` is removed.
+pub(crate) fn place_scripts(bin: &Path, dest: &Path, interpreter: &str) -> Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    if !bin.is_dir() {
+        return Ok(());
+    }
+    super::cache::mkdirs(dest)?;
+    for e in fs::read_dir(bin).map_err(ImageError::io("reading scripts"))?.flatten() {
+        let data = fs::read(e.path()).map_err(ImageError::io("reading a script"))?;
+        let data = match data.strip_prefix(b"#!") {
+            Some(rest) if rest.windows(6).take(200).any(|w| w == b"python") => {
+                let nl = rest.iter().position(|b| *b == b'\n').unwrap_or(rest.len());
+                [format!("#!{interpreter}").as_bytes(), &rest[nl..]].concat()
+            }
+            _ => data,
+        };
+        let to = dest.join(e.file_name());
+        fs::write(&to, data).map_err(ImageError::io("writing a script"))?;
+        let _ = fs::set_permissions(&to, fs::Permissions::from_mode(0o755));
+    }
+    fs::remove_dir_all(bin).map_err(ImageError::io("removing scripts dir"))
+}
+
 fn place_site(recipe: &Recipe, s: &Scratch) -> Result<()> {
     let site = s.site();
     let root = s.root();
     // Console scripts: /usr/local/bin, with the guest interpreter in the shebang.
-    let bin = site.join("bin");
-    if bin.is_dir() {
-        let dest = root.join("usr/local/bin");
-        fs::create_dir_all(&dest).map_err(ImageError::io("creating /usr/local/bin"))?;
-        for e in fs::read_dir(&bin).map_err(ImageError::io("reading scripts"))?.flatten() {
-            let data = fs::read(e.path()).map_err(ImageError::io("reading a script"))?;
-            let data = match data.strip_prefix(b"#!") {
-                Some(rest) if rest.windows(6).take(200).any(|w| w == b"python") => {
-                    let nl = rest.iter().position(|b| *b == b'\n').unwrap_or(rest.len());
-                    [b"#!/usr/bin/python3".as_slice(), &rest[nl..]].concat()
-                }
-                _ => data,
-            };
-            let to = dest.join(e.file_name());
-            fs::write(&to, data).map_err(ImageError::io("writing a script"))?;
-            use std::os::unix::fs::PermissionsExt;
-            let _ = fs::set_permissions(&to, fs::Permissions::from_mode(0o755));
-        }
-        fs::remove_dir_all(&bin).map_err(ImageError::io("removing scripts dir"))?;
-    }
+    place_scripts(&site.join("bin"), &root.join("usr/local/bin"), "/usr/bin/python3")?;
     // Jupyter front-end assets (share/jupyter/...) are of no use inside the guest.
     let _ = fs::remove_dir_all(site.join("share"));
     for pkg in &recipe.strip_tests {
@@ -317,6 +322,23 @@ pub fn mkfs_erofs(tree: &Path, out: &Path, log: &Path) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn scripts_get_the_guest_interpreter_and_the_bin_dir_goes() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = std::env::temp_dir().join(format!("smk-scripts-{}", std::process::id()));
+        let (bin, dest) = (dir.join("site/bin"), dir.join("root/usr/local/bin"));
+        fs::create_dir_all(&bin).unwrap();
+        fs::write(bin.join("tool"), b"#!/host/venv/bin/python3.11\nimport sys\n").unwrap();
+        fs::write(bin.join("plain.sh"), b"#!/bin/sh\necho hi\n").unwrap();
+        place_scripts(&bin, &dest, "/usr/local/bin/python3.12").unwrap();
+        assert_eq!(fs::read(dest.join("tool")).unwrap(), b"#!/usr/local/bin/python3.12\nimport sys\n");
+        assert_eq!(fs::read(dest.join("plain.sh")).unwrap(), b"#!/bin/sh\necho hi\n");
+        assert_eq!(fs::metadata(dest.join("tool")).unwrap().permissions().mode() & 0o777, 0o755);
+        assert!(!bin.exists());
+        place_scripts(&bin, &dest, "/x").unwrap(); // no bin dir: nothing to do
+        fs::remove_dir_all(&dir).unwrap();
+    }
 
     #[test]
     fn platforms_cover_bookworm_glibc_and_legacy_tags() {
