@@ -346,10 +346,11 @@ def test_pool_replaces_a_vm_that_died_while_idle(baked):
     try:
         with pool.acquire() as vm:
             pid = vm.qemu_pid
+            runtime_vm = vm._vm  # the pool's own handle: it still sees the VM once given back
         os.kill(pid, 9)
-        # (a SIGKILLed QEMU takes a moment to finish dying: wait until it is a zombie, which is
-        # what the pool's liveness check sees; the released handle no longer reaches the VM)
-        assert wait_until(lambda: not pid_alive(pid), 10)
+        # A SIGKILLed QEMU takes a moment to die and the runtime a moment more to notice (its
+        # agent connection breaks): wait until the pool's liveness check says so.
+        assert wait_until(lambda: not pid_alive(pid) and not runtime_vm.alive, 10)
         with pool.acquire() as vm:
             assert vm.exec(["true"]).exit_code == 0
             assert vm.qemu_pid != pid
