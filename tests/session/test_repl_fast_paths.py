@@ -4,7 +4,6 @@ scalar display path matches IPython's formatter, and the token-transform and cle
 IPython's transformer manager (guest/repl.py)."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import select
@@ -14,19 +13,9 @@ from types import SimpleNamespace
 
 import pytest
 
-from supermachine_kernel.session.backend import GUEST_DRIVER
-
 pytest.importorskip("IPython")
 from IPython.core.formatters import DisplayFormatter  # noqa: E402
 from IPython.core.inputtransformer2 import TransformerManager  # noqa: E402
-
-
-@pytest.fixture(scope="module")
-def repl():
-    spec = importlib.util.spec_from_file_location("guest_repl_under_test", GUEST_DRIVER)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def _frames(data: bytes) -> list[dict]:

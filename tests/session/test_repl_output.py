@@ -5,7 +5,6 @@ its senders instead of queueing without bound (guest/repl.py Channel and StreamB
 session/protocol.py FrameDecoder)."""
 from __future__ import annotations
 
-import importlib.util
 import os
 import struct
 import threading
@@ -13,16 +12,7 @@ import time
 
 import pytest
 
-from supermachine_kernel.session.backend import GUEST_DRIVER
 from supermachine_kernel.session.protocol import FrameDecoder
-
-
-@pytest.fixture(scope="module")
-def repl():
-    spec = importlib.util.spec_from_file_location("guest_repl_output_under_test", GUEST_DRIVER)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 class Host:
