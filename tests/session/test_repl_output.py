@@ -10,8 +10,6 @@ import struct
 import threading
 import time
 
-import pytest
-
 from supermachine_kernel.session.protocol import FrameDecoder
 
 
