@@ -55,7 +55,7 @@ warm: image $(STAMPS)/kernelspec
 	@$(VENV)/bin/supermachine-kernel prepare
 
 demo: setup
-	$(PY) -m supermachine_kernel.demo
+	$(PY) -m supermachine_kernel.cli.demo
 
 test-rust: setup
 	cd core && cargo test -q --workspace

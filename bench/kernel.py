@@ -45,6 +45,7 @@ import time
 sys.path.insert(0, os.path.dirname(__file__))
 from common import median, percentile, print_table  # noqa: E402
 
+from jupyter_client.kernelspec import KernelSpecManager  # noqa: E402
 from jupyter_client.manager import KernelManager  # noqa: E402
 
 IMPORTS = "import numpy, pandas, matplotlib"
@@ -84,9 +85,12 @@ FIGURES = ("info", "imports", "rt", "restart", "restart_imports", "restart_kill"
            "restart_kill_imports", "print")
 
 
-def launch(name: str, out: dict[str, list[float]], extra: list[str]) -> tuple[KernelManager, object]:
-    """Starts one kernel, recording launch -> kernel_info and launch -> imports done."""
-    km = KernelManager(kernel_name=name)
+def launch(name: str, out: dict[str, list[float]], extra: list[str],
+           specs: KernelSpecManager | None = None) -> tuple[KernelManager, object]:
+    """Starts one kernel, recording launch -> kernel_info and launch -> imports done. `specs`
+    resolves the kernel name (default: the installed kernelspecs)."""
+    km = KernelManager(kernel_name=name) if specs is None else \
+        KernelManager(kernel_name=name, kernel_spec_manager=specs)
     t0 = time.perf_counter()
     km.start_kernel(extra_arguments=extra)
     kc = km.client()
@@ -104,14 +108,17 @@ def launch(name: str, out: dict[str, list[float]], extra: list[str]) -> tuple[Ke
 
 
 def measure_round(names: list[str], mb: int, out: dict[str, dict[str, list[float]]],
-                  extra: dict[str, list[str]], only_output: bool = False, prints: int = 1) -> None:
+                  extra: dict[str, list[str]], only_output: bool = False, prints: int = 1,
+                  specs: KernelSpecManager | None = None,
+                  restarts: tuple[bool, ...] = (False, True) * RESTARTS) -> None:
     """One round: the kernels launched one after the other, then every series interleaved (a
     cell or a restart of one kernel, then of the next), so the machine's speed drifting during
-    the run (it does, by +-20% over minutes here) affects both kernels alike."""
+    the run (it does, by +-20% over minutes here) affects both kernels alike. `restarts` lists
+    the restarts in order (True: kill); `specs` as in launch()."""
     running: dict[str, tuple[KernelManager, object]] = {}
     try:
         for name in names:
-            running[name] = launch(name, out[name], extra.get(name, []))
+            running[name] = launch(name, out[name], extra.get(name, []), specs)
             time.sleep(SETTLE_S)  # its start-up work in the background is over
         for _ in range(0 if only_output else RT_CELLS):
             for name, (_, kc) in running.items():
@@ -126,7 +133,7 @@ def measure_round(names: list[str], mb: int, out: dict[str, dict[str, list[float
                 got, _ = run_cell(kc, code)
                 dt = time.perf_counter() - t
                 out[name]["print"].append(got / dt / 1e6 if got else float("nan"))
-        for kill in () if only_output else (False, True) * RESTARTS:
+        for kill in () if only_output else restarts:
             key = "restart_kill" if kill else "restart"
             for name, (km, kc) in running.items():
                 time.sleep(SETTLE_S)  # as a user would: the last restart's background work is over

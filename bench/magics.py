@@ -32,7 +32,6 @@ import shutil
 import sys
 import tempfile
 import time
-from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(__file__))
 from common import median, print_table  # noqa: E402
@@ -40,7 +39,7 @@ from common import median, print_table  # noqa: E402
 import nbformat  # noqa: E402
 from jupyter_client.manager import KernelManager  # noqa: E402
 
-from supermachine_kernel.snapshots import disk_usage  # noqa: E402
+from supermachine_kernel.machine.snapshot_store import disk_usage  # noqa: E402
 
 MIB = 1 << 20
 NAN = float("nan")

@@ -148,14 +148,14 @@ class HostMagics:
 
     def machine(self) -> Any:
         if self._machine is None:
-            from ..machine import Machine  # noqa: PLC0415
+            from ..machine.current import Machine  # noqa: PLC0415
 
             self._machine = Machine(self.kernel)
         return self._machine
 
     def widgets(self) -> Any:
         if self._widgets is None:
-            from ..widget import HostWidgets  # noqa: PLC0415
+            from .widget import HostWidgets  # noqa: PLC0415
 
             kernel = self.kernel
             loop = getattr(kernel, "_main_loop", None) or asyncio.get_running_loop()

@@ -32,7 +32,7 @@ def snapshot_stats(machine) -> dict:
         vm = handle.vm
         out["accelerator"] = getattr(vm, "accel", None)
         out["vm"] = getattr(vm, "id", None)
-        from ..machine import _process_uptime  # noqa: PLC0415
+        from ..machine.current import _process_uptime  # noqa: PLC0415
 
         out["vm_uptime_s"] = _process_uptime(getattr(vm, "qemu_pid", None))
     except Exception:  # noqa: BLE001 - no VM right now

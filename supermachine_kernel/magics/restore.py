@@ -28,7 +28,7 @@ async def magic(ctx: Context, args: str) -> None:
     the kernel; a plain NAME never reaches another notebook's snapshots. A damaged snapshot is
     refused with the reason (its files are checksummed).
     """
-    from ..snapshots import StoreError, format_size  # noqa: PLC0415
+    from ..machine.snapshot_store import StoreError, format_size  # noqa: PLC0415
 
     opts = _parser.parse(args)
     machine = ctx.machine

@@ -1,7 +1,6 @@
 """%snapshot: capture the whole VM (variables, guest files, threads, processes) under a name."""
 from __future__ import annotations
 
-import time
 
 from . import ArgumentParser, Context, MagicError
 
@@ -29,7 +28,7 @@ async def magic(ctx: Context, args: str) -> None:
     ``jupyter --data-dir``/supermachine-kernel/snapshots/, one folder per notebook); list them
     with ``%snapshots``.
     """
-    from ..snapshots import StoreError, format_size, split_ref  # noqa: PLC0415
+    from ..machine.snapshot_store import StoreError, format_size, split_ref  # noqa: PLC0415
 
     opts = _parser.parse(args)
     machine = ctx.machine
@@ -67,7 +66,7 @@ async def magic(ctx: Context, args: str) -> None:
 
 
 def _summary(entries: list, foreign: bool = False) -> str:
-    from ..snapshots import format_size  # noqa: PLC0415
+    from ..machine.snapshot_store import format_size  # noqa: PLC0415
 
     whose = "That group" if foreign else "This notebook"
     if not entries:
@@ -80,7 +79,7 @@ def _summary(entries: list, foreign: bool = False) -> str:
 def _report(ctx: Context, machine) -> None:
     import shutil  # noqa: PLC0415
 
-    from ..snapshots import format_size  # noqa: PLC0415
+    from ..machine.snapshot_store import format_size  # noqa: PLC0415
 
     store = machine.store
     rows = [(key, f"{key}: {label}", count, size) for key, label, count, size in store.notebooks()]

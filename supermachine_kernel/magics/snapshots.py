@@ -28,7 +28,7 @@ async def magic(ctx: Context, args: str) -> None:
     Restore one with ``%restore NAME``; delete one with ``%snapshot --delete NAME`` (or
     GROUP/NAME); see every notebook's disk usage with ``%snapshot --report``.
     """
-    from ..snapshots import format_size  # noqa: PLC0415
+    from ..machine.snapshot_store import format_size  # noqa: PLC0415
 
     opts = _parser.parse(args)
     machine = ctx.machine
@@ -55,7 +55,7 @@ async def magic(ctx: Context, args: str) -> None:
 
 
 def _all(ctx: Context, machine) -> None:
-    from ..snapshots import format_size  # noqa: PLC0415
+    from ..machine.snapshot_store import format_size  # noqa: PLC0415
 
     own = machine.snapshots
     rows, lines = [], []

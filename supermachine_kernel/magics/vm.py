@@ -26,7 +26,7 @@ async def magic(ctx: Context, args: str) -> None:
     ``%restore``) and its snapshot lineage (the snapshot the session's state came from, its
     parent, …, back to the kernel's fresh start).
     """
-    from ..snapshots import format_size  # noqa: PLC0415
+    from ..machine.snapshot_store import format_size  # noqa: PLC0415
 
     _parser.parse(args)
     await ctx.machine.ready_handle()  # a kernel's first cell may come while its VM still starts

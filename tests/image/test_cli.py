@@ -3,7 +3,8 @@ from pathlib import Path
 
 import pytest
 
-from supermachine_kernel import cli, images
+from supermachine_kernel import cli
+from supermachine_kernel.cli import images
 
 
 def run(capfd, *argv: str):

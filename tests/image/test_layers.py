@@ -20,8 +20,8 @@ import pytest
 
 from supermachine_kernel import api, images
 from supermachine_kernel.api import _core
-from supermachine_kernel.session.backend import driver_source, read_ready_frame
-from supermachine_kernel.session.vm import GUEST_DRIVER_PATH, REPL_ARGV
+from supermachine_kernel.repl_client.backend import driver_source, read_ready_frame
+from supermachine_kernel.repl_client.vm import GUEST_DRIVER_PATH, REPL_ARGV
 
 NAME = "test-oci-debian-py"
 LAYOUT_VERSION = "1"  # bump to rebuild the cached test layout

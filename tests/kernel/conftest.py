@@ -14,7 +14,7 @@ import tempfile
 
 import pytest
 
-from supermachine_kernel.install import install
+from supermachine_kernel.cli.install import install
 
 from .harness import BACKEND, KERNEL, KERNEL_SIGNAL
 
@@ -62,6 +62,6 @@ def baked_snapshot():
     """On VMs, bake the kernel's warm snapshot once before any test (a first bake takes minutes
     under TCG and would otherwise land inside some test's timeout)."""
     if BACKEND == "vm":
-        from supermachine_kernel.install import prepare
+        from supermachine_kernel.cli.install import prepare
 
         prepare(KERNEL, timeout=1800)

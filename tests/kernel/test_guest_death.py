@@ -1,7 +1,6 @@
 """When the guest dies, the running cell says so, a fresh guest starts and the next cell works."""
 from __future__ import annotations
 
-import os
 import signal
 import threading
 import time
@@ -9,7 +8,7 @@ import time
 import psutil
 import pytest
 
-from .harness import BACKEND, KERNEL, SLOW, Kernel, stderr_of
+from .harness import BACKEND, KERNEL, SLOW, Kernel
 
 
 @pytest.fixture

@@ -8,7 +8,7 @@ import zmq
 from ipykernel.iostream import IOPubThread
 from jupyter_client.session import Session
 
-from supermachine_kernel.host_streams import HostOutStream
+from supermachine_kernel.kernel.host_streams import HostOutStream
 
 
 def _stream_and_subscriber():

@@ -1,7 +1,6 @@
 """Interrupts reach the guest REPL in both interrupt modes; the kernel stays usable after."""
 from __future__ import annotations
 
-import queue
 import threading
 import time
 

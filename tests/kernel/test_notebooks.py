@@ -5,7 +5,7 @@ from pathlib import Path
 
 import nbformat
 import pytest
-from supermachine_kernel.notebook_runner import NotebookRunner
+from supermachine_kernel.cli.notebook_runner import NotebookRunner
 
 from .harness import BACKEND, KERNEL, SLOW, START_TIMEOUT
 
@@ -41,7 +41,7 @@ def test_notebook_executes(path):
 
 
 def test_demo_script(tmp_path, capsys):
-    from supermachine_kernel.demo import main
+    from supermachine_kernel.cli.demo import main
 
     out = tmp_path / "demo.executed.ipynb"
     assert main(["--kernel", KERNEL, "--output", str(out), "--no-tour"]) == 0

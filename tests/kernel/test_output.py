@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import time
 
-import pytest
 
 from .harness import KERNEL, SLOW, Kernel, stderr_of, stdout_of
 

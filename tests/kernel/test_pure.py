@@ -1,8 +1,8 @@
 """Pure helpers of the kernel: death summaries and the iopub rate limiter."""
 from __future__ import annotations
 
-from supermachine_kernel.kernel import summarize_death
-from supermachine_kernel.ratelimit import RateLimiter
+from supermachine_kernel.kernel.microvm import summarize_death
+from supermachine_kernel.kernel.ratelimit import RateLimiter
 
 
 def test_summarize_console_dump():
@@ -43,7 +43,7 @@ def test_rate_limiter_disabled():
 def test_kernel_log_builds_no_debug_records_unless_asked():
     import logging
 
-    from supermachine_kernel.kernel import MicroVMKernelApp, raise_to_handler_level
+    from supermachine_kernel.kernel.app import MicroVMKernelApp, raise_to_handler_level
 
     app = MicroVMKernelApp()
     try:

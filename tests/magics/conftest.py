@@ -22,8 +22,8 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: the kernel harness
 from kernel.harness import BACKEND, Kernel, stderr_of, stdout_of  # noqa: E402
 
-from supermachine_kernel.install import install  # noqa: E402
-from supermachine_kernel.snapshots import SnapshotStore, kernel_id, notebook_key  # noqa: E402
+from supermachine_kernel.cli.install import install  # noqa: E402
+from supermachine_kernel.machine.snapshot_store import SnapshotStore, kernel_id, notebook_key  # noqa: E402
 
 KERNEL = "smk-magics"
 _root = tempfile.mkdtemp(prefix="smk-magics-specs-")

@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from supermachine_kernel import widget
+from supermachine_kernel.magics import widget
 
 VIEW = "application/vnd.jupyter.widget-view+json"
 

@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 import nbformat
-from supermachine_kernel.notebook_runner import NotebookRunner
+from supermachine_kernel.cli.notebook_runner import NotebookRunner
 
 from .conftest import KERNEL, MagicKernel, needs_vm, use_kernelspec
 

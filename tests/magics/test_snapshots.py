@@ -7,7 +7,7 @@ import os
 
 import pytest
 
-from supermachine_kernel.snapshots import (
+from supermachine_kernel.machine.snapshot_store import (
     Entry,
     SnapshotStore,
     StoreError,

@@ -1,0 +1,29 @@
+"""The guest REPL client: one `GuestSession` per kernel, over an injected backend (VM or local)."""
+from .backend import Backend, guest_environment
+from .client import GuestDied, GuestInfo, GuestSession, GuestUnavailable
+from .frames import ProtocolError
+
+__all__ = [
+    "Backend",
+    "GuestDied",
+    "GuestInfo",
+    "GuestSession",
+    "GuestUnavailable",
+    "ProtocolError",
+    "guest_environment",
+    "make_backend",
+]
+
+
+def make_backend(name: str, **options):
+    """`local` (host subprocess, NOT isolated) or `vm` (microVM via supermachine_kernel.api)."""
+    if name == "local":
+        from .local import LocalBackend
+
+        return LocalBackend(python=options.get("python"), spares=options.get("pool_min", 1),
+                            preimport=options.get("warmup_imports"))
+    if name == "vm":
+        from .vm import VmBackend
+
+        return VmBackend(**{k: v for k, v in options.items() if k != "python"})
+    raise ValueError(f"unknown backend {name!r}: use 'vm' or 'local'")

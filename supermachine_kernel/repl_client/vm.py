@@ -1,0 +1,296 @@
+"""VM backend: the guest REPL in a microVM, warm before anyone asks for it.
+
+`supermachine_kernel.api` (and with it the compiled `_core`) is imported only when a VM is first
+needed, so the local backend and the kernel's tests work without the runtime.
+
+Two ways to be warm, chosen by what the runtime offers:
+- snapshots + pool (`Image.build(warmup=...)`, `image.pool()`): the warmup starts the REPL in the
+  bake VM with the warmup modules imported; the snapshot holds it running. A launch acquires a
+  restored VM and attaches to that REPL (`vm.attach_process`), then says hello.
+- cold boots only: the first launch boots a VM and spawns the REPL (critical path), and one spare
+  VM with a fully warmed REPL is prepared in the background for the next launch (restart, death).
+
+Release kills the REPL and gives the VM back (the pool restores it; a cold VM is destroyed).
+"""
+from __future__ import annotations
+
+import hashlib
+import inspect
+import json
+import logging
+import os
+import threading
+from typing import Any, Callable
+
+from .backend import PREIMPORT_ENV, SpareKeeper, read_ready_frame, start_prestarted
+
+log = logging.getLogger("supermachine_kernel.repl_client.vm")
+
+GUEST_DRIVER_PATH = "/tmp/supermachine-repl.py"
+REPL_ID_FILE = "/tmp/.supermachine-repl.json"
+REPL_ARGV = ["python3", "-u", GUEST_DRIVER_PATH]
+# The agent signals the REPL with this (a real-time signal user code is unlikely to use) after
+# every Hello, so a restored REPL starts warming up at once (guest/repl.py).
+NOTIFY_HELLO_ENV = "SUPERMACHINE_NOTIFY_HELLO"
+NOTIFY_HELLO_SIGNAL = 40  # SIGRTMIN + 6 on Linux
+POOL_DEFER_SECONDS = 3.0  # after a kernel start that adopted its early VM (early_start.py)
+
+
+def running_repl_ids(vm: Any) -> list[int]:
+    """Ids of the guest processes that are a running REPL, from the agent's process table
+    (one round trip; works on the runtime's VM object and on `api.Vm`)."""
+    return [int(p["id"]) for p in vm.processes()
+            if p.get("running") and list(p.get("argv") or []) == REPL_ARGV]
+
+
+def _repl_env(env: dict[str, str], **extra: str) -> dict[str, str]:
+    return dict(env, **{NOTIFY_HELLO_ENV: str(NOTIFY_HELLO_SIGNAL)}, **extra)
+
+
+def describe_vm(vm: Any) -> str:
+    """"microVM vm-3 (tcg)": how banners and logs name where the REPL runs."""
+    accel = getattr(vm, "accel", None)
+    return f"microVM {getattr(vm, 'id', '?')}" + (f" ({accel})" if accel else "")
+
+
+def _api():
+    from .. import api  # noqa: PLC0415 - lazy on purpose: needs the compiled runtime
+
+    return api
+
+
+class VmHandle:
+    prestarted = False
+    greeted = False
+
+    def __init__(self, vm: Any, child: Any, release: Any, where: str) -> None:
+        self.vm = vm
+        self.child = child
+        self._release = release
+        self._where = where
+        self._released = False
+        self._lock = threading.Lock()
+
+    def release(self) -> None:
+        with self._lock:
+            if self._released:
+                return
+            self._released = True
+        try:
+            self.child.signal(9)
+        except Exception:  # noqa: BLE001 - the VM may be gone already
+            pass
+        self._release()
+
+    def describe(self) -> str:
+        return self._where
+
+
+class VmBackend:
+    name = "vm"
+    isolated = True
+
+    def __init__(
+        self,
+        image: str = "default",
+        memory_mib: int = 512,
+        vcpus: int = 1,
+        pool_min: int = 1,
+        pool_max: int = 2,
+        accelerator: str = "auto",
+        warmup_imports: list[str] | None = None,
+        use_pool: bool = True,
+    ) -> None:
+        self.image_ref = image
+        self.memory_mib = memory_mib
+        self.vcpus = vcpus
+        self.pool_min = pool_min
+        self.pool_max = pool_max
+        self.accelerator = accelerator
+        self.warmup_imports = list(warmup_imports or [])
+        self.use_pool = use_pool
+        self._image: Any = None
+        #: The guest's Python version once the image is known (before any VM answers).
+        self.python_version: str | None = None
+        #: True while Image.build runs with the warmup (a bake, when nothing is cached).
+        self.baking = False
+        self._pool: Any = None
+        self._recipe: tuple[bytes, dict[str, str]] | None = None
+        self._spares = SpareKeeper(self._start_spare, lambda h: h.vm.alive and h.child.poll() is None) \
+            if pool_min > 0 else None
+        self._lock = threading.Lock()
+        #: A VM the kernel process began restoring before its imports (early_start.EarlyVm):
+        #: the first launch takes it if this configuration's warm snapshot is the one it holds.
+        self.early: Any = None
+        self._snapshots = False  # VMs come from the warm snapshot through the pool
+        self._closed = False
+
+    @property
+    def snapshot_path(self) -> str | None:
+        """The warm snapshot this backend's VMs are restored from (None: cold boots)."""
+        return self._image.snapshot if self._image is not None and self._snapshots else None
+
+    @property
+    def pool(self) -> Any:
+        """The VM pool (created now if its start was deferred); None without snapshots."""
+        return self._ensure_pool() if self._snapshots else None
+
+    def _ensure_pool(self) -> Any:
+        with self._lock:
+            if self._pool is None and self._snapshots and not self._closed:
+                self._pool = self._image.pool(min=self.pool_min, max=self.pool_max)
+            return self._pool
+
+    def _ensure(self, driver: bytes, env: dict[str, str]) -> None:
+        with self._lock:
+            if self._image is not None:
+                return
+            if self.accelerator and self.accelerator != "auto":
+                os.environ.setdefault("SUPERMACHINE_ACCEL", self.accelerator)
+            api = _api()
+            kwargs: dict[str, Any] = {
+                "ref": None if self.image_ref in ("", "default") else self.image_ref,
+                "memory_mib": self.memory_mib,
+                "vcpus": self.vcpus,
+            }
+            params = inspect.signature(api.Image.build).parameters
+            if "progress" in params:
+                kwargs["progress"] = False
+            snapshots = self.use_pool and "warmup" in params and hasattr(api.Image, "pool")
+            if snapshots:
+                # Learn the guest's Python version first (a quick lookup), so kernel_info can
+                # answer while a first-ever bake is still running.
+                plain = api.Image.build(**kwargs, snapshot=False)
+                self.python_version = getattr(plain, "python_version", None)
+                kwargs["warmup"] = self._warmup(driver, env)
+                kwargs["warmup_tag"] = self._warmup_tag(driver, env)
+                self.baking = True  # only slow when the snapshot is not cached yet
+            try:
+                self._image = api.Image.build(**kwargs)
+            finally:
+                self.baking = False
+            self.python_version = getattr(self._image, "python_version", None)
+            if snapshots:
+                self._snapshots = True
+                self._spares = None  # the pool keeps restored VMs warm instead
+                if self.early is None:
+                    self._pool = self._image.pool(min=self.pool_min, max=self.pool_max)
+                else:
+                    # The first VM was restored at kernel start. Restoring the pool's spare now
+                    # would compete for the CPU with that VM's warm-up and the first cell.
+                    timer = threading.Timer(POOL_DEFER_SECONDS, self._ensure_pool)
+                    timer.daemon = True
+                    timer.start()
+
+    # With the runtime's snapshots, the warmup starts the REPL itself (modules imported, slow
+    # paths warmed) and the snapshot is taken with it running: every VM the pool restores
+    # already has a warm REPL, which `launch` attaches to by the process id left in the guest.
+    def _warmup(self, driver: bytes, env: dict[str, str]) -> Callable[[Any], None]:
+        imports = ",".join(self.warmup_imports)
+
+        def warmup(vm: Any) -> None:
+            vm.write_file(GUEST_DRIVER_PATH, driver, mode=0o644)
+            child = vm.spawn(REPL_ARGV, env=_repl_env(env, **{PREIMPORT_ENV: imports}), cwd="/root")
+            read_ready_frame(child, timeout=900)
+            vm.write_file(REPL_ID_FILE, json.dumps({"id": child.id}).encode(), mode=0o600)
+
+        return warmup
+
+    def _warmup_tag(self, driver: bytes, env: dict[str, str]) -> str:
+        h = hashlib.sha256(driver)
+        h.update(json.dumps([sorted(env.items()), self.warmup_imports]).encode())
+        return "kernel-repl-" + h.hexdigest()[:16]
+
+    def _attach_restored(self, vm: Any) -> Any:
+        """The REPL a restored VM already runs, or None (then the caller spawns one).
+
+        Found in the agent's process table (one round trip, ~5 ms under TCG right after a
+        restore); the id file the warmup left is read only if the table is ambiguous (reading a
+        guest file right after a restore takes ~40 ms: that is on every kernel start's path)."""
+        try:
+            repls = running_repl_ids(vm)
+            if len(repls) == 1:
+                return vm.attach_process(repls[0])
+            repl_id = json.loads(vm.read_file(REPL_ID_FILE))["id"]
+            return vm.attach_process(int(repl_id))
+        except Exception:  # noqa: BLE001 - e.g. a pool without the warmup: start one instead
+            log.warning("no warm REPL in the restored VM; starting one", exc_info=True)
+            return None
+
+    def _take_vm(self) -> tuple[Any, Callable[[], None]]:
+        pool = self.pool
+        if pool is not None:
+            vm = pool.acquire()
+
+            def give_back() -> None:
+                # A dead VM is destroyed, not returned (the pool restores a fresh one anyway).
+                if vm.alive:
+                    vm.release()
+                else:
+                    vm.discard()
+
+            return vm, give_back
+        vm = self._image.boot()
+        return vm, vm.release
+
+    def _spawn(self, driver: bytes, env: dict[str, str]) -> VmHandle:
+        vm, release = self._take_vm()
+        prestarted = False
+        try:
+            child = self._attach_restored(vm) if self._snapshots else None
+            if child is not None:
+                prestarted = True
+            else:
+                vm.write_file(GUEST_DRIVER_PATH, driver, mode=0o644)
+                child = vm.spawn(REPL_ARGV, env=_repl_env(env), cwd="/root")
+        except BaseException:
+            release()
+            raise
+        handle = VmHandle(vm, child, release, describe_vm(vm))
+        handle.prestarted = prestarted
+        return handle
+
+    # Without the snapshot pool (use_pool=False), keep one VM with the REPL already started and
+    # the warmup modules imported, so a restart (or a death) does not wait for a boot.
+    def _start_spare(self) -> VmHandle:
+        assert self._recipe is not None
+        driver, env = self._recipe
+        return start_prestarted(self._spawn, driver, env, self.warmup_imports, timeout=900)
+
+    def launch(self, driver: bytes, env: dict[str, str]) -> VmHandle:
+        self._ensure(driver, env)
+        early, self.early = self.early, None
+        if early is not None:
+            taken = early.take(self.snapshot_path)
+            if taken is not None:
+                self._recipe = (driver, env)
+                vm, child = taken
+                handle = VmHandle(vm, child, vm.release, describe_vm(vm) + ", restored at kernel start")
+                handle.prestarted = True
+                handle.greeted = True  # early_start.restore_and_attach said hello
+                return handle
+        spare = None
+        if self._recipe != (driver, env):
+            self._recipe = (driver, env)
+        elif self._spares is not None:
+            spare = self._spares.take()
+        return spare or self._spawn(driver, env)
+
+    def prepare_spare(self) -> None:
+        if self._spares is not None and not self._snapshots and self._recipe is not None:
+            self._spares.refill()
+
+    def close(self) -> None:
+        early, self.early = self.early, None
+        if early is not None:
+            early.release()
+        if self._spares is not None:
+            self._spares.close()
+        with self._lock:
+            self._closed = True
+            pool, self._pool = self._pool, None
+        if pool is not None:
+            try:
+                pool.shutdown()
+            except Exception:  # noqa: BLE001
+                log.exception("pool shutdown failed")

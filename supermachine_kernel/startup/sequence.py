@@ -1,0 +1,221 @@
+"""Early start: the kernel process's first ~300 ms, while ipykernel is being imported, put to use.
+
+ipykernel's imports take ~250-300 ms before a kernel can answer anything, and the kernel's VM
+was restored only after them. When an earlier kernel with the same command line left a launch
+hint (launch_hint.py), the kernel process, before those imports:
+
+- restores the hinted warm snapshot on a thread and re-attaches to its REPL, which warms
+  itself up in the guest while ipykernel loads (the agent signals it after the restore's
+  Hello: guest/repl.py, install_hello_notification) (`EarlyVm`, started first by
+  `EarlyStart.begin`). The VM backend takes that VM only if its own configuration resolves
+  to the same snapshot, and releases it otherwise;
+- once the shell and iopub sockets are bound (kernel_sockets.py), `EarlyStart.answer`
+  starts the early responder (early_responder.py), which answers the frontend's first request
+  if it is kernel_info_request, from the hint, and welcomes iopub subscribers;
+  `stop_responder()` ends it before the kernel takes the sockets over.
+
+SUPERMACHINE_EARLY_START=0 turns both off.
+"""
+from __future__ import annotations
+
+import atexit
+import os
+import sys
+import threading
+
+from .. import __version__, env_switch
+from . import hint as launch_hint
+
+# Everything else is imported when needed: this module runs first in the kernel process, and
+# the VM restore it starts is on the path of the first cell (`logging` and `typing` take ~8 ms
+# each to import; mypy reads TYPE_CHECKING as typing's).
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any, Optional
+
+    from .responder import EarlyResponder
+
+EARLY_SWITCH_INTERVAL = 0.0005  # seconds; sys.getswitchinterval() while the early threads run
+
+
+def _log() -> Any:
+    import logging  # noqa: PLC0415
+
+    return logging.getLogger("supermachine_kernel.startup.sequence")
+
+
+def enabled(env: dict[str, str]) -> bool:
+    return env_switch(env, "SUPERMACHINE_EARLY_START")
+
+
+def cache_dir() -> str:
+    """Where hints live: beside the image cache (the compiled runtime knows where that is)."""
+    try:
+        from .. import _core  # noqa: PLC0415
+
+        return _core.image_cache_dir(None)
+    except Exception:  # noqa: BLE001 - no runtime (local backend only): the XDG default
+        base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+        return os.path.join(base, "supermachine-kernel")
+
+
+# -- the VM restored ahead --------------------------------------------------------------------
+
+
+class EarlyVm:
+    """Restores `snapshot` and greets its REPL on a thread; `take()` hands (vm, child) over."""
+
+    def __init__(self, snapshot: str) -> None:
+        self.snapshot = snapshot
+        self._done = threading.Event()
+        self._lock = threading.Lock()
+        self._result: Optional[tuple[Any, Any]] = None
+        self._claimed = False
+        self.error: Optional[BaseException] = None
+        threading.Thread(target=self._run, name="early-vm", daemon=True).start()
+
+    def _run(self) -> None:
+        try:
+            result = restore_and_attach(self.snapshot)
+        except BaseException as e:  # noqa: BLE001 - the backend's normal path runs instead
+            self.error = e
+            _log().info("early restore of %s failed: %s", self.snapshot, e)
+            self._done.set()
+            return
+        with self._lock:
+            self._result = result
+            claimed = self._claimed
+        self._done.set()
+        if claimed:  # released before it was ready
+            result[0].release()
+
+    def take(self, snapshot: Optional[str], timeout: float = 60.0) -> Optional[tuple[Any, Any]]:
+        """(vm, REPL child) if it was restored from `snapshot` and is alive; else None (and
+        the VM is released)."""
+        if snapshot is None or os.path.realpath(snapshot) != os.path.realpath(self.snapshot):
+            self.release()
+            return None
+        self._done.wait(timeout)
+        with self._lock:
+            if self._claimed or self._result is None:
+                self._claimed = True
+                return None
+            self._claimed = True
+            vm, child = self._result
+        if not getattr(vm, "alive", True):
+            vm.release()
+            return None
+        from .. import api  # noqa: PLC0415
+
+        return api.Vm(vm), child
+
+    def release(self) -> None:
+        with self._lock:
+            if self._claimed:
+                return
+            self._claimed = True
+            result = self._result
+        if result is not None:
+            result[0].release()
+
+
+def restore_and_attach(snapshot: str) -> tuple[Any, Any]:
+    """Restores the warm snapshot, re-attaches to the REPL it holds and says hello to it
+    ("idle": nobody waits for a cell yet, so its after-restore warm-up, which the agent's
+    signal started, goes on). The REPL's "ready" answer waits unread in the runtime until the
+    session adopts the VM (the handle is marked `greeted`): answering takes the REPL ~80 ms
+    right after a restore under TCG, and this way it is done while ipykernel is imported, not
+    after. Blocking. Returns the runtime's own VM object (`take` wraps it in `api.Vm`) and the
+    REPL's process handle."""
+    from .. import _core  # noqa: PLC0415 - imported already (cache_dir)
+
+    # The runtime directly (it verifies the snapshot and restores with the GIL released):
+    # importing the Python API here would hold the GIL the main thread's imports need.
+    vm = _core.Vm.restore(snapshot, timeout=60.0)
+    try:
+        # Imported only now: the restore above is what the kernel waits for.
+        from ..repl_client.vm import running_repl_ids  # noqa: PLC0415
+
+        repls = running_repl_ids(vm)
+        if len(repls) != 1:
+            raise RuntimeError(f"expected one REPL in the snapshot, found {len(repls)}")
+        child = vm.attach_process(repls[0])
+        from ..repl_client.frames import encode_frame  # noqa: PLC0415
+
+        child.write_stdin(encode_frame({"type": "hello", "idle": True}))
+    except BaseException:
+        vm.release()
+        raise
+    return vm, child
+
+
+# -- the facade the kernel uses ---------------------------------------------------------------
+
+
+class Startup:
+    def __init__(self, key: str, hint: Optional[dict]) -> None:
+        self.key = key
+        self.hint = hint
+        self.responder: Optional[EarlyResponder] = None
+        self.vm: Optional[EarlyVm] = None
+        self.sockets: Any = None  # the early-bound shell and iopub sockets (sockets.py), if any
+        self.early_stash: list[list[bytes]] = []  # the request the responder kept (stop_responder)
+        self._switch_interval: Optional[float] = None
+        if hint is not None:
+            # The main thread is busy importing ipykernel for the next ~250 ms; with the default
+            # 5 ms GIL switch interval the responder waited ~100 ms to send one reply.
+            self._switch_interval = sys.getswitchinterval()
+            sys.setswitchinterval(EARLY_SWITCH_INTERVAL)
+            if hint.get("snapshot"):
+                self.vm = EarlyVm(hint["snapshot"])
+                atexit.register(self.vm.release)
+
+    @classmethod
+    def begin(cls, argv: list[str]) -> "Startup":
+        """Reads this command line's hint and starts restoring its VM at once; always returns
+        a Startup (its key is where this kernel writes its own hint)."""
+        env = dict(os.environ)
+        key = launch_hint.hint_key(argv, env, __version__)
+        hint = launch_hint.read(cache_dir(), key) if enabled(env) else None
+        return cls(key, hint)
+
+    def answer(self, sockets: Any) -> None:
+        """Starts answering on the early-bound sockets (see the module doc), if there is a hint
+        and the connection file's key is usable."""
+        self.sockets = sockets
+        if self.hint is not None and sockets is not None and sockets.key is not None:
+            from .responder import EarlyResponder  # noqa: PLC0415
+
+            self.responder = EarlyResponder(sockets.shell, sockets.iopub, sockets.key,
+                                            sockets.signature_scheme, self.hint["kernel_info"])
+
+    def prepare_attach(self) -> None:
+        """Imports what restore_and_attach needs after the restore (~40 ms of modules, the
+        kernel's anyway) now, while the restore runs with the GIL released, instead of after
+        it, on the path of the first cell. Called once the sockets are bound and answered."""
+        if self.vm is not None:
+            from ..repl_client import frames, vm  # noqa: F401, PLC0415
+
+    def stop_responder(self) -> list[list[bytes]]:
+        """Ends the responder (if any); returns the request it kept for the kernel (if any).
+        The imports are over by now: the GIL switch interval goes back to what it was."""
+        if self._switch_interval is not None:
+            sys.setswitchinterval(self._switch_interval)
+            self._switch_interval = None
+        responder = self.responder
+        self.early_stash = responder.stop() if responder is not None else []
+        return self.early_stash
+
+    @property
+    def answered_kernel_info(self) -> bool:
+        return self.responder is not None and self.responder.answered
+
+    def take_vm(self) -> Optional[EarlyVm]:
+        vm, self.vm = self.vm, None
+        return vm
+
+    def save_hint(self, kernel_info: dict, snapshot: Optional[str]) -> None:
+        try:
+            launch_hint.write(cache_dir(), self.key, kernel_info, snapshot)
+        except OSError as e:
+            _log().info("cannot write the launch hint: %s", e)

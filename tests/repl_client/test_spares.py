@@ -1,0 +1,59 @@
+"""Warm spares: a guest started ahead of time is attached with a hello and works like a new one."""
+from __future__ import annotations
+
+import asyncio
+import time
+
+from supermachine_kernel.repl_client import GuestSession, guest_environment
+from supermachine_kernel.repl_client.local import LocalBackend
+
+
+def test_restart_uses_prestarted_spare():
+    async def main():
+        loop = asyncio.get_running_loop()
+        events = []
+        backend = LocalBackend(spares=1, preimport=["json", "decimal"])
+        session = GuestSession(backend, loop, lambda *e: events.append(e),
+                               env=guest_environment(), startup_timeout=60)
+        try:
+            first = await session.wait_ready()
+            await session.request("execute", code="x = 1", silent=False, store_history=True,
+                                  user_expressions={}, allow_stdin=False, execution_count=1)
+            await asyncio.sleep(3)  # let the spare come up
+            t0 = time.monotonic()
+            info = await session.restart()
+            restart_seconds = time.monotonic() - t0
+            reply = await session.request(
+                "execute", code="import sys; x", silent=False, store_history=True,
+                user_expressions={"mods": "'decimal' in sys.modules"}, allow_stdin=False,
+                execution_count=1)
+            return first, info, restart_seconds, reply
+        finally:
+            await session.shutdown()
+
+    first, info, restart_seconds, reply = asyncio.run(main())
+    assert info.python_version == first.python_version
+    assert reply["status"] == "error" and reply["ename"] == "NameError"  # fresh namespace
+    assert reply["user_expressions"] == {}
+    assert restart_seconds < 2.0, restart_seconds  # attached to the warm spare, no start-up
+
+
+def test_spare_preimports_modules():
+    async def main():
+        loop = asyncio.get_running_loop()
+        backend = LocalBackend(spares=1, preimport=["decimal"])
+        session = GuestSession(backend, loop, lambda *e: None, env=guest_environment(),
+                               startup_timeout=60)
+        try:
+            await session.wait_ready()
+            await asyncio.sleep(3)
+            await session.restart()
+            return await session.request(
+                "execute", code="1", silent=False, store_history=True,
+                user_expressions={"m": "'decimal' in __import__('sys').modules"},
+                allow_stdin=False, execution_count=1)
+        finally:
+            await session.shutdown()
+
+    reply = asyncio.run(main())
+    assert reply["user_expressions"]["m"]["data"]["text/plain"] == "True"
