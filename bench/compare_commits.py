@@ -51,6 +51,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -102,7 +103,11 @@ def describe(tree: Path, spec: KernelSpec) -> str:
     if found.returncode:
         sys.exit(f"{tree}: {spec.argv[0]} cannot find {module}:\n{found.stderr.strip()[-800:]}\n"
                  "(a tree in the middle of a change? try again later or use a worktree)")
-    return f"{commit}{'+changes' if dirty else ''}, {found.stdout.strip()}"
+    origin = found.stdout.strip()
+    if not Path(origin).is_relative_to(tree):
+        sys.exit(f"{spec.argv[0]} imports {module} from {origin}, not from {tree}: "
+                 f"run `maturin develop` in {tree} as this script's docstring says")
+    return f"{commit}{'+changes' if dirty else ''}, {origin}"
 
 
 def versions(python: str) -> dict[str, str]:
@@ -121,18 +126,11 @@ def paired(old: list[float], new: list[float]) -> str:
     return f"{percentile(ratios, 25):.2f}..{percentile(ratios, 75):.2f}"
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--restarts", type=int, default=RESTARTS, help="graceful restarts per round and kernel")
-    ap.add_argument("--old", type=Path, default=Path("/tmp/sk-old"), help="the old source tree (with .venv)")
-    ap.add_argument("--new", type=Path, default=Path(__file__).resolve().parent.parent,
-                    help="the new source tree (with .venv)")
-    args = ap.parse_args()
-    specs = {"old": tree_spec(args.old.resolve()), "new": tree_spec(args.new.resolve())}
+def compare(trees: dict[str, Path], rounds: int, restarts: int) -> None:
+    specs = {name: tree_spec(tree) for name, tree in trees.items()}
     if specs["old"].argv[0] == specs["new"].argv[0]:
         sys.exit("--old and --new are the same tree: they would share their launch hints")
-    for name, tree in (("old", args.old), ("new", args.new)):
+    for name, tree in trees.items():
         print(f"{name}: {tree} at {describe(tree, specs[name])}")
     theirs, ours = versions(specs["old"].argv[0]), versions(specs["new"].argv[0])
     for dist in sorted(set(theirs) & set(ours) - {"supermachine-kernel"}):
@@ -141,10 +139,10 @@ def main() -> None:
     manager = GivenSpecs(specs)
     out = {name: {k: [] for k in FIGURES} for name in specs}
     start = time.monotonic()
-    for r in range(args.rounds):
+    for r in range(rounds):
         names = ["old", "new"] if r % 2 == 0 else ["new", "old"]
-        measure_round(names, 0, out, {}, prints=0, specs=manager, restarts=(False,) * args.restarts)
-        print(f"round {r + 1}/{args.rounds} done after {time.monotonic() - start:.0f} s", flush=True)
+        measure_round(names, 0, out, {}, prints=0, specs=manager, restarts=(False,) * restarts)
+        print(f"round {r + 1}/{rounds} done after {time.monotonic() - start:.0f} s", flush=True)
     old, new = summarize(out["old"]), summarize(out["new"])
     figures = [  # (label, summary key, samples key, verdict?)
         ("launch -> kernel_info reply", "info", "info", True),
@@ -165,6 +163,21 @@ def main() -> None:
     print(f"samples per kernel: {len(out['old']['info'])} launches, {len(out['old']['rt'])} `1+1`, "
           f"{len(out['old']['restart'])} restarts; {time.monotonic() - start:.0f} s")
 
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--restarts", type=int, default=RESTARTS, help="graceful restarts per round and kernel")
+    ap.add_argument("--old", type=Path, default=Path("/tmp/sk-old"), help="the old source tree (with .venv)")
+    ap.add_argument("--new", type=Path, default=Path(__file__).resolve().parent.parent,
+                    help="the new source tree (with .venv)")
+    args = ap.parse_args()
+    trees = {"old": args.old.resolve(), "new": args.new.resolve()}
+    # The kernels start in this process's directory, and `python -m` puts that first on sys.path:
+    # from inside a tree, both kernels would import that tree's package.
+    with tempfile.TemporaryDirectory(prefix="sk-compare-") as workdir:
+        os.chdir(workdir)
+        compare(trees, args.rounds, args.restarts)
 
 if __name__ == "__main__":
     main()
