@@ -1,5 +1,5 @@
 """Launch hints: what the last kernel started with the same command line learned, kept for the
-next kernel process's first milliseconds (early_start.py): its kernel_info reply and the warm
+next kernel process's first milliseconds (sequence.py): its kernel_info reply and the warm
 snapshot its VM came from.
 
 A hint is a guess, never trusted for anything that matters: the kernel's VM backend adopts a VM
@@ -20,7 +20,7 @@ import sys
 from .listeners import CONNECTION_FILE_FLAGS, CONNECTION_FILE_PREFIXES, parse_json
 
 # `json` and `typing` are imported only where needed: reading a hint is on the path of the
-# kernel process's first milliseconds (early_start.py). mypy reads TYPE_CHECKING as typing's.
+# kernel process's first milliseconds (sequence.py). mypy reads TYPE_CHECKING as typing's.
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from typing import Any, Optional
@@ -30,7 +30,7 @@ _ENV_PREFIXES = ("SUPERMACHINE_", "JUPYTER_CONFIG", "JUPYTER_PATH", "XDG_CACHE_H
 
 
 def kernel_args(argv: list[str]) -> list[str]:
-    """`argv` without the connection file (early_listeners.connection_file_arg's forms), which
+    """`argv` without the connection file (listeners.connection_file_arg's forms), which
     differs for every kernel."""
     out, skip = [], False
     for arg in argv:

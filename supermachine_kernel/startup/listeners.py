@@ -6,7 +6,7 @@ old one to stop (jupyter_client polls every 100 ms). A connection attempt that f
 closed waits another 100-200 ms, so every millisecond before the port accepts counts.
 `EarlyListeners.listen(argv)` opens plain TCP listening sockets on the two ports named by the
 connection file; the operating system accepts the frontend's connections from then on and
-`kernel_sockets.EarlySockets.bind` hands the sockets to ZMQ (`ZMQ_USE_FD`), which completes the
+`sockets.EarlySockets.bind` hands the sockets to ZMQ (`ZMQ_USE_FD`), which completes the
 ZMTP handshakes. Only IPv4 addresses are handled (ZMQ binds IPv6 only when asked to); anything
 else returns None and ZMQ or ipykernel binds the ports as usual.
 

@@ -1,10 +1,10 @@
 """The early responder: the kernel's first kernel_info reply, sent before ipykernel is loaded.
 
-Once the shell and iopub sockets are bound (kernel_sockets.py), `EarlyResponder` (a thread)
+Once the shell and iopub sockets are bound (sockets.py), `EarlyResponder` (a thread)
 answers the frontend's first request if it is kernel_info_request, from the launch hint, and
 welcomes iopub subscribers. It reads at most one shell request: a first request of any other
 kind is kept unanswered and handed to the kernel, which dispatches it before anything else.
-`stop()` ends the thread before the kernel takes the sockets over. early_start.py starts it.
+`stop()` ends the thread before the kernel takes the sockets over. sequence.py starts it.
 
 The wire helpers (`sign`, `parse_request`, `message`) are pure (no I/O).
 """

@@ -9,8 +9,8 @@ connects while they run and its first request is waiting when the kernel starts 
 handled — TCP, ports given in the connection file (with or without CurveZMQ keys) — anything
 else, or any error, leaves the binding to ipykernel as before.
 
-Earlier still, `early_listeners.EarlyListeners` opens plain listening sockets on those ports,
-and `EarlySockets.bind` hands them to ZMQ (early_listeners.py says why).
+Earlier still, `listeners.EarlyListeners` opens plain listening sockets on those ports,
+and `EarlySockets.bind` hands them to ZMQ (listeners.py says why).
 
 Imports nothing heavy: it runs before ipykernel is loaded.
 """
@@ -33,7 +33,7 @@ class EarlySockets:
         self.iopub_port = iopub_port
         self.shell = shell
         self.iopub = iopub
-        # The message-signing key and scheme from the connection file (early_start.py answers
+        # The message-signing key and scheme from the connection file (sequence.py answers
         # the first kernel_info with them); None when the file's key is not usable as given.
         self.key: bytes | None = None
         self.signature_scheme = "hmac-sha256"

@@ -1,5 +1,5 @@
-"""The listening sockets the kernel process opens in its first milliseconds (early_listeners.py)
-and their hand-over to ZMQ (kernel_sockets.EarlySockets.bind)."""
+"""The listening sockets the kernel process opens in its first milliseconds (startup/listeners.py)
+and their hand-over to ZMQ (startup/sockets.py EarlySockets.bind)."""
 from __future__ import annotations
 
 import json

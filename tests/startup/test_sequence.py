@@ -1,5 +1,5 @@
 """Early start without a kernel process: launch hints, the wire helpers, the responder thread on
-real sockets, and the early VM's hand-over rules (early_responder.py, early_start.py, launch_hint.py)."""
+real sockets, and the early VM's hand-over rules (startup/responder.py, sequence.py, hint.py)."""
 from __future__ import annotations
 
 import json

@@ -1,4 +1,4 @@
-"""The shell and iopub sockets the kernel process binds before its imports (kernel_sockets.py)."""
+"""The shell and iopub sockets the kernel process binds before its imports (startup/sockets.py)."""
 from __future__ import annotations
 
 import json
