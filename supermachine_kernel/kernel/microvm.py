@@ -1,7 +1,7 @@
 """MicroVMKernel: the "Python (microVM)" Jupyter kernel. Every cell runs in the guest REPL.
 
 The kernel overrides ipykernel's `do_*` hooks only and delegates every guest call to one
-`GuestSession` (session/client.py). What it adds to the base class, because a proxy kernel needs
+`GuestRepl` (repl_client/client.py). What it adds to the base class, because a proxy kernel needs
 it: comm_open/comm_msg/comm_close forwarding (the base has none), an interrupt that reaches the
 guest (the base signals its own process group), `kernel_info` without a debugger or subshells it
 does not have, stdin forwarding for the guest's `input()`, output rate limiting, and recovery
@@ -32,7 +32,7 @@ from ipykernel.kernelbase import Kernel, kernel_protocol_version
 from traitlets import Any, Bool, Float, List
 
 from .. import __version__, magics
-from ..repl_client import GuestDied, GuestSession, GuestUnavailable, ProtocolError, guest_environment
+from ..repl_client import GuestDied, GuestRepl, GuestUnavailable, ProtocolError, guest_environment
 from .config import GuestConfig
 from .ratelimit import RateLimiter
 
@@ -117,7 +117,7 @@ class MicroVMKernel(Kernel, GuestConfig):
         super().__init__(**kwargs)
         for msg_type in COMM_EVENTS:
             self.shell_handlers[msg_type] = getattr(self, msg_type)
-        self.guest: GuestSession | None = None
+        self.guest: GuestRepl | None = None
         self._main_loop: asyncio.AbstractEventLoop | None = None
         self._exec_parent: dict | None = None
         self._exec_ident: t.Any = None
@@ -147,7 +147,7 @@ class MicroVMKernel(Kernel, GuestConfig):
                 backend.early = early_vm  # adopted if the configuration names its snapshot
             else:
                 early_vm.release()
-        self.guest = GuestSession(
+        self.guest = GuestRepl(
             backend,
             self._main_loop,
             self._on_guest_event,
@@ -521,7 +521,7 @@ class MicroVMKernel(Kernel, GuestConfig):
         """`kind` sent to the guest on behalf of `shell_request`; returns the guest's reply.
         An interrupt ends the wait once the guest has not answered within INTERRUPT_GRACE
         seconds (raises GuestUnanswered): a guest that ignores it cannot hold the shell channel.
-        Raises GuestDied, GuestUnavailable, ProtocolError like `GuestSession.request`."""
+        Raises GuestDied, GuestUnavailable, ProtocolError like `GuestRepl.request`."""
         assert self.guest is not None
         main = self._main_loop
         if main is not None and asyncio.get_running_loop() is not main:

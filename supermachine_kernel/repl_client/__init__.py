@@ -1,13 +1,13 @@
-"""The guest REPL client: one `GuestSession` per kernel, over an injected backend (VM or local)."""
+"""The guest REPL client: one `GuestRepl` per kernel, over an injected backend (VM or local)."""
 from .backend import Backend, guest_environment
-from .client import GuestDied, GuestInfo, GuestSession, GuestUnavailable
+from .client import GuestDied, GuestInfo, GuestRepl, GuestUnavailable
 from .frames import ProtocolError
 
 __all__ = [
     "Backend",
     "GuestDied",
     "GuestInfo",
-    "GuestSession",
+    "GuestRepl",
     "GuestUnavailable",
     "ProtocolError",
     "guest_environment",

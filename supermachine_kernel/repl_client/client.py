@@ -1,4 +1,4 @@
-"""GuestSession: the kernel's one client object for the guest REPL (start, requests, events, death).
+"""GuestRepl: the kernel's one client object for the guest REPL (start, requests, events, death).
 
 Threads and the loop: every blocking call (launching, `write_stdin`, `read_stdout`, signals) runs
 on worker threads; results and guest events are handed to the kernel's asyncio loop with
@@ -97,7 +97,7 @@ def _signal_name(signum: int) -> str:
 class _Link:
     """One running guest REPL: its handle, reader/writer/stderr threads and pending requests."""
 
-    def __init__(self, session: "GuestSession", handle: GuestHandle) -> None:
+    def __init__(self, session: "GuestRepl", handle: GuestHandle) -> None:
         self.session = session
         self.handle = handle
         self.loop = session.loop
@@ -263,7 +263,7 @@ class _Link:
             log.exception("releasing the guest failed")
 
 
-class GuestSession:
+class GuestRepl:
     """Starts the guest REPL via a backend and talks to it; restarts it when it dies."""
 
     def __init__(

@@ -5,7 +5,7 @@ import asyncio
 
 import pytest
 
-from supermachine_kernel.repl_client import GuestSession, guest_environment
+from supermachine_kernel.repl_client import GuestRepl, guest_environment
 from supermachine_kernel.repl_client.local import LocalBackend
 
 
@@ -23,7 +23,7 @@ def run(no_ipython, scenario):
 
     async def main():
         loop = asyncio.get_running_loop()
-        session = GuestSession(LocalBackend(spares=0), loop, lambda k, c, b: events.append((k, c)),
+        session = GuestRepl(LocalBackend(spares=0), loop, lambda k, c, b: events.append((k, c)),
                                env=guest_environment({"PYTHONPATH": no_ipython}),
                                startup_timeout=60)
         try:

@@ -6,7 +6,7 @@ import textwrap
 
 import pytest
 
-from supermachine_kernel.repl_client import GuestDied, GuestSession, GuestUnavailable, guest_environment
+from supermachine_kernel.repl_client import GuestDied, GuestRepl, GuestUnavailable, guest_environment
 from supermachine_kernel.repl_client.local import LocalBackend
 
 PRELUDE = textwrap.dedent("""
@@ -33,7 +33,7 @@ def run_session(driver_body: str, scenario, timeout: float = 20.0):
 
     async def main():
         loop = asyncio.get_running_loop()
-        session = GuestSession(LocalBackend(), loop, lambda k, c, b: events.append((k, c, b)),
+        session = GuestRepl(LocalBackend(), loop, lambda k, c, b: events.append((k, c, b)),
                                env=guest_environment(), startup_timeout=10,
                                driver=(PRELUDE + textwrap.dedent(driver_body)).encode())
         try:

@@ -4,7 +4,7 @@ from __future__ import annotations
 import asyncio
 import time
 
-from supermachine_kernel.repl_client import GuestSession, guest_environment
+from supermachine_kernel.repl_client import GuestRepl, guest_environment
 from supermachine_kernel.repl_client.local import LocalBackend
 
 
@@ -13,7 +13,7 @@ def test_restart_uses_prestarted_spare():
         loop = asyncio.get_running_loop()
         events = []
         backend = LocalBackend(spares=1, preimport=["json", "decimal"])
-        session = GuestSession(backend, loop, lambda *e: events.append(e),
+        session = GuestRepl(backend, loop, lambda *e: events.append(e),
                                env=guest_environment(), startup_timeout=60)
         try:
             first = await session.wait_ready()
@@ -42,7 +42,7 @@ def test_spare_preimports_modules():
     async def main():
         loop = asyncio.get_running_loop()
         backend = LocalBackend(spares=1, preimport=["decimal"])
-        session = GuestSession(backend, loop, lambda *e: None, env=guest_environment(),
+        session = GuestRepl(backend, loop, lambda *e: None, env=guest_environment(),
                                startup_timeout=60)
         try:
             await session.wait_ready()
