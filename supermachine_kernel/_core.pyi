@@ -5,6 +5,36 @@ from __future__ import annotations
 import os
 from typing import Mapping, Optional, Sequence, Union, final
 
+__all__ = [
+    "PROTOCOL_VERSION",
+    "VmError",
+    "VmDiedError",
+    "ProtocolError",
+    "GuestError",
+    "AcceleratorError",
+    "QemuNotFoundError",
+    "VmReleasedError",
+    "ImageNotFoundError",
+    "SnapshotError",
+    "PoolError",
+    "Vm",
+    "ExecChild",
+    "ExitStatus",
+    "ExecResult",
+    "detect_accel",
+    "find_qemu",
+    "snapshot_info",
+    "prefetch_snapshot_memory",
+    "snapshot_files_stamp",
+    "Pool",
+    "ImageError",
+    "ensure_image",
+    "list_images",
+    "remove_image",
+    "image_recipes",
+    "image_cache_dir",
+]
+
 PROTOCOL_VERSION: int
 
 _Path = Union[str, "os.PathLike[str]"]
@@ -164,7 +194,7 @@ class Pool:
 # ---- guest images (core/python/src/image.rs) ----
 
 def ensure_image(
-    ref: Optional[str] = None,
+    ref: Optional[str] = ...,  # None; pyo3 renders the default of the raw identifier r#ref as `...`
     name: Optional[str] = None,
     cache_dir: Optional[_Path] = None,
     agent: Optional[_Path] = None,
