@@ -45,6 +45,9 @@ from ._core import (
     VmDiedError,
     VmError,
     VmReleasedError,
+    prefetch_snapshot_memory,
+    snapshot_files_stamp,
+    snapshot_info,
 )
 
 ImageError = _core.ImageError
@@ -67,6 +70,9 @@ __all__ = [
     "ImageError",
     "SnapshotError",
     "PoolError",
+    "snapshot_info",
+    "snapshot_files_stamp",
+    "prefetch_snapshot_memory",
 ]
 
 PathLike = Union[str, "os.PathLike[str]"]
