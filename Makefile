@@ -15,7 +15,7 @@ RUST_SOURCES := $(shell find core -path core/target -prune -o \( -name '*.rs' -o
 PY_SOURCES := $(shell find supermachine_kernel kernelspecs -type f -not -name '*.so' -not -path '*/__pycache__/*' 2>/dev/null)
 PYTEST_ARGS ?=
 
-.PHONY: setup host demo test test-rust test-python image warm clean
+.PHONY: setup host demo test test-types test-rust test-python image warm clean
 
 setup: host $(STAMPS)/build $(STAMPS)/kernelspec image warm
 
@@ -63,7 +63,13 @@ test-rust: setup
 test-python: setup
 	$(PY) -m pytest $(PYTEST_ARGS)
 
-test: test-rust test-python
+# mypy over the package (its settings: [tool.mypy] in pyproject.toml), then mypy.stubtest: the
+# hand-written _core.pyi against the compiled module. Seconds with mypy's cache (.mypy_cache).
+test-types: $(STAMPS)/build
+	$(PY) -m mypy
+	$(PY) -m mypy.stubtest supermachine_kernel._core
+
+test: test-types test-rust test-python
 
 clean:
 	rm -rf $(VENV) core/target $(AGENT)
