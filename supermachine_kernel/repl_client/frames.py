@@ -246,7 +246,7 @@ def validate_event(msg: dict[str, Any]) -> tuple[str, dict[str, Any], list[bytes
             raise ProtocolError(f"stream name must be stdout or stderr, got {name[:40]!r}")
         return kind, {"name": name, "text": _str(msg, "text")}, []
     if kind in ("display_data", "update_display_data"):
-        content = {
+        content: dict[str, Any] = {
             "data": validate_mimebundle(msg.get("data")),
             "metadata": _dict(msg, "metadata"),
             "transient": _dict(msg, "transient"),
@@ -273,7 +273,7 @@ def validate_event(msg: dict[str, Any]) -> tuple[str, dict[str, Any], list[bytes
     if kind == "input_request":
         return kind, {"prompt": _str(msg, "prompt", ""), "password": _bool(msg, "password")}, []
     if kind in ("comm_open", "comm_msg", "comm_close"):
-        content: dict[str, Any] = {"comm_id": _str(msg, "comm_id"), "data": _dict(msg, "data")}
+        content = {"comm_id": _str(msg, "comm_id"), "data": _dict(msg, "data")}
         if kind == "comm_open":
             content["target_name"] = _str(msg, "target_name")
             module = msg.get("target_module")

@@ -64,6 +64,7 @@ class EarlySockets:
         except ImportError:
             return None
         ip, shell_port, iopub_port = info["ip"], int(info["shell_port"]), int(info["iopub_port"])
+        # Both keys or neither: plain_tcp_info checked.
         secret, public = info.get("curve_secretkey"), info.get("curve_publickey")
         context = zmq.Context()
         sockets = []
@@ -72,7 +73,7 @@ class EarlySockets:
                 sock = context.socket(kind)
                 sockets.append(sock)
                 sock.linger = 1000
-                if secret:  # as ipykernel's _apply_curve_server_options
+                if secret and public:  # as ipykernel's _apply_curve_server_options
                     sock.curve_secretkey = secret.encode()
                     sock.curve_publickey = public.encode()
                     sock.curve_server = True
