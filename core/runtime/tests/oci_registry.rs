@@ -1,6 +1,7 @@
 //! Pulling from a real registry (Debian's `docker-registry`) started on 127.0.0.1, with images
 //! the tests build and push themselves with `skopeo`: plain HTTP on loopback, then TLS with a
-//! test CA and htpasswd auth. The registry binary, skopeo and htpasswd are required (setup
+//! test CA and htpasswd auth, then TLS with bearer tokens from a token server the test runs
+//! (`support/token_server.rs`). The registry binary, skopeo and htpasswd are required (setup
 //! installs them): a missing one fails the test with the package to install.
 mod support;
 
@@ -152,4 +153,74 @@ fn tls_registry_with_htpasswd_auth() {
         "{e}"
     );
     assert!(e.to_string().contains("docker login"), "{e}");
+}
+
+#[test]
+fn tls_registry_with_bearer_tokens() {
+    let t = TempDir::new("token");
+    let tokens = TokenServer::start(t.path(), &[("guest", "guest-pw")]);
+    let reg = Registry::start_with(true, Auth::Token(&tokens));
+    let layout = layout_with_index(&t);
+    reg.push(&layout.dir, "multi", "public/img");
+    reg.push(&layout.dir, "multi", "private/img");
+    tokens.take_requests();
+    let with = |config: Option<std::path::PathBuf>| RegistryOptions {
+        docker_config: Some(config.unwrap_or_else(|| t.path().join("none.json"))),
+        extra_ca: vec![reg.tls.as_ref().unwrap().ca.clone()],
+        ..Default::default()
+    };
+    let build = |reference: &str, cache: &str, config: Option<std::path::PathBuf>| {
+        oci::build(reference, &opts(&t.path().join(cache), with(config)))
+    };
+    let public = format!("{}/public/img:multi", reg.addr);
+    let private = format!("{}/private/img:multi", reg.addr);
+
+    // Anonymous pull of a public repository: a token for its pull scope, no credentials sent.
+    let img = build(&public, "c1", None).unwrap_or_else(|e| panic!("{e}\n{}", reg.log()));
+    assert_eq!(img.record.layers.len(), 3);
+    let seen = tokens.take_requests();
+    assert!(!seen.is_empty(), "no token was asked for");
+    for r in &seen {
+        assert_eq!((r.user.as_deref(), r.status, r.scopes.as_slice()), (None, 200, ["repository:public/img:pull".to_string()].as_slice()));
+    }
+
+    // Credentials from the Docker config go to the token server, which grants the private pull.
+    let good = docker_config(&t, &reg.addr, "smk", "s3cret");
+    let img = build(&private, "c2", Some(good)).unwrap_or_else(|e| panic!("{e}\n{}", reg.log()));
+    assert_eq!(img.record.config.working_dir.as_deref(), Some("/opt/app"));
+    let seen = tokens.take_requests();
+    assert!(!seen.is_empty() && seen.iter().all(|r| r.user.as_deref() == Some("smk") && r.status == 200), "{seen:?}");
+
+    // Anonymous on the private repository: the token grants nothing, the registry wants a login.
+    let e = build(&private, "c3", None).unwrap_err();
+    assert!(matches!(e, OciError::Registry(RegistryError::AuthRefused { had_credentials: false, .. })), "{e}");
+    assert!(e.to_string().contains(&format!("docker login {}", reg.addr)), "{e}");
+    assert!(tokens.take_requests().iter().all(|r| r.user.is_none() && r.status == 200));
+
+    // Wrong password: the token server's refusal, naming the registry and how to log in.
+    let bad = docker_config(&t, &reg.addr, "smk", "wrong");
+    let e = build(&private, "c4", Some(bad)).unwrap_err();
+    assert!(matches!(e, OciError::Registry(RegistryError::AuthRefused { had_credentials: true, .. })), "{e}");
+    let msg = e.to_string();
+    assert!(msg.contains(&reg.addr) && msg.contains(&format!("docker login {}", reg.addr)), "{msg}");
+    assert!(msg.contains("invalid username or password"), "the token server's reason is lost: {msg}");
+    assert_eq!(tokens.take_requests().iter().map(|r| r.status).collect::<Vec<_>>(), [401]);
+
+    // A known user whose token does not cover the repository (insufficient scope).
+    let guest = docker_config(&t, &reg.addr, "guest", "guest-pw");
+    let e = build(&private, "c5", Some(guest)).unwrap_err();
+    assert!(matches!(e, OciError::Registry(RegistryError::NotAllowed { .. })), "{e}");
+    assert!(e.to_string().contains("guest") && e.to_string().contains(&private), "{e}");
+
+    // Tokens issued already expired: refused by the registry, reported as a clock problem.
+    tokens.set_expired(true);
+    let e = build(&public, "c6", None).unwrap_err();
+    tokens.set_expired(false);
+    assert!(matches!(e, OciError::Registry(RegistryError::TokenExpired { .. })), "{e}");
+    assert!(e.to_string().contains("clock"), "{e}");
+
+    // Nothing was stored by the refused pulls.
+    for c in ["c3", "c4", "c5", "c6"] {
+        assert!(supermachine_runtime::image::list_images(Some(&t.path().join(c))).is_empty(), "{c}");
+    }
 }

@@ -1,7 +1,11 @@
 //! Test helpers for the OCI tests: layer tarballs written entry by entry (raw names, so a test
 //! can write the `../` and absolute paths a hostile image would), OCI layout directories, and
-//! a real registry (Debian's `docker-registry`) on 127.0.0.1, optionally with TLS and htpasswd.
+//! a real registry (Debian's `docker-registry`) on 127.0.0.1, optionally with TLS and htpasswd
+//! or bearer tokens from the test token server (`token_server.rs`).
 #![allow(dead_code)]
+mod token_server;
+pub use token_server::*;
+
 use std::io::Write;
 use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
@@ -249,6 +253,15 @@ pub fn make_tls(dir: &Path) -> Tls {
     Tls { ca: dir.join("ca.pem"), cert: dir.join("server.pem"), key: dir.join("server.key") }
 }
 
+/// How the test registry authenticates clients.
+pub enum Auth<'a> {
+    None,
+    /// htpasswd with this one user.
+    Htpasswd(&'a str, &'a str),
+    /// Bearer tokens from this token server (the pusher pushes).
+    Token(&'a TokenServer),
+}
+
 /// A `docker-registry` serving on 127.0.0.1 until dropped.
 pub struct Registry {
     pub addr: String,
@@ -260,6 +273,10 @@ pub struct Registry {
 
 impl Registry {
     pub fn start(tls: bool, auth: Option<(&str, &str)>) -> Registry {
+        Registry::start_with(tls, auth.map_or(Auth::None, |(u, p)| Auth::Htpasswd(u, p)))
+    }
+
+    pub fn start_with(tls: bool, auth: Auth) -> Registry {
         let bin = require("docker-registry", "docker-registry");
         let dir = TempDir::new("registry");
         let port = free_port();
@@ -272,13 +289,21 @@ impl Registry {
         if let Some(t) = &tls {
             yaml += &format!("  tls:\n    certificate: {}\n    key: {}\n", t.cert.display(), t.key.display());
         }
-        if let Some((u, p)) = auth {
-            require("htpasswd", "apache2-utils");
-            let out = Command::new("htpasswd").args(["-Bbn", u, p]).output().unwrap();
-            assert!(out.status.success());
-            std::fs::write(dir.path().join("htpasswd"), out.stdout).unwrap();
-            yaml += &format!("auth:\n  htpasswd:\n    realm: smk-test\n    path: {}\n", dir.path().join("htpasswd").display());
-        }
+        let creds = match auth {
+            Auth::None => None,
+            Auth::Htpasswd(u, p) => {
+                require("htpasswd", "apache2-utils");
+                let out = Command::new("htpasswd").args(["-Bbn", u, p]).output().unwrap();
+                assert!(out.status.success());
+                std::fs::write(dir.path().join("htpasswd"), out.stdout).unwrap();
+                yaml += &format!("auth:\n  htpasswd:\n    realm: smk-test\n    path: {}\n", dir.path().join("htpasswd").display());
+                Some((u.to_string(), p.to_string()))
+            }
+            Auth::Token(server) => {
+                yaml += &server.registry_yaml();
+                Some((PUSHER.0.to_string(), PUSHER.1.to_string()))
+            }
+        };
         std::fs::write(dir.path().join("config.yml"), yaml).unwrap();
         let log = std::fs::File::create(dir.path().join("registry.log")).unwrap();
         let child = Command::new(bin)
@@ -289,7 +314,7 @@ impl Registry {
             .stderr(log)
             .spawn()
             .unwrap();
-        let r = Registry { addr, child, dir, tls, creds: auth.map(|(u, p)| (u.into(), p.into())) };
+        let r = Registry { addr, child, dir, tls, creds };
         let t = Instant::now();
         while TcpStream::connect(&r.addr).is_err() {
             assert!(t.elapsed() < Duration::from_secs(30), "registry did not start: {}", r.log());

@@ -6,7 +6,11 @@
 //! admin lists in `$SUPERMACHINE_INSECURE_REGISTRIES` (`host:port,host2`), and for them only
 //! when TLS fails at the transport level (they are tried over TLS first, as Docker does). Auth: anonymous or
 //! Basic credentials from Docker's config (see `credentials.rs`); `oci-client` turns them into
-//! a bearer token when the registry asks for one (the token dance), or sends them as Basic.
+//! a bearer token when the registry asks for one (the token dance: the credentials go to the
+//! token server the registry names, which grants a token for `repository:NAME:pull`), or sends
+//! them as Basic. The token is asked for once when connecting, so a token server's refusal is
+//! reported as such; when the registry later refuses a granted token, its claims (read, not
+//! verified) tell an expired token from one that grants no pull access.
 //!
 //! Blobs stream into the store's partial file. An interrupted download keeps what arrived; the
 //! next pull resumes it with a `Range` request (a registry that answers 200 instead of 206 sends
@@ -18,6 +22,8 @@ use std::io::Write;
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
+
+use base64::Engine;
 
 use futures_util::StreamExt;
 use oci_client::client::{BlobResponse, Certificate, CertificateEncoding, ClientConfig, ClientProtocol};
@@ -70,6 +76,10 @@ impl RegistryOptions {
 pub enum RegistryError {
     /// The registry refused our credentials (or wants some and we have none).
     AuthRefused { registry: String, reference: String, had_credentials: bool, detail: String },
+    /// The credentials are good but the token they got grants no pull access to the repository.
+    NotAllowed { registry: String, reference: String, user: String },
+    /// The registry refused the token its token server issued because it had expired.
+    TokenExpired { registry: String, reference: String, seconds_ago: i64 },
     /// The repository or tag does not exist.
     UnknownTag { reference: String, detail: String },
     /// The registry cannot be reached (DNS, connection refused, timeout).
@@ -98,6 +108,18 @@ impl fmt::Display for RegistryError {
                 "{registry} wants credentials to pull {reference} ({detail}); run `docker login \
                  {registry}` (or add auths.\"{registry}\".auth to ~/.docker/config.json; credential \
                  helpers are not used)"
+            ),
+            RegistryError::NotAllowed { registry, reference, user } => write!(
+                f,
+                "{registry} accepted the credentials of {user} but its token grants no pull \
+                 access to {reference}; ask the registry's admin to let {user} pull it, or run \
+                 `docker login {registry}` as a user who may"
+            ),
+            RegistryError::TokenExpired { registry, reference, seconds_ago } => write!(
+                f,
+                "{registry} refused the token its token server issued for {reference}: it \
+                 expired {seconds_ago} s before it was used, by this host's clock; check the \
+                 clock of this host (and of the token server), then build again"
             ),
             RegistryError::UnknownTag { reference, detail } => write!(
                 f,
@@ -149,6 +171,8 @@ pub struct Registry {
     client: Client,
     reference: Reference,
     auth: RegistryAuth,
+    /// The bearer token granted when connecting, if the registry uses tokens.
+    token: Option<String>,
 }
 
 impl Registry {
@@ -189,8 +213,8 @@ impl Registry {
         // loopback registry may well serve TLS. Only a failure at the transport level (no TLS
         // spoken there) switches to HTTP.
         let mut client = make(ClientProtocol::Https)?;
+        let mut probe = rt.block_on(client.auth(reference, &auth, RegistryOperation::Pull));
         if plain {
-            let probe = rt.block_on(client.auth(reference, &auth, RegistryOperation::Pull));
             match probe {
                 // It speaks TLS but we do not trust its certificate: say so, do not downgrade.
                 Err(e @ OciDistributionError::RequestError(_)) if chain(&e).to_ascii_lowercase().contains("certificate") => {
@@ -198,15 +222,24 @@ impl Registry {
                 }
                 Err(OciDistributionError::RequestError(_)) => {
                     client = make(ClientProtocol::HttpsExcept(vec![registry.clone()]))?;
+                    probe = rt.block_on(client.auth(reference, &auth, RegistryOperation::Pull));
                 }
                 _ => {}
             }
         }
-        Ok(Registry { rt, client, reference: reference.clone(), auth })
+        // Without this, oci-client drops a token server's refusal and pulls anonymously.
+        let token = probe.map_err(|e| classify(e, reference, !matches!(auth, RegistryAuth::Anonymous)))?;
+        Ok(Registry { rt, client, reference: reference.clone(), auth, token })
     }
 
     fn error(&self, e: OciDistributionError) -> OciError {
-        classify(e, &self.reference, !matches!(self.auth, RegistryAuth::Anonymous))
+        let err = classify(e, &self.reference, !matches!(self.auth, RegistryAuth::Anonymous));
+        match (&err, self.token.as_deref()) {
+            (OciError::Registry(RegistryError::AuthRefused { .. }), Some(token)) => {
+                refused_token(token, &self.reference, &self.auth).map_or(err, Into::into)
+            }
+            _ => err,
+        }
     }
 
     fn fetch_manifest(&self, reference: &Reference) -> Result<(Vec<u8>, String), OciError> {
@@ -347,6 +380,29 @@ fn chain(e: &dyn std::error::Error) -> String {
         cur = s.source();
     }
     parts.join(": ")
+}
+
+/// Why the registry refused a bearer token it wanted, from the token's own claims (a JWT's
+/// `exp` and Docker's `access` list; read without verifying, only to explain): expired, or
+/// granting the user no pull access. `None` for an opaque token or another cause.
+fn refused_token(token: &str, r: &Reference, auth: &RegistryAuth) -> Option<RegistryError> {
+    let payload = token.split('.').nth(1)?;
+    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(payload.trim_end_matches('=')).ok()?;
+    let claims: serde_json::Value = serde_json::from_slice(&bytes).ok()?;
+    let registry = r.resolve_registry().to_string();
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).ok()?.as_secs() as i64;
+    if let Some(exp) = claims.get("exp").and_then(|e| e.as_i64()).filter(|&exp| exp < now) {
+        return Some(RegistryError::TokenExpired { registry, reference: r.whole(), seconds_ago: now - exp });
+    }
+    let RegistryAuth::Basic(user, _) = auth else {
+        return None; // anonymous: AuthRefused already says to log in
+    };
+    let may_pull = claims.get("access")?.as_array()?.iter().any(|a| {
+        a["type"] == "repository"
+            && a["name"] == r.repository()
+            && a["actions"].as_array().is_some_and(|v| v.iter().any(|x| x == "pull" || x == "*"))
+    });
+    (!may_pull).then(|| RegistryError::NotAllowed { registry, reference: r.whole(), user: user.clone() })
 }
 
 /// Turns an `oci-client` error into the user's situation.
