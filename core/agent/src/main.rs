@@ -55,6 +55,7 @@ mod reaper;
 mod server;
 mod sys;
 mod transport;
+mod user;
 mod writer;
 
 use std::panic::{catch_unwind, AssertUnwindSafe};

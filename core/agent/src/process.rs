@@ -57,6 +57,8 @@ pub struct SpawnRequest {
     pub argv: Vec<String>,
     pub env: Vec<(String, String)>,
     pub cwd: Option<String>,
+    /// Run as this user (user.rs); None: as the agent (root).
+    pub user: Option<String>,
     pub tty: Option<TtySize>,
     pub timeout_ms: Option<u64>,
 }
@@ -210,6 +212,7 @@ impl Procs {
     /// not exit codes. Call [`Procs::start`] after replying `Spawned`.
     pub fn spawn(&self, req: SpawnRequest) -> Result<Started, Failure> {
         validate(&req)?;
+        let ids = req.user.as_deref().map(crate::user::resolve).transpose()?;
         Self::make_room(&mut lock(&self.table))?;
         let argv0 = req.argv[0].clone();
         let notify = notify_signal(&req.env);
@@ -220,6 +223,11 @@ impl Procs {
         }
         if req.tty.is_some() {
             cmd.env("TERM", "xterm-256color");
+        }
+        if let Some(ids) = &ids {
+            // std sets the gid, drops root's supplementary groups and sets the uid before the
+            // working directory is entered: a directory the user cannot enter fails the spawn.
+            cmd.uid(ids.uid).gid(ids.gid).env("HOME", &ids.home);
         }
         for (k, v) in &req.env {
             cmd.env(k, v);
@@ -591,6 +599,7 @@ mod tests {
             argv: argv.iter().map(|s| s.to_string()).collect(),
             env: env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
             cwd: cwd.map(String::from),
+            user: None,
             tty: None,
             timeout_ms: None,
         };

@@ -184,8 +184,8 @@ impl Server {
             Err(f) => w.reply(&error(req, f)),
         };
         match msg {
-            Control::Spawn { req, argv, env, cwd, tty, timeout_ms } => {
-                match self.procs.spawn(SpawnRequest { argv, env, cwd, tty, timeout_ms }) {
+            Control::Spawn { req, argv, env, cwd, user, tty, timeout_ms } => {
+                match self.procs.spawn(SpawnRequest { argv, env, cwd, user, tty, timeout_ms }) {
                     Ok(started) => {
                         w.reply(&Control::Spawned { req, id: started.proc.id, os_pid: started.proc.os_pid as u32 });
                         self.procs.start(started);

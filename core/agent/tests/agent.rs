@@ -169,6 +169,7 @@ impl Client {
             argv: argv.iter().map(|s| s.to_string()).collect(),
             env: vec![("GREETING".into(), "hello there".into())],
             cwd: None,
+            user: None,
             tty,
             timeout_ms,
         });
@@ -248,7 +249,7 @@ fn env_and_cwd() {
     let agent = Agent::start("cwd");
     let (mut c, _) = agent.session();
     let req = c.req();
-    c.send(&Control::Spawn { req, argv: vec!["sh".into(), "-c".into(), "pwd; echo $X".into()], env: vec![("X".into(), "y".into())], cwd: Some("/tmp".into()), tty: None, timeout_ms: None });
+    c.send(&Control::Spawn { req, argv: vec!["sh".into(), "-c".into(), "pwd; echo $X".into()], env: vec![("X".into(), "y".into())], cwd: Some("/tmp".into()), user: None, tty: None, timeout_ms: None });
     let Control::Spawned { id, .. } = c.reply(req) else { panic!() };
     let (out, _, st) = c.collect(id);
     assert_eq!(text(&out), "/tmp\ny\n");
@@ -268,7 +269,7 @@ fn missing_program_and_bad_cwd_are_errors() {
         other => panic!("{other:?}"),
     }
     let req = c.req();
-    c.send(&Control::Spawn { req, argv: vec!["true".into()], env: vec![], cwd: Some("/no/such/dir".into()), tty: None, timeout_ms: None });
+    c.send(&Control::Spawn { req, argv: vec!["true".into()], env: vec![], cwd: Some("/no/such/dir".into()), user: None, tty: None, timeout_ms: None });
     assert!(matches!(c.reply(req), Control::Error { kind: ErrorKind::NotFound, .. }));
     // The agent still works.
     let id = c.spawn(&["true"]);

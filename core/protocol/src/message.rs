@@ -5,7 +5,7 @@
 //! ```text
 //! H: Hello{version, host_time_ns, entropy}        every (re)connection starts with this
 //! G: Welcome{version, boot_id, generation, processes}
-//! H: Spawn{req, argv, env, cwd, tty, timeout_ms}   G: Spawned{req, id, os_pid} | Error{req, ..}
+//! H: Spawn{req, argv, env, cwd, user, tty, timeout_ms}   G: Spawned{req, id, os_pid} | Error{req, ..}
 //!    stdio then flows as Stdin/Stdout/Stderr frames on channel `id`;
 //!    G: Exited{id, ..} after both output streams sent their EOF frame.
 //! H: Credit{id, bytes}    lets the guest send `bytes` more output bytes on channel id
@@ -93,6 +93,10 @@ pub enum Control {
         /// Extra environment on top of the agent's base environment.
         env: Vec<(String, String)>,
         cwd: Option<String>,
+        /// Run as this user: `uid[:gid]` or `name[:group]` (names from the guest's
+        /// /etc/passwd and /etc/group), as an OCI image config's `User`. None: the agent's (root).
+        #[serde(default)]
+        user: Option<String>,
         tty: Option<TtySize>,
         timeout_ms: Option<u64>,
     },
@@ -236,6 +240,7 @@ mod tests {
                 argv: vec!["python3".into(), "-c".into(), "print(1)".into()],
                 env: vec![("A".into(), "b".into())],
                 cwd: Some("/tmp".into()),
+                user: Some("1000:100".into()),
                 tty: Some(TtySize { rows: 24, cols: 80 }),
                 timeout_ms: Some(1000),
             },

@@ -302,7 +302,7 @@ impl Vm {
     }
 
     /// Runs a process to completion and returns its output and exit status.
-    #[pyo3(signature = (argv, stage_files=None, env=None, cwd=None, timeout_ms=None, tty=None, stdin=None))]
+    #[pyo3(signature = (argv, stage_files=None, env=None, cwd=None, timeout_ms=None, tty=None, stdin=None, user=None))]
     #[allow(clippy::too_many_arguments)]
     fn exec(
         &self,
@@ -314,6 +314,7 @@ impl Vm {
         timeout_ms: Option<u64>,
         tty: Option<&Bound<'_, PyAny>>,
         stdin: Option<&Bound<'_, PyAny>>,
+        user: Option<String>,
     ) -> PyResult<ExecResult> {
         let mut staged = Vec::new();
         if let Some(d) = stage_files {
@@ -322,7 +323,7 @@ impl Vm {
             }
         }
         let opts = ExecOptions {
-            spawn: SpawnOptions { argv, env: env_pairs(env)?, cwd, tty: tty_size(tty)?, timeout_ms },
+            spawn: SpawnOptions { argv, env: env_pairs(env)?, cwd, user, tty: tty_size(tty)?, timeout_ms },
             stage_files: staged,
             stdin: stdin.filter(|s| !s.is_none()).map(data_bytes).transpose()?,
         };
@@ -335,7 +336,8 @@ impl Vm {
     }
 
     /// Starts a process and returns its handle (streaming mode).
-    #[pyo3(signature = (argv, env=None, cwd=None, timeout_ms=None, tty=None))]
+    #[pyo3(signature = (argv, env=None, cwd=None, timeout_ms=None, tty=None, user=None))]
+    #[allow(clippy::too_many_arguments)]
     fn spawn(
         &self,
         py: Python<'_>,
@@ -344,8 +346,9 @@ impl Vm {
         cwd: Option<String>,
         timeout_ms: Option<u64>,
         tty: Option<&Bound<'_, PyAny>>,
+        user: Option<String>,
     ) -> PyResult<ExecChild> {
-        let opts = SpawnOptions { argv, env: env_pairs(env)?, cwd, tty: tty_size(tty)?, timeout_ms };
+        let opts = SpawnOptions { argv, env: env_pairs(env)?, cwd, user, tty: tty_size(tty)?, timeout_ms };
         let child = py.allow_threads(|| self.inner.spawn(&opts)).py_err()?;
         Ok(ExecChild { inner: child })
     }

@@ -17,6 +17,8 @@ pub struct SpawnOptions {
     /// Extra environment on top of the agent's base environment.
     pub env: Vec<(String, String)>,
     pub cwd: Option<String>,
+    /// Run as this user (`uid[:gid]` or `name[:group]`); None: as root.
+    pub user: Option<String>,
     pub tty: Option<TtySize>,
     /// The agent kills the process after this long (exit_code -1, timed_out true).
     pub timeout_ms: Option<u64>,
@@ -40,6 +42,7 @@ impl ExecChild {
             argv: opts.argv.clone(),
             env: opts.env.clone(),
             cwd: opts.cwd.clone(),
+            user: opts.user.clone(),
             tty: opts.tty,
             timeout_ms: opts.timeout_ms,
         })?;
