@@ -395,6 +395,15 @@ class GuestRepl:
         await asyncio.to_thread(self.backend.close)
         await self._stop()
 
+    def close_now(self) -> None:
+        """Release the guest at once on the calling thread, without the loop: the process is
+        exiting (an exit function, SIGTERM). The backend closes first, as in `shutdown`."""
+        self.backend.close()
+        link = self._link
+        if link is not None:
+            link.closing = True
+            link.close()
+
     async def _stop(self) -> None:
         starting = self._starting
         if starting is not None and not starting.done():
