@@ -124,12 +124,12 @@ class Channel:
     def __init__(self, rfd, wfd):
         self._rfd = rfd
         self._wfd = wfd
-        self._out = collections.deque()  # frames: tuples of bytes pieces
+        self._out: collections.deque[tuple[bytes, ...]] = collections.deque()  # frames
         self._queued = 0  # bytes in _out plus the batch being written
         self._held = None  # a frame kept back by send(hold=True)
         self._cond = threading.Condition(threading.Lock())
-        self.requests = queue.SimpleQueue()  # for the main thread; None = host went away
-        self.input_replies = queue.SimpleQueue()
+        self.requests: queue.SimpleQueue[dict | None] = queue.SimpleQueue()  # None: host gone
+        self.input_replies: queue.SimpleQueue[dict] = queue.SimpleQueue()
         try:  # fewer, larger writes and reads between us and the agent
             fcntl.fcntl(wfd, F_SETPIPE_SZ, PIPE_SIZE)
         except OSError:
@@ -186,7 +186,7 @@ class Channel:
             # Frames queued meanwhile (a result and its reply) leave in one write: every write
             # wakes the agent and crosses virtio-serial once, which under TCG costs more than
             # anything else per frame.
-            pieces = []
+            pieces: list[bytes] = []
             size = 0
             with self._cond:
                 while not self._out:
@@ -482,13 +482,14 @@ def _ignore_sigint(signum, frame):
 
 
 class State:
-    channel = None
-    output = None
+    # Set by main() before the first request is read (quoted: class annotations are evaluated).
+    channel: "Channel"
+    output: "Output"
     _executing = False
     allow_stdin = False
     generation = None
     generation_stamp = None  # (inode, mtime) of the generation file when last read
-    parent = {}  # {"header": {"msg_id", "msg_type"}} of the Jupyter request being handled
+    parent: dict = {}  # {"header": {"msg_id", "msg_type"}} of the Jupyter request being handled
 
     @property
     def executing(self):
@@ -554,9 +555,7 @@ def install_hello_notification():
         return None
 
     def on_hello(signum, frame):
-        channel = state.channel
-        if channel is not None:
-            channel.requests.put({"type": "restored"})
+        state.channel.requests.put({"type": "restored"})
 
     try:
         # Not SA_RESTART: the main thread must wake from its wait for the next request to run
@@ -714,7 +713,8 @@ _REPR_METHODS = (
 
 
 def plain_mimebundle(obj):
-    data, metadata = {}, {}
+    data: dict = {}
+    metadata: dict = {}
     method = getattr(obj, "_repr_mimebundle_", None)
     if callable(method) and not inspect.isclass(obj):
         try:
@@ -782,7 +782,7 @@ class PlainExecutor:
         self.inputs = []  # (line number, source, output repr)
         self.execution_count = 1
         self.payload = []
-        builtins.display = self.display
+        setattr(builtins, "display", self.display)  # as IPython does: display() without import
         if os.environ.get("MPLBACKEND", "").startswith("module://matplotlib_inline"):
             os.environ["MPLBACKEND"] = "Agg"  # the inline backend needs IPython; figures are
             # sent as PNG after each cell instead (_flush_figures)
@@ -851,7 +851,9 @@ class PlainExecutor:
     def warm_cell(self):
         """Compiles and runs a trivial cell outside the user's namespace (after-restore warm-up)."""
         tree = ast.parse("x = 1 + 1\nx", "<warm-up>", "exec")
-        last = ast.Expression(tree.body.pop().value)
+        expr = tree.body.pop()
+        assert isinstance(expr, ast.Expr)
+        last = ast.Expression(expr.value)
         scratch = {"__builtins__": builtins}
         eval(compile(tree, "<warm-up>", "exec"), scratch)  # noqa: S307
         plain_mimebundle(eval(compile(last, "<warm-up>", "eval"), scratch))  # noqa: S307
@@ -947,7 +949,9 @@ class PlainExecutor:
             obj = self._lookup(name)
         except Exception:
             return {"status": "ok", "found": False, "data": {}, "metadata": {}}
-        text = pydoc.render_doc(obj, title="%s", renderer=pydoc.plaintext)
+        # typeshed lacks pydoc.plaintext (a _PlainTextDoc, pydoc.text without bold)
+        plain = pydoc.plaintext  # type: ignore[attr-defined]
+        text = pydoc.render_doc(obj, title="%s", renderer=plain)
         if detail_level:
             try:
                 text += "\n\nSource:\n" + inspect.getsource(obj)
@@ -962,7 +966,7 @@ class PlainExecutor:
             return {"status": "invalid"}
         if result is None:
             last = code.rstrip("\n").split("\n")[-1] if code.strip() else ""
-            indent = re.match(r"\s*", last).group(0)
+            indent = last[:len(last) - len(last.lstrip())]
             if last.rstrip().endswith(":"):
                 indent += "    "
             return {"status": "incomplete", "indent": indent}
@@ -1193,11 +1197,12 @@ def image_distributions():
     found = {}
     for dist in metadata.distributions():
         meta = dist.metadata
-        name = meta.get("Name") if meta is not None else None
+        name = meta["Name"] if meta is not None and "Name" in meta else None
         if not name or _normalized(name) in found:
             continue  # the first on sys.path wins, as for imports
         location = getattr(dist, "_path", None)
-        found[_normalized(name)] = (name, dist.version or "", meta.get("Summary") or "",
+        summary = meta["Summary"] if "Summary" in meta else None
+        found[_normalized(name)] = (name, dist.version or "", summary or "",
                                     str(location.parent) if location is not None else "")
     return found
 
@@ -1316,7 +1321,7 @@ def install_shell_module(shell_class):
 
     if "ipykernel.zmqshell" not in sys.modules:
         module = types.ModuleType("ipykernel.zmqshell", install_shell_module.__doc__)
-        module.ZMQInteractiveShell = shell_class
+        setattr(module, "ZMQInteractiveShell", shell_class)
         sys.modules["ipykernel.zmqshell"] = module
 
 
@@ -1330,6 +1335,9 @@ def guest_kernel_magics():
     from IPython.core.error import UsageError
     from IPython.core.magic import Magics, line_magic, magics_class
 
+    NO_EDITOR = ("%edit would start an editor inside the microVM guest, which has none. Write a "
+                 "guest file with `%%writefile FILE` and bring one into a cell with `%load FILE`.")
+
     @magics_class
     class GuestKernelMagics(Magics):
         @line_magic
@@ -1340,21 +1348,25 @@ def guest_kernel_magics():
         @line_magic
         def less(self, arg_s):
             """Show a guest file through the pager. Files ending in .py are syntax-highlighted."""
-            if not arg_s:
-                raise UsageError("Missing filename.")
-            if arg_s.endswith(".py"):
-                from IPython.utils import openpy
-
-                text = self.shell.pycolorize(openpy.read_py_file(arg_s, skip_encoding_cookie=False))
-            else:
-                with open(arg_s) as f:
-                    text = f.read()
-            page.page(text)
+            self._page_file(arg_s)
 
         @line_magic
         def more(self, arg_s):
             """Show a guest file through the pager (same as %less)."""
-            self.less(arg_s)
+            self._page_file(arg_s)
+
+        def _page_file(self, path):
+            if not path:
+                raise UsageError("Missing filename.")
+            if path.endswith(".py"):
+                from IPython.utils import openpy
+
+                assert self.shell is not None
+                text = self.shell.pycolorize(openpy.read_py_file(path, skip_encoding_cookie=False))
+            else:
+                with open(path) as f:
+                    text = f.read()
+            page.page(text)
 
         @line_magic
         def man(self, arg_s):
@@ -1363,19 +1375,18 @@ def guest_kernel_magics():
                 raise UsageError("this guest image has no man pages (no `man` command): try "
                                  "`!%s --help`, or `help(obj)` / `obj?` for Python objects."
                                  % (arg_s or "CMD"))
+            assert self.shell is not None
             page.page(self.shell.getoutput("man %s | col -b" % arg_s, split=False))
 
         @line_magic
         def edit(self, arg_s):
             """Not available: an editor would run inside the VM, which has none."""
-            raise UsageError("%edit would start an editor inside the microVM guest, which has "
-                             "none. Write a guest file with `%%writefile FILE` and bring one into "
-                             "a cell with `%load FILE`.")
+            raise UsageError(NO_EDITOR)
 
         @line_magic
         def ed(self, arg_s):
             """Alias for %edit."""
-            self.edit(arg_s)
+            raise UsageError(NO_EDITOR)
 
         @line_magic
         def autosave(self, arg_s):
@@ -1463,7 +1474,7 @@ class IPythonExecutor:
                 _send({"type": "clear_output", "wait": bool(wait)})
 
         class GuestDisplayHook(DisplayHook):
-            msg = None
+            msg: "dict | None" = None  # the execute_result being built
 
             def quiet(self):
                 # IPython tokenizes the whole cell to see whether it ends with `;`; a cell
@@ -1478,9 +1489,11 @@ class IPythonExecutor:
                 self.msg = {"type": "execute_result", "data": {}, "metadata": {}}
 
             def write_output_prompt(self):
+                assert self.msg is not None  # IPython calls start_displayhook first
                 self.msg["execution_count"] = self.prompt_count
 
             def write_format_data(self, format_dict, md_dict=None):
+                assert self.msg is not None
                 self.msg["data"] = format_dict
                 self.msg["metadata"] = md_dict or {}
 
@@ -1513,6 +1526,7 @@ class IPythonExecutor:
                 _send(dict(err, type="error"))
 
             def ask_exit(self):
+                assert self.payload_manager is not None  # made when the shell starts
                 self.payload_manager.write_payload({"source": "ask_exit", "keepkernel": False})
 
             def should_run_async(self, raw_cell, *, transformed_cell=None,
@@ -1526,6 +1540,7 @@ class IPythonExecutor:
                                                 preprocessing_exc_tuple=preprocessing_exc_tuple)
 
             def set_next_input(self, text, replace=False):
+                assert self.payload_manager is not None
                 self.payload_manager.write_payload(
                     {"source": "set_next_input", "text": text, "replace": replace}
                 )
@@ -1535,6 +1550,7 @@ class IPythonExecutor:
 
                 def pager(strg, start=0, screen_lines=0, pager_cmd=None):
                     data = strg if isinstance(strg, dict) else {"text/plain": strg}
+                    assert self.payload_manager is not None
                     self.payload_manager.write_payload(
                         {"source": "page", "data": data, "start": max(0, start)}
                     )
@@ -1610,6 +1626,7 @@ class IPythonExecutor:
         return self.shell.InteractiveTB.structured_traceback(etype, evalue, tb)
 
     def format_value(self, value):
+        assert self.shell.display_formatter is not None
         return self.shell.display_formatter.format(value)
 
     @property
@@ -1644,6 +1661,7 @@ class IPythonExecutor:
 
     def take_payload(self):
         manager = self.shell.payload_manager
+        assert manager is not None
         payload = manager.read_payload()
         if payload:
             manager.clear_payload()
@@ -1712,6 +1730,7 @@ class IPythonExecutor:
     def history(self, hist_access_type, output=False, raw=True, session=0, start=0, stop=None,
                 n=None, pattern=None, unique=False, **_):
         hm = self.shell.history_manager
+        assert hm is not None
         hm.writeout_cache()
         if hist_access_type == "tail":
             hist = hm.get_tail(n or 10, raw=raw, output=output, include_latest=True)
@@ -1987,7 +2006,7 @@ def main():
     sys.stdin = open(os.devnull)
     sys.stdout = TextStream(output.stdout, 1)
     sys.stderr = TextStream(output.stderr, 2)
-    sys.__stderr__ = os.fdopen(diag, "w", buffering=1)
+    sys.__stderr__ = os.fdopen(diag, "w", buffering=1)  # type: ignore[misc]  # Final in typeshed
 
     signal.signal(signal.SIGINT, _ignore_sigint)
     install_hello_notification()
@@ -2000,6 +2019,7 @@ def main():
     getpass.getpass = guest_getpass
 
     comm_manager = install_comm()
+    executor: IPythonExecutor | PlainExecutor
     try:
         executor = IPythonExecutor()
     except ImportError:
