@@ -1,16 +1,38 @@
-"""Installs the "Python (microVM)" kernelspec (`python -m supermachine_kernel install ...`).
+"""Installs kernelspecs (`python -m supermachine_kernel install ...`) and prepares them
+(`supermachine-kernel prepare --kernel NAME`).
 
 The template is `kernelspecs/python-microvm/kernel.json`; its argv[0] is replaced by the Python
 that runs this installer, so the kernel starts in the environment that has the runtime.
+
+One kernelspec per environment: `install --name py312-sklearn --image python:3.12-slim
+--packages scikit-learn` writes the environment into the kernelspec's argv, which is what the
+kernel reads:
+
+    "argv": [PYTHON, "-m", "supermachine_kernel.kernel", "-f", "{connection_file}",
+             "--MicroVMKernel.image=python:3.12-slim",
+             "--MicroVMKernel.packages=scikit-learn",        (once per package)
+             "--MicroVMKernel.requirements=/abs/requirements.txt"],
+    "metadata": {..., "supermachine": {"image": "python:3.12-slim",
+                                       "packages": ["scikit-learn"],
+                                       "requirements": "/abs/requirements.txt"}}
+
+(`metadata.supermachine` repeats the argv for tools that list environments; only kernelspecs
+with an environment have it.) Each such kernelspec has its own warm snapshot (keyed by the
+image and packages) and launch hint (keyed by the argv). The kernel never pulls or installs
+at start: `prepare --kernel NAME` builds the image and bakes the snapshot.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import sys
 import tempfile
+import typing as t
 from pathlib import Path
+
+from ..kernel.config import GuestConfig, guest_config_from_argv
 
 KERNEL_NAME = "python-microvm"
 _REPO_TEMPLATE = Path(__file__).resolve().parents[2] / "kernelspecs" / KERNEL_NAME
@@ -46,11 +68,21 @@ def kernel_json(
     display_name: str | None = None,
     interrupt_mode: str | None = None,
     extra_args: list[str] | None = None,
+    image: str | None = None,
+    packages: list[str] | None = None,
+    requirements: str | None = None,
 ) -> dict:
     spec = template()
     spec["argv"][0] = python or sys.executable
     if backend:
         spec["argv"].append(f"--MicroVMKernel.backend={backend}")
+    env = environment_args(image, packages, requirements)
+    spec["argv"].extend(env)
+    if env:
+        requirements = os.path.abspath(requirements) if requirements else None
+        spec["metadata"]["supermachine"] = {"image": image or "default",
+                                            "packages": list(packages or []),
+                                            "requirements": requirements}
     spec["argv"].extend(extra_args or [])
     if display_name:
         spec["display_name"] = display_name
@@ -59,6 +91,21 @@ def kernel_json(
             raise ValueError("interrupt_mode must be 'signal' or 'message'")
         spec["interrupt_mode"] = interrupt_mode
     return spec
+
+
+def environment_args(image: str | None, packages: list[str] | None,
+                     requirements: str | None) -> list[str]:
+    """The kernel arguments that select an environment (image, packages, requirements file)."""
+    args = [f"--MicroVMKernel.image={image}"] if image else []
+    for p in packages or []:
+        if not p.strip() or p.startswith("-"):
+            raise ValueError(f"not a package requirement: {p!r}")
+        args.append(f"--MicroVMKernel.packages={p}")
+    if requirements:
+        if not os.path.isfile(requirements):
+            raise ValueError(f"requirements file {requirements} does not exist")
+        args.append(f"--MicroVMKernel.requirements={os.path.abspath(requirements)}")
+    return args
 
 
 def install(
@@ -87,36 +134,86 @@ def _add_arguments(ap: argparse.ArgumentParser) -> None:
     where.add_argument("--sys-prefix", action="store_true",
                        help=f"install into this Python's prefix ({sys.prefix})")
     where.add_argument("--prefix", help="install under PREFIX/share/jupyter/kernels")
-    ap.add_argument("--name", default=KERNEL_NAME, help="kernelspec name (default %(default)s)")
-    ap.add_argument("--display-name", help='display name (default "Python (microVM)")')
+    ap.add_argument("--name", help=f"kernelspec name (default {KERNEL_NAME}; required with "
+                    "--image/--packages/--requirements)")
+    ap.add_argument("--display-name", help='display name (default "Python (microVM)", or one '
+                    "naming the environment)")
+    env = ap.add_argument_group("environment (the guest image the kernelspec runs)")
+    env.add_argument("--image", metavar="REF",
+                     help="guest image: an OCI image (python:3.12-slim, oci:DIR:TAG, ...; it "
+                     "gets the kernel layer) or a cached image's name (default: the built-in)")
+    env.add_argument("--packages", nargs="+", action="extend", metavar="PKG",
+                     help="packages installed into a layer of the image (e.g. scikit-learn)")
+    env.add_argument("--requirements", metavar="FILE", help="a requirements file, likewise")
     ap.add_argument("--backend", choices=("vm", "local"),
                     help="pin the backend (local = host subprocess, NOT isolated)")
     ap.add_argument("--interrupt-mode", choices=("signal", "message"))
 
 
+def _environment_display_name(image: str | None, packages: list[str] | None) -> str:
+    what = ", ".join([image or "default image", *(packages or [])])
+    return f"Python (microVM: {what})"
+
+
 def _run(args: argparse.Namespace) -> int:
     prefix = sys.prefix if args.sys_prefix else args.prefix
-    dest = install(
-        user=args.user,
-        prefix=prefix,
-        kernel_name=args.name,
-        backend=args.backend,
-        display_name=args.display_name,
-        interrupt_mode=args.interrupt_mode,
-    )
-    print(f"Installed kernelspec {args.name} in {dest}")
+    has_env = bool(args.image or args.packages or args.requirements)
+    name = args.name or KERNEL_NAME
+    if has_env and name == KERNEL_NAME:
+        print(f"error: give the environment's kernelspec a name of its own (--name, e.g. "
+              f"--name py312-sklearn); {KERNEL_NAME} is the built-in image's", file=sys.stderr)
+        return 2
+    try:
+        dest = install(
+            user=args.user,
+            prefix=prefix,
+            kernel_name=name,
+            backend=args.backend,
+            display_name=args.display_name or (
+                _environment_display_name(args.image, args.packages) if has_env else None),
+            interrupt_mode=args.interrupt_mode,
+            image=args.image,
+            packages=args.packages,
+            requirements=args.requirements,
+        )
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"Installed kernelspec {name} in {dest}")
+    if has_env:
+        print(f"Build its image and warm snapshot now (else the kernel refuses to start): "
+              f"supermachine-kernel prepare --kernel {name}")
     return 0
 
 
+def build_image(config: GuestConfig, progress: bool = True) -> t.Any:
+    """Finds or builds the image a kernel configuration runs on, with its kernel layer and
+    packages (pulls and pip installs as needed; the kernel itself only looks it up)."""
+    from .. import api  # noqa: PLC0415 - needs the compiled runtime
+
+    return api.Image.build(
+        ref=None if config.image in ("", "default") else config.image,
+        packages=list(config.packages) or None,
+        requirements=config.requirements or None,
+        snapshot=False,
+        progress=progress,
+    )
+
+
 def prepare(kernel_name: str = KERNEL_NAME, timeout: float = 1800) -> float:
-    """Starts the installed kernel once and runs a cell, so the image is built and the kernel's
-    warm snapshot baked now rather than on a user's first kernel start. Returns the seconds it
-    took. Uses the real kernelspec and Jupyter config, so it bakes exactly what users get."""
+    """Builds the kernelspec's image (with its packages), then starts the installed kernel once
+    and runs a cell, so the kernel's warm snapshot is baked now rather than on a user's first
+    kernel start. Returns the seconds it took. Uses the real kernelspec and Jupyter config, so
+    it bakes exactly what users get."""
     import time
 
+    from jupyter_client.kernelspec import KernelSpecManager
     from jupyter_client.manager import KernelManager
 
     t0 = time.monotonic()
+    config = guest_config_from_argv(KernelSpecManager().get_kernel_spec(kernel_name).argv[1:])
+    if config.backend == "vm":
+        build_image(config)
     km = KernelManager(kernel_name=kernel_name)
     km.start_kernel()
     kc = km.client()
@@ -135,10 +232,22 @@ def prepare(kernel_name: str = KERNEL_NAME, timeout: float = 1800) -> float:
 
 
 def _run_prepare(args: argparse.Namespace) -> int:
-    print(f"preparing kernel {args.kernel}: image and warm snapshot (minutes the first time)...",
+    if args.image or args.packages or args.requirements:
+        if args.kernel is not None:
+            print("error: give --kernel NAME or --image/--packages/--requirements, not both",
+                  file=sys.stderr)
+            return 2
+        config = GuestConfig(image=args.image or "default", packages=args.packages or [],
+                             requirements=args.requirements or "")
+        image = build_image(config)
+        print(f"image {image.name} ({image.hash}) ready, python {image.python_version or '-'}; "
+              "its kernels bake their warm snapshot at their first start")
+        return 0
+    kernel = args.kernel or KERNEL_NAME
+    print(f"preparing kernel {kernel}: image and warm snapshot (minutes the first time)...",
           flush=True)
-    seconds = prepare(args.kernel, args.timeout)
-    print(f"kernel {args.kernel} ready ({seconds:.1f} s); later starts restore the snapshot")
+    seconds = prepare(kernel, args.timeout)
+    print(f"kernel {kernel} ready ({seconds:.1f} s); later starts restore the snapshot")
     return 0
 
 
@@ -148,11 +257,17 @@ def add_install_commands(sub: "argparse._SubParsersAction") -> None:
                         description='Install the "Python (microVM)" Jupyter kernelspec.')
     _add_arguments(ap)
     ap.set_defaults(func=_run)
-    pp = sub.add_parser("prepare", help="bake the kernel's warm VM snapshot now",
-                        description="Start the installed kernel once, so its image is built and "
-                        "its warm snapshot (Python started, warmup modules imported) baked now "
-                        "instead of on the first notebook start.")
-    pp.add_argument("--kernel", default=KERNEL_NAME, help="kernelspec name (default %(default)s)")
+    pp = sub.add_parser("prepare", help="build a kernel's image and bake its warm VM snapshot now",
+                        description="Build the kernelspec's image (pull, kernel layer, packages) "
+                        "and start the installed kernel once, so its warm snapshot (Python "
+                        "started, warmup modules imported) is baked now instead of on the first "
+                        "notebook start. With --image/--packages instead of --kernel: build that "
+                        "image only.")
+    pp.add_argument("--kernel", help=f"kernelspec name (default {KERNEL_NAME})")
+    pp.add_argument("--image", metavar="REF", help="build this image instead (see install)")
+    pp.add_argument("--packages", nargs="+", action="extend", metavar="PKG",
+                    help="with --image: its package layer")
+    pp.add_argument("--requirements", metavar="FILE", help="with --image: a requirements file")
     pp.add_argument("--timeout", type=float, default=1800, help="seconds (default %(default)s)")
     pp.set_defaults(func=_run_prepare)
 

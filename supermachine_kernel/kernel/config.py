@@ -6,6 +6,7 @@ settings from Jupyter's config without constructing a kernel.
 from __future__ import annotations
 
 import os
+import shlex
 import sys
 import typing as t
 
@@ -28,8 +29,19 @@ class GuestConfig(Configurable):
     def _backend_default(self) -> str:
         return os.environ.get("SUPERMACHINE_KERNEL_BACKEND", "vm")
 
-    image = Unicode("default", help="Guest image: a name from `supermachine-kernel image list` "
-                    "or a path.").tag(config=True)
+    image = Unicode("default", help="Guest image: a name from `supermachine-kernel image list`, "
+                    "a root filesystem directory, or an OCI image (`python:3.12-slim`, "
+                    "`oci:DIR:TAG`, ...), which gets the kernel layer. The kernel only uses an "
+                    "image already built (`supermachine-kernel prepare --kernel NAME` builds "
+                    "it); it never pulls or installs at start.").tag(config=True)
+    packages = List(
+        Unicode(),
+        help="Packages installed into a layer of the (OCI) image, e.g. ['scikit-learn==1.6.1']. "
+        "On the command line: --MicroVMKernel.packages=NAME, once per package.",
+    ).tag(config=True)
+    requirements = Unicode(
+        "", help="A requirements file (host path) installed like `packages`."
+    ).tag(config=True)
     memory_mib = Integer(512, help="Guest RAM in MiB.").tag(config=True)
     vcpus = Integer(1, help="Guest vCPUs.").tag(config=True)
     pool_min = Integer(1, help="Warm VMs kept ready in this kernel's pool.").tag(config=True)
@@ -54,15 +66,71 @@ class GuestConfig(Configurable):
         return dict(
             python=self.local_python,
             image=self.image,
+            packages=list(self.packages),
+            requirements=self.requirements or None,
             memory_mib=self.memory_mib,
             vcpus=self.vcpus,
             pool_min=self.pool_min,
             pool_max=self.pool_max,
             accelerator=self.accelerator,
             warmup_imports=list(self.warmup_imports),
+            build_hint=self.build_command,
         )
+
+    def build_command(self) -> str:
+        """The command that builds this configuration's image and bakes its warm snapshot:
+        `supermachine-kernel prepare --kernel NAME` when an installed kernelspec starts this
+        process with these arguments, else the same with --image/--packages/--requirements."""
+        name = kernelspec_of(sys.argv[1:])
+        if name is not None:
+            return f"supermachine-kernel prepare --kernel {name}"
+        words = ["supermachine-kernel", "prepare", "--image", self.image or "default"]
+        if self.packages:
+            words += ["--packages", *self.packages]
+        if self.requirements:
+            words += ["--requirements", self.requirements]
+        return shlex.join(words)
 
     def make_backend(self) -> t.Any:
         return make_backend(self.backend, **self.backend_options())
 
 
+
+
+def kernelspec_args(argv: list[str]) -> list[str]:
+    """A kernel command line's arguments without the connection file (`-f FILE`)."""
+    from ..startup.hint import kernel_args  # noqa: PLC0415 - only on the not-built path
+
+    return kernel_args(argv)
+
+
+def kernelspec_of(argv: list[str]) -> str | None:
+    """The installed kernelspec whose argv (after `python -m supermachine_kernel.kernel`) is
+    `argv`, without the connection file; None if none is."""
+    from jupyter_client.kernelspec import KernelSpecManager  # noqa: PLC0415
+
+    mine = kernelspec_args(argv)
+    try:
+        specs = KernelSpecManager().get_all_specs()
+    except Exception:  # noqa: BLE001 - a broken kernelspec dir: no name, the fallback command
+        return None
+    for name, info in sorted(specs.items()):
+        spec_argv = info.get("spec", {}).get("argv") or []
+        if spec_argv[1:3] == ["-m", "supermachine_kernel.kernel"] and \
+                kernelspec_args(spec_argv[3:]) == mine:
+            return name
+    return None
+
+
+def guest_config_from_argv(argv: list[str]) -> GuestConfig:
+    """The guest settings a kernelspec's argv gives (`--MicroVMKernel.<trait>=...`; Jupyter's
+    config files are not read): what `prepare --kernel` builds."""
+    from traitlets.config import Application, Config  # noqa: PLC0415
+
+    reader = Application()
+    reader.parse_command_line([a for a in kernelspec_args(argv) if a.startswith("--")])
+    section = Config()
+    for name in ("GuestConfig", "MicroVMKernel"):
+        if name in reader.config:
+            section.merge(reader.config[name])
+    return GuestConfig(config=Config({"GuestConfig": section}))

@@ -47,6 +47,14 @@ def _repl_env(env: dict[str, str], **extra: str) -> dict[str, str]:
     return dict(env, **{NOTIFY_HELLO_ENV: str(NOTIFY_HELLO_SIGNAL)}, **extra)
 
 
+_ROOT_USERS = (None, "", "0", "root", "0:0", "root:root")
+
+
+class EnvironmentNotBuilt(RuntimeError):
+    """The kernel's image (with its packages) is not built yet; the message gives the command
+    that builds it. Raised at once: a kernel start never pulls or installs."""
+
+
 def describe_vm(vm: Any) -> str:
     """"microVM vm-3 (tcg)": how banners and logs name where the REPL runs."""
     accel = getattr(vm, "accel", None)
@@ -100,8 +108,18 @@ class VmBackend:
         accelerator: str = "auto",
         warmup_imports: list[str] | None = None,
         use_pool: bool = True,
+        packages: list[str] | None = None,
+        requirements: str | None = None,
+        build_hint: Callable[[], str] | None = None,
     ) -> None:
         self.image_ref = image
+        self.packages = list(packages or [])
+        self.requirements = requirements or None
+        #: Says how to build this configuration's image (asked only when it is not built).
+        self.build_hint = build_hint
+        #: Where the REPL starts and the environment it drops (the image's WorkingDir/User).
+        self._repl_cwd: str | None = "/root"
+        self._repl_drops: tuple[str, ...] = ()
         self.memory_mib = memory_mib
         self.vcpus = vcpus
         self.pool_min = pool_min
@@ -124,6 +142,11 @@ class VmBackend:
         self.early: Any = None
         self._snapshots = False  # VMs come from the warm snapshot through the pool
         self._closed = False
+
+    @property
+    def image(self) -> Any:
+        """The guest image (`api.Image`) once the first launch has resolved it, else None."""
+        return self._image
 
     @property
     def snapshot_path(self) -> str | None:
@@ -153,15 +176,30 @@ class VmBackend:
                 "memory_mib": self.memory_mib,
                 "vcpus": self.vcpus,
             }
+            if self.packages:
+                kwargs["packages"] = self.packages
+            if self.requirements:
+                kwargs["requirements"] = self.requirements
             params = inspect.signature(api.Image.build).parameters
             if "progress" in params:
                 kwargs["progress"] = False
+            if "cached_only" in params:
+                kwargs["cached_only"] = True  # never pull or install here: see EnvironmentNotBuilt
             snapshots = self.use_pool and "warmup" in params and hasattr(api.Image, "pool")
-            if snapshots:
-                # Learn the guest's Python version first (a quick lookup), so kernel_info can
-                # answer while a first-ever bake is still running.
+            # The image first (a quick cache lookup): a missing one is reported at once, and the
+            # guest's Python version is known, so kernel_info can answer while a first-ever
+            # bake is still running.
+            try:
                 plain = api.Image.build(**kwargs, snapshot=False)
-                self.python_version = getattr(plain, "python_version", None)
+            except getattr(api, "ImageNotBuiltError", ()) as e:
+                hint = self.build_hint() if self.build_hint is not None else None
+                raise EnvironmentNotBuilt(
+                    f"{e}.\nBuild it (and bake this kernel's warm snapshot) with:\n    "
+                    f"{hint or 'supermachine-kernel prepare'}\nthen restart the kernel."
+                ) from None
+            self.python_version = getattr(plain, "python_version", None)
+            self._place_repl(plain)
+            if snapshots:
                 kwargs["warmup"] = self._warmup(driver, env)
                 kwargs["warmup_tag"] = self._warmup_tag(driver, env)
                 self.baking = True  # only slow when the snapshot is not cached yet
@@ -184,21 +222,36 @@ class VmBackend:
 
     # With the runtime's snapshots, the warmup starts the REPL itself (modules imported, slow
     # paths warmed) and the snapshot is taken with it running: every VM the pool restores
-    # already has a warm REPL, which `launch` attaches to by the process id left in the guest.
+    # already has a warm REPL, which `launch` attaches to (attach.py).
     def _warmup(self, driver: bytes, env: dict[str, str]) -> Callable[[Any], None]:
         imports = ",".join(self.warmup_imports)
 
         def warmup(vm: Any) -> None:
             vm.write_file(GUEST_DRIVER_PATH, driver, mode=0o644)
-            child = vm.spawn(REPL_ARGV, env=_repl_env(env, **{PREIMPORT_ENV: imports}), cwd="/root")
+            child = vm.spawn(REPL_ARGV, env=self._env(env, **{PREIMPORT_ENV: imports}),
+                             cwd=self._repl_cwd)
             read_ready_frame(child, timeout=900)
             vm.write_file(REPL_ID_FILE, json.dumps({"id": child.id}).encode(), mode=0o600)
 
         return warmup
 
+    def _place_repl(self, image: Any) -> None:
+        """The REPL runs in the image's WorkingDir as its User (api.Vm applies both; a root
+        image without a WorkingDir starts in /root). A non-root user keeps the HOME the agent
+        gives it (its passwd entry's) instead of the guest environment's /root."""
+        working_dir = getattr(image, "working_dir", None)
+        root = getattr(image, "user", None) in _ROOT_USERS
+        self._repl_cwd = working_dir or ("/root" if root else None)
+        self._repl_drops = () if root else ("HOME",)
+
+    def _env(self, env: dict[str, str], **extra: str) -> dict[str, str]:
+        return {k: v for k, v in _repl_env(env, **extra).items() if k not in self._repl_drops}
+
     def _warmup_tag(self, driver: bytes, env: dict[str, str]) -> str:
         h = hashlib.sha256(driver)
         h.update(json.dumps([sorted(env.items()), self.warmup_imports]).encode())
+        if self._repl_drops:
+            h.update(json.dumps(self._repl_drops).encode())
         return "kernel-repl-" + h.hexdigest()[:16]
 
     def _attach_restored(self, vm: Any) -> Any:
@@ -242,7 +295,7 @@ class VmBackend:
                 prestarted = True
             else:
                 vm.write_file(GUEST_DRIVER_PATH, driver, mode=0o644)
-                child = vm.spawn(REPL_ARGV, env=_repl_env(env), cwd="/root")
+                child = vm.spawn(REPL_ARGV, env=self._env(env), cwd=self._repl_cwd)
         except BaseException:
             release()
             raise
