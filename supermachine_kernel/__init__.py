@@ -1,9 +1,17 @@
 """supermachine-kernel: run Python in snapshot-restored microVMs, from Python and from Jupyter."""
+from __future__ import annotations
+
+# typing.TYPE_CHECKING without importing typing: the kernel's start-up path imports this package
+# before anything else and must stay on builtins.
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Mapping
+    from typing import Any
 
 __version__ = "0.1.0"
 
 
-def env_switch(env, name: str) -> bool:
+def env_switch(env: Mapping[str, str], name: str) -> bool:
     """An on/off switch in the environment mapping `env`: on unless `name` is 0, no, off or
     false (any case); on when unset."""
     return env.get(name, "1").strip().lower() not in ("0", "no", "off", "false")
@@ -20,7 +28,7 @@ _API_NAMES = frozenset(
 )
 
 
-def __getattr__(name: str):
+def __getattr__(name: str) -> Any:
     if name in _API_NAMES:
         from . import api
 
