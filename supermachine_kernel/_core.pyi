@@ -28,6 +28,7 @@ __all__ = [
     "snapshot_files_stamp",
     "Pool",
     "ImageError",
+    "ImageNotBuiltError",
     "ensure_image",
     "list_images",
     "remove_image",
@@ -58,6 +59,7 @@ class SnapshotError(VmError): ...
 class PoolError(VmError): ...
 class ImageNotFoundError(LookupError): ...
 class ImageError(RuntimeError): ...
+class ImageNotBuiltError(ImageError): ...
 
 # ---- VMs and processes (core/python/src/vm.rs) ----
 
@@ -128,6 +130,7 @@ class Vm:
         timeout_ms: Optional[int] = None,
         tty: _Tty = None,
         stdin: Optional[_Data] = None,
+        user: Optional[str] = None,
     ) -> ExecResult: ...
     def spawn(
         self,
@@ -136,6 +139,7 @@ class Vm:
         cwd: Optional[str] = None,
         timeout_ms: Optional[int] = None,
         tty: _Tty = None,
+        user: Optional[str] = None,
     ) -> ExecChild: ...
     def attach_process(self, id: int) -> ExecChild: ...
     def write_file(self, path: str, data: _Data, mode: int = 0o644) -> None: ...
@@ -204,6 +208,7 @@ def ensure_image(
     kernel_layer: Optional[bool] = None,
     packages: Optional[list[str]] = None,
     requirements: Optional[_Path] = None,
+    cached_only: bool = False,
 ) -> dict: ...
 def list_images(cache_dir: Optional[_Path] = None) -> list[dict]: ...
 def remove_image(name: str, cache_dir: Optional[_Path] = None) -> bool: ...

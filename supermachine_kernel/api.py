@@ -37,6 +37,7 @@ from ._core import (
     ExecResult,
     ExitStatus,
     GuestError,
+    ImageNotBuiltError,
     ImageNotFoundError,
     PoolError,
     ProtocolError,
@@ -68,6 +69,7 @@ __all__ = [
     "QemuNotFoundError",
     "ImageNotFoundError",
     "ImageError",
+    "ImageNotBuiltError",
     "SnapshotError",
     "PoolError",
     "snapshot_info",
@@ -106,6 +108,18 @@ def _file_bytes(data: Union[FileData, "os.PathLike[str]"]) -> bytes:
 
 def _default_snapshots_dir() -> str:
     return os.path.join(_core.image_cache_dir(None), "snapshots")
+
+
+def _mark_used(snapshot: str) -> None:
+    """Stamps a warm snapshot as used now (its `last-used` file's mtime): `image prune` and the
+    cache budget evict the least recently used first. Best effort (a read-only cache)."""
+    stamp = os.path.join(snapshot, "last-used")
+    try:
+        with open(stamp, "a"):
+            pass
+        os.utime(stamp)
+    except OSError:
+        pass
 
 
 def _warmup_identity(warmup: Callable[..., Any]) -> str:
@@ -165,6 +179,8 @@ class Image:
         extra_files: Optional[Mapping[str, bytes]] = None,
         boot_timeout: float = 60.0,
         snapshot: Optional[str] = None,
+        working_dir: Optional[str] = None,
+        user: Optional[str] = None,
     ) -> None:
         self.name = name
         self.hash = hash
@@ -177,6 +193,10 @@ class Image:
         self.env: dict = dict(env or {})
         self.extra_files: dict = dict(extra_files or {})
         self.boot_timeout = boot_timeout
+        #: The image config's WorkingDir and User (OCI images): the default cwd and user of
+        #: every process its VMs start (None: the agent's, i.e. / and root).
+        self.working_dir = working_dir or None
+        self.user = user or None
         #: Path of the snapshot VMs are restored from (None: every boot is a cold boot).
         self.snapshot = snapshot
         # The VM that baked the snapshot, handed to the first boot()/acquire().
@@ -227,6 +247,7 @@ class Image:
         packages: Optional[Sequence[str]] = None,
         requirements: Optional[PathLike] = None,
         kernel_layer: Optional[bool] = None,
+        cached_only: bool = False,
     ) -> "Image":
         """Finds (or builds, on first use) guest image ``ref`` (None = the default image) and
         bakes its snapshot: a cold boot, ``extra_files`` (guest path → bytes, str or a host
@@ -241,7 +262,11 @@ class Image:
         then needs no python3). ``packages`` (e.g. ``["scikit-learn==1.6.1"]``) and
         ``requirements`` (a requirements file) are installed by the host's pip into another
         cached layer keyed by the resolved set. Versions the image already has are kept. The
-        image config's ``Env`` is the default of ``env`` (``env`` wins per variable)."""
+        image config's ``Env`` is the default of ``env`` (``env`` wins per variable); its
+        ``WorkingDir`` and ``User`` are the default ``cwd`` and ``user`` of the VMs' processes.
+
+        ``cached_only=True`` never pulls, resolves or builds: it returns the image already built
+        for this request or raises ``ImageNotBuiltError`` at once (a kernel start uses it)."""
         if memory_mib < 64:
             raise ValueError(f"memory_mib must be at least 64 (got {memory_mib})")
         if vcpus < 1:
@@ -253,6 +278,7 @@ class Image:
             kernel_layer=kernel_layer,
             packages=None if packages is None else [str(p) for p in packages],
             requirements=None if requirements is None else os.fspath(requirements),
+            cached_only=cached_only,
         )
         oci = paths.get("oci") or {}
         env = {**_config_env(oci.get("env") or ()), **dict(env or {})}
@@ -269,6 +295,8 @@ class Image:
             env=env,
             extra_files=files,
             boot_timeout=boot_timeout,
+            working_dir=oci.get("working_dir"),
+            user=oci.get("user"),
         )
         if not snapshot:
             return image
@@ -283,12 +311,18 @@ class Image:
                 # line) is baked again rather than handed out to fail at every restore.
                 _core.snapshot_info(dest, check_host=True)
                 image.snapshot = dest
+                _mark_used(dest)
                 return image
             except (SnapshotError, OSError) as e:
                 if progress:
                     print(f"supermachine: discarding unusable snapshot {dest}: {e}", file=sys.stderr)
                 shutil.rmtree(dest, ignore_errors=True)
         image._bake(dest, warmup, warmup_tag, progress)
+        _mark_used(dest)
+        if snapshots_dir is None and os.environ.get("SUPERMACHINE_CACHE_BUDGET", "").strip():
+            from .cli.images import apply_budget  # noqa: PLC0415 - only with a budget set
+
+            apply_budget(cache_dir)
         return image
 
     def _bake(self, dest: str, warmup: Optional[Callable[["Vm"], Any]], warmup_tag: Optional[str],
@@ -347,7 +381,8 @@ class Image:
         seed = self._take_seed()
         if seed is not None:
             return seed
-        return Vm(_core.Vm.restore(self.snapshot, timeout=self.boot_timeout), env=self.env)
+        return Vm(_core.Vm.restore(self.snapshot, timeout=self.boot_timeout), env=self.env,
+                  cwd=self.working_dir, user=self.user)
 
     def cold_boot(self) -> "Vm":
         """Boots a VM from scratch (seconds under TCG) and writes the extra files."""
@@ -359,7 +394,7 @@ class Image:
             vcpus=self.vcpus,
             boot_timeout=self.boot_timeout,
         )
-        vm = Vm(raw, env=self.env)
+        vm = Vm(raw, env=self.env, cwd=self.working_dir, user=self.user)
         try:
             for path, data in self.extra_files.items():
                 vm.write_file(path, data)
@@ -394,7 +429,7 @@ class Image:
             seed=[seed._vm] if seed is not None else None,
             restore_timeout=self.boot_timeout,
         )
-        return Pool(raw, env=self.env)
+        return Pool(raw, env=self.env, cwd=self.working_dir, user=self.user)
 
 
 class Pool:
@@ -405,9 +440,12 @@ class Pool:
         vm.release()               # back to the pool (or ``with pool.acquire() as vm: ...``)
     """
 
-    def __init__(self, raw: "_core.Pool", env: Optional[Mapping[str, str]] = None) -> None:
+    def __init__(self, raw: "_core.Pool", env: Optional[Mapping[str, str]] = None,
+                 cwd: Optional[str] = None, user: Optional[str] = None) -> None:
         self._pool = raw
         self._env = dict(env or {})
+        self._cwd = cwd
+        self._user = user
         self._finalizer = weakref.finalize(self, raw.shutdown)
 
     def acquire(self) -> "Vm":
@@ -416,7 +454,7 @@ class Pool:
         vm: ...``); ``vm.discard()`` destroys it instead. A VM never given back keeps its
         place in the pool. Raises TimeoutError after ``acquire_timeout_ms``, PoolError once
         the pool is shut down."""
-        return Vm(self._pool.acquire(), env=self._env, pool=self)
+        return Vm(self._pool.acquire(), env=self._env, pool=self, cwd=self._cwd, user=self._user)
 
     def stats(self) -> dict:
         """alive, in_use, idle, waiting, min, max (plus creating and recent latencies)."""
@@ -463,9 +501,13 @@ class Vm:
     pooled one back to its pool."""
 
     def __init__(self, raw: "_core.Vm", env: Optional[Mapping[str, str]] = None, *,
-                 pool: Optional[Pool] = None) -> None:
+                 pool: Optional[Pool] = None, cwd: Optional[str] = None,
+                 user: Optional[str] = None) -> None:
         self._vm: Any = raw
         self._env = dict(env or {})
+        #: Defaults of exec/spawn's cwd and user (the image config's WorkingDir and User).
+        self._cwd = cwd
+        self._user = user
         self._pool = pool
         self._give_back_lock = threading.Lock()
         self.id = f"vm-{next(_vm_ids)}"
@@ -487,19 +529,22 @@ class Vm:
         timeout_ms: Optional[int] = None,
         tty: Tty = False,
         stdin: Optional[FileData] = None,
+        user: Optional[str] = None,
     ) -> ExecResult:
         """Runs ``argv`` to completion; returns stdout, stderr, exit_code, timed_out,
         peak_rss_kib. ``stage_files`` (guest path → data) are written first; ``stdin`` is fed
         and then closed (without it, stdin is closed at once). A process that outlives
-        ``timeout_ms`` is killed: exit_code -1, timed_out True."""
+        ``timeout_ms`` is killed: exit_code -1, timed_out True. ``cwd`` and ``user``
+        (``uid[:gid]`` or ``name[:group]``) default to the image config's WorkingDir and User."""
         return self._vm.exec(
             list(argv),
             stage_files=dict(stage_files) if stage_files else None,
             env=_merge_env(self._env, env),
-            cwd=cwd,
+            cwd=cwd if cwd is not None else self._cwd,
             timeout_ms=timeout_ms,
             tty=tty,
             stdin=stdin,
+            user=user if user is not None else self._user,
         )
 
     def spawn(
@@ -509,11 +554,14 @@ class Vm:
         cwd: Optional[str] = None,
         timeout_ms: Optional[int] = None,
         tty: Tty = False,
+        user: Optional[str] = None,
     ) -> ExecChild:
         """Starts ``argv`` and returns its handle: write_stdin, close_stdin, read_stdout,
-        read_stderr, signal, resize, wait, poll."""
+        read_stderr, signal, resize, wait, poll. ``cwd`` and ``user`` default as in ``exec``."""
         return self._vm.spawn(
-            list(argv), env=_merge_env(self._env, env), cwd=cwd, timeout_ms=timeout_ms, tty=tty
+            list(argv), env=_merge_env(self._env, env),
+            cwd=cwd if cwd is not None else self._cwd, timeout_ms=timeout_ms, tty=tty,
+            user=user if user is not None else self._user,
         )
 
     def attach_process(self, id: int) -> ExecChild:

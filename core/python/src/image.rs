@@ -15,8 +15,18 @@ create_exception!(
     "A guest image could not be found or built; the message says what to do."
 );
 
+create_exception!(
+    _core,
+    ImageNotBuiltError,
+    ImageError,
+    "ensure_image(cached_only=True) found no built image for the request; the message says which."
+);
+
 fn err(e: image::ImageError) -> PyErr {
-    ImageError::new_err(e.to_string())
+    match e {
+        image::ImageError::NotBuilt { .. } => ImageNotBuiltError::new_err(e.to_string()),
+        e => ImageError::new_err(e.to_string()),
+    }
 }
 
 fn path_str(p: &std::path::Path) -> String {
@@ -98,7 +108,7 @@ fn packaged_agent(py: Python<'_>) -> Option<PathBuf> {
 #[pyfunction]
 #[pyo3(signature = (r#ref=None, name=None, cache_dir=None, agent=None, progress=true,
                     require_agent=true, force=false, kernel_layer=None, packages=None,
-                    requirements=None))]
+                    requirements=None, cached_only=false))]
 #[allow(clippy::too_many_arguments)]
 fn ensure_image<'py>(
     py: Python<'py>,
@@ -112,6 +122,7 @@ fn ensure_image<'py>(
     kernel_layer: Option<bool>,
     packages: Option<Vec<String>>,
     requirements: Option<PathBuf>,
+    cached_only: bool,
 ) -> PyResult<Bound<'py, PyDict>> {
     let opts = BuildOptions {
         cache_dir,
@@ -121,6 +132,7 @@ fn ensure_image<'py>(
         require_agent,
         progress,
         force,
+        cached_only,
         host_python: py
             .import("sys")
             .and_then(|sys| sys.getattr("executable"))
@@ -166,6 +178,7 @@ fn image_cache_dir(cache_dir: Option<PathBuf>) -> String {
 
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("ImageError", m.py().get_type::<ImageError>())?;
+    m.add("ImageNotBuiltError", m.py().get_type::<ImageNotBuiltError>())?;
     m.add_function(wrap_pyfunction!(ensure_image, m)?)?;
     m.add_function(wrap_pyfunction!(list_images, m)?)?;
     m.add_function(wrap_pyfunction!(remove_image, m)?)?;

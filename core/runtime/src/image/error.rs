@@ -40,6 +40,9 @@ pub enum ImageError {
     BadRequirements { path: PathBuf, detail: String },
     /// Package layers are only stacked on images built from an OCI source.
     LayersNeedOci { image: String },
+    /// Only a built image was asked for (`BuildOptions::cached_only`) and the cache has none
+    /// for this request.
+    NotBuilt { image: String, detail: String },
 }
 
 pub type Result<T> = std::result::Result<T, ImageError>;
@@ -133,6 +136,10 @@ impl fmt::Display for ImageError {
                 "packages= and requirements= are stacked on OCI images only, and {image} is not \
                  one: build from one (e.g. Image.build(ref=\"python:3.12-slim\", packages=...)) \
                  or add the packages to the root directory yourself"
+            ),
+            ImageError::NotBuilt { image, detail } => write!(
+                f,
+                "image {image} is not built yet ({detail}); nothing was pulled or built"
             ),
         }
     }

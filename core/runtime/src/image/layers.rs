@@ -76,6 +76,47 @@ pub struct Pip<'a> {
     pub force: bool,
 }
 
+/// The cache key of a resolution (every input of it) and the constraints it passes to pip.
+fn resolution_key(guest: &GuestPython, specs: &[String], requirements: Option<&Path>, also: &[String],
+                  extra_constraints: &[String]) -> Result<(String, Vec<String>)> {
+    let req_text = match requirements {
+        Some(p) => Some(fs::read_to_string(p).map_err(|e| ImageError::BadRequirements {
+            path: p.to_path_buf(),
+            detail: e.to_string(),
+        })?),
+        None => None,
+    };
+    let mut constraints: Vec<String> = guest
+        .installed
+        .iter()
+        .filter(|(_, v)| pep440ish(v))
+        .map(|(n, v)| format!("{n}=={v}"))
+        .collect();
+    constraints.extend(also.iter().cloned());
+    let fixed: BTreeSet<String> = constraints.iter().filter_map(|c| c.split_once("==")).map(|(n, _)| normalize(n)).collect();
+    constraints.extend(extra_constraints.iter().filter(|c| {
+        c.split_once("==").is_some_and(|(n, _)| !fixed.contains(&normalize(n)))
+    }).cloned());
+    constraints.sort();
+    let mut h = Sha256::new();
+    h.update(format!("supermachine-resolve={LAYER_BUILDER_VERSION}\npython={}\n", guest.version));
+    h.update(format!("platforms={}\nspecs={}\n", guest.platforms().join(","), specs.join("\n")));
+    h.update(format!("requirements={}\nconstraints={}\n", req_text.as_deref().unwrap_or("-"), constraints.join(",")));
+    Ok((short_hex(&h.finalize()), constraints))
+}
+
+fn cached_pins(file: &Path) -> Option<Vec<String>> {
+    fs::read(file).ok().and_then(|b| serde_json::from_slice::<Vec<String>>(&b).ok())
+}
+
+/// What [`Pip::resolve`] returned before for the same inputs, if it ran (pip is not run): a
+/// kernel start uses it to find the image built for a package list without resolving again.
+pub fn cached_resolution(root: &Path, guest: &GuestPython, specs: &[String], requirements: Option<&Path>,
+                         also: &[String]) -> Result<Option<Vec<String>>> {
+    let (key, _) = resolution_key(guest, specs, requirements, also, &[])?;
+    Ok(cached_pins(&layers_dir(root).join("resolve").join(format!("{key}.json"))))
+}
+
 fn layers_dir(root: &Path) -> PathBuf {
     root.join("layers")
 }
@@ -111,34 +152,11 @@ impl Pip<'_> {
     /// whose distributions are `guest.installed`, beside the pins `also` (another layer's).
     pub fn resolve(&self, guest: &GuestPython, specs: &[String], requirements: Option<&Path>,
                    also: &[String], extra_constraints: &[String]) -> Result<Vec<String>> {
-        let req_text = match requirements {
-            Some(p) => Some(fs::read_to_string(p).map_err(|e| ImageError::BadRequirements {
-                path: p.to_path_buf(),
-                detail: e.to_string(),
-            })?),
-            None => None,
-        };
-        let mut constraints: Vec<String> = guest
-            .installed
-            .iter()
-            .filter(|(_, v)| pep440ish(v))
-            .map(|(n, v)| format!("{n}=={v}"))
-            .collect();
-        constraints.extend(also.iter().cloned());
-        let fixed: BTreeSet<String> = constraints.iter().filter_map(|c| c.split_once("==")).map(|(n, _)| normalize(n)).collect();
-        constraints.extend(extra_constraints.iter().filter(|c| {
-            c.split_once("==").is_some_and(|(n, _)| !fixed.contains(&normalize(n)))
-        }).cloned());
-        constraints.sort();
-        let mut h = Sha256::new();
-        h.update(format!("supermachine-resolve={LAYER_BUILDER_VERSION}\npython={}\n", guest.version));
-        h.update(format!("platforms={}\nspecs={}\n", guest.platforms().join(","), specs.join("\n")));
-        h.update(format!("requirements={}\nconstraints={}\n", req_text.as_deref().unwrap_or("-"), constraints.join(",")));
-        let key = short_hex(&h.finalize());
+        let (key, constraints) = resolution_key(guest, specs, requirements, also, extra_constraints)?;
         let dir = layers_dir(self.root).join("resolve");
         let cached = dir.join(format!("{key}.json"));
         if !self.force {
-            if let Some(pins) = fs::read(&cached).ok().and_then(|b| serde_json::from_slice::<Vec<String>>(&b).ok()) {
+            if let Some(pins) = cached_pins(&cached) {
                 return Ok(pins);
             }
         }

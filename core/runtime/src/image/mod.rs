@@ -63,6 +63,9 @@ pub struct BuildOptions {
     pub progress: bool,
     /// Rebuild the root filesystem even if it is cached.
     pub force: bool,
+    /// Never pull, resolve or build: return the image the cache holds for this request, else
+    /// [`ImageError::NotBuilt`] (a kernel start must not wait minutes for a pull).
+    pub cached_only: bool,
     /// The host Python whose pip fetches the guest's wheels (default: `python3` on PATH;
     /// `$SUPERMACHINE_HOST_PYTHON` overrides both).
     pub host_python: Option<PathBuf>,
@@ -83,6 +86,7 @@ impl Default for BuildOptions {
             require_agent: true,
             progress: true,
             force: false,
+            cached_only: false,
             host_python: None,
             kernel_layer: None,
             packages: layers::PackageRequest::default(),
@@ -137,7 +141,11 @@ pub fn ensure_image(reference: Option<&str>, opts: &BuildOptions) -> Result<Imag
                 host_python: opts.host_python.clone(),
                 ..Default::default()
             };
-            Some(oci::build(r, &oci_opts).map_err(|e| match e {
+            let found = match opts.cached_only {
+                true => oci::find_built(r, &oci_opts),
+                false => oci::build(r, &oci_opts),
+            };
+            Some(found.map_err(|e| match e {
                 oci::OciError::Image(e) => e,
                 e => ImageError::Oci(Box::new(e)),
             })?)
@@ -200,6 +208,9 @@ pub fn ensure_image(reference: Option<&str>, opts: &BuildOptions) -> Result<Imag
     let mut manifest = image.manifest.clone();
     let kernel = match manifest.kernel.as_deref().and_then(|id| kernel::load(&root, id)) {
         Some(k) => k,
+        None if opts.cached_only => {
+            return Err(ImageError::NotBuilt { image: name, detail: "its guest kernel is not cached".into() })
+        }
         None => {
             let k = kernel::ensure(&root, None, true, &progress)?;
             manifest.kernel = Some(k.id.clone());
@@ -257,10 +268,13 @@ fn ensure_rootfs(
         let rootfs = d.join("rootfs.erofs");
         rootfs.is_file().then(|| CachedImage { dir: d.to_path_buf(), rootfs, manifest })
     };
-    if !opts.force {
+    if !opts.force || opts.cached_only {
         if let Some(c) = complete(&final_) {
             return Ok(c);
         }
+    }
+    if opts.cached_only {
+        return Err(ImageError::NotBuilt { image: name.to_string(), detail: format!("no root filesystem {hash}") });
     }
     let _lock = cache::Lock::acquire(root, &format!("image-{name}"), progress)?;
     if !opts.force {

@@ -345,6 +345,55 @@ pub fn build(reference: &str, opts: &OciBuildOptions) -> Result<OciImage, OciErr
     }))
 }
 
+/// The cached build of `reference` with the layers `opts` asks for, newest first, found
+/// without a registry, pip or a build: the kernel layer must be there iff asked for, and the
+/// package layer must hold what pip resolved for this package list (and requirements file
+/// contents) when the image was built. A list never resolved, or a layer set never built, is
+/// [`ImageError::NotBuilt`].
+pub fn find_built(reference: &str, opts: &OciBuildOptions) -> Result<OciImage, OciError> {
+    let source = reference::parse(reference)?;
+    let root = cache::cache_root(opts.cache_dir.as_deref());
+    let name = opts.name.clone().unwrap_or_else(|| source.default_name());
+    let prefix = format!("oci:{}@", source.display());
+    let p = &opts.packages;
+    for c in cache::list(&root) {
+        if c.manifest.name != name || !c.manifest.source.starts_with(&prefix) {
+            continue;
+        }
+        let Some(img) = from_cached(&c) else { continue };
+        let layer = |kind: &str| img.record.pip_layers.iter().find(|l| l.kind == kind);
+        if opts.kernel_layer != layer("kernel").is_some() {
+            continue;
+        }
+        let matches = match (layer("packages"), &img.record.guest) {
+            (None, _) => p.is_empty(),
+            (Some(_), _) if p.is_empty() => false,
+            (Some(_), None) => false,
+            (Some(packages), Some(g)) => {
+                let kernel_pins = layer("kernel").map(|l| l.pins.clone()).unwrap_or_default();
+                let pins = layers::cached_resolution(&root, g, &p.packages, p.requirements.as_deref(), &kernel_pins)?;
+                pins.as_ref() == Some(&packages.pins)
+            }
+        };
+        if matches {
+            cache::touch_used(&img.dir);
+            return Ok(img);
+        }
+    }
+    let mut asked = Vec::new();
+    if opts.kernel_layer {
+        asked.push("the kernel layer".to_string());
+    }
+    if !p.packages.is_empty() {
+        asked.push(format!("packages {}", p.packages.join(" ")));
+    }
+    if let Some(r) = &p.requirements {
+        asked.push(format!("requirements {}", r.display()));
+    }
+    let with = if asked.is_empty() { String::new() } else { format!(" with {}", asked.join(", ")) };
+    Err(ImageError::NotBuilt { image: source.display(), detail: format!("no cached build of it{with}") }.into())
+}
+
 /// The guest Python of a pulled image: from `oci/guest/<digest>.json`, else detected in a
 /// fresh unpack of its layers (returned too, so the build does not unpack twice).
 fn guest_of(pulled: &Pulled, root: &Path, name: &str, progress: &Progress)
