@@ -113,7 +113,7 @@ def install(
     user: bool = False,
     prefix: str | None = None,
     kernel_name: str = KERNEL_NAME,
-    **spec_options,
+    **spec_options: t.Any,
 ) -> str:
     """Writes the kernelspec and returns the directory it was installed to."""
     from jupyter_client.kernelspec import KernelSpecManager
