@@ -3,7 +3,7 @@ step with core/python/src)."""
 from __future__ import annotations
 
 import os
-from typing import Mapping, Optional, Sequence, Union, final
+from typing import Callable, Mapping, Optional, Sequence, Union, final
 
 __all__ = [
     "PROTOCOL_VERSION",
@@ -34,6 +34,9 @@ __all__ = [
     "remove_image",
     "image_recipes",
     "image_cache_dir",
+    "cache_inventory",
+    "prune_cache",
+    "image_name_for",
 ]
 
 PROTOCOL_VERSION: int
@@ -202,7 +205,7 @@ def ensure_image(
     name: Optional[str] = None,
     cache_dir: Optional[_Path] = None,
     agent: Optional[_Path] = None,
-    progress: bool = True,
+    progress: Union[bool, Callable[[dict], object], None] = None,
     require_agent: bool = True,
     force: bool = False,
     kernel_layer: Optional[bool] = None,
@@ -214,3 +217,18 @@ def list_images(cache_dir: Optional[_Path] = None) -> list[dict]: ...
 def remove_image(name: str, cache_dir: Optional[_Path] = None) -> bool: ...
 def image_recipes() -> list[tuple[str, str]]: ...
 def image_cache_dir(cache_dir: Optional[_Path] = None) -> str: ...
+def cache_inventory(
+    cache_dir: Optional[_Path] = None, snapshots_dir: Optional[_Path] = None
+) -> list[dict]: ...
+def prune_cache(
+    cache_dir: Optional[_Path] = None,
+    keep: Optional[list[str]] = None,
+    remove: Optional[list[str]] = None,
+    policy: bool = False,
+    all: bool = False,
+    unused_days: Optional[float] = None,
+    budget: Optional[int] = None,
+    dry_run: bool = False,
+    snapshots_dir: Optional[_Path] = None,
+) -> dict: ...
+def image_name_for(ref: Optional[str] = ..., cache_dir: Optional[_Path] = None) -> Optional[str]: ...

@@ -6,6 +6,9 @@ listed in ``COMMANDS``, and sets ``func`` (called with the parsed args, returns 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
+import os
 import sys
 import time
 from typing import Callable, List, Optional
@@ -26,6 +29,14 @@ def _fmt_size(n: float) -> str:
     return str(n)
 
 
+def _fmt_age(unix: int, now: Optional[float] = None) -> str:
+    secs = max(0, (time.time() if now is None else now) - unix)
+    for limit, div, unit in ((120, 1, "s"), (7200, 60, "min"), (172800, 3600, "h")):
+        if secs < limit:
+            return f"{secs // div:.0f} {unit} ago"
+    return f"{secs // 86400:.0f} days ago"
+
+
 def _table(rows: List[List[str]], header: List[str]) -> str:
     widths = [max(len(str(r[i])) for r in rows + [header]) for i in range(len(header))]
     lines = ["  ".join(h.ljust(w) for h, w in zip(header, widths)).rstrip()]
@@ -34,62 +45,171 @@ def _table(rows: List[List[str]], header: List[str]) -> str:
     return "\n".join(lines)
 
 
+def _progress(quiet: bool, label: str = "image"):
+    """The ``progress=`` of a build: False with --quiet, else bars (TTY) or lines."""
+    if quiet:
+        return False
+    from .progress import Bars  # noqa: PLC0415 - tqdm only when building
+
+    return Bars(label)
+
+
 def cmd_image_build(args: argparse.Namespace) -> int:
     images = _images()
     start = time.monotonic()
-    p = images.ensure_image(
-        args.ref,
-        name=args.name,
-        cache_dir=args.cache_dir,
-        agent=args.agent,
-        progress=not args.quiet,
-        require_agent=False,
-        force=args.force,
-    )
+    bars = _progress(args.quiet, f"image {args.name or args.ref or 'default'}")
+    try:
+        p = images.ensure_image(
+            args.ref,
+            name=args.name,
+            cache_dir=args.cache_dir,
+            agent=args.agent,
+            progress=bars,
+            require_agent=False,
+            force=args.force,
+            packages=args.packages,
+            requirements=args.requirements,
+        )
+    finally:
+        if bars:
+            bars.close()
     print(f"image {p.name} ({p.hash}) ready in {time.monotonic() - start:.1f} s")
     print(f"  rootfs  {p.rootfs}")
     print(f"  kernel  {p.kernel}  ({p.kernel_release})")
     print(f"  initrd  {p.initrd or '(none: no guest agent binary found; run `make agent`)'}")
     print(f"  python  {p.python_version or '(none)'}")
+    try:
+        report = images.apply_budget(args.cache_dir)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if report is not None and report.removed:
+        print(f"cache budget (${images.BUDGET_ENV}): freed {_fmt_size(report.freed_bytes)} "
+              f"({_what(report.removed)})")
     return 0
+
+
+def _what(entries) -> str:
+    """``2 images, 3 snapshots, 14 blobs``."""
+    counts: dict = {}
+    for e in entries:
+        counts[e.kind] = counts.get(e.kind, 0) + 1
+    return ", ".join(f"{n} {k}{'s' if n != 1 else ''}" for k, n in counts.items()) or "nothing"
+
+
+def image_rows(cache_dir: Optional[str]) -> List[dict]:
+    """What `image list` shows, one dict per image version (also its --json output)."""
+    images = _images()
+    specs = images.kernelspec_images(cache_dir)
+    snaps: dict = {}  # image directory → (count, bytes) of the warm snapshots baked on it
+    running = set()
+    for e in images.inventory(cache_dir):
+        if e.kind == "snapshot":
+            for d in e.uses:
+                n, b = snaps.get(os.path.realpath(d), (0, 0))
+                snaps[os.path.realpath(d)] = (n + 1, b + e.bytes)
+        elif e.kind == "image" and e.in_use:
+            running.add(e.path)
+    rows = []
+    for i in images.list_images(cache_dir):
+        n, b = snaps.get(os.path.realpath(i.dir), (0, 0))
+        rows.append({
+            "name": i.name,
+            "ref": i.reference,
+            "digest": i.digest,
+            "hash": i.hash,
+            "size_bytes": i.size_bytes,
+            "created_unix": i.created_unix,
+            "last_used_unix": i.last_used_unix,
+            "kernelspecs": specs.get(i.name, []),
+            "snapshots": n,
+            "snapshot_bytes": b,
+            "in_use": i.dir in running,
+            "python_version": i.python_version,
+            "rootfs": i.rootfs,
+        })
+    return rows
 
 
 def cmd_image_list(args: argparse.Namespace) -> int:
     images = _images()
-    rows = [
-        [
-            i.name,
-            i.hash,
-            _fmt_size(i.size_bytes),
-            time.strftime("%Y-%m-%d %H:%M", time.localtime(i.created_unix)),
-            i.python_version or "-",
-            i.rootfs,
-        ]
-        for i in images.list_images(args.cache_dir)
-    ]
+    rows = image_rows(args.cache_dir)
+    if args.json:
+        print(json.dumps(rows, indent=1))
+        return 0
     if not rows:
         print(f"no images in {images.cache_dir(args.cache_dir)}; build one with "
               "`supermachine-kernel image build`")
         return 0
-    print(_table(rows, ["NAME", "HASH", "SIZE", "CREATED", "PYTHON", "PATH"]))
+    table = [
+        [
+            r["name"] + (" *" if r["in_use"] else ""),
+            r["ref"],
+            r["digest"][:19],
+            _fmt_size(r["size_bytes"]),
+            _fmt_age(r["created_unix"]),
+            _fmt_age(r["last_used_unix"]),
+            f"{r['snapshots']} ({_fmt_size(r['snapshot_bytes'])})" if r["snapshots"] else "-",
+            ",".join(r["kernelspecs"]) or "-",
+            r["python_version"] or "-",
+        ]
+        for r in rows
+    ]
+    print(_table(table, ["NAME", "REF", "DIGEST", "SIZE", "CREATED", "USED", "SNAPSHOTS",
+                         "KERNELSPECS", "PYTHON"]))
+    if any(r["in_use"] for r in rows):
+        print("* a running VM uses it")
     return 0
+
+
+def _print_report(report, verb: str) -> None:
+    for e in report.removed:
+        print(f"{verb} {e.kind} {e.name} ({_fmt_size(e.bytes)}): {e.reason}")
+    for e in report.in_use:
+        print(f"kept {e.kind} {e.name}: a running VM uses it")
+    for note in report.notes:
+        print(f"note: {note}")
+    what = "would free" if report.dry_run else "freed"
+    print(f"{what} {_fmt_size(report.freed_bytes)} of {_fmt_size(report.total_bytes)} "
+          f"({_what(report.removed)})")
 
 
 def cmd_image_rm(args: argparse.Namespace) -> int:
     images = _images()
-    status = 0
-    for name in args.names:
-        if images.remove_image(name, args.cache_dir):
-            print(f"removed image {name}")
-        else:
-            print(f"no image named {name!r} in {images.cache_dir(args.cache_dir)}",
-                  file=sys.stderr)
-            status = 1
-    return status
+    known = {i.name for i in images.list_images(args.cache_dir)}
+    missing = [n for n in args.names if n not in known]
+    for name in missing:
+        print(f"no image named {name!r} in {images.cache_dir(args.cache_dir)}", file=sys.stderr)
+    present = [n for n in args.names if n in known]
+    if not present:
+        return 1
+    report = images.prune(args.cache_dir, remove=present, policy=False, keep=[],
+                          dry_run=args.dry_run)
+    for name in present:
+        if any(e.kind == "image" and e.image == name for e in report.removed):
+            print(f"{'would remove' if args.dry_run else 'removed'} image {name}")
+    _print_report(report, "would remove" if args.dry_run else "removed")
+    return 1 if missing or report.in_use else 0
+
+
+def cmd_image_prune(args: argparse.Namespace) -> int:
+    images = _images()
+    try:
+        budget = images.parse_size(args.budget) if args.budget else images.budget_from_env()
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    report = images.prune(args.cache_dir, all=args.all, unused_days=args.unused_days,
+                          budget=budget, dry_run=args.dry_run)
+    if args.json:
+        print(json.dumps(dataclasses.asdict(report), indent=1))
+        return 0
+    _print_report(report, "would remove" if args.dry_run else "removed")
+    return 0
 
 
 def add_image_commands(sub: "argparse._SubParsersAction") -> None:
-    image = sub.add_parser("image", help="build, list and remove guest images")
+    image = sub.add_parser("image", help="build, list, remove and prune guest images")
     isub = image.add_subparsers(dest="image_command", metavar="COMMAND", required=True)
     cache = argparse.ArgumentParser(add_help=False)
     cache.add_argument(
@@ -102,24 +222,58 @@ def add_image_commands(sub: "argparse._SubParsersAction") -> None:
         "build",
         parents=[cache],
         help="build (or reuse) an image",
-        description="Build an image from a built-in recipe or a root filesystem directory, or "
-        "reuse it if the cache already has it. Built-in recipes: default (Debian bookworm, "
-        "python3, IPython, numpy, pandas, matplotlib, ipywidgets 8, tqdm), minimal (python3 only).",
+        description="Build an image from a built-in recipe, a root filesystem directory or an "
+        "OCI image, or reuse it if the cache already has it. Built-in recipes: default (Debian "
+        "bookworm, python3, IPython, numpy, pandas, matplotlib, ipywidgets 8, tqdm), minimal "
+        "(python3 only). With $SUPERMACHINE_CACHE_BUDGET set (e.g. 20G), the least recently "
+        "used images and snapshots are then evicted until the cache fits.",
     )
-    b.add_argument("ref", nargs="?", metavar="NAME_OR_PATH",
-                   help="recipe name, cached image name, or directory (default: default)")
+    b.add_argument("ref", nargs="?", metavar="REF",
+                   help="recipe name, cached image name, directory, or OCI image "
+                   "(python:3.12-slim, oci:DIR[:TAG], oci-archive:FILE; default: default)")
     b.add_argument("--name", help="store the image under this name")
+    b.add_argument("--packages", nargs="+", action="extend", metavar="PKG",
+                   help="packages installed into a layer of an OCI image")
+    b.add_argument("--requirements", metavar="FILE", help="a requirements file, likewise")
     b.add_argument("--force", action="store_true", help="rebuild even if cached")
     b.add_argument("--agent", metavar="PATH", help="guest agent binary for the initramfs")
-    b.add_argument("-q", "--quiet", action="store_true", help="no progress lines")
+    b.add_argument("-q", "--quiet", action="store_true", help="no progress output")
     b.set_defaults(func=cmd_image_build)
 
-    ls = isub.add_parser("list", aliases=["ls"], parents=[cache], help="list cached images")
+    ls = isub.add_parser(
+        "list", aliases=["ls"], parents=[cache], help="list cached images",
+        description="Every cached image version: what it was built from (REF: OCI reference, "
+        "recipe or directory), its DIGEST (the OCI manifest digest; recipe:<hash> otherwise), "
+        "disk SIZE, when it was CREATED and last USED, its warm SNAPSHOTS and the installed "
+        "KERNELSPECS that run it.")
+    ls.add_argument("--json", action="store_true", help="print JSON instead of a table")
     ls.set_defaults(func=cmd_image_list)
 
-    rm = isub.add_parser("rm", parents=[cache], help="remove cached images")
+    rm = isub.add_parser(
+        "rm", parents=[cache], help="remove cached images and their warm snapshots",
+        description="Remove every version of each image, its warm snapshots and launch hints, "
+        "and the OCI blobs and package layers only it used. What a running VM uses stays.")
     rm.add_argument("names", nargs="+", metavar="NAME")
+    rm.add_argument("--dry-run", action="store_true", help="only say what would go")
     rm.set_defaults(func=cmd_image_rm)
+
+    pr = isub.add_parser(
+        "prune", parents=[cache], help="remove what nothing uses",
+        description="Remove stale warm snapshots (their image is gone or changed, or they were "
+        "baked for another QEMU, runtime or agent), older image versions unused for a day, OCI "
+        "blobs and package layers no image uses, leftovers of interrupted builds and old launch "
+        "hints. Images an installed kernelspec runs stay, and nothing a running VM uses is "
+        "removed.")
+    pr.add_argument("--all", action="store_true",
+                    help="also remove every image no installed kernelspec runs")
+    pr.add_argument("--unused-days", type=float, metavar="N",
+                    help="also remove images (no kernelspec runs) and snapshots unused for N days")
+    pr.add_argument("--budget", metavar="SIZE",
+                    help="then evict least recently used images and snapshots until the cache "
+                    "fits SIZE (e.g. 20G, 500M; default: $SUPERMACHINE_CACHE_BUDGET)")
+    pr.add_argument("--dry-run", action="store_true", help="only list what would go")
+    pr.add_argument("--json", action="store_true", help="print the report as JSON")
+    pr.set_defaults(func=cmd_image_prune)
 
 
 from .install import add_install_commands  # noqa: E402 - kernelspec installation (kernel owner)

@@ -1,13 +1,17 @@
-"""Guest images: a thin Python face over ``_core.ensure_image`` / ``list_images`` / ``remove_image``.
+"""Guest images: a thin Python face over ``_core.ensure_image`` / ``list_images`` / ``remove_image``
+and the cache housekeeping (``cache_inventory`` / ``prune_cache``), plus what only the Python
+side knows: which installed kernelspecs use which image, and the cache budget setting.
 
-The work (recipes, Debian kernel, initramfs, erofs root image, cache) is done in Rust
+The work (recipes, Debian kernel, initramfs, erofs root image, cache, pruning) is done in Rust
 (``core/runtime/src/image``); this module only gives it Python types and a place to document it.
+Progress bars for builds live in ``cli/progress.py``.
 """
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
-from typing import Optional, Sequence
+import re
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, List, Optional, Sequence, Union
 
 from .. import _core
 
@@ -46,6 +50,11 @@ class CachedImage:
     created_unix: int
     python_version: Optional[str]
     kernel: Optional[str]
+    #: What it was built from: the OCI reference, the recipe's name or the directory.
+    reference: str = ""
+    #: The OCI manifest digest (``sha256:...``); ``recipe:<hash>`` for other images.
+    digest: str = ""
+    last_used_unix: int = 0
 
 
 def _path(p: "Optional[str | os.PathLike[str]]") -> Optional[str]:
@@ -58,7 +67,7 @@ def ensure_image(
     name: Optional[str] = None,
     cache_dir: "Optional[str | os.PathLike[str]]" = None,
     agent: "Optional[str | os.PathLike[str]]" = None,
-    progress: bool = True,
+    progress: Union[bool, Callable[[dict], Any]] = True,
     require_agent: bool = True,
     force: bool = False,
     kernel_layer: Optional[bool] = None,
@@ -68,7 +77,8 @@ def ensure_image(
     """Find or build image ``ref`` (None = the default recipe; a recipe name, a cached image's
     name, a root filesystem directory, or an OCI image: ``python:3.12-slim``,
     ``ghcr.io/owner/img:tag``, ``oci:DIR[:TAG]``, ``oci-archive:FILE``, ``docker-archive:FILE``).
-    Blocks while building; progress goes to stderr.
+    Blocks while building; progress goes to stderr, or to ``progress`` when it is a callable
+    (given each event as a dict; ``cli.progress.Bars`` draws them).
 
     An OCI image gets the kernel layer (what the guest REPL needs, for the guest's own Python
     and libc) unless ``kernel_layer=False``; ``packages``/``requirements`` add a layer of the
@@ -89,8 +99,148 @@ def list_images(cache_dir: "Optional[str | os.PathLike[str]]" = None) -> list:
 
 
 def remove_image(name: str, cache_dir: "Optional[str | os.PathLike[str]]" = None) -> bool:
-    """Remove every cached version of image ``name``; False if there was none."""
+    """Remove every cached version of image ``name`` and its warm snapshots; False if there was
+    none."""
     return _core.remove_image(name, _path(cache_dir))
+
+
+@dataclass(frozen=True)
+class CacheEntry:
+    """One thing in the cache (see ``core/runtime/src/image/housekeeping.rs``)."""
+
+    kind: str  # image | snapshot | hint | blob | layer | resolve | kernel | initrd | leftover
+    name: str
+    path: str
+    bytes: int
+    created_unix: int
+    last_used_unix: int
+    in_use: bool
+    image: Optional[str]
+    reason: str = ""
+    #: Paths of what it uses (a snapshot: its image's, kernel's and initramfs' directories).
+    uses: List[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class PruneReport:
+    removed: List[CacheEntry]
+    #: Entries that would have gone but a running VM uses.
+    in_use: List[CacheEntry]
+    total_bytes: int
+    freed_bytes: int
+    dry_run: bool
+    notes: List[str] = field(default_factory=list)
+
+
+def inventory(cache_dir: "Optional[str | os.PathLike[str]]" = None) -> List[CacheEntry]:
+    """Everything in the cache, with sizes, ages and whether a running VM uses it."""
+    return [CacheEntry(**d) for d in _core.cache_inventory(_path(cache_dir))]
+
+
+def prune(
+    cache_dir: "Optional[str | os.PathLike[str]]" = None,
+    *,
+    remove: Sequence[str] = (),
+    policy: bool = True,
+    all: bool = False,
+    unused_days: Optional[float] = None,
+    budget: Optional[int] = None,
+    dry_run: bool = False,
+    keep: Optional[Sequence[str]] = None,
+) -> PruneReport:
+    """Removes from the cache what nothing uses (see ``supermachine-kernel image prune --help``);
+    ``remove``: these images, with their warm snapshots. Images an installed kernelspec uses
+    (``keep``; default: found with ``kernelspec_images``) stay, and so does everything a running
+    VM uses."""
+    if keep is None:
+        keep = list(kernelspec_images(cache_dir))
+    d = _core.prune_cache(_path(cache_dir), keep=list(keep), remove=list(remove), policy=policy,
+                          all=all, unused_days=unused_days, budget=budget, dry_run=dry_run)
+    return PruneReport(
+        removed=[CacheEntry(**e) for e in d["removed"]],
+        in_use=[CacheEntry(**e) for e in d["in_use"]],
+        total_bytes=d["total_bytes"],
+        freed_bytes=d["freed_bytes"],
+        dry_run=d["dry_run"],
+        notes=list(d["notes"]),
+    )
+
+
+def image_name_for(ref: Optional[str], cache_dir: "Optional[str | os.PathLike[str]]" = None
+                   ) -> Optional[str]:
+    """The cache name image reference ``ref`` builds to (None: the default image)."""
+    return _core.image_name_for(ref, _path(cache_dir))
+
+
+_IMAGE_ARG = "--MicroVMKernel.image"
+
+
+def kernelspec_image_ref(argv: Sequence[str]) -> Optional[str]:
+    """The image reference a kernelspec's argv runs (``--MicroVMKernel.image=REF``, else the
+    default image), or None if the argv does not start this kernel."""
+    if not any("supermachine_kernel" in a for a in argv):
+        return None
+    ref = "default"
+    for i, a in enumerate(argv):
+        if a.startswith(_IMAGE_ARG + "="):
+            ref = a.split("=", 1)[1]
+        elif a == _IMAGE_ARG and i + 1 < len(argv):
+            ref = argv[i + 1]
+    return ref
+
+
+def kernelspec_images(cache_dir: "Optional[str | os.PathLike[str]]" = None
+                      ) -> Dict[str, List[str]]:
+    """Image name → the installed kernelspecs (``jupyter kernelspec list``) that run it."""
+    from jupyter_client.kernelspec import KernelSpecManager  # noqa: PLC0415 - slow import
+
+    out: Dict[str, List[str]] = {}
+    for spec_name, info in sorted(KernelSpecManager().get_all_specs().items()):
+        argv = (info.get("spec") or {}).get("argv") or []
+        ref = kernelspec_image_ref([str(a) for a in argv])
+        if ref is None:
+            continue
+        name = image_name_for(None if ref in ("", "default") else ref, cache_dir) or ref
+        out.setdefault(name, []).append(spec_name)
+    return out
+
+
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?)b?\s*$", re.I)
+
+
+def parse_size(text: str) -> int:
+    """``20G``, ``500MB``, ``1.5GiB``, ``800000`` → bytes (K/M/G/T: powers of 1000; KiB/MiB/
+    GiB/TiB: of 1024)."""
+    m = _SIZE_RE.match(text)
+    if not m:
+        raise ValueError(f"not a size: {text!r} (use e.g. 20G, 500M, 1.5GiB or a byte count)")
+    number, unit, binary = float(m.group(1)), m.group(2).lower(), bool(m.group(3))
+    power = "kmgt".index(unit) + 1 if unit else 0
+    return int(number * (1024 if binary else 1000) ** power)
+
+
+BUDGET_ENV = "SUPERMACHINE_CACHE_BUDGET"
+
+
+def budget_from_env() -> Optional[int]:
+    """The cache budget ``$SUPERMACHINE_CACHE_BUDGET`` sets (None when unset or empty)."""
+    text = os.environ.get(BUDGET_ENV, "").strip()
+    if not text:
+        return None
+    try:
+        return parse_size(text)
+    except ValueError as e:
+        raise ValueError(f"{BUDGET_ENV}: {e}") from None
+
+
+def apply_budget(cache_dir: "Optional[str | os.PathLike[str]]" = None) -> Optional[PruneReport]:
+    """After a build: evicts least recently used images and snapshots until the cache fits
+    ``$SUPERMACHINE_CACHE_BUDGET`` (None when no budget is set). Only the budget applies here,
+    not the other prune rules."""
+    budget = budget_from_env()
+    if budget is None:
+        return None
+    return prune(cache_dir, policy=False, budget=budget)
 
 
 def recipes() -> list:

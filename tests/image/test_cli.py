@@ -1,4 +1,6 @@
-"""`supermachine-kernel image build|list|rm` on a throw-away cache."""
+"""`supermachine-kernel image build|list|rm` on a throw-away cache, and the build's progress
+output (bars on a TTY, lines otherwise). Pruning: test_housekeeping.py."""
+import io
 from pathlib import Path
 
 import pytest
@@ -46,15 +48,15 @@ def test_build_list_rm_directory_image(cache: Path, tiny_root: Path, have_kernel
     code, out, _ = run(capfd, "image", "list", "--cache-dir", str(cache))
     assert code == 0
     header, row = out.splitlines()
-    assert header.split()[:5] == ["NAME", "HASH", "SIZE", "CREATED", "PYTHON"]
-    assert row.split()[0] == "tiny" and row.endswith("rootfs.erofs")
+    assert header.split()[:4] == ["NAME", "REF", "DIGEST", "SIZE"]
+    assert row.split()[:3] == ["tiny", str(tiny_root), ("recipe:" + images.list_images(cache)[0].hash)[:19]]
 
     # Built by name later: the cached image follows its directory.
     again = images.ensure_image("tiny", cache_dir=cache, progress=False, require_agent=False)
     assert again.name == "tiny" and Path(again.rootfs).is_file()
 
     code, out, _ = run(capfd, "image", "rm", "tiny", "--cache-dir", str(cache))
-    assert code == 0 and "removed image tiny" in out
+    assert code == 0 and "removed image tiny" in out and "freed" in out
     code, _, err = run(capfd, "image", "rm", "tiny", "--cache-dir", str(cache))
     assert code == 1 and "no image named 'tiny'" in err
     assert images.list_images(cache) == []
@@ -97,3 +99,65 @@ def test_module_entry_point_help():
     out = subprocess.run([sys.executable, "-m", "supermachine_kernel", "image", "--help"],
                          capture_output=True, text=True, check=True)
     assert "build" in out.stdout and "list" in out.stdout and "rm" in out.stdout
+
+
+def test_build_sends_progress_events_to_a_callable(cache: Path, tiny_root: Path, have_kernel):
+    events: list = []
+    images.ensure_image(str(tiny_root), cache_dir=cache, progress=events.append,
+                        require_agent=False)
+    starts = [e["step"] for e in events if e["event"] == "start"]
+    ends = {e["step"]: e for e in events if e["event"] == "end"}
+    assert "mkfs.erofs" in starts and ends["mkfs.erofs"]["ok"] is True
+    assert ends["mkfs.erofs"]["secs"] >= 0
+    assert any(e["event"] == "note" and "building rootfs" in e["text"] for e in events)
+
+
+def test_build_progress_off_sends_nothing(cache: Path, tiny_root: Path, have_kernel, capfd):
+    images.ensure_image(str(tiny_root), cache_dir=cache, progress=False, require_agent=False)
+    assert capfd.readouterr().err == ""
+
+
+PULL = [
+    {"event": "note", "text": "pull oci:/x ..."},
+    {"event": "advance", "task": "pull", "done": 0, "total": 3_000_000, "unit": "bytes"},
+    {"event": "advance", "task": "pull", "done": 1_000_000, "total": 3_000_000, "unit": "bytes"},
+    {"event": "advance", "task": "pull", "done": 3_000_000, "total": 3_000_000, "unit": "bytes"},
+    {"event": "start", "step": "mkfs.erofs"},
+    {"event": "end", "step": "mkfs.erofs", "secs": 1.25, "ok": True},
+    {"event": "start", "step": "pip install"},
+    {"event": "end", "step": "pip install", "secs": 0.5, "ok": False},
+]
+
+
+def test_progress_lines_without_a_tty():
+    from supermachine_kernel.cli.progress import Bars
+
+    out = io.StringIO()
+    with Bars("image x", stream=out, tty=False) as bars:
+        for e in PULL:
+            bars(e)
+    assert out.getvalue().splitlines() == [
+        "[image x] pull oci:/x ...",
+        "[image x] pull: 3.0 MB done",
+        "[image x] mkfs.erofs ...",
+        "[image x] mkfs.erofs ... 1.2 s",
+        "[image x] pip install ...",
+        "[image x] pip install ... failed after 0.5 s",
+    ]
+
+
+def test_progress_bars_on_a_tty():
+    from supermachine_kernel.cli.progress import Bars, spinner
+
+    out = io.StringIO()
+    with Bars("image x", stream=out, tty=True) as bars:
+        bars(PULL[1])
+        bars(PULL[2])
+        assert "1.00M/3.00M" in out.getvalue()  # a bar in bytes while the pull runs
+        for e in PULL[3:]:
+            bars(e)
+    text = out.getvalue()
+    assert "[image x] pull: 3.0 MB done" in text and "mkfs.erofs ... 1.2 s" in text
+    with spinner("bake snapshot", stream=out, tty=False):
+        pass
+    assert "bake snapshot ..." in out.getvalue().splitlines()[-2]

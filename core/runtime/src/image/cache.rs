@@ -93,6 +93,32 @@ impl Lock {
     }
 }
 
+/// Builds hold this shared while they run; a prune sweep needs it exclusive ([`try_exclusive`]).
+/// Best effort: None when the lock file cannot be opened (a read-only cache).
+pub fn shared(root: &Path, key: &str) -> Option<Lock> {
+    flock(root, key, libc::LOCK_SH)
+}
+
+/// The exclusive lock `key`, if nobody holds it (never waits).
+pub fn try_exclusive(root: &Path, key: &str) -> Option<Lock> {
+    flock(root, key, libc::LOCK_EX | libc::LOCK_NB)
+}
+
+fn flock(root: &Path, key: &str, op: libc::c_int) -> Option<Lock> {
+    let dir = root.join("locks");
+    fs::create_dir_all(&dir).ok()?;
+    let file = OpenOptions::new().create(true).truncate(false).write(true).open(dir.join(format!("{key}.lock"))).ok()?;
+    loop {
+        // SAFETY: flock on a file descriptor we own.
+        if unsafe { libc::flock(file.as_raw_fd(), op) } == 0 {
+            return Some(Lock { _file: file });
+        }
+        if std::io::Error::last_os_error().kind() != std::io::ErrorKind::Interrupted {
+            return None;
+        }
+    }
+}
+
 /// Removes a build tree, first detaching anything still mounted inside it (a killed mmdebstrap
 /// can leave /proc or /sys mounted in its chroot); refuses if a mount cannot be detached, so we
 /// never delete through a mount into the host.
@@ -186,7 +212,7 @@ pub fn touch_used(dir: &Path) {
 }
 
 /// When a version was last used: `last-used`'s mtime, else its manifest's.
-fn last_used(dir: &Path) -> Option<SystemTime> {
+pub fn last_used(dir: &Path) -> Option<SystemTime> {
     fs::metadata(dir.join("last-used"))
         .or_else(|_| fs::metadata(dir.join("manifest.json")))
         .and_then(|m| m.modified())
@@ -304,21 +330,6 @@ pub fn names(root: &Path) -> Vec<String> {
     v
 }
 
-/// Removes every version of image `name`; false if there was none.
-pub fn remove(root: &Path, name: &str, progress: &Progress) -> Result<bool> {
-    super::recipe::validate_name(name)?;
-    let dir = images_dir(root).join(name);
-    if !dir.exists() {
-        return Ok(false);
-    }
-    let _lock = Lock::acquire(root, &format!("image-{name}"), progress)?;
-    // Rename first so a concurrent reader never sees a half-deleted image.
-    let trash = images_dir(root).join(format!(".trash-{name}-{}", std::process::id()));
-    publish(&dir, &trash)?;
-    remove_tree(&trash)?;
-    Ok(true)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -351,7 +362,7 @@ mod tests {
     }
 
     #[test]
-    fn list_and_remove() {
+    fn list_sorts_by_name_then_newest() {
         let root = tmp("list");
         fake_image(&root, "b", "1111", 5);
         fake_image(&root, "a", "2222", 5);
@@ -361,11 +372,6 @@ mod tests {
         let ids: Vec<_> = l.iter().map(|c| (c.manifest.name.as_str(), c.manifest.hash.as_str())).collect();
         assert_eq!(ids, [("a", "3333"), ("a", "2222"), ("b", "1111")]);
         assert_eq!(names(&root), ["a", "b"]);
-        let p = Progress::new("test", false);
-        assert!(remove(&root, "a", &p).unwrap());
-        assert!(!remove(&root, "a", &p).unwrap());
-        assert_eq!(names(&root), ["b"]);
-        assert!(remove(&root, "../etc", &p).is_err());
         fs::remove_dir_all(&root).unwrap();
     }
 
@@ -378,6 +384,11 @@ mod tests {
         // SAFETY: flock on our own descriptor.
         assert_ne!(unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) }, 0);
         drop(l);
+        let a = shared(&root, "c").unwrap();
+        let b = shared(&root, "c").unwrap();
+        assert!(try_exclusive(&root, "c").is_none());
+        drop((a, b));
+        assert!(try_exclusive(&root, "c").is_some());
         // SAFETY: as above.
         assert_eq!(unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) }, 0);
         fs::remove_dir_all(&root).unwrap();

@@ -26,6 +26,7 @@
 mod cache;
 mod error;
 pub mod guest;
+pub mod housekeeping;
 mod initramfs;
 mod kernel;
 pub mod layers;
@@ -44,6 +45,7 @@ pub use error::{ImageError, Result};
 pub use initramfs::{parse as parse_cpio, write_initrd, CpioWriter};
 pub use kernel::{Kernel, MODULES};
 pub use recipe::{builtin as builtin_recipes, Recipe, DEFAULT_RECIPE};
+pub use tools::{Event as ProgressEvent, Sink as ProgressSink};
 use tools::Progress;
 
 /// How to find or build an image.
@@ -74,6 +76,8 @@ pub struct BuildOptions {
     pub kernel_layer: Option<bool>,
     /// Packages installed into a layer of their own (OCI images only).
     pub packages: layers::PackageRequest,
+    /// Receives progress events instead of stderr lines (when `progress` is true).
+    pub sink: Option<ProgressSink>,
 }
 
 impl Default for BuildOptions {
@@ -90,6 +94,7 @@ impl Default for BuildOptions {
             host_python: None,
             kernel_layer: None,
             packages: layers::PackageRequest::default(),
+            sink: None,
         }
     }
 }
@@ -123,6 +128,8 @@ pub const PRUNE_UNUSED_AFTER: std::time::Duration = std::time::Duration::from_se
 /// Finds or builds the image `reference` (None = the default recipe).
 pub fn ensure_image(reference: Option<&str>, opts: &BuildOptions) -> Result<ImagePaths> {
     let root = cache_root(opts.cache_dir.as_deref());
+    // Held while this build runs: a prune leaves the blobs and trees of a build in flight alone.
+    let _building = cache::shared(&root, "cache");
     let cached_names = cache::names(&root);
     // An OCI reference (`python:3.12-slim`, `oci:DIR:TAG`, a `docker save` tarball) is pulled
     // and packed first; it then boots like any cached image, with our kernel and initrd.
@@ -139,6 +146,7 @@ pub fn ensure_image(reference: Option<&str>, opts: &BuildOptions) -> Result<Imag
                 kernel_layer: opts.kernel_layer.unwrap_or(true),
                 packages: opts.packages.clone(),
                 host_python: opts.host_python.clone(),
+                sink: opts.sink.clone(),
                 ..Default::default()
             };
             let found = match opts.cached_only {
@@ -180,7 +188,7 @@ pub fn ensure_image(reference: Option<&str>, opts: &BuildOptions) -> Result<Imag
         }
     };
     recipe::validate_name(&name)?;
-    let progress = Progress::new(format!("image {name}"), opts.progress);
+    let progress = Progress::new(format!("image {name}"), opts.progress).with_sink(opts.sink.clone());
     let image = match source {
         Build::Existing(c) => c,
         Build::Recipe(r) => {
@@ -372,21 +380,26 @@ pub fn find_agent(opts: &BuildOptions) -> Result<PathBuf> {
         .ok_or(ImageError::AgentNotFound { searched })
 }
 
-/// Returns `initramfs/<hash>/initrd.img` for this agent and kernel, building it if needed.
-pub fn ensure_initrd(root: &Path, agent: &Path, kernel: &Kernel, progress: &Progress) -> Result<PathBuf> {
-    let agent_bytes =
-        fs::read(agent).map_err(ImageError::io(format!("reading agent {}", agent.display())))?;
+/// The `initramfs/<key>` of this agent and kernel, and the kernel's modules (name, bytes).
+pub fn initrd_key(agent_bytes: &[u8], kernel: &Kernel) -> Result<(String, Vec<(String, Vec<u8>)>)> {
     let mut modules = Vec::new();
     let mut h = Sha256::new();
     h.update(b"supermachine-initramfs=1\n");
-    h.update(&agent_bytes);
+    h.update(agent_bytes);
     for m in &kernel.modules {
         let bytes = fs::read(kernel.module_path(m)).map_err(ImageError::io(format!("reading module {m}")))?;
         h.update(m.as_bytes());
         h.update(&bytes);
         modules.push((m.clone(), bytes));
     }
-    let key = recipe::short_hex(&h.finalize());
+    Ok((recipe::short_hex(&h.finalize()), modules))
+}
+
+/// Returns `initramfs/<hash>/initrd.img` for this agent and kernel, building it if needed.
+pub fn ensure_initrd(root: &Path, agent: &Path, kernel: &Kernel, progress: &Progress) -> Result<PathBuf> {
+    let agent_bytes =
+        fs::read(agent).map_err(ImageError::io(format!("reading agent {}", agent.display())))?;
+    let (key, modules) = initrd_key(&agent_bytes, kernel)?;
     let parent = root.join("initramfs");
     let final_ = parent.join(&key);
     let img = final_.join("initrd.img");
@@ -419,10 +432,15 @@ pub struct ImageInfo {
     pub name: String,
     pub hash: String,
     pub source: String,
+    /// What it was built from: the OCI reference, the recipe name or the directory.
+    pub reference: String,
+    /// The OCI manifest digest (`sha256:...`), else `recipe:<hash>`.
+    pub digest: String,
     pub rootfs: PathBuf,
     pub dir: PathBuf,
     pub size_bytes: u64,
     pub created_unix: u64,
+    pub last_used_unix: u64,
     pub python_version: Option<String>,
     pub kernel: Option<String>,
 }
@@ -431,23 +449,52 @@ pub struct ImageInfo {
 pub fn list_images(cache_dir: Option<&Path>) -> Vec<ImageInfo> {
     cache::list(&cache_root(cache_dir))
         .into_iter()
-        .map(|c| ImageInfo {
-            size_bytes: fs::metadata(&c.rootfs).map(|m| m.len()).unwrap_or(c.manifest.rootfs_bytes),
-            name: c.manifest.name,
-            hash: c.manifest.hash,
-            source: c.manifest.source,
-            rootfs: c.rootfs,
-            dir: c.dir,
-            created_unix: c.manifest.created_unix,
-            python_version: c.manifest.python_version,
-            kernel: c.manifest.kernel,
+        .map(|c| {
+            let (reference, digest) = housekeeping::reference_and_digest(&c.manifest);
+            ImageInfo {
+                size_bytes: housekeeping::disk_usage(&c.dir),
+                last_used_unix: cache::last_used(&c.dir).map(|t| {
+                    t.duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+                }).unwrap_or(c.manifest.created_unix),
+                name: c.manifest.name,
+                hash: c.manifest.hash,
+                source: c.manifest.source,
+                reference,
+                digest,
+                rootfs: c.rootfs,
+                dir: c.dir,
+                created_unix: c.manifest.created_unix,
+                python_version: c.manifest.python_version,
+                kernel: c.manifest.kernel,
+            }
         })
         .collect()
 }
 
-/// Removes every cached version of image `name`; false if there was none.
+/// The cache name an image reference builds to (as [`ensure_image`] names it), without
+/// building anything: a recipe's or cached image's name, an OCI reference's default name
+/// (`python:3.12-slim` → `python-3.12-slim`), a directory's name. None if it names nothing.
+pub fn image_name_for(reference: Option<&str>, cache_dir: Option<&Path>) -> Option<String> {
+    let cached = cache::names(&cache_root(cache_dir));
+    let r = reference.unwrap_or(DEFAULT_RECIPE);
+    if !recipe::builtin_names().iter().any(|n| n == r) && !cached.iter().any(|n| n == r) && oci::looks_like_oci(r) {
+        return oci::parse_reference(r).ok().map(|s| s.default_name());
+    }
+    match recipe::resolve(Some(r), &cached).ok()? {
+        recipe::Source::Recipe(rec) => Some(rec.name),
+        recipe::Source::Dir(p) => Some(recipe::dir_image_name(&p)),
+        recipe::Source::Cached(n) => Some(n),
+    }
+}
+
+/// Removes every cached version of image `name`, its warm snapshots and what only they used
+/// (see [`housekeeping`]); false if there was no such image. Versions a running VM uses stay.
 pub fn remove_image(cache_dir: Option<&Path>, name: &str) -> Result<bool> {
-    cache::remove(&cache_root(cache_dir), name, &Progress::new(format!("image {name}"), false))
+    recipe::validate_name(name)?;
+    let root = cache_root(cache_dir);
+    let opts = housekeeping::PruneOptions { remove: vec![name.to_string()], ..Default::default() };
+    let report = housekeeping::prune(&root, &opts)?;
+    Ok(report.removed.iter().chain(&report.in_use).any(|e| e.kind == housekeeping::Kind::Image))
 }
 
 #[cfg(test)]

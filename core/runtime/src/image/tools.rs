@@ -149,35 +149,84 @@ fn read_from(path: &Path, offset: u64) -> String {
     String::from_utf8_lossy(&s).into_owned()
 }
 
-/// Progress lines on stderr: `[image default] mmdebstrap bookworm ... 17.2 s`.
+/// One progress event, for a frontend that draws bars (the CLI) instead of printing lines.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Event {
+    /// A line of information.
+    Note { text: String },
+    /// A named step starts (its length is unknown: a spinner).
+    Start { step: String },
+    /// A named step ended after `secs`; `ok` false if it failed.
+    End { step: String, secs: f64, ok: bool },
+    /// A counted task (`pull`, `unpack`) reached `done` of `total` `unit`s (`bytes`, `layers`).
+    Advance { task: String, done: u64, total: u64, unit: &'static str },
+}
+
+/// Receives every [`Event`] of a build instead of stderr (called on the building thread).
+#[derive(Clone)]
+pub struct Sink(pub std::sync::Arc<dyn Fn(&Event) + Send + Sync>);
+
+impl std::fmt::Debug for Sink {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Sink(..)")
+    }
+}
+
+/// Progress of a build: lines on stderr (`[image default] mmdebstrap bookworm ... 17.2 s`), or
+/// [`Event`]s to a [`Sink`] when one is given.
 #[derive(Clone)]
 pub struct Progress {
     label: String,
     enabled: bool,
+    sink: Option<Sink>,
 }
 
 impl Progress {
     pub fn new(label: impl Into<String>, enabled: bool) -> Progress {
-        Progress { label: label.into(), enabled }
+        Progress { label: label.into(), enabled, sink: None }
+    }
+
+    /// Sends events to `sink` (if given) instead of printing them.
+    pub fn with_sink(mut self, sink: Option<Sink>) -> Progress {
+        self.sink = sink;
+        self
+    }
+
+    fn emit(&self, e: Event) {
+        if !self.enabled {
+            return;
+        }
+        match &self.sink {
+            Some(s) => (s.0)(&e),
+            None => match e {
+                Event::Note { text } => eprintln!("[{}] {text}", self.label),
+                Event::Start { step } => eprintln!("[{}] {step} ...", self.label),
+                Event::End { step, secs, ok: true } => eprintln!("[{}] {step} ... {secs:.1} s", self.label),
+                Event::End { step, secs, ok: false } => {
+                    eprintln!("[{}] {step} ... failed after {secs:.1} s", self.label)
+                }
+                Event::Advance { .. } => {}
+            },
+        }
     }
 
     pub fn note(&self, what: &str) {
-        if self.enabled {
-            eprintln!("[{}] {what}", self.label);
-        }
+        self.emit(Event::Note { text: what.to_string() });
     }
 
-    /// Runs `f` as one named step, printing its start and its duration; returns the result and
+    /// Reports that counted task `task` reached `done` of `total` `unit`s.
+    pub fn advance(&self, task: &str, done: u64, total: u64, unit: &'static str) {
+        self.emit(Event::Advance { task: task.to_string(), done, total, unit });
+    }
+
+    /// Runs `f` as one named step, reporting its start and its duration; returns the result and
     /// the elapsed seconds.
     pub fn step<T>(&self, what: &str, f: impl FnOnce() -> Result<T>) -> Result<(T, f64)> {
-        self.note(&format!("{what} ..."));
+        self.emit(Event::Start { step: what.to_string() });
         let t = Instant::now();
         let r = f();
         let secs = t.elapsed().as_secs_f64();
-        match &r {
-            Ok(_) => self.note(&format!("{what} ... {secs:.1} s")),
-            Err(_) => self.note(&format!("{what} ... failed after {secs:.1} s")),
-        }
+        self.emit(Event::End { step: what.to_string(), secs, ok: r.is_ok() });
         r.map(|v| (v, secs))
     }
 }
@@ -208,5 +257,27 @@ mod tests {
         let e = run_logged(&mut c, "apt", &log).unwrap_err();
         assert!(matches!(e, ImageError::Network { .. }), "{e}");
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_sink_gets_every_event_in_order() {
+        let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let s = seen.clone();
+        let p = Progress::new("t", true).with_sink(Some(Sink(std::sync::Arc::new(move |e: &Event| {
+            s.lock().unwrap().push(e.clone())
+        }))));
+        p.note("hello");
+        p.advance("pull", 1, 2, "bytes");
+        let _ = p.step("mkfs", || Ok(()));
+        let _ = p.step("pip", || -> Result<()> { Err(missing("pip")) });
+        let seen = seen.lock().unwrap();
+        assert_eq!(seen[0], Event::Note { text: "hello".into() });
+        assert_eq!(seen[1], Event::Advance { task: "pull".into(), done: 1, total: 2, unit: "bytes" });
+        assert_eq!(seen[2], Event::Start { step: "mkfs".into() });
+        assert!(matches!(&seen[3], Event::End { step, ok: true, .. } if step == "mkfs"));
+        assert!(matches!(&seen[5], Event::End { step, ok: false, .. } if step == "pip"));
+        assert_eq!(seen.len(), 6);
+        let quiet = Progress::new("t", false).with_sink(Some(Sink(std::sync::Arc::new(|_: &Event| panic!()))));
+        quiet.note("not sent");
     }
 }

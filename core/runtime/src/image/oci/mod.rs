@@ -122,6 +122,8 @@ pub struct OciBuildOptions {
     pub packages: PackageRequest,
     /// The host Python whose pip installs the layers (see `BuildOptions::host_python`).
     pub host_python: Option<PathBuf>,
+    /// Receives progress events instead of stderr lines.
+    pub sink: Option<super::ProgressSink>,
 }
 
 impl Default for OciBuildOptions {
@@ -135,6 +137,7 @@ impl Default for OciBuildOptions {
             kernel_layer: false,
             packages: PackageRequest::default(),
             host_python: None,
+            sink: None,
         }
     }
 }
@@ -169,7 +172,7 @@ pub struct OciImage {
 }
 
 /// Fetches the image `source` into the blob store of cache `root` (nothing is unpacked).
-pub fn pull(source: &Source, root: &Path, opts: &RegistryOptions, progress: &dyn Fn(&str)) -> Result<Pulled, OciError> {
+pub fn pull(source: &Source, root: &Path, opts: &RegistryOptions, progress: &Progress) -> Result<Pulled, OciError> {
     let store = Store::new(root);
     let shown = source.display();
     match source {
@@ -183,7 +186,7 @@ pub fn pull(source: &Source, root: &Path, opts: &RegistryOptions, progress: &dyn
             let _ = cache::remove_tree(&scratch);
             cache::mkdirs(&scratch)?;
             let r = (|| {
-                progress(&format!("unpack archive {}", path.display()));
+                progress.note(&format!("unpack archive {}", path.display()));
                 local::extract_archive(path, &scratch)?;
                 if scratch.join("oci-layout").is_file() {
                     pull::pull(&local::Layout::open(&scratch, tag.as_deref(), &shown)?, &store, progress)
@@ -197,14 +200,16 @@ pub fn pull(source: &Source, root: &Path, opts: &RegistryOptions, progress: &dyn
     }
 }
 
-/// Applies the pulled layers, bottom first, to the directory `dir`.
-pub fn apply(pulled: &Pulled, dir: &Path) -> Result<Vec<LayerStats>, OciError> {
+/// Applies the pulled layers, bottom first, to the directory `dir` (reported as task `unpack`).
+pub fn apply(pulled: &Pulled, dir: &Path, progress: &Progress) -> Result<Vec<LayerStats>, OciError> {
     let mut root = Root::new(dir)?;
     let n = pulled.layers.len();
     let mut stats = Vec::new();
+    progress.advance("unpack", 0, n as u64, "layers");
     for (i, l) in pulled.layers.iter().enumerate() {
         let name = format!("{}/{n} ({})", i + 1, pull::short(&l.digest));
         stats.push(root.apply(&l.path, &l.media_type, &name)?);
+        progress.advance("unpack", i as u64 + 1, n as u64, "layers");
     }
     Ok(stats)
 }
@@ -223,10 +228,10 @@ pub fn build(reference: &str, opts: &OciBuildOptions) -> Result<OciImage, OciErr
     let root = cache::cache_root(opts.cache_dir.as_deref());
     let name = opts.name.clone().unwrap_or_else(|| source.default_name());
     recipe::validate_name(&name)?;
-    let progress = Progress::new(format!("image {name}"), opts.progress);
+    let progress = Progress::new(format!("image {name}"), opts.progress).with_sink(opts.sink.clone());
     progress.note(&format!("pull {} ...", source.display()));
     let started = std::time::Instant::now();
-    let pulled = match pull(&source, &root, &opts.registry, &|line| progress.note(line)) {
+    let pulled = match pull(&source, &root, &opts.registry, &progress) {
         Ok(p) => p,
         // Offline: the newest image built from this reference serves (a registry's tag may
         // have moved since; the note says which digest is used).
@@ -286,6 +291,7 @@ pub fn build(reference: &str, opts: &OciBuildOptions) -> Result<OciImage, OciErr
         name: Some(name.clone()),
         progress: opts.progress,
         force: opts.force,
+        sink: opts.sink.clone(),
         ..Default::default()
     };
     let mut apply_err = None;
@@ -299,7 +305,7 @@ pub fn build(reference: &str, opts: &OciBuildOptions) -> Result<OciImage, OciErr
             None => {
                 cache::mkdirs(&tree)?;
                 let r = progress.step(&format!("apply {} layers", pulled.layers.len()), || {
-                    apply(&pulled, &tree).map_err(|e| {
+                    apply(&pulled, &tree, &progress).map_err(|e| {
                         let msg = e.to_string();
                         apply_err = Some(e);
                         ImageError::BadRootDir { path: tree.clone(), detail: msg }
@@ -415,7 +421,7 @@ fn guest_of(pulled: &Pulled, root: &Path, name: &str, progress: &Progress)
     let tree = scratch.join("root");
     cache::mkdirs(&tree)?;
     let r = progress.step(&format!("apply {} layers", pulled.layers.len()), || {
-        apply(pulled, &tree).map_err(|e| ImageError::BadRootDir { path: tree.clone(), detail: e.to_string() })
+        apply(pulled, &tree, progress).map_err(|e| ImageError::BadRootDir { path: tree.clone(), detail: e.to_string() })
     });
     if let Err(e) = r {
         let _ = cache::remove_tree(&scratch);

@@ -7,6 +7,7 @@ use super::config::{self, ImageConfig, MAX_CONFIG_BYTES};
 use super::manifest::{self, Descriptor, Manifest};
 use super::store::{digest_of, Store, StoreError};
 use super::OciError;
+use crate::image::tools::Progress;
 
 /// Where manifests and blobs come from.
 pub trait Fetch {
@@ -50,8 +51,9 @@ pub fn verified(bytes: Vec<u8>, digest: &str, what: &str) -> Result<Vec<u8>, Sto
     Ok(bytes)
 }
 
-/// Walks from the root manifest to the image and stores its config and layers.
-pub fn pull(f: &dyn Fetch, store: &Store, progress: &dyn Fn(&str)) -> Result<Pulled, OciError> {
+/// Walks from the root manifest to the image and stores its config and layers (reported as
+/// task `pull`, in bytes of the layers' descriptors).
+pub fn pull(f: &dyn Fetch, store: &Store, progress: &Progress) -> Result<Pulled, OciError> {
     let name = f.name();
     let (mut bytes, mut digest) = f.root_manifest()?;
     let mut index_digest = None;
@@ -70,15 +72,20 @@ pub fn pull(f: &dyn Fetch, store: &Store, progress: &dyn Fn(&str)) -> Result<Pul
                 let config_parsed = config::parse(&cbytes)?;
                 let mut stored = Vec::new();
                 let n = layers.len();
+                let total: u64 = layers.iter().filter_map(|l| l.size).sum();
+                let mut done = 0;
+                progress.advance("pull", 0, total, "bytes");
                 for (i, l) in layers.iter().enumerate() {
                     let what = format!("layer {}/{n} ({}) of {name}", i + 1, short(&l.digest));
                     let cached = store.get(&l.digest)?.is_some();
-                    progress(&format!(
+                    progress.note(&format!(
                         "{} {what}{}",
                         if cached { "have" } else { "fetch" },
                         l.size.map(|s| format!(", {:.1} MB", s as f64 / 1e6)).unwrap_or_default()
                     ));
                     let path = f.blob(l, store, &what)?;
+                    done += l.size.unwrap_or(0);
+                    progress.advance("pull", done, total, "bytes");
                     stored.push(StoredLayer {
                         digest: l.digest.clone(),
                         media_type: l.media_type.clone(),
