@@ -39,6 +39,22 @@ def test_env_and_cwd(vm):
     assert r.stdout == b"hi there\n/tmp\n"
 
 
+def test_user_runs_the_process_as_that_user(vm):
+    """`user` as an OCI config's User: a name from /etc/passwd (its gid and home), or
+    uid[:gid] (a uid without an entry gets gid 0 and HOME=/)."""
+    if os.geteuid() != 0:
+        pytest.skip("the unix-socket agent runs as this user: it cannot change to another")
+    script = 'echo "$(id -u) $(id -g) $HOME $(pwd)"'
+    assert vm.exec(["sh", "-c", script], user="nobody", cwd="/").stdout == b"65534 65534 /nonexistent /\n"
+    assert vm.exec(["sh", "-c", script], user="4321:7", cwd="/").stdout == b"4321 7 / /\n"
+    assert vm.exec(["sh", "-c", script], user="4321", cwd="/").stdout == b"4321 0 / /\n"
+    assert vm.exec(["id", "-G"], user="nobody").stdout == b"65534\n", "root's groups are dropped"
+    with pytest.raises(api.GuestError) as ei:
+        vm.exec(["true"], user="no-such-user")
+    assert ei.value.kind == "not_found" and "/etc/passwd" in str(ei.value)
+    assert vm.exec(["id", "-u"]).stdout == b"0\n", "without user: root"
+
+
 def test_stage_files(vm):
     r = vm.exec(["cat", "/tmp/staged.txt"], stage_files={"/tmp/staged.txt": b"staged!"})
     assert r.stdout == b"staged!"
