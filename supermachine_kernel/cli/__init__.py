@@ -11,10 +11,16 @@ import json
 import os
 import sys
 import time
-from typing import Callable, List, Optional
+from typing import TYPE_CHECKING, Callable, List, Optional, Sequence, Union
+
+if TYPE_CHECKING:
+    from types import ModuleType
+
+    from .images import CacheEntry, PruneReport
+    from .progress import Bars
 
 
-def _images():
+def _images() -> "ModuleType":
     # Imported lazily so `--help` works even before the extension module is built.
     from . import images
 
@@ -45,7 +51,7 @@ def _table(rows: List[List[str]], header: List[str]) -> str:
     return "\n".join(lines)
 
 
-def _progress(quiet: bool, label: str = "image"):
+def _progress(quiet: bool, label: str = "image") -> "Union[bool, Bars]":
     """The ``progress=`` of a build: False with --quiet, else bars (TTY) or lines."""
     if quiet:
         return False
@@ -71,7 +77,7 @@ def cmd_image_build(args: argparse.Namespace) -> int:
             requirements=args.requirements,
         )
     finally:
-        if bars:
+        if not isinstance(bars, bool):
             bars.close()
     print(f"image {p.name} ({p.hash}) ready in {time.monotonic() - start:.1f} s")
     print(f"  rootfs  {p.rootfs}")
@@ -89,9 +95,9 @@ def cmd_image_build(args: argparse.Namespace) -> int:
     return 0
 
 
-def _what(entries) -> str:
+def _what(entries: "Sequence[CacheEntry]") -> str:
     """``2 images, 3 snapshots, 14 blobs``."""
-    counts: dict = {}
+    counts: dict[str, int] = {}
     for e in entries:
         counts[e.kind] = counts.get(e.kind, 0) + 1
     return ", ".join(f"{n} {k}{'s' if n != 1 else ''}" for k, n in counts.items()) or "nothing"
@@ -162,7 +168,7 @@ def cmd_image_list(args: argparse.Namespace) -> int:
     return 0
 
 
-def _print_report(report, verb: str) -> None:
+def _print_report(report: "PruneReport", verb: str) -> None:
     for e in report.removed:
         print(f"{verb} {e.kind} {e.name} ({_fmt_size(e.bytes)}): {e.reason}")
     for e in report.in_use:
