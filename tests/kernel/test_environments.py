@@ -14,6 +14,8 @@ import hashlib
 import io
 import json
 import os
+import subprocess
+import sys
 import tarfile
 import tempfile
 import time
@@ -200,3 +202,17 @@ def test_the_kernel_uses_an_image_of_its_own(environments):
         api.Image.build(ref=environments, packages=["attrs", "iniconfig"], cached_only=True,
                         snapshot=False, progress=False)
 
+
+
+def test_the_printed_build_commands_work(environments):
+    """What the refusal prints, run as a user would: `prepare --kernel NAME` (on the prepared
+    environment: a cache hit and one kernel start) and `prepare --image REF --packages ...`."""
+    cli = Path(sys.executable).with_name("supermachine-kernel")
+    r = subprocess.run([str(cli), "prepare", "--kernel", BUILT], capture_output=True, text=True,
+                       timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert f"kernel {BUILT} ready" in r.stdout
+    r = subprocess.run([str(cli), "prepare", "--image", environments, "--packages", *PACKAGES],
+                       capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "python 3.11." in r.stdout
