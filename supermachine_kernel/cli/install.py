@@ -186,7 +186,7 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_image(config: GuestConfig, progress: bool = True) -> t.Any:
+def build_image(config: GuestConfig, progress: t.Any = True) -> t.Any:
     """Finds or builds the image a kernel configuration runs on, with its kernel layer and
     packages (pulls and pip installs as needed; the kernel itself only looks it up)."""
     from .. import api  # noqa: PLC0415 - needs the compiled runtime
@@ -212,22 +212,27 @@ def prepare(kernel_name: str = KERNEL_NAME, timeout: float = 1800) -> float:
 
     t0 = time.monotonic()
     config = guest_config_from_argv(KernelSpecManager().get_kernel_spec(kernel_name).argv[1:])
+    from .progress import Bars, spinner  # noqa: PLC0415 - tqdm only when preparing
+
     if config.backend == "vm":
-        build_image(config)
-    km = KernelManager(kernel_name=kernel_name)
-    km.start_kernel()
-    kc = km.client()
-    kc.start_channels()
-    try:
-        kc.wait_for_ready(timeout=timeout)
-        reply = kc.execute_interactive("import sys; sys.version_info[:2]", timeout=timeout,
-                                       output_hook=lambda msg: None)
-        if reply["content"]["status"] != "ok":
-            c = reply["content"]
-            raise RuntimeError(f"the kernel could not run a cell: {c.get('ename')}: {c.get('evalue')}")
-    finally:
-        kc.stop_channels()
-        km.shutdown_kernel(now=False)
+        with Bars(f"image {config.image}") as bars:
+            build_image(config, progress=bars)
+    with spinner(f"kernel {kernel_name}: first start and warm snapshot"):
+        km = KernelManager(kernel_name=kernel_name)
+        km.start_kernel()
+        kc = km.client()
+        kc.start_channels()
+        try:
+            kc.wait_for_ready(timeout=timeout)
+            reply = kc.execute_interactive("import sys; sys.version_info[:2]", timeout=timeout,
+                                           output_hook=lambda msg: None)
+            if reply["content"]["status"] != "ok":
+                c = reply["content"]
+                raise RuntimeError(
+                    f"the kernel could not run a cell: {c.get('ename')}: {c.get('evalue')}")
+        finally:
+            kc.stop_channels()
+            km.shutdown_kernel(now=False)
     return time.monotonic() - t0
 
 
@@ -239,7 +244,10 @@ def _run_prepare(args: argparse.Namespace) -> int:
             return 2
         config = GuestConfig(image=args.image or "default", packages=args.packages or [],
                              requirements=args.requirements or "")
-        image = build_image(config)
+        from .progress import Bars  # noqa: PLC0415 - tqdm only when preparing
+
+        with Bars(f"image {config.image}") as bars:
+            image = build_image(config, progress=bars)
         print(f"image {image.name} ({image.hash}) ready, python {image.python_version or '-'}; "
               "its kernels bake their warm snapshot at their first start")
         return 0
