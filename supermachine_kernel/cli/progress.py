@@ -8,7 +8,9 @@ runtime (``core/runtime/src/image/tools.rs``) sends it events as dicts:
     {"event": "start", "step"}                    a step of unknown length: a spinner
     {"event": "end", "step", "secs", "ok"}        that step ended
     {"event": "advance", "task", "done", "total", "unit"}
-                                                  a counted task: pull (bytes), unpack (layers)
+                                                  a counted task: pull (bytes of all layers),
+                                                  download (bytes of one blob from a registry),
+                                                  unpack (layers)
 
 ``spinner(label)`` wraps work the runtime reports nothing about (baking a snapshot).
 """
@@ -24,6 +26,8 @@ from tqdm import tqdm
 
 #: How often a spinner redraws its elapsed time.
 TICK_S = 0.25
+#: Tasks whose end gets no line of its own without a TTY (the runtime's notes already say it).
+QUIET_TASKS = frozenset({"download"})
 
 
 class Bars:
@@ -82,7 +86,7 @@ class Bars:
     def _advance(self, task: str, done: int, total: int, unit: str) -> None:
         key = f"task:{task}"
         if not self.tty:
-            if total and done >= total:
+            if total and done >= total and task not in QUIET_TASKS:
                 self._line(f"{task}: {_amount(done, unit)} done")
             return
         bar = self._bars.get(key)
@@ -97,7 +101,8 @@ class Bars:
         bar.refresh()
         if total and done >= total:
             self._close(key)
-            self._line(f"{task}: {_amount(done, unit)} done")
+            if task not in QUIET_TASKS:
+                self._line(f"{task}: {_amount(done, unit)} done")
 
     def _close(self, key: str) -> None:
         bar = self._bars.pop(key, None)

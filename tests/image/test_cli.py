@@ -119,6 +119,8 @@ def test_build_progress_off_sends_nothing(cache: Path, tiny_root: Path, have_ker
 
 PULL = [
     {"event": "note", "text": "pull oci:/x ..."},
+    {"event": "advance", "task": "download", "done": 0, "total": 2_000_000, "unit": "bytes"},
+    {"event": "advance", "task": "download", "done": 2_000_000, "total": 2_000_000, "unit": "bytes"},
     {"event": "advance", "task": "pull", "done": 0, "total": 3_000_000, "unit": "bytes"},
     {"event": "advance", "task": "pull", "done": 1_000_000, "total": 3_000_000, "unit": "bytes"},
     {"event": "advance", "task": "pull", "done": 3_000_000, "total": 3_000_000, "unit": "bytes"},
@@ -152,12 +154,16 @@ def test_progress_bars_on_a_tty():
     out = io.StringIO()
     with Bars("image x", stream=out, tty=True) as bars:
         bars(PULL[1])
+        assert "0.00/2.00M" in out.getvalue()  # a blob's download, in bytes
         bars(PULL[2])
-        assert "1.00M/3.00M" in out.getvalue()  # a bar in bytes while the pull runs
-        for e in PULL[3:]:
+        bars(PULL[3])
+        bars(PULL[4])
+        assert "1.00M/3.00M" in out.getvalue()  # the whole pull
+        for e in PULL[5:]:
             bars(e)
     text = out.getvalue()
     assert "[image x] pull: 3.0 MB done" in text and "mkfs.erofs ... 1.2 s" in text
+    assert "download: 2.0 MB done" not in text
     with spinner("bake snapshot", stream=out, tty=False):
         pass
     assert "bake snapshot ..." in out.getvalue().splitlines()[-2]

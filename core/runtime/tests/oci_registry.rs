@@ -11,6 +11,7 @@ use std::path::Path;
 use base64::Engine;
 use serde_json::json;
 use supermachine_runtime::image::oci::{self, OciBuildOptions, OciError, RegistryError, RegistryOptions, StoreError};
+use supermachine_runtime::image::{ProgressEvent, ProgressSink};
 use support::*;
 
 fn opts(cache: &Path, registry: RegistryOptions) -> OciBuildOptions {
@@ -49,6 +50,28 @@ fn plain_loopback_registry_pull_resume_and_bad_input() {
     assert_eq!(img.record.config.env, ["FROM=registry"]);
     assert_eq!(img.record.layers.len(), 3);
     assert!(img.rootfs.metadata().unwrap().len() > 0);
+
+    // Progress events (what the CLI draws as bars): each blob's download in bytes up to its
+    // size, the pull up to the layers' total, the unpack layer by layer.
+    let events = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let seen = events.clone();
+    let sink = ProgressSink(std::sync::Arc::new(move |e: &ProgressEvent| seen.lock().unwrap().push(e.clone())));
+    let watched = OciBuildOptions { progress: true, sink: Some(sink), ..opts(&t.path().join("watched"), no_creds(&t)) };
+    oci::build(&reference, &watched).unwrap();
+    let events = events.lock().unwrap();
+    let last = |task: &str| {
+        events.iter().rev().find_map(|e| match e {
+            ProgressEvent::Advance { task: t, done, total, .. } if t == task => Some((*done, *total)),
+            _ => None,
+        })
+    };
+    let downloads = events.iter().filter(|e| matches!(e, ProgressEvent::Advance { task, done, total, .. } if task == "download" && done == total)).count();
+    assert_eq!(downloads, 4, "{events:?}"); // the config and three layers
+    let (done, total) = last("pull").unwrap();
+    assert!(total > 0 && done == total, "{events:?}");
+    assert_eq!(last("unpack"), Some((3, 3)));
+    assert!(events.iter().any(|e| matches!(e, ProgressEvent::End { step, ok: true, .. } if step == "mkfs.erofs")));
+    drop(events);
 
     // Verified blobs are not fetched again: with a layer gone from the registry, a forced
     // rebuild still succeeds from the store.

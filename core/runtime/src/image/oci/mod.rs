@@ -177,7 +177,7 @@ pub fn pull(source: &Source, root: &Path, opts: &RegistryOptions, progress: &Pro
     let shown = source.display();
     match source {
         Source::Registry(r) => {
-            let reg = registry::Registry::connect(r, opts)?;
+            let reg = registry::Registry::connect(r, opts)?.with_progress(progress);
             pull::pull(&reg, &store, progress)
         }
         Source::Layout { dir, tag } => pull::pull(&local::Layout::open(dir, tag.as_deref(), &shown)?, &store, progress),

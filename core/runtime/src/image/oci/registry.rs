@@ -37,6 +37,7 @@ use super::manifest::{Descriptor, ACCEPTED, MAX_MANIFEST_BYTES};
 use super::pull::{verified, Fetch};
 use super::store::{io_err, Store, StoreError};
 use super::OciError;
+use crate::image::tools::Progress;
 
 /// How to reach registries.
 #[derive(Clone, Debug, Default)]
@@ -173,6 +174,8 @@ pub struct Registry {
     auth: RegistryAuth,
     /// The bearer token granted when connecting, if the registry uses tokens.
     token: Option<String>,
+    /// Receives each blob's transfer as task `download` (bytes of that blob).
+    progress: Option<Progress>,
 }
 
 impl Registry {
@@ -229,7 +232,13 @@ impl Registry {
         }
         // Without this, oci-client drops a token server's refusal and pulls anonymously.
         let token = probe.map_err(|e| classify(e, reference, !matches!(auth, RegistryAuth::Anonymous)))?;
-        Ok(Registry { rt, client, reference: reference.clone(), auth, token })
+        Ok(Registry { rt, client, reference: reference.clone(), auth, token, progress: None })
+    }
+
+    /// Reports the bytes of every blob download to `progress` (task `download`).
+    pub fn with_progress(mut self, progress: &Progress) -> Registry {
+        self.progress = Some(progress.clone());
+        self
     }
 
     fn error(&self, e: OciDistributionError) -> OciError {
@@ -287,6 +296,16 @@ impl Registry {
                 .truncate(!append)
                 .open(partial)
                 .map_err(io_err(format!("opening {}", partial.display())))?;
+            // At most about a hundred reports per blob.
+            let total = d.size.unwrap_or(0);
+            let step = (total / 100).max(256 * 1024);
+            let mut reported = received;
+            let report = |n: u64| {
+                if let Some(p) = &self.progress {
+                    p.advance("download", n, total, "bytes");
+                }
+            };
+            report(received);
             while let Some(chunk) = stream.next().await {
                 let chunk = match chunk {
                     Ok(c) => c,
@@ -308,6 +327,10 @@ impl Registry {
                 received += chunk.len() as u64;
                 if d.size.is_some_and(|s| received > s) {
                     break; // commit() refuses it as too long
+                }
+                if received - reported >= step || received == total {
+                    reported = received;
+                    report(received);
                 }
             }
             f.flush().map_err(io_err(format!("writing {}", partial.display())))?;
