@@ -1,11 +1,12 @@
-"""The kernel's current VM as a whole: snapshot it into the notebook's store, put a snapshot's VM
-in its place, and the facts about it (for %snapshot, %restore, %vm, %pool).
+"""`Machine`: the kernel's current VM as a whole. It takes notebook snapshots of it into the
+store (snapshot_store.py), puts a notebook snapshot's VM in its place, and reports the facts
+about it (for %snapshot, %restore, %vm, %pool).
 
 Restore, built on what the runtime offers (``api.Image.from_snapshot`` verifies the snapshot,
-``image.boot()`` restores a VM from it, ``vm.attach_process(id)`` re-attaches to a process that
-was running when it was taken): the REPL the session talked to when the snapshot was taken is
-still running inside it, under the same process id, with every variable, thread and file. The
-session adopts that REPL (hello → ready; its agent has already fixed the clock and reseeded the
+``image.boot()`` restores a VM from it) and on repl_client/attach.py (re-attach to the REPL
+process by the id recorded when the snapshot was taken): the REPL the kernel talked to then is
+still running inside it, with every variable, thread and file. The kernel's `GuestRepl`
+adopts that REPL (hello → ready; its agent has already fixed the clock and reseeded the
 kernel RNG, and the REPL reseeds Python's ``random`` when it sees the restore generation change)
 and releases the VM it had. The kernel process, its sockets and its execution count stay.
 
@@ -23,8 +24,17 @@ import os
 import time
 from typing import Any, Optional
 
-from .snapshot_store import Entry, NotebookSnapshots, SnapshotStore, disk_usage, kernel_id, notebook_key
+from ..repl_client.attach import NoReplError, attach_repl
+from ..repl_client.vm import VmHandle, describe_vm
 from .restore_ahead import RestoreAhead
+from .snapshot_store import (
+    NotebookSnapshot,
+    NotebookSnapshots,
+    SnapshotStore,
+    disk_usage,
+    kernel_id,
+    notebook_key,
+)
 
 log = logging.getLogger("supermachine_kernel.machine.current")
 
@@ -40,7 +50,15 @@ class MachineError(Exception):
         self.ename = ename
 
 
-def _process_uptime(pid: Optional[int]) -> Optional[float]:
+def _api() -> Any:
+    """The VM API, imported on the first VM operation: the compiled runtime it loads may be
+    absent when the kernel runs the local backend, which imports this module too."""
+    from .. import api  # noqa: PLC0415 - see the docstring
+
+    return api
+
+
+def process_uptime(pid: Optional[int]) -> Optional[float]:
     """Seconds since host process ``pid`` started (from /proc), or None."""
     if not pid:
         return None
@@ -55,7 +73,8 @@ def _process_uptime(pid: Optional[int]) -> Optional[float]:
         return None
 
 
-def _process_rss(pid: Optional[int]) -> Optional[int]:
+def process_rss(pid: Optional[int]) -> Optional[int]:
+    """Resident memory of host process ``pid`` in bytes (from /proc), or None."""
     if not pid:
         return None
     try:
@@ -92,7 +111,7 @@ class Machine:
     # -- the running VM --------------------------------------------------------------------------
 
     def check_backend(self) -> Any:
-        """The session, if its guest runs in microVMs (else MachineError)."""
+        """The kernel's `GuestRepl`, if its guest runs in microVMs (else MachineError)."""
         guest = getattr(self.kernel, "guest", None)
         backend = getattr(getattr(guest, "backend", None), "name", "?")
         if backend != "vm":
@@ -103,7 +122,7 @@ class Machine:
         return guest
 
     def handle(self) -> Any:
-        """The session's current guest handle, if it runs in a VM (else MachineError)."""
+        """The current guest handle, if the guest runs in a VM (else MachineError)."""
         handle = self.check_backend().handle
         if handle is None or getattr(handle, "vm", None) is None:
             raise MachineError("the kernel's microVM is not running right now",
@@ -127,7 +146,7 @@ class Machine:
 
     # -- snapshot --------------------------------------------------------------------------------
 
-    async def snapshot(self, name: str) -> Entry:
+    async def snapshot(self, name: str) -> NotebookSnapshot:
         handle = await self.ready_handle()
         # The standby is replaced by this snapshot's anyway: stop it now rather than let its
         # restore compete with the snapshot for the CPU.
@@ -148,7 +167,7 @@ class Machine:
                 kind = json.load(f).get("kind")
         except (OSError, ValueError):
             pass
-        entry = Entry(name=name, created=time.time(), size_bytes=disk_usage(path), parent=self.head,
+        entry = NotebookSnapshot(name=name, created=time.time(), size_bytes=disk_usage(path), parent=self.head,
                       repl_id=repl_id, took_s=round(took, 4),
                       execution_count=getattr(self.kernel, "execution_count", None), kind=kind)
         self.snapshots.record(entry)
@@ -156,12 +175,12 @@ class Machine:
         self.restore_ahead(entry)
         return entry
 
-    def restore_ahead(self, entry: Entry) -> None:
+    def restore_ahead(self, entry: NotebookSnapshot) -> None:
         """Restore ``entry`` in the background and keep it paused for a fast %restore."""
         path = self.path(entry)
         self._ahead.prepare(entry.ref, path, lambda: self._restore_and_greet(path, entry))
 
-    def path(self, entry: Entry) -> str:
+    def path(self, entry: NotebookSnapshot) -> str:
         """The directory of ``entry``: in this notebook's group, or in ``entry.group``."""
         if entry.group is None:
             return self.snapshots.path(entry.name)
@@ -174,8 +193,8 @@ class Machine:
 
     # -- restore ---------------------------------------------------------------------------------
 
-    async def restore(self, entry: Entry) -> float:
-        """Replaces the session's VM with one restored from ``entry``; returns seconds taken."""
+    async def restore(self, entry: NotebookSnapshot) -> float:
+        """Replaces the guest's VM with one restored from ``entry``; returns seconds taken."""
         guest = self.check_backend()  # a dead guest is fine: it is replaced anyway
         path = self.path(entry)
         t0 = time.monotonic()
@@ -207,7 +226,7 @@ class Machine:
         return took
 
     @staticmethod
-    async def _adopt(guest: Any, handle: Any, entry: Entry) -> None:
+    async def _adopt(guest: Any, handle: Any, entry: NotebookSnapshot) -> None:
         try:
             await guest.adopt(handle, timeout=RESTORE_TIMEOUT)
         except Exception as e:  # noqa: BLE001
@@ -215,44 +234,32 @@ class Machine:
                 f"the REPL in snapshot {entry.ref!r} did not answer after the restore: {e}",
                 "The previous session is still running.") from e
 
-    def _standby_handle(self, entry: Entry) -> Any:
-        """The restore-ahead VM of ``entry`` as a session handle, or None."""
-        from ..repl_client.vm import VmHandle  # noqa: PLC0415
-
+    def _standby_handle(self, entry: NotebookSnapshot) -> Any:
+        """The restore-ahead VM of ``entry`` as a guest handle, or None."""
         taken = self._ahead.take(entry.ref)
         if taken is None:
             return None
         vm, child = taken
-        handle = VmHandle(vm, child, vm.release, self._where(vm, entry))
+        handle = VmHandle(vm, child, vm.release, f"{describe_vm(vm)}, snapshot {entry.ref}")
         handle.prestarted = True
         return handle
 
-    def _restore_and_greet(self, path: str, entry: Entry) -> tuple[Any, Any]:
-        """Restore-ahead worker: the verified restore, then one hello to the REPL so its
-        after-restore path has run (and been translated by TCG) before the VM is paused."""
-        from ..repl_client.backend import read_ready_frame  # noqa: PLC0415
-        from ..repl_client.frames import encode_frame  # noqa: PLC0415
+    def _restore_and_greet(self, path: str, entry: NotebookSnapshot) -> tuple[Any, Any]:
+        """Restore-ahead worker: the verified restore, its REPL greeted and its answer read, so
+        its after-restore path has run (and been translated by TCG) before the VM is paused."""
+        return self._restore_vm(path, entry, greet=True)
 
-        handle = self._restored_handle(path, entry)
-        try:
-            handle.child.write_stdin(encode_frame({"type": "hello", "idle": True}))
-            read_ready_frame(handle.child, timeout=60)
-        except BaseException:
-            handle.vm.release()
-            raise
-        return handle.vm, handle.child
-
-    @staticmethod
-    def _where(vm: Any, entry: Entry) -> str:
-        from ..repl_client.vm import describe_vm  # noqa: PLC0415
-
-        return f"{describe_vm(vm)}, snapshot {entry.ref}"
-
-    def _restored_handle(self, path: str, entry: Entry) -> Any:
+    def _restored_handle(self, path: str, entry: NotebookSnapshot) -> Any:
         """Blocking: verify, restore, re-attach to the REPL. Runs on a worker thread."""
-        from .. import api  # noqa: PLC0415 - needs the compiled runtime
-        from ..repl_client.vm import VmHandle  # noqa: PLC0415
+        vm, child = self._restore_vm(path, entry, greet=False)
+        handle = VmHandle(vm, child, vm.release, f"{describe_vm(vm)}, snapshot {entry.ref}")
+        handle.prestarted = True
+        return handle
 
+    def _restore_vm(self, path: str, entry: NotebookSnapshot, greet: bool) -> tuple[Any, Any]:
+        """(vm, REPL child) restored from ``entry`` at ``path``: its files verified first, then
+        its REPL re-attached by the id recorded at snapshot time (attach.py)."""
+        api = _api()
         t0 = time.monotonic()
         try:
             image = api.Image.from_snapshot(path)
@@ -266,37 +273,27 @@ class Machine:
             raise MachineError(f"restoring {entry.ref!r} failed: {e}",
                                "The previous session is still running.") from e
         self._log.info("snapshot %s verified in %.3f s, VM restored in %.3f s", entry.ref, t1 - t0,
-                 time.monotonic() - t1)
+                       time.monotonic() - t1)
         # Snapshotting this VM reads all its RAM: have the file's holes cached before that.
-        from .. import _core  # noqa: PLC0415
-
-        _core.prefetch_snapshot_memory(path)
+        api.prefetch_snapshot_memory(path)
         try:
-            child = self._attach_repl(vm, entry.repl_id)
+            child = attach_repl(vm, entry.repl_id, greet=greet,
+                                ready_timeout=RESTORE_TIMEOUT if greet else None)
+        except NoReplError as e:
+            vm.release()
+            raise MachineError("the snapshot holds no running REPL to re-attach to",
+                               "It was not taken by %snapshot; take a new one.") from e
+        except Exception as e:  # noqa: BLE001 - e.g. the recorded REPL process is not running
+            vm.release()
+            if greet:  # restore-ahead: its failure is logged, %restore then takes this path
+                raise
+            raise MachineError(f"the REPL of snapshot {entry.ref!r} is not in the restored VM: "
+                               f"{e}", "The snapshot is unusable; delete it and take a new "
+                               "one.") from e
         except BaseException:
             vm.release()
             raise
-        handle = VmHandle(vm, child, vm.release, self._where(vm, entry))
-        handle.prestarted = True
-        return handle
-
-    @staticmethod
-    def _attach_repl(vm: Any, repl_id: Optional[int]) -> Any:
-        """The REPL process inside a restored VM: by the id recorded at snapshot time, else the
-        one running the REPL driver."""
-        from ..repl_client.vm import running_repl_ids  # noqa: PLC0415
-
-        if repl_id is None:
-            running = running_repl_ids(vm)
-            if not running:
-                raise MachineError("the snapshot holds no running REPL to re-attach to",
-                                   "It was not taken by %snapshot; take a new one.")
-            repl_id = running[-1]
-        try:
-            return vm.attach_process(int(repl_id))
-        except Exception as e:  # noqa: BLE001
-            raise MachineError(f"the REPL (process {repl_id}) is not in the restored VM: {e}",
-                               "The snapshot is unusable; delete it and take a new one.") from e
+        return vm, child
 
     # -- facts -----------------------------------------------------------------------------------
 
@@ -319,15 +316,13 @@ class Machine:
         meta: dict = {}
         if restored_from:
             try:
-                from .. import _core  # noqa: PLC0415
-
-                meta = _core.snapshot_info(restored_from)
+                meta = _api().snapshot_info(restored_from)
             except Exception:  # noqa: BLE001 - e.g. deleted since
                 meta = {}
         machine = meta.get("machine") or {}
         labels = meta.get("labels") or {}
         backend = getattr(self.kernel.guest, "backend", None)
-        image = getattr(backend, "_image", None)
+        image = getattr(backend, "image", None)
         out["memory_mib"] = machine.get("memory_mib") or getattr(image, "memory_mib", None)
         out["vcpus"] = machine.get("vcpus") or getattr(image, "vcpus", None)
         out["image"] = labels.get("image") or getattr(image, "name", None)
@@ -336,8 +331,8 @@ class Machine:
         out["restored_from"] = restored_from
         pid = getattr(vm, "qemu_pid", None)
         out["qemu_pid"] = pid
-        out["uptime_s"] = _process_uptime(pid)
-        out["host_rss_bytes"] = _process_rss(pid)
+        out["uptime_s"] = process_uptime(pid)
+        out["host_rss_bytes"] = process_rss(pid)
         since, how = self.vm_origin(vm)
         out["origin"] = how
         out["origin_time"] = since
@@ -358,4 +353,4 @@ class Machine:
     def pool(self) -> Any:
         """The kernel's VM pool (api.Pool) or None (local backend, cold boots)."""
         backend = getattr(getattr(self.kernel, "guest", None), "backend", None)
-        return getattr(backend, "pool", None) or getattr(backend, "_pool", None)
+        return getattr(backend, "pool", None)

@@ -1,13 +1,15 @@
-"""Restore-ahead: one paused, warm VM per kernel, restored from the snapshot `%restore` will
-most likely ask for next (the one just taken, or the one just restored).
+"""Restore-ahead: one paused, warm VM per kernel (`Standby`), restored from the notebook
+snapshot `%restore` will most likely ask for next (the one just taken, or the one just restored).
 
 A restore costs a QEMU start, loading the device state and — the largest part under TCG — the
 guest running cold (QEMU's translated-code cache starts empty in every new process). The
-standby pays all of that in the background: it restores the snapshot, re-attaches to its REPL
-and says hello (so the REPL's restore path has run once), then freezes the VM (`Vm.pause`: the
-agent goes quiet and the vCPUs stop; the guest has then run a fraction of a second past the
-snapshot, as any restored guest does before its first cell, and uses no CPU while it waits). `%restore` of that snapshot then only resumes it (`Vm.resume`: a new Hello sets the guest
-clock, reseeds its RNG and bumps the generation, exactly as a restore does) and adopts it.
+standby pays all of that in the background (a `Prepared`, prepared.py): it restores the
+snapshot, re-attaches to its REPL and says hello (so the REPL's restore path has run once),
+then freezes the VM (`Vm.pause`: the agent goes quiet and the vCPUs stop; the guest has then
+run a fraction of a second past the snapshot, as any restored guest does before its first
+cell, and uses no CPU while it waits). `%restore` of that snapshot then only resumes it
+(`Vm.resume`: a new Hello sets the guest clock, reseeds its RNG and bumps the generation,
+exactly as a restore does) and adopts it.
 
 The standby is only used while the snapshot's files are unchanged (same inode, size, mtime as
 when it was restored); otherwise it is released and `%restore` takes the verified path, so a
@@ -23,6 +25,7 @@ import time
 from typing import Any, Callable, Optional
 
 from .. import env_switch
+from ..prepared import Prepared
 
 WARM_SECONDS = 0.2  # the REPL runs its after-restore warm-up steps; keep the drift short
 READY_TIMEOUT = 120.0
@@ -35,13 +38,14 @@ def enabled() -> bool:
 def files_stamp(path: str) -> str:
     """What changes when a snapshot directory's files are rewritten or damaged (the runtime's
     stamp: inode, size and mtime of each file)."""
-    from .. import _core  # noqa: PLC0415 - standbys exist only with the compiled runtime
+    # The compiled runtime is loaded on first use: the local backend imports this module too.
+    from .. import api  # noqa: PLC0415
 
-    return _core.snapshot_files_stamp(path)
+    return api.snapshot_files_stamp(path)
 
 
 class Standby:
-    """One VM restored ahead of time from snapshot ``name`` (see the module doc)."""
+    """One VM restored ahead of time from notebook snapshot ``name`` (see the module doc)."""
 
     def __init__(self, name: str, path: str, restore: Callable[[], tuple[Any, Any]],
                  log: logging.Logger) -> None:
@@ -50,62 +54,43 @@ class Standby:
         self.stamp = files_stamp(path)
         self._restore = restore
         self._log = log
-        self._lock = threading.Lock()
-        self._ready = threading.Event()
-        self._wake = threading.Event()
-        self._vm: Any = None
-        self._child: Any = None
-        self._paused = False
-        self._taken = False
-        self._dropped = False
-        self.error: Optional[BaseException] = None
-        threading.Thread(target=self._run, name=f"standby-{name}", daemon=True).start()
+        self._wake = threading.Event()  # set by take() and drop(): do not pause (any more)
+        self._prepared = Prepared(self._restore_and_pause, _release_standby,
+                                  name=f"standby-{name}")
 
-    def _run(self) -> None:
+    def _restore_and_pause(self) -> tuple[Any, Any, bool]:
+        """(vm, REPL child, paused): restored and greeted, then paused after WARM_SECONDS
+        unless it was asked for (or dropped) meanwhile."""
         t0 = time.monotonic()
         try:
             vm, child = self._restore()
-        except BaseException as e:  # noqa: BLE001 - reported by take(): the normal path runs
-            self.error = e
+        except BaseException as e:
             self._log.info("restore-ahead of %s failed: %s", self.name, e)
-            self._ready.set()
-            return
-        with self._lock:
-            self._vm, self._child = vm, child
-            dropped = self._dropped
-        self._ready.set()
-        if dropped:
-            vm.release()
-            return
+            raise
         self._log.info("restore-ahead of %s ready in %.3f s", self.name, time.monotonic() - t0)
-        self._wake.wait(WARM_SECONDS)
-        with self._lock:
-            if self._taken or self._dropped:
-                return
-            try:
-                vm.pause()
-                self._paused = True
-            except Exception as e:  # noqa: BLE001 - a VM that cannot pause is not kept
-                self.error = e
-                self._dropped = True
-        if self.error is not None:
+        if self._wake.wait(WARM_SECONDS):
+            return vm, child, False
+        try:
+            vm.pause()
+        except BaseException:  # a VM that cannot pause is not kept
             vm.release()
+            raise
+        return vm, child, True
+
+    @property
+    def error(self) -> Optional[BaseException]:
+        return self._prepared.error
 
     def take(self, timeout: float = READY_TIMEOUT) -> Optional[tuple[Any, Any]]:
         """(vm, repl child) running and resynchronised, or None (use the normal path)."""
         if files_stamp(self.path) != self.stamp:
             self.drop()
             return None
-        if not self._ready.wait(timeout):
-            self.drop()
-            return None
-        with self._lock:
-            if self._dropped or self._taken or self._vm is None:
-                return None
-            self._taken = True
-            paused = self._paused
         self._wake.set()
-        vm = self._vm
+        taken = self._prepared.claim(timeout)
+        if taken is None:
+            return None
+        vm, child, paused = taken
         try:
             if paused:
                 vm.resume()
@@ -115,18 +100,18 @@ class Standby:
             self._log.info("restore-ahead VM for %s unusable: %s", self.name, e)
             vm.release()
             return None
-        return vm, self._child
+        return vm, child
 
     def drop(self) -> None:
         """Releases the standby (now, or as soon as its restore finishes)."""
-        with self._lock:
-            if self._taken or self._dropped:
-                return
-            self._dropped = True
-            vm = self._vm
         self._wake.set()
-        if vm is not None:
-            threading.Thread(target=vm.release, name="standby-release", daemon=True).start()
+        self._prepared.release()
+
+
+def _release_standby(standby: tuple[Any, Any, bool]) -> None:
+    # On a thread of its own: releasing a VM waits for QEMU to exit, and drop() is called from
+    # the kernel's event loop (%snapshot --delete, a new snapshot replacing this one).
+    threading.Thread(target=standby[0].release, name="standby-release", daemon=True).start()
 
 
 class RestoreAhead:

@@ -42,6 +42,8 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Iterator, Mapping, Optional
 
+from jupyter_core.paths import jupyter_data_dir
+
 INDEX_FILE = "index.json"
 LOCK_FILE = ".lock"
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
@@ -56,8 +58,6 @@ class StoreError(Exception):
 
 
 def default_root() -> str:
-    from jupyter_core.paths import jupyter_data_dir  # noqa: PLC0415 - keep import-time cheap
-
     return os.path.join(jupyter_data_dir(), "supermachine-kernel", "snapshots")
 
 
@@ -157,8 +157,8 @@ def split_ref(ref: str) -> tuple[Optional[str], str]:
 
 
 @dataclass
-class Entry:
-    """One snapshot of a notebook."""
+class NotebookSnapshot:
+    """One snapshot of a notebook, as the store's index records it (%snapshot took it)."""
 
     name: str
     created: float  # unix seconds
@@ -178,7 +178,7 @@ class Entry:
         return f"{self.group}/{self.name}" if self.group else self.name
 
     @classmethod
-    def from_json(cls, name: str, d: Mapping) -> "Entry":
+    def from_json(cls, name: str, d: Mapping) -> "NotebookSnapshot":
         known = {k: d[k] for k in ("created", "size_bytes", "parent", "repl_id", "took_s",
                                    "execution_count", "kind") if k in d}
         extra = {k: v for k, v in d.items() if k not in known and k not in ("name", "group")}
@@ -195,7 +195,7 @@ class Entry:
 
 class NotebookSnapshots:
     """The snapshots of one notebook (one group): ``<root>/<key>/``. ``foreign``: another group
-    than the kernel's own, whose entries are named GROUP/NAME (`Entry.ref`)."""
+    than the kernel's own, whose entries are named GROUP/NAME (`NotebookSnapshot.ref`)."""
 
     def __init__(self, root: str, key: str, label: str, foreign: bool = False) -> None:
         self.root = root
@@ -239,10 +239,10 @@ class NotebookSnapshots:
     def path(self, name: str) -> str:
         return os.path.join(self.dir, validate_name(name))
 
-    def entries(self) -> list[Entry]:
+    def entries(self) -> list[NotebookSnapshot]:
         """All snapshots, oldest first (directories are the truth; see the module docstring)."""
         indexed = self._read_index().get("snapshots") or {}
-        out: list[Entry] = []
+        out: list[NotebookSnapshot] = []
         try:
             names = sorted(os.listdir(self.dir))
         except FileNotFoundError:
@@ -254,7 +254,7 @@ class NotebookSnapshots:
             raw = indexed.get(name)
             if isinstance(raw, dict):
                 try:
-                    entry = Entry.from_json(name, raw)
+                    entry = NotebookSnapshot.from_json(name, raw)
                 except TypeError:
                     entry = self._entry_from_metadata(name, full)
             else:
@@ -266,7 +266,7 @@ class NotebookSnapshots:
         return out
 
     @staticmethod
-    def _entry_from_metadata(name: str, full: str) -> Entry:
+    def _entry_from_metadata(name: str, full: str) -> NotebookSnapshot:
         try:
             with open(os.path.join(full, "metadata.json")) as f:
                 meta = json.load(f)
@@ -274,19 +274,19 @@ class NotebookSnapshots:
             kind = meta.get("kind")
         except (OSError, ValueError, TypeError, AttributeError):
             created, kind = os.path.getmtime(full), None
-        return Entry(name=name, created=created or os.path.getmtime(full), kind=kind)
+        return NotebookSnapshot(name=name, created=created or os.path.getmtime(full), kind=kind)
 
     def ref(self, name: str) -> str:
         return f"{self.key}/{name}" if self.foreign else name
 
-    def get(self, name: str) -> Entry:
+    def get(self, name: str) -> NotebookSnapshot:
         validate_name(name)
         for e in self.entries():
             if e.name == name:
                 return e
         raise StoreError(self.unknown_message(name))
 
-    def latest(self) -> Entry:
+    def latest(self) -> NotebookSnapshot:
         entries = self.entries()
         if not entries:
             if self.foreign:
@@ -323,7 +323,7 @@ class NotebookSnapshots:
         os.makedirs(self.dir, exist_ok=True)
         return path
 
-    def record(self, entry: Entry) -> None:
+    def record(self, entry: NotebookSnapshot) -> None:
         with self._locked():
             snaps = self._read_index().get("snapshots") or {}
             snaps = {k: v for k, v in snaps.items()
@@ -390,7 +390,7 @@ class SnapshotStore:
                              "every group with its snapshots")
         return self._group(key)
 
-    def resolve(self, own: NotebookSnapshots, ref: Optional[str]) -> tuple[NotebookSnapshots, Entry]:
+    def resolve(self, own: NotebookSnapshots, ref: Optional[str]) -> tuple[NotebookSnapshots, NotebookSnapshot]:
         """``NAME`` (in ``own``), ``GROUP/NAME``, ``GROUP/`` (its latest) or None (``own``'s
         latest) → (its group, the entry)."""
         if ref is None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 import html
 import time
 
+from ..machine import Machine, process_uptime
 from . import ArgumentParser, Context
 
 _parser = ArgumentParser("pool")
@@ -16,7 +17,7 @@ def _ms(values) -> str:
     return ", ".join(f"{v:.0f}" for v in values) + " ms" if values else "-"
 
 
-def snapshot_stats(machine) -> dict:
+def pool_stats(machine: Machine) -> dict:
     """Everything the widget shows, as plain values (also what ``%pool --text`` prints)."""
     pool = machine.pool()
     stats = dict(pool.stats()) if pool is not None else {}
@@ -32,9 +33,7 @@ def snapshot_stats(machine) -> dict:
         vm = handle.vm
         out["accelerator"] = getattr(vm, "accel", None)
         out["vm"] = getattr(vm, "id", None)
-        from ..machine.current import _process_uptime  # noqa: PLC0415
-
-        out["vm_uptime_s"] = _process_uptime(getattr(vm, "qemu_pid", None))
+        out["vm_uptime_s"] = process_uptime(getattr(vm, "qemu_pid", None))
     except Exception:  # noqa: BLE001 - no VM right now
         out["accelerator"] = out["vm"] = out["vm_uptime_s"] = None
     return out
@@ -89,7 +88,7 @@ async def magic(ctx: Context, args: str) -> None:
     """
     opts = _parser.parse(args)
     machine = ctx.machine
-    stats = snapshot_stats(machine)
+    stats = pool_stats(machine)
     if opts.text or ctx.silent:
         ctx.print(render_text(stats))
         return
@@ -99,7 +98,7 @@ async def magic(ctx: Context, args: str) -> None:
     w.display(parent=ctx.parent)
 
     def render() -> dict:
-        s = snapshot_stats(machine)
+        s = pool_stats(machine)
         return {"value": render_html(s)}
 
     widgets.start_ticker(w, render, interval=1.0)

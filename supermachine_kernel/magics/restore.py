@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import time
 
+from ..machine import StoreError, format_size
 from . import ArgumentParser, Context, MagicError
 
 _parser = ArgumentParser("restore")
@@ -28,8 +29,6 @@ async def magic(ctx: Context, args: str) -> None:
     the kernel; a plain NAME never reaches another notebook's snapshots. A damaged snapshot is
     refused with the reason (its files are checksummed).
     """
-    from ..machine.snapshot_store import StoreError, format_size  # noqa: PLC0415
-
     opts = _parser.parse(args)
     machine = ctx.machine
     try:

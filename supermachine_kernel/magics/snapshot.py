@@ -1,7 +1,9 @@
 """%snapshot: capture the whole VM (variables, guest files, threads, processes) under a name."""
 from __future__ import annotations
 
+import shutil
 
+from ..machine import Machine, NotebookSnapshot, StoreError, format_size, split_ref
 from . import ArgumentParser, Context, MagicError
 
 _parser = ArgumentParser("snapshot")
@@ -28,8 +30,6 @@ async def magic(ctx: Context, args: str) -> None:
     ``jupyter --data-dir``/supermachine-kernel/snapshots/, one folder per notebook); list them
     with ``%snapshots``.
     """
-    from ..machine.snapshot_store import StoreError, format_size, split_ref  # noqa: PLC0415
-
     opts = _parser.parse(args)
     machine = ctx.machine
     nb = machine.snapshots
@@ -65,9 +65,7 @@ async def magic(ctx: Context, args: str) -> None:
     return None
 
 
-def _summary(entries: list, foreign: bool = False) -> str:
-    from ..machine.snapshot_store import format_size  # noqa: PLC0415
-
+def _summary(entries: list[NotebookSnapshot], foreign: bool = False) -> str:
     whose = "That group" if foreign else "This notebook"
     if not entries:
         return f"{whose} has no snapshots now."
@@ -76,11 +74,7 @@ def _summary(entries: list, foreign: bool = False) -> str:
     return f"{whose}'s {len(entries)} snapshot{s} use {format_size(total)}."
 
 
-def _report(ctx: Context, machine) -> None:
-    import shutil  # noqa: PLC0415
-
-    from ..machine.snapshot_store import format_size  # noqa: PLC0415
-
+def _report(ctx: Context, machine: Machine) -> None:
     store = machine.store
     rows = [(key, f"{key}: {label}", count, size) for key, label, count, size in store.notebooks()]
     lines = [f"Snapshots under {store.root}:"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 import html
 import time
 
+from ..machine import Machine, format_size
 from . import ArgumentParser, Context
 
 _parser = ArgumentParser("snapshots")
@@ -28,8 +29,6 @@ async def magic(ctx: Context, args: str) -> None:
     Restore one with ``%restore NAME``; delete one with ``%snapshot --delete NAME`` (or
     GROUP/NAME); see every notebook's disk usage with ``%snapshot --report``.
     """
-    from ..machine.snapshot_store import format_size  # noqa: PLC0415
-
     opts = _parser.parse(args)
     machine = ctx.machine
     if opts.all:
@@ -54,9 +53,7 @@ async def magic(ctx: Context, args: str) -> None:
                  "text/html": _html(COLUMNS, rows, footer, caption)})
 
 
-def _all(ctx: Context, machine) -> None:
-    from ..machine.snapshot_store import format_size  # noqa: PLC0415
-
+def _all(ctx: Context, machine: Machine) -> None:
     own = machine.snapshots
     rows, lines = [], []
     groups = machine.store.groups(own)

@@ -4,6 +4,7 @@ from __future__ import annotations
 import asyncio
 import time
 
+from ..machine import format_size
 from . import ArgumentParser, Context
 
 _parser = ArgumentParser("vm")
@@ -26,8 +27,6 @@ async def magic(ctx: Context, args: str) -> None:
     ``%restore``) and its snapshot lineage (the snapshot the session's state came from, its
     parent, …, back to the kernel's fresh start).
     """
-    from ..machine.snapshot_store import format_size  # noqa: PLC0415
-
     _parser.parse(args)
     await ctx.machine.ready_handle()  # a kernel's first cell may come while its VM still starts
     facts = await asyncio.to_thread(ctx.machine.facts)

@@ -17,13 +17,14 @@ __all__ = [
 
 def make_backend(name: str, **options):
     """`local` (host subprocess, NOT isolated) or `vm` (microVM via supermachine_kernel.api)."""
+    # Only the configured backend's module is imported.
     if name == "local":
-        from .local import LocalBackend
+        from .local import LocalBackend  # noqa: PLC0415
 
         return LocalBackend(python=options.get("python"), spares=options.get("pool_min", 1),
                             preimport=options.get("warmup_imports"))
     if name == "vm":
-        from .vm import VmBackend
+        from .vm import VmBackend  # noqa: PLC0415
 
         return VmBackend(**{k: v for k, v in options.items() if k != "python"})
     raise ValueError(f"unknown backend {name!r}: use 'vm' or 'local'")

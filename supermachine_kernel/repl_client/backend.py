@@ -1,9 +1,10 @@
-"""What the session needs from a place to run the guest REPL: the backend interface.
+"""What `GuestRepl` (client.py) needs from a place to run the guest REPL: the backend interface,
+and what the backends share (the guest's environment, reading a ready frame, a spare guest).
 
 A backend launches the REPL driver and hands back a `GuestHandle`: the running process (the
 `ExecChild` API of `supermachine_kernel.api`: write_stdin, read_stdout, read_stderr, signal, wait,
-...) plus how to release whatever holds it. `VmBackend` (session/vm.py) runs it in a microVM;
-`LocalBackend` (session/local.py) runs it as a host subprocess for debugging and fast tests and is
+...) plus how to release whatever holds it. `VmBackend` (vm.py) runs it in a microVM;
+`LocalBackend` (local.py) runs it as a host subprocess for debugging and fast tests and is
 NOT isolated.
 
 The guest's environment is built here from an allowlist, never from the kernel's own environment:
@@ -12,10 +13,12 @@ reach user code.
 """
 from __future__ import annotations
 
+import threading
 import time
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Callable, Protocol
 
+from ..prepared import Prepared
 from .frames import HEADER, MAX_FRAME_BYTES, RAW_STREAM, ProtocolError, decode_body
 
 GUEST_DRIVER = Path(__file__).resolve().parent.parent / "guest" / "repl.py"
@@ -59,7 +62,7 @@ class ExitStatus(Protocol):
 
 
 class GuestChild(Protocol):
-    """The subset of `api.ExecChild` the session uses."""
+    """The subset of `api.ExecChild` that `GuestRepl` uses."""
 
     def write_stdin(self, data: bytes) -> None: ...
     def close_stdin(self) -> None: ...
@@ -72,7 +75,7 @@ class GuestChild(Protocol):
 class GuestHandle(Protocol):
     child: GuestChild
     # Optional attributes (read with getattr): `prestarted` — the REPL was started ahead of
-    # time and its first "ready" consumed, so the session says hello; `greeted` — that hello
+    # time and its first "ready" consumed, so `GuestRepl` says hello; `greeted` — that hello
     # was sent already and its "ready" is still unread.
 
     def release(self) -> None:
@@ -149,42 +152,26 @@ class SpareKeeper:
     died while waiting is released and not handed out.
     """
 
-    def __init__(self, start: Any, alive: Any) -> None:
-        import concurrent.futures
-        import threading
-
+    def __init__(self, start: Callable[[], Any], alive: Callable[[Any], bool]) -> None:
         self._start = start
         self._alive = alive
-        self._future: concurrent.futures.Future | None = None
+        self._spare: Prepared | None = None
         self._lock = threading.Lock()
         self._closed = False
-        self._cf = concurrent.futures
 
     def refill(self) -> None:
-        import threading
-
         with self._lock:
-            if self._closed or self._future is not None:
+            if self._closed or self._spare is not None:
                 return
-            fut: Any = self._cf.Future()
-            self._future = fut
-
-        def run() -> None:
-            try:
-                fut.set_result(self._start())
-            except BaseException as e:  # noqa: BLE001 - reported when taken
-                fut.set_exception(e)
-
-        threading.Thread(target=run, name="guest-spare", daemon=True).start()
+            self._spare = Prepared(self._start, _release_handle, name="guest-spare")
 
     def take(self) -> Any:
         with self._lock:
-            fut, self._future = self._future, None
-        if fut is None:
+            spare, self._spare = self._spare, None
+        if spare is None:
             return None
-        try:
-            handle = fut.result()
-        except Exception:  # noqa: BLE001 - the caller starts a guest the normal way
+        handle = spare.claim()  # None if it failed to start: the caller starts one the normal way
+        if handle is None:
             return None
         if not self._alive(handle):
             handle.release()
@@ -194,7 +181,10 @@ class SpareKeeper:
     def close(self) -> None:
         with self._lock:
             self._closed = True
-            fut, self._future = self._future, None
-        if fut is not None:
-            fut.add_done_callback(lambda f: f.exception() is None and f.result().release())
+            spare, self._spare = self._spare, None
+        if spare is not None:
+            spare.release()
 
+
+def _release_handle(handle: Any) -> None:
+    handle.release()

@@ -3,13 +3,13 @@
 Threads and the loop: every blocking call (launching, `write_stdin`, `read_stdout`, signals) runs
 on worker threads; results and guest events are handed to the kernel's asyncio loop with
 `call_soon_threadsafe`, in the order the guest sent them, so all output of a cell is published
-before its reply resolves. Requests are `await session.request(kind, **fields)`; guest-initiated
+before its reply resolves. Requests are `await repl.request(kind, **fields)`; guest-initiated
 messages (stream, display, comm, input_request) go to `on_event(kind, content, buffers)` on the
 loop. The reader thread stops reading while too many events wait for the loop (flow control: a
 guest that floods output is slowed down, host memory stays bounded).
 
 One `_Link` per guest incarnation. When the guest dies (REPL exits, VM dies, bad frame) the link
-fails its pending requests with `GuestDied(reason)`, emits a `died` event, and the session starts
+fails its pending requests with `GuestDied(reason)`, emits a `died` event, and `GuestRepl` starts
 a fresh guest at once unless it is shutting down.
 """
 from __future__ import annotations
@@ -97,10 +97,10 @@ def _signal_name(signum: int) -> str:
 class _Link:
     """One running guest REPL: its handle, reader/writer/stderr threads and pending requests."""
 
-    def __init__(self, session: "GuestRepl", handle: GuestHandle) -> None:
-        self.session = session
+    def __init__(self, client: GuestRepl, handle: GuestHandle) -> None:
+        self.client = client
         self.handle = handle
-        self.loop = session.loop
+        self.loop = client.loop
         self.pending: dict[int, tuple[str, asyncio.Future]] = {}
         self.ready: concurrent.futures.Future[GuestInfo] = concurrent.futures.Future()
         self.dead = False
@@ -181,9 +181,9 @@ class _Link:
                 self.was_ready = True
                 if not self.ready.done():
                     self.ready.set_result(info)
-                self.session._on_ready(self, info)
-            elif self.session._link is self:
-                self.session.on_event(kind, content, buffers)
+                self.client._on_ready(self, info)
+            elif self.client._link is self:
+                self.client.on_event(kind, content, buffers)
         except Exception:  # an event handler bug must not stop the reader
             log.exception("error handling guest %s event", kind)
         finally:
@@ -251,7 +251,7 @@ class _Link:
             if not fut.done():
                 fut.set_exception(err)
         self.pending.clear()
-        self.session._on_link_died(self, reason)
+        self.client._on_link_died(self, reason)
 
     def close(self) -> None:
         self.closing = True
@@ -465,7 +465,7 @@ class GuestRepl:
         if link is not None:
             link.handle.child.signal(signal.SIGKILL)
 
-    # -- adopting a guest started elsewhere (%restore: supermachine_kernel/machine.py) ---------
+    # -- adopting a guest started elsewhere (%restore: machine/current.py) --------------------
 
     @property
     def handle(self) -> GuestHandle | None:
@@ -475,7 +475,7 @@ class GuestRepl:
 
     async def adopt(self, handle: GuestHandle, timeout: float | None = None) -> GuestInfo:
         """Make `handle` — a REPL that is already running, e.g. in a VM restored from a snapshot —
-        the session's guest: say hello, wait for its ready, then release the previous guest (in
+        this client's guest: say hello, wait for its ready, then release the previous guest (in
         the background). If it does not answer, it is released and the previous guest stays."""
         if self._shutting_down:
             raise GuestUnavailable("the session is shutting down")

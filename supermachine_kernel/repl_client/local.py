@@ -1,6 +1,6 @@
 """Local backend: the guest REPL as a plain host subprocess. NOT ISOLATED — debugging and tests only.
 
-`LocalChild` mirrors the `api.ExecChild` API over `subprocess.Popen`, so the session cannot tell
+`LocalChild` mirrors the `api.ExecChild` API over `subprocess.Popen`, so `GuestRepl` cannot tell
 the difference; that is what lets the kernel's tests run without QEMU. The child gets the same
 allowlisted environment a VM would (never the kernel's), its own temporary HOME/cwd, and its own
 session (so a SIGINT sent to the kernel's process group does not reach it directly: interrupts are
@@ -61,8 +61,8 @@ class LocalChild:
     def _read(self, stream, max_bytes: int, timeout: float | None) -> bytes:
         fd = stream.fileno()
         ready, _, _ = select.select([fd], [], [], timeout)
-        if not ready:
-            raise TimeoutError("no output within %.3f s" % timeout)
+        if not ready:  # select returns nothing only when it timed out
+            raise TimeoutError(f"no output within {timeout or 0:.3f} s")
         return os.read(fd, max_bytes)
 
     def read_stdout(self, max_bytes: int = 65536, timeout: float | None = None) -> bytes:

@@ -22,25 +22,16 @@ import os
 import threading
 from typing import Any, Callable
 
+from .attach import GUEST_DRIVER_PATH, REPL_ARGV, REPL_ID_FILE, attach_repl
 from .backend import PREIMPORT_ENV, SpareKeeper, read_ready_frame, start_prestarted
 
 log = logging.getLogger("supermachine_kernel.repl_client.vm")
 
-GUEST_DRIVER_PATH = "/tmp/supermachine-repl.py"
-REPL_ID_FILE = "/tmp/.supermachine-repl.json"
-REPL_ARGV = ["python3", "-u", GUEST_DRIVER_PATH]
 # The agent signals the REPL with this (a real-time signal user code is unlikely to use) after
 # every Hello, so a restored REPL starts warming up at once (guest/repl.py).
 NOTIFY_HELLO_ENV = "SUPERMACHINE_NOTIFY_HELLO"
 NOTIFY_HELLO_SIGNAL = 40  # SIGRTMIN + 6 on Linux
-POOL_DEFER_SECONDS = 3.0  # after a kernel start that adopted its early VM (early_start.py)
-
-
-def running_repl_ids(vm: Any) -> list[int]:
-    """Ids of the guest processes that are a running REPL, from the agent's process table
-    (one round trip; works on the runtime's VM object and on `api.Vm`)."""
-    return [int(p["id"]) for p in vm.processes()
-            if p.get("running") and list(p.get("argv") or []) == REPL_ARGV]
+POOL_DEFER_SECONDS = 3.0  # after a kernel start that adopted its early VM (startup/sequence.py)
 
 
 def _repl_env(env: dict[str, str], **extra: str) -> dict[str, str]:
@@ -137,7 +128,7 @@ class VmBackend:
         self._spares = SpareKeeper(self._start_spare, lambda h: h.vm.alive and h.child.poll() is None) \
             if pool_min > 0 else None
         self._lock = threading.Lock()
-        #: A VM the kernel process began restoring before its imports (early_start.EarlyVm):
+        #: A VM the kernel process began restoring before its imports (startup.sequence.EarlyVm):
         #: the first launch takes it if this configuration's warm snapshot is the one it holds.
         self.early: Any = None
         self._snapshots = False  # VMs come from the warm snapshot through the pool
@@ -254,19 +245,13 @@ class VmBackend:
             h.update(json.dumps(self._repl_drops).encode())
         return "kernel-repl-" + h.hexdigest()[:16]
 
-    def _attach_restored(self, vm: Any) -> Any:
-        """The REPL a restored VM already runs, or None (then the caller spawns one).
-
-        Found in the agent's process table (one round trip, ~5 ms under TCG right after a
-        restore); the id file the warmup left is read only if the table is ambiguous (reading a
-        guest file right after a restore takes ~40 ms: that is on every kernel start's path)."""
+    @staticmethod
+    def _attach_warm_repl(vm: Any) -> Any:
+        """The REPL a restored VM already runs (attach.py), or None: then the caller spawns one
+        (e.g. a pool without the warmup)."""
         try:
-            repls = running_repl_ids(vm)
-            if len(repls) == 1:
-                return vm.attach_process(repls[0])
-            repl_id = json.loads(vm.read_file(REPL_ID_FILE))["id"]
-            return vm.attach_process(int(repl_id))
-        except Exception:  # noqa: BLE001 - e.g. a pool without the warmup: start one instead
+            return attach_repl(vm)
+        except Exception:  # noqa: BLE001 - a fresh REPL is started instead
             log.warning("no warm REPL in the restored VM; starting one", exc_info=True)
             return None
 
@@ -290,7 +275,7 @@ class VmBackend:
         vm, release = self._take_vm()
         prestarted = False
         try:
-            child = self._attach_restored(vm) if self._snapshots else None
+            child = self._attach_warm_repl(vm) if self._snapshots else None
             if child is not None:
                 prestarted = True
             else:
@@ -320,7 +305,7 @@ class VmBackend:
                 vm, child = taken
                 handle = VmHandle(vm, child, vm.release, describe_vm(vm) + ", restored at kernel start")
                 handle.prestarted = True
-                handle.greeted = True  # early_start.restore_and_attach said hello
+                handle.greeted = True  # startup.sequence.restore_and_attach said hello
                 return handle
         spare = None
         if self._recipe != (driver, env):

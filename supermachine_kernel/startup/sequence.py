@@ -1,18 +1,18 @@
-"""Early start: the kernel process's first ~300 ms, while ipykernel is being imported, put to use.
+"""The start-up sequence (`Startup`): the kernel process's first ~300 ms, while ipykernel is
+being imported, put to use.
 
-ipykernel's imports take ~250-300 ms before a kernel can answer anything, and the kernel's VM
-was restored only after them. When an earlier kernel with the same command line left a launch
-hint (launch_hint.py), the kernel process, before those imports:
+When an earlier kernel with the same command line left a launch hint (hint.py), the process,
+before ipykernel's imports:
 
 - restores the hinted warm snapshot on a thread and re-attaches to its REPL, which warms
   itself up in the guest while ipykernel loads (the agent signals it after the restore's
-  Hello: guest/repl.py, install_hello_notification) (`EarlyVm`, started first by
-  `EarlyStart.begin`). The VM backend takes that VM only if its own configuration resolves
-  to the same snapshot, and releases it otherwise;
-- once the shell and iopub sockets are bound (kernel_sockets.py), `EarlyStart.answer`
-  starts the early responder (early_responder.py), which answers the frontend's first request
-  if it is kernel_info_request, from the hint, and welcomes iopub subscribers;
-  `stop_responder()` ends it before the kernel takes the sockets over.
+  Hello: guest/repl.py, install_hello_notification) (`EarlyVm`, started by `Startup.begin`).
+  The VM backend takes that VM only if its own configuration resolves to the same snapshot,
+  and releases it otherwise;
+- once the shell and iopub sockets are bound (sockets.py), `Startup.answer` starts the early
+  responder (responder.py), which answers the frontend's first request if it is
+  kernel_info_request, from the hint, and welcomes iopub subscribers; `stop_responder()` ends
+  it before the kernel takes the sockets over.
 
 SUPERMACHINE_EARLY_START=0 turns both off.
 """
@@ -21,14 +21,15 @@ from __future__ import annotations
 import atexit
 import os
 import sys
-import threading
 
 from .. import __version__, env_switch
+from ..prepared import Prepared
 from . import hint as launch_hint
 
-# Everything else is imported when needed: this module runs first in the kernel process, and
-# the VM restore it starts is on the path of the first cell (`logging` and `typing` take ~8 ms
-# each to import; mypy reads TYPE_CHECKING as typing's).
+# Only built-in modules are imported above. Everything else is imported where it is needed,
+# for start-up speed, not to dodge an import cycle: this module runs first in the kernel
+# process, and the VM restore it starts is on the path of the first cell (`logging` and
+# `typing` take ~8 ms each to import; mypy reads TYPE_CHECKING as typing's).
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from typing import Any, Optional
@@ -39,7 +40,7 @@ EARLY_SWITCH_INTERVAL = 0.0005  # seconds; sys.getswitchinterval() while the ear
 
 
 def _log() -> Any:
-    import logging  # noqa: PLC0415
+    import logging  # noqa: PLC0415 - start-up speed (see the imports above)
 
     return logging.getLogger("supermachine_kernel.startup.sequence")
 
@@ -51,7 +52,8 @@ def enabled(env: dict[str, str]) -> bool:
 def cache_dir() -> str:
     """Where hints live: beside the image cache (the compiled runtime knows where that is)."""
     try:
-        from .. import _core  # noqa: PLC0415
+        # The runtime directly: the API takes ~25 ms more to import, on the start-up path.
+        from .. import _core  # noqa: PLC0415 - may be absent (local backend only)
 
         return _core.image_cache_dir(None)
     except Exception:  # noqa: BLE001 - no runtime (local backend only): the XDG default
@@ -67,27 +69,18 @@ class EarlyVm:
 
     def __init__(self, snapshot: str) -> None:
         self.snapshot = snapshot
-        self._done = threading.Event()
-        self._lock = threading.Lock()
-        self._result: Optional[tuple[Any, Any]] = None
-        self._claimed = False
-        self.error: Optional[BaseException] = None
-        threading.Thread(target=self._run, name="early-vm", daemon=True).start()
+        self._prepared = Prepared(self._restore, _release_vm, name="early-vm")
 
-    def _run(self) -> None:
+    def _restore(self) -> tuple[Any, Any]:
         try:
-            result = restore_and_attach(self.snapshot)
-        except BaseException as e:  # noqa: BLE001 - the backend's normal path runs instead
-            self.error = e
+            return restore_and_attach(self.snapshot)
+        except BaseException as e:  # the backend's normal path runs instead
             _log().info("early restore of %s failed: %s", self.snapshot, e)
-            self._done.set()
-            return
-        with self._lock:
-            self._result = result
-            claimed = self._claimed
-        self._done.set()
-        if claimed:  # released before it was ready
-            result[0].release()
+            raise
+
+    @property
+    def error(self) -> Optional[BaseException]:
+        return self._prepared.error
 
     def take(self, snapshot: Optional[str], timeout: float = 60.0) -> Optional[tuple[Any, Any]]:
         """(vm, REPL child) if it was restored from `snapshot` and is alive; else None (and
@@ -95,54 +88,45 @@ class EarlyVm:
         if snapshot is None or os.path.realpath(snapshot) != os.path.realpath(self.snapshot):
             self.release()
             return None
-        self._done.wait(timeout)
-        with self._lock:
-            if self._claimed or self._result is None:
-                self._claimed = True
-                return None
-            self._claimed = True
-            vm, child = self._result
+        taken = self._prepared.claim(timeout)
+        if taken is None:
+            return None
+        vm, child = taken
         if not getattr(vm, "alive", True):
             vm.release()
             return None
-        from .. import api  # noqa: PLC0415
+        # Imported now, when ipykernel is loaded: it is not on the start-up path.
+        from .. import api  # noqa: PLC0415 - start-up speed (see the imports above)
 
         return api.Vm(vm), child
 
     def release(self) -> None:
-        with self._lock:
-            if self._claimed:
-                return
-            self._claimed = True
-            result = self._result
-        if result is not None:
-            result[0].release()
+        self._prepared.release()
+
+
+def _release_vm(restored: tuple[Any, Any]) -> None:
+    restored[0].release()
 
 
 def restore_and_attach(snapshot: str) -> tuple[Any, Any]:
     """Restores the warm snapshot, re-attaches to the REPL it holds and says hello to it
-    ("idle": nobody waits for a cell yet, so its after-restore warm-up, which the agent's
-    signal started, goes on). The REPL's "ready" answer waits unread in the runtime until the
-    session adopts the VM (the handle is marked `greeted`): answering takes the REPL ~80 ms
-    right after a restore under TCG, and this way it is done while ipykernel is imported, not
-    after. Blocking. Returns the runtime's own VM object (`take` wraps it in `api.Vm`) and the
-    REPL's process handle."""
+    (repl_client/attach.py). The REPL's "ready" answer waits unread in the runtime until the
+    kernel's `GuestRepl` adopts the VM (the handle is marked `greeted`): answering takes the
+    REPL ~80 ms right after a restore under TCG, and this way it is done while ipykernel is
+    imported, not after. Blocking. Returns the runtime's own VM object (`take` wraps it in
+    `api.Vm`) and the REPL's process handle."""
+    # The runtime directly, deliberately: it verifies the snapshot and restores with the GIL
+    # released, while importing the Python API here would hold the GIL the main thread's
+    # imports need.
     from .. import _core  # noqa: PLC0415 - imported already (cache_dir)
 
-    # The runtime directly (it verifies the snapshot and restores with the GIL released):
-    # importing the Python API here would hold the GIL the main thread's imports need.
     vm = _core.Vm.restore(snapshot, timeout=60.0)
     try:
-        # Imported only now: the restore above is what the kernel waits for.
-        from ..repl_client.vm import running_repl_ids  # noqa: PLC0415
+        # Imported only now, for start-up speed (not to dodge a cycle): the restore above is
+        # what the kernel waits for; prepare_attach imports it meanwhile.
+        from ..repl_client.attach import attach_repl  # noqa: PLC0415
 
-        repls = running_repl_ids(vm)
-        if len(repls) != 1:
-            raise RuntimeError(f"expected one REPL in the snapshot, found {len(repls)}")
-        child = vm.attach_process(repls[0])
-        from ..repl_client.frames import encode_frame  # noqa: PLC0415
-
-        child.write_stdin(encode_frame({"type": "hello", "idle": True}))
+        child = attach_repl(vm, greet=True)
     except BaseException:
         vm.release()
         raise
@@ -184,7 +168,7 @@ class Startup:
         and the connection file's key is usable."""
         self.sockets = sockets
         if self.hint is not None and sockets is not None and sockets.key is not None:
-            from .responder import EarlyResponder  # noqa: PLC0415
+            from .responder import EarlyResponder  # noqa: PLC0415 - start-up speed, see above
 
             self.responder = EarlyResponder(sockets.shell, sockets.iopub, sockets.key,
                                             sockets.signature_scheme, self.hint["kernel_info"])
@@ -194,7 +178,7 @@ class Startup:
         kernel's anyway) now, while the restore runs with the GIL released, instead of after
         it, on the path of the first cell. Called once the sockets are bound and answered."""
         if self.vm is not None:
-            from ..repl_client import frames, vm  # noqa: F401, PLC0415
+            from ..repl_client import attach  # noqa: F401, PLC0415 - start-up speed, see above
 
     def stop_responder(self) -> list[list[bytes]]:
         """Ends the responder (if any); returns the request it kept for the kernel (if any).

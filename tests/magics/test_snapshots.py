@@ -8,7 +8,7 @@ import os
 import pytest
 
 from supermachine_kernel.machine.snapshot_store import (
-    Entry,
+    NotebookSnapshot,
     SnapshotStore,
     StoreError,
     disk_usage,
@@ -81,7 +81,7 @@ def test_index_listing_names_and_delete(tmp_path):
     with pytest.raises(StoreError, match="no snapshots yet"):
         nb.latest()
     _fake_snapshot(nb, "snap-1", 1_000)
-    nb.record(Entry(name="snap-1", created=1.0, parent=None, repl_id=7))
+    nb.record(NotebookSnapshot(name="snap-1", created=1.0, parent=None, repl_id=7))
     _fake_snapshot(nb, "later", 5_000)  # no index entry: listed from its metadata.json
     _fake_snapshot(other, "theirs")
     assert [e.name for e in nb.entries()] == ["snap-1", "later"]
@@ -105,7 +105,7 @@ def test_other_groups_are_reached_only_as_group_slash_name(tmp_path):
     own = store.notebook("kernel-own", "kernel own")
     other = store.notebook("kernel-old", "kernel old, started in /p (notebook path unknown)")
     _fake_snapshot(other, "s1", 1_000)
-    other.record(Entry(name="s1", created=1.0, repl_id=3))
+    other.record(NotebookSnapshot(name="s1", created=1.0, repl_id=3))
     _fake_snapshot(other, "s2", 2_000)
     # This notebook has none: the message says where the others are and how to name them.
     with pytest.raises(StoreError, match=r"this notebook has no snapshots yet.*%snapshots --all"):
@@ -130,7 +130,7 @@ def test_other_groups_are_reached_only_as_group_slash_name(tmp_path):
     assert [g.key for g in store.groups(own)] == ["kernel-old", "kernel-own"]
     assert store.groups(own)[1] is own
     # The group of an entry is never written into an index.
-    other.record(Entry(name="s2", created=2.0, group="kernel-old"))
+    other.record(NotebookSnapshot(name="s2", created=2.0, group="kernel-old"))
     index = json.loads((tmp_path / "kernel-old" / "index.json").read_text())
     assert "group" not in index["snapshots"]["s2"]
     assert other.delete("s1") > 0 and [e.name for e in other.entries()] == ["s2"]
@@ -142,7 +142,7 @@ def test_damaged_index_is_rebuilt_from_directories(tmp_path):
     with open(os.path.join(nb.dir, "index.json"), "w") as f:
         f.write("{not json")
     assert [e.name for e in nb.entries()] == ["a"]
-    nb.record(Entry(name="a", created=2.0, parent="zero"))
+    nb.record(NotebookSnapshot(name="a", created=2.0, parent="zero"))
     assert nb.get("a").parent == "zero"
 
 
