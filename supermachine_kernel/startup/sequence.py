@@ -65,27 +65,30 @@ def cache_dir() -> str:
 
 
 class EarlyVm:
-    """Restores `snapshot` and greets its REPL on a thread; `take()` hands (vm, child) over."""
+    """Restores the image's warm snapshot (the hint's) and greets its REPL on a thread;
+    `take()` hands (vm, child) over."""
 
-    def __init__(self, snapshot: str) -> None:
-        self.snapshot = snapshot
+    def __init__(self, warm_snapshot: str) -> None:
+        self.warm_snapshot = warm_snapshot
         self._prepared = Prepared(self._restore, _release_vm, name="early-vm")
 
     def _restore(self) -> tuple[Any, Any]:
         try:
-            return restore_and_attach(self.snapshot)
+            return restore_and_attach(self.warm_snapshot)
         except BaseException as e:  # the backend's normal path runs instead
-            _log().info("early restore of %s failed: %s", self.snapshot, e)
+            _log().info("early restore of %s failed: %s", self.warm_snapshot, e)
             raise
 
     @property
     def error(self) -> Optional[BaseException]:
         return self._prepared.error
 
-    def take(self, snapshot: Optional[str], timeout: float = 60.0) -> Optional[tuple[Any, Any]]:
-        """(vm, REPL child) if it was restored from `snapshot` and is alive; else None (and
-        the VM is released)."""
-        if snapshot is None or os.path.realpath(snapshot) != os.path.realpath(self.snapshot):
+    def take(self, warm_snapshot: Optional[str],
+             timeout: float = 60.0) -> Optional[tuple[Any, Any]]:
+        """(vm, REPL child) if it was restored from `warm_snapshot` (the backend's) and is
+        alive; else None (and the VM is released)."""
+        mine = os.path.realpath(self.warm_snapshot)
+        if warm_snapshot is None or os.path.realpath(warm_snapshot) != mine:
             self.release()
             return None
         taken = self._prepared.claim(timeout)
@@ -95,7 +98,7 @@ class EarlyVm:
         if not getattr(vm, "alive", True):
             vm.release()
             return None
-        # Imported now, when ipykernel is loaded: it is not on the start-up path.
+        # Here, not at the top: this module is on the start-up path, take() is not.
         from .. import api  # noqa: PLC0415 - start-up speed (see the imports above)
 
         return api.Vm(vm), child
@@ -108,7 +111,7 @@ def _release_vm(restored: tuple[Any, Any]) -> None:
     restored[0].release()
 
 
-def restore_and_attach(snapshot: str) -> tuple[Any, Any]:
+def restore_and_attach(warm_snapshot: str) -> tuple[Any, Any]:
     """Restores the warm snapshot, re-attaches to the REPL it holds and says hello to it
     (repl_client/attach.py). The REPL's "ready" answer waits unread in the runtime until the
     kernel's `GuestRepl` adopts the VM (the handle is marked `greeted`): answering takes the
@@ -120,7 +123,7 @@ def restore_and_attach(snapshot: str) -> tuple[Any, Any]:
     # imports need.
     from .. import _core  # noqa: PLC0415 - imported already (cache_dir)
 
-    vm = _core.Vm.restore(snapshot, timeout=60.0)
+    vm = _core.Vm.restore(warm_snapshot, timeout=60.0)
     try:
         # Imported only now, for start-up speed (not to dodge a cycle): the restore above is
         # what the kernel waits for; prepare_attach imports it meanwhile.
@@ -198,8 +201,8 @@ class Startup:
         vm, self.vm = self.vm, None
         return vm
 
-    def save_hint(self, kernel_info: dict, snapshot: Optional[str]) -> None:
+    def save_hint(self, kernel_info: dict, warm_snapshot: Optional[str]) -> None:
         try:
-            launch_hint.write(cache_dir(), self.key, kernel_info, snapshot)
+            launch_hint.write(cache_dir(), self.key, kernel_info, warm_snapshot)
         except OSError as e:
             _log().info("cannot write the launch hint: %s", e)
