@@ -1,4 +1,10 @@
-"""The guest REPL client: one `GuestRepl` per kernel, over an injected backend (VM or local)."""
+"""The guest REPL client: one `GuestRepl` per kernel, over an injected backend (VM or local).
+
+client.py `GuestRepl` (requests, events, death, restart, adopting a restored REPL); frames.py
+the frame format and its validation; backend.py the backend interface and what backends share;
+vm.py and local.py the two backends; attach.py attaching to (and greeting) the REPL a restored
+VM already runs.
+"""
 from .backend import Backend, guest_environment
 from .client import GuestDied, GuestInfo, GuestRepl, GuestUnavailable
 from .frames import ProtocolError
