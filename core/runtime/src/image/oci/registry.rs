@@ -24,7 +24,6 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use base64::Engine;
-
 use futures_util::StreamExt;
 use oci_client::client::{BlobResponse, Certificate, CertificateEncoding, ClientConfig, ClientProtocol};
 use oci_client::errors::{DigestError, OciDistributionError, OciErrorCode};
@@ -492,6 +491,31 @@ mod tests {
         for r in ["registry:5000", "10.0.0.1:5000", "ghcr.io", "localhost.evil.com:5000", "[::2]:1"] {
             assert!(!is_loopback(r), "{r}");
         }
+    }
+
+    #[test]
+    fn a_refused_token_is_explained_by_its_claims() {
+        let jwt = |claims: serde_json::Value| {
+            let b = |v: &serde_json::Value| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(v.to_string());
+            format!("{}.{}.sig", b(&serde_json::json!({"alg": "RS256"})), b(&claims))
+        };
+        let r: Reference = "reg.example/team/img:1".parse().unwrap();
+        let user = RegistryAuth::Basic("ann".into(), "pw".into());
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() as i64;
+        let pull = serde_json::json!([{"type": "repository", "name": "team/img", "actions": ["pull"]}]);
+        let other = serde_json::json!([{"type": "repository", "name": "team/other", "actions": ["pull"]}]);
+
+        let expired = jwt(serde_json::json!({"exp": now - 600, "access": pull}));
+        assert!(matches!(refused_token(&expired, &r, &user), Some(RegistryError::TokenExpired { seconds_ago, .. }) if seconds_ago >= 600));
+        let wrong_repo = jwt(serde_json::json!({"exp": now + 600, "access": other}));
+        let e = refused_token(&wrong_repo, &r, &user).unwrap();
+        assert!(matches!(&e, RegistryError::NotAllowed { user, .. } if user == "ann"), "{e}");
+        assert!(e.to_string().contains("docker login reg.example"), "{e}");
+        // Anonymous: the plain "log in" refusal stays; a token that grants pull, or an opaque
+        // one, explains nothing.
+        assert!(refused_token(&wrong_repo, &r, &RegistryAuth::Anonymous).is_none());
+        assert!(refused_token(&jwt(serde_json::json!({"exp": now + 600, "access": pull})), &r, &user).is_none());
+        assert!(refused_token("opaque-token", &r, &user).is_none());
     }
 
     #[test]
