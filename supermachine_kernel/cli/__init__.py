@@ -191,9 +191,13 @@ def cmd_image_rm(args: argparse.Namespace) -> int:
         return 1
     report = images.prune(args.cache_dir, remove=present, policy=False, keep=[],
                           dry_run=args.dry_run)
+    specs = images.kernelspec_images(args.cache_dir)
     for name in present:
         if any(e.kind == "image" and e.image == name for e in report.removed):
             print(f"{'would remove' if args.dry_run else 'removed'} image {name}")
+            for spec in specs.get(name, []):
+                print(f"note: kernelspec {spec} runs it; rebuild it with "
+                      f"`supermachine-kernel prepare --kernel {spec}`")
     _print_report(report, "would remove" if args.dry_run else "removed")
     return 1 if missing or report.in_use else 0
 

@@ -155,8 +155,10 @@ def test_rm_drops_the_images_snapshots_and_says_what_it_freed(cache: Path, oci_r
     assert len(list(blobs.iterdir())) == n_blobs and Path(b.rootfs).is_file()
     assert [i.name for i in images.list_images(cache)] == ["b"]
 
+    install_spec(kernelspecs, "b-env", "b")
     code, out, _ = run(capfd, "image", "rm", "b", "--cache-dir", str(cache))
     assert code == 0 and "removed image b" in out
+    assert "kernelspec b-env runs it" in out and "prepare --kernel b-env" in out
     assert list(blobs.iterdir()) == []  # nothing uses them any more
 
 
