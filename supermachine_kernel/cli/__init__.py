@@ -63,7 +63,7 @@ def _progress(quiet: bool, label: str = "image") -> "Union[bool, Bars]":
 def cmd_image_build(args: argparse.Namespace) -> int:
     images = _images()
     start = time.monotonic()
-    bars = _progress(args.quiet, f"image {args.name or args.ref or 'default'}")
+    bars = _progress(args.quiet, f"image {args.name}" if args.name else "image")
     try:
         p = images.ensure_image(
             args.ref,
@@ -75,6 +75,7 @@ def cmd_image_build(args: argparse.Namespace) -> int:
             force=args.force,
             packages=args.packages,
             requirements=args.requirements,
+            kernel_layer=False if args.no_kernel_layer else None,
         )
     finally:
         if not isinstance(bars, bool):
@@ -245,6 +246,9 @@ def add_image_commands(sub: "argparse._SubParsersAction") -> None:
     b.add_argument("--packages", nargs="+", action="extend", metavar="PKG",
                    help="packages installed into a layer of an OCI image")
     b.add_argument("--requirements", metavar="FILE", help="a requirements file, likewise")
+    b.add_argument("--no-kernel-layer", action="store_true",
+                   help="an OCI image without the kernel layer (no python3 needed; for vm.exec "
+                   "only, no kernel)")
     b.add_argument("--force", action="store_true", help="rebuild even if cached")
     b.add_argument("--agent", metavar="PATH", help="guest agent binary for the initramfs")
     b.add_argument("-q", "--quiet", action="store_true", help="no progress output")
