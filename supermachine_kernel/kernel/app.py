@@ -3,14 +3,13 @@
 `MicroVMKernelApp` takes the `Startup` the entry module ran (supermachine_kernel/startup) as its
 `startup` trait: it adopts the shell and iopub sockets bound in the process's first
 milliseconds, ends the early responder before the sockets change hands, and hands the startup
-to the kernel. It also owns the process's exit (no interpreter finalization) and its logging.
+to the kernel. It sets up the process's logging; its exit is lifecycle.py's `exit_process`.
 """
 from __future__ import annotations
 
 import atexit
 import logging
 import os
-import sys
 import typing as t
 
 import zmq
@@ -19,6 +18,7 @@ from ipykernel.kernelapp import IPKernelApp
 from jupyter_core.paths import jupyter_config_path
 from traitlets import Any, default
 
+from . import lifecycle
 from .microvm import MicroVMKernel
 
 
@@ -101,24 +101,9 @@ class MicroVMKernelApp(IPKernelApp):
         try:
             super().start()
         finally:
-            self._let_control_finish()
-            # Exit without interpreter finalization: daemon threads may sit inside the VM
-            # runtime's blocking calls, and unwinding them at finalization aborts the process.
-            atexit._run_exitfuncs()
-            sys.stdout.flush()
-            sys.stderr.flush()
-            os._exit(0)
-
-    def _let_control_finish(self, timeout: float = 2.0) -> None:
-        """After a shutdown_request the control thread still flushes stdio through the IOPub
-        thread and publishes its idle status, then stops. ipykernel's close() (an exit
-        function) stops the IOPub thread first and then joins the control thread, which then
-        waits on a flush nobody serves: the kernel hung for 10 s or for good when the main
-        thread got there first. Let the control thread finish first."""
-        control = getattr(self, "control_thread", None)
-        requested = getattr(getattr(self, "kernel", None), "_shutdown_message", None) is not None
-        if control is not None and requested and control.is_alive():
-            control.join(timeout)
+            kernel = getattr(self, "kernel", None)
+            lifecycle.exit_process(getattr(self, "control_thread", None),
+                                   getattr(kernel, "_shutdown_message", None) is not None)
 
     @default("capture_fd_output")
     def _capture_fd_output_default(self) -> bool:

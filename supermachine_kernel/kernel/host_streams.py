@@ -3,7 +3,7 @@
 ipykernel flushes both streams four times per request (before and after the cell, and at the end
 of dispatch). Each flush hands a task to the IOPub thread and waits for it: two thread hand-offs
 and a wakeup, ~0.1-0.2 ms each time, even when nothing was written. In this kernel nothing
-normally is: a cell's output comes from the guest (kernel.py publishes it), and these streams only
+normally is: a cell's output comes from the guest (iopub.py publishes it), and these streams only
 carry what the kernel process itself prints. `HostOutStream.flush` returns at once when its
 buffers are empty; otherwise it flushes as before. Ordering is kept: whatever a flush would have
 sent was already handed to the IOPub thread, which sends in order.

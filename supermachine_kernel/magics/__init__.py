@@ -1,10 +1,10 @@
 """Host-side line magics: ``%snapshot``, ``%restore``, ``%snapshots``, ``%pool``, ``%vm``.
 
 They act on the VM itself, so they run in the kernel process and never reach the guest. The
-kernel calls `dispatch` at the start of every execute (one hook in kernel.py); a cell whose
-first lines are our magics runs them here, in order, and the rest of the cell (if any) goes to
-the guest as usual. A magic further down a cell is refused with an error that says to move it:
-it would otherwise run at the wrong moment.
+kernel calls `dispatch` at the start of every execute (kernel/microvm.py, do_execute); a cell
+whose first lines are our magics runs them here, in order, and the rest of the cell (if any)
+goes to the guest as usual. A magic further down a cell is refused with an error that says to
+move it: it would otherwise run at the wrong moment.
 
 One file per magic (``magics/<name>.py``) defining ``async def magic(ctx, args)``; its
 docstring is the help ``%name?`` shows. A magic that fails to import is reported (logged, and as
@@ -15,7 +15,6 @@ and a hint in the traceback), and the rest of the cell does not run.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import importlib
 import inspect
 import logging
@@ -23,11 +22,14 @@ import re
 import shlex
 from typing import Any, Awaitable, Callable, Optional
 
+from ..kernel.errors import error_content, execute_error_reply
+from ..machine.current import Machine
+from .widget import HostWidgets
+
 log = logging.getLogger("supermachine_kernel.magics")
 
 NAMES = ("snapshot", "restore", "snapshots", "pool", "vm")
 LINE_RE = re.compile(r"^%(?P<name>[A-Za-z_]\w*)(?P<help>\?{1,2})?(?:[ \t]+(?P<args>.*?))?\s*$")
-RED, RESET = "\x1b[0;31m", "\x1b[0m"
 
 MagicFunc = Callable[["Context", str], Awaitable[None]]
 
@@ -114,19 +116,19 @@ class Context:
         self.host = host
         self.kernel = host.kernel
         self.silent = silent
-        self.parent = getattr(host.kernel, "_exec_parent", None)
+        self.parent = host.kernel.iopub.cell_parent
 
     @property
-    def machine(self) -> Any:
+    def machine(self) -> Machine:
         return self.host.machine()
 
     @property
-    def widgets(self) -> Any:
-        return self.host.widgets()
+    def widgets(self) -> HostWidgets:
+        return self.kernel.comms.host_widgets()
 
     def publish(self, msg_type: str, content: dict, **kw: Any) -> None:
         if not self.silent:
-            self.kernel._publish(msg_type, content, **kw)
+            self.kernel.iopub.publish(msg_type, content, **kw)
 
     def print(self, text: str, stream: str = "stdout") -> None:
         if not text.endswith("\n"):
@@ -138,30 +140,18 @@ class Context:
 
 
 class HostMagics:
-    """One per kernel: the registry, the Machine and the host widgets, created on first use."""
+    """One per kernel: the registry, and the Machine, created on first use. The host widgets
+    are the kernel's comm router's (kernel/comms.py), which routes their comm messages."""
 
     def __init__(self, kernel: Any) -> None:
         self.kernel = kernel
         self.registry = Registry()
-        self._machine: Any = None
-        self._widgets: Any = None
+        self._machine: Optional[Machine] = None
 
-    def machine(self) -> Any:
+    def machine(self) -> Machine:
         if self._machine is None:
-            from ..machine.current import Machine  # noqa: PLC0415
-
             self._machine = Machine(self.kernel)
         return self._machine
-
-    def widgets(self) -> Any:
-        if self._widgets is None:
-            from .widget import HostWidgets  # noqa: PLC0415
-
-            kernel = self.kernel
-            loop = getattr(kernel, "_main_loop", None) or asyncio.get_running_loop()
-            self._widgets = HostWidgets(kernel._publish, loop.call_soon_threadsafe)
-            _route_host_comms(kernel, self._widgets)
-        return self._widgets
 
     async def run_cell(self, code: str, silent: bool) -> tuple[str, Optional[dict]]:
         found, rest = split_cell(code, self.registry.__contains__)
@@ -182,11 +172,11 @@ class HostMagics:
                                      f"({self.registry.failed[name]})",
                                      "See the kernel log for the traceback.", ename="MagicLoadError")
                 await self.registry.magics[name](ctx, args)
-            stray = [m.group(0) for m in (LINE_RE.match(ln.strip()) for ln in rest.splitlines())
-                     if m and m.group("name") in self.registry]
-            if stray:
+            misplaced = [m.group(0) for m in (LINE_RE.match(ln.strip()) for ln in rest.splitlines())
+                         if m and m.group("name") in self.registry]
+            if misplaced:
                 raise MagicError(
-                    f"{stray[0]!r} must come first in its cell: host magics run before the "
+                    f"{misplaced[0]!r} must come first in its cell: host magics run before the "
                     "cell's code reaches the VM", "Move it to the top of the cell, or to a cell "
                     "of its own.", ename="UsageError")
         except Exception as e:  # noqa: BLE001 - every failure is a cell error
@@ -201,51 +191,13 @@ class HostMagics:
         if ename is None:
             ename = type(e).__name__
             log.exception("host magic failed")
-        evalue = str(e)
-        content = {"ename": ename, "evalue": evalue,
-                   "traceback": [f"{RED}{ename}{RESET}: {evalue}"] + ([hint] if hint else [])}
+        content = error_content(ename, str(e), [hint] if hint else [])
         ctx.publish("error", content)
-        return dict(content, status="error", user_expressions={}, payload=[])
+        return execute_error_reply(content)
 
 
 def _ok(payload: Optional[list] = None) -> dict:
     return {"status": "ok", "user_expressions": {}, "payload": payload or []}
-
-
-def _route_host_comms(kernel: Any, widgets: Any) -> None:
-    """Frontend comm messages for host widgets are answered here and never reach the guest;
-    comm_info replies list the host's comms beside the guest's (so widgets survive a page
-    reload). Installed once, when the first host widget is created."""
-    handlers = kernel.shell_handlers
-    for msg_type in ("comm_msg", "comm_close"):
-        forward = handlers.get(msg_type)
-
-        async def handler(stream, ident, parent, _forward=forward, _type=msg_type):
-            content = parent.get("content") or {}
-            if widgets.owns(content.get("comm_id")):
-                widgets.handle_comm(_type, content, parent=parent)
-            elif _forward is not None:
-                await _forward(stream, ident, parent)
-
-        handlers[msg_type] = handler
-
-    async def comm_info_request(stream, ident, parent):
-        target = (parent.get("content") or {}).get("target_name")
-        comms: dict = {}
-        guest = getattr(kernel, "guest", None)
-        if guest is not None and guest.alive:
-            try:
-                ask = guest.request("comm_info", target_name=target)
-                on_main = getattr(kernel, "_on_main", None)
-                reply = await asyncio.wait_for(on_main(ask) if on_main else ask, 10)
-                comms.update(reply.get("comms") or {})
-            except Exception as e:  # noqa: BLE001
-                log.warning("comm_info from the guest failed: %s", e)
-        comms.update(widgets.comm_info(target))
-        kernel.session.send(stream, "comm_info_reply", {"status": "ok", "comms": comms},
-                            parent, ident)
-
-    handlers["comm_info_request"] = comm_info_request
 
 
 async def dispatch(kernel: Any, code: str, silent: bool = False) -> tuple[str, Optional[dict]]:
@@ -254,15 +206,14 @@ async def dispatch(kernel: Any, code: str, silent: bool = False) -> tuple[str, O
     if "%" not in code:
         return code, None
     try:
-        host = getattr(kernel, "_host_magics", None)
+        host = kernel.host_magics
         if host is None:
-            host = kernel._host_magics = HostMagics(kernel)
+            host = kernel.host_magics = HostMagics(kernel)
         return await host.run_cell(code, silent)
     except Exception as e:  # noqa: BLE001 - a bug here must not take the cell (or kernel) down
         log.exception("host magics failed")
-        content = {"ename": "MagicError", "evalue": f"host magics failed: {type(e).__name__}: {e}",
-                   "traceback": [f"{RED}MagicError{RESET}: {type(e).__name__}: {e}",
-                                 "This is a bug in supermachine_kernel.magics; see the kernel log."]}
+        content = error_content("MagicError", f"host magics failed: {type(e).__name__}: {e}", [
+            "This is a bug in supermachine_kernel.magics; see the kernel log."])
         if not silent:
-            kernel._publish("error", content)
-        return code, dict(content, status="error", user_expressions={}, payload=[])
+            kernel.iopub.publish("error", content)
+        return code, execute_error_reply(content)

@@ -5,20 +5,23 @@ A widget here is an `HTML` model (with its `Layout` and `HTMLStyle` models) of
 `@jupyter-widgets/controls` 2.0.0, protocol 2.1.0 — exactly what ``ipywidgets.HTML`` sends, built
 without importing ipywidgets in the kernel process (its comm machinery wants an IPython kernel).
 
-    registry = HostWidgets(kernel)          # one per kernel
+    registry = kernel.comms.host_widgets()  # one per kernel (kernel/comms.py)
     w = registry.html(value="<b>hi</b>")    # comm_open x3 on IOPub
     w.display()                             # display_data with the widget view
     w.update(value="<b>bye</b>")            # comm_msg {"method": "update"}
     registry.start_ticker(w, render, 1.0)   # re-render from a host thread every second
 
 Messages from the frontend for these comm ids (``request_state``, ``update``, comm_close) are
-answered here by `handle_comm`: they never reach the guest. Sends from the ticker thread are
+answered here by `handle_comm`: the kernel's comm router asks `owns(comm_id)` and hands them
+over, so they never reach the guest; comm_info_reply adds `comm_info(target)`. Sends from the ticker thread are
 handed to the kernel's event loop, which owns the IOPub session.
 """
 from __future__ import annotations
 
+import functools
 import logging
 import threading
+import time
 import uuid
 from typing import Any, Callable, Optional
 
@@ -94,8 +97,8 @@ class HostWidget:
 class HostWidgets:
     """The kernel's host-side widgets, the IOPub side of their comms and the ticker thread."""
 
-    def __init__(self, publish: Callable[..., None], call_soon: Callable[[Callable[[], None]], None]
-                 ) -> None:
+    def __init__(self, publish: Callable[..., None],
+                 call_soon: Callable[[Callable[[], None]], object]) -> None:
         # publish(msg_type, content, metadata=..., parent=...) must run on the kernel's loop;
         # call_soon(fn) schedules fn there from any thread.
         self._publish = publish
@@ -140,7 +143,8 @@ class HostWidgets:
     def handle_comm(self, msg_type: str, content: dict, parent: Optional[dict] = None) -> None:
         """A comm_msg/comm_close from the frontend for one of our comm ids (``parent``: its
         header, which the answer refers to)."""
-        w = self.widgets.get(content.get("comm_id"))
+        comm_id = content.get("comm_id")
+        w = self.widgets.get(comm_id) if isinstance(comm_id, str) else None
         if w is None:
             return
         if msg_type == "comm_close":
@@ -178,8 +182,6 @@ class HostWidgets:
                 self._thread.start()
 
     def _tick_loop(self) -> None:
-        import time
-
         due: dict[int, float] = {}
         while not self._stop.is_set():
             now = time.monotonic()
@@ -194,7 +196,7 @@ class HostWidgets:
                 except Exception:  # noqa: BLE001 - a render bug must not stop the others
                     log.exception("rendering host widget %s failed", w.comm_id)
                     continue
-                self._call_soon(lambda w=w, c=changes: w.update(**c))
+                self._call_soon(functools.partial(w.update, **changes))
             self._stop.wait(0.2)
 
     def stop(self) -> None:

@@ -1,8 +1,8 @@
 """Pure helpers of the kernel: death summaries and the iopub rate limiter."""
 from __future__ import annotations
 
-from supermachine_kernel.kernel.microvm import summarize_death
-from supermachine_kernel.kernel.ratelimit import RateLimiter
+from supermachine_kernel.kernel.errors import summarize_death
+from supermachine_kernel.kernel.iopub import RateLimiter
 
 
 def test_summarize_console_dump():

@@ -6,15 +6,22 @@ import asyncio
 from supermachine_kernel import magics
 
 
+class FakeIopub:
+    def __init__(self) -> None:
+        self.published: list[tuple[str, dict]] = []
+        self.cell_parent = None
+
+    def publish(self, msg_type: str, content: dict, **kw) -> None:
+        self.published.append((msg_type, content))
+
+
 class FakeKernel:
     """Just what the dispatcher touches when no magic needs a VM."""
 
     def __init__(self) -> None:
-        self.published: list[tuple[str, dict]] = []
-        self._exec_parent = None
-
-    def _publish(self, msg_type: str, content: dict, **kw) -> None:
-        self.published.append((msg_type, content))
+        self.iopub = FakeIopub()
+        self.published = self.iopub.published
+        self.host_magics = None
 
 
 def test_cells_without_our_magics_go_to_the_guest_untouched():
@@ -39,8 +46,8 @@ def test_magic_that_fails_to_load_is_reported_not_fatal(monkeypatch):
     assert "vm" in registry.magics
     assert "ModuleNotFoundError" in registry.failed["does_not_exist"]
     assert "failed to load" in registry.help("does_not_exist")
-    host = magics.HostMagics.__new__(magics.HostMagics)
-    host.kernel, host.registry, host._machine, host._widgets = FakeKernel(), registry, None, None
+    host = magics.HostMagics(FakeKernel())
+    host.registry = registry
     code, reply = asyncio.run(host.run_cell("%does_not_exist", silent=False))
     assert reply["status"] == "error" and reply["ename"] == "MagicLoadError"
     assert host.kernel.published[0][0] == "error"

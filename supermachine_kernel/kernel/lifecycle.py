@@ -1,0 +1,108 @@
+"""The kernel's guest from its start to the process's exit: start-up, shutdown and restart,
+SIGTERM, and the exit itself, in that order.
+
+- Start (`start_guest`): the request start-up read but did not answer is dispatched first; the
+  VM start-up restored ahead (supermachine_kernel/startup) goes to the backend if it is the one
+  the configuration names; the guest REPL client starts the guest in the background.
+- shutdown_request, with or without restart (`shutdown_guest`, from the kernel's do_shutdown):
+  the guest is released. A restart is a new kernel process (jupyter_client relaunches it),
+  which restores the warm snapshot.
+- The process ends (an exit function, SIGTERM: `release_now`): no VM may outlive it.
+- `exit_process`: the application's last step. No interpreter finalization: daemon threads may
+  sit inside the VM runtime's blocking calls, and unwinding them at finalization aborts.
+"""
+from __future__ import annotations
+
+import asyncio
+import atexit
+import concurrent.futures
+import os
+import signal
+import sys
+import threading
+import typing as t
+
+import zmq
+from ipykernel.kernelbase import Kernel
+
+from ..repl_client import GuestRepl, guest_environment
+
+
+def dispatch_early_requests(kernel: Kernel, startup: t.Any) -> None:
+    """The request the start-up responder read but did not answer (startup/responder.py):
+    handed to the shell handlers before anything the socket delivers from now on."""
+    stash = startup.early_stash if startup is not None else []
+    for frames in stash:
+        msg = [zmq.Frame(f) for f in frames]
+        if kernel.shell_channel_thread:
+            kernel.shell_channel_thread.io_loop.add_callback(kernel.shell_channel_thread_main, msg)
+        else:
+            kernel.io_loop.add_callback(kernel.shell_main, None, msg)
+
+
+def start_guest(backend: t.Any, startup: t.Any, on_event: t.Callable[[str, dict, list], None],
+                env: dict, startup_timeout: float,
+                on_started: t.Callable[[concurrent.futures.Future], None] | None = None
+                ) -> GuestRepl:
+    """The guest REPL client on the current loop, its guest starting in the background (a VM
+    start-up already restored is the backend's if the configuration names its snapshot), and
+    released when the process ends. `on_started(future)` runs once that first start ends."""
+    early_vm = startup.take_vm() if startup is not None else None
+    if early_vm is not None:
+        if hasattr(backend, "early"):
+            backend.early = early_vm
+        else:
+            early_vm.release()
+    guest = GuestRepl(backend, asyncio.get_event_loop(), on_event,
+                      env=guest_environment(dict(env)), startup_timeout=startup_timeout)
+    started = guest.start()
+    if on_started is not None:
+        started.add_done_callback(on_started)
+    signal.signal(signal.SIGTERM, lambda signum, frame: _exit_on_sigterm(guest))
+    atexit.register(release_now, guest)
+    return guest
+
+
+async def shutdown_guest(guest: GuestRepl | None, log: t.Any) -> None:
+    """shutdown_request (and restart): release the guest, on its loop (the request comes on
+    the control thread)."""
+    if guest is None:
+        return
+    try:
+        coro = guest.shutdown()
+        if asyncio.get_running_loop() is guest.loop:
+            await coro
+        else:
+            await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(coro, guest.loop))
+    except Exception:  # noqa: BLE001
+        log.exception("releasing the guest failed")
+
+
+def release_now(guest: GuestRepl) -> None:
+    """The process is ending: the guest goes now (a VM start-up restored is the backend's by
+    then, and released with it)."""
+    guest.close_now()
+
+
+def _exit_on_sigterm(guest: GuestRepl) -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    try:
+        release_now(guest)
+    finally:
+        os._exit(0)
+
+
+def exit_process(control_thread: threading.Thread | None, shutdown_requested: bool) -> t.NoReturn:
+    """The application's exit, once its loop stopped: exit functions (ipykernel's close,
+    `release_now`), then os._exit.
+
+    After a shutdown_request the control thread still flushes stdio through the IOPub thread
+    and publishes its idle status before it stops; ipykernel's close() stops the IOPub thread
+    first and then joins the control thread, which would wait on a flush nobody serves. So the
+    control thread finishes first (at most 2 s)."""
+    if control_thread is not None and shutdown_requested and control_thread.is_alive():
+        control_thread.join(2.0)
+    atexit._run_exitfuncs()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
