@@ -14,9 +14,9 @@ import tempfile
 
 import pytest
 
-from supermachine_kernel.cli.install import install
+from supermachine_kernel.cli.install import install, prepare
 
-from .harness import BACKEND, KERNEL, KERNEL_SIGNAL
+from .harness import BACKEND, KERNEL, KERNEL_SIGNAL, Kernel
 
 # On 2 cores under TCG a warm spare VM per test kernel (importing pandas and matplotlib in the
 # background) slows every test down; VM runs use cold starts unless SUPERMACHINE_TEST_SPARES=1.
@@ -50,8 +50,6 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(scope="module")
 def kernel():
     """One kernel per test module (message-mode interrupts)."""
-    from .harness import Kernel
-
     k = Kernel(KERNEL)
     yield k
     k.shutdown()
@@ -62,6 +60,4 @@ def baked_snapshot():
     """On VMs, bake the kernel's warm snapshot once before any test (a first bake takes minutes
     under TCG and would otherwise land inside some test's timeout)."""
     if BACKEND == "vm":
-        from supermachine_kernel.cli.install import prepare
-
         prepare(KERNEL, timeout=1800)

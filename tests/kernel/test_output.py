@@ -1,8 +1,8 @@
 """Output: streamed while running, fd-level capture, rich displays, rate limiting."""
 from __future__ import annotations
 
+import base64
 import time
-
 
 from .harness import KERNEL, SLOW, Kernel, stderr_of, stdout_of
 
@@ -46,8 +46,6 @@ def test_matplotlib_inline_png(kernel):
     assert reply["status"] == "ok", reply
     pngs = [m for m in outputs if m["msg_type"] == "display_data" and "image/png" in m["content"]["data"]]
     assert pngs
-    import base64
-
     assert base64.b64decode(pngs[0]["content"]["data"]["image/png"])[:8] == b"\x89PNG\r\n\x1a\n"
 
 

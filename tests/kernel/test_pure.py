@@ -1,6 +1,9 @@
 """Pure helpers of the kernel: death summaries and the iopub rate limiter."""
 from __future__ import annotations
 
+import logging
+
+from supermachine_kernel.kernel.app import MicroVMKernelApp, raise_to_handler_level
 from supermachine_kernel.kernel.errors import summarize_death
 from supermachine_kernel.kernel.iopub import RateLimiter
 
@@ -41,10 +44,6 @@ def test_rate_limiter_disabled():
 
 
 def test_kernel_log_builds_no_debug_records_unless_asked():
-    import logging
-
-    from supermachine_kernel.kernel.app import MicroVMKernelApp, raise_to_handler_level
-
     app = MicroVMKernelApp()
     try:
         assert not app.log.isEnabledFor(logging.DEBUG)  # the handler is at WARN by default

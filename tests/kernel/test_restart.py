@@ -1,6 +1,8 @@
 """Restart gives a fresh guest; shutdown leaves nothing running."""
 from __future__ import annotations
 
+import time
+
 from .harness import KERNEL, START_TIMEOUT, Kernel
 
 
@@ -34,10 +36,8 @@ def test_shutdown_reply_and_process_exit():
 
 
 def test_shutdown_request_ends_the_process_promptly():
-    """The process exits right after its shutdown_reply, every time (ipykernel's close() used
-    to race the control thread's last flush: a 10 s stall or a hang until jupyter_client
-    killed the kernel)."""
-    import time
+    """The process exits right after its shutdown_reply, every time (ipykernel's close() races
+    the control thread's last flush unless the exit waits for that thread: lifecycle.py)."""
 
     for _ in range(3):
         k = Kernel(KERNEL)
