@@ -178,7 +178,7 @@ class Machine:
     def restore_ahead(self, entry: NotebookSnapshot) -> None:
         """Restore ``entry`` in the background and keep it paused for a fast %restore."""
         path = self.path(entry)
-        self._ahead.prepare(entry.ref, path, lambda: self._restore_and_greet(path, entry))
+        self._ahead.prepare(entry.ref, path, lambda: self._restore_vm(path, entry, greet=True))
 
     def path(self, entry: NotebookSnapshot) -> str:
         """The directory of ``entry``: in this notebook's group, or in ``entry.group``."""
@@ -239,26 +239,25 @@ class Machine:
         taken = self._ahead.take(entry.ref)
         if taken is None:
             return None
-        vm, child = taken
-        handle = VmHandle(vm, child, vm.release, f"{describe_vm(vm)}, snapshot {entry.ref}")
-        handle.prestarted = True
-        return handle
-
-    def _restore_and_greet(self, path: str, entry: NotebookSnapshot) -> tuple[Any, Any]:
-        """Restore-ahead worker: the verified restore, its REPL greeted and its answer read, so
-        its after-restore path has run (and been translated by TCG) before the VM is paused."""
-        return self._restore_vm(path, entry, greet=True)
+        return self._handle(*taken, entry)
 
     def _restored_handle(self, path: str, entry: NotebookSnapshot) -> Any:
         """Blocking: verify, restore, re-attach to the REPL. Runs on a worker thread."""
-        vm, child = self._restore_vm(path, entry, greet=False)
+        return self._handle(*self._restore_vm(path, entry, greet=False), entry)
+
+    @staticmethod
+    def _handle(vm: Any, child: Any, entry: NotebookSnapshot) -> VmHandle:
+        """The guest handle `GuestRepl.adopt` takes: the REPL is running (`prestarted`), so it
+        is greeted on adoption."""
         handle = VmHandle(vm, child, vm.release, f"{describe_vm(vm)}, snapshot {entry.ref}")
         handle.prestarted = True
         return handle
 
     def _restore_vm(self, path: str, entry: NotebookSnapshot, greet: bool) -> tuple[Any, Any]:
         """(vm, REPL child) restored from ``entry`` at ``path``: its files verified first, then
-        its REPL re-attached by the id recorded at snapshot time (attach.py)."""
+        its REPL re-attached by the id recorded at snapshot time (attach.py). ``greet``: for
+        restore-ahead, the REPL is greeted and its answer read, so its after-restore path has
+        run (and been translated by TCG) before the VM is paused."""
         api = _api()
         t0 = time.monotonic()
         try:
