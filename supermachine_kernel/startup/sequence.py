@@ -177,11 +177,12 @@ class Startup:
                                             sockets.signature_scheme, self.hint["kernel_info"])
 
     def prepare_attach(self) -> None:
-        """Imports what restore_and_attach needs after the restore (~40 ms of modules, the
-        kernel's anyway) now, while the restore runs with the GIL released, instead of after
-        it, on the path of the first cell. Called once the sockets are bound and answered."""
+        """Imports what restore_and_attach and the VM backend that takes its VM need (~40 ms
+        of modules, the kernel's anyway) now, while the restore runs with the GIL released,
+        instead of after it, on the path of the first cell. Called once the sockets are bound
+        and answered."""
         if self.vm is not None:
-            from ..repl_client import attach  # noqa: F401, PLC0415 - start-up speed, see above
+            from ..repl_client import attach, vm  # noqa: F401, PLC0415 - start-up speed, see above
 
     def stop_responder(self) -> list[list[bytes]]:
         """Ends the responder (if any); returns the request it kept for the kernel (if any).
