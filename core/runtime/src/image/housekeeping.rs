@@ -584,8 +584,11 @@ pub fn prune(root: &Path, opts: &PruneOptions) -> Result<Report> {
         let left = report.total_bytes.saturating_sub(report.freed_bytes);
         if left > budget {
             report.notes.push(format!(
-                "the cache stays at {left} bytes, over the budget of {budget}: what is left is in \
-                 use or used by a kernelspec (`supermachine-kernel image rm NAME` removes one)"
+                "the cache stays at {:.1} MB, over the budget of {:.1} MB: what is left is in use \
+                 by a running VM, run by a kernelspec (`supermachine-kernel image rm NAME` \
+                 removes one), or the newest guest kernel and initramfs every build needs",
+                left as f64 / 1e6,
+                budget as f64 / 1e6
             ));
         }
     }
