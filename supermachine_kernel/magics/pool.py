@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import html
 import time
+from typing import Iterable
 
 from ..machine import Machine, process_uptime
 from . import ArgumentParser, Context
@@ -12,7 +13,7 @@ _parser.add_argument("--text", action="store_true")
 COUNTERS = ("alive", "in_use", "idle", "waiting", "min", "max")
 
 
-def _ms(values) -> str:
+def _ms(values: Iterable[float] | None) -> str:
     values = list(values or [])[-5:]
     return ", ".join(f"{v:.0f}" for v in values) + " ms" if values else "-"
 

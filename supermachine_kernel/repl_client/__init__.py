@@ -5,6 +5,8 @@ the frame format and its validation; backend.py the backend interface and what b
 vm.py and local.py the two backends; attach.py attaching to (and greeting) the REPL a restored
 VM already runs.
 """
+from typing import Any
+
 from .backend import Backend, guest_environment
 from .client import GuestDied, GuestInfo, GuestRepl, GuestUnavailable
 from .frames import ProtocolError
@@ -21,7 +23,7 @@ __all__ = [
 ]
 
 
-def make_backend(name: str, **options):
+def make_backend(name: str, **options: Any) -> Backend:
     """`local` (host subprocess, NOT isolated) or `vm` (microVM via supermachine_kernel.api)."""
     # Only the configured backend's module is imported.
     if name == "local":

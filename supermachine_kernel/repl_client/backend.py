@@ -73,7 +73,10 @@ class GuestChild(Protocol):
 
 
 class GuestHandle(Protocol):
-    child: GuestChild
+    @property
+    def child(self) -> GuestChild:
+        """The REPL process."""
+
     # Optional attributes (read with getattr): `prestarted` — the REPL was started ahead of
     # time and its first "ready" consumed, so `GuestRepl` says hello; `greeted` — that hello
     # was sent already and its "ready" is still unread.

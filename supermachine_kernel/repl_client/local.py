@@ -17,6 +17,7 @@ import subprocess
 import sys
 import tempfile
 from dataclasses import dataclass
+from typing import IO
 
 from .backend import SpareKeeper, start_prestarted
 
@@ -58,7 +59,8 @@ class LocalChild:
         if self._proc.stdin and not self._proc.stdin.closed:
             self._proc.stdin.close()
 
-    def _read(self, stream, max_bytes: int, timeout: float | None) -> bytes:
+    def _read(self, stream: IO[bytes] | None, max_bytes: int, timeout: float | None) -> bytes:
+        assert stream is not None
         fd = stream.fileno()
         ready, _, _ = select.select([fd], [], [], timeout)
         if not ready:  # select returns nothing only when it timed out

@@ -52,7 +52,7 @@ def describe_vm(vm: Any) -> str:
     return f"microVM {getattr(vm, 'id', '?')}" + (f" ({accel})" if accel else "")
 
 
-def _api():
+def _api() -> Any:
     from .. import api  # noqa: PLC0415 - lazy on purpose: needs the compiled runtime
 
     return api
