@@ -23,7 +23,7 @@ import shlex
 from typing import Any, Awaitable, Callable, Optional
 
 from ..kernel.errors import error_content, execute_error_reply
-from ..machine.current import Machine
+from ..machine import Machine
 from .widget import HostWidgets
 
 log = logging.getLogger("supermachine_kernel.magics")
