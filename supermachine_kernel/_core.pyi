@@ -230,5 +230,6 @@ def prune_cache(
     budget: Optional[int] = None,
     dry_run: bool = False,
     snapshots_dir: Optional[_Path] = None,
+    protect: Optional[list[_Path]] = None,
 ) -> dict: ...
 def image_name_for(ref: Optional[str] = ..., cache_dir: Optional[_Path] = None) -> Optional[str]: ...

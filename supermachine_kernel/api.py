@@ -322,7 +322,7 @@ class Image:
         if snapshots_dir is None and os.environ.get("SUPERMACHINE_CACHE_BUDGET", "").strip():
             from .cli.images import apply_budget  # noqa: PLC0415 - only with a budget set
 
-            apply_budget(cache_dir)
+            apply_budget(cache_dir, protect=[dest])  # not the snapshot just baked
         return image
 
     def _bake(self, dest: str, warmup: Optional[Callable[["Vm"], Any]], warmup_tag: Optional[str],

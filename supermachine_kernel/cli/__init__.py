@@ -86,7 +86,7 @@ def cmd_image_build(args: argparse.Namespace) -> int:
     print(f"  initrd  {p.initrd or '(none: no guest agent binary found; run `make agent`)'}")
     print(f"  python  {p.python_version or '(none)'}")
     try:
-        report = images.apply_budget(args.cache_dir)
+        report = images.apply_budget(args.cache_dir, protect=[p.dir])
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -147,15 +147,17 @@ def prune(
     budget: Optional[int] = None,
     dry_run: bool = False,
     keep: Optional[Sequence[str]] = None,
+    protect: Sequence["str | os.PathLike[str]"] = (),
 ) -> PruneReport:
     """Removes from the cache what nothing uses (see ``supermachine-kernel image prune --help``);
     ``remove``: these images, with their warm snapshots. Images an installed kernelspec uses
     (``keep``; default: found with ``kernelspec_images``) stay, and so does everything a running
-    VM uses."""
+    VM uses, and the image or snapshot directories in ``protect``."""
     if keep is None:
         keep = list(kernelspec_images(cache_dir))
     d = _core.prune_cache(_path(cache_dir), keep=list(keep), remove=list(remove), policy=policy,
-                          all=all, unused_days=unused_days, budget=budget, dry_run=dry_run)
+                          all=all, unused_days=unused_days, budget=budget, dry_run=dry_run,
+                          protect=[os.fspath(p) for p in protect])
     return PruneReport(
         removed=[CacheEntry(**e) for e in d["removed"]],
         in_use=[CacheEntry(**e) for e in d["in_use"]],
@@ -233,14 +235,16 @@ def budget_from_env() -> Optional[int]:
         raise ValueError(f"{BUDGET_ENV}: {e}") from None
 
 
-def apply_budget(cache_dir: "Optional[str | os.PathLike[str]]" = None) -> Optional[PruneReport]:
+def apply_budget(cache_dir: "Optional[str | os.PathLike[str]]" = None,
+                 protect: Sequence["str | os.PathLike[str]"] = ()) -> Optional[PruneReport]:
     """After a build: evicts least recently used images and snapshots until the cache fits
-    ``$SUPERMACHINE_CACHE_BUDGET`` (None when no budget is set). Only the budget applies here,
-    not the other prune rules."""
+    ``$SUPERMACHINE_CACHE_BUDGET`` (None when no budget is set), never what the build just made
+    (``protect``: its image or snapshot directory). Only the budget applies here, not the other
+    prune rules."""
     budget = budget_from_env()
     if budget is None:
         return None
-    return prune(cache_dir, policy=False, budget=budget)
+    return prune(cache_dir, policy=False, budget=budget, protect=protect)
 
 
 def recipes() -> list:

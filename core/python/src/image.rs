@@ -251,11 +251,12 @@ fn cache_inventory(py: Python<'_>, cache_dir: Option<PathBuf>, snapshots_dir: Op
 /// with their snapshots and what only they used; with `policy` also stale snapshots, older
 /// versions, unreferenced blobs/layers, leftovers and old hints; `all` / `unused_days` also
 /// images no kernelspec uses (`keep`: names kernelspecs use); `budget` bytes: least recently
-/// used first. Never what a running VM uses. Returns {removed: [entry], in_use: [entry],
-/// total_bytes, freed_bytes, dry_run, notes}.
+/// used first. Never what a running VM uses, nor the entries at the paths in `protect`.
+/// Returns {removed: [entry], in_use: [entry], total_bytes, freed_bytes, dry_run, notes}.
 #[pyfunction]
 #[pyo3(signature = (cache_dir=None, keep=None, remove=None, policy=false, all=false,
-                    unused_days=None, budget=None, dry_run=false, snapshots_dir=None))]
+                    unused_days=None, budget=None, dry_run=false, snapshots_dir=None,
+                    protect=None))]
 #[allow(clippy::too_many_arguments)]
 fn prune_cache<'py>(
     py: Python<'py>,
@@ -268,6 +269,7 @@ fn prune_cache<'py>(
     budget: Option<u64>,
     dry_run: bool,
     snapshots_dir: Option<PathBuf>,
+    protect: Option<Vec<PathBuf>>,
 ) -> PyResult<Bound<'py, PyDict>> {
     let root = image::cache_root(cache_dir.as_deref());
     let opts = PruneOptions {
@@ -279,6 +281,7 @@ fn prune_cache<'py>(
         budget,
         dry_run,
         snapshots_dir,
+        protect: protect.unwrap_or_default(),
         agent_candidates: packaged_agent(py).into_iter().collect(),
     };
     let r = py.allow_threads(|| housekeeping::prune(&root, &opts)).map_err(err)?;

@@ -117,6 +117,9 @@ pub struct PruneOptions {
     pub dry_run: bool,
     /// Where warm snapshots are (default `<cache>/snapshots`).
     pub snapshots_dir: Option<PathBuf>,
+    /// Entries (image or snapshot directories) kept like those in use, with what they use: what
+    /// a build just made, when the budget is applied after it.
+    pub protect: Vec<PathBuf>,
     /// Where to look for the current guest agent (see `find_agent`): a snapshot whose
     /// initramfs holds another agent is stale.
     pub agent_candidates: Vec<PathBuf>,
@@ -426,7 +429,9 @@ pub fn plan(
     }
     // In use, and everything an entry in use uses.
     let mut protected = vec![false; n];
-    let mut stack: Vec<usize> = (0..n).filter(|&i| entries[i].in_use).collect();
+    let asked: HashSet<PathBuf> = opts.protect.iter().map(|p| canonical(p)).collect();
+    let mut stack: Vec<usize> =
+        (0..n).filter(|&i| entries[i].in_use || asked.contains(&canonical(&entries[i].path))).collect();
     while let Some(i) = stack.pop() {
         if !std::mem::replace(&mut protected[i], true) {
             stack.extend(uses[i].iter().copied());
@@ -746,6 +751,16 @@ mod tests {
         assert!(!names(&c, &r).contains(&"b/1".to_string()));
         assert!(names(&c, &r).contains(&"s-a".to_string()));
         assert!(held.is_empty());
+    }
+
+    #[test]
+    fn protected_entries_stay_like_those_in_use() {
+        let c = cache();
+        let opts = PruneOptions { budget: Some(700), protect: vec![PathBuf::from("/c/s-b")], ..Default::default() };
+        let (r, _) = plan(&c, &opts, NOW, true, &|_| None);
+        let gone = names(&c, &r);
+        assert!(!gone.contains(&"s-b".to_string()) && !gone.contains(&"b/1".to_string()), "{gone:?}");
+        assert!(gone.contains(&"a/1".to_string()));
     }
 
     #[test]
