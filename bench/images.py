@@ -1,7 +1,7 @@
 """Benchmark: a guest image pulled from an OCI registry, each figure beside the default image's.
 
-The OCI image is Debian bookworm with python3 only (the layout tests/image/test_layers.py caches
-under <cache>/test/oci-debian-python3-v1; built here the same way with mmdebstrap when absent),
+The OCI image is Debian bookworm with python3 only (the layout of tests/image/debian_layout.py,
+which the tests use too: cached under <cache>/test/, built with mmdebstrap when absent),
 pushed with skopeo to a docker-registry this bench starts on 127.0.0.1 (plain HTTP, loopback)
 and built with the kernel layer. The default image is the built-in recipe (mmdebstrap + pinned
 wheels). Everything is built in a scratch cache directory (only the guest kernel and initramfs,
@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import argparse
 import gc
-import hashlib
+import importlib.util
 import json
 import os
 import shutil
@@ -44,6 +44,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import types
 from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(__file__))
@@ -54,8 +55,6 @@ from jupyter_client.manager import KernelManager
 from supermachine_kernel import api
 from supermachine_kernel.cli import images
 
-# Shared with tests/image/test_layers.py: the same directory, so either builds it for both.
-LAYOUT_NAME = "oci-debian-python3-v1"
 REPO = "bench/debian-python3:v1"
 SHARED = ("kernels", "initramfs")  # ours, the same for every image
 # After each kernel start: its background work (the pool restoring its next VM) is over.
@@ -69,53 +68,24 @@ def need(tool: str, package: str) -> str:
     return path
 
 
+def _debian_layout_module() -> types.ModuleType:
+    """tests/image/debian_layout.py (the builder the tests use), loaded by its path."""
+    path = Path(__file__).resolve().parent.parent / "tests" / "image" / "debian_layout.py"
+    spec = importlib.util.spec_from_file_location("smk_debian_layout", path)
+    assert spec is not None and spec.loader is not None, path
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def debian_python_layout() -> Path:
-    """oci:<layout>:v1, Debian bookworm with python3 and python3-six; cached like the test's."""
-    final = Path(images.cache_dir()) / "test" / LAYOUT_NAME
-    if (final / "index.json").is_file():
-        return final
-    need("mmdebstrap", "mmdebstrap")
-    if os.geteuid() != 0:
-        sys.exit("building the Debian test layout needs root (mmdebstrap --mode=root)")
-    tmp = final.with_name(f".tmp-{final.name}-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    blobs = tmp / "layout" / "blobs" / "sha256"
-    blobs.mkdir(parents=True)
-    tar = tmp / "root.tar"
-    print("building the Debian python3 layout (mmdebstrap) ...", flush=True)
-    subprocess.run(
-        ["mmdebstrap", "--mode=root", "--variant=apt", "--include=python3,python3-six",
-         "--dpkgopt=path-exclude=/usr/share/doc/*", "--dpkgopt=path-exclude=/usr/share/man/*",
-         "--dpkgopt=path-exclude=/usr/share/locale/*", "--quiet", "bookworm", str(tar)],
-        check=True, capture_output=True,
-    )
-    h = hashlib.sha256()
-    with open(tar, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    size = tar.stat().st_size
-    tar.rename(blobs / h.hexdigest())
-
-    def blob(data: bytes, media_type: str) -> dict:
-        d = hashlib.sha256(data).hexdigest()
-        (blobs / d).write_bytes(data)
-        return {"mediaType": media_type, "digest": f"sha256:{d}", "size": len(data)}
-
-    config = {"architecture": "amd64", "os": "linux",
-              "config": {"Env": ["PATH=/usr/local/bin:/usr/bin:/bin", "SMK_FROM_IMAGE=yes"],
-                         "WorkingDir": "/root"},
-              "rootfs": {"type": "layers", "diff_ids": [f"sha256:{h.hexdigest()}"]}}
-    cfg = blob(json.dumps(config).encode(), "application/vnd.oci.image.config.v1+json")
-    manifest = {"schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",
-                "config": cfg, "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar",
-                                           "digest": f"sha256:{h.hexdigest()}", "size": size}]}
-    m = blob(json.dumps(manifest).encode(), "application/vnd.oci.image.manifest.v1+json")
-    m["annotations"] = {"org.opencontainers.image.ref.name": "v1"}
-    (tmp / "layout" / "oci-layout").write_text('{"imageLayoutVersion": "1.0.0"}')
-    (tmp / "layout" / "index.json").write_text(json.dumps({"schemaVersion": 2, "manifests": [m]}))
-    (tmp / "layout").rename(final)
-    shutil.rmtree(tmp, ignore_errors=True)
-    return final
+    """oci:<layout>:v1, Debian bookworm with python3 and python3-six: the test's layout, in
+    the same place (either builds it for both)."""
+    layout = _debian_layout_module()
+    try:
+        return layout.debian_python_layout(images.cache_dir(), note=lambda m: print(m, flush=True))
+    except layout.CannotBuild as e:
+        sys.exit(f"bench/images.py: {e}")
 
 
 class LocalRegistry:

@@ -1,15 +1,12 @@
 """Package layers on an OCI image: the kernel layer and ``packages=``, for the guest's Python.
 
-The image is an OCI layout this module writes from a Debian bookworm root with python3 and
-python3-six only (mmdebstrap, ~20 s; the layout is cached under the image cache's ``test/``,
-so later runs start at once). Six 1.16.0 from Debian is the version the layers must not
+The image is an OCI layout of a Debian bookworm root with python3 and python3-six only
+(``debian_layout.py``: mmdebstrap, ~20 s; cached under the image cache's ``test/``, so later
+runs start at once). Six 1.16.0 from Debian is the version the layers must not
 override. Resolving and installing use the host's pip and PyPI.
 """
 from __future__ import annotations
 
-import hashlib
-import json
-import os
 import shutil
 import subprocess
 import tarfile
@@ -19,68 +16,25 @@ from pathlib import Path
 import pytest
 
 from supermachine_kernel import api
-from supermachine_kernel.cli import images
 from supermachine_kernel.api import _core
+from supermachine_kernel.cli import images
 from supermachine_kernel.repl_client.backend import driver_source, read_ready_frame
 from supermachine_kernel.repl_client.vm import GUEST_DRIVER_PATH, REPL_ARGV
 
+from .debian_layout import CannotBuild
+from .debian_layout import debian_python_layout as build_debian_python_layout
+from .debian_layout import write_layout as _write_layout
+
 NAME = "test-oci-debian-py"
-LAYOUT_VERSION = "1"  # bump to rebuild the cached test layout
-
-
-def _write_layout(layout: Path, layer_tar: Path, env: list[str]) -> None:
-    blobs = layout / "blobs" / "sha256"
-    blobs.mkdir(parents=True)
-    (layout / "oci-layout").write_text('{"imageLayoutVersion": "1.0.0"}')
-    h = hashlib.sha256()
-    with open(layer_tar, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    layer_digest = h.hexdigest()
-    size = layer_tar.stat().st_size
-    layer_tar.rename(blobs / layer_digest)
-
-    def blob(data: bytes, media_type: str) -> dict:
-        d = hashlib.sha256(data).hexdigest()
-        (blobs / d).write_bytes(data)
-        return {"mediaType": media_type, "digest": f"sha256:{d}", "size": len(data)}
-
-    config = {
-        "architecture": "amd64", "os": "linux",
-        "config": {"Env": env, "WorkingDir": "/root"},
-        "rootfs": {"type": "layers", "diff_ids": [f"sha256:{layer_digest}"]},
-    }
-    cfg = blob(json.dumps(config).encode(), "application/vnd.oci.image.config.v1+json")
-    manifest = {"schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",
-                "config": cfg, "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar",
-                                           "digest": f"sha256:{layer_digest}", "size": size}]}
-    m = blob(json.dumps(manifest).encode(), "application/vnd.oci.image.manifest.v1+json")
-    m["annotations"] = {"org.opencontainers.image.ref.name": "v1"}
-    (layout / "index.json").write_text(json.dumps({"schemaVersion": 2, "manifests": [m]}))
 
 
 @pytest.fixture(scope="session")
 def debian_python_layout() -> Path:
     """oci:<layout>:v1 — Debian bookworm with python3 and python3-six, built once and cached."""
-    final = Path(images.cache_dir()) / "test" / f"oci-debian-python3-v{LAYOUT_VERSION}"
-    if (final / "index.json").is_file():
-        return final
-    if shutil.which("mmdebstrap") is None or os.geteuid() != 0:
-        pytest.skip("building the test image needs root and mmdebstrap (tools/setup-host.sh)")
-    tmp = final.with_name(f".tmp-{final.name}-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    tar = tmp / "root.tar"
-    subprocess.run(
-        ["mmdebstrap", "--mode=root", "--variant=apt", "--include=python3,python3-six",
-         "--dpkgopt=path-exclude=/usr/share/doc/*", "--dpkgopt=path-exclude=/usr/share/man/*",
-         "--dpkgopt=path-exclude=/usr/share/locale/*", "--quiet", "bookworm", str(tar)],
-        check=True, capture_output=True,
-    )
-    _write_layout(tmp / "layout", tar, ["PATH=/usr/local/bin:/usr/bin:/bin", "SMK_FROM_IMAGE=yes"])
-    (tmp / "layout").rename(final)
-    shutil.rmtree(tmp, ignore_errors=True)
-    return final
+    try:
+        return build_debian_python_layout(images.cache_dir())
+    except CannotBuild as e:
+        pytest.skip(str(e))
 
 
 @pytest.fixture(scope="module")
