@@ -232,4 +232,9 @@ def prune_cache(
     snapshots_dir: Optional[_Path] = None,
     protect: Optional[list[_Path]] = None,
 ) -> dict: ...
-def image_name_for(ref: Optional[str] = ..., cache_dir: Optional[_Path] = None) -> Optional[str]: ...
+def image_name_for(
+    ref: Optional[str] = ...,
+    cache_dir: Optional[_Path] = None,
+    packages: Optional[list[str]] = None,
+    requirements: Optional[_Path] = None,
+) -> Optional[str]: ...

@@ -168,13 +168,18 @@ def prune(
     )
 
 
-def image_name_for(ref: Optional[str], cache_dir: "Optional[str | os.PathLike[str]]" = None
+def image_name_for(ref: Optional[str], cache_dir: "Optional[str | os.PathLike[str]]" = None,
+                   packages: Sequence[str] = (), requirements: Optional[str] = None
                    ) -> Optional[str]:
-    """The cache name image reference ``ref`` builds to (None: the default image)."""
-    return _core.image_name_for(ref, _path(cache_dir))
+    """The cache name image reference ``ref`` builds to (None: the default image) with
+    ``packages`` and ``requirements``: an OCI image with packages is named after them too
+    (``python-3.12-slim-<hash>``), so environments on one base image do not evict each other."""
+    return _core.image_name_for(ref, _path(cache_dir), list(packages) or None, requirements or None)
 
 
 _IMAGE_ARG = "--MicroVMKernel.image"
+_PACKAGES_ARG = "--MicroVMKernel.packages="
+_REQUIREMENTS_ARG = "--MicroVMKernel.requirements="
 
 
 def kernelspec_image_ref(argv: Sequence[str]) -> Optional[str]:
@@ -191,6 +196,17 @@ def kernelspec_image_ref(argv: Sequence[str]) -> Optional[str]:
     return ref
 
 
+def kernelspec_packages(argv: Sequence[str]) -> tuple[list[str], Optional[str]]:
+    """The packages and requirements file a kernelspec's argv installs (as ``install`` writes
+    them: ``--MicroVMKernel.packages=PKG`` once per package, ``--MicroVMKernel.requirements=F``)."""
+    packages = [a[len(_PACKAGES_ARG):] for a in argv if a.startswith(_PACKAGES_ARG)]
+    requirements = None
+    for a in argv:
+        if a.startswith(_REQUIREMENTS_ARG):
+            requirements = a[len(_REQUIREMENTS_ARG):] or None
+    return packages, requirements
+
+
 def kernelspec_images(cache_dir: "Optional[str | os.PathLike[str]]" = None
                       ) -> Dict[str, List[str]]:
     """Image name → the installed kernelspecs (``jupyter kernelspec list``) that run it."""
@@ -202,7 +218,9 @@ def kernelspec_images(cache_dir: "Optional[str | os.PathLike[str]]" = None
         ref = kernelspec_image_ref([str(a) for a in argv])
         if ref is None:
             continue
-        name = image_name_for(None if ref in ("", "default") else ref, cache_dir) or ref
+        packages, requirements = kernelspec_packages([str(a) for a in argv])
+        name = image_name_for(None if ref in ("", "default") else ref, cache_dir, packages,
+                              requirements) or ref
         out.setdefault(name, []).append(spec_name)
     return out
 

@@ -7,17 +7,21 @@ override. Resolving and installing use the host's pip and PyPI.
 """
 from __future__ import annotations
 
+import json
+import os
 import shutil
 import subprocess
+import sys
 import tarfile
 import time
 from pathlib import Path
 
 import pytest
 
-from supermachine_kernel import api
+from supermachine_kernel import api, cli
 from supermachine_kernel.api import _core
 from supermachine_kernel.cli import images
+from supermachine_kernel.cli.install import environment_args
 from supermachine_kernel.repl_client.backend import driver_source, read_ready_frame
 from supermachine_kernel.repl_client.vm import GUEST_DRIVER_PATH, REPL_ARGV
 
@@ -126,6 +130,62 @@ def test_cache_hit_and_a_changed_list_reuses_the_kernel_layer(built):
     assert other.hash != paths.hash, "another resolved set is another root"
     assert _layers(other)["kernel"]["key"] == _layers(paths)["kernel"]["key"]
     assert {p.split("==")[0] for p in _layers(other)["packages"]["pins"]} == {"attrs", "iniconfig"}
+
+
+def _set_last_used(image_dir: str, days_ago: float) -> None:
+    stamp = Path(image_dir) / "last-used"
+    stamp.touch()
+    t = time.time() - days_ago * 86400
+    os.utime(stamp, (t, t))
+
+
+def test_environments_on_one_base_image_never_evict_each_other(debian_python_layout, tmp_path,
+                                                               monkeypatch):
+    """Two kernelspecs on one base image with different package lists: each environment's
+    image has a name of its own (the package list's hash), so building one never removes the
+    other as an older version of a shared name, however long that one went unused; `image
+    prune` and the cache budget keep both (each is what a kernelspec runs); the kernel's lookup
+    (``cached_only``) finds each; `image list` says which kernelspec runs which."""
+    ref = f"oci:{debian_python_layout}:v1"
+    envs = {"env-a": ["attrs"], "env-b": ["attrs", "iniconfig"]}
+    jupyter = tmp_path / "jupyter"
+    monkeypatch.setenv("JUPYTER_PATH", str(jupyter))
+    monkeypatch.setenv("JUPYTER_DATA_DIR", str(tmp_path / "jupyter-data"))
+    for spec, packages in envs.items():
+        (jupyter / "kernels" / spec).mkdir(parents=True)
+        argv = [sys.executable, "-m", "supermachine_kernel.kernel", "-f", "{connection_file}",
+                *environment_args(ref, packages, None)]
+        (jupyter / "kernels" / spec / "kernel.json").write_text(
+            json.dumps({"argv": argv, "display_name": spec, "language": "python"}))
+    plain = images.image_name_for(ref)
+    names = {spec: images.image_name_for(ref, packages=p) for spec, p in envs.items()}
+    assert names["env-a"] != names["env-b"]
+    assert all(n.startswith(f"{plain}-") for n in names.values()), names
+    try:
+        a = images.ensure_image(ref, progress=False, packages=envs["env-a"])
+        _set_last_used(a.dir, days_ago=2)
+        # A new build removes its name's versions unused for a day: not the other environment.
+        b = images.ensure_image(ref, progress=False, packages=envs["env-b"])
+        assert (a.name, b.name) == (names["env-a"], names["env-b"])
+        assert Path(a.rootfs).is_file(), "building env-b removed env-a's image"
+        for spec, want in (("env-a", a), ("env-b", b)):
+            found = api.Image.build(ref=ref, packages=envs[spec], cached_only=True,
+                                    snapshot=False, progress=False)
+            assert (found.name, found.hash, found.rootfs) == (want.name, want.hash, want.rootfs)
+        for d in (a.dir, b.dir):
+            _set_last_used(d, days_ago=2)
+        # Dry runs over the real cache: nothing is removed.
+        for kw in ({}, {"budget": 1}):
+            report = images.prune(dry_run=True, **kw)
+            gone = {os.path.realpath(e.path) for e in report.removed}
+            assert not {os.path.realpath(a.dir), os.path.realpath(b.dir)} & gone, kw
+        rows = [r for r in cli.image_rows(None) if r["name"] in names.values()]
+        assert sorted((r["name"], r["kernelspecs"], r["ref"]) for r in rows) == sorted(
+            (names[spec], [spec], ref) for spec in envs)
+        assert {r["digest"] for r in rows} == {a.oci["manifest_digest"]}
+    finally:
+        for n in names.values():
+            _core.remove_image(n, None)
 
 
 def test_requirements_file(built, tmp_path):

@@ -302,12 +302,15 @@ fn prune_cache<'py>(
     Ok(d)
 }
 
-/// The cache name image reference `ref` builds to (None = the default image), without building;
+/// The cache name image reference `ref` builds to (None = the default image) with `packages`
+/// and `requirements` (an OCI image's environment has a name of its own), without building;
 /// None if it names no image.
 #[pyfunction]
-#[pyo3(signature = (r#ref=None, cache_dir=None))]
-fn image_name_for(r#ref: Option<String>, cache_dir: Option<PathBuf>) -> Option<String> {
-    image::image_name_for(r#ref.as_deref(), cache_dir.as_deref())
+#[pyo3(signature = (r#ref=None, cache_dir=None, packages=None, requirements=None))]
+fn image_name_for(r#ref: Option<String>, cache_dir: Option<PathBuf>, packages: Option<Vec<String>>,
+                  requirements: Option<PathBuf>) -> Option<String> {
+    let request = image::layers::PackageRequest { packages: packages.unwrap_or_default(), requirements };
+    image::image_name_for(r#ref.as_deref(), cache_dir.as_deref(), &request)
 }
 
 /// Names of the built-in recipes, default first.

@@ -220,6 +220,13 @@ pub fn last_used(dir: &Path) -> Option<SystemTime> {
 }
 
 /// Removes the versions in `name_dir` other than `keep` that were not used for `unused_for`.
+///
+/// The versions of one name are rebuilds of one thing (a recipe or directory that changed, an
+/// OCI tag that moved, a package list that resolved to newer pins), so the newest replaces the
+/// others once they are unused. Different things must therefore never share a name: an OCI
+/// image with a package list is named after the list too (`oci::image_name`), so kernelspecs
+/// on one base image with different packages never remove each other's image here (nor in
+/// `image prune`, whose rules go by name as well).
 pub fn prune_unused(name_dir: &Path, keep: &str, unused_for: std::time::Duration) {
     let Ok(rd) = fs::read_dir(name_dir) else { return };
     let now = SystemTime::now();

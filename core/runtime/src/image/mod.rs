@@ -17,7 +17,8 @@
 //! renamed into place); one builder per entry at a time (flock; others wait, then reuse);
 //! building a new version of a named image removes that name's older versions not used for a
 //! day (not at once: two installed versions of this package sharing one cache would otherwise
-//! rebuild over each other). Progress is one
+//! rebuild over each other), so one name is one environment: an OCI image with packages is
+//! named after its package list too (`oci::image_name`). Progress is one
 //! line per step on stderr with its duration; tools' output goes to `logs/`.
 //!
 //! Guest boot needs (for the VM runtime): `-M microvm,acpi=on` (virtio-mmio devices are only
@@ -471,14 +472,18 @@ pub fn list_images(cache_dir: Option<&Path>) -> Vec<ImageInfo> {
         .collect()
 }
 
-/// The cache name an image reference builds to (as [`ensure_image`] names it), without
-/// building anything: a recipe's or cached image's name, an OCI reference's default name
-/// (`python:3.12-slim` → `python-3.12-slim`), a directory's name. None if it names nothing.
-pub fn image_name_for(reference: Option<&str>, cache_dir: Option<&Path>) -> Option<String> {
+/// The cache name an image reference builds to (as [`ensure_image`] names it, with the default
+/// kernel layer and `packages`), without building anything: a recipe's or cached image's name,
+/// an OCI reference's default name (`python:3.12-slim` → `python-3.12-slim`; with packages
+/// `python-3.12-slim-<hash>`, see [`oci::image_name`]), a directory's name. None if it names
+/// nothing.
+pub fn image_name_for(reference: Option<&str>, cache_dir: Option<&Path>, packages: &layers::PackageRequest)
+    -> Option<String>
+{
     let cached = cache::names(&cache_root(cache_dir));
     let r = reference.unwrap_or(DEFAULT_RECIPE);
     if !recipe::builtin_names().iter().any(|n| n == r) && !cached.iter().any(|n| n == r) && oci::looks_like_oci(r) {
-        return oci::parse_reference(r).ok().map(|s| s.default_name());
+        return oci::parse_reference(r).ok().map(|s| oci::image_name(&s, true, packages));
     }
     match recipe::resolve(Some(r), &cached).ok()? {
         recipe::Source::Recipe(rec) => Some(rec.name),

@@ -23,7 +23,9 @@
 //! `oci/guest/`), the layers are resolved and installed by the host's pip (each cached on its
 //! own), and hard-linked into the tree before `mkfs.erofs`. The rootfs key then also holds the
 //! layers' keys, so the same image with another package list is another cache entry that
-//! shares the pulled blobs and any unchanged layer.
+//! shares the pulled blobs and any unchanged layer. Such an entry also gets a name of its own
+//! ([`image_name`]: `python-3.12-slim-<hash of the package list>`), so environments on one base
+//! image never evict each other as older versions of one name.
 mod config;
 mod credentials;
 mod local;
@@ -221,30 +223,67 @@ fn rootfs_hash(manifest_digest: &str) -> String {
     recipe::short_hex(&h.finalize())
 }
 
+/// The cache name of `source` built with `kernel_layer` and `packages`, when the caller gives
+/// none: the reference's default name (`python-3.12-slim`), and with a package list that name
+/// plus `-` and 8 hex digits of a hash of the request (`python-3.12-slim-3f9a0c1e`).
+///
+/// Why the package list is in the name: the versions of one name replace each other (a build
+/// removes the name's other versions unused for a day, see `cache::prune_unused`; so does
+/// `image prune`, and a kernelspec keeps only the newest version of the name it runs). Two
+/// environments on one base image (kernelspecs `--image python:3.12-slim --packages attrs` and
+/// `... --packages six`) are not versions of each other: with a name each, neither removes the
+/// other whatever order they are used in, and `image list` and the prune rules see which
+/// kernelspec runs which. The versions under one name are rebuilds of one environment (the tag
+/// moved, the list resolved to newer pins, the requirements file was edited), which may replace
+/// each other.
+///
+/// The request is hashed, not the resolved set, so a kernel start and `image list` name it
+/// without pip: the packages sorted and deduplicated, the requirements file's absolute path
+/// (not its contents: an edited file is a new version of the same environment), and whether
+/// the kernel layer is on. Without packages the name is the plain one with or without the
+/// kernel layer (kernelspecs always have it; a kernel-layer-less build is `Image.build`'s).
+pub fn image_name(source: &Source, kernel_layer: bool, packages: &PackageRequest) -> String {
+    let base = source.default_name();
+    if packages.is_empty() {
+        return base;
+    }
+    let mut h = Sha256::new();
+    h.update(format!("supermachine-environment=1\nkernel_layer={kernel_layer}\n"));
+    let specs: std::collections::BTreeSet<&str> = packages.packages.iter().map(|p| p.trim()).collect();
+    for p in specs {
+        h.update(format!("package={p}\n"));
+    }
+    if let Some(r) = &packages.requirements {
+        let abs = std::path::absolute(r).unwrap_or_else(|_| r.clone());
+        h.update(format!("requirements={}\n", abs.display()));
+    }
+    let hex = &recipe::short_hex(&h.finalize())[..8];
+    // Names are at most 64 characters (`recipe::validate_name`).
+    let base: String = base.chars().take(64 - 1 - hex.len()).collect();
+    format!("{base}-{hex}")
+}
+
 /// Pulls `reference`, applies its layers and packs the read-only erofs root (cached by the
 /// image's manifest digest: a second build of the same image only resolves the reference).
 pub fn build(reference: &str, opts: &OciBuildOptions) -> Result<OciImage, OciError> {
     let source = reference::parse(reference)?;
     let root = cache::cache_root(opts.cache_dir.as_deref());
-    let name = opts.name.clone().unwrap_or_else(|| source.default_name());
+    let name = opts.name.clone().unwrap_or_else(|| image_name(&source, opts.kernel_layer, &opts.packages));
     recipe::validate_name(&name)?;
     let progress = Progress::new(format!("image {name}"), opts.progress).with_sink(opts.sink.clone());
     progress.note(&format!("pull {} ...", source.display()));
     let started = std::time::Instant::now();
     let pulled = match pull(&source, &root, &opts.registry, &progress) {
         Ok(p) => p,
-        // Offline: the newest image built from this reference serves (a registry's tag may
-        // have moved since; the note says which digest is used).
+        // Offline: the newest build of this reference with these layers serves (a registry's
+        // tag may have moved since; the note says which digest is used).
         Err(e @ OciError::Registry(RegistryError::Unreachable { .. })) => {
-            let prefix = format!("oci:{}@", source.display());
-            let cached = cache::list(&root).into_iter().find(|c| c.manifest.source.starts_with(&prefix));
-            match cached.and_then(|c| from_cached(&c)) {
-                Some(img) => {
+            match find_built(reference, &OciBuildOptions { name: Some(name.clone()), ..opts.clone() }) {
+                Ok(img) => {
                     progress.note(&format!("{e}; using the cached {}", img.record.manifest_digest));
-                    cache::touch_used(&img.dir);
                     return Ok(img);
                 }
-                None => return Err(e),
+                Err(_) => return Err(e),
             }
         }
         Err(e) => return Err(e),
@@ -359,7 +398,7 @@ pub fn build(reference: &str, opts: &OciBuildOptions) -> Result<OciImage, OciErr
 pub fn find_built(reference: &str, opts: &OciBuildOptions) -> Result<OciImage, OciError> {
     let source = reference::parse(reference)?;
     let root = cache::cache_root(opts.cache_dir.as_deref());
-    let name = opts.name.clone().unwrap_or_else(|| source.default_name());
+    let name = opts.name.clone().unwrap_or_else(|| image_name(&source, opts.kernel_layer, &opts.packages));
     let prefix = format!("oci:{}@", source.display());
     let p = &opts.packages;
     for c in cache::list(&root) {
@@ -493,4 +532,49 @@ fn from_cached(c: &cache::CachedImage) -> Option<OciImage> {
         python_version: c.manifest.python_version.clone(),
         record,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn request(packages: &[&str], requirements: Option<&str>) -> PackageRequest {
+        PackageRequest {
+            packages: packages.iter().map(|p| p.to_string()).collect(),
+            requirements: requirements.map(PathBuf::from),
+        }
+    }
+
+    #[test]
+    fn environments_on_one_base_image_have_names_of_their_own() {
+        let slim = parse_reference("python:3.12-slim").unwrap();
+        let plain = image_name(&slim, true, &request(&[], None));
+        assert_eq!(plain, "python-3.12-slim");
+        assert_eq!(image_name(&slim, false, &request(&[], None)), plain);
+        let attrs = image_name(&slim, true, &request(&["attrs"], None));
+        let six = image_name(&slim, true, &request(&["six"], None));
+        let both = image_name(&slim, true, &request(&["six", "attrs"], None));
+        for n in [&attrs, &six, &both] {
+            assert!(n.starts_with("python-3.12-slim-") && n.len() == plain.len() + 9, "{n}");
+            recipe::validate_name(n).unwrap();
+        }
+        assert!(attrs != six && attrs != both && six != both);
+        // The request as a set: order, repeats and spaces do not make another environment.
+        assert_eq!(image_name(&slim, true, &request(&[" attrs", "six", "attrs"], None)), both);
+        assert_ne!(image_name(&slim, false, &request(&["attrs"], None)), attrs);
+        let req = image_name(&slim, true, &request(&[], Some("/srv/a/requirements.txt")));
+        assert_ne!(req, image_name(&slim, true, &request(&[], Some("/srv/b/requirements.txt"))));
+        assert_ne!(req, plain);
+        // Another tag of the same image is another name already.
+        let other = parse_reference("python:3.11-slim").unwrap();
+        assert_ne!(image_name(&other, true, &request(&["attrs"], None)), attrs);
+    }
+
+    #[test]
+    fn a_long_reference_still_gives_a_valid_name() {
+        let long = format!("ghcr.io/o/{}:t", "x".repeat(80));
+        let n = image_name(&parse_reference(&long).unwrap(), true, &request(&["attrs"], None));
+        assert_eq!(n.len(), 64);
+        recipe::validate_name(&n).unwrap();
+    }
 }
