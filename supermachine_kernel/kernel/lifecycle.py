@@ -1,9 +1,10 @@
 """The kernel's guest from its start to the process's exit: start-up, shutdown and restart,
 SIGTERM, and the exit itself, in that order.
 
-- Start (`start_guest`): the request start-up read but did not answer is dispatched first; the
-  VM start-up restored ahead (supermachine_kernel/startup) goes to the backend if it is the one
-  the configuration names; the guest REPL client starts the guest in the background.
+- Start (`make_guest`, `start_guest`): the request start-up read but did not answer is
+  dispatched first; the VM start-up restored ahead (supermachine_kernel/startup) goes to the
+  backend if it is the one the configuration names; the guest REPL client starts the guest in
+  the background.
 - shutdown_request, with or without restart (`shutdown_guest`, from the kernel's do_shutdown):
   the guest is released. A restart is a new kernel process (jupyter_client relaunches it),
   which restores the warm snapshot.
@@ -40,27 +41,29 @@ def dispatch_early_requests(kernel: Kernel, startup: t.Any) -> None:
             kernel.io_loop.add_callback(kernel.shell_main, None, msg)
 
 
-def start_guest(backend: t.Any, startup: t.Any, on_event: t.Callable[[str, dict, list], None],
-                env: dict, startup_timeout: float,
-                on_started: t.Callable[[concurrent.futures.Future], None] | None = None
-                ) -> GuestRepl:
-    """The guest REPL client on the current loop, its guest starting in the background (a VM
-    start-up already restored is the backend's if the configuration names its snapshot), and
-    released when the process ends. `on_started(future)` runs once that first start ends."""
+def make_guest(backend: t.Any, startup: t.Any, on_event: t.Callable[[str, dict, list], None],
+               env: dict, startup_timeout: float) -> GuestRepl:
+    """The guest REPL client on the current loop; a VM start-up restored ahead goes to the
+    backend if the configuration names its snapshot, and is released otherwise."""
     early_vm = startup.take_vm() if startup is not None else None
     if early_vm is not None:
         if hasattr(backend, "early"):
             backend.early = early_vm
         else:
             early_vm.release()
-    guest = GuestRepl(backend, asyncio.get_event_loop(), on_event,
-                      env=guest_environment(dict(env)), startup_timeout=startup_timeout)
+    return GuestRepl(backend, asyncio.get_event_loop(), on_event,
+                     env=guest_environment(dict(env)), startup_timeout=startup_timeout)
+
+
+def start_guest(guest: GuestRepl,
+                on_started: t.Callable[[concurrent.futures.Future], None] | None = None) -> None:
+    """The first guest starts in the background, and is released when the process ends.
+    `on_started(future)` runs once that start ended (on the thread that ended it)."""
     started = guest.start()
     if on_started is not None:
         started.add_done_callback(on_started)
     signal.signal(signal.SIGTERM, lambda signum, frame: _exit_on_sigterm(guest))
     atexit.register(release_now, guest)
-    return guest
 
 
 async def shutdown_guest(guest: GuestRepl | None, log: t.Any) -> None:

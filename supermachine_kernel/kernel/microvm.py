@@ -74,9 +74,11 @@ class MicroVMKernel(Kernel, GuestConfig):
     def start(self) -> None:
         super().start()
         lifecycle.dispatch_early_requests(self, self.startup)
-        self.guest = self.stdin.guest = lifecycle.start_guest(
+        self.guest = self.stdin.guest = lifecycle.make_guest(
             self.make_backend(), self.startup, self.iopub.on_guest_event, self.guest_env,
-            self.startup_timeout, self._save_launch_hint if self.startup is not None else None)
+            self.startup_timeout)
+        lifecycle.start_guest(self.guest,
+                              self._save_launch_hint if self.startup is not None else None)
         if self.forward_sigint:
             signal.signal(signal.SIGINT, lambda signum, frame: self.calls.interrupt(self.guest))
 
