@@ -89,6 +89,7 @@ async def magic(ctx: Context, args: str) -> None:
     """
     opts = _parser.parse(args)
     machine = ctx.machine
+    await machine.ready_handle()  # as a kernel's first cell: its backend makes the pool on start
     stats = pool_stats(machine)
     if opts.text or ctx.silent:
         ctx.print(render_text(stats))
