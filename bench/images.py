@@ -53,7 +53,7 @@ from jupyter_client.kernelspec import KernelSpecManager
 from jupyter_client.manager import KernelManager
 
 from supermachine_kernel import api
-from supermachine_kernel.cli import images
+from supermachine_kernel import images
 
 REPO = "bench/debian-python3:v1"
 SHARED = ("kernels", "initramfs")  # ours, the same for every image

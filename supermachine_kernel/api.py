@@ -50,6 +50,7 @@ from ._core import (
     snapshot_files_stamp,
     snapshot_info,
 )
+from .images import apply_budget
 
 ImageError = _core.ImageError
 
@@ -320,8 +321,6 @@ class Image:
         image._bake(dest, warmup, warmup_tag, progress)
         _mark_used(dest)
         if snapshots_dir is None and os.environ.get("SUPERMACHINE_CACHE_BUDGET", "").strip():
-            from .cli.images import apply_budget  # noqa: PLC0415 - only with a budget set
-
             apply_budget(cache_dir, protect=[dest])  # not the snapshot just baked
         return image
 

@@ -16,13 +16,13 @@ from typing import TYPE_CHECKING, Callable, List, Optional, Sequence, Union
 if TYPE_CHECKING:
     from types import ModuleType
 
-    from .images import CacheEntry, PruneReport
+    from ..images import CacheEntry, PruneReport
     from .progress import Bars
 
 
 def _images() -> "ModuleType":
     # Imported lazily so `--help` works even before the extension module is built.
-    from . import images
+    from .. import images
 
     return images
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from supermachine_kernel.cli import images
+from supermachine_kernel import images
 
 pytestmark = pytest.mark.vm
 

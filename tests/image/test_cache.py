@@ -2,7 +2,7 @@
 import threading
 from pathlib import Path
 
-from supermachine_kernel.cli import images
+from supermachine_kernel import images
 
 
 def test_concurrent_builders_share_one_build(cache: Path, tiny_root: Path, have_kernel):

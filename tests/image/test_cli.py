@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from supermachine_kernel import cli
-from supermachine_kernel.cli import images
+from supermachine_kernel import images
 
 
 def run(capfd, *argv: str):

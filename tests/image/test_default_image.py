@@ -1,7 +1,7 @@
 """The default image as setup builds it: cached, with Python 3.11 and the pinned stack inside."""
 from pathlib import Path
 
-from supermachine_kernel.cli import images
+from supermachine_kernel import images
 
 from .conftest import erofs_ls
 

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from supermachine_kernel import cli
-from supermachine_kernel.cli import images
+from supermachine_kernel import images
 
 from .test_oci import BUSYBOX, write_layout
 

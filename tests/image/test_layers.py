@@ -20,7 +20,7 @@ import pytest
 
 from supermachine_kernel import api, cli
 from supermachine_kernel.api import _core
-from supermachine_kernel.cli import images
+from supermachine_kernel import images
 from supermachine_kernel.cli.install import environment_args
 from supermachine_kernel.repl_client.backend import driver_source, read_ready_frame
 from supermachine_kernel.repl_client.vm import GUEST_DRIVER_PATH, REPL_ARGV

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from supermachine_kernel import api
-from supermachine_kernel.cli import images
+from supermachine_kernel import images
 from supermachine_kernel.api import _core
 
 BUSYBOX = shutil.which("busybox")

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from supermachine_kernel.cli import images
+from supermachine_kernel import images
 from supermachine_kernel.cli.install import install, prepare
 
 from .harness import BACKEND, Kernel, stdout_of

@@ -13,7 +13,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Sequence, Union
 
-from .. import _core
+from . import _core
 
 ImageError = _core.ImageError
 
