@@ -318,7 +318,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         print("interrupted", file=sys.stderr)
         return 130
     except Exception as e:  # noqa: BLE001 - typed errors below, everything else re-raised
-        from .. import _core
+        from .. import _core  # noqa: PLC0415 - absent until the extension is built (--help works)
 
         if isinstance(e, (_core.ImageError,)):
             print(f"error: {e}", file=sys.stderr)

@@ -10,15 +10,16 @@ import sys
 import time
 from pathlib import Path
 
+import nbformat
+from nbclient.exceptions import CellExecutionError
+
+from . import tour
+from .notebook_runner import NotebookRunner
+
 NOTEBOOKS = Path(__file__).resolve().parents[2] / "notebooks"
 
 
 def run(notebook: Path, output: Path, kernel_name: str, timeout: int) -> int:
-    import nbformat
-    from nbclient.exceptions import CellExecutionError
-
-    from .notebook_runner import NotebookRunner
-
     nb = nbformat.read(notebook, as_version=4)
     client = NotebookRunner(nb, kernel_name=kernel_name, timeout=timeout, allow_errors=False,
                             startup_timeout=600, resources={"metadata": {"path": str(notebook.parent)}})
@@ -56,8 +57,6 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-tour", action="store_true", help="skip the runtime tour before the notebook")
     args = ap.parse_args(argv)
     if not args.no_tour:
-        from . import tour
-
         tour.run()
         print()
     output = args.output or args.notebook.with_suffix(".executed.ipynb")

@@ -28,6 +28,7 @@ import json
 import os
 import shutil
 import sys
+import time
 import tempfile
 import typing as t
 from pathlib import Path
@@ -116,7 +117,7 @@ def install(
     **spec_options: t.Any,
 ) -> str:
     """Writes the kernelspec and returns the directory it was installed to."""
-    from jupyter_client.kernelspec import KernelSpecManager
+    from jupyter_client.kernelspec import KernelSpecManager  # noqa: PLC0415 - slow import
 
     spec = kernel_json(**spec_options)
     with tempfile.TemporaryDirectory() as tmp:
@@ -205,10 +206,8 @@ def prepare(kernel_name: str = KERNEL_NAME, timeout: float = 1800) -> float:
     and runs a cell, so the kernel's warm snapshot is baked now rather than on a user's first
     kernel start. Returns the seconds it took. Uses the real kernelspec and Jupyter config, so
     it bakes exactly what users get."""
-    import time
-
-    from jupyter_client.kernelspec import KernelSpecManager
-    from jupyter_client.manager import KernelManager
+    from jupyter_client.kernelspec import KernelSpecManager  # noqa: PLC0415 - slow import
+    from jupyter_client.manager import KernelManager  # noqa: PLC0415
 
     t0 = time.monotonic()
     config = guest_config_from_argv(KernelSpecManager().get_kernel_spec(kernel_name).argv[1:])
