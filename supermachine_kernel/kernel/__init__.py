@@ -53,4 +53,19 @@ client when the guest dies or sends a frame that fails validation):
     input_request            kernel/iopub.py:IopubRelay.on_guest_event -> kernel/stdin.py:StdinRelay.forward
     died                     kernel/iopub.py:IopubRelay.on_guest_event
     invalid                  kernel/iopub.py:IopubRelay.on_guest_event
+
+Host requests to the guest REPL (inside the VM; Driver.handle calls do_<type>):
+    hello                    guest/repl.py:Driver.do_hello
+    restored                 guest/repl.py:Driver.do_restored
+    execute                  guest/repl.py:Driver.do_execute
+    complete                 guest/repl.py:Driver.do_complete
+    inspect                  guest/repl.py:Driver.do_inspect
+    is_complete              guest/repl.py:Driver.do_is_complete
+    history                  guest/repl.py:Driver.do_history
+    comm_info                guest/repl.py:Driver.do_comm_info
+    comm_open                guest/repl.py:Driver._comm
+    comm_msg                 guest/repl.py:Driver._comm
+    comm_close               guest/repl.py:Driver._comm
+    input_reply              guest/repl.py:Channel._read_loop
+    shutdown                 guest/repl.py:Driver.serve
 """

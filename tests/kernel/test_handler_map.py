@@ -37,10 +37,12 @@ def _sections() -> dict[str, dict[str, tuple[str, str | None]]]:
             current = sections.setdefault("jupyter", {})
         elif line.startswith("Guest REPL frames"):
             current = sections.setdefault("guest", {})
+        elif line.startswith("Host requests to the guest REPL"):
+            current = sections.setdefault("requests", {})
         elif current is not None and (m := ROW.match(line)):
             assert m["name"] not in current, f"{m['name']} is listed twice"
             current[m["name"]] = (m["first"], m["then"])
-    assert set(sections) == {"jupyter", "guest"}, "the map's two headings are missing"
+    assert set(sections) == {"jupyter", "guest", "requests"}, "the map's three headings are missing"
     return sections
 
 
@@ -130,3 +132,30 @@ def test_the_mapped_function_handles_the_guest_frame(kind):
     assert f'"{kind}"' in _file(first).read_text(), f"{first} does not name {kind!r}"
     if then is not None:
         assert then.rpartition(".")[2] in _source(first)
+
+
+# Read by the guest's frame reader or its serve loop, not by a do_<type> method.
+GUEST_LOOP_REQUESTS = {"input_reply", "shutdown"}
+
+
+def _guest_request_handlers() -> dict[str, str]:
+    """request type -> the Driver method that handles it (do_<type>, or what it aliases)."""
+    tree = ast.parse((PACKAGE / "guest" / "repl.py").read_text())
+    driver = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "Driver")
+    handlers = {n.name[3:]: n.name for n in driver.body
+                if isinstance(n, ast.FunctionDef) and n.name.startswith("do_")}
+    for n in driver.body:
+        if isinstance(n, ast.Assign) and isinstance(n.value, ast.Name):
+            for target in n.targets:
+                if isinstance(target, ast.Name) and target.id.startswith("do_"):
+                    handlers[target.id[3:]] = n.value.id
+    return handlers
+
+
+def test_every_guest_request_type_is_mapped_to_its_handler():
+    handlers = _guest_request_handlers()
+    assert set(MAP["requests"]) == set(handlers) | GUEST_LOOP_REQUESTS
+    for kind, method in handlers.items():
+        assert MAP["requests"][kind][0] == f"guest/repl.py:Driver.{method}", kind
+    for kind in GUEST_LOOP_REQUESTS:
+        assert f'"{kind}"' in _source(MAP["requests"][kind][0]), kind
