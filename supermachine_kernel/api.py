@@ -50,6 +50,7 @@ from ._core import (
     snapshot_files_stamp,
     snapshot_info,
 )
+from .expose import MAX_CONNECTIONS, Exposure, Slots
 from .images import apply_budget
 
 ImageError = _core.ImageError
@@ -58,6 +59,7 @@ __all__ = [
     "Image",
     "Pool",
     "Vm",
+    "Exposure",
     "ExecChild",
     "ExecResult",
     "ExitStatus",
@@ -510,6 +512,8 @@ class Vm:
         self._pool = pool
         self._give_back_lock = threading.Lock()
         self.id = f"vm-{next(_vm_ids)}"
+        self._exposures: list[Exposure] = []
+        self._expose_slots = Slots(MAX_CONNECTIONS)
 
     @classmethod
     def attach_unix(cls, path: PathLike, timeout: float = 10.0) -> "Vm":
@@ -591,6 +595,37 @@ class Vm:
         """Copies a guest file to the host (streamed; the host file appears atomically)."""
         return self._vm.download(guest_path, os.fspath(host_path))
 
+    # ---- exposed ports ----
+
+    def expose_tcp(self, guest_port: int, host_port: int = 0) -> Exposure:
+        """Makes guest TCP port ``guest_port`` (on the guest's 127.0.0.1) reachable on the
+        host at 127.0.0.1:``host_port`` (0: any free port). Returns an Exposure: ``.host_port``,
+        ``.url``, ``.stop()`` (closes the listener; connections in flight go on until either
+        side closes). Each host connection is relayed through the agent channel (see
+        supermachine_kernel/expose.py); at most 32 at once per VM. Exposures belong to this
+        handle: ``release()``/``discard()`` close them and their connections, and a VM restored
+        from a snapshot of this one has none (expose again)."""
+        x = Exposure(lambda: self, guest_port, host_port, slots=self._expose_slots,
+                     on_close=self._forget_exposure)
+        with self._give_back_lock:
+            self._exposures.append(x)
+        return x
+
+    @property
+    def exposures(self) -> list:
+        """This handle's exposures that are still listening."""
+        with self._give_back_lock:
+            return list(self._exposures)
+
+    def _forget_exposure(self, x: Exposure) -> None:
+        with self._give_back_lock:
+            if x in self._exposures:
+                self._exposures.remove(x)
+
+    def _close_exposures(self) -> None:
+        for x in self.exposures:
+            x.close()
+
     # ---- snapshots ----
 
     def snapshot(self, dest: PathLike) -> Image:
@@ -663,6 +698,7 @@ class Vm:
         the background, else it is handed out again as it is; if the pool was shut down it is
         destroyed. Any other VM is killed and its work dir removed. Afterwards every call on
         this handle raises VmReleasedError. Idempotent."""
+        self._close_exposures()
         if self._pool is None:
             self._vm.release()
         else:

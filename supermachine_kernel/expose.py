@@ -1,0 +1,348 @@
+"""Exposed ports: a TCP port inside the guest, reachable from the host on 127.0.0.1 (issue 13
+part 3; ``Vm.expose_tcp`` in api.py and the ``%expose`` magic use this).
+
+How a connection travels. The guest has no network device; everything crosses the agent's
+framed channel. The host listens on 127.0.0.1 only. For each accepted connection it spawns a
+small relay process in the guest (``python3 -I -S -c GUEST_RELAY <port>``, through the agent's
+ordinary Spawn) that connects to 127.0.0.1:<port> inside the guest; host → guest bytes travel
+as that process's stdin, guest → host bytes as its stdout. So the relay rides on what the
+agent and runtime already enforce:
+
+* back-pressure both ways: the stdin window (``STDIN_WINDOW``, ``write_stdin`` blocks) and the
+  output credit window (``DEFAULT_OUTPUT_WINDOW``; the runtime credits only what this module
+  has taken with ``read_stdout``), so a guest that floods buffers at most one window per
+  connection on the host;
+* hostile bytes are just payload: nothing here parses what the guest sends;
+* no agent or protocol change, so every existing image and snapshot can expose ports.
+
+The price is one guest process start per connection (a Python interpreter without site:
+tens of ms under KVM, more under TCG), and the guest image needs ``python3`` (the default
+image has it). A native agent channel (new frame kinds) is the next step; see
+docs/issue13-expose.md.
+
+Rules this module keeps:
+
+* at most ``max_connections`` relayed connections at once per VM (the slots are shared by
+  every exposure of one ``Vm``); a connection over the cap is accepted and closed at once,
+  with a log line;
+* a guest port with nothing listening: the guest relay exits with ``REFUSED_EXIT``; the host
+  client sees a clean close (EOF) and the log says why;
+* ``stop()`` closes the listener only; connections in flight keep working until either side
+  closes. ``close()`` also ends the connections in flight (used when the VM is given back).
+* the relay follows ``vm_source()`` for every new connection, so an exposure made by
+  ``%expose`` reaches the kernel's current VM, also after ``%restore``.
+"""
+from __future__ import annotations
+
+import logging
+import select
+import signal
+import socket
+import threading
+from typing import Any, Callable, Optional
+
+log = logging.getLogger("supermachine_kernel.expose")
+
+#: Default cap on relayed connections open at once, per VM.
+MAX_CONNECTIONS = 32
+#: Exit code of the guest relay when nothing accepts on the guest port.
+REFUSED_EXIT = 3
+#: Bytes moved per read.
+CHUNK = 64 * 1024
+
+#: The guest side of one connection: connect to 127.0.0.1:argv[1]; stdin → socket, socket →
+#: stdout; EOF on stdin half-closes the socket; the process exits when the guest server closes.
+GUEST_RELAY = r"""
+import os, socket, sys, threading
+port = int(sys.argv[1])
+try:
+    s = socket.create_connection(("127.0.0.1", port))
+except OSError as e:
+    sys.stderr.write("connect to 127.0.0.1:%d in the guest failed: %s\n" % (port, e))
+    sys.exit(3)
+def up():
+    try:
+        while True:
+            b = os.read(0, 65536)
+            if not b:
+                break
+            s.sendall(b)
+    except OSError:
+        pass
+    try:
+        s.shutdown(socket.SHUT_WR)
+    except OSError:
+        pass
+threading.Thread(target=up, daemon=True).start()
+try:
+    while True:
+        b = s.recv(65536)
+        if not b:
+            break
+        v = memoryview(b)
+        while v:
+            v = v[os.write(1, v):]
+except OSError:
+    pass
+os._exit(0)
+"""
+
+
+class Slots:
+    """The connection cap of one VM: a counter that refuses instead of waiting."""
+
+    def __init__(self, limit: int = MAX_CONNECTIONS) -> None:
+        if limit < 1:
+            raise ValueError("max_connections must be at least 1")
+        self.limit = limit
+        self.used = 0
+        self._lock = threading.Lock()
+
+    def take(self) -> bool:
+        with self._lock:
+            if self.used >= self.limit:
+                return False
+            self.used += 1
+            return True
+
+    def give(self) -> None:
+        with self._lock:
+            self.used -= 1
+
+
+def _check_port(port: int, what: str, allow_zero: bool) -> int:
+    if isinstance(port, bool) or not isinstance(port, int):
+        raise TypeError(f"{what} must be an int, not {type(port).__name__}")
+    if not (0 if allow_zero else 1) <= port <= 65535:
+        raise ValueError(f"{what} must be in 1..65535{' (or 0: any free port)' if allow_zero else ''}, not {port}")
+    return port
+
+
+class Exposure:
+    """One guest port exposed on 127.0.0.1:``host_port``. ``url`` is ``http://127.0.0.1:PORT/``.
+    ``stop()`` closes the listener (connections in flight go on); ``close()`` also ends them."""
+
+    def __init__(self, vm_source: Callable[[], Any], guest_port: int, host_port: int = 0,
+                 slots: Optional[Slots] = None, on_close: Optional[Callable[["Exposure"], None]] = None) -> None:
+        self.guest_port = _check_port(guest_port, "guest_port", allow_zero=False)
+        _check_port(host_port, "host_port", allow_zero=True)
+        self._vm_source = vm_source
+        self._slots = slots or Slots()
+        self._on_close = on_close
+        self._lock = threading.Lock()
+        self._relays: set[_Relay] = set()
+        self._stopped = False
+        self.connections_total = 0
+        self.refused_total = 0
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        try:
+            sock.bind(("127.0.0.1", host_port))
+            sock.listen(64)
+        except OSError as e:
+            sock.close()
+            raise OSError(e.errno, f"cannot listen on 127.0.0.1:{host_port} for guest port "
+                          f"{guest_port}: {e.strerror}; pick another host port, or 0 for any free one") from e
+        self._sock = sock
+        self.host_port: int = sock.getsockname()[1]
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._thread = threading.Thread(target=self._accept_loop, daemon=True,
+                                         name=f"expose-{self.host_port}-{guest_port}")
+        self._thread.start()
+        log.info("exposing guest port %d on 127.0.0.1:%d", guest_port, self.host_port)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.host_port}/"
+
+    @property
+    def listening(self) -> bool:
+        return not self._stopped
+
+    @property
+    def active(self) -> int:
+        """Connections relayed right now."""
+        with self._lock:
+            return len(self._relays)
+
+    def __repr__(self) -> str:
+        state = "listening" if self.listening else "stopped"
+        return f"<Exposure guest:{self.guest_port} -> {self.url} {state}, {self.active} open>"
+
+    def stop(self) -> None:
+        """Closes the listener: new connections are refused by the host. Connections in flight
+        keep working until either side closes them. Idempotent."""
+        with self._lock:
+            if self._stopped:
+                return
+            self._stopped = True
+        try:
+            self._wake_w.send(b"x")
+        except OSError:
+            pass
+        if threading.current_thread() is not self._thread:
+            self._thread.join(timeout=5)
+        if self._on_close is not None:
+            self._on_close(self)
+
+    def close(self) -> None:
+        """``stop()``, and ends every connection in flight (their guest relays are killed)."""
+        self.stop()
+        with self._lock:
+            relays = list(self._relays)
+        for r in relays:
+            r.abort()
+
+    def __enter__(self) -> "Exposure":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _accept_loop(self) -> None:
+        try:
+            while True:
+                ready, _, _ = select.select([self._sock, self._wake_r], [], [])
+                if self._wake_r in ready:
+                    return
+                try:
+                    conn, peer = self._sock.accept()
+                except OSError as e:
+                    log.warning("expose %d: accept failed: %s", self.host_port, e)
+                    continue
+                self._admit(conn)
+        finally:
+            self._sock.close()
+            self._wake_r.close()
+            self._wake_w.close()
+            log.info("stopped listening on 127.0.0.1:%d (guest port %d)", self.host_port, self.guest_port)
+
+    def _admit(self, conn: socket.socket) -> None:
+        if not self._slots.take():
+            self.refused_total += 1
+            log.warning("expose %d -> guest %d: %d connections open already (the cap per VM); "
+                        "closing a new one", self.host_port, self.guest_port, self._slots.limit)
+            conn.close()
+            return
+        relay = _Relay(self, conn)
+        with self._lock:
+            self._relays.add(relay)
+            self.connections_total += 1
+        try:
+            threading.Thread(target=relay.run, daemon=True, name=f"expose-conn-{self.host_port}").start()
+        except RuntimeError as e:
+            log.warning("expose %d: cannot start a relay thread: %s", self.host_port, e)
+            relay.finish()
+
+    def _done(self, relay: "_Relay") -> None:
+        with self._lock:
+            self._relays.discard(relay)
+        self._slots.give()
+
+
+class _Relay:
+    """One host connection and its guest relay process."""
+
+    def __init__(self, exposure: Exposure, conn: socket.socket) -> None:
+        self.x = exposure
+        self.conn = conn
+        self.child: Any = None
+        self._finished = False
+        self._lock = threading.Lock()
+
+    def run(self) -> None:
+        try:
+            self._run()
+        except Exception:  # noqa: BLE001 - one connection's failure must not reach anyone else
+            log.exception("expose %d: relay failed", self.x.host_port)
+        finally:
+            self.finish()
+
+    def _run(self) -> None:
+        x = self.x
+        try:
+            vm = x._vm_source()
+            self.child = vm.spawn(["python3", "-I", "-S", "-c", GUEST_RELAY, str(x.guest_port)])
+        except Exception as e:  # noqa: BLE001 - the VM may be gone, released, or have no python3
+            log.warning("expose %d -> guest %d: cannot start the guest relay: %s", x.host_port, x.guest_port, e)
+            return
+        up = threading.Thread(target=self._host_to_guest, daemon=True, name=f"expose-up-{x.host_port}")
+        up.start()
+        if not self._guest_to_host():
+            return  # the host client went away or the VM ended: finish() kills the guest relay
+        status = self._exit_status()
+        if status is not None and status.exit_code == REFUSED_EXIT:
+            why = self._stderr().strip() or f"nothing listens on guest port {x.guest_port}"
+            log.warning("expose %d: %s; closed the host connection", x.host_port, why)
+
+    def _host_to_guest(self) -> None:
+        child = self.child
+        try:
+            while True:
+                data = self.conn.recv(CHUNK)
+                if not data:
+                    break
+                child.write_stdin(data)
+        except Exception:  # noqa: BLE001 - host client reset, or the guest relay ended
+            pass
+        try:
+            child.close_stdin()
+        except Exception:  # noqa: BLE001
+            pass
+
+    def _guest_to_host(self) -> bool:
+        """Guest output to the host client; True when the guest relay's stdout reached EOF."""
+        child = self.child
+        while True:
+            try:
+                data = child.read_stdout(CHUNK)
+            except Exception as e:  # noqa: BLE001 - the VM died or was released
+                log.info("expose %d: guest side ended: %s", self.x.host_port, e)
+                return False
+            if not data:
+                return True
+            try:
+                self.conn.sendall(data)
+            except OSError:
+                return False
+
+    def _exit_status(self) -> Any:
+        try:
+            return self.child.wait(timeout=10)
+        except Exception:  # noqa: BLE001
+            return None
+
+    def _stderr(self) -> str:
+        try:
+            return self.child.read_stderr(4096, timeout=1).decode("utf-8", "replace")
+        except Exception:  # noqa: BLE001
+            return ""
+
+    def abort(self) -> None:
+        try:
+            self.conn.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        self._kill()
+
+    def _kill(self) -> None:
+        child = self.child
+        if child is None:
+            return
+        try:
+            if child.poll() is None:
+                child.signal(signal.SIGKILL)
+        except Exception:  # noqa: BLE001 - gone already
+            pass
+
+    def finish(self) -> None:
+        with self._lock:
+            if self._finished:
+                return
+            self._finished = True
+        try:
+            self.conn.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        self.conn.close()
+        self._kill()
+        self.x._done(self)
