@@ -1,12 +1,14 @@
 //! Host runtime library: QEMU supervision ([`qemu`], [`accel`], [`qmp`]), the connection to the
 //! guest agent ([`conn`] over the pure multiplexer [`mux`]), VMs and their processes ([`vm`],
-//! [`child`]), snapshots ([`snapshot`]: on disk, taking, restoring) and the VM pool ([`pool`]).
+//! [`child`]), snapshots ([`snapshot`]: on disk, taking, restoring), the VM pool ([`pool`]) and the
+//! guest's network egress policy and proxy ([`net`]).
 pub mod accel;
 pub mod child;
 pub mod conn;
 pub mod error;
 pub mod image;
 pub mod mux;
+pub mod net;
 pub mod pool;
 pub mod qemu;
 pub mod qmp;
