@@ -1,4 +1,5 @@
-"""Host-side line magics: ``%snapshot``, ``%restore``, ``%snapshots``, ``%pool``, ``%vm``.
+"""Host-side line magics: ``%snapshot``, ``%restore``, ``%snapshots``, ``%pool``, ``%vm``,
+``%expose``.
 
 They act on the VM itself, so they run in the kernel process and never reach the guest. The
 kernel calls `dispatch` at the start of every execute (kernel/microvm.py, do_execute); a cell
@@ -28,7 +29,7 @@ from .widget import HostWidgets
 
 log = logging.getLogger("supermachine_kernel.magics")
 
-NAMES = ("snapshot", "restore", "snapshots", "pool", "vm")
+NAMES = ("snapshot", "restore", "snapshots", "pool", "vm", "expose")
 LINE_RE = re.compile(r"^%(?P<name>[A-Za-z_]\w*)(?P<help>\?{1,2})?(?:[ \t]+(?P<args>.*?))?\s*$")
 
 MagicFunc = Callable[["Context", str], Awaitable[None]]
@@ -147,6 +148,8 @@ class HostMagics:
         self.kernel = kernel
         self.registry = Registry()
         self._machine: Optional[Machine] = None
+        #: %expose's exposures (magics/expose.py), created on first use.
+        self.exposures: Any = None
 
     def machine(self) -> Machine:
         if self._machine is None:
