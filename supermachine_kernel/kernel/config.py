@@ -10,10 +10,11 @@ import shlex
 import sys
 import typing as t
 
-from traitlets import Dict, Float, Integer, List, Unicode, default
+from traitlets import Bool, Dict, Enum, Float, Integer, List, Unicode, default
 from traitlets.config import Configurable
 
 from ..repl_client import make_backend
+from ..workspace.scan import Limits
 
 
 class GuestConfig(Configurable):
@@ -61,6 +62,39 @@ class GuestConfig(Configurable):
     startup_timeout = Float(180.0, help="Seconds to wait for the guest REPL to start.").tag(
         config=True
     )
+
+    # ---- workspace sync (issue 13; supermachine_kernel/workspace/) ----
+    workspace = Enum(
+        ["sync", "read-only", "off"], "off",
+        help="The kernel's working directory (the notebook's directory) as the guest REPL's "
+        "cwd: 'sync' (host -> guest before each cell, the cell's changes back after it), "
+        "'read-only' (host -> guest only) or 'off'. The default stays 'off' until the kernel "
+        "runs the sync (the sync engine exists; its wiring into the execute path is the next "
+        "step), so setting it has no effect yet.",
+    ).tag(config=True)
+    workspace_max_file_bytes = Integer(
+        256 * 1024 * 1024, help="Largest file the workspace sync copies (bytes); larger ones "
+        "are left out and named in the cell's output.").tag(config=True)
+    workspace_max_total_bytes = Integer(
+        256 * 1024 * 1024, help="Most bytes the workspace sync keeps in the guest (its files "
+        "live in guest RAM); files past it are left out and named.").tag(config=True)
+    workspace_max_files = Integer(
+        10_000, help="Most files and directories the workspace sync copies.").tag(config=True)
+    workspace_exclude = List(
+        Unicode(), [".ipynb_checkpoints", ".git", "__pycache__"],
+        help="File and directory names the workspace sync never copies, either way.",
+    ).tag(config=True)
+    workspace_exclude_hidden_dirs = Bool(
+        True, help="Leave directories whose name starts with '.' (.venv, .cache, ...) out of "
+        "the workspace sync.").tag(config=True)
+
+    def workspace_limits(self) -> Limits:
+        """The workspace traits as a workspace.scan.Limits."""
+        return Limits(max_file_bytes=self.workspace_max_file_bytes,
+                      max_total_bytes=self.workspace_max_total_bytes,
+                      max_files=self.workspace_max_files,
+                      excludes=tuple(self.workspace_exclude),
+                      exclude_hidden_dirs=self.workspace_exclude_hidden_dirs)
 
     def backend_options(self) -> dict:
         return dict(

@@ -1,0 +1,220 @@
+"""Writes the guest's files into the host workspace without ever leaving it.
+
+Everything the guest names is hostile. `HostWriter` holds a directory fd of the workspace root
+and reaches every path by opening each component from there with
+`O_DIRECTORY | O_NOFOLLOW` (openat through `os.open(..., dir_fd=...)`), after `check_relpath`
+(no absolute path, no `..`/`.`, no NUL or control character, no empty component). So:
+- a symlink anywhere on the way (even one swapped in for a directory after the scan) makes the
+  open fail (ELOOP/ENOTDIR) and the write is refused; nothing is followed, nothing is created
+  through it;
+- the final name is only ever replaced if it is absent or a regular file; a symlink, directory,
+  FIFO, socket or device there is refused (never followed, never overwritten);
+- a file is written atomically: a temp file `.NAME.sm-<random>` created with
+  `O_CREAT | O_EXCL | O_NOFOLLOW` in the same directory fd, filled, fsynced, its mtime set,
+  then `os.replace` with `src_dir_fd`/`dst_dir_fd` — a reader sees the old or the new file;
+- modes keep the permission bits only (no setuid/setgid/sticky), and the writer never makes
+  symlinks or special files at all;
+- deletes go through the parent's fd too: a regular file or an empty directory, nothing else.
+
+A refusal raises `Refused(path, why)`; the caller reports it (report.py) and goes on.
+"""
+from __future__ import annotations
+
+import errno
+import os
+import secrets
+import stat
+from typing import BinaryIO, Iterator, Optional
+
+from contextlib import contextmanager
+
+from .scan import BadPath, check_relpath
+
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+COPY_CHUNK = 1024 * 1024
+
+
+class Refused(ValueError):
+    """A guest write or delete the host will not do; `why` says it in words."""
+
+    def __init__(self, path: str, why: str) -> None:
+        super().__init__(f"{path!r}: {why}")
+        self.path = path
+        self.why = why
+
+
+class HostWriter:
+    """Writes and deletes inside one workspace root. Use as a context manager (or `close()`)."""
+
+    def __init__(self, root: str | os.PathLike[str]) -> None:
+        # The root itself is the user's choice (the kernel's cwd) and may be reached through a
+        # symlink; everything below it is not.
+        self.root = os.fspath(root)
+        self._root_fd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+
+    def close(self) -> None:
+        if self._root_fd >= 0:
+            os.close(self._root_fd)
+            self._root_fd = -1
+
+    def __enter__(self) -> "HostWriter":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ---- walking ----
+
+    @contextmanager
+    def _parent(self, path: str, create: bool) -> Iterator[tuple[int, str]]:
+        """(fd of the parent directory, final name) of `path`, each component opened with
+        O_NOFOLLOW from the root; missing directories are made when `create`."""
+        try:
+            parts = check_relpath(path)
+        except BadPath as e:
+            raise Refused(path, str(e)) from None
+        fd = os.dup(self._root_fd)
+        try:
+            for i, name in enumerate(parts[:-1]):
+                nfd = self._open_dir(fd, name, create, "/".join(parts[: i + 1]))
+                os.close(fd)
+                fd = nfd
+            yield fd, parts[-1]
+        finally:
+            os.close(fd)
+
+    @staticmethod
+    def _open_dir(fd: int, name: str, create: bool, shown: str) -> int:
+        for attempt in (0, 1):
+            try:
+                return os.open(name, _DIR_FLAGS, dir_fd=fd)
+            except FileNotFoundError:
+                if not create or attempt:
+                    raise Refused(shown, "the directory does not exist") from None
+                try:
+                    os.mkdir(name, 0o755, dir_fd=fd)
+                except FileExistsError:
+                    pass
+            except OSError as e:
+                if e.errno in (errno.ELOOP, errno.ENOTDIR):
+                    raise Refused(shown, "is not a directory on the host (a symlink or a "
+                                  "file): not followed") from None
+                raise
+        raise Refused(shown, "the directory does not exist")
+
+    @staticmethod
+    def _lstat(fd: int, name: str) -> Optional[os.stat_result]:
+        try:
+            return os.stat(name, dir_fd=fd, follow_symlinks=False)
+        except FileNotFoundError:
+            return None
+
+    # ---- operations ----
+
+    def mkdir(self, path: str, mode: int = 0o755) -> None:
+        """Makes directory `path` (and its parents); an existing directory is fine."""
+        with self._parent(path, create=True) as (fd, name):
+            st = self._lstat(fd, name)
+            if st is None:
+                os.mkdir(name, (mode & 0o777) | 0o700, dir_fd=fd)
+            elif not stat.S_ISDIR(st.st_mode):
+                raise Refused(path, "something other than a directory is there on the host")
+
+    def write(self, path: str, source: BinaryIO | bytes, mode: int = 0o644,
+              mtime_ns: Optional[int] = None, max_bytes: Optional[int] = None) -> os.stat_result:
+        """Replaces (or creates) regular file `path` with `source`'s bytes, atomically, and
+        returns the new file's stat. More than `max_bytes` bytes: refused, nothing written."""
+        with self._parent(path, create=True) as (fd, name):
+            st = self._lstat(fd, name)
+            if st is not None and not stat.S_ISREG(st.st_mode):
+                raise Refused(path, f"a {_kind(st.st_mode)} is there on the host: not replaced")
+            tmp = f".{name[:200]}.sm-{secrets.token_hex(6)}"
+            tfd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
+                          | os.O_CLOEXEC, 0o600, dir_fd=fd)
+            done = False
+            try:
+                written = _copy_into(tfd, source, max_bytes)
+                if max_bytes is not None and written > max_bytes:
+                    raise Refused(path, f"is larger than the {max_bytes}-byte limit")
+                os.fchmod(tfd, mode & 0o777)
+                if mtime_ns is not None:
+                    os.utime(tfd, ns=(mtime_ns, mtime_ns))
+                os.fsync(tfd)
+                result = os.fstat(tfd)
+                os.replace(tmp, name, src_dir_fd=fd, dst_dir_fd=fd)
+                done = True
+                return result
+            finally:
+                os.close(tfd)
+                if not done:
+                    try:
+                        os.unlink(tmp, dir_fd=fd)
+                    except OSError:
+                        pass
+
+    def delete(self, path: str) -> bool:
+        """Deletes regular file or empty directory `path`; False if it was already gone or
+        is a directory that is not empty. Anything else there is refused."""
+        try:
+            with self._parent(path, create=False) as (fd, name):
+                st = self._lstat(fd, name)
+                if st is None:
+                    return False
+                if stat.S_ISREG(st.st_mode):
+                    os.unlink(name, dir_fd=fd)
+                    return True
+                if stat.S_ISDIR(st.st_mode):
+                    try:
+                        os.rmdir(name, dir_fd=fd)
+                    except OSError as e:
+                        if e.errno in (errno.ENOTEMPTY, errno.EEXIST):
+                            return False
+                        raise
+                    return True
+                raise Refused(path, f"a {_kind(st.st_mode)} is there on the host: not deleted")
+        except Refused as e:
+            if e.why == "the directory does not exist":
+                return False
+            raise
+
+
+def _copy_into(fd: int, source: BinaryIO | bytes, max_bytes: Optional[int]) -> int:
+    """Writes `source` to `fd`; stops reading one byte past `max_bytes`."""
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        data = memoryview(source)
+        if max_bytes is not None and len(data) > max_bytes:
+            return len(data)
+        _write_all(fd, data)
+        return len(data)
+    total = 0
+    while True:
+        want = COPY_CHUNK if max_bytes is None else min(COPY_CHUNK, max_bytes + 1 - total)
+        if want <= 0:
+            return total
+        chunk = source.read(want)
+        if not chunk:
+            return total
+        total += len(chunk)
+        if max_bytes is not None and total > max_bytes:
+            return total
+        _write_all(fd, memoryview(chunk))
+
+
+def _write_all(fd: int, data: memoryview) -> None:
+    while data:
+        n = os.write(fd, data)
+        data = data[n:]
+
+
+def _kind(mode: int) -> str:
+    if stat.S_ISLNK(mode):
+        return "symlink"
+    if stat.S_ISDIR(mode):
+        return "directory"
+    if stat.S_ISFIFO(mode):
+        return "FIFO"
+    if stat.S_ISSOCK(mode):
+        return "socket"
+    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+        return "device"
+    return "special file"

@@ -1,0 +1,319 @@
+"""How workspace bytes move between the host and the guest, through the guest agent.
+
+- The guest tree is listed by one agent exec of `GUEST_LIST` (stdlib Python, run as
+  `python3 -I -S -c`): a JSON object `{"v": 1, "entries": [[path, kind, size, mtime_ns,
+  mode], ...], "unlisted": N}` with kind "file", "dir", "symlink" or "special". It applies the
+  excludes itself (so a huge `.git` is never walked), never follows a symlink, and lists at
+  most `max_entries` entries, counting the rest in "unlisted".
+- `parse_guest_listing` reads that output as hostile input, in the style of
+  repl_client/frames.py: a byte cap before decoding, every field type- and range-checked,
+  every path through `scan.check_relpath`, excludes applied again, entries whose parent is
+  not a listed directory dropped, duplicates refused; then the same caps as the host tree
+  (`scan.admit`). A listing that is cut short makes the scan incomplete, and an incomplete
+  guest scan never deletes anything on the host (plan.py).
+- host -> guest (`push`): one exec of `GUEST_APPLY` (deletes, then directories, children and
+  parents in the plan's order), then `Vm.upload` per file, then one `GUEST_APPLY` exec that
+  sets each copied file's mtime to the host's (so plan.next_state knows both signatures).
+- guest -> host (`pull`): `Vm.download` of each file into a private staging directory outside
+  the workspace (mode 0700), then `HostWriter.write` from there (openat, O_NOFOLLOW, atomic,
+  size-capped again: the guest can grow a file after listing it); deletes through
+  `HostWriter.delete`. Conflicts save the guest's version under the conflict name first.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import stat
+import tempfile
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from .host_writer import HostWriter, Refused
+from .plan import Plan
+from .scan import (DIR, FILE, BadPath, Entry, Limits, Scan, Skipped, admit, check_relpath,
+                   is_excluded)
+
+MAX_LISTING_BYTES = 32 * 1024 * 1024
+EXTRA_ENTRIES = 1000          # listed beyond max_files, so the report can name some of them
+MAX_INT = 2 ** 63 - 1
+GUEST_KINDS = (FILE, DIR, "symlink", "special")
+
+
+class ListingError(ValueError):
+    """The guest's listing is not what GUEST_LIST prints; the sync pass is skipped."""
+
+
+class GuestVm(Protocol):
+    """The part of api.Vm the transfer uses."""
+    def exec(self, argv: Any, **kw: Any) -> Any: ...
+    def upload(self, host_path: Any, guest_path: str, mode: Any = None) -> int: ...
+    def download(self, guest_path: str, host_path: Any) -> int: ...
+
+
+# Runs in the guest: python3 -I -S -c GUEST_LIST ROOT '{"excludes": [...], "hidden": bool,
+# "max_entries": N}'. Stdlib only; output one JSON object on stdout.
+GUEST_LIST = r"""
+import json, os, stat, sys
+root, opt = sys.argv[1], json.loads(sys.argv[2])
+ex, hidden, cap = set(opt["excludes"]), opt["hidden"], opt["max_entries"]
+out, unlisted, stack = [], 0, [(root, "")]
+while stack:
+    d, rel = stack.pop()
+    try:
+        names = sorted(os.listdir(d))
+    except OSError:
+        continue
+    for n in reversed(names):
+        p = d + "/" + n
+        try:
+            st = os.lstat(p)
+        except OSError:
+            continue
+        m = st.st_mode
+        isdir = stat.S_ISDIR(m)
+        if n in ex or (isdir and hidden and n.startswith(".")):
+            continue
+        r = rel + "/" + n if rel else n
+        if len(out) >= cap:
+            unlisted += 1
+            continue
+        k = "dir" if isdir else "file" if stat.S_ISREG(m) else "symlink" if stat.S_ISLNK(m) else "special"
+        out.append([r, k, st.st_size if k == "file" else 0, st.st_mtime_ns, m & 0o777])
+        if isdir:
+            stack.append((p, r))
+sys.stdout.write(json.dumps({"v": 1, "entries": out, "unlisted": unlisted}))
+"""
+
+# Runs in the guest: python3 -I -S -c GUEST_APPLY ROOT, with a JSON object on stdin:
+# {"delete": [rel, ...], "mkdir": [rel, ...], "utime": [[rel, mtime_ns], ...]}.
+# The guest's own tree: a hostile guest can only break its own copy.
+GUEST_APPLY = r"""
+import json, os, shutil, sys
+root, ops = sys.argv[1], json.load(sys.stdin)
+failed = []
+for r in ops.get("delete", []):
+    p = root + "/" + r
+    try:
+        if os.path.isdir(p) and not os.path.islink(p):
+            os.rmdir(p)
+        else:
+            os.unlink(p)
+    except FileNotFoundError:
+        pass
+    except OSError as e:
+        failed.append([r, str(e)])
+for r in ops.get("mkdir", []):
+    p = root + "/" + r
+    try:
+        if os.path.lexists(p) and not (os.path.isdir(p) and not os.path.islink(p)):
+            os.unlink(p)
+        os.makedirs(p, exist_ok=True)
+    except OSError as e:
+        failed.append([r, str(e)])
+for r, t in ops.get("utime", []):
+    try:
+        os.utime(root + "/" + r, ns=(t, t), follow_symlinks=False)
+    except OSError as e:
+        failed.append([r, str(e)])
+sys.stdout.write(json.dumps({"failed": failed}))
+"""
+
+
+def list_guest(vm: GuestVm, guest_root: str, limits: Limits, timeout_ms: int = 60_000) -> Scan:
+    """The guest tree under `guest_root`, judged by `limits` (see parse_guest_listing)."""
+    opt = {"excludes": list(limits.excludes), "hidden": limits.exclude_hidden_dirs,
+           "max_entries": limits.max_files + EXTRA_ENTRIES}
+    r = vm.exec(["python3", "-I", "-S", "-c", GUEST_LIST, guest_root, json.dumps(opt)],
+                timeout_ms=timeout_ms)
+    if r.exit_code != 0:
+        raise ListingError(f"listing the guest workspace failed (exit {r.exit_code}): "
+                           f"{bytes(r.stderr[-500:]).decode('utf-8', 'replace')}")
+    return parse_guest_listing(bytes(r.stdout), limits)
+
+
+def _nonneg(v: Any, what: str) -> int:
+    if not isinstance(v, int) or isinstance(v, bool) or not 0 <= v <= MAX_INT:
+        raise ListingError(f"{what} must be an integer in 0..2**63-1, got {v!r:.40}")
+    return v
+
+
+def parse_guest_listing(raw: bytes, limits: Limits) -> Scan:
+    """A guest listing (GUEST_LIST's output) as a Scan, or ListingError when its shape is wrong.
+    Entries with unacceptable names are skipped ("bad_name"), symlinks and special files
+    skipped as such; the caps apply as to the host tree."""
+    if len(raw) > MAX_LISTING_BYTES:
+        raise ListingError(f"guest listing of {len(raw)} bytes exceeds {MAX_LISTING_BYTES}")
+    try:
+        doc = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:
+        raise ListingError(f"guest listing is not UTF-8 JSON: {e}") from None
+    if not isinstance(doc, dict) or doc.get("v") != 1 or not isinstance(doc.get("entries"), list):
+        raise ListingError("guest listing is not an object with v=1 and a list 'entries'")
+    unlisted = _nonneg(doc.get("unlisted", 0), "'unlisted'")
+    rows = doc["entries"]
+    cap = limits.max_files + EXTRA_ENTRIES
+    if len(rows) > cap:
+        unlisted += len(rows) - cap
+        rows = rows[:cap]
+    seen: dict[str, tuple[str, Entry]] = {}
+    skipped: list[Skipped] = []
+    for row in rows:
+        if not isinstance(row, list) or len(row) != 5:
+            raise ListingError("a guest listing entry is not [path, kind, size, mtime_ns, mode]")
+        path, kind = row[0], row[1]
+        size = _nonneg(row[2], "size")
+        mtime_ns = _nonneg(row[3], "mtime_ns")
+        mode = _nonneg(row[4], "mode") & 0o777
+        if not isinstance(path, str) or kind not in GUEST_KINDS:
+            raise ListingError(f"a guest listing entry has path {path!r:.80} and kind {kind!r:.20}")
+        if path in seen:
+            raise ListingError(f"guest listing names {path!r:.200} twice")
+        try:
+            parts = check_relpath(path)
+        except BadPath:
+            skipped.append(Skipped(_printable(path), "bad_name"))
+            seen[path] = ("bad", Entry(FILE, 0, 0, 0))
+            continue
+        if any(is_excluded(p, True, limits) for p in parts[:-1]) or \
+                is_excluded(parts[-1], kind == DIR, limits):
+            seen[path] = ("excluded", Entry(FILE, 0, 0, 0))
+            continue
+        seen[path] = (kind, Entry(kind if kind in (FILE, DIR) else FILE,
+                                  size if kind == FILE else 0, mtime_ns, mode))
+    listing: list[tuple[str, Entry]] = []
+    for path, (kind, e) in seen.items():
+        if kind in ("bad", "excluded"):
+            continue
+        parent = path.rpartition("/")[0]
+        if parent and seen.get(parent, ("",))[0] != DIR:
+            # Under something that is not a listed directory (a forged entry, or under a
+            # symlink/excluded/bad name): never a path the host should write.
+            if seen.get(parent, ("",))[0] not in ("bad", "excluded", "symlink", "special"):
+                skipped.append(Skipped(path, "bad_name"))
+            continue
+        if kind in ("symlink", "special"):
+            skipped.append(Skipped(path, kind))
+        else:
+            listing.append((path, e))
+    out = admit(listing, limits, skipped)
+    out.unlisted = unlisted
+    return out
+
+
+def _printable(path: str) -> str:
+    return path.encode("utf-8", "backslashreplace").decode("ascii", "backslashreplace")[:300]
+
+
+@dataclass
+class Outcome:
+    """What a push or pull did: paths copied and deleted, (path, why) refusals."""
+    copied: list[str] = field(default_factory=list)
+    deleted: list[str] = field(default_factory=list)
+    refused: list[tuple[str, str]] = field(default_factory=list)
+
+
+def _guest_path(guest_root: str, rel: str) -> str:
+    check_relpath(rel)
+    return guest_root.rstrip("/") + "/" + rel
+
+
+def _apply_in_guest(vm: GuestVm, guest_root: str, ops: dict, out: Outcome) -> None:
+    if not any(ops.values()):
+        return
+    r = vm.exec(["python3", "-I", "-S", "-c", GUEST_APPLY, guest_root],
+                stdin=json.dumps(ops).encode(), timeout_ms=60_000)
+    if r.exit_code != 0:
+        out.refused.append(("(guest)", f"the guest could not apply the sync (exit {r.exit_code})"))
+        return
+    try:
+        failed = json.loads(bytes(r.stdout[:1_000_000]).decode("utf-8", "replace"))["failed"]
+        for rel, why in failed[:100]:
+            out.refused.append((str(rel)[:300], str(why)[:300]))
+    except (ValueError, KeyError, TypeError):
+        out.refused.append(("(guest)", "the guest's answer to the sync was not understood"))
+
+
+def push(vm: GuestVm, host_root: str, guest_root: str, plan: Plan, host: Scan) -> Outcome:
+    """Carries out the host -> guest half of `plan`: guest deletes, directories, file copies
+    (mode and mtime from the host scan). Conflicts' guest versions must be pulled first."""
+    out = Outcome()
+    dirs = [p for p in plan.to_guest if host.entries[p].kind == DIR]
+    files = [p for p in plan.to_guest if host.entries[p].kind == FILE]
+    parents = sorted({p.rpartition("/")[0] for p in files if "/" in p} - set(dirs))
+    _apply_in_guest(vm, guest_root, {"delete": list(plan.delete_in_guest),
+                                     "mkdir": dirs + parents}, out)
+    out.deleted += plan.delete_in_guest
+    times = []
+    for p in files:
+        e = host.entries[p]
+        src = os.path.join(host_root, *p.split("/"))
+        try:
+            st = os.lstat(src)
+            if not stat.S_ISREG(st.st_mode):
+                out.refused.append((p, "is no longer a regular file on the host"))
+                continue
+            vm.upload(src, _guest_path(guest_root, p), e.mode)
+        except OSError as err:
+            out.refused.append((p, f"cannot be read on the host: {err.strerror}"))
+            continue
+        times.append([p, e.mtime_ns])
+        out.copied.append(p)
+    out.copied += dirs
+    _apply_in_guest(vm, guest_root, {"utime": times}, out)
+    return out
+
+
+def pull(vm: GuestVm, writer: HostWriter, guest_root: str, plan: Plan, guest: Scan,
+         limits: Limits) -> Outcome:
+    """Carries out the guest -> host half of `plan`: conflict copies, directories, files and
+    deletes, every write through `writer`. The guest's files pass through a private staging
+    directory and are capped again at `limits.max_file_bytes`."""
+    out = Outcome()
+    staging = tempfile.mkdtemp(prefix="sm-workspace-")
+    try:
+        def fetch(rel: str, dest: str, e: Entry) -> None:
+            staged = os.path.join(staging, "file")
+            try:
+                vm.download(_guest_path(guest_root, rel), staged)
+                with open(staged, "rb") as f:
+                    writer.write(dest, f, e.mode, mtime_ns=e.mtime_ns,
+                                 max_bytes=limits.max_file_bytes)
+                out.copied.append(dest)
+            except Refused as err:
+                out.refused.append((err.path, err.why))
+            except Exception as err:  # noqa: BLE001 - a guest error on one file: report, go on
+                out.refused.append((rel, f"could not be copied from the VM: {err}"))
+            finally:
+                try:
+                    os.unlink(staged)
+                except FileNotFoundError:
+                    pass
+
+        for c in plan.conflicts:
+            e = guest.entries.get(c.path)
+            if e is not None and e.kind == FILE:
+                fetch(c.path, c.guest_copy, e)
+        for p in plan.to_host:
+            e = guest.entries[p]
+            if e.kind == DIR:
+                try:
+                    writer.mkdir(p, e.mode)
+                    out.copied.append(p)
+                except Refused as err:
+                    out.refused.append((err.path, err.why))
+            else:
+                fetch(p, p, e)
+        for p in plan.delete_on_host:
+            try:
+                if writer.delete(p):
+                    out.deleted.append(p)
+            except Refused as err:
+                out.refused.append((err.path, err.why))
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return out
+
+
+__all__ = ["GUEST_LIST", "GUEST_APPLY", "ListingError", "list_guest", "parse_guest_listing",
+           "push", "pull", "Outcome"]
