@@ -146,8 +146,8 @@ def parse_guest_listing(raw: bytes, limits: Limits) -> Scan:
         raise ListingError(f"guest listing of {len(raw)} bytes exceeds {MAX_LISTING_BYTES}")
     try:
         doc = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError, RecursionError) as e:
-        raise ListingError(f"guest listing is not UTF-8 JSON: {e}") from None
+    except (UnicodeDecodeError, ValueError, RecursionError) as err:
+        raise ListingError(f"guest listing is not UTF-8 JSON: {err}") from None
     if not isinstance(doc, dict) or doc.get("v") != 1 or not isinstance(doc.get("entries"), list):
         raise ListingError("guest listing is not an object with v=1 and a list 'entries'")
     unlisted = _nonneg(doc.get("unlisted", 0), "'unlisted'")
