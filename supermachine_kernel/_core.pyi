@@ -37,6 +37,8 @@ __all__ = [
     "cache_inventory",
     "prune_cache",
     "image_name_for",
+    "NetProxy",
+    "check_allow_network",
 ]
 
 PROTOCOL_VERSION: int
@@ -238,3 +240,29 @@ def image_name_for(
     packages: Optional[list[str]] = None,
     requirements: Optional[_Path] = None,
 ) -> Optional[str]: ...
+
+# ---- network egress (core/python/src/net.rs) ----
+def check_allow_network(entries: Sequence[str]) -> None: ...
+@final
+class NetProxy:
+    def __new__(
+        cls,
+        allow: Sequence[str],
+        *,
+        port: int = 0,
+        max_connections: int = 64,
+        bandwidth: Optional[int] = None,
+        head_timeout: float = 10.0,
+        idle_timeout: float = 300.0,
+        connect_timeout: float = 10.0,
+        resolve: Optional[Mapping[str, Sequence[str]]] = None,
+    ) -> NetProxy: ...
+    @property
+    def port(self) -> int: ...
+    @property
+    def url(self) -> str: ...
+    @property
+    def active_connections(self) -> int: ...
+    def close(self) -> None: ...
+    def __enter__(self) -> NetProxy: ...
+    def __exit__(self, *_args: object) -> None: ...

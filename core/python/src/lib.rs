@@ -3,6 +3,7 @@ use pyo3::prelude::*;
 
 pub mod errors;
 mod image;
+mod net;
 mod pool;
 mod vm;
 
@@ -13,5 +14,6 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     vm::register(m)?;
     pool::register(m)?;
     image::register(m)?;
+    net::register(m)?;
     Ok(())
 }
