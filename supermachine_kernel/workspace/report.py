@@ -30,20 +30,25 @@ def human_size(n: int) -> str:
     raise AssertionError("unreachable")
 
 
-def _why(s: Skipped, limits: Limits) -> str:
+def _why(s: Skipped, limits: Limits, first: bool) -> str:
+    """Why `s` was left out; the limit and the setting that raises it only for the `first`
+    item of its reason."""
     if s.reason == "file_size":
-        return (f"{s.path} is {human_size(s.size)} (limit {human_size(limits.max_file_bytes)}; "
-                f"raise it with {TRAIT}workspace_max_file_bytes)")
+        hint = (f" (limit {human_size(limits.max_file_bytes)}; raise it with "
+                f"{TRAIT}workspace_max_file_bytes)")
+        return f"{s.path} is {human_size(s.size)}" + (hint if first else "")
     if s.reason == "total_bytes":
-        return (f"{s.path} would pass the {human_size(limits.max_total_bytes)} workspace total "
-                f"(raise it with {TRAIT}workspace_max_total_bytes)")
+        hint = (f" the {human_size(limits.max_total_bytes)} workspace total (raise it with "
+                f"{TRAIT}workspace_max_total_bytes)")
+        return f"{s.path} would pass" + (hint if first else " it")
     if s.reason == "file_count":
-        return (f"{s.path} is past the {limits.max_files}-file limit "
-                f"(raise it with {TRAIT}workspace_max_files)")
+        hint = (f" the {limits.max_files}-file limit (raise it with "
+                f"{TRAIT}workspace_max_files)")
+        return f"{s.path} is past" + (hint if first else " it")
     if s.reason == "symlink":
-        return f"{s.path} is a symbolic link (links are never synced)"
+        return f"{s.path} is a symbolic link" + (" (links are never synced)" if first else "")
     if s.reason == "special":
-        return f"{s.path} is not a regular file (FIFO, socket or device)"
+        return f"{s.path} is not a regular file" + (" (FIFO, socket or device)" if first else "")
     if s.reason == "bad_name":
         return f"{s.path!r} has a name that cannot be synced safely"
     if s.reason == "unreadable":
@@ -67,7 +72,8 @@ def describe(skipped: Sequence[Skipped], limits: Limits, to_vm: bool,
         # The caps first (the user can act on them), each group in path order.
         order = {r: i for i, r in enumerate(("file_size", "total_bytes", "file_count"))}
         items = sorted(skipped, key=lambda s: (order.get(s.reason, 9), s.path))
-        named = "; ".join(_why(s, limits) for s in items[:SHOWN])
+        named = "; ".join(_why(s, limits, i == 0 or items[i - 1].reason != s.reason)
+                          for i, s in enumerate(items[:SHOWN]))
         more = max(0, len(items) - SHOWN) + unlisted
         tail = f"; and {more} more" if more > 0 else ""
         count = len(items) + unlisted

@@ -1,0 +1,221 @@
+"""transfer.py: the guest listing read as hostile input, the guest scripts run for real, and
+push/pull through the real agent's file API (agent on a unix socket, no QEMU)."""
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from supermachine_kernel.workspace.host_writer import HostWriter
+from supermachine_kernel.workspace.plan import TO_GUEST, TO_HOST, next_state, plan
+from supermachine_kernel.workspace.report import describe
+from supermachine_kernel.workspace.scan import DIR, FILE, Limits, scan
+from supermachine_kernel.workspace.transfer import (GUEST_LIST, MAX_LISTING_BYTES, ListingError,
+                                                    list_guest, parse_guest_listing, pull, push)
+
+NOW = dt.datetime(2026, 12, 6, 8, 15, 3)
+
+
+def listing(*rows: list, unlisted: int = 0) -> bytes:
+    return json.dumps({"v": 1, "entries": list(rows), "unlisted": unlisted}).encode()
+
+
+def reasons(s) -> dict[str, str]:
+    return {k.path: k.reason for k in s.skipped}
+
+
+# ---- parse_guest_listing: hostile listings ----
+
+def test_a_plain_listing() -> None:
+    s = parse_guest_listing(listing(["out", "dir", 0, 5, 0o755], ["out/a.png", "file", 3, 6, 0o644]),
+                            Limits())
+    assert s.entries["out/a.png"].size == 3 and s.entries["out"].kind == DIR
+    assert s.skipped == [] and s.unlisted == 0
+
+
+def test_symlink_to_etc_passwd_and_fifo_are_skipped() -> None:
+    s = parse_guest_listing(listing(["passwd", "symlink", 0, 1, 0o777], ["pipe", "special", 0, 1, 0o644],
+                                    ["ok", "file", 1, 1, 0o644]), Limits())
+    assert set(s.entries) == {"ok"}
+    assert reasons(s) == {"passwd": "symlink", "pipe": "special"}
+
+
+@pytest.mark.parametrize("bad", ["../x", "a/../../x", "/etc/passwd", "a//b", "x\0y", "\udcff",
+                                 ".", "a/./b", "x" * 300])
+def test_bad_names_are_skipped_never_admitted(bad: str) -> None:
+    s = parse_guest_listing(listing([bad, "file", 1, 1, 0o644]), Limits())
+    assert s.entries == {}
+    assert [k.reason for k in s.skipped] == ["bad_name"]
+
+
+def test_entries_under_something_not_a_listed_directory_are_dropped() -> None:
+    s = parse_guest_listing(listing(["link", "symlink", 0, 1, 0o777], ["link/passwd", "file", 1, 1, 0o644],
+                                    ["f", "file", 1, 1, 0o644], ["f/x", "file", 1, 1, 0o644],
+                                    ["nodir/y", "file", 1, 1, 0o644]), Limits())
+    assert set(s.entries) == {"f"}
+    assert reasons(s) == {"link": "symlink", "f/x": "bad_name", "nodir/y": "bad_name"}
+
+
+def test_excludes_apply_again_on_the_host() -> None:
+    s = parse_guest_listing(listing([".git", "dir", 0, 1, 0o755], [".git/config", "file", 1, 1, 0o644],
+                                    ["__pycache__", "dir", 0, 1, 0o755], [".env", "file", 1, 1, 0o600]),
+                            Limits())
+    assert set(s.entries) == {".env"} and s.skipped == []
+
+
+@pytest.mark.parametrize("doc", [
+    b"not json", b"\xff\xfe", b"[]", b'{"v": 2, "entries": []}', b'{"v": 1}',
+    listing(["a", "file", -1, 1, 0o644]), listing(["a", "file", True, 1, 0o644]),
+    listing(["a", "file", 1.5, 1, 0o644]), listing(["a", "file", 2 ** 64, 1, 0o644]),
+    listing(["a", "blockdev", 1, 1, 0o644]), listing(["a", "file", 1, 1]),
+    listing([7, "file", 1, 1, 0o644]), listing(["a", "file", 1, 1, 0o644], ["a", "file", 1, 1, 0o644]),
+    listing(unlisted=-3), b"[" * 100_000 + b"]" * 100_000,
+])
+def test_malformed_listings_are_refused(doc: bytes) -> None:
+    with pytest.raises(ListingError):
+        parse_guest_listing(doc, Limits())
+
+
+def test_oversized_listing_is_refused_before_decoding() -> None:
+    with pytest.raises(ListingError, match="exceeds"):
+        parse_guest_listing(b" " * (MAX_LISTING_BYTES + 1), Limits())
+
+
+def test_sparse_10gb_file_in_the_guest_hits_the_size_cap() -> None:
+    s = parse_guest_listing(listing(["big.bin", "file", 10 * 1000 ** 3, 1, 0o644]),
+                            Limits(max_file_bytes=1000 ** 3))
+    assert s.entries == {} and reasons(s) == {"big.bin": "file_size"}
+    assert "big.bin is 10 GB (limit 1 GB" in describe(s.skipped, Limits(max_file_bytes=1000 ** 3), to_vm=False)
+
+
+def test_100000_tiny_files_hit_the_count_cap_and_nothing_is_deleted() -> None:
+    rows = [["many", "dir", 0, 1, 0o755]] + [[f"many/f{i:06d}", "file", 1, 1, 0o644] for i in range(100_000)]
+    limits = Limits(max_files=10_000)
+    s = parse_guest_listing(listing(*rows), limits)
+    # The listing holds at most max_files + EXTRA_ENTRIES rows; the rest is counted.
+    assert len(s.entries) == 10_000 and s.unlisted == 100_001 - 11_000
+    assert len(s.skipped) == 1000 and {k.reason for k in s.skipped} == {"file_count"}
+    msg = describe(s.skipped, limits, to_vm=False, unlisted=s.unlisted)
+    assert msg.startswith("90001 files were not copied from the VM") and len(msg) < 1000
+    # An incomplete listing never deletes host files it did not name.
+    host = parse_guest_listing(listing(*rows[:20]), limits)
+    host.entries["many/zzz"] = host.entries["many/f000001"]
+    state = next_state({}, plan({}, host, type(s)(), TO_GUEST, NOW), host, type(s)())
+    assert not plan(state, host, s, TO_HOST, NOW).delete_on_host
+
+
+# ---- GUEST_LIST, run for real (by the host's Python: the script is stdlib only) ----
+
+def run_guest_list(root: Path, limits: Limits) -> bytes:
+    opt = {"excludes": list(limits.excludes), "hidden": limits.exclude_hidden_dirs,
+           "max_entries": limits.max_files + 1000}
+    return subprocess.run([sys.executable, "-I", "-S", "-c", GUEST_LIST, str(root), json.dumps(opt)],
+                          check=True, capture_output=True, timeout=60).stdout
+
+
+def test_guest_list_agrees_with_the_host_scan(tmp_path: Path) -> None:
+    (tmp_path / "d" / "e").mkdir(parents=True)
+    (tmp_path / "d" / "e" / "f.txt").write_text("hello")
+    (tmp_path / ".git").mkdir()
+    (tmp_path / ".git" / "HEAD").write_text("x")
+    (tmp_path / "passwd").symlink_to("/etc/passwd")
+    os.mkfifo(tmp_path / "pipe")
+    with open(tmp_path / "sparse", "wb") as f:
+        f.truncate(10 * 1000 ** 3)
+    limits = Limits(max_file_bytes=1000 ** 3)
+    guest = parse_guest_listing(run_guest_list(tmp_path, limits), limits)
+    host = scan(tmp_path, limits)
+    assert guest.entries == host.entries
+    assert sorted(reasons(guest).items()) == sorted(reasons(host).items()) == \
+        [("passwd", "symlink"), ("pipe", "special"), ("sparse", "file_size")]
+
+
+# ---- push / pull through the real agent (unix socket) ----
+
+def tree(root: Path) -> dict[str, bytes | None]:
+    return {str(p.relative_to(root)): (p.read_bytes() if p.is_file() else None)
+            for p in sorted(root.rglob("*"))}
+
+
+def test_push_then_pull_round_trip_through_the_agent(agent_vm, tmp_path: Path, guest_root: Path) -> None:
+    host_root = tmp_path / "host-ws"
+    (host_root / "data").mkdir(parents=True)
+    (host_root / "data" / "in.csv").write_bytes(b"a,b\n1,2\n" * 1000)
+    (host_root / "notes.md").write_text("# notes")
+    (host_root / "empty").mkdir()
+    limits = Limits()
+    host = scan(host_root, limits)
+    p = plan({}, host, list_guest(agent_vm, str(guest_root), limits), TO_GUEST, NOW)
+    out = push(agent_vm, str(host_root), str(guest_root), p, host)
+    assert out.refused == []
+    assert tree(guest_root) == tree(host_root)
+    guest = list_guest(agent_vm, str(guest_root), limits)
+    state = next_state({}, p, host, guest)
+    def sigs(sc):
+        return {p: e.signature() for p, e in sc.entries.items()}
+    assert sigs(guest) == sigs(host)              # file mtimes carried over, so...
+    assert plan(state, host, guest, TO_HOST, NOW).empty()   # ...nothing to bring back
+
+    # "A cell": a new file, a changed one, a deleted one, a symlink out, a FIFO.
+    (guest_root / "out").mkdir()
+    (guest_root / "out" / "plot.png").write_bytes(b"\x89PNG" + bytes(5000))
+    (guest_root / "notes.md").write_text("# notes, edited in the guest")
+    (guest_root / "data" / "in.csv").unlink()
+    (guest_root / "passwd").symlink_to("/etc/passwd")
+    os.mkfifo(guest_root / "fifo")
+    guest = list_guest(agent_vm, str(guest_root), limits)
+    host = scan(host_root, limits)
+    q = plan(state, host, guest, TO_HOST, NOW)
+    with HostWriter(host_root) as w:
+        got = pull(agent_vm, w, str(guest_root), q, guest, limits)
+    assert got.refused == []
+    assert (host_root / "out" / "plot.png").read_bytes() == b"\x89PNG" + bytes(5000)
+    assert (host_root / "notes.md").read_text() == "# notes, edited in the guest"
+    assert not (host_root / "data" / "in.csv").exists()
+    assert not (host_root / "passwd").exists() and not (host_root / "fifo").exists()
+    assert {k.path for k in guest.skipped} == {"passwd", "fifo"}
+    state = next_state(state, q, host, guest)
+    assert plan(state, scan(host_root, limits), guest, TO_GUEST, NOW).empty()
+
+
+def test_conflict_keeps_the_host_version_and_saves_the_guest_one(agent_vm, tmp_path: Path,
+                                                                  guest_root: Path) -> None:
+    host_root = tmp_path / "host-ws"
+    host_root.mkdir()
+    (host_root / "a.csv").write_text("v1")
+    limits = Limits()
+    host = scan(host_root, limits)
+    p = plan({}, host, list_guest(agent_vm, str(guest_root), limits), TO_GUEST, NOW)
+    push(agent_vm, str(host_root), str(guest_root), p, host)
+    state = next_state({}, p, host, list_guest(agent_vm, str(guest_root), limits))
+    (host_root / "a.csv").write_text("host v2")
+    (guest_root / "a.csv").write_text("guest v2!")
+    host, guest = scan(host_root, limits), list_guest(agent_vm, str(guest_root), limits)
+    q = plan(state, host, guest, TO_GUEST, NOW)
+    assert [c.path for c in q.conflicts] == ["a.csv"]
+    with HostWriter(host_root) as w:
+        assert pull(agent_vm, w, str(guest_root), q, guest, limits).refused == []
+    assert push(agent_vm, str(host_root), str(guest_root), q, host).refused == []
+    assert (host_root / "a.csv").read_text() == "host v2"
+    assert (host_root / "a (guest copy 2026-12-06 081503).csv").read_text() == "guest v2!"
+    assert (guest_root / "a.csv").read_text() == "host v2"
+
+
+def test_pull_refuses_a_file_grown_past_the_cap_after_the_listing(agent_vm, tmp_path: Path,
+                                                                   guest_root: Path) -> None:
+    host_root = tmp_path / "host-ws"
+    host_root.mkdir()
+    (guest_root / "grow.bin").write_bytes(b"x" * 10)
+    limits = Limits(max_file_bytes=1000)
+    guest = list_guest(agent_vm, str(guest_root), limits)
+    (guest_root / "grow.bin").write_bytes(b"x" * 5000)
+    q = plan({}, scan(host_root, limits), guest, TO_HOST, NOW)
+    with HostWriter(host_root) as w:
+        got = pull(agent_vm, w, str(guest_root), q, guest, limits)
+    assert [p for p, _ in got.refused] == ["grow.bin"]
+    assert list(host_root.iterdir()) == []
