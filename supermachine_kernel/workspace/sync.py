@@ -1,0 +1,104 @@
+"""One kernel's workspace sync: the state between cells and the two passes around a cell.
+
+    ws = WorkspaceSync(host_root=os.getcwd(), guest_root="/workspace", mode="sync", limits=...)
+    message = ws.before_cell(vm)   # host -> guest; '' or the report to show in the cell
+    ...run the cell...
+    message = ws.after_cell(vm)    # guest -> host (mode "sync" only)
+
+Each pass scans both sides (the host with scan.scan, the guest with one agent exec of
+transfer.GUEST_LIST), plans (plan.plan), carries the plan out (transfer.push/pull) and keeps
+the new state (plan.next_state). A report about a path is shown once: the same skipped path for
+the same reason is not reported again by later passes.
+
+A pass whose guest listing is refused (transfer.ListingError) changes nothing and says so.
+Not wired into the kernel yet (docs/issue13-workspace.md says what that takes).
+"""
+from __future__ import annotations
+
+import datetime as dt
+import os
+from typing import Optional
+
+from .host_writer import HostWriter
+from .plan import TO_GUEST, TO_HOST, Plan, Synced, next_state, plan
+from .report import describe
+from .scan import Limits, Scan, Skipped, scan
+from .transfer import GuestVm, ListingError, Outcome, list_guest, pull, push
+
+MODES = ("sync", "read-only", "off")
+
+
+class WorkspaceSync:
+    def __init__(self, host_root: str | os.PathLike[str], guest_root: str, mode: str,
+                 limits: Limits) -> None:
+        if mode not in MODES:
+            raise ValueError(f"workspace mode must be one of {MODES}, not {mode!r}")
+        self.host_root = os.fspath(host_root)
+        self.guest_root = guest_root
+        self.mode = mode
+        self.limits = limits
+        self.state: dict[str, Synced] = {}
+        self._reported: set[tuple[str, str, bool]] = set()
+
+    def before_cell(self, vm: GuestVm, now: Optional[dt.datetime] = None) -> str:
+        """Carries the host's changes into the guest (conflicts: the guest's version is saved
+        on the host first, in mode "sync"). Returns the message for the cell ('' if none)."""
+        if self.mode == "off":
+            return ""
+        host, guest, error = self._scans(vm)
+        if error:
+            return error
+        p = plan(self.state, host, guest, TO_GUEST, now)
+        pulled = Outcome()
+        if p.conflicts and self.mode == "sync":
+            conflicts_only = Plan(TO_GUEST, conflicts=p.conflicts)
+            with HostWriter(self.host_root) as w:
+                pulled = pull(vm, w, self.guest_root, conflicts_only, guest, self.limits)
+        elif p.conflicts:
+            p.conflicts = []     # read-only: the host's version simply replaces the guest's
+        pushed = push(vm, self.host_root, self.guest_root, p, host)
+        self._keep(p, host, guest, pushed)
+        return self._message(host.skipped, True, pulled.refused + pushed.refused, p)
+
+    def after_cell(self, vm: GuestVm, now: Optional[dt.datetime] = None) -> str:
+        """Brings the cell's changes back to the host (mode "sync"; other modes do nothing)."""
+        if self.mode != "sync":
+            return ""
+        host, guest, error = self._scans(vm)
+        if error:
+            return error
+        p = plan(self.state, host, guest, TO_HOST, now)
+        with HostWriter(self.host_root) as w:
+            pulled = pull(vm, w, self.guest_root, p, guest, self.limits)
+        pushed = push(vm, self.host_root, self.guest_root, p, host) if p.to_guest else Outcome()
+        self._keep(p, host, guest, pulled, pushed)
+        return self._message(guest.skipped, False, pulled.refused + pushed.refused, p,
+                             guest.unlisted)
+
+    # ----
+
+    def _scans(self, vm: GuestVm) -> tuple[Scan, Scan, str]:
+        host = scan(self.host_root, self.limits)
+        try:
+            guest = list_guest(vm, self.guest_root, self.limits)
+        except ListingError as e:
+            return host, Scan(), f"The workspace was not synced this time: {e}."
+        return host, guest, ""
+
+    def _keep(self, p: Plan, host: Scan, guest: Scan, *outcomes: Outcome) -> None:
+        """The new state; a path whose copy or delete was refused keeps its old state, so the
+        next pass sees the difference again (and never takes it for agreement)."""
+        refused = {path for o in outcomes for path, _ in o.refused}
+        done = Plan(p.direction,
+                    to_guest=[x for x in p.to_guest if x not in refused],
+                    delete_in_guest=[x for x in p.delete_in_guest if x not in refused],
+                    to_host=[x for x in p.to_host if x not in refused],
+                    delete_on_host=[x for x in p.delete_on_host if x not in refused])
+        self.state = next_state(self.state, done, host, guest)
+
+    def _message(self, skipped: list[Skipped], to_vm: bool, refused: list[tuple[str, str]],
+                 p: Plan, unlisted: int = 0) -> str:
+        fresh = [s for s in skipped if (s.path, s.reason, to_vm) not in self._reported]
+        self._reported |= {(s.path, s.reason, to_vm) for s in skipped}
+        return describe(fresh, self.limits, to_vm, refused=refused, conflicts=p.conflicts,
+                        unlisted=unlisted)

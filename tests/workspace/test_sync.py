@@ -1,0 +1,79 @@
+"""sync.py: the two passes around a cell, with the real agent on a unix socket."""
+from __future__ import annotations
+
+import datetime as dt
+import os
+from pathlib import Path
+
+import pytest
+
+from supermachine_kernel.workspace.scan import Limits
+from supermachine_kernel.workspace.sync import WorkspaceSync
+
+NOW = dt.datetime(2026, 12, 6, 8, 15, 3)
+
+
+@pytest.fixture
+def host_root(tmp_path: Path) -> Path:
+    h = tmp_path / "host-ws"
+    h.mkdir()
+    (h / "data.csv").write_text("a,b\n1,2\n")
+    with open(h / "huge.bin", "wb") as f:
+        f.truncate(10 * 1000 ** 3)
+    return h
+
+
+def test_cells_see_the_workspace_and_their_files_come_back(agent_vm, host_root: Path,
+                                                           guest_root: Path) -> None:
+    ws = WorkspaceSync(host_root, str(guest_root), "sync", Limits(max_file_bytes=1000 ** 3))
+    msg = ws.before_cell(agent_vm, NOW)
+    assert (guest_root / "data.csv").read_text() == "a,b\n1,2\n"
+    assert not (guest_root / "huge.bin").exists()
+    assert msg.startswith("1 file was not copied to the VM: huge.bin is 10 GB (limit 1 GB")
+    assert ws.after_cell(agent_vm, NOW) == ""
+    # The cell writes a result and deletes the input.
+    (guest_root / "out.txt").write_text("result")
+    (guest_root / "data.csv").unlink()
+    assert ws.after_cell(agent_vm, NOW) == ""
+    assert (host_root / "out.txt").read_text() == "result"
+    assert not (host_root / "data.csv").exists()
+    # The next cell: nothing changed, nothing said (the size cap was reported once).
+    assert ws.before_cell(agent_vm, NOW) == "" and ws.after_cell(agent_vm, NOW) == ""
+    assert sorted(os.listdir(guest_root)) == ["out.txt"]
+
+
+def test_conflict_before_a_cell(agent_vm, host_root: Path, guest_root: Path) -> None:
+    ws = WorkspaceSync(host_root, str(guest_root), "sync", Limits(max_file_bytes=1000))
+    ws.before_cell(agent_vm, NOW)
+    (guest_root / "data.csv").write_text("guest's edit, not yet synced")
+    (host_root / "data.csv").write_text("host's edit")
+    msg = ws.before_cell(agent_vm, NOW)
+    assert "data.csv -> data (guest copy 2026-12-06 081503).csv" in msg
+    assert (host_root / "data.csv").read_text() == "host's edit"
+    assert (host_root / "data (guest copy 2026-12-06 081503).csv").read_text() == \
+        "guest's edit, not yet synced"
+    assert (guest_root / "data.csv").read_text() == "host's edit"
+
+
+def test_guest_symlink_out_is_reported_and_never_reaches_the_host(agent_vm, host_root: Path,
+                                                                  guest_root: Path) -> None:
+    ws = WorkspaceSync(host_root, str(guest_root), "sync", Limits(max_file_bytes=1000))
+    ws.before_cell(agent_vm, NOW)
+    (guest_root / "passwd").symlink_to("/etc/passwd")
+    msg = ws.after_cell(agent_vm, NOW)
+    assert msg == "1 file was not copied from the VM to the workspace: passwd is a symbolic " \
+                  "link (links are never synced)."
+    assert not os.path.lexists(host_root / "passwd")
+
+
+def test_read_only_and_off(agent_vm, host_root: Path, guest_root: Path) -> None:
+    ro = WorkspaceSync(host_root, str(guest_root), "read-only", Limits(max_file_bytes=1000))
+    ro.before_cell(agent_vm, NOW)
+    assert (guest_root / "data.csv").exists()
+    (guest_root / "out.txt").write_text("x")
+    assert ro.after_cell(agent_vm, NOW) == ""
+    assert not (host_root / "out.txt").exists()
+    off = WorkspaceSync(host_root, str(guest_root / "other"), "off", Limits())
+    assert off.before_cell(agent_vm, NOW) == "" and not (guest_root / "other").exists()
+    with pytest.raises(ValueError):
+        WorkspaceSync(host_root, "/x", "both", Limits())
