@@ -31,6 +31,11 @@ Rules this module keeps:
   closes. ``close()`` also ends the connections in flight (used when the VM is given back).
 * the relay follows ``vm_source()`` for every new connection, so an exposure made by
   ``%expose`` reaches the kernel's current VM, also after ``%restore``.
+* one spare guest relay per exposure is started ahead, waiting for its go byte (``G``), so a
+  connection does not wait for an interpreter to start (under TCG: ~270 ms → see the doc).
+  A spare that is not used within ``SPARE_WAIT`` seconds exits by itself (so one caught in a
+  snapshot does not linger in its restores); a spare of another VM than ``vm_source()``'s, or
+  one that exited, is replaced by a fresh start.
 """
 from __future__ import annotations
 
@@ -50,11 +55,18 @@ REFUSED_EXIT = 3
 #: Bytes moved per read.
 CHUNK = 64 * 1024
 
-#: The guest side of one connection: connect to 127.0.0.1:argv[1]; stdin → socket, socket →
-#: stdout; EOF on stdin half-closes the socket; the process exits when the guest server closes.
+#: Start a spare guest relay ahead of each connection (see the module doc).
+SPARE = True
+#: Seconds a spare guest relay waits for its connection before it exits.
+SPARE_WAIT = 300
+#: The guest side of one connection: wait (at most argv[2] seconds) for the go byte ``G`` on
+#: stdin, connect to 127.0.0.1:argv[1]; stdin → socket, socket → stdout; EOF on stdin
+#: half-closes the socket; the process exits when the guest server closes.
 GUEST_RELAY = r"""
-import os, socket, sys, threading
+import os, select, socket, sys, threading
 port = int(sys.argv[1])
+if not select.select([0], [], [], float(sys.argv[2]))[0] or os.read(0, 1) != b"G":
+    sys.exit(0)
 try:
     s = socket.create_connection(("127.0.0.1", port))
 except OSError as e:
@@ -131,6 +143,7 @@ class Exposure:
         self._on_close = on_close
         self._lock = threading.Lock()
         self._relays: set[_Relay] = set()
+        self._spare: Optional[tuple[Any, Any]] = None  # (vm, child) started ahead
         self._stopped = False
         self.connections_total = 0
         self.refused_total = 0
@@ -198,7 +211,56 @@ class Exposure:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
+    def _spawn_relay(self, vm: Any) -> Any:
+        return vm.spawn(["python3", "-I", "-S", "-c", GUEST_RELAY, str(self.guest_port), str(SPARE_WAIT)])
+
+    def refill(self) -> None:
+        """Starts the spare guest relay, if there is none and the listener is open."""
+        try:
+            vm = self._vm_source()
+            with self._lock:
+                if self._stopped or self._spare is not None or not SPARE:
+                    return
+            child = self._spawn_relay(vm)
+        except Exception as e:  # noqa: BLE001 - no VM right now: the next connection retries
+            log.debug("expose %d: no spare relay: %s", self.host_port, e)
+            return
+        with self._lock:
+            if self._spare is None and not self._stopped:
+                self._spare, child = (vm, child), None
+        if child is not None:
+            _kill(child)
+
+    def take_relay(self) -> Any:
+        """A started guest relay for a new connection (the spare, else a fresh one), already
+        told to connect. The next spare is started when a connection ends (``_done``): started
+        now, it would compete for the guest's CPU with this connection."""
+        vm = self._vm_source()
+        with self._lock:
+            spare, self._spare = self._spare, None
+        child = None
+        if spare is not None:
+            if spare[0] is vm and spare[1].poll() is None:
+                child = spare[1]
+            else:
+                _kill(spare[1])
+        if child is None:
+            child = self._spawn_relay(vm)
+        try:
+            child.write_stdin(b"G")
+        except Exception:
+            _kill(child)
+            raise
+        return child
+
+    def _drop_spare(self) -> None:
+        with self._lock:
+            spare, self._spare = self._spare, None
+        if spare is not None:
+            _kill(spare[1])
+
     def _accept_loop(self) -> None:
+        self.refill()
         try:
             while True:
                 ready, _, _ = select.select([self._sock, self._wake_r], [], [])
@@ -211,6 +273,7 @@ class Exposure:
                     continue
                 self._admit(conn)
         finally:
+            self._drop_spare()
             self._sock.close()
             self._wake_r.close()
             self._wake_w.close()
@@ -237,6 +300,7 @@ class Exposure:
         with self._lock:
             self._relays.discard(relay)
         self._slots.give()
+        self.refill()
 
 
 class _Relay:
@@ -260,8 +324,7 @@ class _Relay:
     def _run(self) -> None:
         x = self.x
         try:
-            vm = x._vm_source()
-            self.child = vm.spawn(["python3", "-I", "-S", "-c", GUEST_RELAY, str(x.guest_port)])
+            self.child = x.take_relay()
         except Exception as e:  # noqa: BLE001 - the VM may be gone, released, or have no python3
             log.warning("expose %d -> guest %d: cannot start the guest relay: %s", x.host_port, x.guest_port, e)
             return
@@ -325,14 +388,8 @@ class _Relay:
         self._kill()
 
     def _kill(self) -> None:
-        child = self.child
-        if child is None:
-            return
-        try:
-            if child.poll() is None:
-                child.signal(signal.SIGKILL)
-        except Exception:  # noqa: BLE001 - gone already
-            pass
+        if self.child is not None:
+            _kill(self.child)
 
     def finish(self) -> None:
         with self._lock:
@@ -346,3 +403,12 @@ class _Relay:
         self.conn.close()
         self._kill()
         self.x._done(self)
+
+
+def _kill(child: Any) -> None:
+    """Kills a guest relay process if it still runs."""
+    try:
+        if child.poll() is None:
+            child.signal(signal.SIGKILL)
+    except Exception:  # noqa: BLE001 - gone already, or its VM is
+        pass

@@ -267,3 +267,18 @@ def _release_closes(agent: UnixAgent) -> None:
     assert s.recv(10) == b"", "the connection in flight was ended"
     s.close()
     assert wait_until(lambda: x.active == 0, 30)
+
+
+def test_spare_relay_is_started_ahead_and_killed_by_stop(served):
+    x = served.vm.expose_tcp(served.ports["echo"])
+    try:
+        assert wait_until(lambda: x._spare is not None, 60), "a spare guest relay waits for the first connection"
+        spare = x._spare[1]
+        assert echo_ready(x)
+        assert spare.poll() is not None or x._spare is None or x._spare[1] is not spare, "the spare served the connection"
+        assert wait_until(lambda: x._spare is not None, 60), "a new spare after the connection ended"
+        spare = x._spare[1]
+    finally:
+        x.stop()
+    assert x._spare is None
+    assert wait_until(lambda: spare.poll() is not None, 60), "stop() kills the spare"
