@@ -260,7 +260,8 @@ class Exposure:
             _kill(spare[1])
 
     def _accept_loop(self) -> None:
-        self.refill()
+        # The first spare starts beside the loop: a slow guest must not delay accepting.
+        threading.Thread(target=self.refill, daemon=True, name=f"expose-spare-{self.host_port}").start()
         try:
             while True:
                 ready, _, _ = select.select([self._sock, self._wake_r], [], [])

@@ -282,3 +282,25 @@ def test_spare_relay_is_started_ahead_and_killed_by_stop(served):
         x.stop()
     assert x._spare is None
     assert wait_until(lambda: spare.poll() is not None, 60), "stop() kills the spare"
+
+
+def test_pooled_vm_exposure_ends_when_the_vm_goes_back(image):
+    pool = image.pool(min=1, max=1)
+    try:
+        vm = pool.acquire()
+        port = free_port()
+        vm.spawn(["python3", "-c", ECHO, str(port)])
+        x = vm.expose_tcp(port)
+        assert wait_until(lambda: echo_ready(x), 180)
+        s = socket.create_connection(("127.0.0.1", x.host_port), timeout=60)
+        s.sendall(b"pooled")
+        assert s.recv(6) == b"pooled"
+        vm.release()  # the VM goes back to the pool (and is restored fresh for the next user)
+        assert not x.listening
+        assert s.recv(10) == b"", "the next user of the pool's VM must not inherit the connection"
+        s.close()
+        assert wait_until(lambda: x.active == 0, 30)
+        with pytest.raises(ConnectionRefusedError):
+            socket.create_connection(("127.0.0.1", x.host_port), timeout=10).close()
+    finally:
+        pool.shutdown()
