@@ -1,10 +1,12 @@
 """How workspace bytes move between the host and the guest, through the guest agent.
 
-- The guest tree is listed by one agent exec of `GUEST_LIST` (stdlib Python, run as
+- The guest tree is listed by one agent process running `GUEST_LIST` (stdlib Python, run as
   `python3 -I -S -c`): a JSON object `{"v": 1, "entries": [[path, kind, size, mtime_ns,
   mode], ...], "unlisted": N}` with kind "file", "dir", "symlink" or "special". It applies the
   excludes itself (so a huge `.git` is never walked), never follows a symlink, and lists at
-  most `max_entries` entries, counting the rest in "unlisted".
+  most `max_entries` entries, counting the rest in "unlisted". Its stdout is read through
+  `run_capped` (bytes and time capped, the process killed past either): the guest owns its
+  root filesystem, so its "python3" may be anything.
 - `parse_guest_listing` reads that output as hostile input, in the style of
   repl_client/frames.py: a byte cap before decoding, every field type- and range-checked,
   every path through `scan.check_relpath`, excludes applied again, entries whose parent is
@@ -24,8 +26,10 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import stat
 import tempfile
+import time
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -46,7 +50,7 @@ class ListingError(ValueError):
 
 class GuestVm(Protocol):
     """The part of api.Vm the transfer uses."""
-    def exec(self, argv: Any, **kw: Any) -> Any: ...
+    def spawn(self, argv: Any, **kw: Any) -> Any: ...
     def upload(self, host_path: Any, guest_path: str, mode: Any = None) -> int: ...
     def download(self, guest_path: str, host_path: Any) -> int: ...
 
@@ -120,16 +124,53 @@ sys.stdout.write(json.dumps({"failed": failed}))
 """
 
 
-def list_guest(vm: GuestVm, guest_root: str, limits: Limits, timeout_ms: int = 60_000) -> Scan:
+def run_capped(vm: GuestVm, argv: list[str], cap: int, timeout: float,
+               stdin: bytes = b"") -> tuple[int, bytes]:
+    """Runs `argv` in the guest; (exit code, stdout). The guest's python3 or sh may be
+    anything (the guest owns its root filesystem), so stdout is read at most `cap` bytes
+    (`Vm.exec` would collect all of it in host memory) and the whole run is bounded by
+    `timeout` seconds; past either the process is killed and ListingError raised. Unread
+    stderr stays within the agent's per-process output window."""
+    deadline = time.monotonic() + timeout
+    child = vm.spawn(argv, timeout_ms=int(timeout * 1000))
+    try:
+        if stdin:
+            child.write_stdin(stdin)
+        child.close_stdin()
+        out = bytearray()
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise ListingError(f"the guest's {argv[0]} did not finish within {timeout:.0f} s")
+            chunk = child.read_stdout(min(1 << 20, cap + 1 - len(out)), timeout=left)
+            if not chunk:
+                break
+            out += chunk
+            if len(out) > cap:
+                raise ListingError(f"the guest's {argv[0]} wrote more than {cap} bytes")
+        status = child.wait(timeout=max(0.0, deadline - time.monotonic()))
+    except TimeoutError:
+        raise ListingError(f"the guest's {argv[0]} did not finish within {timeout:.0f} s") from None
+    except ListingError:
+        raise
+    finally:
+        if child.poll() is None:
+            try:
+                child.signal(signal.SIGKILL)
+            except Exception:  # noqa: BLE001 - already gone
+                pass
+    return status.exit_code, bytes(out)
+
+
+def list_guest(vm: GuestVm, guest_root: str, limits: Limits, timeout: float = 60.0) -> Scan:
     """The guest tree under `guest_root`, judged by `limits` (see parse_guest_listing)."""
     opt = {"excludes": list(limits.excludes), "hidden": limits.exclude_hidden_dirs,
            "max_entries": limits.max_files + EXTRA_ENTRIES}
-    r = vm.exec(["python3", "-I", "-S", "-c", GUEST_LIST, guest_root, json.dumps(opt)],
-                timeout_ms=timeout_ms)
-    if r.exit_code != 0:
-        raise ListingError(f"listing the guest workspace failed (exit {r.exit_code}): "
-                           f"{bytes(r.stderr[-500:]).decode('utf-8', 'replace')}")
-    return parse_guest_listing(bytes(r.stdout), limits)
+    code, out = run_capped(vm, ["python3", "-I", "-S", "-c", GUEST_LIST, guest_root,
+                                json.dumps(opt)], MAX_LISTING_BYTES, timeout)
+    if code != 0:
+        raise ListingError(f"listing the guest workspace failed (exit {code})")
+    return parse_guest_listing(out, limits)
 
 
 def _nonneg(v: Any, what: str) -> int:
@@ -221,13 +262,17 @@ def _guest_path(guest_root: str, rel: str) -> str:
 def _apply_in_guest(vm: GuestVm, guest_root: str, ops: dict, out: Outcome) -> None:
     if not any(ops.values()):
         return
-    r = vm.exec(["python3", "-I", "-S", "-c", GUEST_APPLY, guest_root],
-                stdin=json.dumps(ops).encode(), timeout_ms=60_000)
-    if r.exit_code != 0:
-        out.refused.append(("(guest)", f"the guest could not apply the sync (exit {r.exit_code})"))
+    try:
+        code, stdout = run_capped(vm, ["python3", "-I", "-S", "-c", GUEST_APPLY, guest_root],
+                                  1_000_000, 60.0, stdin=json.dumps(ops).encode())
+    except ListingError as e:
+        out.refused.append(("(guest)", str(e)))
+        return
+    if code != 0:
+        out.refused.append(("(guest)", f"the guest could not apply the sync (exit {code})"))
         return
     try:
-        failed = json.loads(bytes(r.stdout[:1_000_000]).decode("utf-8", "replace"))["failed"]
+        failed = json.loads(stdout.decode("utf-8", "replace"))["failed"]
         for rel, why in failed[:100]:
             out.refused.append((str(rel)[:300], str(why)[:300]))
     except (ValueError, KeyError, TypeError):

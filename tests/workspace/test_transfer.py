@@ -16,7 +16,8 @@ from supermachine_kernel.workspace.plan import TO_GUEST, TO_HOST, next_state, pl
 from supermachine_kernel.workspace.report import describe
 from supermachine_kernel.workspace.scan import DIR, FILE, Limits, scan
 from supermachine_kernel.workspace.transfer import (GUEST_LIST, MAX_LISTING_BYTES, ListingError,
-                                                    list_guest, parse_guest_listing, pull, push)
+                                                    list_guest, parse_guest_listing, pull, push,
+                                                    run_capped)
 
 NOW = dt.datetime(2026, 12, 6, 8, 15, 3)
 
@@ -219,3 +220,19 @@ def test_pull_refuses_a_file_grown_past_the_cap_after_the_listing(agent_vm, tmp_
         got = pull(agent_vm, w, str(guest_root), q, guest, limits)
     assert [p for p, _ in got.refused] == ["grow.bin"]
     assert list(host_root.iterdir()) == []
+
+
+# ---- run_capped: the guest's "python3" may be anything ----
+
+def test_a_guest_flooding_stdout_is_cut_off_at_the_cap(agent_vm) -> None:
+    with pytest.raises(ListingError, match="more than 100000 bytes"):
+        run_capped(agent_vm, ["sh", "-c", "yes flood"], 100_000, 60.0)
+
+
+def test_a_guest_that_never_finishes_is_cut_off_at_the_deadline(agent_vm) -> None:
+    with pytest.raises(ListingError, match="did not finish"):
+        run_capped(agent_vm, ["sleep", "30"], 1000, 0.5)
+
+
+def test_run_capped_passes_stdin_and_the_exit_code(agent_vm) -> None:
+    assert run_capped(agent_vm, ["sh", "-c", "cat; exit 3"], 1000, 60.0, stdin=b"in") == (3, b"in")
