@@ -44,6 +44,7 @@ import select
 import signal
 import socket
 import threading
+import time
 from typing import Any, Callable, Optional
 
 log = logging.getLogger("supermachine_kernel.expose")
@@ -54,6 +55,11 @@ MAX_CONNECTIONS = 32
 REFUSED_EXIT = 3
 #: Bytes moved per read.
 CHUNK = 64 * 1024
+#: Seconds a connection may stay silent from the guest after the host client closed its side;
+#: then it ends (a relay that never finishes must not hold a slot for ever).
+HALF_CLOSED_IDLE = 120.0
+#: How often the guest → host loop wakes up to check that.
+POLL = 2.0
 
 #: Start a spare guest relay ahead of each connection (see the module doc).
 SPARE = True
@@ -311,6 +317,9 @@ class _Relay:
         self.x = exposure
         self.conn = conn
         self.child: Any = None
+        #: When the host client's side ended (EOF or error), and whether it was an error.
+        self.host_done: Optional[float] = None
+        self.host_failed = False
         self._finished = False
         self._lock = threading.Lock()
 
@@ -347,7 +356,8 @@ class _Relay:
                     break
                 child.write_stdin(data)
         except Exception:  # noqa: BLE001 - host client reset, or the guest relay ended
-            pass
+            self.host_failed = True
+        self.host_done = time.monotonic()
         try:
             child.close_stdin()
         except Exception:  # noqa: BLE001
@@ -356,14 +366,25 @@ class _Relay:
     def _guest_to_host(self) -> bool:
         """Guest output to the host client; True when the guest relay's stdout reached EOF."""
         child = self.child
+        last = time.monotonic()
         while True:
             try:
-                data = child.read_stdout(CHUNK)
+                data = child.read_stdout(CHUNK, timeout=POLL)
+            except TimeoutError:
+                if self.host_failed:
+                    return False
+                done = self.host_done
+                if done is not None and time.monotonic() - max(done, last) > HALF_CLOSED_IDLE:
+                    log.info("expose %d: the host client closed its side and the guest sent nothing "
+                             "for %.0f s; closing the connection", self.x.host_port, HALF_CLOSED_IDLE)
+                    return False
+                continue
             except Exception as e:  # noqa: BLE001 - the VM died or was released
                 log.info("expose %d: guest side ended: %s", self.x.host_port, e)
                 return False
             if not data:
                 return True
+            last = time.monotonic()
             try:
                 self.conn.sendall(data)
             except OSError:

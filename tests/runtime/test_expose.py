@@ -15,6 +15,7 @@ import types
 import pytest
 
 from supermachine_kernel import api
+from supermachine_kernel import expose
 from supermachine_kernel.expose import Exposure, Slots
 
 from .conftest import UnixAgent
@@ -304,3 +305,32 @@ def test_pooled_vm_exposure_ends_when_the_vm_goes_back(image):
             socket.create_connection(("127.0.0.1", x.host_port), timeout=10).close()
     finally:
         pool.shutdown()
+
+
+SILENT = r"""
+import socket, sys, time
+s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(("127.0.0.1", int(sys.argv[1]))); s.listen(16)
+held = []
+while True:
+    held.append(s.accept()[0])  # never answers, never closes
+"""
+
+
+def test_silent_guest_after_host_close_frees_the_slot(unix_vm, monkeypatch):
+    monkeypatch.setattr(expose, "HALF_CLOSED_IDLE", 1.0)
+    monkeypatch.setattr(expose, "POLL", 0.2)
+    port = free_port()
+    server = unix_vm.spawn(["python3", "-c", SILENT, str(port)])
+    x = unix_vm.expose_tcp(port)
+    try:
+        s = socket.create_connection(("127.0.0.1", x.host_port), timeout=30)
+        s.sendall(b"anyone?")
+        assert wait_until(lambda: x.active == 1, 30)
+        time.sleep(1.5)
+        assert x.active == 1, "a silent guest alone does not end a connection the host holds open"
+        s.close()
+        assert wait_until(lambda: x.active == 0, 30), "the relay ends after the host closed and the guest stayed silent"
+    finally:
+        x.close()
+        server.signal(9)
