@@ -256,6 +256,7 @@ class NetProxy:
         idle_timeout: float = 300.0,
         connect_timeout: float = 10.0,
         resolve: Optional[Mapping[str, Sequence[str]]] = None,
+        test_route: Optional[Mapping[str, str]] = None,
     ) -> NetProxy: ...
     @property
     def port(self) -> int: ...

@@ -38,9 +38,10 @@ pub struct NetProxy {
 
 #[pymethods]
 impl NetProxy {
-    /// `resolve` (for tests) replaces the system resolver by a table name -> addresses.
+    /// `resolve` (for tests) replaces the system resolver by a table name -> addresses;
+    /// `test_route` (for tests) connects to a mapped address instead of the checked one.
     #[new]
-    #[pyo3(signature = (allow, *, port=0, max_connections=64, bandwidth=None, head_timeout=10.0, idle_timeout=300.0, connect_timeout=10.0, resolve=None))]
+    #[pyo3(signature = (allow, *, port=0, max_connections=64, bandwidth=None, head_timeout=10.0, idle_timeout=300.0, connect_timeout=10.0, resolve=None, test_route=None))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         py: Python<'_>,
@@ -52,6 +53,7 @@ impl NetProxy {
         idle_timeout: f64,
         connect_timeout: f64,
         resolve: Option<HashMap<String, Vec<String>>>,
+        test_route: Option<HashMap<String, String>>,
     ) -> PyResult<NetProxy> {
         let mut config = ProxyConfig::new(parse_policy(&allow)?);
         if max_connections == 0 {
@@ -75,6 +77,10 @@ impl NetProxy {
                 map.insert(name.trim_end_matches('.').to_ascii_lowercase(), addrs);
             }
             config.resolver = Arc::new(StaticResolver(map));
+        }
+        for (from, to) in test_route.unwrap_or_default() {
+            let parse = |a: &str| a.parse::<IpAddr>().map_err(|_| PyValueError::new_err(format!("test_route: {a:?} is not an IP address")));
+            config.test_route.insert(parse(&from)?, parse(&to)?);
         }
         let proxy = py.allow_threads(|| Proxy::start(port, config)).map_err(|e| PyOSError::new_err(format!("cannot start the network proxy: {e}")))?;
         let port = proxy.local_addr().port();
