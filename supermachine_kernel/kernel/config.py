@@ -10,7 +10,9 @@ import shlex
 import sys
 import typing as t
 
-from traitlets import Bool, Dict, Enum, Float, Integer, List, Unicode, default
+from traitlets import (
+    Bool, Dict, Enum, Float, Integer, List, TraitError, Unicode, default, validate,
+)
 from traitlets.config import Configurable
 
 from ..repl_client import make_backend
@@ -62,6 +64,27 @@ class GuestConfig(Configurable):
     startup_timeout = Float(180.0, help="Seconds to wait for the guest REPL to start.").tag(
         config=True
     )
+    allow_network = List(
+        Unicode(),
+        help="Where the guest may connect, checked on the host per connection by name and by "
+        "resolved address: host names ('pypi.org', 'pypi.org:443'), wildcards ('*.example.com:443' "
+        "= names under example.com), addresses and CIDRs ('10.1.0.0/16:5432', "
+        "'[2001:db8::/32]:443'). The host's loopback, link-local and cloud metadata addresses "
+        "are refused unless an address entry lists them. Default [] = no network at all. "
+        "Not yet in effect: the guest has no network until the egress proxy is wired in "
+        "(docs/issue13-network.md).",
+    ).tag(config=True)
+
+    @validate("allow_network")
+    def _check_allow_network(self, proposal: t.Any) -> list[str]:
+        from .. import _core  # noqa: PLC0415 - the compiled module; only when the trait is set
+
+        entries = list(proposal["value"])
+        try:
+            _core.check_allow_network(entries)
+        except ValueError as e:
+            raise TraitError(f"c.MicroVMKernel.allow_network: {e}") from None
+        return entries
 
     # ---- workspace sync (issue 13; supermachine_kernel/workspace/) ----
     workspace = Enum(

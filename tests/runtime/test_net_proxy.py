@@ -10,6 +10,7 @@ from __future__ import annotations
 import socket
 import threading
 import time
+from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
@@ -29,7 +30,7 @@ RESOLVE = {
 
 
 class _Origin(BaseHTTPRequestHandler):
-    def do_GET(self) -> None:  # noqa: N802 - http.server's name
+    def do_GET(self) -> None:
         if self.path.startswith("/big/"):
             body = b"x" * int(self.path.split("/")[2])
         else:
@@ -45,7 +46,7 @@ class _Origin(BaseHTTPRequestHandler):
 
 
 @pytest.fixture(scope="module")
-def origin():
+def origin() -> Iterator[int]:
     """A plain HTTP server on 127.0.0.1; yields its port."""
     server = ThreadingHTTPServer(("127.0.0.1", 0), _Origin)
     server.daemon_threads = True
@@ -57,7 +58,7 @@ def origin():
 
 
 @pytest.fixture(scope="module")
-def echo():
+def echo() -> Iterator[int]:
     """A TCP server on 127.0.0.1 that echoes what it gets (stands in for a TLS server behind
     CONNECT); yields its port."""
     lsock = socket.create_server(("127.0.0.1", 0))
@@ -143,7 +144,7 @@ def refusal(target: str) -> str:
 
 
 def test_connect_to_allowed_name_relays_both_ways(echo: int) -> None:
-    with proxy(["allowed.test", "*.wild.test:%d" % echo]) as p:
+    with proxy(["allowed.test", f"*.wild.test:{echo}"]) as p:
         for host in ("allowed.test", "sub.wild.test"):
             s, status, _ = connect(p, f"{host}:{echo}")
             with s:
@@ -214,7 +215,7 @@ def test_a_name_with_a_refused_and_an_allowed_address_connects_only_to_the_allow
 def test_numeric_ip_and_ipv6_literals_are_refused(echo: int, origin: int) -> None:
     with proxy(["*"]) as p:
         for target in (f"127.0.0.1:{echo}", f"[::1]:{echo}", f"198.51.100.7:{echo}",
-                       f"169.254.169.254:80", f"[::ffff:127.0.0.1]:{echo}", f"[fd00:ec2::254]:80"):
+                       "169.254.169.254:80", f"[::ffff:127.0.0.1]:{echo}", "[fd00:ec2::254]:80"):
             s, status, body = connect(p, target)
             s.close()
             assert status == 403, target
@@ -289,7 +290,7 @@ def test_half_open_client_times_out() -> None:
     with proxy(["allowed.test"], head_timeout=0.5) as p:
         with socket.create_connection(("127.0.0.1", p.port), timeout=30) as s:
             s.sendall(b"CONNECT allowed.test:443 HTTP/1.1\r\n")  # never finishes the head
-            status, _, body = read_response(s)
+            status, _, _ = read_response(s)
             assert status == 408
             assert s.recv(10) == b""
         assert wait_for(lambda: p.active_connections == 0)
@@ -333,7 +334,7 @@ def test_bad_entries_and_arguments() -> None:
         _core.NetProxy([], resolve={"a.test": ["nope"]})
 
 
-def wait_for(cond, timeout: float = 30.0) -> bool:
+def wait_for(cond: Callable[[], bool], timeout: float = 30.0) -> bool:
     deadline = time.monotonic() + timeout
     while not cond():
         if time.monotonic() > deadline:
