@@ -24,14 +24,19 @@ import errno
 import os
 import secrets
 import stat
-from typing import BinaryIO, Iterator, Optional
-
+from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Protocol
 
 from .scan import BadPath, check_relpath
 
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 COPY_CHUNK = 1024 * 1024
+
+
+class Readable(Protocol):
+    """Where a write's bytes come from: `read(n)` gives at most n bytes, b"" at the end."""
+    def read(self, n: int = -1, /) -> bytes: ...
 
 
 class Refused(ValueError):
@@ -57,7 +62,7 @@ class HostWriter:
             os.close(self._root_fd)
             self._root_fd = -1
 
-    def __enter__(self) -> "HostWriter":
+    def __enter__(self) -> HostWriter:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -103,7 +108,7 @@ class HostWriter:
         raise Refused(shown, "the directory does not exist")
 
     @staticmethod
-    def _lstat(fd: int, name: str) -> Optional[os.stat_result]:
+    def _lstat(fd: int, name: str) -> os.stat_result | None:
         try:
             return os.stat(name, dir_fd=fd, follow_symlinks=False)
         except FileNotFoundError:
@@ -120,8 +125,8 @@ class HostWriter:
             elif not stat.S_ISDIR(st.st_mode):
                 raise Refused(path, "something other than a directory is there on the host")
 
-    def write(self, path: str, source: BinaryIO | bytes, mode: int = 0o644,
-              mtime_ns: Optional[int] = None, max_bytes: Optional[int] = None) -> os.stat_result:
+    def write(self, path: str, source: Readable | bytes, mode: int = 0o644,
+              mtime_ns: int | None = None, max_bytes: int | None = None) -> os.stat_result:
         """Replaces (or creates) regular file `path` with `source`'s bytes, atomically, and
         returns the new file's stat. More than `max_bytes` bytes: refused, nothing written."""
         with self._parent(path, create=True) as (fd, name):
@@ -178,7 +183,7 @@ class HostWriter:
             raise
 
 
-def _copy_into(fd: int, source: BinaryIO | bytes, max_bytes: Optional[int]) -> int:
+def _copy_into(fd: int, source: Readable | bytes, max_bytes: int | None) -> int:
     """Writes `source` to `fd`; stops reading one byte past `max_bytes`."""
     if isinstance(source, (bytes, bytearray, memoryview)):
         data = memoryview(source)

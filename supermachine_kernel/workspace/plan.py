@@ -29,8 +29,9 @@ from __future__ import annotations
 
 import datetime as _dt
 import posixpath
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Mapping, Optional
+from typing import Optional
 
 from .scan import DIR, FILE, Entry, Scan
 
@@ -75,7 +76,7 @@ class Plan:
                     or self.conflicts)
 
 
-def _sig(e: Optional[Entry]) -> Sig:
+def _sig(e: Entry | None) -> Sig:
     return e.signature() if e is not None else None
 
 
@@ -103,7 +104,7 @@ def conflict_name(path: str, when: _dt.datetime, taken: set[str] = frozenset()) 
 
 
 def plan(state: SyncState, host: Scan, guest: Scan, direction: str,
-         now: Optional[_dt.datetime] = None) -> Plan:
+         now: _dt.datetime | None = None) -> Plan:
     """The operations of one pass (`TO_GUEST` before a cell, `TO_HOST` after it)."""
     if direction not in (TO_GUEST, TO_HOST):
         raise ValueError(f"direction must be {TO_GUEST!r} or {TO_HOST!r}, not {direction!r}")
@@ -194,5 +195,16 @@ def next_state(state: SyncState, done: Plan, host: Scan, guest: Scan) -> dict[st
     return new
 
 
-__all__ = ["TO_GUEST", "TO_HOST", "Synced", "SyncState", "Conflict", "Plan", "plan",
-           "next_state", "conflict_name", "FILE", "DIR"]
+__all__ = [
+    "DIR",
+    "FILE",
+    "TO_GUEST",
+    "TO_HOST",
+    "Conflict",
+    "Plan",
+    "SyncState",
+    "Synced",
+    "conflict_name",
+    "next_state",
+    "plan",
+]

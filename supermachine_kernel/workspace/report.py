@@ -8,7 +8,7 @@ The kernel shows it once per cell (in the cell's output, on stderr); `describe` 
 """
 from __future__ import annotations
 
-from typing import Iterable, Sequence
+from collections.abc import Iterable, Sequence
 
 from .plan import Conflict
 from .scan import Limits, Skipped

@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import os
 import stat
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Iterable
 
 FILE = "file"
 DIR = "dir"

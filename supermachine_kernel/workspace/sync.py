@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import datetime as dt
 import os
-from typing import Optional
 
 from .host_writer import HostWriter
 from .plan import TO_GUEST, TO_HOST, Plan, Synced, next_state, plan
@@ -40,7 +39,7 @@ class WorkspaceSync:
         self.state: dict[str, Synced] = {}
         self._reported: set[tuple[str, str, bool]] = set()
 
-    def before_cell(self, vm: GuestVm, now: Optional[dt.datetime] = None) -> str:
+    def before_cell(self, vm: GuestVm, now: dt.datetime | None = None) -> str:
         """Carries the host's changes into the guest (conflicts: the guest's version is saved
         on the host first, in mode "sync"). Returns the message for the cell ('' if none)."""
         if self.mode == "off":
@@ -60,7 +59,7 @@ class WorkspaceSync:
         self._keep(p, host, guest, pushed)
         return self._message(host.skipped, True, pulled.refused + pushed.refused, p)
 
-    def after_cell(self, vm: GuestVm, now: Optional[dt.datetime] = None) -> str:
+    def after_cell(self, vm: GuestVm, now: dt.datetime | None = None) -> str:
         """Brings the cell's changes back to the host (mode "sync"; other modes do nothing)."""
         if self.mode != "sync":
             return ""

@@ -16,27 +16,39 @@
 - host -> guest (`push`): one exec of `GUEST_APPLY` (deletes, then directories, children and
   parents in the plan's order), then `Vm.upload` per file, then one `GUEST_APPLY` exec that
   sets each copied file's mtime to the host's (so plan.next_state knows both signatures).
-- guest -> host (`pull`): `Vm.download` of each file into a private staging directory outside
-  the workspace (mode 0700), then `HostWriter.write` from there (openat, O_NOFOLLOW, atomic,
-  size-capped again: the guest can grow a file after listing it); deletes through
-  `HostWriter.delete`. Conflicts save the guest's version under the conflict name first.
+- guest -> host (`pull`): one guest process running `GUEST_READ` streams the files on its
+  stdout, each as a header with its size, exactly that many bytes, and a status byte; the
+  size is checked against the cap before a byte is written, and the bytes go straight into
+  `HostWriter.write` (openat, O_NOFOLLOW, atomic). Not `Vm.download`: the agent's read
+  follows guest symlinks (a symlink to /dev/zero swapped in after the listing would stream
+  forever), opens FIFOs (and blocks) and has no size cap. Deletes go through
+  `HostWriter.delete`. Conflicts save the guest's version under the conflict name.
 """
 from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import stat
-import tempfile
+import struct
 import time
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from .host_writer import HostWriter, Refused
 from .plan import Plan
-from .scan import (DIR, FILE, BadPath, Entry, Limits, Scan, Skipped, admit, check_relpath,
-                   is_excluded)
+from .scan import (
+    DIR,
+    FILE,
+    BadPath,
+    Entry,
+    Limits,
+    Scan,
+    Skipped,
+    admit,
+    check_relpath,
+    is_excluded,
+)
 
 MAX_LISTING_BYTES = 32 * 1024 * 1024
 EXTRA_ENTRIES = 1000          # listed beyond max_files, so the report can name some of them
@@ -93,7 +105,7 @@ sys.stdout.write(json.dumps({"v": 1, "entries": out, "unlisted": unlisted}))
 # {"delete": [rel, ...], "mkdir": [rel, ...], "utime": [[rel, mtime_ns], ...]}.
 # The guest's own tree: a hostile guest can only break its own copy.
 GUEST_APPLY = r"""
-import json, os, shutil, sys
+import json, os, sys
 root, ops = sys.argv[1], json.load(sys.stdin)
 failed = []
 for r in ops.get("delete", []):
@@ -309,56 +321,212 @@ def push(vm: GuestVm, host_root: str, guest_root: str, plan: Plan, host: Scan) -
     return out
 
 
-def pull(vm: GuestVm, writer: HostWriter, guest_root: str, plan: Plan, guest: Scan,
-         limits: Limits) -> Outcome:
-    """Carries out the guest -> host half of `plan`: conflict copies, directories, files and
-    deletes, every write through `writer`. The guest's files pass through a private staging
-    directory and are capped again at `limits.max_file_bytes`."""
-    out = Outcome()
-    staging = tempfile.mkdtemp(prefix="sm-workspace-")
+# Runs in the guest: python3 -I -S -c GUEST_READ ROOT, with a JSON list [[rel, max_bytes],
+# ...] on stdin. For each file, in order: a header (4-byte big-endian length, then JSON
+# {"size", "mode"} or {"error"}), then exactly "size" bytes, then one status byte (0: read as
+# announced; 1: the file shrank while read, the padded bytes must be discarded). Opened with
+# O_NOFOLLOW | O_NONBLOCK and checked to be a regular file, so a FIFO or a symlink to
+# /dev/zero swapped in after the listing is refused, and never more than the announced size is
+# sent.
+GUEST_READ = r"""
+import json, os, stat, struct, sys
+root, wanted = sys.argv[1], json.load(sys.stdin)
+out = sys.stdout.buffer
+def head(d):
+    b = json.dumps(d).encode()
+    out.write(struct.pack(">I", len(b)) + b)
+for r, cap in wanted:
     try:
-        def fetch(rel: str, dest: str, e: Entry) -> None:
-            staged = os.path.join(staging, "file")
-            try:
-                vm.download(_guest_path(guest_root, rel), staged)
-                with open(staged, "rb") as f:
-                    writer.write(dest, f, e.mode, mtime_ns=e.mtime_ns,
-                                 max_bytes=limits.max_file_bytes)
-                out.copied.append(dest)
-            except Refused as err:
-                out.refused.append((err.path, err.why))
-            except Exception as err:  # noqa: BLE001 - a guest error on one file: report, go on
-                out.refused.append((rel, f"could not be copied from the VM: {err}"))
-            finally:
-                try:
-                    os.unlink(staged)
-                except FileNotFoundError:
-                    pass
+        fd = os.open(root + "/" + r, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except OSError as e:
+        head({"error": e.strerror or str(e)})
+        continue
+    with os.fdopen(fd, "rb", buffering=0) as f:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            head({"error": "not a regular file"})
+            continue
+        if st.st_size > cap:
+            head({"error": "larger than the limit", "size": st.st_size})
+            continue
+        head({"size": st.st_size, "mode": st.st_mode & 0o777})
+        left, short = st.st_size, 0
+        while left:
+            b = f.read(min(left, 1 << 20))
+            if not b:
+                out.write(bytes(min(left, 1 << 20)))
+                left -= min(left, 1 << 20)
+                short = 1
+                continue
+            out.write(b)
+            left -= len(b)
+        out.write(bytes([short]))
+out.flush()
+"""
 
-        for c in plan.conflicts:
-            e = guest.entries.get(c.path)
-            if e is not None and e.kind == FILE:
-                fetch(c.path, c.guest_copy, e)
-        for p in plan.to_host:
-            e = guest.entries[p]
-            if e.kind == DIR:
-                try:
-                    writer.mkdir(p, e.mode)
-                    out.copied.append(p)
-                except Refused as err:
-                    out.refused.append((err.path, err.why))
-            else:
-                fetch(p, p, e)
-        for p in plan.delete_on_host:
+MAX_HEADER_BYTES = 4096
+
+
+class _GuestStream:
+    """The stdout of a guest process, read with a deadline; every shortfall is ListingError."""
+
+    def __init__(self, child: Any, deadline: float, what: str) -> None:
+        self._child, self._deadline, self._what = child, deadline, what
+        self._buf = bytearray()
+
+    def read_some(self, n: int) -> bytes:
+        if not self._buf:
+            left = self._deadline - time.monotonic()
+            if left <= 0:
+                raise ListingError(f"{self._what} did not finish in time")
             try:
-                if writer.delete(p):
-                    out.deleted.append(p)
+                chunk = self._child.read_stdout(1 << 20, timeout=left)
+            except TimeoutError:
+                raise ListingError(f"{self._what} did not finish in time") from None
+            if not chunk:
+                raise ListingError(f"{self._what} ended early")
+            self._buf += chunk
+        data = bytes(self._buf[:n])
+        del self._buf[:n]
+        return data
+
+    def read_exact(self, n: int) -> bytes:
+        out = bytearray()
+        while len(out) < n:
+            out += self.read_some(n - len(out))
+        return bytes(out)
+
+
+class _Changed(Exception):
+    pass
+
+
+class _Body:
+    """One file's bytes in the stream, as a file-like source for HostWriter.write; its end
+    checks the status byte (a file that shrank while read raises, and the writer drops it)."""
+
+    def __init__(self, stream: _GuestStream, size: int) -> None:
+        self._stream, self._left, self._ended = stream, size, False
+
+    def read(self, n: int = -1) -> bytes:
+        if self._left == 0:
+            self._end()
+            return b""
+        data = self._stream.read_some(self._left if n < 0 else min(n, self._left))
+        self._left -= len(data)
+        return data
+
+    def _end(self) -> None:
+        if not self._ended:
+            self._ended = True
+            if self._stream.read_exact(1) != b"\x00":
+                raise _Changed()
+
+    def finish(self) -> None:
+        """Skips what the writer did not read (a refused write), so the stream stays in step."""
+        while self._left:
+            self._left -= len(self._stream.read_some(min(self._left, 1 << 20)))
+        try:
+            self._end()
+        except _Changed:
+            pass
+
+
+def pull(vm: GuestVm, writer: HostWriter, guest_root: str, plan: Plan, guest: Scan,
+         limits: Limits, timeout: float = 600.0) -> Outcome:
+    """Carries out the guest -> host half of `plan`: conflict copies, directories, files and
+    deletes, every write through `writer`. File bytes come from one guest process running
+    GUEST_READ (not `Vm.download`, which follows guest symlinks and has no size cap): each
+    file's announced size is checked against `limits.max_file_bytes` before any byte is
+    written, and exactly that many bytes are read."""
+    out = Outcome()
+    jobs: list[tuple[str, str, Entry]] = []      # (guest path, host path, listed entry)
+    for c in plan.conflicts:
+        e = guest.entries.get(c.path)
+        if e is not None and e.kind == FILE:
+            jobs.append((c.path, c.guest_copy, e))
+    for p in plan.to_host:
+        e = guest.entries[p]
+        if e.kind == DIR:
+            try:
+                writer.mkdir(p, e.mode)
+                out.copied.append(p)
             except Refused as err:
                 out.refused.append((err.path, err.why))
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        else:
+            jobs.append((p, p, e))
+    if jobs:
+        try:
+            _read_files(vm, writer, guest_root, jobs, limits, timeout, out)
+        except ListingError as err:
+            done = set(out.copied) | {p for p, _ in out.refused}
+            out.refused += [(dest, f"could not be copied from the VM: {err}")
+                            for _, dest, _ in jobs if dest not in done]
+    for p in plan.delete_on_host:
+        try:
+            if writer.delete(p):
+                out.deleted.append(p)
+        except Refused as err:
+            out.refused.append((err.path, err.why))
     return out
 
 
-__all__ = ["GUEST_LIST", "GUEST_APPLY", "ListingError", "list_guest", "parse_guest_listing",
-           "push", "pull", "Outcome"]
+def _read_files(vm: GuestVm, writer: HostWriter, guest_root: str,
+                jobs: list[tuple[str, str, Entry]], limits: Limits, timeout: float,
+                out: Outcome) -> None:
+    for rel, _, _ in jobs:
+        check_relpath(rel)
+    wanted = json.dumps([[rel, limits.max_file_bytes] for rel, _, _ in jobs]).encode()
+    child = vm.spawn(["python3", "-I", "-S", "-c", GUEST_READ, guest_root],
+                     timeout_ms=int(timeout * 1000))
+    try:
+        child.write_stdin(wanted)
+        child.close_stdin()
+        stream = _GuestStream(child, time.monotonic() + timeout, "reading files in the VM")
+        for rel, dest, e in jobs:
+            (n,) = struct.unpack(">I", stream.read_exact(4))
+            if n > MAX_HEADER_BYTES:
+                raise ListingError(f"a file header of {n} bytes from the VM")
+            try:
+                head = json.loads(stream.read_exact(n).decode("utf-8"))
+                size = head.get("size") if isinstance(head, dict) else None
+                error = head.get("error") if isinstance(head, dict) else None
+            except (UnicodeDecodeError, ValueError, RecursionError):
+                raise ListingError("a file header from the VM is not UTF-8 JSON") from None
+            if error is not None:
+                out.refused.append((dest, f"could not be read in the VM: {str(error)[:200]}"))
+                continue
+            size = _nonneg(size, "size")
+            if size > limits.max_file_bytes:
+                raise ListingError(f"the VM announced {size} bytes for {rel!r:.100} past the "
+                                   f"{limits.max_file_bytes}-byte limit")
+            mode = _nonneg(head.get("mode", 0o644), "mode") & 0o777
+            body = _Body(stream, size)
+            try:
+                writer.write(dest, body, mode, mtime_ns=e.mtime_ns, max_bytes=size)
+                out.copied.append(dest)
+            except Refused as err:
+                out.refused.append((err.path, err.why))
+            except _Changed:
+                out.refused.append((dest, "changed in the VM while it was copied; it is "
+                                          "copied again after the next cell"))
+            body.finish()
+    finally:
+        if child.poll() is None:
+            try:
+                child.signal(signal.SIGKILL)
+            except Exception:  # noqa: BLE001 - already gone
+                pass
+
+
+__all__ = [
+    "GUEST_APPLY",
+    "GUEST_LIST",
+    "GUEST_READ",
+    "ListingError",
+    "Outcome",
+    "list_guest",
+    "parse_guest_listing",
+    "pull",
+    "push",
+]

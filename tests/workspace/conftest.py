@@ -3,13 +3,13 @@ the host, so the transfer's guest scripts and the agent file API run for real wi
 and a guest workspace directory for it."""
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import pytest
+from runtime.conftest import UnixAgent
 
 from supermachine_kernel import api
-from runtime.conftest import UnixAgent
 
 
 @pytest.fixture(scope="module")

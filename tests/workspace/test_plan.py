@@ -3,8 +3,15 @@ from __future__ import annotations
 
 import datetime as dt
 
-from supermachine_kernel.workspace.plan import (TO_GUEST, TO_HOST, Conflict, Synced,
-                                                conflict_name, next_state, plan)
+from supermachine_kernel.workspace.plan import (
+    TO_GUEST,
+    TO_HOST,
+    Conflict,
+    Synced,
+    conflict_name,
+    next_state,
+    plan,
+)
 from supermachine_kernel.workspace.scan import DIR, FILE, Entry, Scan, Skipped
 
 NOW = dt.datetime(2026, 12, 6, 8, 15, 3)

@@ -6,8 +6,16 @@ from pathlib import Path
 
 import pytest
 
-from supermachine_kernel.workspace.scan import (DIR, FILE, BadPath, Entry, Limits, admit,
-                                                check_relpath, scan)
+from supermachine_kernel.workspace.scan import (
+    DIR,
+    FILE,
+    BadPath,
+    Entry,
+    Limits,
+    admit,
+    check_relpath,
+    scan,
+)
 
 
 def reasons(s) -> dict[str, str]:

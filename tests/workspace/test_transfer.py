@@ -14,10 +14,17 @@ import pytest
 from supermachine_kernel.workspace.host_writer import HostWriter
 from supermachine_kernel.workspace.plan import TO_GUEST, TO_HOST, next_state, plan
 from supermachine_kernel.workspace.report import describe
-from supermachine_kernel.workspace.scan import DIR, FILE, Limits, scan
-from supermachine_kernel.workspace.transfer import (GUEST_LIST, MAX_LISTING_BYTES, ListingError,
-                                                    list_guest, parse_guest_listing, pull, push,
-                                                    run_capped)
+from supermachine_kernel.workspace.scan import DIR, FILE, Entry, Limits, Scan, scan
+from supermachine_kernel.workspace.transfer import (
+    GUEST_LIST,
+    MAX_LISTING_BYTES,
+    ListingError,
+    list_guest,
+    parse_guest_listing,
+    pull,
+    push,
+    run_capped,
+)
 
 NOW = dt.datetime(2026, 12, 6, 8, 15, 3)
 
@@ -106,7 +113,7 @@ def test_100000_tiny_files_hit_the_count_cap_and_nothing_is_deleted() -> None:
     # An incomplete listing never deletes host files it did not name.
     host = parse_guest_listing(listing(*rows[:20]), limits)
     host.entries["many/zzz"] = host.entries["many/f000001"]
-    state = next_state({}, plan({}, host, type(s)(), TO_GUEST, NOW), host, type(s)())
+    state = next_state({}, plan({}, host, Scan(), TO_GUEST, NOW), host, Scan())
     assert not plan(state, host, s, TO_HOST, NOW).delete_on_host
 
 
@@ -236,3 +243,103 @@ def test_a_guest_that_never_finishes_is_cut_off_at_the_deadline(agent_vm) -> Non
 
 def test_run_capped_passes_stdin_and_the_exit_code(agent_vm) -> None:
     assert run_capped(agent_vm, ["sh", "-c", "cat; exit 3"], 1000, 60.0, stdin=b"in") == (3, b"in")
+
+
+# ---- pull's file stream: swaps after the listing, and forged streams ----
+
+def test_swaps_after_the_listing_are_refused_and_the_rest_still_copied(agent_vm, tmp_path: Path,
+                                                                        guest_root: Path) -> None:
+    host_root = tmp_path / "host-ws"
+    host_root.mkdir()
+    for name in ("zero", "fifo", "gone", "ok"):
+        (guest_root / name).write_text(name)
+    limits = Limits(max_file_bytes=1000)
+    guest = list_guest(agent_vm, str(guest_root), limits)
+    (guest_root / "zero").unlink()
+    (guest_root / "zero").symlink_to("/dev/zero")       # would stream forever if followed
+    (guest_root / "fifo").unlink()
+    os.mkfifo(guest_root / "fifo")                       # would block if opened for reading
+    (guest_root / "gone").unlink()
+    q = plan({}, scan(host_root, limits), guest, TO_HOST, NOW)
+    assert q.to_host == ["fifo", "gone", "ok", "zero"]
+    with HostWriter(host_root) as w:
+        got = pull(agent_vm, w, str(guest_root), q, guest, limits, timeout=60)
+    assert sorted(p for p, _ in got.refused) == ["fifo", "gone", "zero"]
+    assert got.copied == ["ok"] and sorted(os.listdir(host_root)) == ["ok"]
+
+
+class CannedChild:
+    """A guest process whose stdout is `data` (for forged GUEST_READ streams)."""
+
+    def __init__(self, data: bytes) -> None:
+        self.data, self.killed = bytearray(data), False
+
+    def write_stdin(self, data: bytes) -> None:
+        pass
+
+    def close_stdin(self) -> None:
+        pass
+
+    def read_stdout(self, n: int, timeout: float) -> bytes:
+        out = bytes(self.data[:min(n, 7)])    # small pieces: the reader must reassemble
+        del self.data[:len(out)]
+        return out
+
+    def poll(self) -> None:
+        return None
+
+    def signal(self, signum: int) -> None:
+        self.killed = True
+
+
+class CannedVm:
+    def __init__(self, data: bytes) -> None:
+        self.child = CannedChild(data)
+
+    def spawn(self, argv: list, **kw: object) -> CannedChild:
+        return self.child
+
+
+def frame(head: dict, body: bytes = b"", status: bytes = b"") -> bytes:
+    h = json.dumps(head).encode()
+    return len(h).to_bytes(4, "big") + h + body + status
+
+
+def pull_canned(tmp_path: Path, stream: bytes, names: list[str], cap: int = 1000):
+    host_root = tmp_path / "host-ws"
+    host_root.mkdir(exist_ok=True)
+    guest = Scan(entries={n: Entry(FILE, 3, 5, 0o644) for n in names})
+    q = plan({}, Scan(), guest, TO_HOST, NOW)
+    vm = CannedVm(stream)
+    with HostWriter(host_root) as w:
+        got = pull(vm, w, "/ws", q, guest, Limits(max_file_bytes=cap), timeout=5)
+    return got, host_root, vm
+
+
+def test_a_well_formed_stream_is_written_with_the_listed_mtime(tmp_path: Path) -> None:
+    got, root, vm = pull_canned(tmp_path, frame({"size": 3, "mode": 0o600}, b"abc", b"\0")
+                                + frame({"error": "No such file"}), ["a", "b"])
+    assert got.copied == ["a"] and got.refused == [("b", "could not be read in the VM: No such file")]
+    assert (root / "a").read_bytes() == b"abc" and (root / "a").stat().st_mtime_ns == 5
+    assert vm.child.killed
+
+
+def test_a_file_that_shrank_while_read_is_dropped_and_the_next_still_copied(tmp_path: Path) -> None:
+    got, root, _ = pull_canned(tmp_path, frame({"size": 3}, b"ab\0", b"\1")
+                               + frame({"size": 3}, b"xyz", b"\0"), ["a", "b"])
+    assert [p for p, _ in got.refused] == ["a"] and got.copied == ["b"]
+    assert sorted(os.listdir(root)) == ["b"]            # no temp file left behind
+
+
+@pytest.mark.parametrize("stream", [
+    frame({"size": 10 ** 12}, b""),                     # past the cap: nothing read or written
+    frame({"size": 3}, b"ab"),                          # ends early
+    (10 ** 6).to_bytes(4, "big") + b"{}",               # oversized header
+    b"\0\0\0\3[1,",                                     # header not JSON
+    frame({"size": -1}),
+    frame({"size": 3}, b"abc"),                         # no status byte
+])
+def test_forged_streams_write_nothing(tmp_path: Path, stream: bytes) -> None:
+    got, root, vm = pull_canned(tmp_path, stream, ["a"])
+    assert got.copied == [] and [p for p, _ in got.refused] == ["a"]
+    assert os.listdir(root) == [] and vm.child.killed
