@@ -331,17 +331,19 @@ def push(vm: GuestVm, host_root: str, guest_root: str, plan: Plan, host: Scan) -
 GUEST_READ = r"""
 import json, os, stat, struct, sys
 root, wanted = sys.argv[1], json.load(sys.stdin)
-out = sys.stdout.buffer
+def put(b):
+    while b:
+        b = b[os.write(1, b):]
 def head(d):
     b = json.dumps(d).encode()
-    out.write(struct.pack(">I", len(b)) + b)
+    put(struct.pack(">I", len(b)) + b)
 for r, cap in wanted:
     try:
         fd = os.open(root + "/" + r, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
     except OSError as e:
         head({"error": e.strerror or str(e)})
         continue
-    with os.fdopen(fd, "rb", buffering=0) as f:
+    try:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
             head({"error": "not a regular file"})
@@ -352,16 +354,14 @@ for r, cap in wanted:
         head({"size": st.st_size, "mode": st.st_mode & 0o777})
         left, short = st.st_size, 0
         while left:
-            b = f.read(min(left, 1 << 20))
-            if not b:
-                out.write(bytes(min(left, 1 << 20)))
-                left -= min(left, 1 << 20)
-                short = 1
-                continue
-            out.write(b)
-            left -= len(b)
-        out.write(bytes([short]))
-out.flush()
+            n = os.sendfile(1, fd, None, min(left, 1 << 22))
+            if n == 0:
+                put(bytes(min(left, 1 << 20)))
+                n, short = min(left, 1 << 20), 1
+            left -= n
+        put(bytes([short]))
+    finally:
+        os.close(fd)
 """
 
 MAX_HEADER_BYTES = 4096
