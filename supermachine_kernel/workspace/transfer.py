@@ -35,6 +35,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from .._core import GuestError
 from .host_writer import HostWriter, Refused
 from .plan import Plan
 from .scan import (
@@ -314,9 +315,15 @@ def push(vm: GuestVm, host_root: str, guest_root: str, plan: Plan, host: Scan) -
         except OSError as err:
             out.refused.append((p, f"cannot be read on the host: {err.strerror}"))
             continue
+        except GuestError as err:
+            # Full guest tmpfs (its writable layer is RAM), a directory in the way, ...
+            out.refused.append((p, f"could not be written in the VM: {err}"))
+            continue
         times.append([p, e.mtime_ns])
         out.copied.append(p)
-    out.copied += dirs
+    failed = {path for path, _ in out.refused}
+    if "(guest)" not in failed:
+        out.copied += [d for d in dirs if d not in failed]
     _apply_in_guest(vm, guest_root, {"utime": times}, out)
     return out
 

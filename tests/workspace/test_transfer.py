@@ -343,3 +343,16 @@ def test_forged_streams_write_nothing(tmp_path: Path, stream: bytes) -> None:
     got, root, vm = pull_canned(tmp_path, stream, ["a"])
     assert got.copied == [] and [p for p, _ in got.refused] == ["a"]
     assert os.listdir(root) == [] and vm.child.killed
+
+
+def test_push_into_a_guest_that_cannot_hold_the_files_refuses_each_and_goes_on(agent_vm, tmp_path: Path) -> None:
+    host_root = tmp_path / "host-ws"
+    (host_root / "d").mkdir(parents=True)
+    (host_root / "d" / "a").write_text("a")
+    (host_root / "b").write_text("b")
+    host = scan(host_root, Limits())
+    p = plan({}, host, Scan(), TO_GUEST, NOW)
+    out = push(agent_vm, str(host_root), "/proc/sm-no-such-workspace", p, host)
+    refused = dict(out.refused)
+    assert out.copied == [] and {"d", "d/a", "b"} <= set(refused)
+    assert refused["b"].startswith("could not be written in the VM")
