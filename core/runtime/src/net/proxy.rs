@@ -216,7 +216,11 @@ fn accept_loop(listener: TcpListener, sh: Arc<Shared>) {
         if sh.closed.load(Ordering::SeqCst) {
             return;
         }
-        let Ok(client) = conn else { continue };
+        let Ok(client) = conn else {
+            // Out of descriptors or the like: do not spin.
+            thread::sleep(Duration::from_millis(50));
+            continue;
+        };
         let active = sh.active.fetch_add(1, Ordering::SeqCst);
         let guard = Active(Arc::clone(&sh));
         if active >= sh.config.max_connections {
@@ -305,7 +309,6 @@ fn split_authority(auth: &str, default_port: Option<u16>) -> Result<(String, u16
 
 /// Reads and parses the request head.
 fn read_request(client: &mut TcpStream, sh: &Shared) -> Result<Request, Reject> {
-    client.set_read_timeout(Some(sh.config.head_timeout)).map_err(|e| bad(e.to_string()))?;
     let deadline = Instant::now() + sh.config.head_timeout;
     let mut buf = Vec::with_capacity(1024);
     let mut chunk = [0u8; 4096];
@@ -324,12 +327,16 @@ fn read_request(client: &mut TcpStream, sh: &Shared) -> Result<Request, Reject> 
             return Err(Reject(431, "Request Header Fields Too Large", format!("request head over {MAX_HEAD} bytes")));
         }
         let timeout = || Reject(408, "Request Timeout", "no complete request head in time".into());
-        if Instant::now() >= deadline {
+        // One deadline for the whole head: a client trickling a byte at a time gets no more.
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
             return Err(timeout());
         }
+        let _ = client.set_read_timeout(Some(left));
         match client.read(&mut chunk) {
             Ok(0) => return Err(bad("connection closed before the request head ended")),
-            Ok(n) => buf.extend_from_slice(&chunk[..n.min(MAX_HEAD + 1 - buf.len().min(MAX_HEAD))]),
+            // Bounded: MAX_HEAD plus one chunk at most, then 431 above.
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
             Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => return Err(timeout()),
             Err(e) if e.kind() == ErrorKind::Interrupted => {}
             Err(e) => return Err(bad(e.to_string())),
@@ -543,5 +550,52 @@ mod tests {
         }
         // 30 chunks of 10 000 bytes at 100 kB/s, the first chunk free: at least 2.9 s ideally.
         assert!(t.elapsed() >= Duration::from_millis(1450), "{:?}", t.elapsed());
+    }
+
+    /// Answers an allowed address the first time and the host's loopback afterwards (a DNS
+    /// rebinding server), counting the questions.
+    struct Rebinding(AtomicUsize);
+
+    impl Resolver for Rebinding {
+        fn resolve(&self, _host: &str, _port: u16) -> io::Result<Vec<IpAddr>> {
+            let n = self.0.fetch_add(1, Ordering::SeqCst);
+            Ok(vec![if n == 0 { "198.51.100.9".parse().unwrap() } else { IpAddr::V4(Ipv4Addr::LOCALHOST) }])
+        }
+    }
+
+    #[test]
+    fn resolves_once_and_connects_to_the_checked_address() {
+        // An echo server on loopback stands for 198.51.100.9 (test_route).
+        let server = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).unwrap();
+        let port = server.local_addr().unwrap().port();
+        thread::spawn(move || {
+            for c in server.incoming().flatten() {
+                thread::spawn(move || {
+                    let mut w = c.try_clone().unwrap();
+                    let _ = io::copy(&mut &c, &mut w);
+                });
+            }
+        });
+        let resolver = Arc::new(Rebinding(AtomicUsize::new(0)));
+        let mut config = ProxyConfig::new(Policy::parse(&["rebind.test"]).unwrap());
+        config.resolver = resolver.clone();
+        config.test_route.insert("198.51.100.9".parse().unwrap(), IpAddr::V4(Ipv4Addr::LOCALHOST));
+        let proxy = Proxy::start(0, config).unwrap();
+        let mut c = TcpStream::connect(proxy.local_addr()).unwrap();
+        c.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+        // The tunnel's first bytes in the same packet as the head are relayed too.
+        c.write_all(format!("CONNECT rebind.test:{port} HTTP/1.1\r\n\r\nearly").as_bytes()).unwrap();
+        let want = b"HTTP/1.1 200 Connection established\r\n\r\nearly";
+        let mut got = vec![0u8; want.len()];
+        c.read_exact(&mut got).unwrap();
+        assert_eq!(got, want);
+        assert_eq!(resolver.0.load(Ordering::SeqCst), 1);
+        // A second connection gets the rebound answer (loopback) and is refused.
+        let mut c2 = TcpStream::connect(proxy.local_addr()).unwrap();
+        c2.write_all(format!("CONNECT rebind.test:{port} HTTP/1.1\r\n\r\n").as_bytes()).unwrap();
+        let mut resp = String::new();
+        c2.read_to_string(&mut resp).unwrap();
+        assert!(resp.starts_with("HTTP/1.1 403 Forbidden"), "{resp}");
+        assert!(resp.contains("it resolves to 127.0.0.1, the host's loopback"), "{resp}");
     }
 }
