@@ -62,10 +62,12 @@ def _plural(n: int, word: str) -> str:
 
 def describe(skipped: Sequence[Skipped], limits: Limits, to_vm: bool,
              refused: Iterable[tuple[str, str]] = (),
-             conflicts: Iterable[Conflict] = (), unlisted: int = 0) -> str:
+             conflicts: Iterable[Conflict] = (), unlisted: int = 0,
+             clashes: Sequence[str] = ()) -> str:
     """The message for one sync pass ('' when there is nothing to say). `to_vm` says which
     way it went; `refused` are (path, why) of guest writes the host writer refused;
-    `unlisted` counts entries a cut-short guest listing did not even name."""
+    `unlisted` counts entries a cut-short guest listing did not even name; `clashes` are
+    paths that are a file on one side and a directory on the other (left alone)."""
     lines = []
     if skipped or unlisted:
         where = "copied to the VM" if to_vm else "copied from the VM to the workspace"
@@ -98,4 +100,12 @@ def describe(skipped: Sequence[Skipped], limits: Limits, to_vm: bool,
         lines.append(f"{_plural(len(conflicts), 'file')} changed both in the workspace and in "
                      f"the VM: the workspace version was kept and the VM's saved beside it: "
                      f"{named}{tail}.")
+    if clashes:
+        named = "; ".join(clashes[:SHOWN])
+        more = len(clashes) - SHOWN
+        tail = f"; and {more} more" if more > 0 else ""
+        one = len(clashes) == 1
+        lines.append(f"{_plural(len(clashes), 'path')} {'is' if one else 'are'} a file on one "
+                     f"side and a directory on the other, and {'was' if one else 'were'} left "
+                     f"alone (rename one of them): {named}{tail}.")
     return "\n".join(lines)

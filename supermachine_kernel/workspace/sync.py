@@ -99,5 +99,7 @@ class WorkspaceSync:
                  p: Plan, unlisted: int = 0) -> str:
         fresh = [s for s in skipped if (s.path, s.reason, to_vm) not in self._reported]
         self._reported |= {(s.path, s.reason, to_vm) for s in skipped}
+        clashes = [c for c in p.clashes if (c, "clash", True) not in self._reported]
+        self._reported |= {(c, "clash", True) for c in clashes}
         return describe(fresh, self.limits, to_vm, refused=refused, conflicts=p.conflicts,
-                        unlisted=unlisted)
+                        unlisted=unlisted, clashes=clashes)

@@ -51,3 +51,11 @@ def test_refusals_and_conflicts_each_get_a_line() -> None:
 def test_human_size() -> None:
     assert [human_size(n) for n in (0, 999, 1000, 1536, 2_100_000_000, 10 * GB)] == \
         ["0 B", "999 B", "1 kB", "1.5 kB", "2.1 GB", "10 GB"]
+
+
+def test_clashes_say_what_to_do() -> None:
+    msg = describe([], Limits(), to_vm=False, clashes=["results"])
+    assert msg == ("1 path is a file on one side and a directory on the other, and was left "
+                   "alone (rename one of them): results.")
+    two = describe([], Limits(), to_vm=True, clashes=["a", "b"])
+    assert two.startswith("2 paths are a file on one side and a directory on the other, and were")

@@ -77,3 +77,15 @@ def test_read_only_and_off(agent_vm, host_root: Path, guest_root: Path) -> None:
     assert off.before_cell(agent_vm, NOW) == "" and not (guest_root / "other").exists()
     with pytest.raises(ValueError):
         WorkspaceSync(host_root, "/x", "both", Limits())
+
+
+def test_a_kind_clash_is_left_alone_and_reported_once(agent_vm, host_root: Path,
+                                                       guest_root: Path) -> None:
+    ws = WorkspaceSync(host_root, str(guest_root), "sync", Limits(max_file_bytes=1000))
+    ws.before_cell(agent_vm, NOW)
+    (host_root / "results").mkdir()
+    (guest_root / "results").write_text("a file in the guest")
+    assert "left alone (rename one of them): results." in ws.after_cell(agent_vm, NOW)
+    assert (host_root / "results").is_dir()
+    assert (guest_root / "results").read_text() == "a file in the guest"
+    assert ws.before_cell(agent_vm, NOW) == ""
