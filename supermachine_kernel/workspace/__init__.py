@@ -8,6 +8,7 @@ One job per module:
     report.py       the one user-facing message about what was left out or refused
     transfer.py     how bytes move: the guest listing (parsed as hostile input) and the copies
                     through the agent's file API
+    guest_side.py   the guest half (stdlib only): list, apply, read, run in the guest's python3
     sync.py         one kernel's sync: the state between cells, before_cell/after_cell
 
 Not wired into the kernel yet: `c.MicroVMKernel.workspace` defaults to "off".

@@ -6,7 +6,7 @@
     message = ws.after_cell(vm)    # guest -> host (mode "sync" only)
 
 Each pass scans both sides (the host with scan.scan, the guest with one agent exec of
-transfer.GUEST_LIST), plans (plan.plan), carries the plan out (transfer.push/pull) and keeps
+guest_side.py's `list`), plans (plan.plan), carries the plan out (transfer.push/pull) and keeps
 the new state (plan.next_state). A report about a path is shown once: the same skipped path for
 the same reason is not reported again by later passes.
 

@@ -1,24 +1,24 @@
 """How workspace bytes move between the host and the guest, through the guest agent.
 
-- The guest tree is listed by one agent process running `GUEST_LIST` (stdlib Python, run as
-  `python3 -I -S -c`): a JSON object `{"v": 1, "entries": [[path, kind, size, mtime_ns,
-  mode], ...], "unlisted": N}` with kind "file", "dir", "symlink" or "special". It applies the
-  excludes itself (so a huge `.git` is never walked), never follows a symlink, and lists at
-  most `max_entries` entries, counting the rest in "unlisted". Its stdout is read through
-  `run_capped` (bytes and time capped, the process killed past either): the guest owns its
-  root filesystem, so its "python3" may be anything.
+The guest half is guest_side.py (stdlib only), run as one guest process per step:
+`python3 -I -S -c GUEST_SOURCE list|apply|read ROOT ...` (its doc has the formats).
+
+- The guest tree is listed by `list`: excludes applied while walking (a huge `.git` is never
+  walked), symlinks never followed, at most `max_entries` entries (the rest counted in
+  "unlisted"). Its stdout is read through `run_capped` (bytes and time capped, the process
+  killed past either): the guest owns its root filesystem, so its "python3" may be anything.
 - `parse_guest_listing` reads that output as hostile input, in the style of
   repl_client/frames.py: a byte cap before decoding, every field type- and range-checked,
   every path through `scan.check_relpath`, excludes applied again, entries whose parent is
   not a listed directory dropped, duplicates refused; then the same caps as the host tree
   (`scan.admit`). A listing that is cut short makes the scan incomplete, and an incomplete
   guest scan never deletes anything on the host (plan.py).
-- host -> guest (`push`): one exec of `GUEST_APPLY` (deletes, then directories, children and
-  parents in the plan's order), then `Vm.upload` per file, then one `GUEST_APPLY` exec that
-  sets each copied file's mtime to the host's (so plan.next_state knows both signatures).
-- guest -> host (`pull`): one guest process running `GUEST_READ` streams the files on its
-  stdout, each as a header with its size, exactly that many bytes, and a status byte; the
-  size is checked against the cap before a byte is written, and the bytes go straight into
+- host -> guest (`push`): one `apply` (deletes, then directories), then `Vm.upload` per file,
+  then one `apply` that sets each copied file's mtime to the host's (so plan.next_state knows
+  both signatures).
+- guest -> host (`pull`): one `read` process streams the files on its stdout, each as a
+  header with its size, exactly that many bytes, and a status byte; the size is checked
+  against the cap before a byte is written, and the bytes go straight into
   `HostWriter.write` (openat, O_NOFOLLOW, atomic). Not `Vm.download`: the agent's read
   follows guest symlinks (a symlink to /dev/zero swapped in after the listing would stream
   forever), opens FIFOs (and blocks) and has no size cap. Deletes go through
@@ -33,6 +33,7 @@ import stat
 import struct
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Protocol
 
 from .._core import GuestError
@@ -58,7 +59,7 @@ GUEST_KINDS = (FILE, DIR, "symlink", "special")
 
 
 class ListingError(ValueError):
-    """The guest's listing is not what GUEST_LIST prints; the sync pass is skipped."""
+    """A guest step's output is not what guest_side.py prints; the sync pass is skipped."""
 
 
 class GuestVm(Protocol):
@@ -68,73 +69,9 @@ class GuestVm(Protocol):
     def download(self, guest_path: str, host_path: Any) -> int: ...
 
 
-# Runs in the guest: python3 -I -S -c GUEST_LIST ROOT '{"excludes": [...], "hidden": bool,
-# "max_entries": N}'. Stdlib only; output one JSON object on stdout.
-GUEST_LIST = r"""
-import json, os, stat, sys
-root, opt = sys.argv[1], json.loads(sys.argv[2])
-ex, hidden, cap = set(opt["excludes"]), opt["hidden"], opt["max_entries"]
-out, unlisted, stack = [], 0, [(root, "")]
-while stack:
-    d, rel = stack.pop()
-    try:
-        names = sorted(os.listdir(d))
-    except OSError:
-        continue
-    for n in reversed(names):
-        p = d + "/" + n
-        try:
-            st = os.lstat(p)
-        except OSError:
-            continue
-        m = st.st_mode
-        isdir = stat.S_ISDIR(m)
-        if n in ex or (isdir and hidden and n.startswith(".")):
-            continue
-        r = rel + "/" + n if rel else n
-        if len(out) >= cap:
-            unlisted += 1
-            continue
-        k = "dir" if isdir else "file" if stat.S_ISREG(m) else "symlink" if stat.S_ISLNK(m) else "special"
-        out.append([r, k, st.st_size if k == "file" else 0, st.st_mtime_ns, m & 0o777])
-        if isdir:
-            stack.append((p, r))
-sys.stdout.write(json.dumps({"v": 1, "entries": out, "unlisted": unlisted}))
-"""
-
-# Runs in the guest: python3 -I -S -c GUEST_APPLY ROOT, with a JSON object on stdin:
-# {"delete": [rel, ...], "mkdir": [rel, ...], "utime": [[rel, mtime_ns], ...]}.
-# The guest's own tree: a hostile guest can only break its own copy.
-GUEST_APPLY = r"""
-import json, os, sys
-root, ops = sys.argv[1], json.load(sys.stdin)
-failed = []
-for r in ops.get("delete", []):
-    p = root + "/" + r
-    try:
-        if os.path.isdir(p) and not os.path.islink(p):
-            os.rmdir(p)
-        else:
-            os.unlink(p)
-    except FileNotFoundError:
-        pass
-    except OSError as e:
-        failed.append([r, str(e)])
-for r in ops.get("mkdir", []):
-    p = root + "/" + r
-    try:
-        if os.path.lexists(p) and not (os.path.isdir(p) and not os.path.islink(p)):
-            os.unlink(p)
-        os.makedirs(p, exist_ok=True)
-    except OSError as e:
-        failed.append([r, str(e)])
-for r, t in ops.get("utime", []):
-    try:
-        os.utime(root + "/" + r, ns=(t, t), follow_symlinks=False)
-    except OSError as e:
-        failed.append([r, str(e)])
-sys.stdout.write(json.dumps({"failed": failed}))
-"""
+# The guest half (stdlib only), run as `python3 -I -S -c GUEST_SOURCE COMMAND ROOT ...`.
+GUEST_SOURCE = (Path(__file__).resolve().parent / "guest_side.py").read_text()
+GUEST = ["python3", "-I", "-S", "-c", GUEST_SOURCE]
 
 
 def run_capped(vm: GuestVm, argv: list[str], cap: int, timeout: float,
@@ -179,8 +116,8 @@ def list_guest(vm: GuestVm, guest_root: str, limits: Limits, timeout: float = 60
     """The guest tree under `guest_root`, judged by `limits` (see parse_guest_listing)."""
     opt = {"excludes": list(limits.excludes), "hidden": limits.exclude_hidden_dirs,
            "max_entries": limits.max_files + EXTRA_ENTRIES}
-    code, out = run_capped(vm, ["python3", "-I", "-S", "-c", GUEST_LIST, guest_root,
-                                json.dumps(opt)], MAX_LISTING_BYTES, timeout)
+    code, out = run_capped(vm, [*GUEST, "list", guest_root, json.dumps(opt)],
+                           MAX_LISTING_BYTES, timeout)
     if code != 0:
         raise ListingError(f"listing the guest workspace failed (exit {code})")
     return parse_guest_listing(out, limits)
@@ -193,7 +130,7 @@ def _nonneg(v: Any, what: str) -> int:
 
 
 def parse_guest_listing(raw: bytes, limits: Limits) -> Scan:
-    """A guest listing (GUEST_LIST's output) as a Scan, or ListingError when its shape is wrong.
+    """A guest listing (guest_side.py `list` output) as a Scan, or ListingError when its shape is wrong.
     Entries with unacceptable names are skipped ("bad_name"), symlinks and special files
     skipped as such; the caps apply as to the host tree."""
     if len(raw) > MAX_LISTING_BYTES:
@@ -276,7 +213,7 @@ def _apply_in_guest(vm: GuestVm, guest_root: str, ops: dict, out: Outcome) -> No
     if not any(ops.values()):
         return
     try:
-        code, stdout = run_capped(vm, ["python3", "-I", "-S", "-c", GUEST_APPLY, guest_root],
+        code, stdout = run_capped(vm, [*GUEST, "apply", guest_root],
                                   1_000_000, 60.0, stdin=json.dumps(ops).encode())
     except ListingError as e:
         out.refused.append(("(guest)", str(e)))
@@ -327,49 +264,6 @@ def push(vm: GuestVm, host_root: str, guest_root: str, plan: Plan, host: Scan) -
     _apply_in_guest(vm, guest_root, {"utime": times}, out)
     return out
 
-
-# Runs in the guest: python3 -I -S -c GUEST_READ ROOT, with a JSON list [[rel, max_bytes],
-# ...] on stdin. For each file, in order: a header (4-byte big-endian length, then JSON
-# {"size", "mode"} or {"error"}), then exactly "size" bytes, then one status byte (0: read as
-# announced; 1: the file shrank while read, the padded bytes must be discarded). Opened with
-# O_NOFOLLOW | O_NONBLOCK and checked to be a regular file, so a FIFO or a symlink to
-# /dev/zero swapped in after the listing is refused, and never more than the announced size is
-# sent.
-GUEST_READ = r"""
-import json, os, stat, struct, sys
-root, wanted = sys.argv[1], json.load(sys.stdin)
-def put(b):
-    while b:
-        b = b[os.write(1, b):]
-def head(d):
-    b = json.dumps(d).encode()
-    put(struct.pack(">I", len(b)) + b)
-for r, cap in wanted:
-    try:
-        fd = os.open(root + "/" + r, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
-    except OSError as e:
-        head({"error": e.strerror or str(e)})
-        continue
-    try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            head({"error": "not a regular file"})
-            continue
-        if st.st_size > cap:
-            head({"error": "larger than the limit", "size": st.st_size})
-            continue
-        head({"size": st.st_size, "mode": st.st_mode & 0o777})
-        left, short = st.st_size, 0
-        while left:
-            n = os.sendfile(1, fd, None, min(left, 1 << 22))
-            if n == 0:
-                put(bytes(min(left, 1 << 20)))
-                n, short = min(left, 1 << 20), 1
-            left -= n
-        put(bytes([short]))
-    finally:
-        os.close(fd)
-"""
 
 MAX_HEADER_BYTES = 4096
 
@@ -443,7 +337,7 @@ def pull(vm: GuestVm, writer: HostWriter, guest_root: str, plan: Plan, guest: Sc
          limits: Limits, timeout: float = 600.0) -> Outcome:
     """Carries out the guest -> host half of `plan`: conflict copies, directories, files and
     deletes, every write through `writer`. File bytes come from one guest process running
-    GUEST_READ (not `Vm.download`, which follows guest symlinks and has no size cap): each
+    guest_side.py `read` (not `Vm.download`, which follows guest symlinks and has no size cap): each
     file's announced size is checked against `limits.max_file_bytes` before any byte is
     written, and exactly that many bytes are read."""
     out = Outcome()
@@ -484,7 +378,7 @@ def _read_files(vm: GuestVm, writer: HostWriter, guest_root: str,
     for rel, _, _ in jobs:
         check_relpath(rel)
     wanted = json.dumps([[rel, limits.max_file_bytes] for rel, _, _ in jobs]).encode()
-    child = vm.spawn(["python3", "-I", "-S", "-c", GUEST_READ, guest_root],
+    child = vm.spawn([*GUEST, "read", guest_root],
                      timeout_ms=int(timeout * 1000))
     try:
         child.write_stdin(wanted)
@@ -527,9 +421,7 @@ def _read_files(vm: GuestVm, writer: HostWriter, guest_root: str,
 
 
 __all__ = [
-    "GUEST_APPLY",
-    "GUEST_LIST",
-    "GUEST_READ",
+    "GUEST_SOURCE",
     "ListingError",
     "Outcome",
     "list_guest",

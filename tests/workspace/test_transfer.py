@@ -16,7 +16,7 @@ from supermachine_kernel.workspace.plan import TO_GUEST, TO_HOST, next_state, pl
 from supermachine_kernel.workspace.report import describe
 from supermachine_kernel.workspace.scan import DIR, FILE, Entry, Limits, Scan, scan
 from supermachine_kernel.workspace.transfer import (
-    GUEST_LIST,
+    GUEST_SOURCE,
     MAX_LISTING_BYTES,
     ListingError,
     list_guest,
@@ -117,12 +117,12 @@ def test_100000_tiny_files_hit_the_count_cap_and_nothing_is_deleted() -> None:
     assert not plan(state, host, s, TO_HOST, NOW).delete_on_host
 
 
-# ---- GUEST_LIST, run for real (by the host's Python: the script is stdlib only) ----
+# ---- guest_side.py's list, run for real (by the host's Python: the script is stdlib only) ----
 
 def run_guest_list(root: Path, limits: Limits) -> bytes:
     opt = {"excludes": list(limits.excludes), "hidden": limits.exclude_hidden_dirs,
            "max_entries": limits.max_files + 1000}
-    return subprocess.run([sys.executable, "-I", "-S", "-c", GUEST_LIST, str(root), json.dumps(opt)],
+    return subprocess.run([sys.executable, "-I", "-S", "-c", GUEST_SOURCE, "list", str(root), json.dumps(opt)],
                           check=True, capture_output=True, timeout=60).stdout
 
 
@@ -269,7 +269,7 @@ def test_swaps_after_the_listing_are_refused_and_the_rest_still_copied(agent_vm,
 
 
 class CannedChild:
-    """A guest process whose stdout is `data` (for forged GUEST_READ streams)."""
+    """A guest process whose stdout is `data` (for forged `read` streams)."""
 
     def __init__(self, data: bytes) -> None:
         self.data, self.killed = bytearray(data), False
