@@ -16,13 +16,13 @@ agent and runtime already enforce:
 * no agent or protocol change, so every existing image and snapshot can expose ports.
 
 The price is one guest process start per connection (a Python interpreter without site:
-tens of ms under KVM, more under TCG), and the guest image needs ``python3`` (the default
-image has it). A native agent channel (new frame kinds) is the next step; see
+~270 ms of guest CPU under TCG), and the guest image needs ``python3`` (the default image has
+it). A native agent channel (new frame kinds) is the next step; see
 docs/issue13-expose.md.
 
 Rules this module keeps:
 
-* at most ``max_connections`` relayed connections at once per VM (the slots are shared by
+* at most ``MAX_CONNECTIONS`` relayed connections at once per VM (the ``Slots`` are shared by
   every exposure of one ``Vm``); a connection over the cap is accepted and closed at once,
   with a log line;
 * a guest port with nothing listening: the guest relay exits with ``REFUSED_EXIT``; the host
@@ -32,7 +32,12 @@ Rules this module keeps:
 * the relay follows ``vm_source()`` for every new connection, so an exposure made by
   ``%expose`` reaches the kernel's current VM, also after ``%restore``.
 * one spare guest relay per exposure is started ahead, waiting for its go byte (``G``), so a
-  connection does not wait for an interpreter to start (under TCG: ~270 ms → see the doc).
+  connection after an idle moment does not wait for an interpreter to start. It is started
+  when the last open connection ends (in a burst it would compete with the next connection's
+  relay for the guest's CPU), and a connection waits for a spare being started rather than
+  start a second relay beside it.
+* a guest that stays silent after the host client closed its side holds the connection at
+  most ``HALF_CLOSED_IDLE`` seconds (at once after a reset of the host client).
   A spare that is not used within ``SPARE_WAIT`` seconds exits by itself (so one caught in a
   snapshot does not linger in its restores); a spare of another VM than ``vm_source()``'s, or
   one that exited, is replaced by a fresh start.
@@ -150,6 +155,8 @@ class Exposure:
         self._lock = threading.Lock()
         self._relays: set[_Relay] = set()
         self._spare: Optional[tuple[Any, Any]] = None  # (vm, child) started ahead
+        self._refilling = False  # a spare is being spawned
+        self._spare_ready = threading.Condition(self._lock)
         self._stopped = False
         self.connections_total = 0
         self.refused_total = 0
@@ -221,28 +228,33 @@ class Exposure:
         return vm.spawn(["python3", "-I", "-S", "-c", GUEST_RELAY, str(self.guest_port), str(SPARE_WAIT)])
 
     def refill(self) -> None:
-        """Starts the spare guest relay, if there is none and the listener is open."""
+        """Starts the spare guest relay, if there is none (nor one being started) and the
+        listener is open."""
+        with self._spare_ready:
+            if self._stopped or self._spare is not None or self._refilling or not SPARE:
+                return
+            self._refilling = True
+        child = vm = None
         try:
             vm = self._vm_source()
-            with self._lock:
-                if self._stopped or self._spare is not None or not SPARE:
-                    return
             child = self._spawn_relay(vm)
         except Exception as e:  # noqa: BLE001 - no VM right now: the next connection retries
             log.debug("expose %d: no spare relay: %s", self.host_port, e)
-            return
-        with self._lock:
-            if self._spare is None and not self._stopped:
+        with self._spare_ready:
+            self._refilling = False
+            if child is not None and self._spare is None and not self._stopped:
                 self._spare, child = (vm, child), None
+            self._spare_ready.notify_all()
         if child is not None:
             _kill(child)
 
     def take_relay(self) -> Any:
         """A started guest relay for a new connection (the spare, else a fresh one), already
-        told to connect. The next spare is started when a connection ends (``_done``): started
-        now, it would compete for the guest's CPU with this connection."""
+        told to connect (the next spare: see ``_done``). A spare being started is waited for
+        rather than a second relay started beside it."""
         vm = self._vm_source()
-        with self._lock:
+        with self._spare_ready:
+            self._spare_ready.wait_for(lambda: not self._refilling, timeout=30)
             spare, self._spare = self._spare, None
         child = None
         if spare is not None:
@@ -306,8 +318,10 @@ class Exposure:
     def _done(self, relay: "_Relay") -> None:
         with self._lock:
             self._relays.discard(relay)
+            idle = not self._relays
         self._slots.give()
-        self.refill()
+        if idle:  # in a burst, a spare starting now would compete with the next connection's relay
+            self.refill()
 
 
 class _Relay:
