@@ -256,6 +256,21 @@ def test_connection_cap(echo: int) -> None:
         b.close()
 
 
+def test_flood_of_connections_to_an_allowed_host(echo: int) -> None:
+    with proxy(["allowed.test"], max_connections=8) as p:
+        opened = [connect(p, f"allowed.test:{echo}") for _ in range(40)]
+        statuses = [status for _, status, _ in opened]
+        assert statuses.count(200) == 8
+        assert statuses.count(503) == 32
+        assert p.active_connections <= 8
+        for s, _, _ in opened:
+            s.close()
+        assert wait_for(lambda: p.active_connections == 0)
+        s, status, _ = connect(p, f"allowed.test:{echo}")
+        s.close()
+        assert status == 200
+
+
 def test_bandwidth_cap(origin: int) -> None:
     rate, size = 100_000, 300_000
     with proxy(["allowed.test"], bandwidth=rate) as p:
