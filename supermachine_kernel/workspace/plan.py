@@ -14,7 +14,9 @@ Rules, the same in both directions except which side's lone change is acted on:
   HHMMSS).ext` (`conflict_name`). Nothing on the host is overwritten by the guest.
 - a delete never destroys a change made on the other side: changed beats deleted (the changed
   version is carried over, in the pass of the side that has it).
-- both deleted, or both now the same kind of directory: nothing to do.
+- both deleted, both directories, or both files of the same size and mtime (what a copy
+  leaves, since copies carry the mtime): nothing to do, the sides agree. So a state that was
+  forgotten (after a restore) costs no copies for what is still the same.
 - a kind clash (a file on one side, a directory on the other, both changed) is left alone and
   listed in `Plan.clashes` for the report.
 - paths a scan skipped (caps, symlinks, special files, bad names) are left alone on both
@@ -127,8 +129,8 @@ def plan(state: SyncState, host: Scan, guest: Scan, direction: str,
             if h is None and g is None:
                 continue
             if h is not None and g is not None:
-                if h.kind == DIR and g.kind == DIR:
-                    continue
+                if h.signature() == g.signature():
+                    continue      # both now the same (a directory, or a file of equal size/mtime)
                 if h.kind != g.kind:
                     out.clashes.append(p)
                     continue
@@ -173,7 +175,8 @@ def next_state(state: SyncState, done: Plan, host: Scan, guest: Scan) -> dict[st
     """The state after `done` was carried out in full (the scans are those it was planned
     from). Copies carry the source's signature to the destination; deleted paths are
     forgotten; paths the pass left waiting keep their old state. Paths where both sides agree
-    without a copy (both deleted, both directories) are recorded as agreeing."""
+    without a copy (both deleted, both directories, equal file signatures) are recorded as
+    agreeing."""
     new = dict(state)
     for p in done.to_guest:
         sig = host.entries[p].signature()
@@ -190,7 +193,7 @@ def next_state(state: SyncState, done: Plan, host: Scan, guest: Scan) -> dict[st
         h, g = host.entries.get(p), guest.entries.get(p)
         if h is None and g is None:
             new.pop(p, None)
-        elif h is not None and g is not None and h.kind == g.kind == DIR:
+        elif h is not None and g is not None and h.signature() == g.signature():
             new[p] = Synced(h.signature(), g.signature())
     return new
 

@@ -74,6 +74,15 @@ class WorkspaceSync:
         return self._message(guest.skipped, False, pulled.refused + pushed.refused, p,
                              guest.unlisted)
 
+    def forget(self) -> None:
+        """The guest's tree is no longer the one the state describes (after `%restore` put
+        back an older guest, or a restart gave a fresh one). The next `before_cell` compares
+        with no state: files equal on both sides (size and mtime) are left as they are, files
+        only on the host are copied in, files that differ are conflicts (the host's version
+        kept and copied in, the guest's saved beside it on the host), files only in the guest
+        come back after the cell. Nothing on the host is overwritten or deleted."""
+        self.state = {}
+
     # ----
 
     def _scans(self, vm: GuestVm) -> tuple[Scan, Scan, str]:

@@ -144,3 +144,16 @@ def test_a_waiting_change_keeps_its_old_state() -> None:
     assert p.empty()
     assert next_state(state, p, host, guest)["g"] == state["g"]
     assert plan(next_state(state, p, host, guest), host, guest, TO_HOST, NOW).to_host == ["g"]
+
+
+def test_without_state_equal_files_agree_and_different_ones_conflict() -> None:
+    host = sc(same=f(3, 9), differs=f(3, 9), only_host=f())
+    guest = sc(same=f(3, 9), differs=f(4, 10), only_guest=f())
+    p = plan({}, host, guest, TO_GUEST, NOW)
+    assert p.to_guest == ["differs", "only_host"]
+    assert [c.path for c in p.conflicts] == ["differs"]
+    assert not p.delete_in_guest and not p.delete_on_host
+    state = next_state({}, p, host, guest)
+    assert state["same"] == Synced(f(3, 9).signature(), f(3, 9).signature())
+    after_push = sc(same=f(3, 9), differs=f(3, 9), only_host=f(), only_guest=f())
+    assert plan(state, host, after_push, TO_HOST, NOW).to_host == ["only_guest"]

@@ -89,3 +89,26 @@ def test_a_kind_clash_is_left_alone_and_reported_once(agent_vm, host_root: Path,
     assert (host_root / "results").is_dir()
     assert (guest_root / "results").read_text() == "a file in the guest"
     assert ws.before_cell(agent_vm, NOW) == ""
+
+
+def test_after_a_restore_nothing_on_the_host_is_lost(agent_vm, host_root: Path,
+                                                      guest_root: Path) -> None:
+    ws = WorkspaceSync(host_root, str(guest_root), "sync", Limits(max_file_bytes=1000))
+    ws.before_cell(agent_vm, NOW)
+    (guest_root / "model.txt").write_text("v1")
+    ws.after_cell(agent_vm, NOW)
+    # A snapshot would hold this guest tree. Then the user goes on...
+    (guest_root / "model.txt").write_text("v2, a later cell")
+    ws.after_cell(agent_vm, NOW)
+    assert (host_root / "model.txt").read_text() == "v2, a later cell"
+    # ...and %restore puts back the snapshot's guest tree (model.txt "v1", other mtime).
+    (guest_root / "model.txt").write_text("v1")
+    os.utime(guest_root / "model.txt", ns=(1, 1))
+    ws.forget()
+    msg = ws.before_cell(agent_vm, NOW)
+    assert "model.txt -> model (guest copy 2026-12-06 081503).txt" in msg
+    assert (host_root / "model.txt").read_text() == "v2, a later cell"
+    assert (host_root / "model (guest copy 2026-12-06 081503).txt").read_text() == "v1"
+    assert (guest_root / "model.txt").read_text() == "v2, a later cell"
+    # data.csv was equal on both sides: not a conflict, not copied again.
+    assert "data.csv" not in msg
