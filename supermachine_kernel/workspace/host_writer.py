@@ -9,11 +9,11 @@ and reaches every path by opening each component from there with
   through it;
 - the final name is only ever replaced if it is absent or a regular file; a symlink, directory,
   FIFO, socket or device there is refused (never followed, never overwritten);
-- a file is written atomically: a temp file `.NAME.sm-<random>` created with
+- a file is written atomically: a temp file `.sm-workspace-<random>.tmp` created with
   `O_CREAT | O_EXCL | O_NOFOLLOW` in the same directory fd, filled, fsynced, its mtime set,
   then `os.replace` with `src_dir_fd`/`dst_dir_fd` — a reader sees the old or the new file;
-- modes keep the permission bits only (no setuid/setgid/sticky), and the writer never makes
-  symlinks or special files at all;
+- modes keep the permission bits only, masked with 0o755 (no setuid/setgid/sticky, nothing
+  group- or world-writable), and the writer never makes symlinks or special files at all;
 - deletes go through the parent's fd too: a regular file or an empty directory, nothing else.
 
 A refusal raises `Refused(path, why)`; the caller reports it (report.py) and goes on.
@@ -30,6 +30,9 @@ from typing import Protocol
 
 from .scan import BadPath, check_relpath
 
+# Permission bits a guest may set on the host: no setuid/setgid/sticky, never writable by
+# group or others (the guest runs as root and may ask for 0o777).
+MODE_MASK = 0o755
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 COPY_CHUNK = 1024 * 1024
 
@@ -121,7 +124,7 @@ class HostWriter:
         with self._parent(path, create=True) as (fd, name):
             st = self._lstat(fd, name)
             if st is None:
-                os.mkdir(name, (mode & 0o777) | 0o700, dir_fd=fd)
+                os.mkdir(name, (mode & MODE_MASK) | 0o700, dir_fd=fd)
             elif not stat.S_ISDIR(st.st_mode):
                 raise Refused(path, "something other than a directory is there on the host")
 
@@ -133,7 +136,7 @@ class HostWriter:
             st = self._lstat(fd, name)
             if st is not None and not stat.S_ISREG(st.st_mode):
                 raise Refused(path, f"a {_kind(st.st_mode)} is there on the host: not replaced")
-            tmp = f".{name[:200]}.sm-{secrets.token_hex(6)}"
+            tmp = f".sm-workspace-{secrets.token_hex(8)}.tmp"
             tfd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
                           | os.O_CLOEXEC, 0o600, dir_fd=fd)
             done = False
@@ -141,7 +144,7 @@ class HostWriter:
                 written = _copy_into(tfd, source, max_bytes)
                 if max_bytes is not None and written > max_bytes:
                     raise Refused(path, f"is larger than the {max_bytes}-byte limit")
-                os.fchmod(tfd, mode & 0o777)
+                os.fchmod(tfd, mode & MODE_MASK)
                 if mtime_ns is not None:
                     os.utime(tfd, ns=(mtime_ns, mtime_ns))
                 os.fsync(tfd)

@@ -41,6 +41,15 @@ def test_write_creates_parents_atomically_with_mode_and_mtime(ws: Path) -> None:
     assert listing(ws) == ["out", "out/fig", "out/fig/plot.png"]   # no temp file left
 
 
+def test_modes_are_never_group_or_world_writable_and_long_names_work(ws: Path) -> None:
+    name = "é" * 127          # 254 bytes: the temp file's name must not grow from it
+    with HostWriter(ws) as w:
+        w.write(name, b"x", 0o777)
+        w.mkdir("shared", 0o1777)
+    assert stat.S_IMODE((ws / name).stat().st_mode) == 0o755
+    assert stat.S_IMODE((ws / "shared").stat().st_mode) == 0o755
+
+
 def test_replace_keeps_the_old_file_until_the_new_one_is_complete(ws: Path) -> None:
     (ws / "a.csv").write_text("old")
     seen = []
