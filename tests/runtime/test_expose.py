@@ -322,6 +322,15 @@ def test_silent_guest_after_host_close_frees_the_slot(unix_vm, monkeypatch):
     monkeypatch.setattr(expose, "POLL", 0.2)
     port = free_port()
     server = unix_vm.spawn(["python3", "-c", SILENT, str(port)])
+
+    def listening() -> bool:  # the unix backend's guest ports are the host's
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=5).close()
+            return True
+        except OSError:
+            return False
+
+    assert wait_until(listening, 60)
     x = unix_vm.expose_tcp(port)
     try:
         s = socket.create_connection(("127.0.0.1", x.host_port), timeout=30)
