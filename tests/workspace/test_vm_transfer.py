@@ -14,7 +14,7 @@ from supermachine_kernel import api
 from supermachine_kernel.workspace.host_writer import HostWriter
 from supermachine_kernel.workspace.plan import TO_GUEST, TO_HOST, next_state, plan
 from supermachine_kernel.workspace.scan import Limits, scan
-from supermachine_kernel.workspace.transfer import list_guest, pull, push
+from supermachine_kernel.workspace.transfer import GUEST_SOURCE, list_guest, pull, push
 
 pytestmark = pytest.mark.vm
 
@@ -68,3 +68,18 @@ def test_tree_round_trip_through_a_vm(vm: api.Vm, tmp_path: Path) -> None:
     assert not (host_root / "data" / "in.csv").exists()
     assert not (host_root / "passwd").exists() and not (host_root / "pipe").exists()
     assert {(k.path, k.reason) for k in guest.skipped} == {("passwd", "symlink"), ("pipe", "special")}
+
+
+def test_the_watcher_works_in_the_guest(vm: api.Vm) -> None:
+    vm.write_file("/tmp/sm_guest_side.py", GUEST_SOURCE)
+    probe = (
+        "import os, sys; sys.path.insert(0, '/tmp'); from sm_guest_side import Watcher\n"
+        "os.makedirs('/tmp/watched/sub', exist_ok=True)\n"
+        "w = Watcher('/tmp/watched', ['.git'], True)\n"
+        "a = w.dirty()\n"
+        "open('/tmp/watched/sub/new', 'w').write('x')\n"
+        "print(a, w.dirty(), w.dirty())\n"
+    )
+    r = vm.exec(["python3", "-c", probe], timeout_ms=60_000)
+    assert r.exit_code == 0, r.stderr
+    assert r.stdout.split() == [b"False", b"True", b"False"]
