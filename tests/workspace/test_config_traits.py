@@ -1,0 +1,36 @@
+"""The workspace traits in kernel/config.py: off by default until the kernel runs the sync,
+and mapped onto scan.Limits."""
+from __future__ import annotations
+
+import pytest
+from traitlets import TraitError
+from traitlets.config import Config
+
+from supermachine_kernel.kernel.config import GuestConfig, guest_config_from_argv
+from supermachine_kernel.workspace.scan import Limits
+
+
+def test_default_is_off_and_limits_are_the_scan_defaults() -> None:
+    g = GuestConfig()
+    assert g.workspace == "off"
+    assert g.workspace_limits() == Limits()
+
+
+def test_config_reaches_the_limits() -> None:
+    g = GuestConfig(config=Config({"GuestConfig": {
+        "workspace": "read-only", "workspace_max_file_bytes": 10, "workspace_max_total_bytes": 20,
+        "workspace_max_files": 3, "workspace_exclude": ["node_modules"],
+        "workspace_exclude_hidden_dirs": False}}))
+    assert g.workspace == "read-only"
+    assert g.workspace_limits() == Limits(10, 20, 3, ("node_modules",), False)
+
+
+def test_unknown_mode_is_refused() -> None:
+    with pytest.raises(TraitError):
+        GuestConfig(workspace="both")
+
+
+def test_from_a_kernelspec_command_line() -> None:
+    g = guest_config_from_argv(["--MicroVMKernel.workspace=sync",
+                                "--MicroVMKernel.workspace_max_files=5"])
+    assert g.workspace == "sync" and g.workspace_limits().max_files == 5
