@@ -31,6 +31,9 @@ DEFAULT_EXCLUDES = (".ipynb_checkpoints", ".git", "__pycache__")
 MAX_NAME_BYTES = 255
 MAX_PATH_BYTES = 4096
 MAX_DEPTH = 64
+# Entries a scan or guest listing holds beyond max_files (so the report can name some of those
+# the count cap left out) before it stops and only counts.
+EXTRA_ENTRIES = 1000
 
 
 @dataclass(frozen=True)
@@ -154,19 +157,32 @@ def admit(listing: Iterable[tuple[str, Entry]], limits: Limits,
 def scan(root: str | os.PathLike[str], limits: Limits) -> Scan:
     """The host workspace tree under `root` (the root itself is not an entry). Never follows a
     symlink (they are skipped, reason "symlink"), skips FIFOs, sockets and devices ("special")
-    and names that are not valid UTF-8 or hold control characters ("bad_name")."""
+    and names that are not valid UTF-8 or hold control characters ("bad_name").
+
+    The walk stops after `max_files + EXTRA_ENTRIES` entries (a kernel started in a home
+    directory must not stat a million files per cell); the scan is then incomplete
+    (`unlisted` > 0, a lower bound), so plan.py deletes nothing it did not see."""
     listing: list[tuple[str, Entry]] = []
     skipped: list[Skipped] = []
+    ceiling = limits.max_files + EXTRA_ENTRIES
+    unlisted = 0
     stack: list[tuple[str, str]] = [(os.fspath(root), "")]
     while stack:
         dir_path, rel = stack.pop()
+        if len(listing) >= ceiling:
+            unlisted += 1
+            continue
         try:
-            it = list(os.scandir(dir_path))
+            it = sorted(os.scandir(dir_path), key=lambda e: e.name, reverse=True)
         except OSError:
             if rel:
                 skipped.append(Skipped(rel, "unreadable"))
             continue
-        for d in it:
+        while it:
+            d = it.pop()
+            if len(listing) >= ceiling:
+                unlisted += 1 + len(it)
+                break
             name = d.name
             path = f"{rel}/{name}" if rel else name
             try:
@@ -193,4 +209,6 @@ def scan(root: str | os.PathLike[str], limits: Limits) -> Scan:
                 listing.append((path, Entry(FILE, st.st_size, st.st_mtime_ns, st.st_mode & 0o777)))
             else:
                 skipped.append(Skipped(path, "special"))
-    return admit(listing, limits, skipped)
+    out = admit(listing, limits, skipped)
+    out.unlisted = unlisted
+    return out

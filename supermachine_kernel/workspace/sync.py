@@ -57,7 +57,8 @@ class WorkspaceSync:
             p.conflicts = []     # read-only: the host's version simply replaces the guest's
         pushed = push(vm, self.host_root, self.guest_root, p, host)
         self._keep(p, host, guest, pushed)
-        return self._message(host.skipped, True, pulled.refused + pushed.refused, p)
+        return self._message(host.skipped, True, pulled.refused + pushed.refused, p,
+                             host.unlisted)
 
     def after_cell(self, vm: GuestVm, now: dt.datetime | None = None) -> str:
         """Brings the cell's changes back to the host (mode "sync"; other modes do nothing)."""

@@ -41,6 +41,7 @@ from .host_writer import HostWriter, Refused
 from .plan import Plan
 from .scan import (
     DIR,
+    EXTRA_ENTRIES,
     FILE,
     BadPath,
     Entry,
@@ -53,7 +54,6 @@ from .scan import (
 )
 
 MAX_LISTING_BYTES = 32 * 1024 * 1024
-EXTRA_ENTRIES = 1000          # listed beyond max_files, so the report can name some of them
 MAX_INT = 2 ** 63 - 1
 GUEST_KINDS = (FILE, DIR, "symlink", "special")
 

@@ -106,3 +106,16 @@ def test_check_relpath_refuses(bad: str) -> None:
 
 def test_check_relpath_accepts_unicode_and_spaces() -> None:
     assert check_relpath("données/mon fichier (1).csv") == ("données", "mon fichier (1).csv")
+
+
+def test_the_walk_stops_past_the_count_cap_and_the_scan_says_it_is_incomplete(tmp_path: Path) -> None:
+    for i in range(1050):
+        (tmp_path / f"f{i:04d}").write_text("")
+    (tmp_path / "zdir").mkdir()
+    (tmp_path / "zdir" / "inner").write_text("")
+    s = scan(tmp_path, Limits(max_files=20))        # walks at most 20 + EXTRA_ENTRIES (1000)
+    assert len(s.entries) == 20 and sorted(s.entries)[-1] == "f0019"   # path order
+    assert len(s.skipped) == 1000 and s.unlisted == 1051 - 1020   # 1020 listed, the rest counted
+    assert "zdir/inner" not in s.skipped_paths()
+    full = scan(tmp_path, Limits(max_files=5000))
+    assert full.unlisted == 0 and len(full.entries) == 1052
