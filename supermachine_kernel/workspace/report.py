@@ -80,7 +80,8 @@ def describe(skipped: Sequence[Skipped], limits: Limits, to_vm: bool,
         tail = f"; and {more} more" if more > 0 else ""
         count = len(items) + unlisted
         if not items:
-            named = (f"the VM's workspace holds more than {limits.max_files} files "
+            whose = "the workspace" if to_vm else "the VM's workspace"
+            named = (f"{whose} holds more than {limits.max_files} files "
                      f"(raise the limit with {TRAIT}workspace_max_files)")
             tail = ""
         lines.append(f"{_plural(count, 'file')} {'was' if count == 1 else 'were'} "

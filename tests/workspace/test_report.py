@@ -59,3 +59,9 @@ def test_clashes_say_what_to_do() -> None:
                    "alone (rename one of them): results.")
     two = describe([], Limits(), to_vm=True, clashes=["a", "b"])
     assert two.startswith("2 paths are a file on one side and a directory on the other, and were")
+
+
+def test_only_unlisted_entries_still_say_which_limit() -> None:
+    assert describe([], Limits(max_files=7), to_vm=True, unlisted=3) == (
+        "3 files were not copied to the VM: the workspace holds more than 7 files (raise the "
+        "limit with c.MicroVMKernel.workspace_max_files).")
