@@ -2,6 +2,7 @@
 the host through the printed link; --list, --stop; the link survives %restore."""
 from __future__ import annotations
 
+import http.client
 import re
 import socket
 import time
@@ -31,7 +32,7 @@ def fetch(url: str, deadline: float = 120) -> bytes:
     while True:
         try:
             return urllib.request.urlopen(url, timeout=60).read()
-        except OSError:
+        except (OSError, http.client.HTTPException):
             if time.monotonic() > end:
                 raise
             time.sleep(0.5)  # the guest server may still be starting
@@ -52,10 +53,10 @@ def test_expose_prints_a_link_that_reaches_the_guest_server(kernel):
     assert "guest port 8050" in listed["text/plain"] and url in listed["text/plain"]
 
     # After %restore the same host port reaches the restored VM, whose server runs there too.
-    kernel.ok("%snapshot served")
+    kernel.ok("%snapshot served", timeout=300)
     kernel.ok("open(os.path.join(d, 'page.txt'), 'w').write('changed after the snapshot')")
     assert fetch(url + "page.txt") == b"changed after the snapshot"
-    kernel.ok("%restore served")
+    kernel.ok("%restore served", timeout=300)
     assert fetch(url + "page.txt") == b"served from the VM"
 
     out = kernel.ok("%expose --stop 8050")
