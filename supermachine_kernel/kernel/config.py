@@ -16,7 +16,9 @@ from traitlets import (
 from traitlets.config import Configurable
 
 from ..repl_client import make_backend
-from ..workspace.scan import Limits
+
+if t.TYPE_CHECKING:
+    from ..workspace.scan import Limits
 
 
 class GuestConfig(Configurable):
@@ -113,6 +115,8 @@ class GuestConfig(Configurable):
 
     def workspace_limits(self) -> Limits:
         """The workspace traits as a workspace.scan.Limits."""
+        from ..workspace.scan import Limits  # noqa: PLC0415 - off the kernel's start-up imports
+
         return Limits(max_file_bytes=self.workspace_max_file_bytes,
                       max_total_bytes=self.workspace_max_total_bytes,
                       max_files=self.workspace_max_files,
