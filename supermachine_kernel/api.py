@@ -51,7 +51,6 @@ from ._core import (
     snapshot_info,
 )
 from .expose import MAX_CONNECTIONS, Exposure, Slots
-from .images import apply_budget
 
 ImageError = _core.ImageError
 
@@ -323,6 +322,9 @@ class Image:
         image._bake(dest, warmup, warmup_tag, progress)
         _mark_used(dest)
         if snapshots_dir is None and os.environ.get("SUPERMACHINE_CACHE_BUDGET", "").strip():
+            # Imported here for speed: images.py costs ~8 ms, and kernels import this module.
+            from .images import apply_budget  # noqa: PLC0415
+
             apply_budget(cache_dir, protect=[dest])  # not the snapshot just baked
         return image
 
