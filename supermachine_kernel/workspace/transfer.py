@@ -73,6 +73,15 @@ GUEST_SOURCE = (Path(__file__).resolve().parent / "guest_side.py").read_text()
 GUEST = ["python3", "-I", "-S", "-c", GUEST_SOURCE]
 
 
+
+def _kill_if_running(child: Any) -> None:
+    """Ends a guest process that is still running (a capped or failed transfer)."""
+    if child.poll() is None:
+        try:
+            child.signal(signal.SIGKILL)
+        except Exception:  # noqa: BLE001 - already gone
+            pass
+
 def run_capped(vm: GuestVm, argv: list[str], cap: int, timeout: float,
                stdin: bytes = b"") -> tuple[int, bytes]:
     """Runs `argv` in the guest; (exit code, stdout). The guest's python3 or sh may be
@@ -103,11 +112,7 @@ def run_capped(vm: GuestVm, argv: list[str], cap: int, timeout: float,
     except ListingError:
         raise
     finally:
-        if child.poll() is None:
-            try:
-                child.signal(signal.SIGKILL)
-            except Exception:  # noqa: BLE001 - already gone
-                pass
+        _kill_if_running(child)
     return status.exit_code, bytes(out)
 
 
@@ -412,11 +417,7 @@ def _read_files(vm: GuestVm, writer: HostWriter, guest_root: str,
                                           "copied again after the next cell"))
             body.finish()
     finally:
-        if child.poll() is None:
-            try:
-                child.signal(signal.SIGKILL)
-            except Exception:  # noqa: BLE001 - already gone
-                pass
+        _kill_if_running(child)
 
 
 __all__ = [
