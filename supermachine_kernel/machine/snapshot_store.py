@@ -38,6 +38,7 @@ import json
 import os
 import re
 import shutil
+import stat
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Iterator, Mapping, Optional
@@ -59,6 +60,17 @@ class StoreError(Exception):
 
 def default_root() -> str:
     return os.path.join(jupyter_data_dir(), "supermachine-kernel", "snapshots")
+
+
+def make_private_dirs(root: str, path: str) -> None:
+    """Creates `path` (under the store's `root`) with `root` and `path` readable by their owner
+    only: a snapshot holds the guest's memory and files, and home directories are often
+    world-readable (Debian's default HOME_MODE follows umask 022). Tightens a store created
+    before this was the rule."""
+    os.makedirs(path, mode=0o700, exist_ok=True)
+    for d in (root, path):
+        if stat.S_IMODE(os.stat(d).st_mode) & 0o077:
+            os.chmod(d, 0o700)
 
 
 def disk_usage(path: str) -> int:
@@ -208,7 +220,7 @@ class NotebookSnapshots:
 
     @contextlib.contextmanager
     def _locked(self) -> Iterator[None]:
-        os.makedirs(self.dir, exist_ok=True)
+        make_private_dirs(self.root, self.dir)
         with open(os.path.join(self.dir, LOCK_FILE), "a+") as f:
             fcntl.flock(f, fcntl.LOCK_EX)
             try:
@@ -320,7 +332,7 @@ class NotebookSnapshots:
         if os.path.exists(path):
             raise StoreError(f"a snapshot named {name!r} already exists; choose another name, "
                              f"or replace it with %snapshot --force {name}")
-        os.makedirs(self.dir, exist_ok=True)
+        make_private_dirs(self.root, self.dir)
         return path
 
     def record(self, entry: NotebookSnapshot) -> None:
