@@ -41,6 +41,18 @@ def dispatch_early_requests(kernel: Kernel, startup: t.Any) -> None:
             kernel.io_loop.add_callback(kernel.shell_main, None, msg)
 
 
+def within_limits(backend: t.Any, config: t.Any, startup: t.Any) -> t.Any:
+    """The VM backend under the host's limits (supermachine_kernel/limits), when the admin
+    set any: its launches take this kernel's VM slot and cgroup first."""
+    from .. import limits  # noqa: PLC0415 - imports nothing; kernel.py only on limited hosts
+
+    if getattr(backend, "name", "") != "vm" or not limits.active():
+        return backend
+    from ..limits.kernel import gate  # noqa: PLC0415
+
+    return gate(backend, config.memory_mib, config.vcpus, startup)
+
+
 def make_guest(backend: t.Any, startup: t.Any, on_event: t.Callable[[str, dict, list], None],
                env: dict, startup_timeout: float) -> GuestRepl:
     """The guest REPL client on the current loop; a VM start-up restored ahead goes to the

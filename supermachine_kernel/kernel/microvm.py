@@ -74,8 +74,9 @@ class MicroVMKernel(Kernel, GuestConfig):
     def start(self) -> None:
         super().start()
         lifecycle.dispatch_early_requests(self, self.startup)
+        backend = lifecycle.within_limits(self.make_backend(), self, self.startup)
         self.guest = self.stdin.guest = lifecycle.make_guest(
-            self.make_backend(), self.startup, self.iopub.on_guest_event, self.guest_env,
+            backend, self.startup, self.iopub.on_guest_event, self.guest_env,
             self.startup_timeout)
         lifecycle.start_guest(self.guest,
                               self._save_launch_hint if self.startup is not None else None)

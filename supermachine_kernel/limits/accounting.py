@@ -24,7 +24,8 @@ import pwd
 import stat
 from dataclasses import dataclass
 
-from .config import MicroVMLimits, limits_file
+from . import limits_file
+from .config import MicroVMLimits
 
 
 class LimitExceeded(Exception):

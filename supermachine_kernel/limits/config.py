@@ -15,8 +15,7 @@ import re
 from traitlets import Enum, Integer, Unicode, validate
 from traitlets.config import Config, Configurable, PyFileConfigLoader
 
-DEFAULT_FILE = "/etc/supermachine-kernel/limits.py"
-FILE_ENV = "SUPERMACHINE_LIMITS_FILE"
+from . import limits_file
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)i?b?\s*$", re.IGNORECASE)
 
@@ -132,11 +131,6 @@ class MicroVMLimits(Configurable):
             if value not in (0, "0"):
                 out[name] = value
         return out
-
-
-def limits_file(env: dict[str, str] | None = None) -> str:
-    env = os.environ if env is None else env
-    return env.get(FILE_ENV) or DEFAULT_FILE
 
 
 def load(path: str | None = None) -> MicroVMLimits | None:

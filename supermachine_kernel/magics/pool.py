@@ -1,7 +1,13 @@
-"""%pool: a live widget with the kernel's VM pool stats, updated from the host."""
+"""%pool: a live widget with the kernel's VM pool stats, updated from the host.
+
+The widget sends an update only when what it shows changed: it shows the VM's start time, not a
+ticking uptime, and no "updated at" clock. An idle kernel with %pool on screen then sends
+nothing, so the frontend's and JupyterHub's idle culling see it as idle (a per-second update
+was kernel activity forever)."""
 from __future__ import annotations
 
 import html
+import os
 import time
 from typing import Iterable
 
@@ -35,9 +41,25 @@ def pool_stats(machine: Machine) -> dict:
         out["accelerator"] = getattr(vm, "accel", None)
         out["vm"] = getattr(vm, "id", None)
         out["vm_uptime_s"] = process_uptime(getattr(vm, "qemu_pid", None))
+        out["vm_started"] = _started_at(getattr(vm, "qemu_pid", None))
     except Exception:  # noqa: BLE001 - no VM right now
-        out["accelerator"] = out["vm"] = out["vm_uptime_s"] = None
+        out["accelerator"] = out["vm"] = out["vm_uptime_s"] = out["vm_started"] = None
     return out
+
+
+def _started_at(pid: int | None) -> str | None:
+    """Local wall-clock time host process ``pid`` started, "HH:MM:SS" (from /proc: the boot
+    time plus the process's start ticks, so the same answer on every call), or None."""
+    if not pid:
+        return None
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            start_ticks = int(f.read().rsplit(")", 1)[1].split()[19])
+        with open("/proc/stat") as f:
+            btime = next(int(line.split()[1]) for line in f if line.startswith("btime "))
+    except (OSError, ValueError, IndexError, StopIteration):
+        return None
+    return time.strftime("%H:%M:%S", time.localtime(btime + start_ticks // os.sysconf("SC_CLK_TCK")))
 
 
 def render_text(s: dict) -> str:
@@ -63,10 +85,10 @@ def render_html(s: dict) -> str:
         counters = f"<table><tr>{cells}</tr></table>"
     else:
         counters = "<p>No VM pool: this kernel boots its VMs without one.</p>"
-    up = f"{s['vm_uptime_s']:.0f} s" if s["vm_uptime_s"] is not None else "-"
+    started = f" (started {s['vm_started']})" if s["vm_started"] else ""
     rows = [
         ("accelerator", s["accelerator"] or "?"),
-        ("current VM", f"{s['vm'] or '-'} (up {up})"),
+        ("current VM", f"{s['vm'] or '-'}{started}"),
         ("recent pool acquires", _ms(s["recent_acquire_ms"])),
         ("recent pool restores", _ms(s["recent_create_ms"])),
         ("recent %restore", _ms(s["recent_restore_ms"])),
@@ -75,14 +97,14 @@ def render_html(s: dict) -> str:
     table = "".join(f"<tr><td style=\"padding-right:12px;opacity:.7\">{html.escape(k)}</td>"
                     f"<td>{html.escape(v)}</td></tr>" for k, v in rows)
     return (f'<div class="supermachine-pool"><b>microVM pool</b>{counters}'
-            f"<table>{table}</table><small>updated {time.strftime('%H:%M:%S')}</small></div>")
+            f"<table>{table}</table></div>")
 
 
 async def magic(ctx: Context, args: str) -> None:
     """Show the kernel's VM pool as a live widget: VMs alive, in use, idle, callers waiting,
     the pool's min and max, the accelerator in use, and the latencies of recent pool acquires,
-    pool restores and ``%restore``/``%snapshot`` runs. It updates itself every second from the
-    kernel process while cells run.
+    pool restores and ``%restore``/``%snapshot`` runs. The kernel process checks the figures
+    every second, while cells run too, and updates the widget when one changed.
 
         %pool          the live widget
         %pool --text   the same figures once, as text

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import shutil
+from typing import Callable
 
 from ..machine import Machine, NotebookSnapshot, StoreError, format_size, split_ref
 from . import ArgumentParser, Context, MagicError
@@ -49,13 +50,23 @@ async def magic(ctx: Context, args: str) -> None:
                       f"{_summary(group.entries(), group.foreign)}")
             return None
         name = opts.name or nb.new_name()
+        quota = _quota_check(machine)
+        quota(0)  # already at the quota: nothing is written
         if opts.force:
             machine.forget_snapshot(name)
             try:
                 nb.delete(name)
             except StoreError:
                 pass  # nothing to replace
+        head = machine.head
         entry = await machine.snapshot(name)
+        try:
+            quota(entry.size_bytes)
+        except MagicError:
+            machine.forget_snapshot(name)
+            nb.delete(name)
+            machine.head = head
+            raise
     except StoreError as e:
         raise MagicError(str(e), ename="SnapshotError") from e
     parent = f", parent {entry.parent!r}" if entry.parent else ""
@@ -63,6 +74,25 @@ async def magic(ctx: Context, args: str) -> None:
               f"{entry.took_s:.2f} s ({entry.kind or 'full'}{parent}). "
               f"{_summary(nb.entries())} Restore with %restore {entry.name}")
     return None
+
+
+def _quota_check(machine: Machine) -> Callable[[int], None]:
+    """check(taken_bytes): the host's snapshot quota (supermachine_kernel/limits) against
+    every snapshot of this user's store; raises MagicError past it."""
+    from .. import limits  # noqa: PLC0415 - imports nothing; kernel.py only on limited hosts
+
+    if not limits.active():
+        return lambda taken: None
+    from ..limits.accounting import LimitExceeded  # noqa: PLC0415
+    from ..limits.kernel import current  # noqa: PLC0415
+
+    def check(taken: int) -> None:
+        try:
+            current().check_snapshot(lambda: sum(r[3] for r in machine.store.notebooks()), taken)
+        except LimitExceeded as e:
+            raise MagicError(str(e), ename="LimitExceeded") from None
+
+    return check
 
 
 def _summary(entries: list[NotebookSnapshot], foreign: bool = False) -> str:

@@ -21,11 +21,24 @@ def duration(seconds: float | None) -> str:
     return f"{s // 3600} h {s % 3600 // 60} min"
 
 
+def _limits() -> list[tuple[str, str]]:
+    """The host's limits, how each is held here or why not (supermachine_kernel/limits)."""
+    from .. import limits  # noqa: PLC0415 - imports nothing; kernel.py only on limited hosts
+
+    if not limits.active():
+        return [("limits", f"none ({limits.limits_file()} does not exist)")]
+    from ..limits.kernel import current  # noqa: PLC0415
+
+    return current().report()
+
+
 async def magic(ctx: Context, args: str) -> None:
     """Show the microVM this kernel runs in: accelerator (kvm, or tcg = software emulation),
     memory, vCPUs, guest image, uptime, memory use, where it came from (the kernel's pool or a
     ``%restore``) and its snapshot lineage (the snapshot the session's state came from, its
-    parent, …, back to the kernel's fresh start).
+    parent, …, back to the kernel's fresh start), and the host's limits on VMs (set by the
+    admin in /etc/supermachine-kernel/limits.py): for each, how it is enforced on this host or
+    why it is not.
     """
     _parser.parse(args)
     await ctx.machine.ready_handle()  # a kernel's first cell may come while its VM still starts
@@ -57,6 +70,7 @@ async def magic(ctx: Context, args: str) -> None:
         ("came", origin),
         ("lineage", lineage),
         ("notebook", facts["notebook"]),
+        *_limits(),
     ]
     width = max(len(k) for k, _ in rows)
     ctx.print("\n".join(f"{k:<{width}}  {v}" for k, v in rows))

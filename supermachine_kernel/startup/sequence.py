@@ -74,6 +74,12 @@ class EarlyVm:
 
     def _restore(self) -> tuple[Any, Any]:
         try:
+            from .. import limits  # noqa: PLC0415 - imports nothing (start-up speed)
+
+            if limits.active():  # the VM's slot and cgroup before its QEMU starts
+                from ..limits.kernel import enter_for_snapshot  # noqa: PLC0415
+
+                enter_for_snapshot(self.warm_snapshot)
             return restore_and_attach(self.warm_snapshot)
         except BaseException as e:  # the backend's normal path runs instead
             _log().info("early restore of %s failed: %s", self.warm_snapshot, e)
