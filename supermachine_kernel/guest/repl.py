@@ -9,7 +9,7 @@ Stream text from the guest travels raw instead: a length with its top bit set (R
 announces a body of one byte (1 = stdout, 2 = stderr) followed by the text in UTF-8.
 
     host -> guest: execute, complete, inspect, is_complete, history, comm_info, comm_open,
-                   comm_msg, comm_close, input_reply, hello, shutdown (requests with an
+                   comm_msg, comm_close, input_reply, hello, workspace, shutdown (requests with an
                    "id" are answered with a reply once their output has been sent)
     guest -> host: ready, reply {id, content}, stream, display_data, update_display_data,
                    execute_result, clear_output, error, input_request, comm_open, comm_msg,
@@ -1813,12 +1813,98 @@ def run_quietly(step):
         pass
 
 
+# ---------------------------------------------------------------------------------------------
+# Workspace: the REPL's cwd, kept in step with the notebook's directory by the host
+# (supermachine_kernel/workspace/; the host side is kernel/workspace_hook.py)
+
+WORKSPACE_FALLBACK = "~/workspace"  # when the REPL user cannot create the directory asked for
+MAX_WORKSPACE_SOURCE = 1024 * 1024
+
+
+class Workspace:
+    """The workspace directory of this REPL: made and entered (the cwd of user code) when the
+    host attaches it, watched with guest_side.Watcher (an inotify "dirty" flag), and listed
+    with guest_side.list_tree after a cell only when something in it changed. The host sends
+    guest_side.py's source with the attach (the same code its one-shot guest processes run);
+    it is compiled once per source."""
+
+    def __init__(self):
+        self.side = None  # guest_side.py's namespace
+        self.digest = None
+        self.root = None
+        self.watcher = None
+        self.options = None  # (excludes, hidden, max_entries)
+
+    def attach(self, req):
+        source = req.get("source")
+        if not isinstance(source, str) or len(source) > MAX_WORKSPACE_SOURCE:
+            raise ValueError("workspace attach needs guest_side.py's source")
+        import hashlib
+
+        digest = hashlib.sha256(source.encode()).hexdigest()
+        if digest != self.digest:
+            side = {"__name__": "supermachine_workspace"}
+            exec(compile(source, "<supermachine workspace>", "exec"), side)
+            self.side, self.digest = side, digest
+        self.options = ([str(x) for x in req.get("excludes") or []], bool(req.get("hidden")),
+                        int(req.get("max_entries") or 11000))
+        root = self._make(str(req.get("root") or "/workspace"))
+        os.chdir(root)
+        if self.watcher is not None:
+            self.watcher.close()
+        self.root = root
+        self.watcher = self.side["Watcher"](root, self.options[0], self.options[1])
+        return {"status": "ok", "root": root, "listing": self.listing()}
+
+    @staticmethod
+    def _make(root):
+        try:
+            os.makedirs(root, exist_ok=True)
+            if os.access(root, os.W_OK | os.X_OK):
+                return root
+        except OSError:
+            pass
+        fallback = os.path.expanduser(WORKSPACE_FALLBACK)
+        os.makedirs(fallback, exist_ok=True)
+        return fallback
+
+    def listing(self):
+        """The tree as guest_side's `list` prints it, or {"error": ...} when the directory
+        is gone (never an empty listing: the host would take that for "all deleted")."""
+        if not os.path.isdir(self.root):
+            return {"error": "the workspace directory %s is gone" % self.root}
+        return self.side["list_tree"](self.root, *self.options)
+
+    def apply(self, req):
+        if self.root is None:
+            raise ValueError("the workspace is not attached")
+        ops = req.get("ops")
+        if not isinstance(ops, dict):
+            raise ValueError("workspace apply needs ops")
+        return {"status": "ok", "failed": self.side["apply"](self.root, ops)["failed"]}
+
+    def before_cell(self, req):
+        """The host's push just wrote into the workspace: those changes are known to it."""
+        if self.watcher is not None and req.get("workspace_clean"):
+            self.watcher.dirty()
+
+    def after_cell(self, reply):
+        """A listing in the execute reply only when the cell (or anything else) changed the
+        workspace since the last one."""
+        try:
+            if self.watcher is not None and self.watcher.dirty():
+                reply["workspace"] = self.listing()
+        except Exception as e:  # the cell's reply must still go out
+            reply["workspace"] = {"error": "listing the workspace failed: %s" % e}
+
+
 class Driver:
     def __init__(self, executor, comm_manager):
         self.executor = executor
         self.comm_manager = comm_manager
         self.warm_up = warm_up_steps(executor)  # run one at a time while no request waits
         self.attached = False  # a host just said hello
+        self.workspace = Workspace()
 
     def send_ready(self):
         _send(
@@ -1917,6 +2003,7 @@ class Driver:
         state.allow_stdin = bool(req.get("allow_stdin"))
         state.parent = _parent_of(req)
         reseed_if_restored()
+        self.workspace.before_cell(req)
         error = None
         state.executing = True
         try:
@@ -1936,7 +2023,18 @@ class Driver:
             reply.update(error)
         take = getattr(ex, "take_payload", None)
         reply["payload"] = take() if take else []
+        self.workspace.after_cell(reply)
         return reply
+
+    def do_workspace(self, req):
+        """The host's workspace requests: {"op": "attach", "root", "source", "excludes",
+        "hidden", "max_entries"} -> {"root", "listing"}; {"op": "apply", "ops"} -> {"failed"}."""
+        op = req.get("op")
+        if op == "attach":
+            return self.workspace.attach(req)
+        if op == "apply":
+            return self.workspace.apply(req)
+        raise ValueError("unknown workspace op %r" % (op,))
 
     def do_complete(self, req):
         code = str(req.get("code", ""))

@@ -66,6 +66,7 @@ Host requests to the guest REPL (inside the VM; Driver.handle calls do_<type>):
     comm_open                guest/repl.py:Driver._comm
     comm_msg                 guest/repl.py:Driver._comm
     comm_close               guest/repl.py:Driver._comm
+    workspace                guest/repl.py:Driver.do_workspace
     input_reply              guest/repl.py:Channel._read_loop
     shutdown                 guest/repl.py:Driver.serve
 """

@@ -30,6 +30,7 @@ from .errors import BAKING_NOTICE, error_content, execute_error_reply, guest_nou
 from .interrupt import GuestCalls, GuestUnanswered
 from .iopub import COMM_EVENTS, IopubRelay, RateLimiter
 from .stdin import StdinRelay
+from .workspace_hook import WorkspaceHook
 
 
 class MicroVMKernel(Kernel, GuestConfig):
@@ -68,6 +69,7 @@ class MicroVMKernel(Kernel, GuestConfig):
         self.calls = GuestCalls(self.iopub, self.stdin)
         self.comms = CommRouter(self, self.iopub, self.calls)
         self.host_magics: magics.HostMagics | None = None  # created by the first %magic
+        self.workspace_sync = WorkspaceHook(self)  # workspace_hook.py
 
     # -- start, shutdown and restart: lifecycle.py -----------------------------------------------
 
@@ -80,6 +82,7 @@ class MicroVMKernel(Kernel, GuestConfig):
             self.startup_timeout)
         lifecycle.start_guest(self.guest,
                               self._save_launch_hint if self.startup is not None else None)
+        self.workspace_sync.start()
         if self.forward_sigint:
             signal.signal(signal.SIGINT, lambda signum, frame: self.calls.interrupt(self.guest))
 
@@ -143,16 +146,18 @@ class MicroVMKernel(Kernel, GuestConfig):
             self.iopub.publish("stream", {"name": "stderr", "text": BAKING_NOTICE})
         try:
             code, reply = await magics.dispatch(self, code, silent)  # host-side %magics: magics/
-            reply = reply or await guest.request(
-                "execute",
-                code=code,
-                silent=silent,
-                store_history=store_history,
-                user_expressions=user_expressions or {},
-                allow_stdin=allow_stdin,
-                execution_count=self.execution_count,
-                parent=parent_stub(parent),
-            )
+            reply = reply or await self.workspace_sync.around_cell(
+                lambda **workspace: guest.request(
+                    "execute",
+                    code=code,
+                    silent=silent,
+                    store_history=store_history,
+                    user_expressions=user_expressions or {},
+                    allow_stdin=allow_stdin,
+                    execution_count=self.execution_count,
+                    parent=parent_stub(parent),
+                    **workspace,
+                ), silent)
         except GuestDied as e:
             summary, details = summarize_death(e.reason)
             self.log.warning("guest died during a cell: %s", e.reason)

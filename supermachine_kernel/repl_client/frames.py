@@ -339,6 +339,8 @@ def validate_reply(request: str, content: dict[str, Any]) -> dict[str, Any]:
             if p.get("source") == "page":
                 validate_mimebundle(p.get("data"), "page payload")
         out["payload"] = payload
+        if "workspace" in content:  # the guest's workspace listing: workspace/transfer.py parses it
+            out["workspace"] = content["workspace"]
         return out
     if request in ("comm_open", "comm_msg", "comm_close") and status in (None, "ok"):
         # Answered once the guest's handler ran and its output was sent; nothing to return.
@@ -369,6 +371,8 @@ def validate_reply(request: str, content: dict[str, Any]) -> dict[str, Any]:
         ):
             raise ProtocolError("history must be a list of [session, line, entry] triples")
         return {"status": "ok", "history": history}
+    if request == "workspace":  # workspace/transfer.py checks its fields (parse_attach)
+        return dict(content)
     if request == "comm_info":
         comms = _dict(content, "comms")
         for value in comms.values():

@@ -34,7 +34,7 @@ import struct
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Callable, Protocol
 
 from .._core import GuestError
 from .host_writer import HostWriter, Refused
@@ -133,16 +133,22 @@ def _nonneg(v: Any, what: str) -> int:
     return v
 
 
-def parse_guest_listing(raw: bytes, limits: Limits) -> Scan:
-    """A guest listing (guest_side.py `list` output) as a Scan, or ListingError when its shape is wrong.
+def parse_guest_listing(raw: bytes | Any, limits: Limits) -> Scan:
+    """A guest listing (guest_side.py `list` output: bytes, or the object the guest REPL put
+    into a size-capped reply frame) as a Scan, or ListingError when its shape is wrong.
     Entries with unacceptable names are skipped ("bad_name"), symlinks and special files
     skipped as such; the caps apply as to the host tree."""
-    if len(raw) > MAX_LISTING_BYTES:
-        raise ListingError(f"guest listing of {len(raw)} bytes exceeds {MAX_LISTING_BYTES}")
-    try:
-        doc = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError, RecursionError) as err:
-        raise ListingError(f"guest listing is not UTF-8 JSON: {err}") from None
+    if isinstance(raw, (bytes, bytearray)):
+        if len(raw) > MAX_LISTING_BYTES:
+            raise ListingError(f"guest listing of {len(raw)} bytes exceeds {MAX_LISTING_BYTES}")
+        try:
+            doc = json.loads(raw.decode("utf-8"))
+        except (UnicodeDecodeError, ValueError, RecursionError) as err:
+            raise ListingError(f"guest listing is not UTF-8 JSON: {err}") from None
+    else:
+        doc = raw
+    if isinstance(doc, dict) and isinstance(doc.get("error"), str):
+        raise ListingError(_printable(doc["error"]))
     if not isinstance(doc, dict) or doc.get("v") != 1 or not isinstance(doc.get("entries"), list):
         raise ListingError("guest listing is not an object with v=1 and a list 'entries'")
     unlisted = _nonneg(doc.get("unlisted", 0), "'unlisted'")
@@ -213,35 +219,53 @@ def _guest_path(guest_root: str, rel: str) -> str:
     return guest_root.rstrip("/") + "/" + rel
 
 
-def _apply_in_guest(vm: GuestVm, guest_root: str, ops: dict, out: Outcome) -> None:
+# Carries out guest_side.py's `apply` ops in the guest; returns its answer ({"failed": ...},
+# unchecked) or raises ListingError. Default: a guest process (`apply_by_process`); the kernel
+# passes one that asks its guest REPL, which has guest_side.py loaded (no process start).
+Applier = Callable[[dict], Any]
+
+
+def apply_by_process(vm: GuestVm, guest_root: str) -> Applier:
+    def apply(ops: dict) -> Any:
+        code, stdout = run_capped(vm, [*GUEST, "apply", guest_root],
+                                  1_000_000, 60.0, stdin=json.dumps(ops).encode())
+        if code != 0:
+            raise ListingError(f"the guest could not apply the sync (exit {code})")
+        try:
+            return json.loads(stdout.decode("utf-8", "replace"))
+        except ValueError:
+            raise ListingError("the guest's answer to the sync was not understood") from None
+    return apply
+
+
+def _apply_in_guest(apply: Applier, ops: dict, out: Outcome) -> None:
     if not any(ops.values()):
         return
     try:
-        code, stdout = run_capped(vm, [*GUEST, "apply", guest_root],
-                                  1_000_000, 60.0, stdin=json.dumps(ops).encode())
+        answer = apply(ops)
     except ListingError as e:
         out.refused.append(("(guest)", str(e)))
         return
-    if code != 0:
-        out.refused.append(("(guest)", f"the guest could not apply the sync (exit {code})"))
-        return
     try:
-        failed = json.loads(stdout.decode("utf-8", "replace"))["failed"]
+        failed = answer["failed"]
         for rel, why in failed[:100]:
             out.refused.append((str(rel)[:300], str(why)[:300]))
     except (ValueError, KeyError, TypeError):
         out.refused.append(("(guest)", "the guest's answer to the sync was not understood"))
 
 
-def push(vm: GuestVm, host_root: str, guest_root: str, plan: Plan, host: Scan) -> Outcome:
+def push(vm: GuestVm, host_root: str, guest_root: str, plan: Plan, host: Scan,
+         apply: Applier | None = None) -> Outcome:
     """Carries out the host -> guest half of `plan`: guest deletes, directories, file copies
-    (mode and mtime from the host scan). Conflicts' guest versions must be pulled first."""
+    (mode and mtime from the host scan). Conflicts' guest versions must be pulled first.
+    `apply` runs guest_side.py's `apply` ops (default: a guest process)."""
+    apply = apply or apply_by_process(vm, guest_root)
     out = Outcome()
     dirs = [p for p in plan.to_guest if host.entries[p].kind == DIR]
     files = [p for p in plan.to_guest if host.entries[p].kind == FILE]
     parents = sorted({p.rpartition("/")[0] for p in files if "/" in p} - set(dirs))
-    _apply_in_guest(vm, guest_root, {"delete": list(plan.delete_in_guest),
-                                     "mkdir": dirs + parents}, out)
+    _apply_in_guest(apply, {"delete": list(plan.delete_in_guest), "mkdir": dirs + parents},
+                    out)
     out.deleted += plan.delete_in_guest
     times = []
     for p in files:
@@ -265,7 +289,7 @@ def push(vm: GuestVm, host_root: str, guest_root: str, plan: Plan, host: Scan) -
     failed = {path for path, _ in out.refused}
     if "(guest)" not in failed:
         out.copied += [d for d in dirs if d not in failed]
-    _apply_in_guest(vm, guest_root, {"utime": times}, out)
+    _apply_in_guest(apply, {"utime": times}, out)
     return out
 
 

@@ -31,11 +31,13 @@ START_TIMEOUT = 300 if BACKEND == "vm" else 60
 
 class Kernel:
     def __init__(self, name: str = KERNEL, extra_arguments: list[str] | None = None,
-                 env: dict[str, str] | None = None) -> None:
+                 env: dict[str, str] | None = None, cwd: str | None = None) -> None:
         self.km = KernelManager(kernel_name=name)
         kwargs: dict[str, Any] = {"extra_arguments": extra_arguments or []}
         if env is not None:
             kwargs["env"] = env
+        if cwd is not None:  # the kernel's working directory (the notebook's, under Jupyter)
+            kwargs["cwd"] = cwd
         self.km.start_kernel(**kwargs)
         self.kc = self.km.client()
         self.kc.start_channels()
