@@ -105,6 +105,12 @@ impl NetProxy {
         self.inner.lock().unwrap_or_else(|e| e.into_inner()).as_ref().map_or(0, |p| p.active_connections())
     }
 
+    /// `(messages, dropped)`: the 403 and 503 refusals since the last call, oldest first, and
+    /// how many older ones were dropped; empty once closed.
+    fn take_refusals(&self) -> (Vec<String>, usize) {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner()).as_ref().map_or((Vec::new(), 0), |p| p.take_refusals())
+    }
+
     /// Stops the proxy and cuts its connections. Idempotent.
     fn close(&self, py: Python<'_>) {
         let taken = self.inner.lock().unwrap_or_else(|e| e.into_inner()).take();

@@ -14,8 +14,12 @@
 //! (DNS rebinding) cannot reach the host's loopback: there is no second resolution.
 //!
 //! Refusals are HTTP responses with a plain-text body that says what to do: 403 (policy, the
-//! body is the [`Refusal`] message), 503 (the connection cap), 400/405/431 (bad requests), 408
-//! (no complete request head within `head_timeout`), 502 (name unknown, connect failed).
+//! body is the [`Refusal`] message, which is also the reason phrase, so a client that shows
+//! only the status line, e.g. `Tunnel connection failed: 403 ...`, shows it), 503 (the
+//! connection cap), 400/405/431 (bad requests), 408 (no complete request head within
+//! `head_timeout`), 502 (name unknown, connect failed). The 403 and 503 messages are also kept
+//! (the last [`MAX_REFUSALS_KEPT`], each at most [`MAX_REFUSAL_LEN`] bytes) until the kernel
+//! takes them ([`Proxy::take_refusals`]) to show them in the cell that caused them.
 //!
 //! Caps per proxy (= per kernel): at most `max_connections` client connections at once (those
 //! over it get 503 and are closed); all relayed bytes, both directions together, go through one
@@ -26,7 +30,7 @@
 //! Blocking I/O, a thread per direction of each connection: connections are capped, and a
 //! kernel's guest makes few.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::io::{self, ErrorKind, Read, Write};
 use std::net::{IpAddr, Ipv4Addr, Shutdown, SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -39,6 +43,10 @@ use super::policy::{Policy, Refusal};
 /// Longest request head accepted (request line and headers).
 pub const MAX_HEAD: usize = 16 * 1024;
 const MAX_HEADERS: usize = 64;
+/// Refusal messages kept until [`Proxy::take_refusals`] (older ones are dropped).
+pub const MAX_REFUSALS_KEPT: usize = 32;
+/// Longest refusal message kept or sent as a reason phrase (the host name comes from the guest).
+pub const MAX_REFUSAL_LEN: usize = 512;
 /// How often a blocked relay read wakes to check the idle timeout and the proxy's close.
 const TICK: Duration = Duration::from_millis(200);
 
@@ -151,6 +159,19 @@ struct Shared {
     next_id: AtomicU64,
     /// Every open stream (client and upstream), so `close` can cut them.
     streams: Mutex<HashMap<u64, Vec<TcpStream>>>,
+    /// 403 and 503 messages not taken yet, oldest first, and how many were dropped.
+    refusals: Mutex<(VecDeque<String>, usize)>,
+}
+
+impl Shared {
+    fn record_refusal(&self, msg: &str) {
+        let mut r = self.refusals.lock().unwrap_or_else(|e| e.into_inner());
+        if r.0.len() >= MAX_REFUSALS_KEPT {
+            r.0.pop_front();
+            r.1 += 1;
+        }
+        r.0.push_back(msg.to_string());
+    }
 }
 
 /// A running proxy; dropping it closes it.
@@ -173,6 +194,7 @@ impl Proxy {
             closed: AtomicBool::new(false),
             next_id: AtomicU64::new(0),
             streams: Mutex::new(HashMap::new()),
+            refusals: Mutex::new((VecDeque::new(), 0)),
         });
         let sh = Arc::clone(&shared);
         let accept = thread::Builder::new().name("net-proxy-accept".into()).spawn(move || accept_loop(listener, sh))?;
@@ -186,6 +208,15 @@ impl Proxy {
     /// Client connections open now.
     pub fn active_connections(&self) -> usize {
         self.shared.active.load(Ordering::SeqCst)
+    }
+
+    /// The 403 and 503 messages since the last call, oldest first, and how many older ones
+    /// were dropped (more than [`MAX_REFUSALS_KEPT`] came in between).
+    pub fn take_refusals(&self) -> (Vec<String>, usize) {
+        let mut r = self.shared.refusals.lock().unwrap_or_else(|e| e.into_inner());
+        let taken = (r.0.drain(..).collect(), r.1);
+        r.1 = 0;
+        taken
     }
 
     /// Stops accepting and cuts every open connection. Idempotent.
@@ -229,6 +260,7 @@ fn accept_loop(listener: TcpListener, sh: Arc<Shared>) {
                 sh.config.max_connections
             );
             let _ = client.set_write_timeout(Some(Duration::from_secs(1)));
+            sh.record_refusal(&msg);
             respond(&client, 503, "Service Unavailable", &msg);
             let _ = client.shutdown(Shutdown::Both);
             drop(guard);
@@ -267,6 +299,17 @@ fn respond(mut stream: &TcpStream, code: u16, reason: &str, body: &str) {
 
 /// A failed request: the status, its reason phrase and the body.
 struct Reject(u16, &'static str, String);
+
+/// `msg` made safe for a reason phrase and for the kernel's log: printable ASCII only (the
+/// host name in it comes from the guest), at most [`MAX_REFUSAL_LEN`] bytes.
+fn plain(msg: &str) -> String {
+    let mut out: String = msg.chars().map(|c| if (' '..='~').contains(&c) { c } else { '?' }).collect();
+    if out.len() > MAX_REFUSAL_LEN {
+        out.truncate(MAX_REFUSAL_LEN - 3);
+        out.push_str("...");
+    }
+    out
+}
 
 fn bad(msg: impl Into<String>) -> Reject {
     Reject(400, "Bad Request", msg.into())
@@ -443,6 +486,11 @@ fn handle(mut client: TcpStream, sh: &Arc<Shared>) {
     let _ = client.set_write_timeout(Some(sh.config.idle_timeout));
     let result = read_request(&mut client, sh).and_then(|req| open_upstream(&req, sh).map(|up| (req, up)));
     match result {
+        Err(Reject(403, _, body)) => {
+            let msg = plain(&body);
+            sh.record_refusal(&msg);
+            respond(&client, 403, &msg, &msg)
+        }
         Err(Reject(code, reason, body)) => respond(&client, code, reason, &body),
         Ok((req, mut upstream)) => {
             register(sh, id, &upstream);
@@ -595,7 +643,33 @@ mod tests {
         c2.write_all(format!("CONNECT rebind.test:{port} HTTP/1.1\r\n\r\n").as_bytes()).unwrap();
         let mut resp = String::new();
         c2.read_to_string(&mut resp).unwrap();
-        assert!(resp.starts_with("HTTP/1.1 403 Forbidden"), "{resp}");
+        assert!(resp.starts_with("HTTP/1.1 403 network access to rebind.test:"), "{resp}");
         assert!(resp.contains("it resolves to 127.0.0.1, the host's loopback"), "{resp}");
+        let (kept, dropped) = proxy.take_refusals();
+        assert_eq!((kept.len(), dropped), (1, 0), "{kept:?}");
+        assert!(kept[0].contains("it resolves to 127.0.0.1"), "{kept:?}");
+        assert_eq!(proxy.take_refusals(), (vec![], 0));
+    }
+
+    #[test]
+    fn refusal_messages_are_plain_and_bounded() {
+        assert_eq!(plain("a\r\nb\u{e9}"), "a??b?");
+        let long = plain(&"x".repeat(2000));
+        assert!(long.len() == MAX_REFUSAL_LEN && long.ends_with("..."), "{}", long.len());
+    }
+
+    #[test]
+    fn refusals_are_kept_up_to_the_cap() {
+        let proxy = Proxy::start(0, ProxyConfig::new(Policy::default())).unwrap();
+        for i in 0..(MAX_REFUSALS_KEPT + 5) {
+            let mut c = TcpStream::connect(proxy.local_addr()).unwrap();
+            c.write_all(format!("CONNECT h{i}.test:443 HTTP/1.1\r\n\r\n").as_bytes()).unwrap();
+            let mut resp = String::new();
+            c.read_to_string(&mut resp).unwrap();
+            assert!(resp.starts_with(&format!("HTTP/1.1 403 network access to h{i}.test:443 ")), "{resp}");
+        }
+        let (kept, dropped) = proxy.take_refusals();
+        assert_eq!((kept.len(), dropped), (MAX_REFUSALS_KEPT, 5));
+        assert!(kept[0].contains("h5.test:443"), "{kept:?}");
     }
 }
