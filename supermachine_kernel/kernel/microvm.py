@@ -22,6 +22,7 @@ from ipykernel.kernelbase import Kernel
 from traitlets import Any, Bool, Float, List
 
 from .. import __version__, magics
+from ..machine.idle import IdleSuspender, start_idle_suspend
 from ..repl_client import GuestDied, GuestRepl, GuestUnavailable, ProtocolError
 from . import kernel_info, lifecycle
 from .comms import CommRouter, parent_stub
@@ -69,6 +70,7 @@ class MicroVMKernel(Kernel, GuestConfig):
         self.calls = GuestCalls(self.iopub, self.stdin)
         self.comms = CommRouter(self, self.iopub, self.calls)
         self.host_magics: magics.HostMagics | None = None  # created by the first %magic
+        self.idle: IdleSuspender | None = None  # idle suspend (machine/idle.py), set by start()
         self.workspace_sync = WorkspaceHook(self)  # workspace_hook.py
 
     # -- start, shutdown and restart: lifecycle.py -----------------------------------------------
@@ -82,6 +84,7 @@ class MicroVMKernel(Kernel, GuestConfig):
             self.startup_timeout)
         lifecycle.start_guest(self.guest,
                               self._save_launch_hint if self.startup is not None else None)
+        self.idle = start_idle_suspend(self)  # None unless idle_suspend_after > 0 (vm backend)
         self.workspace_sync.start()
         if self.forward_sigint:
             signal.signal(signal.SIGINT, lambda signum, frame: self.calls.interrupt(self.guest))

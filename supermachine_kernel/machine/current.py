@@ -191,6 +191,10 @@ class Machine:
         restored ahead from it."""
         self._ahead.forget(name)
 
+    def drop_standby(self) -> None:
+        """Release the VM restored ahead, whatever snapshot it holds (idle suspend frees it)."""
+        self._ahead.forget()
+
     # -- restore ---------------------------------------------------------------------------------
 
     async def restore(self, entry: NotebookSnapshot) -> float:

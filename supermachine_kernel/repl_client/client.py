@@ -183,6 +183,8 @@ class _Link:
                     self.ready.set_result(info)
                 self.client._on_ready(self, info)
             elif self.client._link is self:
+                if self.client.gate is not None:
+                    self.client.gate.touch()
                 self.client.on_event(kind, content, buffers)
         except Exception:  # an event handler bug must not stop the reader
             log.exception("error handling guest %s event", kind)
@@ -289,6 +291,10 @@ class GuestRepl:
         self._starting: concurrent.futures.Future[_Link] | None = None
         self._shutting_down = False
         self._driver = driver if driver is not None else driver_source()
+        #: Idle suspend (machine/idle.py:IdleSuspender), or None: told of every request and
+        #: guest event (`touch()`), awaited before every request (`before_use()`: resumes a
+        #: suspended guest), told when %restore replaced the guest (`superseded()`).
+        self.gate: Any = None
 
     # -- lifecycle -------------------------------------------------------------------------------
 
@@ -351,7 +357,10 @@ class GuestRepl:
         return self._starting
 
     async def wait_ready(self, timeout: float | None = None) -> GuestInfo:
-        """The running guest's info, starting one if needed. Raises GuestUnavailable."""
+        """The running guest's info, starting one if needed (resuming it if it is suspended).
+        Raises GuestUnavailable, or GuestDied if a suspended guest could not be resumed."""
+        if self.gate is not None:
+            await self.gate.before_use()
         fut = self.start()
         if fut.done() and fut.exception() is None:
             # The usual case, once per request: a done concurrent future handed to asyncio
@@ -381,6 +390,11 @@ class GuestRepl:
         if link.was_ready:  # a guest that dies while starting is not retried in a loop
             self.restarts += 1
             self.start()
+
+    async def stop_guest(self) -> None:
+        """Release the running guest without starting another (idle suspend: machine/idle.py;
+        the next `wait_ready` resumes or starts one)."""
+        await self._stop()
 
     async def restart(self) -> GuestInfo:
         """A fresh guest (the old one is released)."""
@@ -425,7 +439,18 @@ class GuestRepl:
 
     @property
     def alive(self) -> bool:
+        """A guest is running, or suspended while idle (the next request resumes it)."""
+        if self.gate is not None and self.gate.suspended:
+            return True
         return self._link is not None and not self._link.dead and self._link.ready.done()
+
+    @property
+    def busy(self) -> bool:
+        """A guest is starting, or a request to it awaits its reply."""
+        starting = self._starting
+        link = self._link
+        return (starting is not None and not starting.done()) or \
+            (link is not None and bool(link.pending))
 
     async def request(self, kind: str, **fields: Any) -> dict[str, Any]:
         """Send a request and await its validated reply content (must run on `loop`)."""
@@ -444,6 +469,8 @@ class GuestRepl:
         link = self._link
         if link is None or link.dead:
             return False
+        if self.gate is not None:
+            self.gate.touch()
         link.send(dict(fields, type=kind))
         return True
 
@@ -497,6 +524,8 @@ class GuestRepl:
             raise
         old, self._link = self._link, link
         self.info = info
+        if self.gate is not None:
+            self.gate.superseded()
         if old is not None:
             old.closing = True
             threading.Thread(target=old.close, name="guest-release", daemon=True).start()

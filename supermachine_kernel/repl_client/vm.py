@@ -318,6 +318,21 @@ class VmBackend:
         if self._spares is not None and not self._snapshots and self._recipe is not None:
             self._spares.refill()
 
+    def shrink(self) -> None:
+        """Release the VMs kept ahead (the pool's warm VMs, a VM restored at kernel start and
+        not taken): the kernel's guest is suspended while idle (machine/idle.py). The pool is
+        made again when a VM is next needed; a VM on loan from it is destroyed when released."""
+        early, self.early = self.early, None
+        if early is not None:
+            early.release()
+        with self._lock:
+            pool, self._pool = self._pool, None
+        if pool is not None:
+            try:
+                pool.shutdown()
+            except Exception:  # noqa: BLE001
+                log.exception("pool shutdown failed")
+
     def close(self) -> None:
         early, self.early = self.early, None
         if early is not None:

@@ -1,0 +1,352 @@
+"""Idle suspend: a kernel whose guest sat idle for `c.MicroVMKernel.idle_suspend_after` seconds
+snapshots its VM to disk, stops QEMU and so gives the VM's memory back; the next request that
+needs the guest restores it and re-attaches the REPL first. Variables, files and processes come
+back; the frontend only sees a slower first request.
+
+Owns: when the guest counts as idle, the suspend, the resume, and the suspend snapshots on disk
+(``<jupyter data dir>/supermachine-kernel/suspended/``, one private directory per kernel process).
+
+Idle means all of these, checked every `period` seconds:
+- no request to the guest (execute, complete, inspect, is_complete, history, comms, the magics
+  that use the VM) and no guest output for `after` seconds, and no request pending (a cell
+  waiting in input() or sleeping is not idle);
+- the guest's CPU was quiet over the last sample window (busy time in the guest's /proc/stat
+  under CPU_QUIET of the window), so a background thread or process that computes keeps its VM;
+- no %expose port is listening (a connection would reach no VM; stop the exposure with
+  ``%expose --stop PORT`` to let the kernel suspend). Connections through the egress proxy
+  (issue 13) are not in this check: it is not wired into the kernel yet.
+An interrupt while suspended does nothing and does not resume (nothing runs in a suspended
+guest); kernel_info is answered without the guest.
+
+Suspend: ``vm.snapshot`` (the runtime's template snapshot: a sparse file of the guest RAM's
+non-zero pages plus the device state, ~tens of MiB for an idle kernel; not incremental against
+the snapshot the VM came from), then the guest is released without a successor, and so are the
+VMs kept ahead for this kernel (the pool's warm VM, a %restore standby). Resume: the snapshot is
+verified and restored, the REPL re-attached by its process id and adopted (`GuestRepl.adopt`,
+which says hello; the agent sets the clock and reseeds the RNGs after a restore). The
+snapshot's files are unlinked as soon as the restored QEMU maps them. A resume that fails (the
+snapshot damaged or deleted) fails that request with `GuestDied` saying so, and a fresh VM
+starts; the kernel process and its sockets carry on.
+
+Everything here runs on the guest's event loop; blocking work goes to worker threads.
+"""
+from __future__ import annotations
+
+import asyncio
+import atexit
+import itertools
+import logging
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from typing import Any, Optional
+
+from jupyter_core.paths import jupyter_data_dir
+
+from ..repl_client import GuestDied
+from ..repl_client.attach import attach_repl
+from ..repl_client.vm import VmHandle, describe_vm
+
+log = logging.getLogger("supermachine_kernel.machine.idle")
+
+CPU_QUIET = 0.05  # busy share of the guest's CPU time over a window that still counts as idle
+MAX_PERIOD = 30.0  # seconds between idle checks, at most
+RESUME_TIMEOUT = 60.0  # seconds the restored REPL has to answer
+
+
+class IdleError(Exception):
+    """A suspend or resume step failed; the message says which and why."""
+
+
+def default_root() -> str:
+    """Where suspend snapshots live: beside the notebook snapshots, on disk (a snapshot in a
+    tmpfs would keep the memory it is meant to free)."""
+    return os.path.join(jupyter_data_dir(), "supermachine-kernel", "suspended")
+
+
+def _process_start(pid: int) -> Optional[str]:
+    """Start time of host process `pid` in clock ticks (from /proc), or None if it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
+def sweep(root: str) -> list[str]:
+    """Removes the suspend snapshots of kernel processes that are gone (killed before they could
+    clean up); returns the paths removed."""
+    removed: list[str] = []
+    try:
+        names = os.listdir(root)
+    except OSError:
+        return removed
+    for name in names:
+        pid, _, start = name.partition("-")
+        if not pid.isdigit() or _process_start(int(pid)) == start:
+            continue
+        path = os.path.join(root, name)
+        shutil.rmtree(path, ignore_errors=True)
+        removed.append(path)
+    return removed
+
+
+def cpu_ticks(stat: bytes) -> tuple[int, int]:
+    """(busy, total) clock ticks from the first line of a /proc/stat."""
+    fields = stat.split(b"\n", 1)[0].split()
+    if not fields or fields[0] != b"cpu":
+        raise ValueError("not a /proc/stat")
+    values = [int(v) for v in fields[1:9]] + [0] * max(0, 8 - len(fields[1:9]))
+    user, nice, system, idle, iowait, irq, softirq, steal = values[:8]
+    busy = user + nice + system + irq + softirq + steal
+    return busy, busy + idle + iowait
+
+
+@dataclass
+class Suspended:
+    """A suspended guest: its snapshot and the REPL process to re-attach to."""
+
+    path: str
+    repl_id: int
+    where: str
+    took_s: float
+    size_bytes: int
+
+
+def start_idle_suspend(kernel: Any) -> Optional["IdleSuspender"]:
+    """The kernel's idle suspend, started, if its configuration asks for it
+    (`idle_suspend_after` > 0) and its guest runs in microVMs; else None."""
+    after = float(getattr(kernel, "idle_suspend_after", 0) or 0)
+    guest = kernel.guest
+    if after <= 0 or guest is None or getattr(guest.backend, "name", "") != "vm":
+        return None
+    suspender = IdleSuspender(kernel, guest, after, logger=getattr(kernel, "log", None))
+    guest.gate = suspender
+    suspender.start()
+    atexit.register(suspender.stop)
+    return suspender
+
+
+class IdleSuspender:
+    """One per kernel (when idle_suspend_after > 0 and the guest runs in microVMs). It is the
+    `GuestRepl`'s gate: the client calls `touch()` on every request and guest event and awaits
+    `before_use()` before it talks to the guest."""
+
+    def __init__(self, kernel: Any, guest: Any, after: float, root: Optional[str] = None,
+                 logger: Any = None) -> None:
+        self.kernel = kernel
+        self.guest = guest
+        self.after = float(after)
+        self.period = min(max(self.after / 4, 0.25), MAX_PERIOD)
+        self.root = root or default_root()
+        self.log = logger or log
+        self.last_activity = time.monotonic()
+        self.suspends = 0
+        self.resumes = 0
+        self.last_suspend_s: Optional[float] = None
+        self.last_resume_s: Optional[float] = None
+        self._state: Optional[Suspended] = None
+        self._suspending = False
+        self._lock = asyncio.Lock()
+        self._sample: Optional[tuple[float, int, int]] = None
+        self._serial = itertools.count(1)
+        self._task: Optional[asyncio.Task] = None
+
+    # -- the gate GuestRepl calls ----------------------------------------------------------------
+
+    @property
+    def suspended(self) -> bool:
+        """True while the guest is suspended to disk (or being suspended)."""
+        return self._state is not None or self._suspending
+
+    def touch(self) -> None:
+        """Activity: a request or guest output. Thread-safe (one float store)."""
+        self.last_activity = time.monotonic()
+
+    async def before_use(self) -> None:
+        """Awaited before every request to the guest: resumes it if it is suspended."""
+        self.touch()
+        if self._state is None and not self._lock.locked():
+            return
+        async with self._lock:
+            self.touch()
+            if self._state is not None:
+                await self._resume(self._state)
+
+    def superseded(self) -> None:
+        """Another guest was adopted (%restore): a suspend snapshot is not needed any more."""
+        state, self._state = self._state, None
+        if state is not None:
+            shutil.rmtree(state.path, ignore_errors=True)
+
+    # -- the watch -------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Starts watching for idleness (on the guest's loop) and removes snapshots left by
+        kernel processes that were killed."""
+        removed = sweep(self.root)
+        if removed:
+            self.log.info("removed %d suspend snapshots of kernels that are gone", len(removed))
+        self._task = self.guest.loop.create_task(self._watch())
+
+    def stop(self) -> None:
+        """Stops watching and removes this kernel's suspend snapshot (the process is ending)."""
+        if self._task is not None:
+            self._task.cancel()
+        state, self._state = self._state, None
+        if state is not None:
+            shutil.rmtree(state.path, ignore_errors=True)
+
+    async def _watch(self) -> None:
+        while True:
+            await asyncio.sleep(self.period)
+            try:
+                await self.check()
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # noqa: BLE001 - a failed check must not end the watch
+                self.log.exception("idle check failed")
+
+    def _quiet(self) -> bool:
+        """No request or output for long enough (the last CPU sample window is then due), none
+        pending, and nothing that a suspend would break."""
+        if self.suspended or self._lock.locked():
+            return False
+        if time.monotonic() - self.last_activity < self.after - self.period:
+            return False
+        guest = self.guest
+        if guest.busy or guest.handle is None:
+            return False
+        return not self._exposed()
+
+    def _exposed(self) -> bool:
+        host = getattr(self.kernel, "host_magics", None)
+        exposures = getattr(host, "exposures", None)
+        ports = getattr(exposures, "by_port", {}) or {}
+        return any(getattr(x, "listening", False) for x in ports.values())
+
+    async def check(self) -> bool:
+        """One idle check; suspends the guest if it is idle. Returns True if it suspended."""
+        if not self._quiet():
+            self._sample = None
+            return False
+        handle = self.guest.handle
+        try:
+            stat = await asyncio.to_thread(handle.vm.read_file, "/proc/stat")
+            busy, total = cpu_ticks(stat)
+        except Exception as e:  # noqa: BLE001 - a guest that cannot answer is not suspended
+            self.log.debug("idle check: reading the guest's CPU time failed: %s", e)
+            self._sample = None
+            return False
+        now = time.monotonic()
+        previous, self._sample = self._sample, (now, busy, total)
+        if previous is None or previous[0] < self.last_activity:
+            return False  # the window must lie wholly inside the idle time
+        if now - self.last_activity < self.after:
+            return False
+        share = (busy - previous[1]) / max(1, total - previous[2])
+        if share >= CPU_QUIET:
+            self.log.debug("idle check: the guest's CPU was %.0f%% busy; not suspending",
+                           share * 100)
+            return False
+        if not self._quiet():
+            return False
+        await self.suspend()
+        return True
+
+    # -- suspend ---------------------------------------------------------------------------------
+
+    async def suspend(self) -> Suspended:
+        """Snapshots the running guest's VM and releases it (and the VMs kept ahead)."""
+        async with self._lock:
+            handle = self.guest.handle
+            if handle is None or self.guest.busy:
+                raise IdleError("the guest is busy or not running")
+            self._suspending = True
+            try:
+                return await self._suspend(handle)
+            finally:
+                self._suspending = False
+
+    async def _suspend(self, handle: Any) -> Suspended:
+        os.makedirs(self.root, mode=0o700, exist_ok=True)
+        path = os.path.join(self.root, f"{os.getpid()}-{_process_start(os.getpid())}-"
+                                       f"{next(self._serial)}")
+        repl_id = int(handle.child.id)
+        qemu_pid = getattr(handle.vm, "qemu_pid", None)
+        t0 = time.monotonic()
+        try:
+            await asyncio.to_thread(handle.vm.snapshot, path)
+        except Exception as e:  # noqa: BLE001 - SnapshotError, VmDiedError, OSError
+            shutil.rmtree(path, ignore_errors=True)
+            raise IdleError(f"snapshotting the idle VM failed: {e}") from e
+        took = time.monotonic() - t0
+        size = _disk_usage(path)
+        self._state = Suspended(path, repl_id, handle.describe(), took, size)
+        await asyncio.to_thread(self._release_ahead)
+        await self.guest.stop_guest()
+        self.suspends += 1
+        self.last_suspend_s = took
+        self.log.info("guest idle for %.0f s: suspended (VM snapshot %.3f s, %.1f MiB on disk; "
+                      "QEMU %s stopped)", time.monotonic() - self.last_activity, took,
+                      size / 2**20, qemu_pid)
+        return self._state
+
+    def _release_ahead(self) -> None:
+        """The VMs kept ahead for this kernel go too: the pool's warm VMs, a %restore standby."""
+        shrink = getattr(self.guest.backend, "shrink", None)
+        if shrink is not None:
+            shrink()
+        host = getattr(self.kernel, "host_magics", None)
+        if host is not None:
+            host.machine().drop_standby()
+
+    # -- resume ----------------------------------------------------------------------------------
+
+    async def _resume(self, state: Suspended) -> None:
+        t0 = time.monotonic()
+        try:
+            handle = await asyncio.to_thread(self._restore, state)
+            self._state = None  # from here on the adopted guest is the kernel's
+            await self.guest.adopt(handle, timeout=RESUME_TIMEOUT)
+        except Exception as e:  # noqa: BLE001 - any failure: a fresh VM, and say so
+            self._state = None
+            shutil.rmtree(state.path, ignore_errors=True)
+            self.log.error("resuming the idle-suspended guest from %s failed: %s", state.path, e)
+            self.guest.start()
+            raise GuestDied(f"it was suspended while idle, and resuming it failed ({e})") from e
+        self._state = None
+        # The restored QEMU maps the memory file: its name is not needed any more.
+        shutil.rmtree(state.path, ignore_errors=True)
+        self.resumes += 1
+        self.last_resume_s = time.monotonic() - t0
+        self.log.info("resumed the idle-suspended guest in %.3f s", self.last_resume_s)
+
+    def _restore(self, state: Suspended) -> VmHandle:
+        """Blocking: verify and restore the snapshot, re-attach to its REPL."""
+        from .. import api  # noqa: PLC0415 - the compiled runtime, loaded by now anyway
+
+        if not os.path.isdir(state.path):
+            raise IdleError(f"its snapshot {state.path} is gone")
+        image = api.Image.from_snapshot(state.path)
+        vm = image.boot()
+        try:
+            child = attach_repl(vm, state.repl_id)
+        except BaseException:
+            vm.release()
+            raise
+        handle = VmHandle(vm, child, vm.release, f"{describe_vm(vm)}, resumed after idle")
+        handle.prestarted = True
+        return handle
+
+
+def _disk_usage(path: str) -> int:
+    total = 0
+    for root, _dirs, files in os.walk(path):
+        for name in files:
+            try:
+                total += os.lstat(os.path.join(root, name)).st_blocks * 512
+            except OSError:
+                pass
+    return total
