@@ -34,10 +34,11 @@ GUEST_ROOT = "/workspace"
 APPLY_TIMEOUT = 120.0   # seconds for the REPL to apply a push's directory and mtime ops
 MAX_GUEST_ROOT = 4096
 
-RESTORE_NOTE = ("Workspace files: the VM now holds the files of the snapshot's time; the "
-                "next cell syncs against the notebook's directory without losing anything "
-                "on the host (a file that differs keeps the host's version, and the VM's "
-                "is saved beside it as 'NAME (guest copy DATE TIME)').")
+RESTORE_NOTE = ("Workspace: the VM came back with its files of the snapshot's time and was "
+                "synced with the notebook's directory, which loses nothing: files only on the "
+                "host were copied in; a file that differs keeps the host's version (also in "
+                "the VM), and the VM's version is saved beside it on the host as "
+                "'NAME (guest copy DATE TIME).ext'.")
 
 
 class WorkspaceHook:
@@ -80,10 +81,14 @@ class WorkspaceHook:
             await self._after(listing, silent)
         return reply
 
-    def forget(self) -> None:
-        """The guest's tree is no longer the one the state describes (restore, restart)."""
-        if self.sync is not None:
-            self.sync.forget()
+    async def after_restore(self) -> str:
+        """%restore put another REPL in place: attach to it now (the state is forgotten) and
+        sync the host into it. What %restore says about the workspace ('' when off)."""
+        if self.mode == "off" or self._vm() is None:
+            return ""
+        async with self._lock:
+            msg = await self._attached_pass()
+        return RESTORE_NOTE + ("\n" + msg if msg else "")
 
     # -- passes ----------------------------------------------------------------------------------
 

@@ -28,6 +28,12 @@ async def magic(ctx: Context, args: str) -> None:
     it is used. Works from a later kernel session of the same notebook, and after a restart of
     the kernel; a plain NAME never reaches another notebook's snapshots. A damaged snapshot is
     refused with the reason (its files are checksummed).
+
+    Workspace files (c.MicroVMKernel.workspace "sync" or "read-only"): the guest's copy comes
+    back as it was in the snapshot and is synced with the notebook's directory at once, so
+    nothing on the host is lost: files only on the host are copied in, and where both differ
+    the host's version stays (and goes into the VM) while the VM's is saved beside it as
+    "NAME (guest copy DATE TIME).ext".
     """
     opts = _parser.parse(args)
     machine = ctx.machine
@@ -44,3 +50,6 @@ async def magic(ctx: Context, args: str) -> None:
     ahead = " (its VM was restored ahead, in the background)" if machine.last_restore_was_ahead else ""
     ctx.print(f"Restored snapshot {entry.ref!r} (taken {when}{cell}{source}; "
               f"{format_size(entry.size_bytes)}) in {took:.2f} s{ahead}.")
+    workspace = await ctx.kernel.workspace_sync.after_restore()  # kernel/workspace_hook.py
+    if workspace:
+        ctx.print(workspace)
