@@ -198,6 +198,11 @@ class MicroVMKernel(Kernel, GuestConfig):
     def post_handler_hook(self) -> None:
         pass
 
+    @property
+    def in_request(self) -> bool:
+        """A shell request is being handled (shell_main's lock is held)."""
+        return self._main_asyncio_lock.locked()
+
     async def shell_main(self, subshell_id: str | None, msg: t.Any) -> None:
         """One shell request at a time, comm messages included. ipykernel lets a comm message
         overtake a running cell (an async cell may await a widget), with no busy/idle of its

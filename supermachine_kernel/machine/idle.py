@@ -25,8 +25,11 @@ VMs kept ahead for this kernel (the pool's warm VM, a %restore standby). Resume:
 verified and restored, the REPL re-attached by its process id and adopted (`GuestRepl.adopt`,
 which says hello; the agent sets the clock and reseeds the RNGs after a restore). The
 snapshot's files are unlinked as soon as the restored QEMU maps them. A resume that fails (the
-snapshot damaged or deleted) fails that request with `GuestDied` saying so, and a fresh VM
-starts; the kernel process and its sockets carry on.
+snapshot damaged or deleted) starts a fresh VM and the cell that asked fails with `GuestDied`
+saying so (a completion or inspection that asked is answered by the fresh VM, the frontend is
+told on IOPub, and the next cell fails the same way); the kernel process and its sockets carry
+on. A shell request being handled (e.g. %snapshot, which runs no guest request) also keeps the
+VM.
 
 Everything here runs on the guest's event loop; blocking work goes to worker threads.
 """
@@ -83,8 +86,9 @@ def sweep(root: str) -> list[str]:
     except OSError:
         return removed
     for name in names:
-        pid, _, start = name.partition("-")
-        if not pid.isdigit() or _process_start(int(pid)) == start:
+        parts = name.split("-")  # PID-START-SERIAL
+        if len(parts) != 3 or not all(p.isdigit() for p in parts) or \
+                _process_start(int(parts[0])) == parts[1]:
             continue
         path = os.path.join(root, name)
         shutil.rmtree(path, ignore_errors=True)
@@ -147,6 +151,9 @@ class IdleSuspender:
         self.last_suspend_s: Optional[float] = None
         self.last_resume_s: Optional[float] = None
         self._state: Optional[Suspended] = None
+        #: A failed resume not yet reported by an execute request: (reason, its msg_id once one
+        #: reported it; every guest call of that request fails the same way).
+        self._failed: Optional[tuple[str, Optional[str]]] = None
         self._suspending = False
         self._lock = asyncio.Lock()
         self._sample: Optional[tuple[float, int, int]] = None
@@ -167,12 +174,33 @@ class IdleSuspender:
     async def before_use(self) -> None:
         """Awaited before every request to the guest: resumes it if it is suspended."""
         self.touch()
+        if self._failed is not None:
+            self._report_failure()
         if self._state is None and not self._lock.locked():
             return
         async with self._lock:
             self.touch()
             if self._state is not None:
                 await self._resume(self._state)
+                if self._failed is not None:
+                    self._report_failure()
+
+    def _report_failure(self) -> None:
+        """Raises GuestDied for a failed resume within the first execute request after it
+        (whatever request found it), so its cell says so; other requests get the fresh VM."""
+        assert self._failed is not None
+        reason, reported_in = self._failed
+        parent = self.kernel.get_parent("shell") or {}
+        header = parent.get("header") or {}
+        if header.get("msg_type") != "execute_request":
+            return
+        msg_id = header.get("msg_id")
+        if reported_in is None:
+            self._failed = (reason, msg_id)
+        elif reported_in != msg_id:
+            self._failed = None
+            return
+        raise GuestDied(reason)
 
     def superseded(self) -> None:
         """Another guest was adopted (%restore): a suspend snapshot is not needed any more."""
@@ -216,7 +244,7 @@ class IdleSuspender:
         if time.monotonic() - self.last_activity < self.after - self.period:
             return False
         guest = self.guest
-        if guest.busy or guest.handle is None:
+        if guest.busy or guest.handle is None or getattr(self.kernel, "in_request", False):
             return False
         return not self._exposed()
 
@@ -271,6 +299,7 @@ class IdleSuspender:
 
     async def _suspend(self, handle: Any) -> Suspended:
         os.makedirs(self.root, mode=0o700, exist_ok=True)
+        os.chmod(self.root, 0o700)  # guest memory: its owner's alone, even if found open
         path = os.path.join(self.root, f"{os.getpid()}-{_process_start(os.getpid())}-"
                                        f"{next(self._serial)}")
         repl_id = int(handle.child.id)
@@ -314,8 +343,11 @@ class IdleSuspender:
             self._state = None
             shutil.rmtree(state.path, ignore_errors=True)
             self.log.error("resuming the idle-suspended guest from %s failed: %s", state.path, e)
+            reason = f"it was suspended while idle, and resuming it failed ({e})"
+            self._failed = (reason, None)
             self.guest.start()
-            raise GuestDied(f"it was suspended while idle, and resuming it failed ({e})") from e
+            self.guest.on_event("died", {"reason": reason}, [])  # told at once outside a cell
+            return
         self._state = None
         # The restored QEMU maps the memory file: its name is not needed any more.
         shutil.rmtree(state.path, ignore_errors=True)

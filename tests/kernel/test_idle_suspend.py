@@ -1,0 +1,169 @@
+"""Idle suspend through a real kernel (jupyter_client): the VM of an idle kernel is snapshotted
+and its QEMU stopped; the next request resumes it transparently (machine/idle.py).
+
+One kernel for the module, with a short idle time; the tests run in order and each waits for
+the kernel to suspend again. Needs the vm backend (a local guest has no VM to suspend).
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import time
+
+import pytest
+
+from .harness import BACKEND, KERNEL, SLOW, Kernel, stdout_of
+
+pytestmark = pytest.mark.skipif(BACKEND != "vm", reason="idle suspend needs the vm backend")
+
+IDLE = 2.0  # seconds: c.MicroVMKernel.idle_suspend_after of the test kernel
+SUSPEND_TIMEOUT = 120 * SLOW / 8 + 60  # the guest's after-restore warm-up must end first
+
+
+def _parent(pid: int) -> int:
+    with open(f"/proc/{pid}/stat") as f:
+        return int(f.read().rsplit(")", 1)[1].split()[1])
+
+
+def qemu_pids(kernel_pid: int) -> list[int]:
+    """The QEMU processes under the kernel process."""
+    found = []
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/cmdline", "rb") as f:
+                if b"qemu-system" not in f.read().split(b"\0", 1)[0]:
+                    continue
+            pid = int(name)
+            while pid > 1:
+                pid = _parent(pid)
+                if pid == kernel_pid:
+                    found.append(int(name))
+                    break
+        except (OSError, ValueError, IndexError):
+            continue
+    return found
+
+
+def pss_kib(pids: list[int]) -> int:
+    total = 0
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/smaps_rollup") as f:
+                for line in f:
+                    if line.startswith("Pss:"):
+                        total += int(line.split()[1])
+        except OSError:
+            pass
+    return total
+
+
+class IdleKernel(Kernel):
+    def __init__(self) -> None:
+        self.data_dir = tempfile.mkdtemp(prefix="smk-idle-data-")
+        super().__init__(KERNEL, extra_arguments=[f"--MicroVMKernel.idle_suspend_after={IDLE}"],
+                         env=dict(os.environ, JUPYTER_DATA_DIR=self.data_dir))
+        self.pid = self.km.provisioner.process.pid  # type: ignore[union-attr]
+
+    @property
+    def suspend_dir(self) -> str:
+        return os.path.join(self.data_dir, "supermachine-kernel", "suspended")
+
+    def snapshots(self) -> list[str]:
+        try:
+            return os.listdir(self.suspend_dir)
+        except FileNotFoundError:
+            return []
+
+    def wait_suspended(self) -> None:
+        deadline = time.monotonic() + SUSPEND_TIMEOUT
+        while time.monotonic() < deadline:
+            if not qemu_pids(self.pid) and self.snapshots():
+                return
+            time.sleep(0.25)
+        raise AssertionError(f"the kernel did not suspend within {SUSPEND_TIMEOUT:.0f} s "
+                             f"(QEMU {qemu_pids(self.pid)}, snapshots {self.snapshots()})")
+
+
+@pytest.fixture(scope="module")
+def idle_kernel():
+    k = IdleKernel()
+    yield k
+    k.shutdown()
+    shutil.rmtree(k.data_dir, ignore_errors=True)
+
+
+def test_a_busy_guest_keeps_its_vm(idle_kernel):
+    k = idle_kernel
+    reply, _ = k.execute("import threading, time\n"
+                         "spin = True\n"
+                         "def burn():\n"
+                         "    while spin:\n"
+                         "        sum(range(10000))\n"
+                         "threading.Thread(target=burn, daemon=True).start()")
+    assert reply["status"] == "ok", reply
+    before = qemu_pids(k.pid)
+    assert before
+    time.sleep(IDLE * 5)
+    assert qemu_pids(k.pid) == before, "a guest computing in the background was suspended"
+    # A cell that runs longer than the idle time (its request is pending) keeps it too.
+    reply, _ = k.execute(f"spin = False\ntime.sleep({IDLE * 3})")
+    assert reply["status"] == "ok", reply
+    assert qemu_pids(k.pid) == before
+
+
+def test_variables_files_and_processes_survive_suspend(idle_kernel):
+    k = idle_kernel
+    reply, outputs = k.execute(
+        "import os, subprocess\n"
+        "x = 41\n"
+        "open('/root/idle.txt', 'w').write('kept')\n"
+        "p = subprocess.Popen(['sleep', '100000'])\n"
+        "print(os.getpid(), p.pid)")
+    assert reply["status"] == "ok", reply
+    repl_pid, sleep_pid = stdout_of(outputs).split()
+    running = qemu_pids(k.pid)
+    before_kib = pss_kib([k.pid, *running])
+    k.wait_suspended()
+    assert not any(os.path.exists(f"/proc/{pid}") for pid in running), "QEMU still runs"
+    after_kib = pss_kib([k.pid])
+    assert after_kib < before_kib, (before_kib, after_kib)
+    snapshot = os.path.join(k.suspend_dir, k.snapshots()[0])
+    assert os.stat(k.suspend_dir).st_mode & 0o077 == 0, "suspend snapshots must be private"
+    assert k.value("x + 1") == "42"
+    assert not os.path.exists(snapshot), "the suspend snapshot outlived the resume"
+    assert qemu_pids(k.pid), "no QEMU after the resume"
+    assert k.value("open('/root/idle.txt').read()") == "'kept'"
+    assert k.value("p.poll(), os.getpid(), p.pid") == f"(None, {repl_pid}, {sleep_pid})"
+
+
+def test_interrupt_and_complete_while_suspended(idle_kernel):
+    k = idle_kernel
+    k.wait_suspended()
+    k.km.interrupt_kernel()  # message mode: an interrupt_request on the control channel
+    time.sleep(1)
+    assert not qemu_pids(k.pid), "an interrupt resumed the suspended VM"
+    assert k.snapshots()
+    msg_id = k.kc.complete("imp")
+    reply = k.reply(msg_id, timeout=60)
+    assert reply["status"] == "ok", reply
+    assert "import" in reply["matches"]
+    assert qemu_pids(k.pid), "the completion did not resume the VM"
+    assert k.value("x") == "41"
+
+
+def test_a_failed_resume_says_so_and_gives_a_fresh_vm(idle_kernel):
+    k = idle_kernel
+    k.wait_suspended()
+    for name in k.snapshots():
+        shutil.rmtree(os.path.join(k.suspend_dir, name))
+    reply, outputs = k.execute("x")
+    assert reply["status"] == "error"
+    assert reply["ename"] == "GuestDied"
+    assert "suspended while idle, and resuming it failed" in reply["evalue"]
+    assert any(m["msg_type"] == "error" for m in outputs)
+    assert k.value("1 + 1") == "2"
+    reply, _ = k.execute("x")
+    assert reply["status"] == "error" and reply["ename"] == "NameError", reply
