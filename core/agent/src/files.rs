@@ -4,6 +4,12 @@
 //! failure happened at open. Reads are streamed by a thread: `FileInfo`, FileData chunks under
 //! a credit window, then an empty end frame — or `Error{req}` if reading fails midway.
 //! Transfers belong to one host session: a new Hello drops unfinished writes and stops reads.
+//!
+//! A read with `ReadLimits` is for paths a hostile guest program may have swapped: it opens
+//! with `O_NONBLOCK | O_NOCTTY` (and `O_NOFOLLOW` unless symlinks are allowed), so a FIFO or a
+//! device never blocks the opening (server) thread; fstat must then say "regular file", else
+//! nothing is streamed. Past `max_bytes` — announced or grown while streamed — the read ends
+//! with `Error{kind: limit}` and at most `max_bytes` bytes were sent.
 
 use std::collections::HashMap;
 use std::fs::{File, OpenOptions, Permissions};
@@ -11,7 +17,7 @@ use std::io::{self, Read, Write};
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::sync::{Arc, Mutex};
 
-use supermachine_protocol::{Control, ErrorKind, Kind, CHUNK};
+use supermachine_protocol::{Control, ErrorKind, Kind, ReadLimits, CHUNK};
 
 use crate::credit::Window;
 use crate::process::Failure;
@@ -46,6 +52,8 @@ pub struct PendingRead {
     file: File,
     window: Arc<Window>,
     epoch: u64,
+    /// Most bytes this read may send (from `ReadLimits::max_bytes`).
+    max_bytes: Option<u64>,
 }
 
 /// Both transfer tables. Channels are `req as u32`.
@@ -103,12 +111,22 @@ impl Files {
     }
 
     /// Opens a file for reading; the caller replies with the returned `FileInfo` and then
-    /// calls [`Files::stream`].
-    pub fn start_read(&mut self, req: u64, path: &str, epoch: u64) -> Result<(Control, PendingRead), Failure> {
-        let file = File::open(path).map_err(|e| io_failure("open", path, &e))?;
+    /// calls [`Files::stream`]. With `limits`, see the module doc.
+    pub fn start_read(&mut self, req: u64, path: &str, limits: Option<ReadLimits>, epoch: u64) -> Result<(Control, PendingRead), Failure> {
+        let file = match limits {
+            None => File::open(path).map_err(|e| io_failure("open", path, &e))?,
+            Some(l) => open_checked(path, l)?,
+        };
         let meta = file.metadata().map_err(|e| io_failure("stat", path, &e))?;
         if meta.is_dir() {
             return Err((ErrorKind::InvalidArgument, format!("cannot read {path:?}: it is a directory")));
+        }
+        let max_bytes = limits.and_then(|l| l.max_bytes);
+        if limits.is_some() && !meta.file_type().is_file() {
+            return Err((ErrorKind::InvalidArgument, format!("cannot read {path:?}: it is a {}, not a regular file", special_kind(&meta))));
+        }
+        if let Some(max) = max_bytes.filter(|&m| meta.len() > m) {
+            return Err(over_limit(path, max));
         }
         let channel = req as u32;
         let window = Arc::new(Window::new(epoch));
@@ -116,7 +134,7 @@ impl Files {
             old.cancel();
         }
         let info = Control::FileInfo { req, size: meta.len(), mode: meta.mode() & 0o7777 };
-        Ok((info, PendingRead { channel, req, file, window, epoch }))
+        Ok((info, PendingRead { channel, req, file, window, epoch, max_bytes }))
     }
 
     /// Streams an opened file in a thread.
@@ -157,14 +175,59 @@ impl Files {
     }
 }
 
+/// Opens `path` for a limited read without blocking (see the module doc).
+fn open_checked(path: &str, limits: ReadLimits) -> Result<File, Failure> {
+    let mut flags = libc::O_NONBLOCK | libc::O_NOCTTY;
+    if !limits.follow_symlinks {
+        flags |= libc::O_NOFOLLOW;
+    }
+    OpenOptions::new().read(true).custom_flags(flags).open(path).map_err(|e| match e.raw_os_error() {
+        Some(libc::ELOOP) if !limits.follow_symlinks => {
+            (ErrorKind::InvalidArgument, format!("cannot read {path:?}: it is a symlink (not followed)"))
+        }
+        Some(libc::ENXIO) => (ErrorKind::InvalidArgument, format!("cannot read {path:?}: it is a socket or a device, not a regular file")),
+        _ => io_failure("open", path, &e),
+    })
+}
+
+fn special_kind(meta: &std::fs::Metadata) -> &'static str {
+    use std::os::unix::fs::FileTypeExt;
+    let t = meta.file_type();
+    if t.is_fifo() {
+        "FIFO"
+    } else if t.is_socket() {
+        "socket"
+    } else if t.is_char_device() || t.is_block_device() {
+        "device"
+    } else {
+        "special file"
+    }
+}
+
+fn over_limit(path: &str, max: u64) -> Failure {
+    (ErrorKind::Limit, format!("cannot read {path:?}: it is larger than the {max}-byte limit"))
+}
+
 fn stream_file(w: &Writer, r: &PendingRead) {
     let mut buf = vec![0u8; CHUNK];
     let mut file = &r.file;
+    let mut sent = 0u64;
     loop {
-        let Some(max) = r.window.wait_available(CHUNK) else { return };
+        let Some(mut max) = r.window.wait_available(CHUNK) else { return };
+        if let Some(cap) = r.max_bytes {
+            // One byte past the cap is read (never sent) to tell "exactly at the cap" from "more".
+            max = max.min(usize::try_from(cap - sent).unwrap_or(usize::MAX).saturating_add(1));
+        }
         match file.read(&mut buf[..max]) {
             Ok(0) => break,
+            Ok(n) if r.max_bytes.is_some_and(|cap| sent + n as u64 > cap) => {
+                let (kind, message) = over_limit("the file", r.max_bytes.unwrap_or_default());
+                let message = format!("{message} (it grew while it was read)");
+                w.send_in_epoch(Kind::Control, 0, &Control::Error { req: r.req, kind, message }.to_bytes(), r.epoch);
+                return;
+            }
             Ok(n) => {
+                sent += n as u64;
                 if !w.send_in_epoch(Kind::FileData, r.channel, &buf[..n], r.epoch) {
                     return;
                 }
@@ -221,7 +284,49 @@ mod tests {
     #[test]
     fn reading_a_directory_or_missing_file_fails() {
         let mut f = Files::new(Arc::new(Writer::new()));
-        assert_eq!(f.start_read(1, "/", 1).err().unwrap().0, ErrorKind::InvalidArgument);
-        assert_eq!(f.start_read(1, "/no/such/file", 1).err().unwrap().0, ErrorKind::NotFound);
+        assert_eq!(f.start_read(1, "/", None, 1).err().unwrap().0, ErrorKind::InvalidArgument);
+        assert_eq!(f.start_read(1, "/no/such/file", None, 1).err().unwrap().0, ErrorKind::NotFound);
+    }
+
+    const STRICT: Option<ReadLimits> = Some(ReadLimits { max_bytes: Some(4), follow_symlinks: false });
+
+    #[test]
+    fn limited_reads_refuse_special_files_and_symlinks_without_blocking() {
+        let d = tmpdir("special");
+        let fifo = d.join("fifo");
+        let c = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+        // SAFETY: a valid NUL-terminated path.
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o644) }, 0);
+        std::fs::write(d.join("small"), b"1234").unwrap();
+        std::os::unix::fs::symlink(d.join("small"), d.join("link")).unwrap();
+        std::os::unix::fs::symlink("/dev/zero", d.join("zero")).unwrap();
+        let mut f = Files::new(Arc::new(Writer::new()));
+        let p = |n: &str| d.join(n).to_string_lossy().into_owned();
+        let (kind, msg) = f.start_read(1, &p("fifo"), STRICT, 1).err().unwrap();
+        assert_eq!(kind, ErrorKind::InvalidArgument);
+        assert!(msg.contains("FIFO"), "{msg}");
+        for link in ["link", "zero"] {
+            let (kind, msg) = f.start_read(1, &p(link), STRICT, 1).err().unwrap();
+            assert_eq!(kind, ErrorKind::InvalidArgument);
+            assert!(msg.contains("symlink"), "{msg}");
+        }
+        let follow = Some(ReadLimits { max_bytes: None, follow_symlinks: true });
+        let (_, msg) = f.start_read(1, &p("zero"), follow, 1).err().unwrap();
+        assert!(msg.contains("device"), "{msg}");
+        assert!(f.start_read(1, &p("link"), follow, 1).is_ok());
+        assert!(f.start_read(2, "/dev/null", None, 1).is_ok(), "no limits: the version-1 read");
+    }
+
+    #[test]
+    fn limited_reads_refuse_files_past_the_cap() {
+        let d = tmpdir("cap");
+        std::fs::write(d.join("four"), b"1234").unwrap();
+        std::fs::write(d.join("five"), b"12345").unwrap();
+        let mut f = Files::new(Arc::new(Writer::new()));
+        let p = |n: &str| d.join(n).to_string_lossy().into_owned();
+        assert!(f.start_read(1, &p("four"), STRICT, 1).is_ok());
+        let (kind, msg) = f.start_read(2, &p("five"), STRICT, 1).err().unwrap();
+        assert_eq!(kind, ErrorKind::Limit);
+        assert!(msg.contains("4-byte limit"), "{msg}");
     }
 }

@@ -15,7 +15,7 @@
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::Arc;
 
-use supermachine_protocol::{Control, Decoder, ErrorKind, Frame, Kind, ProcessInfo, MAX_PAYLOAD, PROTOCOL_VERSION};
+use supermachine_protocol::{Control, Decoder, ErrorKind, Frame, Kind, ProcessInfo, AGENT_FEATURES, MAX_PAYLOAD, PROTOCOL_VERSION};
 
 use crate::files::Files;
 use crate::generation::Generation;
@@ -164,7 +164,7 @@ impl Server {
         let (procs, boot_id) = (&self.procs, self.generation.boot_id.clone());
         self.writer.begin_session(|epoch| {
             procs.reset_windows(epoch);
-            Control::Welcome { version: PROTOCOL_VERSION, boot_id, generation, processes: fit_processes(procs.list()) }
+            Control::Welcome { version: PROTOCOL_VERSION, boot_id, generation, processes: fit_processes(procs.list()), features: AGENT_FEATURES.iter().map(|f| f.to_string()).collect() }
         });
         self.procs.notify_hello();
         debug!("hello: generation {generation}");
@@ -210,7 +210,7 @@ impl Server {
                     w.reply(&reply);
                 }
             }
-            Control::ReadFile { req, path } => match self.files.start_read(req, &path, w.epoch()) {
+            Control::ReadFile { req, path, limits } => match self.files.start_read(req, &path, limits, w.epoch()) {
                 Ok((info, pending)) => {
                     w.reply(&info);
                     self.files.stream(pending);
@@ -247,7 +247,7 @@ mod tests {
             .collect();
         let fitted = fit_processes(list);
         assert_eq!(fitted.len(), 4096);
-        let msg = Control::Welcome { version: 1, boot_id: "0".repeat(32), generation: 1, processes: fitted };
+        let msg = Control::Welcome { version: 1, boot_id: "0".repeat(32), generation: 1, processes: fitted, features: vec![] };
         assert!(msg.to_bytes().len() <= MAX_PAYLOAD);
     }
 }

@@ -277,7 +277,7 @@ mod tests {
     }
 
     fn welcome(epoch: u64) -> Control {
-        Control::Welcome { version: 1, boot_id: "b".into(), generation: epoch, processes: vec![] }
+        Control::Welcome { version: 1, boot_id: "b".into(), generation: epoch, processes: vec![], features: vec![] }
     }
 
     #[test]

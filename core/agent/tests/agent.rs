@@ -8,7 +8,7 @@ use std::path::PathBuf;
 use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
-use supermachine_protocol::{Control, Decoder, ErrorKind, ExitStatus, Frame, Kind, TtySize, DEFAULT_OUTPUT_WINDOW, PROTOCOL_VERSION};
+use supermachine_protocol::{Control, Decoder, ErrorKind, ExitStatus, Frame, Kind, ReadLimits, TtySize, DEFAULT_OUTPUT_WINDOW, PROTOCOL_VERSION};
 
 const WAIT: Duration = Duration::from_secs(20);
 
@@ -225,7 +225,7 @@ fn exec_streams_and_exit_status() {
     let agent = Agent::start("exec");
     let (mut c, welcome) = agent.session();
     match welcome {
-        Control::Welcome { version, boot_id, generation, processes } => {
+        Control::Welcome { version, boot_id, generation, processes, .. } => {
             assert_eq!(version, PROTOCOL_VERSION);
             assert_eq!(boot_id.len(), 32);
             assert_eq!(generation, 1);
@@ -432,7 +432,7 @@ fn file_round_trip_with_mode() {
     assert_eq!(c.reply(req), Control::Ok { req });
 
     let req = c.req();
-    c.send(&Control::ReadFile { req, path: path.clone() });
+    c.send(&Control::ReadFile { req, path: path.clone(), limits: None });
     assert_eq!(c.reply(req), Control::FileInfo { req, size: data.len() as u64, mode: 0o640 });
     let mut got = Vec::new();
     loop {
@@ -447,7 +447,7 @@ fn file_round_trip_with_mode() {
     assert_eq!(got, data);
 
     let req = c.req();
-    c.send(&Control::ReadFile { req, path: "/no/such/file".into() });
+    c.send(&Control::ReadFile { req, path: "/no/such/file".into(), limits: None });
     assert!(matches!(c.reply(req), Control::Error { kind: ErrorKind::NotFound, .. }));
     let req = c.req();
     c.send(&Control::WriteFile { req, path: "/no/such/dir/file".into(), mode: 0o644 });
@@ -600,7 +600,7 @@ fn file_reads_wait_for_credit() {
     let size = DEFAULT_OUTPUT_WINDOW as usize + 1_500_000;
     std::fs::write(&path, vec![5u8; size]).unwrap();
     let req = c.req();
-    c.send(&Control::ReadFile { req, path: path.to_string_lossy().into_owned() });
+    c.send(&Control::ReadFile { req, path: path.to_string_lossy().into_owned(), limits: None });
     assert!(matches!(c.reply(req), Control::FileInfo { .. }));
     let mut got = 0usize;
     while (got as u64) < DEFAULT_OUTPUT_WINDOW {
@@ -655,4 +655,51 @@ fn a_second_hello_on_one_connection_starts_a_new_session() {
     c.send(&Control::Signal { req, id, signal: 9 });
     assert_eq!(c.reply(req), Control::Ok { req });
     assert_eq!(c.collect(id).2.signal, Some(9));
+}
+
+#[test]
+fn limited_reads_stop_at_the_cap_while_streaming() {
+    // /proc files announce size 0 and then stream more: the cap holds while streaming too.
+    let agent = Agent::start("readcap");
+    let (mut c, _) = agent.session();
+    let limits = Some(ReadLimits { max_bytes: Some(100), follow_symlinks: false });
+    let req = c.req();
+    c.send(&Control::ReadFile { req, path: "/proc/self/status".into(), limits });
+    assert!(matches!(c.reply(req), Control::FileInfo { size: 0, .. }));
+    let mut got = 0usize;
+    loop {
+        let f = c.frame();
+        match f.kind {
+            Kind::FileData => {
+                assert!(!f.payload.is_empty(), "a file past the cap ended as if complete");
+                got += f.payload.len();
+            }
+            Kind::Control => match Control::from_bytes(&f.payload).unwrap() {
+                Control::Error { req: r, kind: ErrorKind::Limit, message } if r == req => {
+                    assert!(message.contains("100-byte limit"), "{message}");
+                    break;
+                }
+                other => panic!("{other:?}"),
+            },
+            _ => {}
+        }
+    }
+    assert!(got <= 100, "{got} bytes crossed a 100-byte cap");
+    // A file exactly at the cap is read whole.
+    let path = agent.dir.join("exact");
+    std::fs::write(&path, vec![7u8; 100]).unwrap();
+    let req = c.req();
+    c.send(&Control::ReadFile { req, path: path.to_string_lossy().into_owned(), limits });
+    assert!(matches!(c.reply(req), Control::FileInfo { size: 100, .. }));
+    let mut got = 0usize;
+    loop {
+        let f = c.frame();
+        if f.kind == Kind::FileData {
+            if f.payload.is_empty() {
+                break;
+            }
+            got += f.payload.len();
+        }
+    }
+    assert_eq!(got, 100);
 }

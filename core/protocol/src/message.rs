@@ -11,7 +11,10 @@
 //! H: Credit{id, bytes}    lets the guest send `bytes` more output bytes on channel id
 //! G: StdinAck{id, bytes}  tells the host how much stdin reached the process
 //! H: WriteFile{req, path, mode}  + FileData frames on channel req, empty = end → G: Ok{req}
-//! H: ReadFile{req, path}  → G: FileInfo{req, size, mode} + FileData frames on channel req
+//! H: ReadFile{req, path, limits?}  → G: FileInfo{req, size, mode} + FileData frames on channel req
+//!    (with `limits`: regular files only, opened without blocking and, unless allowed, without
+//!    following a final symlink; at most `max_bytes` cross, else Error{req, kind: limit}. Sent
+//!    only to an agent whose Welcome lists [`FEATURE_READ_LIMITS`]: older agents ignore it.)
 //! H: Pause{req} → G: Paused{req}: the guest sends nothing more until the next Hello/Resume
 //!    (used before a snapshot so the byte stream ends on a frame boundary).
 //! ```
@@ -24,6 +27,12 @@ use serde::{Deserialize, Serialize};
 
 /// Version of this protocol. Host and agent refuse to talk across versions.
 pub const PROTOCOL_VERSION: u32 = 1;
+
+/// What this agent understands beyond version 1, announced in [`Control::Welcome`]'s `features`
+/// (agents baked before a feature existed send none: the host must not rely on it then).
+pub const AGENT_FEATURES: &[&str] = &[FEATURE_READ_LIMITS];
+/// `ReadFile.limits` is honoured (see [`ReadLimits`]).
+pub const FEATURE_READ_LIMITS: &str = "read_limits";
 
 /// Default output window (bytes the guest may send per process before the host grants more).
 pub const DEFAULT_OUTPUT_WINDOW: u64 = 4 * 1024 * 1024;
@@ -60,6 +69,18 @@ pub struct ExitStatus {
     pub timed_out: bool,
     /// Peak resident set size of the process (KiB), from wait4's rusage.
     pub peak_rss_kib: u64,
+}
+
+/// Limits on one file read. A read with limits takes regular files only (a FIFO, socket,
+/// device or directory is an error, never a blocking open or an endless stream).
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ReadLimits {
+    /// More bytes than this: an error, and at most this many bytes are sent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_bytes: Option<u64>,
+    /// False: a symlink as the final path component is an error (O_NOFOLLOW).
+    #[serde(default)]
+    pub follow_symlinks: bool,
 }
 
 /// Machine-readable class of a guest-side failure.
@@ -122,6 +143,9 @@ pub enum Control {
     ReadFile {
         req: u64,
         path: String,
+        /// None: the version-1 read (follows symlinks, any openable file, no cap).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        limits: Option<ReadLimits>,
     },
     /// Lists processes (running and exited-but-unreported).
     ListProcesses {
@@ -151,6 +175,9 @@ pub enum Control {
         /// How many Hellos this guest has seen (bumped on every reconnect, e.g. each restore).
         generation: u64,
         processes: Vec<ProcessInfo>,
+        /// [`AGENT_FEATURES`] of this agent; absent from agents that predate the list.
+        #[serde(default)]
+        features: Vec<String>,
     },
     Spawned {
         req: u64,
@@ -249,6 +276,8 @@ mod tests {
                 status: ExitStatus { exit_code: -1, signal: Some(9), timed_out: true, peak_rss_kib: 1234 },
             },
             Control::Error { req: 4, kind: ErrorKind::NotFound, message: "no such file".into() },
+            Control::ReadFile { req: 5, path: "/a".into(), limits: Some(ReadLimits { max_bytes: Some(10), follow_symlinks: false }) },
+            Control::Welcome { version: 1, boot_id: "b".into(), generation: 2, processes: vec![], features: vec!["read_limits".into()] },
         ];
         for m in msgs {
             let b = m.to_bytes();
@@ -261,6 +290,24 @@ mod tests {
         let v: serde_json::Value = serde_json::from_slice(&Control::Ping { req: 7 }.to_bytes()).unwrap();
         assert_eq!(v["op"], "ping");
         assert_eq!(v["req"], 7);
+    }
+
+    #[test]
+    fn version_one_peers_interoperate() {
+        // A plain read is the version-1 wire shape (an old agent parses it the same way).
+        let v: serde_json::Value = serde_json::from_slice(&Control::ReadFile { req: 1, path: "/a".into(), limits: None }.to_bytes()).unwrap();
+        assert_eq!(v, serde_json::json!({"op": "read_file", "req": 1, "path": "/a"}));
+        // An old agent's Welcome has no features.
+        let old = br#"{"op":"welcome","version":1,"boot_id":"b","generation":1,"processes":[]}"#;
+        match Control::from_bytes(old).unwrap() {
+            Control::Welcome { features, .. } => assert!(features.is_empty()),
+            other => panic!("{other:?}"),
+        }
+        let limited = br#"{"op":"read_file","req":1,"path":"/a","limits":{}}"#;
+        match Control::from_bytes(limited).unwrap() {
+            Control::ReadFile { limits: Some(l), .. } => assert_eq!(l, ReadLimits { max_bytes: None, follow_symlinks: false }),
+            other => panic!("{other:?}"),
+        }
     }
 
     #[test]

@@ -10,7 +10,7 @@ use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyDict, PyString, PyTuple};
 
-use supermachine_protocol::TtySize;
+use supermachine_protocol::{ReadLimits, TtySize};
 use supermachine_runtime::accel::Accel;
 use supermachine_runtime::error::Error;
 use supermachine_runtime::mux::Stream;
@@ -371,15 +371,52 @@ impl Vm {
         py.allow_threads(|| self.inner.upload(&host_path, &guest_path, mode)).py_err()
     }
 
-    /// Reads a whole guest file.
-    fn read_file(&self, py: Python<'_>, path: String) -> PyResult<Py<PyBytes>> {
-        let v = py.allow_threads(|| self.inner.read_file(&path)).py_err()?;
+    /// Reads a whole guest file. `max_bytes` / `follow_symlinks=False`: a limited read (regular
+    /// files only; see `Vm.download`).
+    #[pyo3(signature = (path, max_bytes=None, follow_symlinks=true))]
+    fn read_file(&self, py: Python<'_>, path: String, max_bytes: Option<u64>, follow_symlinks: bool) -> PyResult<Py<PyBytes>> {
+        let limits = read_limits(max_bytes, follow_symlinks);
+        let v = py.allow_threads(|| self.inner.read_file(&path, limits)).py_err()?;
         Ok(PyBytes::new(py, &v).unbind())
     }
 
-    /// Copies a guest file to a host path (streamed; written atomically).
-    fn download(&self, py: Python<'_>, guest_path: String, host_path: PathBuf) -> PyResult<u64> {
-        py.allow_threads(|| self.inner.download(&guest_path, &host_path)).py_err()
+    /// Copies a guest file to a host path (streamed; written atomically). With `max_bytes` or
+    /// `follow_symlinks=False` the read is limited: regular files only (a FIFO, device or
+    /// socket is a GuestError, never a hang), a final symlink refused unless followed, more
+    /// than `max_bytes` a GuestError of kind "limit" (nothing is written). Limited reads need
+    /// an agent that lists "read_limits" in `agent_features` (else ValueError).
+    #[pyo3(signature = (guest_path, host_path, max_bytes=None, follow_symlinks=true))]
+    fn download(&self, py: Python<'_>, guest_path: String, host_path: PathBuf, max_bytes: Option<u64>, follow_symlinks: bool) -> PyResult<u64> {
+        let limits = read_limits(max_bytes, follow_symlinks);
+        py.allow_threads(|| self.inner.download(&guest_path, &host_path, limits)).py_err()
+    }
+
+    /// Like `download`, into open file descriptor `fd` (written from its offset; not closed,
+    /// not truncated: on an error part of the file may be there). Returns the bytes written.
+    #[pyo3(signature = (guest_path, fd, max_bytes=None, follow_symlinks=true))]
+    fn download_fd(&self, py: Python<'_>, guest_path: String, fd: i32, max_bytes: Option<u64>, follow_symlinks: bool) -> PyResult<u64> {
+        use std::io::Write;
+        use std::os::fd::{BorrowedFd, OwnedFd};
+        if fd < 0 {
+            return Err(PyValueError::new_err(format!("fd must be an open file descriptor, got {fd}")));
+        }
+        // SAFETY: the caller passes an fd it keeps open for this call; it is only duplicated here.
+        let owned: OwnedFd = unsafe { BorrowedFd::borrow_raw(fd) }.try_clone_to_owned()?;
+        let limits = read_limits(max_bytes, follow_symlinks);
+        py.allow_threads(|| {
+            let mut w = std::io::BufWriter::with_capacity(1 << 20, std::fs::File::from(owned));
+            let (n, _) = self.inner.read_file_into(&guest_path, &mut w, limits)?;
+            w.flush().map_err(|e| Error::io("write the downloaded data", e))?;
+            Ok::<u64, Error>(n)
+        })
+        .py_err()
+    }
+
+    /// What the guest agent announced it understands ("read_limits", ...); empty for agents
+    /// baked before the list existed.
+    #[getter]
+    fn agent_features(&self) -> Vec<String> {
+        self.inner.agent_features()
     }
 
     /// Round trip to the agent.
@@ -576,4 +613,9 @@ pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(prefetch_snapshot_memory, m)?)?;
     m.add_function(wrap_pyfunction!(snapshot_files_stamp, m)?)?;
     Ok(())
+}
+
+/// The protocol's read limits for the Python keywords (None: the unlimited version-1 read).
+fn read_limits(max_bytes: Option<u64>, follow_symlinks: bool) -> Option<ReadLimits> {
+    (max_bytes.is_some() || !follow_symlinks).then_some(ReadLimits { max_bytes, follow_symlinks })
 }

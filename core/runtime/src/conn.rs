@@ -506,7 +506,7 @@ mod tests {
             assert!(matches!(hello, Control::Hello { version: PROTOCOL_VERSION, ref entropy, .. } if entropy.len() == 32));
             write_control(
                 &mut guest,
-                &Control::Welcome { version: PROTOCOL_VERSION, boot_id: "fake".into(), generation: 1, processes: vec![] },
+                &Control::Welcome { version: PROTOCOL_VERSION, boot_id: "fake".into(), generation: 1, processes: vec![], features: vec![] },
             );
             script(&mut guest, &mut d);
         });
@@ -633,6 +633,7 @@ mod tests {
             boot_id: "b".into(),
             generation: 2,
             processes: vec![],
+            features: vec![],
         })
         .unwrap();
         let torn = Frame::new(Kind::Stdout, 1, vec![7; 500]).encode().unwrap();
@@ -678,6 +679,7 @@ mod tests {
                     boot_id: "fake".into(),
                     generation: 2,
                     processes: vec![ProcessInfo { id: 9, os_pid: 99, argv: vec![], running: true, tty: false }],
+                    features: vec![],
                 },
             );
             guest.write_all(&Frame::new(Kind::Stdout, 9, b"after".to_vec()).encode().unwrap()).unwrap();

@@ -529,6 +529,19 @@ impl Mux {
         self.welcome.as_ref()
     }
 
+    /// The features the agent of this connection announced (none before its Welcome, and
+    /// none from agents that predate the list).
+    pub fn features(&self) -> &[String] {
+        match &self.welcome {
+            Some(Control::Welcome { features, .. }) => features,
+            _ => &[],
+        }
+    }
+
+    pub fn has_feature(&self, name: &str) -> bool {
+        self.features().iter().any(|f| f == name)
+    }
+
     /// Adopts the processes a (re)connected guest reports: known ones are kept (with their
     /// buffered output), new ones are added, ones the guest no longer has are marked gone.
     pub fn reconcile(&mut self, processes: &[ProcessInfo]) {
@@ -718,7 +731,7 @@ mod tests {
     /// A mux with a welcomed connection and one spawned process `id`.
     fn with_proc(id: u32) -> Mux {
         let mut m = Mux::new();
-        m.on_frame(ctl(Control::Welcome { version: PROTOCOL_VERSION, boot_id: "b".into(), generation: 1, processes: vec![] }))
+        m.on_frame(ctl(Control::Welcome { version: PROTOCOL_VERSION, boot_id: "b".into(), generation: 1, processes: vec![], features: vec![] }))
             .unwrap();
         let req = m.begin(ReqKind::Spawn).unwrap();
         m.on_frame(ctl(Control::Spawned { req, id, os_pid: 42 })).unwrap();
@@ -771,7 +784,7 @@ mod tests {
         assert!(e.0.contains("version 9 unsupported"), "{e:?}");
         assert!(m.on_frame(Frame::new(Kind::Stdin, 1, b"x".to_vec())).is_err());
         let mut m = Mux::new();
-        m.on_frame(ctl(Control::Welcome { version: PROTOCOL_VERSION + 1, boot_id: "b".into(), generation: 1, processes: vec![] }))
+        m.on_frame(ctl(Control::Welcome { version: PROTOCOL_VERSION + 1, boot_id: "b".into(), generation: 1, processes: vec![], features: vec![] }))
             .unwrap_err();
     }
 
@@ -979,7 +992,7 @@ mod tests {
         m.reconnect();
         assert!(matches!(m.take_reply(waiting), Err(Error::VmDied(_))), "abandoned requests fail, never hang");
         let info = |id, os_pid| ProcessInfo { id, os_pid, argv: vec![], running: true, tty: false };
-        m.on_frame(ctl(Control::Welcome { version: PROTOCOL_VERSION, boot_id: "b".into(), generation: 2, processes: vec![info(1, 42), info(5, 50)] }))
+        m.on_frame(ctl(Control::Welcome { version: PROTOCOL_VERSION, boot_id: "b".into(), generation: 2, processes: vec![info(1, 42), info(5, 50)], features: vec![] }))
             .unwrap();
         m.reconcile(&[info(1, 42), info(5, 50)]);
         assert_eq!(take_all(&mut m, 1, Stream::Stdout), b"kept");

@@ -18,7 +18,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use supermachine_protocol::{Control, ExitStatus};
+use supermachine_protocol::{Control, ErrorKind, ExitStatus, ReadLimits, FEATURE_READ_LIMITS};
 
 use crate::accel::{self, Accel};
 use crate::child::{ExecChild, SpawnOptions};
@@ -431,6 +431,12 @@ impl Vm {
         &self.welcome
     }
 
+    /// What the agent on the current connection announced it understands (see
+    /// `supermachine_protocol::AGENT_FEATURES`); empty for agents that predate the list.
+    pub fn agent_features(&self) -> Vec<String> {
+        self.conn.lock().features().to_vec()
+    }
+
     pub fn accel(&self) -> Option<Accel> {
         self.accel
     }
@@ -528,14 +534,34 @@ impl Vm {
     }
 
     /// Reads a guest file into `out`, streamed in chunks. Returns (bytes, mode).
-    pub fn read_file_into(&self, path: &str, out: &mut dyn Write) -> Result<(u64, u32)> {
+    ///
+    /// With `limits` (agents that list `read_limits` in their Welcome; older ones get an
+    /// InvalidArgument error before anything is sent): regular files only, a final symlink
+    /// refused unless allowed, and more than `max_bytes` an error. The cap is also held here:
+    /// a guest that announces or sends more gets an error and at most `max_bytes` reach `out`.
+    pub fn read_file_into(&self, path: &str, out: &mut dyn Write, limits: Option<ReadLimits>) -> Result<(u64, u32)> {
         self.check()?;
         let conn = &self.conn;
-        let reply = conn.request(ReqKind::ReadFile, None, |req| Control::ReadFile { req, path: path.to_string() });
-        let (req, mode) = match reply? {
-            Control::FileInfo { req, mode, .. } => (req, mode),
+        if limits.is_some() && !conn.lock().has_feature(FEATURE_READ_LIMITS) {
+            return Err(Error::InvalidArgument(format!(
+                "cannot read {path:?} with a size cap or without following symlinks: this VM's guest agent predates \
+                 limited reads; rebuild its snapshot (supermachine-kernel prepare) or read without limits"
+            )));
+        }
+        let cap = limits.and_then(|l| l.max_bytes);
+        let over = |what: &str| Error::Guest {
+            kind: ErrorKind::Limit,
+            message: format!("cannot read {path:?}: the guest {what} more than the {}-byte limit", cap.unwrap_or_default()),
+        };
+        let reply = conn.request(ReqKind::ReadFile, None, |req| Control::ReadFile { req, path: path.to_string(), limits });
+        let (req, size, mode) = match reply? {
+            Control::FileInfo { req, size, mode } => (req, size, mode),
             other => return Err(Error::Protocol(format!("unexpected reply to read_file: {other:?}"))),
         };
+        if cap.is_some_and(|c| size > c) {
+            conn.lock().abandon(req);
+            return Err(over("announced"));
+        }
         let mut total = 0u64;
         loop {
             let chunk = conn.wait(None, |m| match m.take_file(req)? {
@@ -544,6 +570,10 @@ impl Vm {
             });
             match chunk {
                 Ok(FileChunk::Data { bytes: d, credit }) => {
+                    if cap.is_some_and(|c| total + d.len() as u64 > c) {
+                        conn.lock().abandon(req);
+                        return Err(over("sent"));
+                    }
                     if let Some(c) = credit {
                         let _ = conn.send_control(&Control::Credit { id: channel_of(req), bytes: c });
                     }
@@ -562,15 +592,16 @@ impl Vm {
         }
     }
 
-    /// Reads a whole guest file.
-    pub fn read_file(&self, path: &str) -> Result<Vec<u8>> {
+    /// Reads a whole guest file (`limits` as in [`Vm::read_file_into`]).
+    pub fn read_file(&self, path: &str, limits: Option<ReadLimits>) -> Result<Vec<u8>> {
         let mut v = Vec::new();
-        self.read_file_into(path, &mut v)?;
+        self.read_file_into(path, &mut v, limits)?;
         Ok(v)
     }
 
-    /// Downloads a guest file to a host path (written to a temporary name, then renamed).
-    pub fn download(&self, guest_path: &str, host_path: &Path) -> Result<u64> {
+    /// Downloads a guest file to a host path (written to a temporary name, then renamed;
+    /// `limits` as in [`Vm::read_file_into`]).
+    pub fn download(&self, guest_path: &str, host_path: &Path, limits: Option<ReadLimits>) -> Result<u64> {
         let tmp = host_path.with_file_name(format!(
             ".{}.part-{}",
             host_path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default(),
@@ -578,7 +609,7 @@ impl Vm {
         ));
         let f = fs::File::create(&tmp).map_err(|e| Error::io(format!("create {}", tmp.display()), e))?;
         let mut w = std::io::BufWriter::with_capacity(1 << 20, f);
-        let r = self.read_file_into(guest_path, &mut w).and_then(|(n, _)| {
+        let r = self.read_file_into(guest_path, &mut w, limits).and_then(|(n, _)| {
             w.flush().map_err(|e| Error::io(format!("write {}", tmp.display()), e))?;
             fs::rename(&tmp, host_path).map_err(|e| Error::io(format!("rename to {}", host_path.display()), e))?;
             Ok(n)
