@@ -229,7 +229,8 @@ def apply(p: Plan, pid: int) -> Outcome:
             failed = failed or f"cannot move pid {pid} into {group}: {e.strerror}"
     for w in p.writes:
         target = os.path.join(w.path, w.file)
-        joined = any(g == w.path or g.startswith(w.path + os.sep) for g in out.groups)
+        joined = not p.join or any(g == w.path or g.startswith(w.path + os.sep)
+                                   for g in out.groups)  # no join: only the limits asked
         try:
             value = _read(target)
         except OSError as e:
