@@ -27,9 +27,17 @@ supermachine_kernel/early_start.py); the medians are over --rounds launches. Run
 SUPERMACHINE_EARLY_START=0 in the environment to measure without it.
 
 Run: .venv/bin/python bench/kernel.py [--rounds N] [--mb 50] [--only output [--prints K]]
+     .venv/bin/python bench/kernel.py --only workspace [--rounds N]
 
 The output figure runs the microVM kernel with `iopub_data_rate_limit=0`: plain ipykernel has
 no limit of its own to compare with (the default one passes 30 MB per 3 s and drops the rest).
+
+`--only workspace` measures the workspace sync (c.MicroVMKernel.workspace, issue 13) on the
+microVM kernel alone, both sides in the same run: `1+1` p50/p95 with the sync on vs off (two
+kernels started in the same directory of WS_FILES small files, cells interleaved; target: at
+most +2 ms), launch -> a 100 MB host file readable by a cell (vs launch -> `1+1` done with the
+sync off) and ready -> readable, and a cell writing 100 MB (done when the file is on the host)
+vs the same cell with the sync off.
 
 `--only output` measures only the output figure: per round both kernels are launched, then the
 print cell runs K times on each, interleaved; the launch figures are still printed, the others
@@ -149,6 +157,101 @@ def measure_round(names: list[str], mb: int, out: dict[str, dict[str, list[float
             km.shutdown_kernel(now=True)
 
 
+WS_FILES = 50
+WS_MB = 100
+WS_CHECK = f"import os; assert os.path.getsize('big.bin') == {WS_MB} << 20"
+WS_WRITE = (f"block = bytes(range(256)) * 4096\nwith open('out.bin', 'wb') as f:\n"
+            f"    for _ in range({WS_MB}):\n        f.write(block)")
+
+
+def start_in(name: str, cwd: str, extra: list[str]) -> tuple[KernelManager, object, float]:
+    """A kernel started in `cwd` (the notebook's directory); (km, kc, seconds to ready)."""
+    km = KernelManager(kernel_name=name)
+    t0 = time.perf_counter()
+    km.start_kernel(extra_arguments=extra, cwd=cwd)
+    kc = km.client()
+    kc.start_channels()
+    kc.wait_for_ready(timeout=300)
+    return km, kc, t0
+
+
+def stop(km: KernelManager, kc) -> None:
+    kc.stop_channels()
+    km.shutdown_kernel(now=True)
+
+
+def measure_workspace(name: str, rounds: int) -> None:
+    """The `--only workspace` figures (see the module doc)."""
+    import tempfile  # noqa: PLC0415
+
+    on, off = ["--MicroVMKernel.workspace=sync"], ["--MicroVMKernel.workspace=off"]
+    rt: dict[str, list[float]] = {"sync": [], "off": []}
+    into: dict[str, list[float]] = {"launch": [], "ready": [], "off_launch": []}
+    write: dict[str, list[float]] = {"sync": [], "off": []}
+    with tempfile.TemporaryDirectory(prefix="ws-bench-") as root:
+        small, big, empty = (os.path.join(root, d) for d in ("small", "big", "empty"))
+        for d in (small, big, empty):
+            os.mkdir(d)
+        for i in range(WS_FILES):
+            with open(os.path.join(small, f"file{i:03}.csv"), "w") as f:
+                f.write("a,b\n" + f"{i},{i * i}\n" * 100)
+        with open(os.path.join(big, "big.bin"), "wb") as f:
+            f.write(bytes(range(256)) * (WS_MB << 12))
+        for _ in range(rounds):
+            # 1+1, sync on vs off, same directory, interleaved.
+            kernels = {mode: start_in(name, small, args)[:2]
+                       for mode, args in (("sync", on), ("off", off))}
+            try:
+                time.sleep(SETTLE_S)
+                for mode, (_, kc) in kernels.items():
+                    run_cell(kc, "1+1")  # the first cell (attach and first push) is not counted
+                for _ in range(RT_CELLS):
+                    for mode, (_, kc) in kernels.items():
+                        t = time.perf_counter()
+                        run_cell(kc, "1+1")
+                        rt[mode].append(time.perf_counter() - t)
+                # A cell writing 100 MB: done when it is on the host (sync) vs in the VM (off).
+                for mode, (_, kc) in kernels.items():
+                    t = time.perf_counter()
+                    run_cell(kc, WS_WRITE)
+                    write[mode].append(time.perf_counter() - t)
+                    run_cell(kc, "import os; os.remove('out.bin')")
+            finally:
+                for km, kc in kernels.values():
+                    stop(km, kc)
+            leftover = os.path.join(small, "out.bin")
+            if os.path.exists(leftover):
+                os.remove(leftover)
+            # Launch -> a 100 MB host file readable in the guest.
+            km, kc, t0 = start_in(name, big, on)
+            try:
+                ready = time.perf_counter()
+                run_cell(kc, WS_CHECK)
+                done = time.perf_counter()
+                into["launch"].append(done - t0)
+                into["ready"].append(done - ready)
+            finally:
+                stop(km, kc)
+            km, kc, t0 = start_in(name, empty, off)
+            try:
+                run_cell(kc, "1+1")
+                into["off_launch"].append(time.perf_counter() - t0)
+            finally:
+                stop(km, kc)
+    rows = [
+        ("`1+1` round trip p50", percentile(rt["sync"], 50), percentile(rt["off"], 50), "ms"),
+        ("`1+1` round trip p95", percentile(rt["sync"], 95), percentile(rt["off"], 95), "ms"),
+        (f"launch -> {WS_MB} MB host file read (vs 1+1)", median(into["launch"]),
+         median(into["off_launch"]), "ms"),
+        (f"cell writing {WS_MB} MB, done", median(write["sync"]), median(write["off"]), "ms"),
+    ]
+    print_table(f"workspace sync on vs off ({WS_FILES} files; {rounds} rounds)", rows,
+                "sync", "off")
+    print(f"`1+1` p50 difference: {(percentile(rt['sync'], 50) - percentile(rt['off'], 50)) * 1000:+.2f} ms "
+          f"(target <= +2 ms); ready -> {WS_MB} MB readable: "
+          + ", ".join(f"{x:.2f} s" for x in into["ready"]) + " (target <= 2 s under TCG)")
+
+
 def summarize(out: dict[str, list[float]]) -> dict[str, float]:
     res = {k: median(v) for k, v in out.items() if k != "rt"}
     res["rt_p50"] = percentile(out["rt"], 50)
@@ -162,10 +265,13 @@ def main() -> None:
     ap.add_argument("--mb", type=int, default=50, help="megabytes printed in the output figure")
     ap.add_argument("--kernel", default="python-microvm")
     ap.add_argument("--baseline", default="python3")
-    ap.add_argument("--only", choices=["output"], help="measure only this figure")
+    ap.add_argument("--only", choices=["output", "workspace"], help="measure only this figure")
     ap.add_argument("--prints", type=int, default=None,
                     help="print cells per round and kernel (default: 1, or 3 with --only output)")
     args = ap.parse_args()
+    if args.only == "workspace":
+        measure_workspace(args.kernel, args.rounds)
+        return
     prints = args.prints or (3 if args.only == "output" else 1)
     names = [args.baseline, args.kernel]
     out = {name: {k: [] for k in FIGURES} for name in names}

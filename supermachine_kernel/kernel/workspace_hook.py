@@ -12,9 +12,11 @@ this module only connects it to the kernel:
   those of the snapshot, and the next pass compares without state, so nothing on the host is
   lost (files that differ become conflicts: the host's version stays, the guest's is saved
   beside it).
-- before a cell: host scan, plan against the REPL's last listing, push if not empty (the guest's
-  directories and mtimes through the REPL, file bytes through `Vm.upload`); the execute request
-  then says `workspace_clean` so the REPL drops the dirty flag of the push's own writes.
+- before a cell: nothing when neither side changed since the last pass (`unchanged`: an inotify
+  read on the host, on the loop); else, on a worker thread, host scan, plan against the REPL's
+  last listing, push if not empty (the guest's directories and mtimes through the REPL, file
+  bytes through `Vm.upload`); the execute request then says `workspace_clean` so the REPL drops
+  the dirty flag of the push's own writes.
 - after a cell: only when the REPL put a listing into the execute reply (it does when its
   inotify flag says the workspace changed): plan and pull into the host (mode "sync").
 The first attach and push start as soon as the guest is up (`start`), before the first cell.
@@ -132,6 +134,8 @@ class WorkspaceHook:
             handle = guest.handle
             if handle is not self._handle:
                 await self._attach(guest, handle)
+            elif self.sync.unchanged():
+                return ""           # the usual cell: an inotify read on the host, no thread
             return await asyncio.to_thread(self.sync.before_cell, vm)
         except Exception as e:  # noqa: BLE001 - a cell runs even when the sync cannot
             log.exception("workspace sync before a cell failed")
@@ -145,7 +149,7 @@ class WorkspaceHook:
 
         if self.sync is None:
             self.sync = WorkspaceSync(os.getcwd(), GUEST_ROOT, self.mode,
-                                      self.kernel.workspace_limits())
+                                      self.kernel.workspace_limits(), watch_host=True)
         self.sync.forget()      # a restored or fresh guest: see the module doc
         limits = self.sync.limits
         answer = await guest.request(

@@ -18,6 +18,11 @@ workspace did not change in the guest, nothing to do). `clean` says whether the 
 left the guest exactly as `guest` says (the REPL may then drop the dirty flag the push's own
 writes set).
 
+The host tree is scanned again only when it may have changed (`HostTree`): an inotify watcher
+(guest_side.Watcher, which runs on the host as well) says so, for a tree small enough to watch
+on a local filesystem; otherwise every pass scans. `unchanged()` is the cheap check before a
+cell: neither side changed since a pass that left nothing undone, so there is nothing to do.
+
 A pass whose guest listing is refused (transfer.ListingError) changes nothing and says so.
 """
 from __future__ import annotations
@@ -42,11 +47,80 @@ from .transfer import (
 )
 
 MODES = ("sync", "read-only", "off")
+# The host tree is watched (inotify) only up to this many directories, and not on network or
+# FUSE filesystems (whose changes made elsewhere raise no inotify event here).
+MAX_WATCHED_DIRS = 2000
+UNWATCHABLE_FS = ("nfs", "nfs4", "cifs", "smb3", "smbfs", "9p", "ceph", "glusterfs", "lustre",
+                  "gpfs", "afs", "davfs", "sshfs", "virtiofs")
+
+
+def filesystem_type(path: str) -> str:
+    """The type of the filesystem holding `path` (from /proc/self/mountinfo), '' if unknown."""
+    best, fstype = -1, ""
+    try:
+        with open("/proc/self/mountinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                left, _, right = line.partition(" - ")
+                fields = left.split()
+                if len(fields) < 5 or not right:
+                    continue
+                mount = fields[4].replace("\\040", " ")
+                inside = path == mount or path.startswith(mount.rstrip("/") + "/")
+                if inside and len(mount) > best:
+                    best, fstype = len(mount), right.split()[0]
+    except OSError:
+        return ""
+    return fstype
+
+
+def watchable(root: str) -> bool:
+    fstype = filesystem_type(os.path.realpath(root))
+    return bool(fstype) and fstype not in UNWATCHABLE_FS and not fstype.startswith("fuse")
+
+
+class HostTree:
+    """The host tree's scan, done again only when the tree may have changed. With `watch`, an
+    inotify watcher is set up after the first complete scan of at most MAX_WATCHED_DIRS
+    directories (a change between that scan and the watch costs one more scan); without it,
+    or past the watch limit, every `scan()` reads the tree."""
+
+    def __init__(self, root: str, limits: Limits, watch: bool) -> None:
+        self.root, self.limits, self.watch = root, limits, watch
+        self._watcher: Any = None
+        self._last: Scan | None = None
+        self._due = True
+
+    def may_have_changed(self) -> bool:
+        if self._watcher is None or self._last is None:
+            return True
+        if self._watcher.dirty():
+            self._due = True
+        return self._due
+
+    def scan(self) -> Scan:
+        if not self.may_have_changed():
+            assert self._last is not None
+            return self._last
+        self._due = False
+        self._last = scan(self.root, self.limits)
+        if self.watch and self._watcher is None and not self._last.unlisted and \
+                sum(e.kind == "dir" for e in self._last.entries.values()) <= MAX_WATCHED_DIRS:
+            from .guest_side import Watcher  # noqa: PLC0415 - ctypes, only when watching
+
+            self._watcher = Watcher(self.root, list(self.limits.excludes),
+                                    self.limits.exclude_hidden_dirs)
+            self._due = True   # what changed before the watch was set is seen next time
+        return self._last
+
+    def close(self) -> None:
+        if self._watcher is not None:
+            self._watcher.close()
+            self._watcher = None
 
 
 class WorkspaceSync:
     def __init__(self, host_root: str | os.PathLike[str], guest_root: str, mode: str,
-                 limits: Limits) -> None:
+                 limits: Limits, watch_host: bool = False) -> None:
         if mode not in MODES:
             raise ValueError(f"workspace mode must be one of {MODES}, not {mode!r}")
         self.host_root = os.fspath(host_root)
@@ -58,18 +132,28 @@ class WorkspaceSync:
         self.guest: Scan | None = None      # the REPL's last listing (None: list per pass)
         self.apply: Applier | None = None
         self.clean = False
+        self.host = HostTree(self.host_root, limits,
+                             watch_host and mode != "off" and watchable(self.host_root))
+        self._settled = False   # the last pass left nothing undone and nothing changed since
+
+    def unchanged(self) -> bool:
+        """Nothing for `before_cell` to do: the guest sent no new listing and the host tree
+        did not change since a before_cell that left nothing undone (an inotify read)."""
+        return self._settled and self.guest is not None and not self.host.may_have_changed()
 
     def attach(self, listing: Any, apply: Applier) -> None:
         """The guest REPL holds the workspace: `listing` is its tree (guest_side's `list`
         output, parsed here as hostile input; ListingError), `apply` runs apply ops in it."""
         self.guest = parse_guest_listing(listing, self.limits)
         self.apply = apply
+        self._settled = False
 
     def before_cell(self, vm: GuestVm, now: dt.datetime | None = None) -> str:
         """Carries the host's changes into the guest (conflicts: the guest's version is saved
         on the host first, in mode "sync"). Returns the message for the cell ('' if none)."""
         if self.mode == "off":
             return ""
+        self._settled = False
         host, guest, error = self._scans(vm)
         if error:
             return error
@@ -83,6 +167,7 @@ class WorkspaceSync:
             p.conflicts = []     # read-only: the host's version simply replaces the guest's
         pushed = self._push(vm, p, host, guest)
         self._keep(p, host, guest, pushed)
+        self._settled = not (pulled.refused or pushed.refused)
         return self._message(host.skipped, True, pulled.refused + pushed.refused, p,
                              host.unlisted)
 
@@ -96,6 +181,7 @@ class WorkspaceSync:
         if self.guest is not None:
             if listing is None:
                 return ""
+            self._settled = False
             try:
                 self.guest = parse_guest_listing(listing, self.limits)
             except ListingError as e:
@@ -136,11 +222,12 @@ class WorkspaceSync:
         kept and copied in, the guest's saved beside it on the host), files only in the guest
         come back after the cell. Nothing on the host is overwritten or deleted."""
         self.state = {}
+        self._settled = False
 
     # ----
 
     def _scans(self, vm: GuestVm) -> tuple[Scan, Scan, str]:
-        host = scan(self.host_root, self.limits)
+        host = self.host.scan()
         if self.guest is not None:
             return host, self.guest, ""
         try:
