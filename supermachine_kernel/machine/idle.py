@@ -13,8 +13,9 @@ Idle means all of these, checked every `period` seconds:
 - the guest's CPU was quiet over the last sample window (busy time in the guest's /proc/stat
   under CPU_QUIET of the window), so a background thread or process that computes keeps its VM;
 - no %expose port is listening (a connection would reach no VM; stop the exposure with
-  ``%expose --stop PORT`` to let the kernel suspend). Connections through the egress proxy
-  (issue 13) are not in this check: it is not wired into the kernel yet.
+  ``%expose --stop PORT`` to let the kernel suspend), and no connection through the kernel's
+  egress proxy is open (kernel/network.py; it would be cut). After a resume the egress
+  forward is made again by the network's attach hook, which `GuestRepl.adopt` runs.
 An interrupt while suspended does nothing and does not resume (nothing runs in a suspended
 guest); kernel_info is answered without the guest.
 
@@ -236,7 +237,7 @@ class IdleSuspender:
             except Exception:  # noqa: BLE001 - a failed check must not end the watch
                 self.log.exception("idle check failed")
 
-    def _quiet(self) -> bool:
+    def quiet(self) -> bool:
         """No request or output for long enough (the last CPU sample window is then due), none
         pending, and nothing that a suspend would break."""
         if self.suspended or self._lock.locked():
@@ -246,7 +247,13 @@ class IdleSuspender:
         guest = self.guest
         if guest.busy or guest.handle is None or getattr(self.kernel, "in_request", False):
             return False
-        return not self._exposed()
+        return not self._exposed() and not self._connected()
+
+    def _connected(self) -> bool:
+        """Connections through the kernel's egress proxy are open (kernel/network.py)."""
+        proxy = getattr(getattr(self.kernel, "network", None), "proxy", None)
+        count = getattr(proxy, "active_connections", None)
+        return bool(count is not None and count())
 
     def _exposed(self) -> bool:
         host = getattr(self.kernel, "host_magics", None)
@@ -256,7 +263,7 @@ class IdleSuspender:
 
     async def check(self) -> bool:
         """One idle check; suspends the guest if it is idle. Returns True if it suspended."""
-        if not self._quiet():
+        if not self.quiet():
             self._sample = None
             return False
         handle = self.guest.handle
@@ -278,7 +285,7 @@ class IdleSuspender:
             self.log.debug("idle check: the guest's CPU was %.0f%% busy; not suspending",
                            share * 100)
             return False
-        if not self._quiet():
+        if not self.quiet():
             return False
         await self.suspend()
         return True
@@ -318,8 +325,7 @@ class IdleSuspender:
         self.suspends += 1
         self.last_suspend_s = took
         self.log.info("guest idle for %.0f s: suspended (VM snapshot %.3f s, %.1f MiB on disk; "
-                      "QEMU %s stopped)", time.monotonic() - self.last_activity, took,
-                      size / 2**20, qemu_pid)
+                      "QEMU %s stopped)", t0 - self.last_activity, took, size / 2**20, qemu_pid)
         return self._state
 
     def _release_ahead(self) -> None:
@@ -337,6 +343,7 @@ class IdleSuspender:
         t0 = time.monotonic()
         try:
             handle = await asyncio.to_thread(self._restore, state)
+            t1 = time.monotonic()
             self._state = None  # from here on the adopted guest is the kernel's
             await self.guest.adopt(handle, timeout=RESUME_TIMEOUT)
         except Exception as e:  # noqa: BLE001 - any failure: a fresh VM, and say so
@@ -353,7 +360,9 @@ class IdleSuspender:
         shutil.rmtree(state.path, ignore_errors=True)
         self.resumes += 1
         self.last_resume_s = time.monotonic() - t0
-        self.log.info("resumed the idle-suspended guest in %.3f s", self.last_resume_s)
+        self.log.info("resumed the idle-suspended guest in %.3f s (VM restored and REPL "
+                      "attached %.3f s, REPL answered %.3f s)", self.last_resume_s, t1 - t0,
+                      self.last_resume_s - (t1 - t0))
 
     def _restore(self, state: Suspended) -> VmHandle:
         """Blocking: verify and restore the snapshot, re-attach to its REPL."""

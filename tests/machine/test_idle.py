@@ -62,3 +62,63 @@ def test_idle_suspend_after_defaults_off_and_refuses_negative() -> None:
     assert GuestConfig(idle_suspend_after=600).idle_suspend_after == 600
     with pytest.raises(TraitError, match="idle_suspend_after"):
         GuestConfig(idle_suspend_after=-1)
+
+
+class _Guest:
+    def __init__(self) -> None:
+        self.busy = False
+        self.handle = object()
+        self.loop = None
+        self.backend = None
+
+
+class _Exposure:
+    listening = True
+
+
+class _Proxy:
+    def __init__(self, n: int) -> None:
+        self.n = n
+
+    def active_connections(self) -> int:
+        return self.n
+
+
+class _Kernel:
+    def __init__(self) -> None:
+        self.in_request = False
+        self.host_magics = type("H", (), {"exposures": type("X", (), {"by_port": {}})()})()
+        self.network = type("N", (), {"proxy": _Proxy(0)})()
+
+
+def _quiet_suspender() -> tuple:
+    from supermachine_kernel.machine.idle import IdleSuspender
+
+    kernel, guest = _Kernel(), _Guest()
+    s = IdleSuspender(kernel, guest, after=10.0, root="/nonexistent")
+    s.last_activity -= 60  # idle for a minute
+    return s, kernel, guest
+
+
+def test_quiet_when_nothing_holds_the_vm() -> None:
+    s, _, _ = _quiet_suspender()
+    assert s.quiet()
+
+
+@pytest.mark.parametrize("what", ["recent", "busy", "no_guest", "in_request", "exposed",
+                                  "connected"])
+def test_what_keeps_the_vm(what: str) -> None:
+    s, kernel, guest = _quiet_suspender()
+    if what == "recent":
+        s.touch()
+    elif what == "busy":
+        guest.busy = True
+    elif what == "no_guest":
+        guest.handle = None
+    elif what == "in_request":
+        kernel.in_request = True
+    elif what == "exposed":
+        kernel.host_magics.exposures.by_port[8050] = _Exposure()
+    elif what == "connected":
+        kernel.network.proxy.n = 2
+    assert not s.quiet()

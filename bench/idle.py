@@ -1,0 +1,191 @@
+"""Benchmark: idle suspend of the "Python (microVM)" kernel (machine/idle.py), same run, one kernel.
+
+A kernel started with `--MicroVMKernel.idle_suspend_after=IDLE` (the installed kernelspec, so
+the default pool settings), holding the warm snapshot's state plus what --state-mib adds (a
+numpy array of random bytes, so none of it is a zero page). Each round:
+  - "normal cell": `1+1` round trips (execute_request -> idle) while the VM runs, median of 5;
+  - memory while running: Pss of the kernel process and of its QEMU processes (/proc/PID/
+    smaps_rollup), and how many QEMU processes there are (the kernel's VM, a pool VM);
+  - the kernel is left alone until its QEMU processes are gone (suspended): Pss again, and
+    the suspend snapshot's size on disk;
+  - "first cell after suspend": one `1+1` round trip, which resumes the VM; the state is
+    checked after it.
+The table puts the first cell after a suspend beside a normal cell of the same round (ratio),
+and memory while suspended beside memory while running.
+
+Run: .venv/bin/python bench/idle.py [--rounds 5] [--idle 3] [--state-mib 0] [--kernel NAME]
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import queue
+import shutil
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(__file__))
+from common import median, print_table  # noqa: E402
+
+from jupyter_client.manager import KernelManager  # noqa: E402
+
+
+def run_cell(kc, code: str, timeout: float = 300.0) -> tuple[float, dict, list[dict]]:
+    """(seconds from execute_request to its idle status, execute_reply content, outputs)."""
+    t0 = time.perf_counter()
+    msg_id = kc.execute(code)
+    outputs: list[dict] = []
+    deadline = t0 + timeout
+    while True:
+        msg = kc.get_iopub_msg(timeout=max(0.01, deadline - time.perf_counter()))
+        if msg["parent_header"].get("msg_id") != msg_id:
+            continue
+        if msg["msg_type"] == "status" and msg["content"]["execution_state"] == "idle":
+            took = time.perf_counter() - t0
+            break
+        outputs.append(msg)
+    while True:
+        reply = kc.get_shell_msg(timeout=max(0.01, deadline - time.perf_counter()))
+        if reply["parent_header"].get("msg_id") == msg_id:
+            return took, reply["content"], outputs
+
+
+def result_of(outputs: list[dict]) -> str:
+    for m in outputs:
+        if m["msg_type"] == "execute_result":
+            return m["content"]["data"]["text/plain"]
+    return ""
+
+
+def _parent(pid: int) -> int:
+    with open(f"/proc/{pid}/stat") as f:
+        return int(f.read().rsplit(")", 1)[1].split()[1])
+
+
+def qemu_pids(kernel_pid: int) -> list[int]:
+    found = []
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/cmdline", "rb") as f:
+                if b"qemu-system" not in f.read().split(b"\0", 1)[0]:
+                    continue
+            pid = int(name)
+            while pid > 1:
+                pid = _parent(pid)
+                if pid == kernel_pid:
+                    found.append(int(name))
+                    break
+        except (OSError, ValueError, IndexError):
+            continue
+    return found
+
+
+def pss_mib(pids: list[int]) -> float:
+    total = 0
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/smaps_rollup") as f:
+                for line in f:
+                    if line.startswith("Pss:"):
+                        total += int(line.split()[1])
+        except OSError:
+            pass
+    return total / 1024
+
+
+def disk_mib(path: str) -> float:
+    total = 0
+    for root, _dirs, files in os.walk(path):
+        for name in files:
+            try:
+                total += os.lstat(os.path.join(root, name)).st_blocks * 512
+            except OSError:
+                pass
+    return total / 2**20
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--idle", type=float, default=3.0, help="idle_suspend_after (seconds)")
+    ap.add_argument("--state-mib", type=int, default=0, help="random bytes the kernel holds")
+    ap.add_argument("--kernel", default="python-microvm")
+    ap.add_argument("--verbose", action="store_true", help="the kernel logs at INFO (its "
+                    "suspend and resume timings)")
+    args = ap.parse_args()
+
+    data = tempfile.mkdtemp(prefix="bench-idle-")
+    suspended_dir = os.path.join(data, "supermachine-kernel", "suspended")
+    km = KernelManager(kernel_name=args.kernel)
+    km.start_kernel(extra_arguments=[f"--MicroVMKernel.idle_suspend_after={args.idle}",
+                                     *(["--log-level=INFO"] if args.verbose else [])],
+                    env=dict(os.environ, JUPYTER_DATA_DIR=data))
+    kc = km.client()
+    kc.start_channels()
+    rows: dict[str, list[float]] = {k: [] for k in (
+        "normal", "first", "qemu_run", "qemu_susp", "kernel_run", "kernel_susp", "disk",
+        "n_qemu_run", "wait")}
+    try:
+        kc.wait_for_ready(timeout=300)
+        setup = "import os\nmarker = 'kept'\n"
+        if args.state_mib:
+            setup += f"blob = os.urandom({args.state_mib} * 2**20)\n"
+        _, reply, _ = run_cell(kc, setup)
+        assert reply["status"] == "ok", reply
+        kpid = km.provisioner.process.pid  # type: ignore[union-attr]
+        for r in range(args.rounds):
+            normal = [run_cell(kc, "1+1")[0] for _ in range(5)]
+            time.sleep(0.5)
+            running = qemu_pids(kpid)
+            rows["qemu_run"].append(pss_mib(running))
+            rows["kernel_run"].append(pss_mib([kpid]))
+            rows["n_qemu_run"].append(len(running))
+            t0 = time.monotonic()
+            while qemu_pids(kpid) or not os.path.isdir(suspended_dir) or \
+                    not os.listdir(suspended_dir):
+                if time.monotonic() - t0 > 600:
+                    raise SystemExit("the kernel did not suspend within 600 s")
+                time.sleep(0.1)
+            rows["wait"].append(time.monotonic() - t0)
+            rows["qemu_susp"].append(pss_mib(qemu_pids(kpid)))
+            rows["kernel_susp"].append(pss_mib([kpid]))
+            rows["disk"].append(disk_mib(suspended_dir))
+            first, reply, outputs = run_cell(kc, "1+1")
+            assert reply["status"] == "ok" and result_of(outputs) == "2", (reply, outputs)
+            _, reply, outputs = run_cell(kc, "marker")
+            assert result_of(outputs) == "'kept'", outputs
+            rows["first"].append(first)
+            rows["normal"].append(median(normal))
+            print(f"round {r + 1}: first cell after suspend {first * 1000:.0f} ms, normal "
+                  f"{median(normal) * 1000:.0f} ms; QEMU Pss {rows['qemu_run'][-1]:.1f} MiB "
+                  f"({len(running)} processes) -> {rows['qemu_susp'][-1]:.1f} MiB; kernel "
+                  f"process {rows['kernel_run'][-1]:.1f} -> {rows['kernel_susp'][-1]:.1f} MiB; "
+                  f"snapshot {rows['disk'][-1]:.1f} MiB on disk; suspended "
+                  f"{rows['wait'][-1]:.1f} s after the cell", flush=True)
+    finally:
+        kc.stop_channels()
+        km.shutdown_kernel(now=False)
+        shutil.rmtree(data, ignore_errors=True)
+
+    med = {k: median(v) for k, v in rows.items()}
+    print_table(f"idle suspend (idle_suspend_after={args.idle:g} s, +{args.state_mib} MiB "
+                f"state, {args.rounds} rounds, medians)", [
+        ("1+1 round trip: first after suspend | normal", med["first"], med["normal"], "ms"),
+    ], "after suspend", "normal")
+    print_table("memory per idle kernel (Pss)", [
+        ("QEMU processes: suspended | running", med["qemu_susp"], med["qemu_run"], "MiB"),
+        ("kernel process: suspended | running", med["kernel_susp"], med["kernel_run"], "MiB"),
+        ("total: suspended | running", med["qemu_susp"] + med["kernel_susp"],
+         med["qemu_run"] + med["kernel_run"], "MiB"),
+    ], "suspended", "running")
+    print(f"\nfreed per idle kernel: {med['qemu_run'] + med['kernel_run'] - med['qemu_susp'] - med['kernel_susp']:.1f} MiB "
+          f"(QEMU processes while running: {med['n_qemu_run']:g}); suspend snapshot on disk: "
+          f"{med['disk']:.1f} MiB; suspended {med['wait']:.1f} s after the last cell "
+          f"(idle time {args.idle:g} s + the CPU check's window)")
+
+
+if __name__ == "__main__":
+    main()
