@@ -83,13 +83,15 @@ def qemu_pids(kernel_pid: int) -> list[int]:
     return found
 
 
-def pss_mib(pids: list[int]) -> float:
+def pss_mib(pids: list[int], field: str = "Pss") -> float:
+    """Sum of smaps_rollup's `field` (Pss; Pss_Anon: the private pages, which only swap could
+    take back; Pss_File: file pages, which the host can drop when clean) in MiB."""
     total = 0
     for pid in pids:
         try:
             with open(f"/proc/{pid}/smaps_rollup") as f:
                 for line in f:
-                    if line.startswith("Pss:"):
+                    if line.startswith(field + ":"):
                         total += int(line.split()[1])
         except OSError:
             pass
@@ -126,8 +128,8 @@ def main() -> None:
     kc = km.client()
     kc.start_channels()
     rows: dict[str, list[float]] = {k: [] for k in (
-        "normal", "first", "qemu_run", "qemu_susp", "kernel_run", "kernel_susp", "disk",
-        "n_qemu_run", "wait")}
+        "normal", "first", "qemu_run", "qemu_anon", "qemu_susp", "kernel_run", "kernel_susp",
+        "disk", "n_qemu_run", "wait")}
     try:
         kc.wait_for_ready(timeout=300)
         setup = "import os\nmarker = 'kept'\n"
@@ -141,6 +143,7 @@ def main() -> None:
             time.sleep(0.5)
             running = qemu_pids(kpid)
             rows["qemu_run"].append(pss_mib(running))
+            rows["qemu_anon"].append(pss_mib(running, "Pss_Anon"))
             rows["kernel_run"].append(pss_mib([kpid]))
             rows["n_qemu_run"].append(len(running))
             t0 = time.monotonic()
@@ -161,7 +164,9 @@ def main() -> None:
             rows["normal"].append(median(normal))
             print(f"round {r + 1}: first cell after suspend {first * 1000:.0f} ms, normal "
                   f"{median(normal) * 1000:.0f} ms; QEMU Pss {rows['qemu_run'][-1]:.1f} MiB "
-                  f"({len(running)} processes) -> {rows['qemu_susp'][-1]:.1f} MiB; kernel "
+                  f"(anon {rows['qemu_anon'][-1]:.1f}; {len(running)} processes; its VM "
+                  f"{'from the warm snapshot' if r == 0 else 'resumed'}) -> "
+                  f"{rows['qemu_susp'][-1]:.1f} MiB; kernel "
                   f"process {rows['kernel_run'][-1]:.1f} -> {rows['kernel_susp'][-1]:.1f} MiB; "
                   f"snapshot {rows['disk'][-1]:.1f} MiB on disk; suspended "
                   f"{rows['wait'][-1]:.1f} s after the cell", flush=True)
@@ -177,6 +182,9 @@ def main() -> None:
     ], "after suspend", "normal")
     print_table("memory per idle kernel (Pss)", [
         ("QEMU processes: suspended | running", med["qemu_susp"], med["qemu_run"], "MiB"),
+        ("  of which Pss_Anon (private) while running", 0.0, med["qemu_anon"], "MiB"),
+        ("QEMU of round 1 (VM from the warm snapshot)", rows["qemu_susp"][0],
+         rows["qemu_run"][0], "MiB"),
         ("kernel process: suspended | running", med["kernel_susp"], med["kernel_run"], "MiB"),
         ("total: suspended | running", med["qemu_susp"] + med["kernel_susp"],
          med["qemu_run"] + med["kernel_run"], "MiB"),

@@ -312,6 +312,7 @@ class IdleSuspender:
         repl_id = int(handle.child.id)
         qemu_pid = getattr(handle.vm, "qemu_pid", None)
         t0 = time.monotonic()
+        idle_for = t0 - self.last_activity
         try:
             await asyncio.to_thread(handle.vm.snapshot, path)
         except Exception as e:  # noqa: BLE001 - SnapshotError, VmDiedError, OSError
@@ -325,7 +326,7 @@ class IdleSuspender:
         self.suspends += 1
         self.last_suspend_s = took
         self.log.info("guest idle for %.0f s: suspended (VM snapshot %.3f s, %.1f MiB on disk; "
-                      "QEMU %s stopped)", t0 - self.last_activity, took, size / 2**20, qemu_pid)
+                      "QEMU %s stopped)", idle_for, took, size / 2**20, qemu_pid)
         return self._state
 
     def _release_ahead(self) -> None:
