@@ -154,6 +154,21 @@ def test_interrupt_and_complete_while_suspended(idle_kernel):
     assert k.value("x") == "41"
 
 
+def test_restore_while_suspended_replaces_the_suspended_vm(idle_kernel):
+    k = idle_kernel
+    reply, _ = k.execute("y = 'snapshotted'", timeout=60)
+    assert reply["status"] == "ok", reply
+    reply, outputs = k.execute("%snapshot before-idle", timeout=300)
+    assert reply["status"] == "ok", (reply, outputs)
+    reply, _ = k.execute("y = 'changed'")
+    assert reply["status"] == "ok", reply
+    k.wait_suspended()  # the %restore standby VM went too: no QEMU at all
+    reply, outputs = k.execute("%restore before-idle", timeout=300)
+    assert reply["status"] == "ok", (reply, outputs)
+    assert k.snapshots() == [], "the suspend snapshot outlived a %restore"
+    assert k.value("y") == "'snapshotted'"
+
+
 def test_a_failed_resume_says_so_and_gives_a_fresh_vm(idle_kernel):
     k = idle_kernel
     k.wait_suspended()
