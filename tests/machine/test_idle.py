@@ -57,9 +57,9 @@ def test_sweep_of_a_missing_root_does_nothing(tmp_path) -> None:
     assert sweep(str(tmp_path / "nope")) == []
 
 
-def test_idle_suspend_after_defaults_off_and_refuses_negative() -> None:
-    assert GuestConfig().idle_suspend_after == 0
-    assert GuestConfig(idle_suspend_after=600).idle_suspend_after == 600
+def test_idle_suspend_after_defaults_to_ten_minutes_and_refuses_negative() -> None:
+    assert GuestConfig().idle_suspend_after == 600
+    assert GuestConfig(idle_suspend_after=0).idle_suspend_after == 0
     with pytest.raises(TraitError, match="idle_suspend_after"):
         GuestConfig(idle_suspend_after=-1)
 
