@@ -37,6 +37,14 @@ Jupyter messages (shell, control and stdin channels):
 - No debugger and no subshells are advertised: debug_request fails, the subshell requests are
   refused.
 
+UI channel requests (comm target supermachine.vm, from the JupyterLab extension in
+labextension/; answered in the kernel process, never by the guest; each action runs its magic):
+    refresh                  kernel/ui_channel.py:UiChannel._on_message -> kernel/ui_channel.py:UiChannel._send_state
+    snapshot                 kernel/ui_channel.py:UiChannel._on_message -> magics/snapshot.py:magic
+    restore                  kernel/ui_channel.py:UiChannel._on_message -> magics/restore.py:magic
+    delete                   kernel/ui_channel.py:UiChannel._on_message -> magics/snapshot.py:magic
+    rename                   kernel/ui_channel.py:UiChannel._on_message -> magics/snapshot.py:magic
+
 Guest REPL frames (validated by repl_client/frames.py; died and invalid are made by the
 client when the guest dies or sends a frame that fails validation):
     ready                    repl_client/client.py:_Link._on_loop

@@ -2,7 +2,8 @@
 
 comm_open, comm_msg and comm_close go to the guest's comm manager (ipywidgets and friends run
 there), unless the comm belongs to a host widget (magics/widget.py: %pool's widget lives in the
-kernel process), which then answers it here and the guest never sees it. comm_info_reply lists
+kernel process), which then answers it here and the guest never sees it, or to the UI channel
+(target ``supermachine.vm``, ui_channel.py: the JupyterLab extension's), answered here too. comm_info_reply lists
 the guest's comms and the host widgets' (so widgets survive a page reload). The host widgets
 are created on first use (`host_widgets`) and asked (`owns`, `comm_info`), never patched in.
 Comm messages the guest sends arrive as guest events (iopub.py).
@@ -19,6 +20,8 @@ from ..magics.widget import HostWidgets
 from ..repl_client import GuestDied, GuestRepl, GuestUnavailable, ProtocolError
 from .interrupt import GuestCalls, GuestUnanswered
 from .iopub import IopubRelay
+from .ui_channel import TARGET_NAME as UI_TARGET
+from .ui_channel import UiChannel
 
 COMM_INFO_TIMEOUT = 10.0  # seconds the guest has to list its comms
 
@@ -37,6 +40,7 @@ class CommRouter:
         self._iopub = iopub
         self._calls = calls
         self._widgets: HostWidgets | None = None
+        self.ui = UiChannel(kernel, iopub.publish)
 
     def host_widgets(self) -> HostWidgets:
         """The kernel's host widgets (created on first use, on the shell loop)."""
@@ -52,6 +56,10 @@ class CommRouter:
         content = parent.get("content") or {}
         comm_id = content.get("comm_id")
         if not isinstance(comm_id, str):
+            return
+        if (kind == "comm_open" and content.get("target_name") == UI_TARGET) or \
+                (kind != "comm_open" and self.ui.owns(comm_id)):
+            await self.ui.handle(kind, content, parent)
             return
         widgets = self._widgets
         if kind != "comm_open" and widgets is not None and widgets.owns(comm_id):
@@ -98,4 +106,7 @@ class CommRouter:
         if widgets is not None:
             reply = {"status": "ok", "comms": {**(reply.get("comms") or {}),
                                                 **widgets.comm_info(target)}}
+        if self.ui.comms:
+            reply = {"status": "ok", "comms": {**(reply.get("comms") or {}),
+                                                **self.ui.comm_info(target)}}
         return reply

@@ -80,20 +80,6 @@ class GuestConfig(Configurable):
             raise TraitError(f"c.MicroVMKernel.idle_suspend_after must be 0 (never) or a "
                              f"number of seconds, not {value}")
         return value
-    idle_suspend_after = Float(
-        0.0, help="Seconds a kernel's guest may sit idle (no request, no output, its CPU quiet, "
-        "no %expose port open) before its VM is snapshotted to disk and stopped, giving its "
-        "memory back; the next request resumes it (variables, files and processes come back). "
-        "0 = never. supermachine_kernel/machine/idle.py."
-    ).tag(config=True)
-
-    @validate("idle_suspend_after")
-    def _check_idle_suspend_after(self, proposal: t.Any) -> float:
-        value = float(proposal["value"])
-        if value < 0:
-            raise TraitError(f"c.MicroVMKernel.idle_suspend_after must be 0 (never) or a "
-                             f"number of seconds, not {value}")
-        return value
     allow_network = List(
         Unicode(),
         help="Where the guest may connect, checked on the host per connection by name and by "

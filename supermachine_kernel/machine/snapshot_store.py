@@ -365,6 +365,24 @@ class NotebookSnapshots:
                     os.rmdir(self.dir)
         return freed
 
+    def rename(self, name: str, new_name: str) -> None:
+        """Renames snapshot ``name`` to ``new_name``; snapshots whose parent it was follow."""
+        path, new_path = self.path(name), self.path(new_name)
+        if not os.path.isdir(path):
+            raise StoreError(self.unknown_message(name))
+        with self._locked():
+            if os.path.exists(new_path):
+                raise StoreError(f"a snapshot named {new_name!r} already exists; choose another "
+                                 f"name, or delete it first with %snapshot --delete {new_name}")
+            os.rename(path, new_path)  # the runtime's files name each other relatively
+            snaps = self._read_index().get("snapshots") or {}
+            if name in snaps:
+                snaps[new_name] = snaps.pop(name)
+            for raw in snaps.values():
+                if isinstance(raw, dict) and raw.get("parent") == name:
+                    raw["parent"] = new_name
+            self._write_index(snaps)
+
     def total_bytes(self) -> int:
         return sum(e.size_bytes for e in self.entries())
 

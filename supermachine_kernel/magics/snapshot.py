@@ -9,10 +9,12 @@ from . import ArgumentParser, Context, MagicError
 
 _parser = ArgumentParser("snapshot")
 _parser.add_argument("name", nargs="?")
+_parser.add_argument("new_name", nargs="?")
 _group = _parser.add_mutually_exclusive_group()
 _group.add_argument("--delete", action="store_true")
 _group.add_argument("--force", "-f", action="store_true")
 _group.add_argument("--report", action="store_true")
+_group.add_argument("--rename", action="store_true")
 
 
 async def magic(ctx: Context, args: str) -> None:
@@ -24,6 +26,7 @@ async def magic(ctx: Context, args: str) -> None:
         %snapshot --force NAME  replace the existing snapshot NAME
         %snapshot --delete NAME delete snapshot NAME and report the space freed (GROUP/NAME:
                                 another notebook's, see %snapshots --all)
+        %snapshot --rename NAME NEW   rename snapshot NAME of this notebook to NEW
         %snapshot --report      disk usage of the snapshots of every notebook
 
     Prints the name, its size on disk and the time taken. Go back to it with
@@ -49,6 +52,20 @@ async def magic(ctx: Context, args: str) -> None:
             ctx.print(f"Deleted snapshot {ref!r}: freed {format_size(freed)}. "
                       f"{_summary(group.entries(), group.foreign)}")
             return None
+        if opts.rename:
+            if not opts.name or not opts.new_name:
+                raise MagicError("%snapshot --rename needs the snapshot's name and its new name",
+                                 "usage: %snapshot --rename NAME NEW", ename="UsageError")
+            machine.forget_snapshot(opts.name)
+            nb.rename(opts.name, opts.new_name)
+            if machine.head == opts.name:
+                machine.head = opts.new_name
+            ctx.print(f"Renamed snapshot {opts.name!r} to {opts.new_name!r}.")
+            return None
+        if opts.new_name:
+            raise MagicError(f"%snapshot takes one name (got {opts.name!r} and {opts.new_name!r})",
+                             "usage: %snapshot [name]; rename with %snapshot --rename NAME NEW",
+                             ename="UsageError")
         name = opts.name or nb.new_name()
         quota = _quota_check(machine)
         quota(0)  # already at the quota: nothing is written

@@ -13,6 +13,7 @@ import pytest
 from ipykernel.kernelbase import Kernel
 
 import supermachine_kernel
+from supermachine_kernel.kernel import ui_channel
 from supermachine_kernel.kernel.microvm import MicroVMKernel
 from supermachine_kernel.repl_client import frames
 
@@ -39,10 +40,13 @@ def _sections() -> dict[str, dict[str, tuple[str, str | None]]]:
             current = sections.setdefault("guest", {})
         elif line.startswith("Host requests to the guest REPL"):
             current = sections.setdefault("requests", {})
+        elif line.startswith("UI channel requests"):
+            current = sections.setdefault("ui", {})
         elif current is not None and (m := ROW.match(line)):
             assert m["name"] not in current, f"{m['name']} is listed twice"
             current[m["name"]] = (m["first"], m["then"])
-    assert set(sections) == {"jupyter", "guest", "requests"}, "the map's three headings are missing"
+    assert set(sections) == {"jupyter", "guest", "requests", "ui"}, \
+        "the map's four headings are missing"
     return sections
 
 
@@ -159,3 +163,14 @@ def test_every_guest_request_type_is_mapped_to_its_handler():
         assert MAP["requests"][kind][0] == f"guest/repl.py:Driver.{method}", kind
     for kind in GUEST_LOOP_REQUESTS:
         assert f'"{kind}"' in _source(MAP["requests"][kind][0]), kind
+
+
+def test_every_ui_channel_request_is_mapped_to_the_magic_it_runs():
+    assert set(MAP["ui"]) == set(ui_channel.REQUESTS)
+    for request, (first, then) in MAP["ui"].items():
+        assert first == "kernel/ui_channel.py:UiChannel._on_message"
+        if request == "refresh":
+            continue
+        data = {"request": request, "ref": "s1", "name": "s1", "new_name": "s2"}
+        name, _ = ui_channel.magic_line(data)
+        assert then == f"magics/{name}.py:magic", request

@@ -35,3 +35,33 @@ def test_a_store_created_open_is_tightened(tmp_path) -> None:
     group.reserve("again")
     assert _mode(str(root)) == 0o700
     assert _mode(group.dir) == 0o700
+
+
+def _fake_snapshot(nb, name: str, parent: str | None) -> None:
+    from supermachine_kernel.machine.snapshot_store import NotebookSnapshot
+
+    path = nb.reserve(name)
+    os.makedirs(path)
+    with open(os.path.join(path, "metadata.json"), "w") as f:
+        f.write("{}")
+    nb.record(NotebookSnapshot(name=name, created=1.0 if parent is None else 2.0, parent=parent))
+
+
+def test_rename_moves_the_snapshot_and_its_children_follow(tmp_path) -> None:
+    import pytest
+
+    from supermachine_kernel.machine.snapshot_store import StoreError
+
+    nb = SnapshotStore(str(tmp_path / "store")).notebook("nb", "nb.ipynb")
+    _fake_snapshot(nb, "a", None)
+    _fake_snapshot(nb, "b", "a")
+    nb.rename("a", "first")
+    assert {e.name: e.parent for e in nb.entries()} == {"first": None, "b": "first"}
+    assert not os.path.exists(nb.path("a"))
+    with pytest.raises(StoreError, match="already exists"):
+        nb.rename("b", "first")
+    with pytest.raises(StoreError, match="no snapshot named 'a'"):
+        nb.rename("a", "c")
+    with pytest.raises(StoreError, match="invalid snapshot name"):
+        nb.rename("b", "../escape")
+    assert sorted(e.name for e in nb.entries()) == ["b", "first"]
