@@ -9,13 +9,21 @@ here (the processes cannot change user), so each kernel's process tree (kernel +
 its user's group by this script, under made-up uids; on a Hub each kernel joins its own user's
 group itself.
 
-Phases, interleaved round by round so that the machine's drift hits all of them alike:
+Phases (each round: idle, then the three busy ones alternating sample by sample, so that the
+machine's drift hits them alike):
   idle         B's kernels idle (the baseline)
   no cgroups   B busy, every process in the root cgroup
   equal share  B busy, A and B at the same CPU weight (100 = no cpu_weight limit)
   B weight N   B busy, B's cpu_weight = N (--weight), A's 100
 
-Run: .venv/bin/python bench/interference.py [--rounds 3] [--samples 15] [--busy 2] [--weight 10]
+A second table times a CPU-bound cell of A's (what the CPU share is about: with B busy, A's
+share of a contended CPU is 100 / (100 + B's weight)).
+
+The frontend (this script, which times the cells) is in A's group in the cgroup phases, as
+user A's single-user server is on a Hub.
+
+Run: .venv/bin/python bench/interference.py [--rounds 3] [--samples 15] [--cpu-samples 3]
+                                            [--busy 2] [--weight 10]
 Needs root and a cgroup path (v2 cpu+memory, or v1 cpu and memory); prints which it used.
 """
 from __future__ import annotations
@@ -41,6 +49,7 @@ import subprocess
 subprocess.Popen(["python3", "-c", "while True: pass"])
 subprocess.Popen(["python3", "-c", "b = bytearray(256 << 20)\nwhile True:\n    for i in range(0, len(b), 4096): b[i] = (b[i] + 1) & 255"])
 '''
+CPU_CELL = "sum(range(3_000_000))"  # CPU-bound: ~0.5 s of guest Python under TCG
 STOP_CELL = 'import subprocess; subprocess.run(["pkill", "-f", "while True"])'
 
 
@@ -61,6 +70,19 @@ def tree(pid: int) -> list[int]:
         out.append(p)
         todo.extend(children.get(p, []))
     return out
+
+
+def cpu_seconds(pids: list[int]) -> float:
+    """User + system CPU time of `pids` (from /proc; their threads included)."""
+    total = 0
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            total += int(fields[11]) + int(fields[12])
+        except (OSError, ValueError, IndexError):
+            pass
+    return total / os.sysconf("SC_CLK_TCK")
 
 
 def move(pids: list[int], groups: list[str]) -> None:
@@ -104,6 +126,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--samples", type=int, default=15, help="1+1 cells per phase per round")
+    ap.add_argument("--cpu-samples", type=int, default=3,
+                    help="CPU-bound cells per phase per round")
     ap.add_argument("--busy", type=int, default=2, help="busy kernels of user B")
     ap.add_argument("--weight", type=int, default=10, help="user B's cpu_weight")
     args = ap.parse_args()
@@ -132,6 +156,8 @@ def main() -> None:
     os.environ["JUPYTER_PATH"] = env["JUPYTER_PATH"]
     kernels: list[Kernel] = []
     samples: dict[str, list[float]] = {}
+    cpu: dict[str, list[float]] = {}
+    cpu_split: dict[str, list[float]] = {}  # phase -> [A's CPU s, B's CPU s] during A's cells
     try:
         a = Kernel(env)
         kernels.append(a)
@@ -144,36 +170,55 @@ def main() -> None:
         a_pids = a.pids()
         b_pids = [p for k in busy for p in k.pids()]
 
+        me = [os.getpid()]  # the frontend: on a Hub, user A's server, in A's group
+
         def place(phase: str) -> None:
             if phase == "no cgroups":
-                move(a_pids, root_groups)
+                move(a_pids + me, root_groups)
                 move(b_pids, root_groups)
                 return
             out_a = apply(plans["A"], a_pids[0])
             out_b = apply(plans["B-weighted" if phase.startswith("B weight") else "B"], b_pids[0])
             assert "cpu_weight" in out_a.enforced and "cpu_weight" in out_b.enforced, (out_a, out_b)
-            move(a_pids, user_groups["A"])
+            move(a_pids + me, user_groups["A"])
             move(b_pids, user_groups["B"])
 
         phases = ["idle", "no cgroups", "equal share", f"B weight {args.weight}"]
         for r in range(args.rounds):
-            for phase in phases:
-                place("equal share" if phase == "idle" else phase)
-                if phase == "idle":
-                    for k in busy:
-                        k.run(STOP_CELL)
-                else:
-                    for k in busy:
-                        k.run(BUSY_CELL)
-                time.sleep(1.0)
-                got = samples.setdefault(phase, [])
-                for _ in range(args.samples):
-                    got.append(a.run("1+1"))
-                for k in busy:
-                    k.run(STOP_CELL)
+            place("equal share")
+            for k in busy:
+                k.run(STOP_CELL)
+            time.sleep(1.0)
+            got = samples.setdefault("idle", [])
+            for _ in range(args.samples):
+                got.append(a.run("1+1"))
+            for _ in range(args.cpu_samples):
+                cpu.setdefault("idle", []).append(a.run(CPU_CELL))
+            for k in busy:
+                k.run(BUSY_CELL)
+            time.sleep(1.0)
+            # The busy phases alternate sample by sample: the machine's drift hits each alike.
+            for _ in range(args.samples):
+                for phase in phases[1:]:
+                    place(phase)
+                    time.sleep(0.2)
+                    samples.setdefault(phase, []).append(a.run("1+1"))
+            for _ in range(args.cpu_samples):
+                for phase in phases[1:]:
+                    place(phase)
+                    time.sleep(0.2)
+                    a0, b0 = cpu_seconds(a_pids), cpu_seconds(b_pids)
+                    cpu.setdefault(phase, []).append(a.run(CPU_CELL))
+                    a1, b1 = cpu_seconds(a_pids), cpu_seconds(b_pids)
+                    split = cpu_split.setdefault(phase, [0.0, 0.0])
+                    split[0] += a1 - a0
+                    split[1] += b1 - b0
+            for k in busy:
+                k.run(STOP_CELL)
             print(f"round {r + 1}: " + ", ".join(
                 f"{p} p50 {median(v) * 1000:.1f} ms" for p, v in samples.items()), flush=True)
     finally:
+        move([os.getpid()], root_groups)
         for k in kernels:
             try:
                 k.stop()
@@ -194,6 +239,18 @@ def main() -> None:
                      percentile(base, 90), "ms"))
     print_table(f"user A's 1+1 with user B's {args.busy} busy kernels ({plans['A'].mode} "
                 f"cgroups, {len(base)} samples per phase)", rows, "B busy", "B idle")
+    rows = [(f"{CPU_CELL} p50, B busy, {phase}", median(cpu[phase]), median(cpu["idle"]), "ms")
+            for phase in phases[1:]]
+    print_table(f"user A's CPU-bound cell ({len(cpu['idle'])} samples per phase); the share "
+                f"allows {1 / (100 / (100 + args.weight)):.2f}x at B weight {args.weight}, "
+                f"2x at an equal share", rows, "B busy", "B idle")
+    print("\nCPU time while A's CPU-bound cells ran (A's kernel+QEMU vs B's):")
+    for phase in phases[1:]:
+        a_s, b_s = cpu_split[phase]
+        weight = {"equal share": 0.5, "no cgroups": float("nan")}.get(
+            phase, 100 / (100 + args.weight))
+        print(f"  {phase:<14} A {a_s:6.1f} s, B {b_s:6.1f} s: A's part {a_s / (a_s + b_s):.0%}"
+              + ("" if weight != weight else f" (its share of a contended CPU: {weight:.0%})"))
 
 
 if __name__ == "__main__":
