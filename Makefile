@@ -36,7 +36,27 @@ $(AGENT_BUILT): $(RUST_SOURCES)
 $(AGENT): $(AGENT_BUILT)
 	@mkdir -p $(dir $@) && cp $< $@
 
-$(STAMPS)/build: $(STAMPS)/venv $(AGENT) $(RUST_SOURCES) pyproject.toml
+# The JupyterLab extension (labextension/): npm packages from package-lock.json, TypeScript,
+# then the Jupyter builder (from the jupyterlab pip package) writes the prebuilt extension into
+# labextension/wheel-data/data/share/jupyter/labextensions/, which maturin ships in the wheel
+# ([tool.maturin] data), so `maturin develop` installs it into the venv. Rebuilt only when its
+# sources change.
+LAB := labextension
+LAB_SOURCES := $(shell find $(LAB)/src $(LAB)/style -type f 2>/dev/null) $(LAB)/package.json \
+	$(LAB)/tsconfig.json
+$(LAB)/node_modules/.installed: $(LAB)/package.json $(LAB)/package-lock.json
+	@echo "setup: installing the extension's npm packages" >&2
+	cd $(LAB) && npm ci --no-audit --no-fund --loglevel=error
+	@touch $@
+
+$(STAMPS)/labextension: $(STAMPS)/venv $(LAB)/node_modules/.installed $(LAB_SOURCES)
+	@echo "setup: building the JupyterLab extension" >&2
+	@$(PY) -m pip install -q "jupyterlab>=4.2,<5"
+	cd $(LAB) && rm -rf lib wheel-data && node_modules/.bin/tsc && \
+		PATH=$(abspath $(VENV))/bin:$$PATH jupyter-builder build .
+	@mkdir -p $(STAMPS) && touch $@
+
+$(STAMPS)/build: $(STAMPS)/venv $(AGENT) $(RUST_SOURCES) pyproject.toml $(STAMPS)/labextension
 	@echo "setup: building supermachine_kernel._core into $(VENV)" >&2
 	VIRTUAL_ENV=$(abspath $(VENV)) PATH=$(abspath $(VENV))/bin:$$PATH \
 		$(VENV)/bin/maturin develop -q --release --extras test
@@ -72,4 +92,4 @@ test-types: $(STAMPS)/build
 test: test-types test-rust test-python
 
 clean:
-	rm -rf $(VENV) core/target $(AGENT)
+	rm -rf $(VENV) core/target $(AGENT) $(LAB)/node_modules $(LAB)/lib $(LAB)/wheel-data

@@ -6,7 +6,11 @@ set -euo pipefail
 PACKAGES=(qemu-system-x86 qemu-utils erofs-utils mmdebstrap e2fsprogs cpio busybox-static kmod
           python3-venv ca-certificates
           # OCI image tests: a local registry, pushing test images, htpasswd, test TLS certs.
-          docker-registry skopeo apache2-utils openssl)
+          docker-registry skopeo apache2-utils openssl
+          # The JupyterLab extension's browser tests (tests/lab).
+          chromium)
+# The JupyterLab extension's build: node and npm, from Debian unless a node that brings its own
+# npm is installed already (NodeSource's nodejs package ships npm and conflicts with Debian's).
 
 if ! command -v dpkg-query >/dev/null 2>&1 || ! command -v apt-get >/dev/null 2>&1; then
     echo "setup: this host is not Debian-family (no dpkg/apt-get)." >&2
@@ -20,6 +24,9 @@ missing=()
 for p in "${PACKAGES[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
 done
+if ! command -v npm >/dev/null 2>&1; then
+    missing+=(nodejs npm)
+fi
 if [ ${#missing[@]} -eq 0 ]; then
     exit 0
 fi
