@@ -9,8 +9,8 @@ Stream text from the guest travels raw instead: a length with its top bit set (R
 announces a body of one byte (1 = stdout, 2 = stderr) followed by the text in UTF-8.
 
     host -> guest: execute, complete, inspect, is_complete, history, comm_info, comm_open,
-                   comm_msg, comm_close, input_reply, hello, workspace, shutdown (requests with an
-                   "id" are answered with a reply once their output has been sent)
+                   comm_msg, comm_close, input_reply, hello, workspace, network, shutdown (requests
+                   with an "id" are answered with a reply once their output has been sent)
     guest -> host: ready, reply {id, content}, stream, display_data, update_display_data,
                    execute_result, clear_output, error, input_request, comm_open, comm_msg,
                    comm_close
@@ -1299,6 +1299,73 @@ def no_installer(magic, line):
           "`%%pip install NAME` for packages the image has." % (what, why), file=sys.stderr)
 
 
+# ---------------------------------------------------------------------------------------------
+# Network: what the kernel's policy opens (kernel/network.py sends it after every attach)
+
+NETWORK_ENV_KEYS = frozenset(("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "NO_PROXY", "http_proxy",
+                              "https_proxy", "all_proxy", "no_proxy"))
+network = {"on": False}  # set by Driver.do_network
+PIP_ENV = {
+    # The image is read-only and this VM's writes are its own: Debian's "externally managed"
+    # marker protects nothing here.
+    "PIP_BREAK_SYSTEM_PACKAGES": "1",
+    "PIP_ROOT_USER_ACTION": "ignore",
+    "PIP_DISABLE_PIP_VERSION_CHECK": "1",  # no extra request to the index
+    "PIP_NO_CACHE_DIR": "1",  # the cache would live in guest RAM
+}
+PIP_NOTE = ("Note: %pip installs into this VM's writable layer (guest memory): %snapshot keeps "
+            "it and %restore brings it back, a kernel restart starts without it. To have a "
+            "package in every session, build it into the kernel's image (`supermachine-kernel "
+            "prepare --image REF --packages NAME`, or c.MicroVMKernel.packages).")
+
+
+def set_network(env):
+    """The proxy variables the kernel sent (names from NETWORK_ENV_KEYS only), so user code and
+    its subprocesses (pip, curl) reach the network through the kernel's proxy."""
+    applied = False
+    for key, value in env.items():
+        if key in NETWORK_ENV_KEYS and isinstance(value, str) and "\0" not in value:
+            os.environ[key] = value
+            applied = True
+    if applied:
+        for key, value in PIP_ENV.items():  # `!pip install` too
+            os.environ.setdefault(key, value)
+    network["on"] = applied
+
+
+def pip_magic(line):
+    """`%pip LINE`: the guest's own pip (`python3 -m pip`, through the kernel's proxy) when the
+    kernel's policy gives this guest network and the image has pip; else no_installer."""
+    import importlib.util
+    import shlex
+    import subprocess
+
+    try:
+        args = shlex.split(line)
+    except ValueError:
+        args = line.split()
+    if not network["on"] or importlib.util.find_spec("pip") is None:
+        if network["on"] and args[:1] == ["install"]:
+            print("%pip: this guest image has no pip (build an image whose Python has it, "
+                  "or that has the kernel layer).", file=sys.stderr)
+        return no_installer("pip", line)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    code = subprocess.call([sys.executable, "-m", "pip"] + args, stdin=subprocess.DEVNULL)
+    if args[:1] in (["install"], ["uninstall"]):
+        import importlib
+        import site
+
+        importlib.invalidate_caches()
+        user_site = site.getusersitepackages()
+        if os.path.isdir(user_site) and user_site not in sys.path:
+            site.addsitedir(user_site)  # a non-root user's first --user install
+        if args[:1] == ["install"] and code == 0:
+            print(PIP_NOTE)
+    if code:
+        print("%pip: pip exited with status " + str(code), file=sys.stderr)
+
+
 def init_import_path():
     """As in ipykernel: the driver's own directory is not on sys.path (its launcher removes it),
     and the working directory ('') is, before site-packages (IPython's init_path), so
@@ -1418,8 +1485,9 @@ def guest_kernel_magics():
         def pip(self, line):
             """No installer in the guest: its packages come with the image. `%pip list`,
             `%pip freeze` and `%pip show NAME` show them; `%pip install NAME` says whether the
-            image has NAME and, if not, what to do instead."""
-            no_installer("pip", line)
+            image has NAME and, if not, what to do instead. When the kernel's policy opens the
+            network (c.MicroVMKernel.allow_network), the guest's own pip runs instead."""
+            pip_magic(line)
 
         @line_magic
         def conda(self, line):
@@ -1931,6 +1999,13 @@ class Driver:
         """The agent's signal after a Hello (install_hello_notification): after a restore, the
         warm-up starts now, before any host attaches. No reply."""
         self.note_restore()
+        return None
+
+    def do_network(self, req):
+        """The kernel's network settings (kernel/network.py), sent after every attach: the
+        proxy variables for this process and its children. No reply."""
+        env = req.get("env")
+        set_network(env if isinstance(env, dict) else {})
         return None
 
     def note_restore(self):

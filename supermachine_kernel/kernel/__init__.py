@@ -75,6 +75,7 @@ Host requests to the guest REPL (inside the VM; Driver.handle calls do_<type>):
     comm_msg                 guest/repl.py:Driver._comm
     comm_close               guest/repl.py:Driver._comm
     workspace                guest/repl.py:Driver.do_workspace
+    network                  guest/repl.py:Driver.do_network
     input_reply              guest/repl.py:Channel._read_loop
     shutdown                 guest/repl.py:Driver.serve
 """

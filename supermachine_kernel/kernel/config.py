@@ -87,9 +87,23 @@ class GuestConfig(Configurable):
         "= names under example.com), addresses and CIDRs ('10.1.0.0/16:5432', "
         "'[2001:db8::/32]:443'). The host's loopback, link-local and cloud metadata addresses "
         "are refused unless an address entry lists them. Default [] = no network at all. "
-        "Not yet in effect: the guest has no network until the egress proxy is wired in "
-        "(docs/issue13-network.md).",
+        "Programs in the guest reach it through the kernel's HTTP proxy (HTTP(S)_PROXY are set "
+        "for them): pip, requests, urllib, curl; see docs/issue13-network.md.",
     ).tag(config=True)
+    network_max_connections = Integer(
+        64, help="Most network connections the guest may have open at once (with "
+        "allow_network); those over it are refused and the cell says so.").tag(config=True)
+    network_bandwidth = Integer(
+        0, help="Bytes per second all the guest's network connections may move together, both "
+        "directions (with allow_network); 0 = no cap.").tag(config=True)
+
+    @validate("network_max_connections", "network_bandwidth")
+    def _check_network_caps(self, proposal: t.Any) -> int:
+        name, value = proposal["trait"].name, int(proposal["value"])
+        low = 1 if name == "network_max_connections" else 0
+        if value < low:
+            raise TraitError(f"c.MicroVMKernel.{name} must be at least {low}, not {value}")
+        return value
 
     @validate("allow_network")
     def _check_allow_network(self, proposal: t.Any) -> list[str]:

@@ -24,7 +24,7 @@ from traitlets import Any, Bool, Float, List
 from .. import __version__, magics
 from ..machine.idle import IdleSuspender, start_idle_suspend
 from ..repl_client import GuestDied, GuestRepl, GuestUnavailable, ProtocolError
-from . import kernel_info, lifecycle
+from . import kernel_info, lifecycle, network
 from .comms import CommRouter, parent_stub
 from .config import GuestConfig
 from .errors import BAKING_NOTICE, error_content, execute_error_reply, guest_noun, summarize_death
@@ -71,6 +71,7 @@ class MicroVMKernel(Kernel, GuestConfig):
         self.comms = CommRouter(self, self.iopub, self.calls)
         self.host_magics: magics.HostMagics | None = None  # created by the first %magic
         self.idle: IdleSuspender | None = None  # idle suspend (machine/idle.py), set by start()
+        self.network: network.NetworkHook | None = None  # set by start() (kernel/network.py)
         self.workspace_sync = WorkspaceHook(self)  # workspace_hook.py
 
     # -- start, shutdown and restart: lifecycle.py -----------------------------------------------
@@ -82,6 +83,7 @@ class MicroVMKernel(Kernel, GuestConfig):
         self.guest = self.stdin.guest = lifecycle.make_guest(
             backend, self.startup, self.iopub.on_guest_event, self.guest_env,
             self.startup_timeout)
+        self.network = network.start(self)  # None unless allow_network opens something
         lifecycle.start_guest(self.guest,
                               self._save_launch_hint if self.startup is not None else None)
         self.idle = start_idle_suspend(self)  # None unless idle_suspend_after > 0 (vm backend)
@@ -91,6 +93,8 @@ class MicroVMKernel(Kernel, GuestConfig):
 
     async def do_shutdown(self, restart: bool) -> dict:
         await lifecycle.shutdown_guest(self.guest, self.log)
+        if self.network is not None:
+            self.network.close()
         return {"status": "ok", "restart": restart}
 
     # -- kernel_info: kernel_info.py -------------------------------------------------------------
@@ -176,6 +180,8 @@ class MicroVMKernel(Kernel, GuestConfig):
                 "GuestProtocolError", f"the guest sent an invalid execute reply: {e}",
                 ["The cell's result was discarded."])
         finally:
+            if self.network is not None and not silent:  # connections the policy refused
+                network.report(self.network, self.iopub)
             self.stdin.end_cell()
             self.iopub.end_cell()
         reply["execution_count"] = self.execution_count

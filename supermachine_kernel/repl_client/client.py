@@ -295,6 +295,12 @@ class GuestRepl:
         #: guest event (`touch()`), awaited before every request (`before_use()`: resumes a
         #: suspended guest), told when %restore replaced the guest (`superseded()`).
         self.gate: Any = None
+        #: Called with each guest handle that becomes this client's guest (a launch: first
+        #: start, restart after a death, pool hand-out; an adoption: %restore, restore-ahead),
+        #: on a worker thread (blocking calls allowed), after its "ready" and before any request
+        #: reaches it. Each returns frames to send to the guest REPL first (requests without an
+        #: id: no reply). A hook that raises is logged and skipped.
+        self.attach_hooks: list[Callable[[GuestHandle], list[dict[str, Any]]]] = []
 
     # -- lifecycle -------------------------------------------------------------------------------
 
@@ -341,6 +347,7 @@ class GuestRepl:
         except GuestDied as e:
             fut.set_exception(GuestUnavailable(f"the guest REPL died while starting: {e.reason}"))
             return
+        self._run_attach_hooks(link)
         self.last_start_seconds = time.monotonic() - t0
         log.info("guest ready in %.3f s on %s (%s)", self.last_start_seconds, info.where,
                  info.executor)
@@ -351,6 +358,14 @@ class GuestRepl:
                 prepare()  # the next guest starts now, off the critical path
             except Exception:  # noqa: BLE001
                 log.exception("preparing a spare guest failed")
+
+    def _run_attach_hooks(self, link: _Link) -> None:
+        for hook in list(self.attach_hooks):
+            try:
+                for frame in hook(link.handle):
+                    link.send(frame)
+            except Exception:  # noqa: BLE001 - the guest still runs, without what the hook adds
+                log.exception("a guest attach hook failed")
 
     def starting_future(self) -> concurrent.futures.Future | None:
         """The current start attempt, if any (read-only; safe from any thread)."""
@@ -522,6 +537,8 @@ class GuestRepl:
             link.closing = True
             threading.Thread(target=link.close, name="guest-release", daemon=True).start()
             raise
+        if self.attach_hooks:
+            await asyncio.to_thread(self._run_attach_hooks, link)
         old, self._link = self._link, link
         self.info = info
         if self.gate is not None:

@@ -1,0 +1,142 @@
+"""The kernel's network egress (issue 13 part 2): the one `_core.NetProxy` per kernel that
+enforces `c.MicroVMKernel.allow_network`, its attachment to every VM the kernel's guest runs
+on, the guest REPL's proxy environment, and the refusals a cell caused, shown after it.
+
+Nothing here runs when `allow_network` is empty (the default): no proxy, no listener in the
+guest, no environment change; the guest has no network at all, as before.
+
+Path of a guest connection (docs/issue13-network.md): a program in the guest connects to
+127.0.0.1:3128 (the proxy variables point there) -> the guest agent's listener there
+(`Vm.forward_to_host(3128, proxy.port)`) -> the agent channel -> the runtime connects to the
+kernel's NetProxy on the host's 127.0.0.1 -> the checked destination. With the local backend
+(a host process, not isolated) the REPL is given the proxy's own address instead.
+
+Every guest the kernel's `GuestRepl` launches or adopts (first start, restart after a death,
+pool hand-out, %restore, restore-ahead) passes through `NetworkHook.attach` before any request
+reaches it: the forward is (re-)made on its VM and the REPL is sent the environment (its process
+may come from a snapshot baked before this kernel, and with another proxy port, existed).
+"""
+from __future__ import annotations
+
+import atexit
+import logging
+import threading
+import typing as t
+
+log = logging.getLogger("supermachine_kernel.kernel.network")
+
+#: The guest's end of the forward. Fixed: the environment of a REPL in a snapshot keeps it.
+GUEST_PROXY_PORT = 3128
+GUEST_PROXY_URL = f"http://127.0.0.1:{GUEST_PROXY_PORT}"
+#: The guest's own servers stay direct.
+NO_PROXY = "localhost,127.0.0.1,::1"
+PROXY_VARIABLES = ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY")
+
+#: The guest request that sets the REPL's environment (guest/repl.py:Driver.do_network).
+NETWORK_REQUEST = "network"
+
+
+class NetworkError(RuntimeError):
+    """The kernel's network could not be set up; the message says why and what to do."""
+
+
+def proxy_environment(url: str = GUEST_PROXY_URL) -> dict[str, str]:
+    """The variables pip, requests, urllib and curl read (curl reads `http_proxy` only in
+    lowercase; urllib3 alone reads none of them)."""
+    env = {}
+    for name in PROXY_VARIABLES:
+        env[name] = env[name.lower()] = url
+    env["NO_PROXY"] = env["no_proxy"] = NO_PROXY
+    return env
+
+
+def describe_refusals(messages: list[str], dropped: int) -> str:
+    """What the cell shows: each distinct refusal once, with how often it happened."""
+    counts: dict[str, int] = {}
+    for m in messages:
+        counts[m] = counts.get(m, 0) + 1
+    lines = [m + (f" ({n} connections)" if n > 1 else "") for m, n in counts.items()]
+    if dropped:
+        lines.append(f"(and {dropped} more refused connections)")
+    return "".join(f"[network] {line}\n" for line in lines)
+
+
+class NetworkHook:
+    """One per kernel with a non-empty policy: owns the proxy, attaches each new guest to it,
+    and hands out what the cell should show about refused connections."""
+
+    def __init__(self, allow: list[str], *, max_connections: int, bandwidth: int | None,
+                 proxy_factory: t.Callable[..., t.Any] | None = None) -> None:
+        if proxy_factory is None:
+            from .. import _core  # noqa: PLC0415 - the compiled runtime, only with a policy
+
+            proxy_factory = _core.NetProxy
+        try:
+            self.proxy = proxy_factory(list(allow), max_connections=max_connections,
+                                       bandwidth=bandwidth)
+        except (OSError, ValueError) as e:
+            raise NetworkError(f"the kernel's network proxy did not start: {e}") from e
+        self._problems: list[str] = []
+        self._lock = threading.Lock()
+
+    # -- a new guest (GuestRepl.attach_hooks; a worker thread, blocking calls allowed) ----------
+
+    def attach(self, handle: t.Any) -> list[dict[str, t.Any]]:
+        """Connects the guest of `handle` to this kernel's proxy and returns the frame that
+        sets the REPL's environment. A VM whose agent cannot forward gets no environment (its
+        programs then fail at once instead of waiting on a listener that is not there), and the
+        next cell says why."""
+        vm = getattr(handle, "vm", None)
+        if vm is None:  # the local backend: the REPL is a host process, the proxy is reachable
+            return [{"type": NETWORK_REQUEST, "env": proxy_environment(self.proxy.url)}]
+        try:
+            vm.forward_to_host(GUEST_PROXY_PORT, self.proxy.port)
+        except AttributeError:
+            self._problem("this kernel's VM runtime cannot forward guest connections to the host "
+                          "(rebuild the project: `make .venv/.stamps/build`)")
+            return []
+        except Exception as e:  # noqa: BLE001 - VmError, GuestError from an older agent
+            log.warning("network forward failed on %s: %s", getattr(vm, "id", "?"), e)
+            self._problem(f"the guest could not be connected to the kernel's network proxy ({e}); "
+                          "if this VM comes from a snapshot taken by an older agent, rebake it "
+                          "with `supermachine-kernel prepare`")
+            return []
+        return [{"type": NETWORK_REQUEST, "env": proxy_environment()}]
+
+    def _problem(self, text: str) -> None:
+        with self._lock:
+            self._problems.append(f"this cell's guest has no network: {text}")
+
+    # -- after each cell -------------------------------------------------------------------------
+
+    def take_report(self) -> str:
+        """Text for the cell's stderr (empty when there is nothing to say): problems attaching
+        the guest, and the connections the policy refused since the last cell."""
+        with self._lock:
+            problems, self._problems = self._problems, []
+        messages, dropped = self.proxy.take_refusals()
+        return "".join(f"[network] {p}\n" for p in problems) + describe_refusals(messages, dropped)
+
+    def close(self) -> None:
+        self.proxy.close()
+
+
+def start(kernel: t.Any) -> NetworkHook | None:
+    """The kernel's network, from its configuration (None when `allow_network` is empty):
+    the proxy starts now and every guest the kernel's `GuestRepl` attaches is connected to it.
+    Called once from MicroVMKernel.start, before the first guest starts."""
+    if not kernel.allow_network:
+        return None
+    hook = NetworkHook(kernel.allow_network, max_connections=kernel.network_max_connections,
+                       bandwidth=kernel.network_bandwidth or None)
+    kernel.guest.attach_hooks.append(hook.attach)
+    atexit.register(hook.close)
+    log.info("network: proxy on 127.0.0.1:%d for %s", hook.proxy.port, kernel.allow_network)
+    return hook
+
+
+def report(hook: NetworkHook, iopub: t.Any) -> None:
+    """After a cell: what `take_report` has, on the cell's stderr."""
+    text = hook.take_report()
+    if text:
+        iopub.publish("stream", {"name": "stderr", "text": text})
