@@ -35,8 +35,9 @@ use super::tools::{self, Progress};
 /// Bump when a layer built from the same inputs would differ.
 pub const LAYER_BUILDER_VERSION: u32 = 1;
 
-/// What the guest REPL needs for the full experience (their dependencies come with them).
-pub const KERNEL_REQUIREMENTS: &[&str] = &["ipython", "comm", "matplotlib-inline", "ipywidgets"];
+/// What the guest REPL needs for the full experience (their dependencies come with them), and
+/// pip for `%pip install` when the kernel's policy opens the network.
+pub const KERNEL_REQUIREMENTS: &[&str] = &["ipython", "comm", "matplotlib-inline", "ipywidgets", "pip"];
 
 /// The user's package list (`Image.build(packages=..., requirements=...)`).
 #[derive(Clone, Debug, Default, PartialEq)]

@@ -36,7 +36,8 @@ pub struct Recipe {
     pub warm: Vec<String>,
 }
 
-/// The pinned scientific stack of the default image (manylinux wheels for CPython 3.11).
+/// The pinned scientific stack of the default image (manylinux wheels for CPython 3.11), and
+/// pip, which `%pip install` runs when the kernel's policy opens the network.
 const DEFAULT_PIP: &[&str] = &[
     "asttokens==3.0.2",
     "comm==0.2.3",
@@ -58,6 +59,7 @@ const DEFAULT_PIP: &[&str] = &[
     "parso==0.8.7",
     "pexpect==4.9.0",
     "pillow==13.0.0",
+    "pip==26.3",
     "prompt-toolkit==3.0.53",
     "psutil==7.2.2",
     "ptyprocess==0.7.0",
@@ -84,7 +86,7 @@ pub fn builtin() -> Vec<Recipe> {
         Recipe {
             name: DEFAULT_RECIPE.into(),
             description: "Debian bookworm, python3, IPython, numpy, pandas, matplotlib, \
-                          ipywidgets 8, tqdm"
+                          ipywidgets 8, tqdm, pip"
                 .into(),
             suite: "bookworm".into(),
             debs: strings(&["python3", "procps"]),

@@ -1,0 +1,87 @@
+"""%pip install through a real kernel whose policy allows a local package index: the guest's own
+pip fetches through the kernel's proxy, installs into the VM's writable layer; %snapshot and
+%restore keep the install, a kernel restart starts without it; an index the policy does not
+allow is refused and the cell says so.
+
+The index is a PEP 503 simple index of two tiny wheels this test builds (tests/kernel/netserve.py),
+served on the host's 127.0.0.2 and allowed by an address entry `127.0.0.2/32:PORT`.
+"""
+from __future__ import annotations
+
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from kernel.netserve import HOST, serve_directory, tiny_index
+
+from .conftest import BACKEND, MagicKernel, stderr_of, stdout_of
+
+pytestmark = [pytest.mark.vm, pytest.mark.skipif(BACKEND != "vm", reason="%snapshot needs a VM")]
+
+
+@pytest.fixture(scope="module")
+def index() -> Iterator[int]:
+    with tempfile.TemporaryDirectory(prefix="smk-pep503-") as d:
+        simple = tiny_index(Path(d))
+        with serve_directory(simple.parent) as port:
+            yield port
+
+
+@pytest.fixture(scope="module")
+def pip_kernel(data_dir: str, index: int) -> Iterator[MagicKernel]:
+    k = MagicKernel(data_dir, notebook="pip.ipynb",
+                    extra_arguments=[f"--MicroVMKernel.allow_network={HOST}/32:{index}"])
+    yield k
+    k.shutdown()
+
+
+def pip(k: MagicKernel, line: str) -> tuple[str, str]:
+    reply, outputs = k.execute("%pip " + line, timeout=300)
+    assert reply["status"] == "ok", (line, reply, outputs)
+    return stdout_of(outputs), stderr_of(outputs)
+
+
+IMPORT = ("try:\n    import smk_tiny\n    print(smk_tiny.VALUE, smk_tiny.NAME, smk_tiny.__file__)\n"
+          "except ImportError as e:\n    print('missing', e.name)\n")
+
+
+def test_pip_install_from_the_allowed_index_survives_snapshot_and_restore(
+        pip_kernel: MagicKernel, index: int) -> None:
+    out, err = pip(pip_kernel, f"install --index-url http://{HOST}:{index}/simple/ smk-tiny")
+    assert "Successfully installed smk-dep-0.1 smk-tiny-1.0" in out, (out, err)
+    assert "a kernel restart starts without it" in out
+    assert "[network]" not in err
+    value, name, where = pip_kernel.ok(IMPORT).split()
+    assert (value, name) == ("42", "dep")
+    assert where.startswith("/usr/local/lib/python3"), where  # the VM's writable layer
+
+    pip_kernel.ok("%snapshot with-tiny", timeout=300)
+    pip(pip_kernel, "uninstall -y smk-tiny smk-dep")
+    assert pip_kernel.ok("import sys\nfor m in ('smk_tiny', 'smk_dep'): sys.modules.pop(m, None)\n"
+                         + IMPORT).split()[:2] == ["missing", "smk_tiny"]
+    pip_kernel.ok("%restore with-tiny", timeout=300)
+    assert pip_kernel.ok(IMPORT).split()[:2] == ["42", "dep"]
+    # The restored VM is attached to the kernel's proxy again: the index is reachable from it.
+    out, err = pip(pip_kernel, f"download --no-deps -d /tmp/dl --index-url "
+                               f"http://{HOST}:{index}/simple/ smk-dep")
+    assert "Saved /tmp/dl/smk_dep-0.1-py3-none-any.whl" in out, (out, err)
+
+
+def test_an_index_the_policy_does_not_allow_is_refused_and_the_cell_says_so(
+        pip_kernel: MagicKernel, index: int) -> None:
+    out, err = pip(pip_kernel, f"install --retries 0 --index-url http://127.0.0.3:{index}/simple/ "
+                               "smk-other")
+    assert "Successfully installed" not in out
+    assert (f"[network] network access to 127.0.0.3:{index} is not allowed by this kernel's "
+            "policy") in err, err
+
+
+def test_a_restart_starts_without_what_pip_installed(pip_kernel: MagicKernel, index: int) -> None:
+    out, err = pip(pip_kernel, f"install --index-url http://{HOST}:{index}/simple/ smk-tiny")
+    assert "smk-tiny" in out, (out, err)
+    pip_kernel.km.restart_kernel(now=False)
+    pip_kernel.kc.wait_for_ready(timeout=300)
+    pip_kernel.flush()
+    assert pip_kernel.ok(IMPORT).split()[:2] == ["missing", "smk_tiny"]
