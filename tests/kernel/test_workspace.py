@@ -58,8 +58,9 @@ def test_the_notebook_directory_is_the_cells_cwd(synced: Kernel) -> None:
 
 def test_a_file_a_cell_writes_is_on_the_host_after_the_cell(synced: Kernel,
                                                             host_dir: Path) -> None:
-    _run(synced, "import os\nos.makedirs('results', exist_ok=True)\n"
-                 "open('results/out.txt', 'w').write('from the guest\\n')")
+    _, err = _run(synced, "import os\nos.makedirs('results', exist_ok=True)\n"
+                          "open('results/out.txt', 'w').write('from the guest\\n')")
+    assert (host_dir / "results" / "out.txt").exists(), err
     assert (host_dir / "results" / "out.txt").read_text() == "from the guest\n"
 
 

@@ -1,5 +1,6 @@
-"""The workspace traits in kernel/config.py: off by default until the kernel runs the sync,
-and mapped onto scan.Limits."""
+"""The workspace traits in kernel/config.py: "sync" by default ($SUPERMACHINE_KERNEL_WORKSPACE
+overrides it; tests/conftest.py sets it to "off" for the test kernels), mapped onto
+scan.Limits."""
 from __future__ import annotations
 
 import pytest
@@ -10,10 +11,18 @@ from supermachine_kernel.kernel.config import GuestConfig, guest_config_from_arg
 from supermachine_kernel.workspace.scan import Limits
 
 
-def test_default_is_off_and_limits_are_the_scan_defaults() -> None:
+def test_default_is_sync_and_limits_are_the_scan_defaults(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("SUPERMACHINE_KERNEL_WORKSPACE", raising=False)
     g = GuestConfig()
-    assert g.workspace == "off"
+    assert g.workspace == "sync"
     assert g.workspace_limits() == Limits()
+
+
+def test_the_environment_sets_the_default(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SUPERMACHINE_KERNEL_WORKSPACE", "off")
+    assert GuestConfig().workspace == "off"
+    assert GuestConfig(workspace="read-only").workspace == "read-only"
 
 
 def test_config_reaches_the_limits() -> None:
