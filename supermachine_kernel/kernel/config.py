@@ -118,13 +118,18 @@ class GuestConfig(Configurable):
 
     # ---- workspace sync (issue 13; supermachine_kernel/workspace/) ----
     workspace = Enum(
-        ["sync", "read-only", "off"], "off",
-        help="The kernel's working directory (the notebook's directory) as the guest REPL's "
-        "cwd: 'sync' (host -> guest before each cell, the cell's changes back after it), "
-        "'read-only' (host -> guest only) or 'off'. The default stays 'off' until the kernel "
-        "runs the sync (the sync engine exists; its wiring into the execute path is the next "
-        "step), so setting it has no effect yet.",
+        ["sync", "read-only", "off"],
+        help="The kernel's working directory (the notebook's directory under Jupyter Server) "
+        "as the guest REPL's cwd, /workspace: 'sync' (the host's changes go into the VM before "
+        "each cell, the cell's changes come back after it), 'read-only' (host -> VM only) or "
+        "'off' (the REPL starts in the image's WorkingDir or /root). Default: "
+        "$SUPERMACHINE_KERNEL_WORKSPACE or 'sync'. Only with the vm backend.",
     ).tag(config=True)
+
+    @default("workspace")
+    def _workspace_default(self) -> str:
+        return os.environ.get("SUPERMACHINE_KERNEL_WORKSPACE", "sync")
+
     workspace_max_file_bytes = Integer(
         256 * 1024 * 1024, help="Largest file the workspace sync copies (bytes); larger ones "
         "are left out and named in the cell's output.").tag(config=True)
