@@ -29,10 +29,6 @@ from dataclasses import dataclass, field
 from .config import MicroVMLimits
 
 
-class CgroupError(Exception):
-    """A cgroup file could not be written or read back; the message names the file."""
-
-
 @dataclass(frozen=True)
 class HostFacts:
     mounts: tuple[tuple[str, str, str], ...]  # (mount point, fs type, options)
