@@ -90,7 +90,7 @@ class _Mutex:
     def __init__(self, path: str) -> None:
         self.path = path
 
-    def __enter__(self) -> "_Mutex":
+    def __enter__(self) -> _Mutex:
         self.fd = os.open(self.path, os.O_RDONLY | os.O_CREAT, 0o644)
         fcntl.flock(self.fd, fcntl.LOCK_EX)
         return self
@@ -195,7 +195,7 @@ class Ledger:
 
     # -- taking a slot ---------------------------------------------------------------------------
 
-    def acquire(self, memory_mib: int, label: str = "") -> "Slot":
+    def acquire(self, memory_mib: int, label: str = "") -> Slot:
         """Takes a user slot (and a host slot when host_max_vms is set) for a VM of
         `memory_mib`, or raises LimitExceeded naming the limit."""
         limits = self.limits

@@ -37,7 +37,7 @@ class HostFacts:
     euid: int
 
     @classmethod
-    def read(cls) -> "HostFacts":
+    def read(cls) -> HostFacts:
         mounts = []
         try:
             with open("/proc/self/mounts") as f:

@@ -83,12 +83,12 @@ def pre_spawn_hook(spawner: t.Any) -> None:
     if limits is None or not limits.any_set():
         return
     entry = pwd.getpwnam(spawner.user.name)
-    p, out = prepare_user(limits, entry.pw_uid, entry.pw_gid)
+    _, out = prepare_user(limits, entry.pw_uid, entry.pw_gid)
     spawner.log.info("limits for %s: %s enforced; %s not (%s)", spawner.user.name,
                      sorted(out.enforced), sorted(out.not_enforced), out.not_enforced)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _spawner_class() -> type:
     # Only on the Hub; jupyterhub has no type information.
     from jupyterhub import spawner  # type: ignore[import-untyped, import-not-found, unused-ignore]

@@ -11,9 +11,9 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: the kernel harness
-from kernel.harness import BACKEND, Kernel, stderr_of, stdout_of  # noqa: E402
+from kernel.harness import BACKEND, Kernel, stderr_of, stdout_of
 
-from supermachine_kernel.cli.install import install  # noqa: E402
+from supermachine_kernel.cli.install import install
 
 KERNEL = "smk-limits"
 _root = tempfile.mkdtemp(prefix="smk-limits-specs-")
@@ -22,4 +22,4 @@ install(prefix=_root, kernel_name=KERNEL, backend=BACKEND, interrupt_mode="messa
         extra_args=["--MicroVMKernel.pool_min=0"])
 SPECS = os.path.join(_root, "share", "jupyter")
 
-__all__ = ["BACKEND", "KERNEL", "Kernel", "SPECS", "stderr_of", "stdout_of"]
+__all__ = ["BACKEND", "KERNEL", "SPECS", "Kernel", "stderr_of", "stdout_of"]

@@ -12,7 +12,10 @@ import time
 import pytest
 
 from supermachine_kernel.limits.accounting import (
-    Ledger, LimitExceeded, check_snapshot_quota, check_vm_size,
+    Ledger,
+    LimitExceeded,
+    check_snapshot_quota,
+    check_vm_size,
 )
 from supermachine_kernel.limits.config import MicroVMLimits
 

@@ -10,7 +10,12 @@ import uuid
 
 import pytest
 
-from supermachine_kernel.limits.cgroup import HostFacts, apply, plan, remove_stale_leaves
+from supermachine_kernel.limits.cgroup import (
+    HostFacts,
+    apply,
+    plan,
+    remove_stale_leaves,
+)
 from supermachine_kernel.limits.config import MicroVMLimits
 
 V1_HYBRID = HostFacts(

@@ -4,7 +4,12 @@ from __future__ import annotations
 
 import pytest
 
-from supermachine_kernel.limits.config import ConfigError, MicroVMLimits, load, parse_mib
+from supermachine_kernel.limits.config import (
+    ConfigError,
+    MicroVMLimits,
+    load,
+    parse_mib,
+)
 
 
 def test_no_file_means_no_limits(tmp_path):
