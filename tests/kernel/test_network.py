@@ -25,7 +25,7 @@ CAP = 8
 HOST_SECRET = "hostsecret-7f3a"
 
 RAW_CONNECT = """
-import os, socket, urllib.parse
+import os, socket, urllib.parse, urllib.request
 PROXY = urllib.parse.urlsplit(os.environ["HTTPS_PROXY"])
 PROXY = (PROXY.hostname, PROXY.port)  # 127.0.0.1:3128 in a VM
 def raw(target):
@@ -41,12 +41,12 @@ def raw(target):
 def web() -> Iterator[int]:
     with tempfile.TemporaryDirectory(prefix="smk-net-web-") as d:
         Path(d, "hello.txt").write_text("hello from the host")
+        Path(d, "data.csv").write_text("x,y\n1,2\n3,4\n")
         with serve_directory(Path(d)) as port:
             yield port
 
 
-@pytest.fixture(scope="module")
-def net_kernel(web: int) -> Iterator[Kernel]:
+def start_net_kernel(web: int) -> Kernel:
     """A kernel whose policy allows the test's web server (by address) and `localhost` on its
     port (by name), with a small connection cap; started with host secrets in its environment."""
     env = dict(os.environ, JUPYTERHUB_API_TOKEN=HOST_SECRET,
@@ -56,7 +56,13 @@ def net_kernel(web: int) -> Iterator[Kernel]:
         f"--MicroVMKernel.allow_network=localhost:{web}",
         f"--MicroVMKernel.network_max_connections={CAP}",
     ])
-    k.execute(RAW_CONNECT)
+    run(k, RAW_CONNECT)
+    return k
+
+
+@pytest.fixture(scope="module")
+def net_kernel(web: int) -> Iterator[Kernel]:
+    k = start_net_kernel(web)
     yield k
     k.shutdown()
 
@@ -80,6 +86,12 @@ def test_allowed_server_is_reached_with_urllib(net_kernel: Kernel, web: int) -> 
                                f"'http://{HOST}:{web}/hello.txt', timeout=60).read().decode())")
     assert out.strip() == "hello from the host", err
     assert "[network]" not in err
+
+
+def test_pandas_reads_a_csv_from_an_allowed_url(net_kernel: Kernel, web: int) -> None:
+    out, err = run(net_kernel, f"import pandas as pd\nprint(int(pd.read_csv("
+                               f"'http://{HOST}:{web}/data.csv')['y'].sum()))")
+    assert out.strip() == "6", err
 
 
 def test_disallowed_numeric_ip_gets_403_whose_reason_says_why_and_the_cell_says_it(
@@ -129,9 +141,17 @@ print(answers.count("200"), len(answers))
     established, total = map(int, out.split())
     assert established == CAP and total == 40, (out, err)
     assert "this kernel already has 8 network connections open" in err
-    # The host (here: the test process) is unaffected while the guest holds its connections.
+    # The host (here: the test process) is unaffected while the guest holds its connections,
+    # and so is another kernel: its proxy and its cap are its own.
     direct = urllib.request.urlopen(f"http://{HOST}:{web}/hello.txt", timeout=30).read()
     assert direct == b"hello from the host"
+    other = start_net_kernel(web)
+    try:
+        out2, err2 = run(other, "print(urllib.request.urlopen('http://%s:%d/hello.txt', "
+                                "timeout=60).read().decode())" % (HOST, web))
+        assert out2.strip() == "hello from the host", err2
+    finally:
+        other.shutdown()
     # Closed connections give their slots back.
     out, err = run(net_kernel, f"""
 for s in held:
