@@ -1894,7 +1894,12 @@ class Workspace:
     host attaches it, watched with guest_side.Watcher (an inotify "dirty" flag), and listed
     with guest_side.list_tree after a cell only when something in it changed. The host sends
     guest_side.py's source with the attach (the same code its one-shot guest processes run);
-    it is compiled once per source."""
+    it is compiled once per source.
+
+    `token` (made at the first attach) and `seq` (execute requests since) name the tree's
+    lineage: a host attaching again (after an idle suspend or a %restore: the same process,
+    restored) compares them with what it last knew, to tell the very tree it synced from an
+    older one."""
 
     def __init__(self):
         self.side = None  # guest_side.py's namespace
@@ -1902,6 +1907,8 @@ class Workspace:
         self.root = None
         self.watcher = None
         self.options = None  # (excludes, hidden, max_entries)
+        self.token = None
+        self.seq = 0
 
     def attach(self, req):
         source = req.get("source")
@@ -1922,7 +1929,10 @@ class Workspace:
             self.watcher.close()
         self.root = root
         self.watcher = self.side["Watcher"](root, self.options[0], self.options[1])
-        return {"status": "ok", "root": root, "listing": self.listing()}
+        if self.token is None:
+            self.token = os.urandom(8).hex()
+        return {"status": "ok", "root": root, "listing": self.listing(), "token": self.token,
+                "seq": self.seq}
 
     @staticmethod
     def _make(root):
@@ -1952,7 +1962,9 @@ class Workspace:
         return {"status": "ok", "failed": self.side["apply"](self.root, ops)["failed"]}
 
     def before_cell(self, req):
-        """The host's push just wrote into the workspace: those changes are known to it."""
+        """Counts the execute; "workspace_clean": the host's push just wrote into the
+        workspace, and those changes are known to it."""
+        self.seq += 1
         if self.watcher is not None and req.get("workspace_clean"):
             self.watcher.dirty()
 

@@ -7,11 +7,12 @@ this module only connects it to the kernel:
 
 - attach: each new guest REPL (the first, after a restart, a death or a `%restore`: a guest
   handle not seen before) gets a `workspace` request with guest_side.py's source; the REPL makes
-  GUEST_ROOT, enters it, watches it (inotify) and answers with its listing. After the first
-  attach the sync state is forgotten (`WorkspaceSync.forget`): the restored guest's files are
-  those of the snapshot, and the next pass compares without state, so nothing on the host is
-  lost (files that differ become conflicts: the host's version stays, the guest's is saved
-  beside it).
+  GUEST_ROOT, enters it, watches it (inotify) and answers with its listing and its tree's
+  lineage (a token and its execute count). Unless that is the lineage of the last execute sent
+  (the same REPL resumed after an idle suspend, or %restore of a snapshot taken since), the
+  sync state is forgotten (`WorkspaceSync.forget`): the guest's files are those of a snapshot
+  or none, and the next pass compares without state, so nothing on the host is lost (files
+  that differ become conflicts: the host's version stays, the guest's is saved beside it).
 - before a cell: nothing when neither side changed since the last pass (`unchanged`: an inotify
   read on the host, on the loop); else, on a worker thread, host scan, plan against the REPL's
   last listing, push if not empty (the guest's directories and mtimes through the REPL, file
@@ -51,6 +52,9 @@ class WorkspaceHook:
         self._handle: t.Any = None          # the guest handle the workspace is attached on
         self._lock = asyncio.Lock()
         self._held: list[str] = []          # messages of a pass no cell was running for
+        # The guest tree the sync state describes: the REPL's (token, execute count) as of
+        # the last execute sent (see guest/repl.py Workspace).
+        self._lineage: tuple[str, int] | None = None
 
     # -- entry points (kernel/microvm.py) --------------------------------------------------------
 
@@ -78,6 +82,8 @@ class WorkspaceHook:
         async with self._lock:
             extra = await self._before(silent)
         reply = await run(**extra)
+        if self._lineage is not None:
+            self._lineage = (self._lineage[0], self._lineage[1] + 1)
         listing = reply.pop("workspace", None)
         async with self._lock:
             await self._after(listing, silent)
@@ -150,7 +156,6 @@ class WorkspaceHook:
         if self.sync is None:
             self.sync = WorkspaceSync(os.getcwd(), GUEST_ROOT, self.mode,
                                       self.kernel.workspace_limits(), watch_host=True)
-        self.sync.forget()      # a restored or fresh guest: see the module doc
         limits = self.sync.limits
         answer = await guest.request(
             "workspace", op="attach", root=GUEST_ROOT, source=GUEST_SOURCE,
@@ -163,9 +168,16 @@ class WorkspaceHook:
         if not isinstance(root, str) or not root.startswith("/") or "\0" in root \
                 or len(root) > MAX_GUEST_ROOT:
             raise RuntimeError("the guest REPL named no usable workspace directory")
+        lineage = (answer.get("token"), answer.get("seq"))
+        if not (isinstance(lineage[0], str) and isinstance(lineage[1], int)):
+            raise RuntimeError("the guest REPL's workspace answer is malformed")
+        if lineage != self._lineage:
+            # Another tree than the state describes: a fresh guest, or one %restore put back
+            # (the same REPL resumed after an idle suspend keeps it). See the module doc.
+            self.sync.forget()
         self.sync.guest_root = root
         self.sync.attach(answer.get("listing"), self._applier(guest))
-        self._handle = handle
+        self._handle, self._lineage = handle, lineage
 
     def _applier(self, guest: t.Any) -> t.Callable[[dict], t.Any]:
         """Apply ops (guest_side.py `apply`) run by the REPL, called from a worker thread."""

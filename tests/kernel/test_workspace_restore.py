@@ -61,3 +61,34 @@ def test_a_restart_starts_from_the_notebook_directory(setup: tuple[Kernel, Path]
     out, _ = _ok(k, "import os; open('made-before-restart.txt').read(), os.getcwd()")
     assert out == repr(("kept", "/workspace"))
     assert (host / "made-before-restart.txt").read_text() == "kept"
+
+
+def test_a_resume_after_idle_suspend_keeps_the_sync_state(tmp_path: Path) -> None:
+    """The REPL resumed after an idle suspend is the one the state describes: a file changed
+    on the host meanwhile is simply copied in, no 'guest copy' appears."""
+    from .test_idle_suspend import IDLE, SUSPEND_TIMEOUT, qemu_pids
+
+    data = tmp_path / "data"
+    host = tmp_path / "notebook"
+    host.mkdir()
+    (host / "table.csv").write_text("v1")
+    env = dict(os.environ, JUPYTER_DATA_DIR=str(data))
+    k = Kernel(extra_arguments=["--MicroVMKernel.workspace=sync",
+                                f"--MicroVMKernel.idle_suspend_after={IDLE}"],
+               env=env, cwd=str(host))
+    try:
+        pid = k.km.provisioner.process.pid  # type: ignore[union-attr]
+        out, _ = _ok(k, "open('table.csv').read()")
+        assert out == repr("v1")
+        import time
+
+        deadline = time.monotonic() + SUSPEND_TIMEOUT
+        while qemu_pids(pid) and time.monotonic() < deadline:
+            time.sleep(0.25)
+        assert not qemu_pids(pid), "the kernel did not suspend"
+        (host / "table.csv").write_text("v2 from the host")
+        out, err = _ok(k, "open('table.csv').read()")
+        assert out == repr("v2 from the host"), err
+        assert sorted(os.listdir(host)) == ["table.csv"], (os.listdir(host), err)
+    finally:
+        k.shutdown()
