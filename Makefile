@@ -36,6 +36,12 @@ $(AGENT_BUILT): $(RUST_SOURCES)
 $(AGENT): $(AGENT_BUILT)
 	@mkdir -p $(dir $@) && cp $< $@
 
+# The preload that lets QEMU restore a host-wide snapshot a user may read but not write
+# (core/ro-ram/ro_ram.c; the runtime uses it only for such a restore).
+RO_RAM := supermachine_kernel/ro_ram.so
+$(RO_RAM): core/ro-ram/ro_ram.c
+	cc -shared -fPIC -O2 -Wall -Wextra -o $@ $< -ldl
+
 # The JupyterLab extension (labextension/): npm packages from package-lock.json, TypeScript,
 # then the Jupyter builder (from the jupyterlab pip package) writes the prebuilt extension into
 # labextension/wheel-data/data/share/jupyter/labextensions/, which maturin ships in the wheel
@@ -56,7 +62,7 @@ $(STAMPS)/labextension: $(STAMPS)/venv $(LAB)/node_modules/.installed $(LAB_SOUR
 		PATH=$(abspath $(VENV))/bin:$$PATH jupyter-builder build .
 	@mkdir -p $(STAMPS) && touch $@
 
-$(STAMPS)/build: $(STAMPS)/venv $(AGENT) $(RUST_SOURCES) pyproject.toml $(STAMPS)/labextension
+$(STAMPS)/build: $(STAMPS)/venv $(AGENT) $(RO_RAM) $(RUST_SOURCES) pyproject.toml $(STAMPS)/labextension
 	@echo "setup: building supermachine_kernel._core into $(VENV)" >&2
 	VIRTUAL_ENV=$(abspath $(VENV)) PATH=$(abspath $(VENV))/bin:$$PATH \
 		$(VENV)/bin/maturin develop -q --release --extras test
@@ -80,7 +86,12 @@ demo: setup
 test-rust: setup
 	cd core && cargo test -q --workspace
 
-test-python: setup
+# configurable-http-proxy for tests/hub (a real JupyterHub), from npm, kept under the venv.
+HUB_PROXY := $(VENV)/hub-proxy/node_modules/.bin/configurable-http-proxy
+$(HUB_PROXY):
+	npm install --no-audit --no-fund --loglevel=error --prefix $(VENV)/hub-proxy configurable-http-proxy@4
+
+test-python: setup $(HUB_PROXY)
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 # mypy over the package (its settings: [tool.mypy] in pyproject.toml), then mypy.stubtest: the

@@ -74,6 +74,7 @@ __all__ = [
     "ImageNotBuiltError",
     "SnapshotError",
     "PoolError",
+    "shared_cache_dir",
     "snapshot_info",
     "snapshot_files_stamp",
     "prefetch_snapshot_memory",
@@ -110,6 +111,31 @@ def _file_bytes(data: Union[FileData, "os.PathLike[str]"]) -> bytes:
 
 def _default_snapshots_dir() -> str:
     return os.path.join(_core.image_cache_dir(None), "snapshots")
+
+
+#: Names the host-wide image store: images and warm snapshots an administrator built for every
+#: user of the host (readable by all, written by the admin only).
+SHARED_CACHE_ENV = "SUPERMACHINE_SHARED_CACHE_DIR"
+#: The host-wide store when SHARED_CACHE_ENV is unset (used if it exists).
+DEFAULT_SHARED_CACHE_DIR = "/var/cache/supermachine-kernel"
+
+
+def shared_cache_dir() -> Optional[str]:
+    """The host-wide image store: ``$SUPERMACHINE_SHARED_CACHE_DIR``, else
+    /var/cache/supermachine-kernel if it exists; None when there is none or it is this user's
+    own cache. A kernel whose image is not in the user's cache restores from there."""
+    shared = os.environ.get(SHARED_CACHE_ENV, "").strip()
+    if not shared:
+        shared = DEFAULT_SHARED_CACHE_DIR
+    if not os.path.isdir(shared):
+        return None
+    if os.path.realpath(shared) == os.path.realpath(_core.image_cache_dir(None)):
+        return None
+    return shared
+
+
+def _shared_prepare_hint() -> str:
+    return "sudo supermachine-kernel prepare --shared"
 
 
 def _mark_used(snapshot: str) -> None:
@@ -275,13 +301,31 @@ class Image:
             raise ValueError(f"vcpus must be at least 1 (got {vcpus})")
         if isinstance(packages, str):
             raise TypeError("packages must be a list of requirement strings, not one string")
-        paths = _core.ensure_image(
-            ref, name, None if cache_dir is None else os.fspath(cache_dir), None, progress,
-            kernel_layer=kernel_layer,
-            packages=None if packages is None else [str(p) for p in packages],
-            requirements=None if requirements is None else os.fspath(requirements),
-            cached_only=cached_only,
-        )
+        def ensure(root: Optional[PathLike], only_cached: bool) -> dict:
+            return _core.ensure_image(
+                ref, name, None if root is None else os.fspath(root), None, progress,
+                kernel_layer=kernel_layer,
+                packages=None if packages is None else [str(p) for p in packages],
+                requirements=None if requirements is None else os.fspath(requirements),
+                cached_only=only_cached,
+            )
+
+        # A kernel start (cached_only) that finds nothing in the user's own cache looks in the
+        # host-wide store the admin filled; it restores that store's warm snapshot in place.
+        shared = shared_cache_dir() if cached_only and cache_dir is None and snapshots_dir is None \
+            else None
+        try:
+            paths = ensure(cache_dir, cached_only)
+            shared = None
+        except ImageNotBuiltError:
+            if shared is None:
+                raise
+            try:
+                paths = ensure(shared, True)
+            except ImageNotBuiltError as e:
+                raise ImageNotBuiltError(
+                    f"{e}; not in this user's cache nor in the host-wide store {shared} either. "
+                    f"The administrator builds it there with `{_shared_prepare_hint()}`") from None
         oci = paths.get("oci") or {}
         env = {**_config_env(oci.get("env") or ()), **dict(env or {})}
         files = {str(k): _file_bytes(v) for k, v in (extra_files or {}).items()}
@@ -305,8 +349,13 @@ class Image:
         if warmup is not None and warmup_tag is None:
             warmup_tag = _warmup_identity(warmup)
         key = _snapshot_key(paths, memory_mib, vcpus, image.env, files, warmup_tag)
-        root = os.fspath(snapshots_dir) if snapshots_dir is not None else _default_snapshots_dir()
+        if shared is not None:
+            root = os.path.join(shared, "snapshots")
+        else:
+            root = os.fspath(snapshots_dir) if snapshots_dir is not None else _default_snapshots_dir()
         dest = os.path.join(root, f"{image.name}-{memory_mib}m-{vcpus}c-{key}")
+        if shared is not None:
+            return image._adopt_shared_snapshot(dest)
         if os.path.isdir(dest):
             try:
                 # check_host: a snapshot baked before a QEMU upgrade (or a change of the command
@@ -327,6 +376,21 @@ class Image:
 
             apply_budget(cache_dir, protect=[dest])  # not the snapshot just baked
         return image
+
+    def _adopt_shared_snapshot(self, dest: str) -> "Image":
+        """Takes the host-wide store's warm snapshot `dest` (restored in place, never copied)
+        or fails at once: users never bake into that store, and a bake of their own would take
+        minutes on their first kernel start."""
+        try:
+            _core.snapshot_info(dest, check_host=True)
+        except (SnapshotError, OSError) as e:
+            raise ImageNotBuiltError(
+                f"image {self.name} is in the host-wide store, but this kernel's warm snapshot "
+                f"({self.memory_mib} MiB, {self.vcpus} vCPU) is not usable there: {e}. The "
+                f"administrator bakes it with `{_shared_prepare_hint()}` (the same kernelspec "
+                f"and Jupyter configuration as this kernel's)") from None
+        self.snapshot = dest
+        return self
 
     def _bake(self, dest: str, warmup: Optional[Callable[["Vm"], Any]], warmup_tag: Optional[str],
               progress: bool) -> None:

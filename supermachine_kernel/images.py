@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Sequence, Union
 
 from . import _core
+from .api import DEFAULT_SHARED_CACHE_DIR, SHARED_CACHE_ENV
 
 ImageError = _core.ImageError
 
@@ -273,3 +274,17 @@ def recipes() -> list:
 def cache_dir(cache_dir: "Optional[str | os.PathLike[str]]" = None) -> str:
     """The cache root in effect."""
     return _core.image_cache_dir(_path(cache_dir))
+
+
+def use_shared_store() -> str:
+    """Points this process, and the kernels it starts, at the host-wide store
+    (``$SUPERMACHINE_SHARED_CACHE_DIR``, else /var/cache/supermachine-kernel) as its cache, for
+    an admin building images and warm snapshots every user of the host restores: the store is
+    created 0755 and everything written from now on is readable by all (umask 022), writable
+    by its owner only. Returns the store's path."""
+    path = os.environ.get(SHARED_CACHE_ENV, "").strip() or DEFAULT_SHARED_CACHE_DIR
+    os.makedirs(path, mode=0o755, exist_ok=True)
+    os.chmod(path, 0o755)
+    os.umask(0o022)
+    os.environ["SUPERMACHINE_CACHE_DIR"] = path
+    return path

@@ -228,6 +228,10 @@ def add_image_commands(sub: "argparse._SubParsersAction") -> None:
         metavar="DIR",
         help="cache root (default: $SUPERMACHINE_CACHE_DIR or ~/.cache/supermachine-kernel)",
     )
+    cache.add_argument(
+        "--shared", action="store_true",
+        help="the host-wide store every user's kernels restore from ($SUPERMACHINE_SHARED_CACHE_DIR, "
+        "else /var/cache/supermachine-kernel): run as the admin; written readable by all")
 
     b = isub.add_parser(
         "build",
@@ -313,6 +317,13 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        if getattr(args, "shared", False):
+            if getattr(args, "cache_dir", None):
+                print("error: give --shared or --cache-dir, not both", file=sys.stderr)
+                return 2
+            path = _images().use_shared_store()
+            if hasattr(args, "cache_dir"):
+                args.cache_dir = path
         return args.func(args)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

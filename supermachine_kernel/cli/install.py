@@ -121,6 +121,9 @@ def install(
 
     spec = kernel_json(**spec_options)
     with tempfile.TemporaryDirectory() as tmp:
+        # jupyter_client copies the folder's mode too: mkdtemp's 0700 would hide a --sys-prefix
+        # or system kernelspec from every other user (JupyterHub users among them).
+        os.chmod(tmp, 0o755)
         Path(tmp, "kernel.json").write_text(json.dumps(spec, indent=2) + "\n")
         for logo in LOGO_FILES:
             shutil.copy(_LOGOS / logo, tmp)
@@ -276,6 +279,10 @@ def add_install_commands(sub: "argparse._SubParsersAction") -> None:
                     help="with --image: its package layer")
     pp.add_argument("--requirements", metavar="FILE", help="with --image: a requirements file")
     pp.add_argument("--timeout", type=float, default=1800, help="seconds (default %(default)s)")
+    pp.add_argument("--shared", action="store_true",
+                    help="into the host-wide store every user's kernels restore from "
+                    "($SUPERMACHINE_SHARED_CACHE_DIR, else /var/cache/supermachine-kernel): run "
+                    "as the admin, with the kernelspec and Jupyter configuration users get")
     pp.set_defaults(func=_run_prepare)
 
 

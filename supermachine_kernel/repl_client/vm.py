@@ -183,19 +183,20 @@ class VmBackend:
             try:
                 plain = api.Image.build(**kwargs, snapshot=False)
             except getattr(api, "ImageNotBuiltError", ()) as e:
-                hint = self.build_hint() if self.build_hint is not None else None
-                raise EnvironmentNotBuilt(
-                    f"{e}.\nBuild it (and bake this kernel's warm snapshot) with:\n    "
-                    f"{hint or 'supermachine-kernel prepare'}\nthen restart the kernel."
-                ) from None
+                raise self._not_built(api, e) from None
             self.python_version = getattr(plain, "python_version", None)
             self._place_repl(plain)
             if snapshots:
                 kwargs["warmup"] = self._warmup(driver, env)
                 kwargs["warmup_tag"] = self._warmup_tag(driver, env)
-                self.baking = True  # only slow when the snapshot is not cached yet
+                # Only slow when the snapshot is not cached yet; never from the host-wide store
+                # (its snapshot is taken as it is, or the start fails).
+                self.baking = not self._from_shared_store(api, plain)
             try:
                 self._image = api.Image.build(**kwargs)
+            except getattr(api, "ImageNotBuiltError", ()) as e:
+                # Only from the host-wide store: a warm snapshot the admin has not baked.
+                raise self._not_built(api, e) from None
             finally:
                 self.baking = False
             self.python_version = getattr(self._image, "python_version", None)
@@ -210,6 +211,22 @@ class VmBackend:
                     timer = threading.Timer(POOL_DEFER_SECONDS, self._ensure_pool)
                     timer.daemon = True
                     timer.start()
+
+    @staticmethod
+    def _from_shared_store(api: Any, image: Any) -> bool:
+        shared = getattr(api, "shared_cache_dir", None)
+        store = shared() if shared is not None else None
+        return store is not None and str(image.rootfs).startswith(os.path.join(store, ""))
+
+    def _not_built(self, api: Any, e: Exception) -> EnvironmentNotBuilt:
+        shared = getattr(api, "shared_cache_dir", None)
+        if shared is not None and shared() is not None:
+            # The message names the admin's command (api.Image.build): users never build here.
+            return EnvironmentNotBuilt(f"{e}.\nThen restart the kernel.")
+        hint = self.build_hint() if self.build_hint is not None else None
+        return EnvironmentNotBuilt(
+            f"{e}.\nBuild it (and bake this kernel's warm snapshot) with:\n    "
+            f"{hint or 'supermachine-kernel prepare'}\nthen restart the kernel.")
 
     # With the runtime's snapshots, the warmup starts the REPL itself (modules imported, slow
     # paths warmed) and the snapshot is taken with it running: every VM the pool restores

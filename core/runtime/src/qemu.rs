@@ -297,11 +297,67 @@ pub fn spawn_owned(mut cmd: Command) -> io::Result<Child> {
     rx.recv().map_err(|_| io::Error::other("QEMU launcher thread is gone"))?
 }
 
+/// Names the preload (`core/ro-ram/ro_ram.c`) that lets QEMU open a read-only snapshot memory file.
+pub const RO_RAM_SHIM_ENV: &str = "SUPERMACHINE_RO_RAM_SHIM";
+/// Tells the preload which file to open read-only.
+const RO_RAM_ENV: &str = "SUPERMACHINE_RO_RAM";
+
+/// The preload a restore needs when its snapshot's memory file is mapped privately but this
+/// user may not write it (a host-wide snapshot another user baked): QEMU 7.2 opens it O_RDWR
+/// even for a private mapping. None when the file is writable, or for a shared mapping.
+fn read_only_ram_shim(config: &QemuConfig) -> Result<Option<PathBuf>> {
+    use std::os::unix::ffi::OsStrExt;
+    if config.ram.share || config.incoming.is_none() {
+        return Ok(None);
+    }
+    let Ok(path) = std::ffi::CString::new(config.ram.path.as_os_str().as_bytes()) else {
+        return Ok(None);
+    };
+    // SAFETY: access(2) on a NUL-terminated path we own; it only reads the string.
+    if unsafe { libc::access(path.as_ptr(), libc::W_OK) } == 0 {
+        return Ok(None);
+    }
+    let shim = std::env::var_os(RO_RAM_SHIM_ENV).filter(|v| !v.is_empty()).map(PathBuf::from);
+    match shim.or_else(shim_beside_this_library) {
+        Some(shim) if shim.is_file() => Ok(Some(shim)),
+        shim => Err(Error::Snapshot(format!(
+            "the snapshot memory file {} is read-only for this user (a host-wide snapshot), and \
+             QEMU needs the ro_ram preload to restore it: {} (set {RO_RAM_SHIM_ENV}; `make setup` \
+             builds it into the supermachine_kernel package)",
+            config.ram.path.display(),
+            match shim {
+                Some(p) => format!("{} does not exist", p.display()),
+                None => "it is not set".to_string(),
+            }
+        ))),
+    }
+}
+
+/// `ro_ram.so` in the directory of the shared library this code is linked into (the Python
+/// package's `_core` module), where the package's build puts it.
+fn shim_beside_this_library() -> Option<PathBuf> {
+    use std::os::unix::ffi::OsStrExt;
+    let mut info: libc::Dl_info = unsafe { std::mem::zeroed() };
+    // SAFETY: dladdr only reads the address (a function of this library) and fills `info`,
+    // whose dli_fname then points to a NUL-terminated string owned by the dynamic loader.
+    if unsafe { libc::dladdr(shim_beside_this_library as *const libc::c_void, &mut info) } == 0
+        || info.dli_fname.is_null()
+    {
+        return None;
+    }
+    // SAFETY: checked non-null above; the loader keeps the string alive while the library is.
+    let lib = unsafe { std::ffi::CStr::from_ptr(info.dli_fname) };
+    Some(Path::new(std::ffi::OsStr::from_bytes(lib.to_bytes())).parent()?.join("ro_ram.so"))
+}
+
 /// Starts QEMU with `config`; its stderr goes to `stderr_log`.
 pub fn launch(config: &QemuConfig, stderr_log: &Path) -> Result<Child> {
     let log = std::fs::File::create(stderr_log).map_err(|e| Error::io(format!("create {}", stderr_log.display()), e))?;
     let mut cmd = Command::new(&config.qemu);
     cmd.args(config.args()).stdin(Stdio::null()).stdout(Stdio::null()).stderr(log);
+    if let Some(shim) = read_only_ram_shim(config)? {
+        cmd.env("LD_PRELOAD", shim).env(RO_RAM_ENV, &config.ram.path);
+    }
     spawn_owned(cmd).map_err(|e| match e.kind() {
         io::ErrorKind::NotFound => Error::QemuNotFound(format!(
             "QEMU not found: {} could not be executed; {INSTALL_HINT}",
