@@ -29,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import time
 import typing as t
 
 log = logging.getLogger("supermachine_kernel.kernel.workspace")
@@ -137,12 +138,17 @@ class WorkspaceHook:
         if vm is None:
             return ""
         try:
+            t0 = time.monotonic()
             handle = guest.handle
             if handle is not self._handle:
                 await self._attach(guest, handle)
             elif self.sync.unchanged():
                 return ""           # the usual cell: an inotify read on the host, no thread
-            return await asyncio.to_thread(self.sync.before_cell, vm)
+            t1 = time.monotonic()
+            msg = await asyncio.to_thread(self.sync.before_cell, vm)
+            self.kernel.log.info("workspace: host -> VM pass %.3f s (attach %.3f s)",
+                                 time.monotonic() - t1, t1 - t0)
+            return msg
         except Exception as e:  # noqa: BLE001 - a cell runs even when the sync cannot
             log.exception("workspace sync before a cell failed")
             self._handle = None     # attach again next time
