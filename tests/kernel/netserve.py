@@ -12,6 +12,9 @@ import base64
 import hashlib
 import html
 import re
+import shutil
+import ssl
+import subprocess
 import threading
 import zipfile
 from collections.abc import Iterator
@@ -28,10 +31,28 @@ class _Quiet(SimpleHTTPRequestHandler):
         pass
 
 
+def self_signed(dest: Path, host: str = HOST) -> tuple[Path, Path] | None:
+    """A throwaway certificate for `host` made by the `openssl` command (None without it):
+    (certificate, key)."""
+    if shutil.which("openssl") is None:
+        return None
+    cert, key = dest / "cert.pem", dest / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+                    "-subj", f"/CN={host}", "-addext", f"subjectAltName=IP:{host}",
+                    "-keyout", str(key), "-out", str(cert)], check=True, capture_output=True)
+    return cert, key
+
+
 @contextmanager
-def serve_directory(root: Path, host: str = HOST) -> Iterator[int]:
-    """A static HTTP server of `root` on `host`; yields its port."""
+def serve_directory(root: Path, host: str = HOST,
+                    tls: tuple[Path, Path] | None = None) -> Iterator[int]:
+    """A static HTTP server of `root` on `host` (HTTPS with `tls` = (certificate, key));
+    yields its port."""
     server = ThreadingHTTPServer((host, 0), partial(_Quiet, directory=str(root)))
+    if tls is not None:
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.load_cert_chain(*tls)
+        server.socket = context.wrap_socket(server.socket, server_side=True)
     server.daemon_threads = True
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()

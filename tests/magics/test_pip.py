@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from kernel.netserve import HOST, serve_directory, tiny_index
+from kernel.netserve import HOST, self_signed, serve_directory, tiny_index
 
 from .conftest import BACKEND, MagicKernel, stderr_of, stdout_of
 
@@ -22,17 +22,36 @@ pytestmark = [pytest.mark.vm, pytest.mark.skipif(BACKEND != "vm", reason="%snaps
 
 
 @pytest.fixture(scope="module")
-def index() -> Iterator[int]:
+def index_dir() -> Iterator[Path]:
     with tempfile.TemporaryDirectory(prefix="smk-pep503-") as d:
-        simple = tiny_index(Path(d))
-        with serve_directory(simple.parent) as port:
-            yield port
+        yield tiny_index(Path(d)).parent
 
 
 @pytest.fixture(scope="module")
-def pip_kernel(data_dir: str, index: int) -> Iterator[MagicKernel]:
-    k = MagicKernel(data_dir, notebook="pip.ipynb",
-                    extra_arguments=[f"--MicroVMKernel.allow_network={HOST}/32:{index}"])
+def index(index_dir: Path) -> Iterator[int]:
+    """The index over plain HTTP (pip asks the proxy with absolute http:// URIs)."""
+    with serve_directory(index_dir) as port:
+        yield port
+
+
+@pytest.fixture(scope="module")
+def tls_index(index_dir: Path) -> Iterator[int | None]:
+    """The same index over HTTPS with a throwaway certificate (pip opens a CONNECT tunnel, as
+    for pypi.org); None without the openssl command."""
+    tls = self_signed(index_dir.parent)
+    if tls is None:
+        yield None
+        return
+    with serve_directory(index_dir, tls=tls) as port:
+        yield port
+
+
+@pytest.fixture(scope="module")
+def pip_kernel(data_dir: str, index: int, tls_index: int | None) -> Iterator[MagicKernel]:
+    allow = [f"--MicroVMKernel.allow_network={HOST}/32:{index}"]
+    if tls_index is not None:
+        allow.append(f"--MicroVMKernel.allow_network={HOST}/32:{tls_index}")
+    k = MagicKernel(data_dir, notebook="pip.ipynb", extra_arguments=allow)
     yield k
     k.shutdown()
 
@@ -67,6 +86,18 @@ def test_pip_install_from_the_allowed_index_survives_snapshot_and_restore(
     out, err = pip(pip_kernel, f"download --no-deps -d /tmp/dl --index-url "
                                f"http://{HOST}:{index}/simple/ smk-dep")
     assert "Saved /tmp/dl/smk_dep-0.1-py3-none-any.whl" in out, (out, err)
+
+
+def test_pip_install_over_https_through_a_connect_tunnel(
+        pip_kernel: MagicKernel, tls_index: int | None) -> None:
+    if tls_index is None:
+        pytest.skip("no openssl command to make a certificate")
+    # --trusted-host: the throwaway certificate is not in pip's CA bundle (pypi.org's is).
+    out, err = pip(pip_kernel, f"download --no-deps -d /tmp/tls --index-url "
+                               f"https://{HOST}:{tls_index}/simple/ --trusted-host "
+                               f"{HOST}:{tls_index} smk-tiny")
+    assert "Saved /tmp/tls/smk_tiny-1.0-py3-none-any.whl" in out, (out, err)
+    assert "[network]" not in err
 
 
 def test_an_index_the_policy_does_not_allow_is_refused_and_the_cell_says_so(
