@@ -114,6 +114,8 @@ class MicroVMKernel(Kernel, GuestConfig):
         return kernel_info.banner(self.backend, guest, guest.info if guest is not None else None)
 
     async def kernel_info_request(self, stream: t.Any, ident: t.Any, parent: dict) -> None:
+        if self.idle is not None:  # a frontend connected: resume a suspended guest now
+            self.idle.resume_soon()
         await kernel_info.wait_for_python_version(self.guest, self.startup_timeout)
         await super().kernel_info_request(stream, ident, parent)
 

@@ -142,6 +142,10 @@ class Machine:
 
     def vm_origin(self, vm: Any) -> tuple[Optional[float], str]:
         """(wall-clock time this kernel got ``vm``, how) — None when it came from the pool."""
+        idle = getattr(self.kernel, "idle", None)
+        resumed = idle.resumed_origin(vm) if idle is not None else None
+        if resumed is not None:
+            return resumed
         return self._since.get(id(vm), (None, "from the kernel's pool"))
 
     # -- snapshot --------------------------------------------------------------------------------

@@ -17,7 +17,8 @@ Idle means all of these, checked every `period` seconds:
   egress proxy is open (kernel/network.py; it would be cut). After a resume the egress
   forward is made again by the network's attach hook, which `GuestRepl.adopt` runs.
 An interrupt while suspended does nothing and does not resume (nothing runs in a suspended
-guest); kernel_info is answered without the guest.
+guest); a kernel_info_request (a frontend connected: a cell is likely to follow) starts the
+resume in the background and is answered at once.
 
 Suspend: ``vm.snapshot`` (the runtime's template snapshot: a sparse file of the guest RAM's
 non-zero pages plus the device state, ~tens of MiB for an idle kernel; not incremental against
@@ -160,6 +161,7 @@ class IdleSuspender:
         self._sample: Optional[tuple[float, int, int]] = None
         self._serial = itertools.count(1)
         self._task: Optional[asyncio.Task] = None
+        self._resumed: Optional[tuple[int, float, str]] = None  # id(vm), wall time, how
 
     # -- the gate GuestRepl calls ----------------------------------------------------------------
 
@@ -203,11 +205,44 @@ class IdleSuspender:
             return
         raise GuestDied(reason)
 
+    def resume_soon(self) -> None:
+        """A frontend (re)connected (kernel_info_request): a request is likely to follow, so a
+        suspended guest is resumed now, in the background. Thread-safe. A failure is kept for
+        the next cell to report."""
+        if self._state is not None:
+            self.guest.loop.call_soon_threadsafe(
+                lambda: self.guest.loop.create_task(self._resume_ahead()))
+
+    async def _resume_ahead(self) -> None:
+        async with self._lock:
+            if self._state is not None:
+                await self._resume(self._state)
+
     def superseded(self) -> None:
         """Another guest was adopted (%restore): a suspend snapshot is not needed any more."""
         state, self._state = self._state, None
         if state is not None:
             shutil.rmtree(state.path, ignore_errors=True)
+
+    # -- facts (%vm) ------------------------------------------------------------------------------
+
+    def resumed_origin(self, vm: Any) -> Optional[tuple[float, str]]:
+        """(wall time, how) if `vm` is the one the last resume restored, else None."""
+        resumed = self._resumed
+        if resumed is None or resumed[0] != id(vm):
+            return None
+        return resumed[1], resumed[2]
+
+    def describe(self) -> str:
+        """One line for %vm: the setting and what happened so far."""
+        text = f"after {self.after:g} s idle (c.MicroVMKernel.idle_suspend_after)"
+        if self.suspends:
+            text += f"; suspended {self.suspends}x"
+            if self.last_suspend_s is not None:
+                text += f" (last snapshot {self.last_suspend_s:.2f} s)"
+            if self.last_resume_s is not None:
+                text += f", last resume {self.last_resume_s:.2f} s"
+        return text
 
     # -- the watch -------------------------------------------------------------------------------
 
@@ -357,10 +392,13 @@ class IdleSuspender:
             self.guest.on_event("died", {"reason": reason}, [])  # told at once outside a cell
             return
         self._state = None
+        self.touch()  # idle time counts from the resume
         # The restored QEMU maps the memory file: its name is not needed any more.
         shutil.rmtree(state.path, ignore_errors=True)
         self.resumes += 1
         self.last_resume_s = time.monotonic() - t0
+        self._resumed = (id(handle.vm), time.time(),
+                         f"resumed after an idle suspend ({self.last_resume_s:.2f} s)")
         self.log.info("resumed the idle-suspended guest in %.3f s (VM restored and REPL "
                       "attached %.3f s, REPL answered %.3f s)", self.last_resume_s, t1 - t0,
                       self.last_resume_s - (t1 - t0))

@@ -70,6 +70,8 @@ async def magic(ctx: Context, args: str) -> None:
         ("came", origin),
         ("lineage", lineage),
         ("notebook", facts["notebook"]),
+        ("idle suspend", ctx.kernel.idle.describe() if getattr(ctx.kernel, "idle", None)
+         else "off (c.MicroVMKernel.idle_suspend_after = 0)"),
         *_limits(),
     ]
     width = max(len(k) for k, _ in rows)

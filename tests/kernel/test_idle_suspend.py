@@ -47,6 +47,15 @@ def qemu_pids(kernel_pid: int) -> list[int]:
     return found
 
 
+def runs(pid: int) -> bool:
+    """Process `pid` exists and is not a zombie (a killed QEMU its parent has not reaped yet)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
 def pss_kib(pids: list[int]) -> int:
     total = 0
     for pid in pids:
@@ -127,7 +136,7 @@ def test_variables_files_and_processes_survive_suspend(idle_kernel):
     running = qemu_pids(k.pid)
     before_kib = pss_kib([k.pid, *running])
     k.wait_suspended()
-    assert not any(os.path.exists(f"/proc/{pid}") for pid in running), "QEMU still runs"
+    assert not any(runs(pid) for pid in running), "QEMU still runs"
     after_kib = pss_kib([k.pid])
     assert after_kib < before_kib, (before_kib, after_kib)
     snapshot = os.path.join(k.suspend_dir, k.snapshots()[0])
@@ -137,6 +146,11 @@ def test_variables_files_and_processes_survive_suspend(idle_kernel):
     assert qemu_pids(k.pid), "no QEMU after the resume"
     assert k.value("open('/root/idle.txt').read()") == "'kept'"
     assert k.value("p.poll(), os.getpid(), p.pid") == f"(None, {repl_pid}, {sleep_pid})"
+    reply, outputs = k.execute("%vm", timeout=60)
+    assert reply["status"] == "ok", reply
+    facts = stdout_of(outputs)
+    assert "resumed after an idle suspend" in facts, facts
+    assert f"after {IDLE:g} s idle" in facts and "suspended 1x" in facts, facts
 
 
 def test_interrupt_and_complete_while_suspended(idle_kernel):
@@ -151,6 +165,19 @@ def test_interrupt_and_complete_while_suspended(idle_kernel):
     assert reply["status"] == "ok", reply
     assert "import" in reply["matches"]
     assert qemu_pids(k.pid), "the completion did not resume the VM"
+    assert k.value("x") == "41"
+
+
+def test_kernel_info_resumes_in_the_background(idle_kernel):
+    k = idle_kernel
+    k.wait_suspended()
+    msg_id = k.kc.kernel_info()
+    reply = k.reply(msg_id, timeout=60)
+    assert reply["status"] == "ok", reply
+    deadline = time.monotonic() + SUSPEND_TIMEOUT
+    while (not qemu_pids(k.pid) or k.snapshots()) and time.monotonic() < deadline:
+        time.sleep(0.25)
+    assert qemu_pids(k.pid) and not k.snapshots(), "kernel_info did not resume the VM"
     assert k.value("x") == "41"
 
 

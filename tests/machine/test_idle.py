@@ -122,3 +122,15 @@ def test_what_keeps_the_vm(what: str) -> None:
     elif what == "connected":
         kernel.network.proxy.n = 2
     assert not s.quiet()
+
+
+def test_describe_and_origin_for_vm() -> None:
+    s, _, _ = _quiet_suspender()
+    assert s.describe() == "after 10 s idle (c.MicroVMKernel.idle_suspend_after)"
+    s.suspends, s.last_suspend_s, s.last_resume_s = 2, 0.5, 0.25
+    assert s.describe().endswith("; suspended 2x (last snapshot 0.50 s), last resume 0.25 s")
+    vm, other = object(), object()
+    assert s.resumed_origin(vm) is None
+    s._resumed = (id(vm), 1000.0, "resumed after an idle suspend (0.25 s)")
+    assert s.resumed_origin(vm) == (1000.0, "resumed after an idle suspend (0.25 s)")
+    assert s.resumed_origin(other) is None
