@@ -1902,12 +1902,12 @@ class Workspace:
     older one."""
 
     def __init__(self):
-        self.side = None  # guest_side.py's namespace
-        self.digest = None
-        self.root = None
+        self.side = {}  # guest_side.py's namespace
+        self.digest = ""
+        self.root = ""  # "" until attached
         self.watcher = None
-        self.options = None  # (excludes, hidden, max_entries)
-        self.token = None
+        self.options: tuple = ([], True, 0)  # (excludes, hidden, max_entries)
+        self.token = ""
         self.seq = 0
 
     def attach(self, req):
@@ -1929,7 +1929,7 @@ class Workspace:
             self.watcher.close()
         self.root = root
         self.watcher = self.side["Watcher"](root, self.options[0], self.options[1])
-        if self.token is None:
+        if not self.token:
             self.token = os.urandom(8).hex()
         return {"status": "ok", "root": root, "listing": self.listing(), "token": self.token,
                 "seq": self.seq}
@@ -1954,7 +1954,7 @@ class Workspace:
         return self.side["list_tree"](self.root, *self.options)
 
     def apply(self, req):
-        if self.root is None:
+        if not self.root:
             raise ValueError("the workspace is not attached")
         ops = req.get("ops")
         if not isinstance(ops, dict):

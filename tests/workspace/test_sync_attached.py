@@ -12,7 +12,12 @@ import pytest
 
 from supermachine_kernel.workspace import guest_side
 from supermachine_kernel.workspace.scan import EXTRA_ENTRIES, Limits
-from supermachine_kernel.workspace.sync import HostTree, WorkspaceSync, filesystem_type, watchable
+from supermachine_kernel.workspace.sync import (
+    HostTree,
+    WorkspaceSync,
+    filesystem_type,
+    watchable,
+)
 from supermachine_kernel.workspace.transfer import ListingError
 
 NOW = dt.datetime(2026, 12, 6, 8, 15, 3)
