@@ -8,8 +8,11 @@ One job per module:
     report.py       the one user-facing message about what was left out or refused
     transfer.py     how bytes move: the guest listing (parsed as hostile input) and the copies
                     through the agent's file API
-    guest_side.py   the guest half (stdlib only): list, apply, read, run in the guest's python3
-    sync.py         one kernel's sync: the state between cells, before_cell/after_cell
+    guest_side.py   the guest half (stdlib only): list, apply, read, run in the guest's python3;
+                    the inotify Watcher; the guest REPL runs the same code in-process
+    sync.py         one kernel's sync: the state between cells, before_cell/after_cell, the
+                    host tree's watch
 
-Not wired into the kernel yet: `c.MicroVMKernel.workspace` defaults to "off".
+The kernel runs it through kernel/workspace_hook.py (and the guest REPL's Workspace in
+guest/repl.py); `c.MicroVMKernel.workspace` defaults to "sync".
 """
