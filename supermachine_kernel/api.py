@@ -649,17 +649,39 @@ class Vm:
             raise TypeError("write_file takes bytes or str; use upload(host_path, guest_path) for a host file")
         self._vm.write_file(path, data, mode)
 
-    def read_file(self, path: str) -> bytes:
-        """Reads a whole guest file."""
-        return self._vm.read_file(path)
+    def read_file(self, path: str, *, max_bytes: Optional[int] = None,
+                  follow_symlinks: bool = True, timeout: Optional[float] = None) -> bytes:
+        """Reads a whole guest file (``max_bytes``, ``follow_symlinks``, ``timeout`` as in
+        ``download``)."""
+        return self._vm.read_file(path, max_bytes, follow_symlinks, timeout)
 
     def upload(self, host_path: PathLike, guest_path: str, mode: Optional[int] = None) -> int:
         """Copies a host file into the guest (streamed); mode defaults to the host file's."""
         return self._vm.upload(os.fspath(host_path), guest_path, mode)
 
-    def download(self, guest_path: str, host_path: PathLike) -> int:
-        """Copies a guest file to the host (streamed; the host file appears atomically)."""
-        return self._vm.download(guest_path, os.fspath(host_path))
+    def download(self, guest_path: str, host_path: Union[PathLike, int], *,
+                 max_bytes: Optional[int] = None, follow_symlinks: bool = True,
+                 timeout: Optional[float] = None) -> int:
+        """Copies a guest file to the host (streamed); returns its size. ``host_path``: a path
+        (the file appears atomically) or an open file descriptor (written from its offset,
+        left open). For files a guest program may have swapped, pass ``max_bytes`` and/or
+        ``follow_symlinks=False``: the read then takes regular files only (a FIFO, device or
+        socket is a GuestError, never a hang), refuses a final symlink unless followed, and a
+        file past ``max_bytes`` is a GuestError of kind "limit" with at most ``max_bytes``
+        bytes written. Needs "read_limits" in ``agent_features`` (VMs restored from
+        snapshots baked before it raise ValueError: re-bake with ``supermachine-kernel
+        prepare``). Past ``timeout`` seconds the read is abandoned (TimeoutError)."""
+        if isinstance(host_path, int):
+            return self._vm.download_fd(guest_path, host_path, max_bytes, follow_symlinks,
+                                        timeout)
+        return self._vm.download(guest_path, os.fspath(host_path), max_bytes, follow_symlinks,
+                                 timeout)
+
+    @property
+    def agent_features(self) -> list[str]:
+        """What this VM's guest agent understands beyond the base protocol (e.g.
+        "read_limits"); empty for agents in snapshots baked before the list existed."""
+        return self._vm.agent_features
 
     # ---- exposed ports ----
 

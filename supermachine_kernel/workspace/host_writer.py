@@ -24,7 +24,7 @@ import errno
 import os
 import secrets
 import stat
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Protocol
 
@@ -40,6 +40,11 @@ COPY_CHUNK = 1024 * 1024
 class Readable(Protocol):
     """Where a write's bytes come from: `read(n)` gives at most n bytes, b"" at the end."""
     def read(self, n: int = -1, /) -> bytes: ...
+
+
+# Or a function that writes the bytes into the temp file's fd itself (e.g. `Vm.download` into
+# an fd: no copy through Python) and returns how many it wrote.
+Filler = Callable[[int], int]
 
 
 class Refused(ValueError):
@@ -128,7 +133,7 @@ class HostWriter:
             elif not stat.S_ISDIR(st.st_mode):
                 raise Refused(path, "something other than a directory is there on the host")
 
-    def write(self, path: str, source: Readable | bytes, mode: int = 0o644,
+    def write(self, path: str, source: Readable | bytes | Filler, mode: int = 0o644,
               mtime_ns: int | None = None, max_bytes: int | None = None) -> os.stat_result:
         """Replaces (or creates) regular file `path` with `source`'s bytes, atomically, and
         returns the new file's stat. More than `max_bytes` bytes: refused, nothing written."""
@@ -186,8 +191,11 @@ class HostWriter:
             raise
 
 
-def _copy_into(fd: int, source: Readable | bytes, max_bytes: int | None) -> int:
-    """Writes `source` to `fd`; stops reading one byte past `max_bytes`."""
+def _copy_into(fd: int, source: Readable | bytes | Filler, max_bytes: int | None) -> int:
+    """Writes `source` to `fd`; stops reading one byte past `max_bytes` (a Filler holds
+    the cap itself; what it reports is checked)."""
+    if callable(source):
+        return max(source(fd), os.fstat(fd).st_size)
     if isinstance(source, (bytes, bytearray, memoryview)):
         data = memoryview(source)
         if max_bytes is not None and len(data) > max_bytes:

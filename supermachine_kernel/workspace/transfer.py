@@ -16,13 +16,17 @@ The guest half is guest_side.py (stdlib only), run as one guest process per step
 - host -> guest (`push`): one `apply` (deletes, then directories), then `Vm.upload` per file,
   then one `apply` that sets each copied file's mtime to the host's (so plan.next_state knows
   both signatures).
-- guest -> host (`pull`): one `read` process streams the files on its stdout, each as a
-  header with its size, exactly that many bytes, and a status byte; the size is checked
-  against the cap before a byte is written, and the bytes go straight into
-  `HostWriter.write` (openat, O_NOFOLLOW, atomic). Not `Vm.download`: the agent's read
-  follows guest symlinks (a symlink to /dev/zero swapped in after the listing would stream
-  forever), opens FIFOs (and blocks) and has no size cap. Deletes go through
-  `HostWriter.delete`. Conflicts save the guest's version under the conflict name.
+- guest -> host (`pull`): each file through the agent's limited read (`Vm.download` into
+  the fd of `HostWriter.write`'s temp file: openat, O_NOFOLLOW, atomic) with
+  `follow_symlinks=False` and `max_bytes` = the listed size: the agent opens it without
+  blocking and sends it only if it is still a regular file (a FIFO, a device or a symlink to
+  /dev/zero swapped in after the listing is an error, never a hang or an endless stream), at
+  most the listed size crosses, and a file that grew or shrank since the listing is dropped
+  ("changed while copied") and copied after the next cell. Agents in snapshots baked before
+  the limited read (no "read_limits" in `agent_features`) get the older path: one `read`
+  process streaming the files on its stdout, each as a header with its size, exactly that
+  many bytes, and a status byte. Deletes go through `HostWriter.delete`. Conflicts save the
+  guest's version under the conflict name.
 """
 from __future__ import annotations
 
@@ -66,6 +70,7 @@ class GuestVm(Protocol):
     """The part of api.Vm the transfer uses."""
     def spawn(self, argv: Any, **kw: Any) -> Any: ...
     def upload(self, host_path: Any, guest_path: str, mode: Any = None) -> int: ...
+    def download(self, guest_path: str, host_path: Any, **kw: Any) -> int: ...
 
 
 # The guest half (stdlib only), run as `python3 -I -S -c GUEST_SOURCE COMMAND ROOT ...`.
@@ -364,10 +369,9 @@ class _Body:
 def pull(vm: GuestVm, writer: HostWriter, guest_root: str, plan: Plan, guest: Scan,
          limits: Limits, timeout: float = 600.0) -> Outcome:
     """Carries out the guest -> host half of `plan`: conflict copies, directories, files and
-    deletes, every write through `writer`. File bytes come from one guest process running
-    guest_side.py `read` (not `Vm.download`, which follows guest symlinks and has no size cap): each
-    file's announced size is checked against `limits.max_file_bytes` before any byte is
-    written, and exactly that many bytes are read."""
+    deletes, every write through `writer`. File bytes come through the agent's limited read
+    (at most the listed size, regular files only, no symlink followed), or from a guest
+    process running guest_side.py `read` when the agent predates that (see the module doc)."""
     out = Outcome()
     jobs: list[tuple[str, str, Entry]] = []      # (guest path, host path, listed entry)
     for c in plan.conflicts:
@@ -385,8 +389,9 @@ def pull(vm: GuestVm, writer: HostWriter, guest_root: str, plan: Plan, guest: Sc
         else:
             jobs.append((p, p, e))
     if jobs:
+        copy = _download_files if FEATURE_READ_LIMITS in _agent_features(vm) else _read_files
         try:
-            _read_files(vm, writer, guest_root, jobs, limits, timeout, out)
+            copy(vm, writer, guest_root, jobs, limits, timeout, out)
         except ListingError as err:
             done = set(out.copied) | {p for p, _ in out.refused}
             out.refused += [(dest, f"could not be copied from the VM: {err}")
@@ -398,6 +403,50 @@ def pull(vm: GuestVm, writer: HostWriter, guest_root: str, plan: Plan, guest: Sc
         except Refused as err:
             out.refused.append((err.path, err.why))
     return out
+
+
+FEATURE_READ_LIMITS = "read_limits"
+CHANGED = "changed in the VM while it was copied; it is copied again after the next cell"
+
+
+def _agent_features(vm: GuestVm) -> list[str]:
+    features = getattr(vm, "agent_features", None)
+    return features if isinstance(features, list) else []
+
+
+def _download_files(vm: GuestVm, writer: HostWriter, guest_root: str,
+                    jobs: list[tuple[str, str, Entry]], limits: Limits, timeout: float,
+                    out: Outcome) -> None:
+    """Each file by the agent's limited read, straight into the writer's temp file."""
+    deadline = time.monotonic() + timeout
+    for rel, dest, e in jobs:
+        src = _guest_path(guest_root, rel)
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise ListingError(f"copying files from the VM did not finish within {timeout:.0f} s")
+        size = min(e.size, limits.max_file_bytes)
+
+        def fill(fd: int, src: str = src, size: int = size, left: float = left) -> int:
+            n: int = vm.download(src, fd, max_bytes=size, follow_symlinks=False, timeout=left)
+            if n != size:
+                raise _Changed()
+            return n
+
+        try:
+            writer.write(dest, fill, e.mode, mtime_ns=e.mtime_ns, max_bytes=size)
+            out.copied.append(dest)
+        except Refused as err:
+            out.refused.append((err.path, err.why))
+        except _Changed:
+            out.refused.append((dest, CHANGED))
+        except TimeoutError:
+            raise ListingError(f"copying files from the VM did not finish within "
+                               f"{timeout:.0f} s") from None
+        except GuestError as err:
+            if getattr(err, "kind", None) == "limit":
+                out.refused.append((dest, CHANGED))      # it grew after it was listed
+            else:
+                out.refused.append((dest, f"could not be read in the VM: {str(err)[:300]}"))
 
 
 def _read_files(vm: GuestVm, writer: HostWriter, guest_root: str,
@@ -437,8 +486,7 @@ def _read_files(vm: GuestVm, writer: HostWriter, guest_root: str,
             except Refused as err:
                 out.refused.append((err.path, err.why))
             except _Changed:
-                out.refused.append((dest, "changed in the VM while it was copied; it is "
-                                          "copied again after the next cell"))
+                out.refused.append((dest, CHANGED))
             body.finish()
     finally:
         _kill_if_running(child)

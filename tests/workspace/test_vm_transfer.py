@@ -83,3 +83,56 @@ def test_the_watcher_works_in_the_guest(vm: api.Vm) -> None:
     r = vm.exec(["python3", "-c", probe], timeout_ms=60_000)
     assert r.exit_code == 0, r.stderr
     assert r.stdout.split() == [b"False", b"True", b"False"]
+
+
+class OlderAgent:
+    """The same VM seen as one whose agent predates limited reads (pull's fallback path)."""
+    agent_features: list[str] = []
+
+    def __init__(self, vm: api.Vm) -> None:
+        self._vm = vm
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._vm, name)
+
+
+class CountingVm(OlderAgent):
+    """The VM as it is, counting the guest processes started through it."""
+    def __init__(self, vm: api.Vm) -> None:
+        super().__init__(vm)
+        self.agent_features = vm.agent_features
+        self.spawned = 0
+
+    def spawn(self, argv: object, **kw: object) -> object:
+        self.spawned += 1
+        return self._vm.spawn(argv, **kw)
+
+
+@pytest.mark.parametrize("path", ["agent read", "guest read process"])
+def test_pull_refuses_files_swapped_after_the_listing(vm: api.Vm, tmp_path: Path,
+                                                      path: str) -> None:
+    """Listed as regular files, then swapped in the guest for a FIFO and a symlink to
+    /dev/zero: refused (no hang, no endless stream), and the untouched file still copied; by
+    the agent's limited read (no guest process) and by the older `read` process."""
+    host_root = tmp_path / "ws"
+    host_root.mkdir()
+    sh(vm, f"rm -rf {GUEST_ROOT} && mkdir -p {GUEST_ROOT} && cd {GUEST_ROOT} && "
+           "for f in fifo zero grow ok; do echo $f > $f; done")
+    limits = Limits(max_file_bytes=1000)
+    guest = list_guest(vm, GUEST_ROOT, limits)
+    sh(vm, f"cd {GUEST_ROOT} && rm fifo zero && mkfifo fifo && ln -s /dev/zero zero && "
+           "head -c 500 /dev/urandom >> grow")
+    q = plan({}, scan(host_root, limits), guest, TO_HOST, NOW)
+    who = CountingVm(vm) if path == "agent read" else OlderAgent(vm)
+    assert ("read_limits" in who.agent_features) == (path == "agent read")
+    with HostWriter(host_root) as w:
+        got = pull(who, w, GUEST_ROOT, q, guest, limits, timeout=120)
+    refused = dict(got.refused)
+    assert "ok" in got.copied and {"fifo", "zero"} <= set(refused), refused
+    assert not {"fifo", "zero"} & set(os.listdir(host_root))
+    if isinstance(who, CountingVm):
+        # The agent read also holds the listed size: a file that grew is copied next time.
+        assert got.copied == ["ok"] and sorted(refused) == ["fifo", "grow", "zero"], refused
+        assert "copied again after the next cell" in refused["grow"]
+        assert "FIFO" in refused["fifo"] and "symlink" in refused["zero"], refused
+        assert who.spawned == 0

@@ -373,10 +373,11 @@ impl Vm {
 
     /// Reads a whole guest file. `max_bytes` / `follow_symlinks=False`: a limited read (regular
     /// files only; see `Vm.download`).
-    #[pyo3(signature = (path, max_bytes=None, follow_symlinks=true))]
-    fn read_file(&self, py: Python<'_>, path: String, max_bytes: Option<u64>, follow_symlinks: bool) -> PyResult<Py<PyBytes>> {
+    #[pyo3(signature = (path, max_bytes=None, follow_symlinks=true, timeout=None))]
+    fn read_file(&self, py: Python<'_>, path: String, max_bytes: Option<u64>, follow_symlinks: bool, timeout: Option<f64>) -> PyResult<Py<PyBytes>> {
         let limits = read_limits(max_bytes, follow_symlinks);
-        let v = py.allow_threads(|| self.inner.read_file(&path, limits)).py_err()?;
+        let deadline = deadline_in(timeout);
+        let v = py.allow_threads(|| self.inner.read_file(&path, limits, deadline)).py_err()?;
         Ok(PyBytes::new(py, &v).unbind())
     }
 
@@ -384,17 +385,19 @@ impl Vm {
     /// `follow_symlinks=False` the read is limited: regular files only (a FIFO, device or
     /// socket is a GuestError, never a hang), a final symlink refused unless followed, more
     /// than `max_bytes` a GuestError of kind "limit" (nothing is written). Limited reads need
-    /// an agent that lists "read_limits" in `agent_features` (else ValueError).
-    #[pyo3(signature = (guest_path, host_path, max_bytes=None, follow_symlinks=true))]
-    fn download(&self, py: Python<'_>, guest_path: String, host_path: PathBuf, max_bytes: Option<u64>, follow_symlinks: bool) -> PyResult<u64> {
+    /// an agent that lists "read_limits" in `agent_features` (else ValueError). Past
+    /// `timeout` seconds the read is abandoned (TimeoutError).
+    #[pyo3(signature = (guest_path, host_path, max_bytes=None, follow_symlinks=true, timeout=None))]
+    fn download(&self, py: Python<'_>, guest_path: String, host_path: PathBuf, max_bytes: Option<u64>, follow_symlinks: bool, timeout: Option<f64>) -> PyResult<u64> {
         let limits = read_limits(max_bytes, follow_symlinks);
-        py.allow_threads(|| self.inner.download(&guest_path, &host_path, limits)).py_err()
+        let deadline = deadline_in(timeout);
+        py.allow_threads(|| self.inner.download(&guest_path, &host_path, limits, deadline)).py_err()
     }
 
     /// Like `download`, into open file descriptor `fd` (written from its offset; not closed,
     /// not truncated: on an error part of the file may be there). Returns the bytes written.
-    #[pyo3(signature = (guest_path, fd, max_bytes=None, follow_symlinks=true))]
-    fn download_fd(&self, py: Python<'_>, guest_path: String, fd: i32, max_bytes: Option<u64>, follow_symlinks: bool) -> PyResult<u64> {
+    #[pyo3(signature = (guest_path, fd, max_bytes=None, follow_symlinks=true, timeout=None))]
+    fn download_fd(&self, py: Python<'_>, guest_path: String, fd: i32, max_bytes: Option<u64>, follow_symlinks: bool, timeout: Option<f64>) -> PyResult<u64> {
         use std::io::Write;
         use std::os::fd::{BorrowedFd, OwnedFd};
         if fd < 0 {
@@ -403,9 +406,10 @@ impl Vm {
         // SAFETY: the caller passes an fd it keeps open for this call; it is only duplicated here.
         let owned: OwnedFd = unsafe { BorrowedFd::borrow_raw(fd) }.try_clone_to_owned()?;
         let limits = read_limits(max_bytes, follow_symlinks);
+        let deadline = deadline_in(timeout);
         py.allow_threads(|| {
             let mut w = std::io::BufWriter::with_capacity(1 << 20, std::fs::File::from(owned));
-            let (n, _) = self.inner.read_file_into(&guest_path, &mut w, limits)?;
+            let (n, _) = self.inner.read_file_into(&guest_path, &mut w, limits, deadline)?;
             w.flush().map_err(|e| Error::io("write the downloaded data", e))?;
             Ok::<u64, Error>(n)
         })
@@ -619,3 +623,8 @@ pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
 fn read_limits(max_bytes: Option<u64>, follow_symlinks: bool) -> Option<ReadLimits> {
     (max_bytes.is_some() || !follow_symlinks).then_some(ReadLimits { max_bytes, follow_symlinks })
 }
+/// `timeout` seconds from now (None: no deadline).
+fn deadline_in(timeout: Option<f64>) -> Option<Instant> {
+    timeout.map(|t| Instant::now() + Duration::from_secs_f64(t.clamp(0.0, 1e9)))
+}
+

@@ -539,7 +539,8 @@ impl Vm {
     /// InvalidArgument error before anything is sent): regular files only, a final symlink
     /// refused unless allowed, and more than `max_bytes` an error. The cap is also held here:
     /// a guest that announces or sends more gets an error and at most `max_bytes` reach `out`.
-    pub fn read_file_into(&self, path: &str, out: &mut dyn Write, limits: Option<ReadLimits>) -> Result<(u64, u32)> {
+    /// Past `deadline` the read is abandoned with a Timeout error.
+    pub fn read_file_into(&self, path: &str, out: &mut dyn Write, limits: Option<ReadLimits>, deadline: Option<Instant>) -> Result<(u64, u32)> {
         self.check()?;
         let conn = &self.conn;
         if limits.is_some() && !conn.lock().has_feature(FEATURE_READ_LIMITS) {
@@ -553,8 +554,12 @@ impl Vm {
             kind: ErrorKind::Limit,
             message: format!("cannot read {path:?}: the guest {what} more than the {}-byte limit", cap.unwrap_or_default()),
         };
-        let reply = conn.request(ReqKind::ReadFile, None, |req| Control::ReadFile { req, path: path.to_string(), limits });
-        let (req, size, mode) = match reply? {
+        let late = |e: Error| match e {
+            Error::Timeout(_) => Error::Timeout(format!("the guest did not send {path:?} before the deadline")),
+            e => e,
+        };
+        let reply = conn.request(ReqKind::ReadFile, deadline, |req| Control::ReadFile { req, path: path.to_string(), limits });
+        let (req, size, mode) = match reply.map_err(late)? {
             Control::FileInfo { req, size, mode } => (req, size, mode),
             other => return Err(Error::Protocol(format!("unexpected reply to read_file: {other:?}"))),
         };
@@ -564,7 +569,7 @@ impl Vm {
         }
         let mut total = 0u64;
         loop {
-            let chunk = conn.wait(None, |m| match m.take_file(req)? {
+            let chunk = conn.wait(deadline, |m| match m.take_file(req)? {
                 FileChunk::Pending => Ok(None),
                 c => Ok(Some(c)),
             });
@@ -586,22 +591,22 @@ impl Vm {
                 Ok(_) => return Ok((total, mode)),
                 Err(e) => {
                     conn.lock().abandon(req);
-                    return Err(e);
+                    return Err(late(e));
                 }
             }
         }
     }
 
-    /// Reads a whole guest file (`limits` as in [`Vm::read_file_into`]).
-    pub fn read_file(&self, path: &str, limits: Option<ReadLimits>) -> Result<Vec<u8>> {
+    /// Reads a whole guest file (`limits`, `deadline` as in [`Vm::read_file_into`]).
+    pub fn read_file(&self, path: &str, limits: Option<ReadLimits>, deadline: Option<Instant>) -> Result<Vec<u8>> {
         let mut v = Vec::new();
-        self.read_file_into(path, &mut v, limits)?;
+        self.read_file_into(path, &mut v, limits, deadline)?;
         Ok(v)
     }
 
     /// Downloads a guest file to a host path (written to a temporary name, then renamed;
-    /// `limits` as in [`Vm::read_file_into`]).
-    pub fn download(&self, guest_path: &str, host_path: &Path, limits: Option<ReadLimits>) -> Result<u64> {
+    /// `limits`, `deadline` as in [`Vm::read_file_into`]).
+    pub fn download(&self, guest_path: &str, host_path: &Path, limits: Option<ReadLimits>, deadline: Option<Instant>) -> Result<u64> {
         let tmp = host_path.with_file_name(format!(
             ".{}.part-{}",
             host_path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default(),
@@ -609,7 +614,7 @@ impl Vm {
         ));
         let f = fs::File::create(&tmp).map_err(|e| Error::io(format!("create {}", tmp.display()), e))?;
         let mut w = std::io::BufWriter::with_capacity(1 << 20, f);
-        let r = self.read_file_into(guest_path, &mut w, limits).and_then(|(n, _)| {
+        let r = self.read_file_into(guest_path, &mut w, limits, deadline).and_then(|(n, _)| {
             w.flush().map_err(|e| Error::io(format!("write {}", tmp.display()), e))?;
             fs::rename(&tmp, host_path).map_err(|e| Error::io(format!("rename to {}", host_path.display()), e))?;
             Ok(n)
@@ -713,5 +718,117 @@ fn death_error(proc_: &QemuProc, ending: Ending) -> Error {
             let status = proc_.status_within(Duration::from_secs(2));
             Error::VmDied(format!("{reason}.\n{}", proc_.diagnosis(status)))
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::net::UnixListener;
+    use supermachine_protocol::{control_frame, Decoder, Frame, Kind, PROTOCOL_VERSION};
+
+    /// A fake agent on a unix socket: Welcome with `features`, then it answers every ReadFile
+    /// with FileInfo{size: announced} and `body` as FileData (then the end frame, unless the
+    /// body is "stall"), and counts the ReadFiles it saw.
+    fn fake_agent(name: &str, features: &[&str], announced: u64, body: Vec<u8>) -> (PathBuf, Arc<Mutex<u32>>) {
+        let dir = std::env::temp_dir().join(format!("sm-vm-test-{}-{name}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        fs::create_dir_all(&dir).unwrap();
+        let sock = dir.join("agent.sock");
+        let listener = UnixListener::bind(&sock).unwrap();
+        let reads = Arc::new(Mutex::new(0u32));
+        let (seen, features): (_, Vec<String>) = (reads.clone(), features.iter().map(|f| f.to_string()).collect());
+        std::thread::spawn(move || {
+            let (mut s, _) = listener.accept().unwrap();
+            let mut d = Decoder::new();
+            let mut buf = [0u8; 4096];
+            loop {
+                let n = match s.read(&mut buf) {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => n,
+                };
+                d.push(&buf[..n]);
+                while let Ok(Some(f)) = d.next_frame() {
+                    if f.kind != Kind::Control {
+                        continue;
+                    }
+                    let reply: Vec<u8> = match Control::from_bytes(&f.payload).unwrap() {
+                        Control::Hello { .. } => control_frame(&Control::Welcome {
+                            version: PROTOCOL_VERSION,
+                            boot_id: "fake".into(),
+                            generation: 1,
+                            processes: vec![],
+                            features: features.clone(),
+                        })
+                        .unwrap(),
+                        Control::ReadFile { req, .. } => {
+                            *seen.lock().unwrap() += 1;
+                            let mut out = control_frame(&Control::FileInfo { req, size: announced, mode: 0o644 }).unwrap();
+                            for c in body.chunks(1000) {
+                                out.extend(Frame::new(Kind::FileData, req as u32, c.to_vec()).encode().unwrap());
+                            }
+                            if body != b"stall" {
+                                out.extend(Frame::new(Kind::FileData, req as u32, vec![]).encode().unwrap());
+                            }
+                            out
+                        }
+                        _ => continue,
+                    };
+                    if s.write_all(&reply).is_err() {
+                        return;
+                    }
+                }
+            }
+        });
+        (sock, reads)
+    }
+
+    const CAP: Option<ReadLimits> = Some(ReadLimits { max_bytes: Some(10), follow_symlinks: false });
+
+    #[test]
+    fn limited_reads_are_not_sent_to_an_agent_without_the_feature() {
+        let (sock, reads) = fake_agent("old", &[], 3, b"abc".to_vec());
+        let vm = Vm::attach_unix(&sock, Duration::from_secs(10)).unwrap();
+        assert!(vm.agent_features().is_empty());
+        match vm.read_file("/x", CAP, None) {
+            Err(Error::InvalidArgument(m)) => assert!(m.contains("supermachine-kernel prepare"), "{m}"),
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(vm.read_file("/x", None, None).unwrap(), b"abc", "the version-1 read still works");
+        assert_eq!(*reads.lock().unwrap(), 1, "only the unlimited read reached the agent");
+        vm.release();
+    }
+
+    #[test]
+    fn the_host_holds_the_cap_against_an_agent_that_ignores_it() {
+        // Announces 5 bytes and sends 50: the host stops at the cap.
+        let (sock, _) = fake_agent("liar", &[FEATURE_READ_LIMITS], 5, vec![1u8; 50]);
+        let vm = Vm::attach_unix(&sock, Duration::from_secs(10)).unwrap();
+        let mut out = Vec::new();
+        match vm.read_file_into("/x", &mut out, CAP, None) {
+            Err(Error::Guest { kind: ErrorKind::Limit, message }) => assert!(message.contains("10-byte limit"), "{message}"),
+            other => panic!("{other:?}"),
+        }
+        assert!(out.len() <= 10, "{} bytes passed a 10-byte cap", out.len());
+        vm.release();
+        // Announces more than the cap: refused before any byte is written.
+        let (sock, _) = fake_agent("big", &[FEATURE_READ_LIMITS], 11, vec![1u8; 11]);
+        let vm = Vm::attach_unix(&sock, Duration::from_secs(10)).unwrap();
+        let mut out = Vec::new();
+        assert!(matches!(vm.read_file_into("/x", &mut out, CAP, None), Err(Error::Guest { kind: ErrorKind::Limit, .. })));
+        assert!(out.is_empty());
+        vm.release();
+    }
+
+    #[test]
+    fn a_read_the_guest_never_finishes_ends_at_the_deadline() {
+        let (sock, _) = fake_agent("stall", &[FEATURE_READ_LIMITS], 5, b"stall".to_vec());
+        let vm = Vm::attach_unix(&sock, Duration::from_secs(10)).unwrap();
+        let deadline = Some(Instant::now() + Duration::from_millis(300));
+        match vm.read_file("/x", CAP, deadline) {
+            Err(Error::Timeout(m)) => assert!(m.contains("\"/x\" before the deadline"), "{m}"),
+            other => panic!("{other:?}"),
+        }
+        vm.release();
     }
 }
