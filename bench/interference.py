@@ -96,9 +96,9 @@ def move(pids: list[int], groups: list[str]) -> None:
 
 
 class Kernel:
-    def __init__(self, env: dict[str, str]) -> None:
+    def __init__(self, env: dict[str, str], cwd: str) -> None:
         self.km = KernelManager(kernel_name="smk-bench-interference")
-        self.km.start_kernel(env=env)
+        self.km.start_kernel(env=env, cwd=cwd)
         self.kc = self.km.client()
         self.kc.start_channels()
         self.kc.wait_for_ready(timeout=600)
@@ -154,25 +154,32 @@ def main() -> None:
     env = dict(os.environ, JUPYTER_PATH=os.path.join(prefix, "share", "jupyter"),
                SUPERMACHINE_RESTORE_AHEAD="0", SUPERMACHINE_LIMITS_FILE="/nonexistent")
     os.environ["JUPYTER_PATH"] = env["JUPYTER_PATH"]
+    workdir = tempfile.mkdtemp(prefix="smk-bench-interference-cwd-")  # nothing to sync
     kernels: list[Kernel] = []
     samples: dict[str, list[float]] = {}
     cpu: dict[str, list[float]] = {}
     cpu_split: dict[str, list[float]] = {}  # phase -> [A's CPU s, B's CPU s] during A's cells
     try:
-        a = Kernel(env)
+        a = Kernel(env, workdir)
         kernels.append(a)
         busy = []
         for _ in range(args.busy):
-            busy.append(Kernel(env))
+            busy.append(Kernel(env, workdir))
             kernels.append(busy[-1])
         for k in kernels:
             k.run("1+1")  # every REPL warm
-        a_pids = a.pids()
-        b_pids = [p for k in busy for p in k.pids()]
+        a_pids: list[int] = []
+        b_pids: list[int] = []
+
+        def refresh() -> None:
+            """The kernels' process trees (a guest that died has a new QEMU)."""
+            a_pids[:] = a.pids()
+            b_pids[:] = [p for k in busy for p in k.pids()]
 
         me = [os.getpid()]  # the frontend: on a Hub, user A's server, in A's group
 
         def place(phase: str) -> None:
+            refresh()
             if phase == "no cgroups":
                 move(a_pids + me, root_groups)
                 move(b_pids, root_groups)
