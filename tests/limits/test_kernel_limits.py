@@ -38,7 +38,9 @@ def setup():
                                                 if p))
         os.environ["JUPYTER_PATH"] = env["JUPYTER_PATH"]  # the KernelManager finds the spec
         limits = MicroVMLimits(memory_per_user="3G", cpu_weight=50, cgroup_name=name)
-        yield env, plan(limits, HostFacts.read(), os.geteuid(), 0)
+        notebooks = os.path.join(d, "notebooks")  # the kernels' cwd (their workspace): empty
+        os.mkdir(notebooks)
+        yield env, plan(limits, HostFacts.read(), os.geteuid(), 0), notebooks
         p = plan(limits, HostFacts.read(), os.geteuid(), 0)
         for group in reversed(p.groups):
             try:
@@ -52,8 +54,8 @@ def _rows(out: str) -> dict[str, str]:
 
 
 def test_second_kernel_refused_then_started_after_the_first_is_killed(setup):
-    env, p = setup
-    first = Kernel(KERNEL, env=env)
+    env, p, cwd = setup
+    first = Kernel(KERNEL, env=env, cwd=cwd)
     second = None
     try:
         reply, outputs = first.execute("1 + 1", timeout=120)
@@ -74,7 +76,7 @@ def test_second_kernel_refused_then_started_after_the_first_is_killed(setup):
                 in qemu_groups, (qemu_groups, user)
 
         # The same user's second kernel: its cells say which limit, and who raises it.
-        second = Kernel(KERNEL, env=env)
+        second = Kernel(KERNEL, env=env, cwd=cwd)
         reply, outputs = second.execute("1 + 1", timeout=120)
         assert reply["status"] == "error"
         text = " ".join(m["content"].get("evalue", "") + " ".join(m["content"].get("traceback", []))
