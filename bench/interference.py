@@ -231,12 +231,21 @@ def main() -> None:
                 k.stop()
             except Exception as e:  # noqa: BLE001
                 print(f"stopping a kernel: {e}", file=sys.stderr)
-        for p in plans.values():
-            for group in reversed(p.groups):
+        # The kernels' QEMUs may take a moment to go: a group is removed once it is empty.
+        groups = sorted({g for p in plans.values() for g in p.groups}, key=len, reverse=True)
+        deadline = time.monotonic() + 30
+        while groups and time.monotonic() < deadline:
+            for group in list(groups):
                 try:
                     os.rmdir(group)
+                    groups.remove(group)
+                except FileNotFoundError:
+                    groups.remove(group)
                 except OSError:
                     pass
+            time.sleep(0.5)
+        if groups:
+            print(f"left behind (still in use): {groups}", file=sys.stderr)
 
     base = samples["idle"]
     rows = []
