@@ -287,8 +287,7 @@ class IdleSuspender:
     def _connected(self) -> bool:
         """Connections through the kernel's egress proxy are open (kernel/network.py)."""
         proxy = getattr(getattr(self.kernel, "network", None), "proxy", None)
-        count = getattr(proxy, "active_connections", None)
-        return bool(count is not None and count())
+        return bool(getattr(proxy, "active_connections", 0))  # a property of _core.NetProxy
 
     def _exposed(self) -> bool:
         host = getattr(self.kernel, "host_magics", None)

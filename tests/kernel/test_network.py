@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import re
 import tempfile
+import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -182,3 +183,26 @@ except OSError as e:
     print("refused")
 """)
     assert out.split("\n")[:2] == ["[]", "refused"]
+
+
+@pytest.mark.skipif(BACKEND != "vm", reason="idle suspend needs the vm backend")
+def test_network_comes_back_after_an_idle_suspend(web: int) -> None:
+    from .test_idle_suspend import SUSPEND_TIMEOUT, qemu_pids  # noqa: PLC0415
+
+    data_dir = tempfile.mkdtemp(prefix="smk-net-idle-")
+    k = Kernel(KERNEL, env=dict(os.environ, JUPYTER_DATA_DIR=data_dir), extra_arguments=[
+        f"--MicroVMKernel.allow_network={HOST}/32:{web}", "--MicroVMKernel.idle_suspend_after=2"])
+    fetch = f"import urllib.request\nprint(urllib.request.urlopen('http://{HOST}:{web}/hello.txt'" \
+            ", timeout=60).read().decode())"
+    try:
+        assert run(k, fetch)[0].strip() == "hello from the host"
+        pid = k.km.provisioner.process.pid  # type: ignore[union-attr]
+        suspended = os.path.join(data_dir, "supermachine-kernel", "suspended")
+        deadline = time.monotonic() + SUSPEND_TIMEOUT
+        while qemu_pids(pid) or not (os.path.isdir(suspended) and os.listdir(suspended)):
+            assert time.monotonic() < deadline, "the kernel did not suspend"
+            time.sleep(0.25)
+        out, err = run(k, fetch)  # resumed: a new QEMU, the forward made again
+        assert out.strip() == "hello from the host", err
+    finally:
+        k.shutdown()
