@@ -23,6 +23,7 @@ import itertools
 import json
 import os
 import shutil
+import socket
 import sys
 import threading
 import time
@@ -713,6 +714,37 @@ class Vm:
     def _close_exposures(self) -> None:
         for x in self.exposures:
             x.close()
+
+    # ---- guest -> host ----
+
+    def forward_to_host(self, guest_port: int, host_port: int) -> None:
+        """The guest agent listens on 127.0.0.1:``guest_port`` inside the guest; every
+        connection accepted there is connected on the host to 127.0.0.1:``host_port`` (always
+        the host's loopback: the guest never chooses the host destination) and relayed both
+        ways with back-pressure. Idempotent: call it again after a restore, reconnect or pool
+        hand-out (a snapshot's agent may listen already) to re-attach. A connection the agent
+        accepts while no host side is attached is closed; at most 64 guest connections at
+        once per VM (more are closed, with a log line). Raises ValueError if the agent of this
+        VM's image or snapshot predates TCP channels (rebuild it)."""
+        self._vm.forward_to_host(guest_port, host_port)
+
+    def stop_forward(self, guest_port: int) -> None:
+        """Stops listening on ``guest_port`` in the guest; connections in flight go on."""
+        self._vm.stop_forward(guest_port)
+
+    def tcp_relay(self, guest_port: int, sock: socket.socket, half_closed_idle: float = 120.0) -> Any:
+        """Connects to 127.0.0.1:``guest_port`` in the guest through the agent's TCP channel
+        and relays it with the connected host socket ``sock`` (the relay holds a duplicate of
+        it) in two runtime threads. Returns a ``_core.TcpRelay``: ``wait(timeout)``, ``close()``,
+        ``done``, ``bytes``. Raises GuestError (kind not_found) if nothing listens there. Used by
+        exposed ports (expose.py); needs ``tcp_channels``."""
+        return self._vm.tcp_relay(guest_port, sock.fileno(), half_closed_idle=half_closed_idle)
+
+    @property
+    def tcp_channels(self) -> bool:
+        """Whether this VM's agent speaks native TCP channels (``forward_to_host``, and
+        exposed ports without a guest relay process)."""
+        return "tcp" in self._vm.agent_features
 
     # ---- snapshots ----
 

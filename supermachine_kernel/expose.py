@@ -2,8 +2,15 @@
 part 3; ``Vm.expose_tcp`` in api.py and the ``%expose`` magic use this).
 
 How a connection travels. The guest has no network device; everything crosses the agent's
-framed channel. The host listens on 127.0.0.1 only. For each accepted connection it spawns a
-small relay process in the guest (``python3 -I -S -c GUEST_RELAY <port>``, through the agent's
+framed channel. The host listens on 127.0.0.1 only.
+
+Native channel (agents whose Welcome lists the ``tcp`` feature, i.e. images and snapshots
+made since it exists): each accepted connection becomes a TCP channel of the agent
+(``Vm.tcp_relay``: ``TcpConnect`` to 127.0.0.1:<port> in the guest, then two Rust threads copy
+bytes with credit windows both ways; runtime ``tcp`` module). No guest process is started.
+
+Relay process (older agents, or ``NATIVE = False``): for each accepted connection the host
+spawns a small relay process in the guest (``python3 -I -S -c GUEST_RELAY <port>``, through the agent's
 ordinary Spawn) that connects to 127.0.0.1:<port> inside the guest; host → guest bytes travel
 as that process's stdin, guest → host bytes as its stdout. So the relay rides on what the
 agent and runtime already enforce:
@@ -16,9 +23,8 @@ agent and runtime already enforce:
 * no agent or protocol change, so every existing image and snapshot can expose ports.
 
 The price is one guest process start per connection (a Python interpreter without site:
-~270 ms of guest CPU under TCG), and the guest image needs ``python3`` (the default image has
-it). A native agent channel (new frame kinds) is the next step; see
-docs/issue13-expose.md.
+~270 ms of guest CPU under TCG), and the guest image needs ``python3``; the native channel
+has neither (docs/issue13-expose.md).
 
 Rules this module keeps:
 
@@ -31,7 +37,7 @@ Rules this module keeps:
   closes. ``close()`` also ends the connections in flight (used when the VM is given back).
 * the relay follows ``vm_source()`` for every new connection, so an exposure made by
   ``%expose`` reaches the kernel's current VM, also after ``%restore``.
-* one spare guest relay per exposure is started ahead, waiting for its go byte (``G``), so a
+* (relay processes only) one spare guest relay per exposure is started ahead, waiting for its go byte (``G``), so a
   connection after an idle moment does not wait for an interpreter to start. It is started
   when the last open connection ends (in a burst it would compete with the next connection's
   relay for the guest's CPU), and a connection waits for a spare being started rather than
@@ -66,6 +72,8 @@ HALF_CLOSED_IDLE = 120.0
 #: How often the guest → host loop wakes up to check that.
 POLL = 2.0
 
+#: Use the agent's native TCP channel when the VM's agent has it (see the module doc).
+NATIVE = True
 #: Start a spare guest relay ahead of each connection (see the module doc).
 SPARE = True
 #: Seconds a spare guest relay waits for its connection before it exits.
@@ -131,6 +139,16 @@ class Slots:
     def give(self) -> None:
         with self._lock:
             self.used -= 1
+
+
+def _native(vm: Any) -> bool:
+    """Whether connections to ``vm`` go through the agent's native TCP channel."""
+    if not NATIVE:
+        return False
+    try:
+        return bool(vm.tcp_channels)
+    except Exception:  # noqa: BLE001 - released, or a stand-in without the property
+        return False
 
 
 def _check_port(port: int, what: str, allow_zero: bool) -> int:
@@ -237,7 +255,10 @@ class Exposure:
         child = vm = None
         try:
             vm = self._vm_source()
-            child = self._spawn_relay(vm)
+            if _native(vm):
+                vm = None  # no guest process to start ahead
+            else:
+                child = self._spawn_relay(vm)
         except Exception as e:  # noqa: BLE001 - no VM right now: the next connection retries
             log.debug("expose %d: no spare relay: %s", self.host_port, e)
         with self._spare_ready:
@@ -331,10 +352,13 @@ class _Relay:
         self.x = exposure
         self.conn = conn
         self.child: Any = None
+        #: The native relay (``_core.TcpRelay``), when the agent has TCP channels.
+        self.native: Any = None
         #: When the host client's side ended (EOF or error), and whether it was an error.
         self.host_done: Optional[float] = None
         self.host_failed = False
         self._finished = False
+        self._aborted = False
         self._lock = threading.Lock()
 
     def run(self) -> None:
@@ -348,6 +372,14 @@ class _Relay:
     def _run(self) -> None:
         x = self.x
         try:
+            vm = x._vm_source()
+        except Exception as e:  # noqa: BLE001 - no VM right now
+            log.warning("expose %d -> guest %d: no VM to connect to: %s", x.host_port, x.guest_port, e)
+            return
+        if _native(vm):
+            self._run_native(vm)
+            return
+        try:
             self.child = x.take_relay()
         except Exception as e:  # noqa: BLE001 - the VM may be gone, released, or have no python3
             log.warning("expose %d -> guest %d: cannot start the guest relay: %s", x.host_port, x.guest_port, e)
@@ -360,6 +392,19 @@ class _Relay:
         if status is not None and status.exit_code == REFUSED_EXIT:
             why = self._stderr().strip() or f"nothing listens on guest port {x.guest_port}"
             log.warning("expose %d: %s; closed the host connection", x.host_port, why)
+
+    def _run_native(self, vm: Any) -> None:
+        x = self.x
+        try:
+            relay = vm.tcp_relay(x.guest_port, self.conn, half_closed_idle=HALF_CLOSED_IDLE)
+        except Exception as e:  # noqa: BLE001 - nothing listens there, or the VM is gone
+            log.warning("expose %d: %s; closed the host connection", x.host_port, e)
+            return
+        with self._lock:
+            aborted, self.native = self._aborted, relay
+        if aborted:
+            relay.close()
+        relay.wait()
 
     def _host_to_guest(self) -> None:
         child = self.child
@@ -417,10 +462,14 @@ class _Relay:
             return ""
 
     def abort(self) -> None:
+        with self._lock:
+            self._aborted = True
         try:
             self.conn.shutdown(socket.SHUT_RDWR)
         except OSError:
             pass
+        if self.native is not None:
+            self.native.close()
         self._kill()
 
     def _kill(self) -> None:

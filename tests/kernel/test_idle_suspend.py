@@ -100,7 +100,8 @@ class IdleKernel(Kernel):
 def idle_kernel():
     k = IdleKernel()
     yield k
-    k.shutdown()
+    if k.km.is_alive():
+        k.shutdown()
     shutil.rmtree(k.data_dir, ignore_errors=True)
 
 
@@ -209,3 +210,11 @@ def test_a_failed_resume_says_so_and_gives_a_fresh_vm(idle_kernel):
     assert k.value("1 + 1") == "2"
     reply, _ = k.execute("x")
     assert reply["status"] == "error" and reply["ename"] == "NameError", reply
+
+
+def test_shutdown_while_suspended_removes_the_snapshot(idle_kernel):
+    k = idle_kernel
+    k.wait_suspended()
+    k.shutdown()
+    assert not k.km.is_alive()
+    assert k.snapshots() == [], "a kernel shut down while suspended left its snapshot"

@@ -91,11 +91,16 @@ def echo_ready(x: Exposure) -> bool:
         return False
 
 
-@pytest.fixture(scope="module", params=["unix", "qemu"])
+@pytest.fixture(scope="module", params=["unix", "unix-relay", "qemu"])
 def served(request):
     """A VM (either backend) running an HTTP server over a directory holding ``hello.txt`` and
-    a 10 MB random ``big.bin``, an echo server and a flood server, each exposed."""
-    vm: api.Vm = request.getfixturevalue(f"{request.param}_vm")
+    a 10 MB random ``big.bin``, an echo server and a flood server, each exposed. "unix-relay":
+    the guest relay process path (agents without the native TCP channel) on the unix agent."""
+    backend, _, path = request.param.partition("-")
+    native = expose.NATIVE
+    expose.NATIVE = path != "relay"
+    request.addfinalizer(lambda: setattr(expose, "NATIVE", native))
+    vm: api.Vm = request.getfixturevalue(f"{backend}_vm")
     root = vm.exec(["python3", "-c", "import tempfile; print(tempfile.mkdtemp(prefix='sm-expose-'))"]).stdout.decode().strip()
     big = os.urandom(BIG)
     vm.write_file(f"{root}/hello.txt", b"hello from the guest\n")
@@ -270,7 +275,8 @@ def _release_closes(agent: UnixAgent) -> None:
     assert wait_until(lambda: x.active == 0, 30)
 
 
-def test_spare_relay_is_started_ahead_and_killed_by_stop(served):
+def test_spare_relay_is_started_ahead_and_killed_by_stop(served, monkeypatch):
+    monkeypatch.setattr(expose, "NATIVE", False)  # spares exist on the relay-process path only
     x = served.vm.expose_tcp(served.ports["echo"])
     try:
         assert wait_until(lambda: x._spare is not None, 60), "a spare guest relay waits for the first connection"

@@ -20,6 +20,8 @@ const MAX_WINDOW: u64 = 1 << 40;
 #[derive(Debug)]
 struct State {
     window: u64,
+    /// What a reset grants.
+    full: u64,
     epoch: u64,
     cancelled: bool,
 }
@@ -33,7 +35,12 @@ pub struct Window {
 
 impl Window {
     pub fn new(epoch: u64) -> Window {
-        Window { st: Mutex::new(State { window: DEFAULT_OUTPUT_WINDOW, epoch, cancelled: false }), cv: Condvar::new() }
+        Window::with_size(epoch, DEFAULT_OUTPUT_WINDOW)
+    }
+
+    /// A window of `size` bytes (a reset grants that again).
+    pub fn with_size(epoch: u64, size: u64) -> Window {
+        Window { st: Mutex::new(State { window: size, full: size, epoch, cancelled: false }), cv: Condvar::new() }
     }
 
     /// Blocks until at least one byte may be sent; returns how many (at most `max`), or
@@ -72,7 +79,7 @@ impl Window {
     /// A new session (host) begins: full default window.
     pub fn reset(&self, epoch: u64) {
         let mut st = lock(&self.st);
-        st.window = DEFAULT_OUTPUT_WINDOW;
+        st.window = st.full;
         st.epoch = epoch;
         self.cv.notify_all();
     }

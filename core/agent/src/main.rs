@@ -10,6 +10,7 @@
 //! Module map: `writer` (the framed writer with the pause gate), `transport` (read loops on the
 //! port or socket), `server` (dispatch), `process` + `reaper` (children), `credit` (output
 //! windows), `files` (transfers), `generation` (what a Hello changes: clock, RNG, generation),
+//! `tcp` (TCP channels: guest ports opened by the host, guest listeners forwarded to the host),
 //! `init` (PID 1 setup), `sys` (raw syscalls), `log`.
 //!
 //! # What the host can rely on
@@ -54,6 +55,7 @@ mod process;
 mod reaper;
 mod server;
 mod sys;
+mod tcp;
 mod transport;
 mod user;
 mod writer;

@@ -20,6 +20,7 @@ use supermachine_protocol::{Control, Decoder, ErrorKind, Frame, Kind, ProcessInf
 use crate::files::Files;
 use crate::generation::Generation;
 use crate::process::{Failure, Procs, SpawnRequest};
+use crate::tcp::Tcp;
 use crate::writer::Writer;
 use crate::{debug, log};
 
@@ -27,6 +28,7 @@ pub struct Server {
     writer: Arc<Writer>,
     procs: Arc<Procs>,
     files: Files,
+    tcp: Tcp,
     generation: Generation,
     decoder: Decoder,
     /// A valid Hello was received on this connection.
@@ -78,7 +80,8 @@ pub fn fit_processes(mut list: Vec<ProcessInfo>) -> Vec<ProcessInfo> {
 impl Server {
     pub fn new(writer: Arc<Writer>, procs: Arc<Procs>, generation: Generation) -> Server {
         let files = Files::new(writer.clone());
-        Server { writer, procs, files, generation, decoder: Decoder::new(), welcomed: false, desynced: false }
+        let tcp = Tcp::new(writer.clone());
+        Server { writer, procs, files, tcp, generation, decoder: Decoder::new(), welcomed: false, desynced: false }
     }
 
     pub fn writer(&self) -> &Arc<Writer> {
@@ -142,6 +145,7 @@ impl Server {
                     self.writer.reply(&reply);
                 }
             }
+            Kind::TcpData => self.tcp.data(f.channel, f.payload),
             Kind::Stdout | Kind::Stderr => debug!("{:?} frame from the host ignored", f.kind),
         }
     }
@@ -159,6 +163,7 @@ impl Server {
         }
         let generation = self.generation.on_hello(host_time_ns, entropy);
         self.files.new_session();
+        self.tcp.new_session();
         self.welcomed = true;
         self.desynced = false;
         let (procs, boot_id) = (&self.procs, self.generation.boot_id.clone());
@@ -217,6 +222,14 @@ impl Server {
                 }
                 Err(f) => w.reply(&error(req, f)),
             },
+            Control::TcpConnect { req, port } => self.tcp.connect(req, port, w.epoch()),
+            Control::TcpListen { req, port } => done(req, self.tcp.listen(port)),
+            Control::TcpUnlisten { req, port } => {
+                self.tcp.unlisten(port);
+                w.reply(&Control::Ok { req });
+            }
+            Control::TcpCredit { id, bytes } => self.tcp.credit(id, bytes),
+            Control::TcpClose { id } => self.tcp.close(id),
             Control::ListProcesses { req } => w.reply(&Control::Processes { req, processes: fit_processes(self.procs.list()) }),
             Control::Pause { req } => w.pause(req),
             Control::Resume { req } => w.resume(Some(&Control::Ok { req })),

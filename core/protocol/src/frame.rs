@@ -44,6 +44,9 @@ pub enum Kind {
     Stderr = 4,
     /// A chunk of a file transfer, either direction. Empty = end of file.
     FileData = 5,
+    /// Bytes of a TCP channel, either direction. Empty = the sender's half-close (EOF).
+    /// Only sent to an agent whose Welcome lists `FEATURE_TCP`.
+    TcpData = 6,
 }
 
 impl Kind {
@@ -54,6 +57,7 @@ impl Kind {
             3 => Kind::Stdout,
             4 => Kind::Stderr,
             5 => Kind::FileData,
+            6 => Kind::TcpData,
             _ => return None,
         })
     }

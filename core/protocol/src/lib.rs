@@ -8,7 +8,8 @@ pub mod message;
 pub use frame::{encode_into, Decoder, Frame, FrameError, Kind, CHUNK, HEADER_LEN, MAX_PAYLOAD};
 pub use message::{
     Control, ErrorKind, ExitStatus, MessageError, ProcessInfo, ReadLimits, TtySize, AGENT_FEATURES,
-    DEFAULT_OUTPUT_WINDOW, FEATURE_READ_LIMITS, MAX_PROCESSES, PROTOCOL_VERSION, STDIN_WINDOW,
+    DEFAULT_OUTPUT_WINDOW, FEATURE_READ_LIMITS, FEATURE_TCP, MAX_PROCESSES, PROTOCOL_VERSION, STDIN_WINDOW,
+    TCP_WINDOW,
 };
 
 /// Encodes a control message as one frame.

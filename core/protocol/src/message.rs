@@ -17,6 +17,12 @@
 //!    only to an agent whose Welcome lists [`FEATURE_READ_LIMITS`]: older agents ignore it.)
 //! H: Pause{req} → G: Paused{req}: the guest sends nothing more until the next Hello/Resume
 //!    (used before a snapshot so the byte stream ends on a frame boundary).
+//! TCP channels (only when Welcome.features lists [`FEATURE_TCP`]; see `tcp` below):
+//! H: TcpConnect{req, port}  → G: TcpOpened{req, id} | Error{req}   (host → guest port)
+//! H: TcpListen{req, port}   → G: Ok{req} | Error{req}; then G: TcpAccepted{id, port} per
+//!    connection accepted on guest 127.0.0.1:port (guest → host); H: TcpUnlisten{req, port}
+//!    TcpData frames on channel `id` both ways (empty = that direction's EOF);
+//!    TcpCredit{id, bytes} both ways (the receiver consumed `bytes`); TcpClose{id} both ways (reset).
 //! ```
 //!
 //! Every host request carries a `req` id chosen by the host; every reply names it.
@@ -30,7 +36,7 @@ pub const PROTOCOL_VERSION: u32 = 1;
 
 /// What this agent understands beyond version 1, announced in [`Control::Welcome`]'s `features`
 /// (agents baked before a feature existed send none: the host must not rely on it then).
-pub const AGENT_FEATURES: &[&str] = &[FEATURE_READ_LIMITS];
+pub const AGENT_FEATURES: &[&str] = &[FEATURE_READ_LIMITS, FEATURE_TCP];
 /// `ReadFile.limits` is honoured (see [`ReadLimits`]).
 pub const FEATURE_READ_LIMITS: &str = "read_limits";
 
@@ -40,6 +46,14 @@ pub const DEFAULT_OUTPUT_WINDOW: u64 = 4 * 1024 * 1024;
 pub const STDIN_WINDOW: u64 = 1024 * 1024;
 /// Most processes the agent will track at once.
 pub const MAX_PROCESSES: usize = 4096;
+
+/// `Welcome.features` entry of an agent that speaks the TCP channel messages and
+/// `Kind::TcpData` frames. A host must not send either to an agent without it (an old agent
+/// treats the unknown frame kind as a lost sync).
+pub const FEATURE_TCP: &str = "tcp";
+/// Bytes a TCP channel's sender may have in flight, each direction, before the receiver
+/// grants more with `TcpCredit` (the receiver's buffer per channel is bounded by it).
+pub const TCP_WINDOW: u64 = 1024 * 1024;
 
 /// Pseudo-terminal size.
 #[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
@@ -166,6 +180,33 @@ pub enum Control {
         req: u64,
         id: u32,
     },
+    /// Open a TCP connection to 127.0.0.1:`port` inside the guest (→ `TcpOpened` | `Error`).
+    TcpConnect {
+        req: u64,
+        port: u16,
+    },
+    /// Listen on 127.0.0.1:`port` inside the guest; every accepted connection is announced
+    /// with `TcpAccepted`. Idempotent: already listening is `Ok`.
+    TcpListen {
+        req: u64,
+        port: u16,
+    },
+    /// Stop listening on `port` (open channels stay). Not listening is `Ok` too.
+    TcpUnlisten {
+        req: u64,
+        port: u16,
+    },
+
+    // ---- either direction ----
+    /// The sender consumed `bytes` of channel `id`'s data: the peer may send that much more.
+    TcpCredit {
+        id: u32,
+        bytes: u64,
+    },
+    /// Reset: the sender dropped channel `id` (both directions). No reply; the id is free.
+    TcpClose {
+        id: u32,
+    },
 
     // ---- guest → host ----
     Welcome {
@@ -200,6 +241,16 @@ pub enum Control {
     Processes {
         req: u64,
         processes: Vec<ProcessInfo>,
+    },
+    /// Reply to `TcpConnect`: the channel id (chosen by the guest) for its TcpData frames.
+    TcpOpened {
+        req: u64,
+        id: u32,
+    },
+    /// A connection accepted on a port the host asked the guest to listen on (`TcpListen`).
+    TcpAccepted {
+        id: u32,
+        port: u16,
     },
     Paused {
         req: u64,
@@ -246,7 +297,8 @@ impl Control {
         match self {
             Spawn { req, .. } | Signal { req, .. } | Resize { req, .. } | WriteFile { req, .. }
             | ReadFile { req, .. } | ListProcesses { req } | Pause { req } | Resume { req }
-            | Ping { req } | Forget { req, .. } | Spawned { req, .. } | FileInfo { req, .. }
+            | Ping { req } | Forget { req, .. } | TcpConnect { req, .. } | TcpListen { req, .. }
+            | TcpUnlisten { req, .. } | TcpOpened { req, .. } | Spawned { req, .. } | FileInfo { req, .. }
             | Processes { req, .. } | Paused { req } | Ok { req } | Pong { req }
             | Error { req, .. } => Some(*req),
             _ => None,
@@ -283,6 +335,35 @@ mod tests {
             let b = m.to_bytes();
             assert_eq!(Control::from_bytes(&b).unwrap(), m);
         }
+    }
+
+    #[test]
+    fn welcome_without_features_is_an_old_agent() {
+        let old = br#"{"op":"welcome","version":1,"boot_id":"b","generation":1,"processes":[]}"#;
+        match Control::from_bytes(old).unwrap() {
+            Control::Welcome { features, .. } => assert!(features.is_empty()),
+            other => panic!("{other:?}"),
+        }
+        let m = Control::Welcome { version: 1, boot_id: "b".into(), generation: 1, processes: vec![], features: vec![FEATURE_TCP.into()] };
+        assert_eq!(Control::from_bytes(&m.to_bytes()).unwrap(), m);
+    }
+
+    #[test]
+    fn tcp_messages_round_trip_and_carry_req() {
+        for m in [
+            Control::TcpConnect { req: 3, port: 8050 },
+            Control::TcpListen { req: 4, port: 3128 },
+            Control::TcpUnlisten { req: 5, port: 3128 },
+            Control::TcpOpened { req: 6, id: 9 },
+            Control::TcpAccepted { id: 10, port: 3128 },
+            Control::TcpCredit { id: 10, bytes: 65536 },
+            Control::TcpClose { id: 10 },
+        ] {
+            assert_eq!(Control::from_bytes(&m.to_bytes()).unwrap(), m);
+        }
+        assert_eq!(Control::TcpOpened { req: 6, id: 9 }.req(), Some(6));
+        assert_eq!(Control::TcpAccepted { id: 1, port: 2 }.req(), None);
+        assert!(Control::from_bytes(br#"{"op":"tcp_connect","req":1,"port":70000}"#).is_err());
     }
 
     #[test]

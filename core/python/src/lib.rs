@@ -5,6 +5,7 @@ pub mod errors;
 mod image;
 mod net;
 mod pool;
+mod tcp;
 mod vm;
 
 #[pymodule]
@@ -15,5 +16,6 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     pool::register(m)?;
     image::register(m)?;
     net::register(m)?;
+    tcp::register(m)?;
     Ok(())
 }

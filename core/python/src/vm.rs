@@ -500,6 +500,23 @@ impl Vm {
         self.inner.restored_from().map(String::from)
     }
 
+    /// The agent listens on 127.0.0.1:guest_port in the guest; each connection becomes a
+    /// channel the host connects to 127.0.0.1:host_port. Idempotent (re-attaches).
+    fn forward_to_host(&self, py: Python<'_>, guest_port: u32, host_port: u32) -> PyResult<()> {
+        crate::tcp::forward_to_host(py, &self.inner, guest_port, host_port)
+    }
+
+    /// Stops a forward (connections in flight go on).
+    fn stop_forward(&self, py: Python<'_>, guest_port: u32) -> PyResult<()> {
+        crate::tcp::stop_forward(py, &self.inner, guest_port)
+    }
+
+    /// Connects to 127.0.0.1:guest_port in the guest and relays it with socket `fd`.
+    #[pyo3(signature = (guest_port, fd, half_closed_idle=120.0, timeout=30.0))]
+    fn tcp_relay(&self, py: Python<'_>, guest_port: u32, fd: i32, half_closed_idle: f64, timeout: f64) -> PyResult<crate::tcp::TcpRelay> {
+        crate::tcp::tcp_relay(py, &self.inner, guest_port, fd, half_closed_idle, timeout)
+    }
+
     /// Kills QEMU and removes the work dir. Idempotent.
     fn release(&self, py: Python<'_>) {
         py.allow_threads(|| self.inner.release())

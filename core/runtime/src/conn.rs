@@ -206,6 +206,10 @@ impl Conn {
             }
         };
         self.lock().reconcile(&welcome.processes);
+        if self.lock().has_feature(supermachine_protocol::FEATURE_TCP) {
+            // Refuses guest TCP channels nobody attached (e.g. a snapshot's agent listening).
+            crate::tcp::ensure_service(self)?;
+        }
         Ok(welcome)
     }
 

@@ -1,7 +1,7 @@
 //! Host runtime library: QEMU supervision ([`qemu`], [`accel`], [`qmp`]), the connection to the
 //! guest agent ([`conn`] over the pure multiplexer [`mux`]), VMs and their processes ([`vm`],
 //! [`child`]), snapshots ([`snapshot`]: on disk, taking, restoring), the VM pool ([`pool`]) and the
-//! guest's network egress policy and proxy ([`net`]).
+//! guest's network egress policy and proxy ([`net`]), TCP channels through the agent ([`tcp`]).
 pub mod accel;
 pub mod child;
 pub mod conn;
@@ -13,6 +13,7 @@ pub mod pool;
 pub mod qemu;
 pub mod qmp;
 pub mod snapshot;
+pub mod tcp;
 pub mod vm;
 pub mod workdir;
 

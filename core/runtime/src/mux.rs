@@ -23,6 +23,7 @@ use supermachine_protocol::{
 };
 
 use crate::error::Error;
+use crate::tcp::table::TcpTable;
 
 /// Credit is granted back in batches of this many consumed bytes.
 pub const CREDIT_BATCH: u64 = DEFAULT_OUTPUT_WINDOW / 4;
@@ -47,6 +48,9 @@ pub enum ReqKind {
     Resume,
     Ping,
     Forget,
+    TcpConnect,
+    TcpListen,
+    TcpUnlisten,
 }
 
 impl ReqKind {
@@ -59,8 +63,15 @@ impl ReqKind {
                 | (ReqKind::ListProcesses, Control::Processes { .. })
                 | (ReqKind::Pause, Control::Paused { .. })
                 | (ReqKind::Ping, Control::Pong { .. })
+                | (ReqKind::TcpConnect, Control::TcpOpened { .. })
                 | (
-                    ReqKind::Signal | ReqKind::Resize | ReqKind::WriteFile | ReqKind::Resume | ReqKind::Forget,
+                    ReqKind::Signal
+                        | ReqKind::Resize
+                        | ReqKind::WriteFile
+                        | ReqKind::Resume
+                        | ReqKind::Forget
+                        | ReqKind::TcpListen
+                        | ReqKind::TcpUnlisten,
                     Control::Ok { .. }
                 )
         )
@@ -197,6 +208,8 @@ pub struct Mux {
     requests: HashMap<u64, Request>,
     procs: HashMap<u32, Proc>,
     transfers: HashMap<u32, Transfer>,
+    /// TCP channels and forwards (tcp/table.rs).
+    pub tcp: TcpTable,
     welcome: Option<Control>,
     failure: Option<Error>,
 }
@@ -221,6 +234,7 @@ impl Mux {
             requests: HashMap::new(),
             procs: HashMap::new(),
             transfers: HashMap::new(),
+            tcp: TcpTable::default(),
             welcome: None,
             failure: None,
         }
@@ -254,6 +268,7 @@ impl Mux {
         self.welcome = None;
         self.requests.clear();
         self.transfers.clear();
+        self.tcp.reconnect();
         for p in self.procs.values_mut() {
             p.window = DEFAULT_OUTPUT_WINDOW;
             p.owed = 0;
@@ -273,6 +288,7 @@ impl Mux {
             Kind::Stdout => self.on_output(frame.channel, Stream::Stdout, frame.payload),
             Kind::Stderr => self.on_output(frame.channel, Stream::Stderr, frame.payload),
             Kind::FileData => self.on_file_data(frame.channel, frame.payload),
+            Kind::TcpData => self.tcp.on_data(frame.channel, frame.payload),
             Kind::Stdin => Err(Violation("the guest sent a stdin frame (host → guest only)".into())),
         }
     }
@@ -341,6 +357,22 @@ impl Mux {
                     },
                 );
                 self.store_reply(req, Control::FileInfo { req, size, mode });
+                Ok(())
+            }
+            Control::TcpOpened { req, id } => {
+                self.expect_reply(req, ReqKind::TcpConnect)?;
+                self.tcp.on_opened(id)?;
+                if self.requests.get(&req).is_some_and(|r| r.detached) {
+                    // Nobody waits for it: the guest must hear that the channel is dropped.
+                    self.tcp.abandon_opened(id);
+                }
+                self.store_reply(req, Control::TcpOpened { req, id });
+                Ok(())
+            }
+            Control::TcpAccepted { id, port } => self.tcp.on_accepted(id, port),
+            Control::TcpCredit { id, bytes } => self.tcp.on_credit(id, bytes),
+            Control::TcpClose { id } => {
+                self.tcp.on_close(id);
                 Ok(())
             }
             Control::Error { req: 0, message, .. } => {
