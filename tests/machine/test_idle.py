@@ -80,7 +80,8 @@ class _Proxy:
     def __init__(self, n: int) -> None:
         self.n = n
 
-    def active_connections(self) -> int:
+    @property
+    def active_connections(self) -> int:  # a property, as on _core.NetProxy
         return self.n
 
 
