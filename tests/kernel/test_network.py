@@ -24,6 +24,8 @@ from .harness import BACKEND, KERNEL, Kernel, stderr_of, stdout_of
 from .netserve import HOST, serve_directory
 
 CAP = 8
+BANDWIDTH = 500_000  # bytes/s through one kernel's proxy
+BIG = 2_000_000  # bytes: 4 s at BANDWIDTH, less the proxy's burst (a tenth of a second)
 HOST_SECRET = "hostsecret-7f3a"
 
 RAW_CONNECT = """
@@ -44,6 +46,7 @@ def web() -> Iterator[int]:
     with tempfile.TemporaryDirectory(prefix="smk-net-web-") as d:
         Path(d, "hello.txt").write_text("hello from the host")
         Path(d, "data.csv").write_text("x,y\n1,2\n3,4\n")
+        Path(d, "big.bin").write_bytes(b"b" * BIG)
         with serve_directory(Path(d)) as port:
             yield port
 
@@ -57,6 +60,7 @@ def start_net_kernel(web: int) -> Kernel:
         f"--MicroVMKernel.allow_network={HOST}/32:{web}",
         f"--MicroVMKernel.allow_network=localhost:{web}",
         f"--MicroVMKernel.network_max_connections={CAP}",
+        f"--MicroVMKernel.network_bandwidth={BANDWIDTH}",
     ])
     run(k, RAW_CONNECT)
     return k
@@ -96,6 +100,19 @@ def test_pandas_reads_a_csv_from_an_allowed_url(net_kernel: Kernel, web: int) ->
     out, err = run(net_kernel, f"import pandas as pd\nprint(int(pd.read_csv("
                                f"'http://{HOST}:{web}/data.csv')['y'].sum()))")
     assert out.strip() == "6", err
+
+
+def test_bandwidth_cap_holds(net_kernel: Kernel, web: int) -> None:
+    out, err = run(net_kernel, f"""
+import time, urllib.request
+t = time.monotonic()
+n = len(urllib.request.urlopen('http://{HOST}:{web}/big.bin', timeout=120).read())
+print(n, time.monotonic() - t)
+""", timeout=120)
+    n, seconds = out.split()
+    assert int(n) == BIG, err
+    # A lower bound only (a loaded host is slower, never faster): the cap, less its burst.
+    assert float(seconds) >= (BIG - BANDWIDTH / 10) / BANDWIDTH * 0.9, seconds
 
 
 def test_disallowed_numeric_ip_gets_403_whose_reason_says_why_and_the_cell_says_it(

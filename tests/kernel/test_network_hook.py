@@ -111,6 +111,38 @@ def test_start_does_nothing_without_a_policy() -> None:
     assert network.start(Kernel()) is None
 
 
+def test_start_gives_the_proxy_the_kernels_caps_and_hooks_the_guest(monkeypatch: Any) -> None:
+    from supermachine_kernel import _core  # noqa: PLC0415
+
+    made: list[tuple[list[str], dict]] = []
+
+    class Proxy:
+        port, url = 4321, "http://127.0.0.1:4321"
+
+        def __init__(self, allow: list[str], **caps: Any) -> None:
+            made.append((allow, caps))
+
+        def close(self) -> None:
+            pass
+
+    class Kernel:
+        allow_network = ["pypi.org"]
+        network_max_connections = 5
+        network_bandwidth = 1000
+
+        class guest:  # noqa: N801 - stands for the GuestRepl
+            attach_hooks: list[Any] = []
+
+    monkeypatch.setattr(_core, "NetProxy", Proxy)
+    hook = network.start(Kernel())
+    assert hook is not None
+    assert made == [(["pypi.org"], {"max_connections": 5, "bandwidth": 1000})]
+    assert Kernel.guest.attach_hooks == [hook.attach]
+    Kernel.network_bandwidth = 0  # 0 = no cap
+    network.start(Kernel())
+    assert made[-1][1]["bandwidth"] is None
+
+
 def test_proxy_that_cannot_start_is_a_network_error() -> None:
     def broken(*_a: Any, **_k: Any) -> Any:
         raise OSError("address in use")
