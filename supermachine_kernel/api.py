@@ -327,6 +327,12 @@ class Image:
                 raise ImageNotBuiltError(
                     f"{e}; not in this user's cache nor in the host-wide store {shared} either. "
                     f"The administrator builds it there with `{_shared_prepare_hint()}`") from None
+            except ImageError as e:
+                # E.g. this installation's guest agent has no initramfs there (an upgrade since
+                # the store was prepared): a user may not add one.
+                raise ImageNotBuiltError(
+                    f"the host-wide store {shared} does not fit this installation ({e}). The "
+                    f"administrator updates it with `{_shared_prepare_hint()}`") from None
         oci = paths.get("oci") or {}
         env = {**_config_env(oci.get("env") or ()), **dict(env or {})}
         files = {str(k): _file_bytes(v) for k, v in (extra_files or {}).items()}

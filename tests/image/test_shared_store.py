@@ -30,10 +30,10 @@ def store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return store
 
 
-def _link_default_image(store: Path) -> None:
+def _link_default_image(store: Path, parts: tuple = ("images/default", "kernels", "initramfs")) -> None:
     """The store as `image build --shared` leaves it, from the real cache's built image."""
     real = REAL_CACHE
-    for sub in ("images/default", "kernels", "initramfs"):
+    for sub in parts:
         if not (real / sub).is_dir():
             pytest.skip("the default image is not built (make setup)")
         (store / sub).mkdir(parents=True)
@@ -69,6 +69,16 @@ def test_a_missing_warm_snapshot_in_the_store_fails_at_once(own_cache: Path, sto
     assert "warm snapshot" in str(e.value) and "prepare --shared" in str(e.value)
     assert not (store / "snapshots").exists()  # nothing was baked
     assert not (own_cache / "snapshots").exists() or not os.listdir(own_cache / "snapshots")
+
+
+def test_a_store_that_does_not_fit_this_installation_fails_at_once(own_cache: Path, store: Path) -> None:
+    """No initramfs for this installation's agent there (an upgrade since the admin prepared
+    it; here the folder cannot be made): the admin's command, not an I/O error."""
+    _link_default_image(store, ("images/default", "kernels"))
+    (store / "initramfs").write_text("not a folder")
+    with pytest.raises(api.ImageNotBuiltError) as e:
+        api.Image.build(cached_only=True, snapshot=False, progress=False)
+    assert "does not fit this installation" in str(e.value) and "prepare --shared" in str(e.value)
 
 
 def test_cli_shared_and_cache_dir_exclude_each_other(store: Path) -> None:
