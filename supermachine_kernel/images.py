@@ -284,7 +284,8 @@ def use_shared_store() -> str:
     by its owner only. Returns the store's path."""
     path = os.environ.get(SHARED_CACHE_ENV, "").strip() or DEFAULT_SHARED_CACHE_DIR
     os.makedirs(path, mode=0o755, exist_ok=True)
-    os.chmod(path, 0o755)
+    if os.stat(path).st_uid == os.geteuid():  # a user listing the admin's store changes nothing
+        os.chmod(path, 0o755)
     os.umask(0o022)
     os.environ["SUPERMACHINE_CACHE_DIR"] = path
     return path
