@@ -169,6 +169,20 @@ def test_interrupt_and_complete_while_suspended(idle_kernel):
     assert k.value("x") == "41"
 
 
+def test_a_guest_death_after_a_resume_gets_a_fresh_vm(idle_kernel):
+    """The suspend gave the pool back; a VM needed later (here after a death) still comes."""
+    k = idle_kernel
+    k.wait_suspended()
+    assert k.value("x") == "41"  # resumed
+    reply, _ = k.execute("import os; os._exit(3)", timeout=60)
+    assert reply["status"] == "error" and reply["ename"] == "GuestDied", reply
+    assert k.value("21 * 2", timeout=120) == "42"
+    reply, _ = k.execute("x")
+    assert reply["status"] == "error" and reply["ename"] == "NameError", reply
+    reply, _ = k.execute("x = 41")
+    assert reply["status"] == "ok", reply
+
+
 def test_kernel_info_resumes_in_the_background(idle_kernel):
     k = idle_kernel
     k.wait_suspended()
