@@ -321,7 +321,14 @@ class IdleSuspender:
             return False
         if not self.quiet():
             return False
-        await self.suspend()
+        try:
+            await self.suspend()
+        except IdleError as e:
+            # E.g. a full disk: the VM runs on; try again after another idle period, not at
+            # every check.
+            self.log.warning("idle suspend skipped: %s", e)
+            self.touch()
+            return False
         return True
 
     # -- suspend ---------------------------------------------------------------------------------

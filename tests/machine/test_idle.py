@@ -135,3 +135,49 @@ def test_describe_and_origin_for_vm() -> None:
     s._resumed = (id(vm), 1000.0, "resumed after an idle suspend (0.25 s)")
     assert s.resumed_origin(vm) == (1000.0, "resumed after an idle suspend (0.25 s)")
     assert s.resumed_origin(other) is None
+
+
+def test_no_idle_suspend_for_the_local_backend_or_when_off() -> None:
+    from supermachine_kernel.machine.idle import start_idle_suspend
+
+    guest = _Guest()
+    guest.backend = type("B", (), {"name": "local"})()
+    kernel = type("K", (), {"idle_suspend_after": 600.0, "guest": guest})()
+    assert start_idle_suspend(kernel) is None
+    guest.backend = type("B", (), {"name": "vm"})()
+    kernel.idle_suspend_after = 0.0
+    assert start_idle_suspend(kernel) is None
+
+
+def test_a_failed_suspend_waits_for_another_idle_period() -> None:
+    import asyncio
+
+    from supermachine_kernel.machine.idle import IdleError
+
+    s, _, guest = _quiet_suspender()
+
+    class _Vm:
+        def read_file(self, path: str) -> bytes:
+            return b"cpu  1 0 1 1000 0 0 0 0\n"
+
+    guest.handle = type("H", (), {"vm": _Vm()})()
+    attempts = []
+
+    async def failing() -> None:
+        attempts.append(1)
+        raise IdleError("snapshotting the idle VM failed: No space left on device")
+
+    s.suspend = failing  # type: ignore[method-assign]
+
+    async def checks(n: int) -> list[bool]:
+        results = []
+        for _ in range(n):
+            results.append(await s.check())
+            if s._sample is not None:  # as if the next check came a period later
+                s._sample = (s._sample[0] - s.period, *s._sample[1:])
+        return results
+
+    assert asyncio.run(checks(2)) == [False, False]
+    assert len(attempts) == 1
+    assert asyncio.run(checks(3)) == [False, False, False]
+    assert len(attempts) == 1, "a failed suspend is retried before another idle period"
