@@ -4,14 +4,16 @@ needs the guest restores it and re-attaches the REPL first. Variables, files and
 back; the frontend only sees a slower first request.
 
 Owns: when the guest counts as idle, the suspend, the resume, and the suspend snapshots on disk
-(``<jupyter data dir>/supermachine-kernel/suspended/``, one private directory per kernel process).
+(``<jupyter data dir>/supermachine-kernel/suspended/PID-START-N/``, in a 0700 folder; those of
+kernel processes that are gone are removed when the next kernel starts).
 
 Idle means all of these, checked every `period` seconds:
 - no request to the guest (execute, complete, inspect, is_complete, history, comms, the magics
   that use the VM) and no guest output for `after` seconds, and no request pending (a cell
   waiting in input() or sleeping is not idle);
 - the guest's CPU was quiet over the last sample window (busy time in the guest's /proc/stat
-  under CPU_QUIET of the window), so a background thread or process that computes keeps its VM;
+  under CPU_QUIET of the window), so a background thread or process that computes keeps its VM
+  (a guest that cannot tell its CPU time is not suspended);
 - no %expose port is listening (a connection would reach no VM; stop the exposure with
   ``%expose --stop PORT`` to let the kernel suspend), and no connection through the kernel's
   egress proxy is open (kernel/network.py; it would be cut). After a resume the egress
@@ -21,9 +23,11 @@ guest); a kernel_info_request (a frontend connected: a cell is likely to follow)
 resume in the background and is answered at once.
 
 Suspend: ``vm.snapshot`` (the runtime's template snapshot: a sparse file of the guest RAM's
-non-zero pages plus the device state, ~tens of MiB for an idle kernel; not incremental against
-the snapshot the VM came from), then the guest is released without a successor, and so are the
-VMs kept ahead for this kernel (the pool's warm VM, a %restore standby). Resume: the snapshot is
+non-zero pages plus the device state; ~290 MiB for the default image's warm kernel, measured by
+bench/idle.py; not incremental against the snapshot the VM came from), then the guest is
+released without a successor, and so are the VMs kept ahead for this kernel (the pool's warm VM,
+a %restore standby). A suspend that fails (a full disk) leaves the VM running and is tried again
+after another idle period. Resume: the snapshot is
 verified and restored, the REPL re-attached by its process id and adopted (`GuestRepl.adopt`,
 which says hello; the agent sets the clock and reseeds the RNGs after a restore). The
 snapshot's files are unlinked as soon as the restored QEMU maps them. A resume that fails (the
