@@ -18,6 +18,7 @@ import json
 import os
 import pwd
 import secrets
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -57,7 +58,7 @@ def run_as(user: str | None, store: str, python: str) -> list[float]:
     if user is not None:
         home = pwd.getpwnam(user).pw_dir
         env.update(HOME=home, USER=user)
-        argv = ["runuser", "-u", user, "--"] + argv
+        argv = [shutil.which("runuser") or "/usr/sbin/runuser", "-u", user, "--"] + argv
     else:  # the baseline: root with its own cache (its image and warm snapshot from make setup)
         home = tempfile.mkdtemp(prefix="smk-bench-")  # an empty notebook directory
         env.update(HOME=os.environ.get("HOME", "/root"))
