@@ -98,7 +98,9 @@ class LocalUser:
 
 def _create_user(prefix: str) -> LocalUser:
     name = f"{prefix}{secrets.token_hex(3)}"
-    subprocess.run(["useradd", "--create-home", "--shell", "/bin/bash", name], check=True)
+    # Homes private, as the guide asks (Debian's default follows umask 022: 0755).
+    subprocess.run(["useradd", "--create-home", "--key", "HOME_MODE=0700", "--shell", "/bin/bash",
+                    name], check=True)
     pw = pwd.getpwnam(name)
     return LocalUser(name, pw.pw_uid, pw.pw_dir)
 

@@ -96,8 +96,15 @@ def test_hub_variables_do_not_reach_the_guest(hub: Hub, kernels: dict[str, str])
         assert not [k for k, v in guest_env.items() if v in secrets and v], "a Hub value leaked"
 
 
-def test_a_users_snapshots_are_theirs_alone(hub: Hub, kernels: dict[str, str]) -> None:
+def test_a_users_snapshots_and_workspace_are_theirs_alone(hub: Hub, kernels: dict[str, str]) -> None:
     a, b = hub.users
+    # The workspace: the server's (and so each kernel's) directory is the user's home.
+    r = hub.api.run(a.name, kernels[a.name], "open('notes.txt', 'w').write('A only')")
+    assert r.status == "ok", r
+    ls = subprocess.run(["runuser", "-u", b.name, "--", "ls", a.home], capture_output=True, text=True)
+    assert ls.returncode != 0 and "Permission denied" in ls.stderr
+    r = hub.api.run(b.name, kernels[b.name], "import os; print(os.path.exists('notes.txt'))")
+    assert r.status == "ok" and r.stdout.strip() == "False", r
     r = hub.api.run(a.name, kernels[a.name], "secret_a = 'only for A'")
     assert r.status == "ok", r
     r = hub.api.run(a.name, kernels[a.name], "%snapshot hubtest")
