@@ -36,6 +36,7 @@ import signal
 import stat
 import struct
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Protocol
@@ -414,19 +415,28 @@ def _agent_features(vm: GuestVm) -> list[str]:
     return features if isinstance(features, list) else []
 
 
+# Limited reads in flight at once: one read is a round trip plus a thread start in the agent
+# (measured under TCG: 6.8 ms per small file one at a time, 1.75 ms with 4 in flight).
+PARALLEL_READS = 4
+
+
 def _download_files(vm: GuestVm, writer: HostWriter, guest_root: str,
                     jobs: list[tuple[str, str, Entry]], limits: Limits, timeout: float,
                     out: Outcome) -> None:
-    """Each file by the agent's limited read, straight into the writer's temp file."""
+    """Each file by the agent's limited read, straight into the writer's temp file
+    (PARALLEL_READS at once; the outcome lists them in job order)."""
     deadline = time.monotonic() + timeout
-    for rel, dest, e in jobs:
+
+    def one(job: tuple[str, str, Entry]) -> tuple[str, str | None]:
+        """(host path, None if copied else why not); raises ListingError past the deadline."""
+        rel, dest, e = job
         src = _guest_path(guest_root, rel)
         left = deadline - time.monotonic()
         if left <= 0:
             raise ListingError(f"copying files from the VM did not finish within {timeout:.0f} s")
         size = min(e.size, limits.max_file_bytes)
 
-        def fill(fd: int, src: str = src, size: int = size, left: float = left) -> int:
+        def fill(fd: int) -> int:
             n: int = vm.download(src, fd, max_bytes=size, follow_symlinks=False, timeout=left)
             if n != size:
                 raise _Changed()
@@ -434,19 +444,37 @@ def _download_files(vm: GuestVm, writer: HostWriter, guest_root: str,
 
         try:
             writer.write(dest, fill, e.mode, mtime_ns=e.mtime_ns, max_bytes=size)
-            out.copied.append(dest)
+            return dest, None
         except Refused as err:
-            out.refused.append((err.path, err.why))
+            return err.path, err.why
         except _Changed:
-            out.refused.append((dest, CHANGED))
+            return dest, CHANGED
         except TimeoutError:
             raise ListingError(f"copying files from the VM did not finish within "
                                f"{timeout:.0f} s") from None
         except GuestError as err:
             if getattr(err, "kind", None) == "limit":
-                out.refused.append((dest, CHANGED))      # it grew after it was listed
-            else:
-                out.refused.append((dest, f"could not be read in the VM: {str(err)[:300]}"))
+                return dest, CHANGED                    # it grew after it was listed
+            return dest, f"could not be read in the VM: {str(err)[:300]}"
+
+    def record(result: tuple[str, str | None]) -> None:
+        path, why = result
+        if why is None:
+            out.copied.append(path)
+        else:
+            out.refused.append((path, why))
+
+    if len(jobs) == 1:
+        record(one(jobs[0]))
+        return
+    with ThreadPoolExecutor(PARALLEL_READS, thread_name_prefix="workspace-pull") as pool:
+        futures = [pool.submit(one, job) for job in jobs]
+        try:
+            for f in futures:
+                record(f.result())
+        finally:
+            for f in futures:
+                f.cancel()
 
 
 def _read_files(vm: GuestVm, writer: HostWriter, guest_root: str,

@@ -640,8 +640,8 @@ pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
 fn read_limits(max_bytes: Option<u64>, follow_symlinks: bool) -> Option<ReadLimits> {
     (max_bytes.is_some() || !follow_symlinks).then_some(ReadLimits { max_bytes, follow_symlinks })
 }
+
 /// `timeout` seconds from now (None: no deadline).
 fn deadline_in(timeout: Option<f64>) -> Option<Instant> {
     timeout.map(|t| Instant::now() + Duration::from_secs_f64(t.clamp(0.0, 1e9)))
 }
-
