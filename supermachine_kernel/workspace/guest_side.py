@@ -67,7 +67,8 @@ def list_tree(root: str, excludes: list[str], hidden: bool, max_entries: int) ->
 
 def apply(root: str, ops: dict) -> dict:
     """Deletes (files, empty directories), then makes directories (replacing a non-directory
-    in the way), then sets mtimes; returns {"failed": [[path, why], ...]}."""
+    in the way), then sets mtimes (taking the file over first when another user owns it:
+    `_own`); returns {"failed": [[path, why], ...]}."""
     failed: list[list[str]] = []
     for r in ops.get("delete", []):
         p = root + "/" + r
@@ -90,10 +91,44 @@ def apply(root: str, ops: dict) -> dict:
             failed.append([r, str(e)])
     for r, t in ops.get("utime", []):
         try:
+            _own(root + "/" + r)
             os.utime(root + "/" + r, ns=(t, t), follow_symlinks=False)
         except OSError as e:
             failed.append([r, str(e)])
     return {"failed": failed}
+
+
+def _own(p: str) -> None:
+    """A regular file someone else owns (the agent writes copies as root) becomes this user's:
+    copied into a file of ours beside it, renamed over it. So a non-root REPL can overwrite
+    and re-time the files the host put there. Root owns everything it needs already."""
+    uid = os.getuid()
+    st = os.lstat(p)
+    if uid == 0 or st.st_uid == uid or not stat.S_ISREG(st.st_mode):
+        return
+    tmp = "%s/.smk-own-%d" % (os.path.dirname(p), os.getpid())
+    src = os.open(p, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    try:
+        dst = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+        try:
+            left = os.fstat(src).st_size
+            while left > 0:
+                n = os.sendfile(dst, src, None, min(left, 1 << 24))
+                if n == 0:
+                    break
+                left -= n
+            os.fchmod(dst, st.st_mode & 0o777)
+        finally:
+            os.close(dst)
+        os.replace(tmp, p)
+    except OSError:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    finally:
+        os.close(src)
 
 
 def _put(fd: int, b: bytes) -> None:
