@@ -162,6 +162,7 @@ print(answers.count("200"), len(answers))
     established, total = map(int, out.split())
     assert established == CAP and total == 40, (out, err)
     assert "this kernel already has 8 network connections open" in err
+    assert "an admin can raise it with c.MicroVMKernel.network_max_connections" in err
     # The host (here: the test process) is unaffected while the guest holds its connections,
     # and so is another kernel: its proxy and its cap are its own.
     direct = urllib.request.urlopen(f"http://{HOST}:{web}/hello.txt", timeout=30).read()

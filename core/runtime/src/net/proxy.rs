@@ -256,7 +256,8 @@ fn accept_loop(listener: TcpListener, sh: Arc<Shared>) {
         let guard = Active(Arc::clone(&sh));
         if active >= sh.config.max_connections {
             let msg = format!(
-                "this kernel already has {} network connections open, its limit; close some and retry",
+                "this kernel already has {} network connections open, its limit; close some and retry \
+                 (an admin can raise it with c.MicroVMKernel.network_max_connections)",
                 sh.config.max_connections
             );
             let _ = client.set_write_timeout(Some(Duration::from_secs(1)));
