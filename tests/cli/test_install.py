@@ -19,6 +19,8 @@ def test_install_prefix_and_kernelspec_list(tmp_path):
     assert spec["interrupt_mode"] in ("signal", "message")
     assert spec["argv"][0] == sys.executable
     assert spec["argv"][1:] == ["-m", "supermachine_kernel.kernel", "-f", "{connection_file}"]
+    # Readable by every user of the prefix (a JupyterHub's users), not mkdtemp's 0700.
+    assert spec_dir.stat().st_mode & 0o777 == 0o755
 
     env = dict(os.environ, JUPYTER_PATH=str(tmp_path / "share" / "jupyter"))
     listed = subprocess.run([sys.executable, "-m", "jupyter", "kernelspec", "list", "--json"],
