@@ -91,8 +91,9 @@ class WorkspaceHook:
         return reply
 
     async def after_restore(self) -> str:
-        """%restore put another REPL in place: attach to it now (the state is forgotten) and
-        sync the host into it. What %restore says about the workspace ('' when off)."""
+        """%restore put another REPL in place: attach to it now (the state is forgotten unless
+        the snapshot holds the very tree it describes) and sync the host into it. What
+        %restore says about the workspace ('' when off)."""
         if self.mode == "off" or self._vm() is None:
             return ""
         async with self._lock:
@@ -109,8 +110,11 @@ class WorkspaceHook:
 
     async def _before(self, silent: bool) -> dict:
         msg = await self._attached_pass()
-        self._say([*self._held, msg], silent)
-        self._held = []
+        if silent:     # a silent execute shows nothing: the next cell says it
+            self._held += [msg] if msg else []
+        else:
+            self._say([*self._held, msg], silent)
+            self._held = []
         return {"workspace_clean": True} if self.sync is not None and self.sync.clean else {}
 
     async def _after(self, listing: t.Any, silent: bool) -> None:
@@ -125,7 +129,10 @@ class WorkspaceHook:
         except Exception as e:  # noqa: BLE001 - the cell's reply must still go out
             log.exception("workspace sync after a cell failed")
             msg = f"The workspace was not synced after this cell: {e}."
-        self._say([msg], silent)
+        if silent:
+            self._held += [msg] if msg else []
+        else:
+            self._say([msg], silent)
 
     async def _attached_pass(self) -> str:
         """Attach to a REPL not seen before, then the host -> guest pass. Its message."""
