@@ -92,6 +92,15 @@ def test_a_file_past_the_cap_is_reported_once(synced: Kernel, host_dir: Path) ->
     assert "big.bin" not in err
 
 
+def test_what_a_silent_execute_synced_is_said_by_the_next_cell(synced: Kernel,
+                                                               host_dir: Path) -> None:
+    (host_dir / "big2.bin").write_bytes(b"\0" * (CAP + 1))
+    reply, outputs = synced.execute("1", silent=True)
+    assert reply["status"] == "ok" and stderr_of(outputs) == ""
+    _, err = _run(synced, "2")
+    assert "big2.bin" in err, err
+
+
 def test_a_file_the_cell_is_still_writing_ends_up_whole(synced: Kernel, host_dir: Path) -> None:
     """A background thread of the cell keeps writing after the cell: its file comes back after
     a later cell (the guest's inotify flag stays set until a listing was taken)."""
