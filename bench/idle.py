@@ -16,7 +16,11 @@ numpy array of random bytes, so none of it is a zero page). Each round:
 The table puts the first cell after a suspend beside a normal cell of the same round (ratio),
 and memory while suspended beside memory while running.
 
+The kernel runs in an empty working directory unless --cwd names one: with the workspace sync
+on (the default), its files are in the guest's RAM and so in every suspend snapshot.
+
 Run: .venv/bin/python bench/idle.py [--rounds 5] [--idle 3] [--state-mib 0] [--kernel NAME]
+     [--cwd DIR] [--think 3] [--verbose]
 """
 from __future__ import annotations
 
@@ -128,6 +132,8 @@ def main() -> None:
     ap.add_argument("--idle", type=float, default=3.0, help="idle_suspend_after (seconds)")
     ap.add_argument("--state-mib", type=int, default=0, help="random bytes the kernel holds")
     ap.add_argument("--kernel", default="python-microvm")
+    ap.add_argument("--cwd", help="the kernel's working directory (its workspace); default: "
+                    "an empty one")
     ap.add_argument("--think", type=float, default=3.0, help="seconds between the kernel_info "
                     "and the cell")
     ap.add_argument("--verbose", action="store_true", help="the kernel logs at INFO (its "
@@ -137,9 +143,12 @@ def main() -> None:
     data = tempfile.mkdtemp(prefix="bench-idle-")
     suspended_dir = os.path.join(data, "supermachine-kernel", "suspended")
     km = KernelManager(kernel_name=args.kernel)
+    # An empty working directory: with the workspace sync on (the default), the kernel's cwd is
+    # copied into the guest's RAM, and would be inside every suspend snapshot.
+    cwd = args.cwd or tempfile.mkdtemp(prefix="bench-idle-cwd-")
     km.start_kernel(extra_arguments=[f"--MicroVMKernel.idle_suspend_after={args.idle}",
                                      *(["--log-level=INFO"] if args.verbose else [])],
-                    env=dict(os.environ, JUPYTER_DATA_DIR=data))
+                    env=dict(os.environ, JUPYTER_DATA_DIR=data), cwd=cwd)
     kc = km.client()
     kc.start_channels()
     rows: dict[str, list[float]] = {k: [] for k in (
@@ -190,6 +199,8 @@ def main() -> None:
         kc.stop_channels()
         km.shutdown_kernel(now=False)
         shutil.rmtree(data, ignore_errors=True)
+        if not args.cwd:
+            shutil.rmtree(cwd, ignore_errors=True)
 
     med = {k: median(v) for k, v in rows.items()}
     print_table(f"idle suspend (idle_suspend_after={args.idle:g} s, +{args.state_mib} MiB "
