@@ -45,6 +45,12 @@ RESTORE_NOTE = ("Workspace: the VM came back with its files of the snapshot's ti
                 "'NAME (guest copy DATE TIME).ext'.")
 
 
+OLD_REPL_NOTE = ("The workspace is not synced with this VM: its Python session comes from a "
+                 "snapshot taken before the kernel synced workspaces, so its working directory "
+                 "is not the notebook's. A restart of the kernel (or a newer snapshot) brings "
+                 "the sync back.")
+
+
 class WorkspaceHook:
     def __init__(self, kernel: t.Any) -> None:
         self.kernel = kernel
@@ -53,6 +59,7 @@ class WorkspaceHook:
         self._handle: t.Any = None          # the guest handle the workspace is attached on
         self._lock = asyncio.Lock()
         self._held: list[str] = []          # messages of a pass no cell was running for
+        self._unsupported: t.Any = None     # a guest handle whose REPL has no workspace
         # The guest tree the sync state describes: the REPL's (token, execute count) as of
         # the last execute sent (see guest/repl.py Workspace).
         self._lineage: tuple[str, int] | None = None
@@ -98,6 +105,8 @@ class WorkspaceHook:
             return ""
         async with self._lock:
             msg = await self._attached_pass()
+        if msg == OLD_REPL_NOTE:
+            return msg
         return RESTORE_NOTE + ("\n" + msg if msg else "")
 
     # -- passes ----------------------------------------------------------------------------------
@@ -147,8 +156,12 @@ class WorkspaceHook:
         try:
             t0 = time.monotonic()
             handle = guest.handle
+            if handle is self._unsupported:
+                return ""
             if handle is not self._handle:
-                await self._attach(guest, handle)
+                if not await self._attach(guest, handle):
+                    self._unsupported = handle
+                    return OLD_REPL_NOTE
             elif self.sync.unchanged():
                 return ""           # the usual cell: an inotify read on the host, no thread
             t1 = time.monotonic()
@@ -161,7 +174,9 @@ class WorkspaceHook:
             self._handle = None     # attach again next time
             return f"The workspace was not synced before this cell: {e}."
 
-    async def _attach(self, guest: t.Any, handle: t.Any) -> None:
+    async def _attach(self, guest: t.Any, handle: t.Any) -> bool:
+        """Attaches the workspace to the REPL of `handle`; False when that REPL has none (it
+        comes from a snapshot older than the workspace sync)."""
         from ..workspace.scan import EXTRA_ENTRIES  # noqa: PLC0415 - only with the sync on
         from ..workspace.sync import WorkspaceSync  # noqa: PLC0415
         from ..workspace.transfer import GUEST_SOURCE  # noqa: PLC0415
@@ -174,6 +189,8 @@ class WorkspaceHook:
             "workspace", op="attach", root=GUEST_ROOT, source=GUEST_SOURCE,
             excludes=list(limits.excludes), hidden=limits.exclude_hidden_dirs,
             max_entries=limits.max_files + EXTRA_ENTRIES)
+        if answer.get("status") != "ok" and "unknown request" in str(answer.get("evalue")):
+            return False
         if answer.get("status") != "ok":
             raise RuntimeError(f"the guest REPL could not make its workspace: "
                                f"{answer.get('ename')}: {answer.get('evalue')}")
@@ -191,6 +208,7 @@ class WorkspaceHook:
         self.sync.guest_root = root
         self.sync.attach(answer.get("listing"), self._applier(guest))
         self._handle, self._lineage = handle, lineage
+        return True
 
     def _applier(self, guest: t.Any) -> t.Callable[[dict], t.Any]:
         """Apply ops (guest_side.py `apply`) run by the REPL, called from a worker thread."""
