@@ -1319,9 +1319,23 @@ PIP_NOTE = ("Note: %pip installs into this VM's writable layer (guest memory): %
             "prepare --image REF --packages NAME`, or c.MicroVMKernel.packages).")
 
 
-def set_network(env):
+NETWORK_CA_FILE = "/tmp/.supermachine-network-ca.pem"
+# Where Python's ssl (OpenSSL), requests, pip and curl read a CA bundle from.
+CA_ENV_KEYS = ("SSL_CERT_FILE", "REQUESTS_CA_BUNDLE", "PIP_CERT", "CURL_CA_BUNDLE")
+
+
+def set_network(env, ca=None):
     """The proxy variables the kernel sent (names from NETWORK_ENV_KEYS only), so user code and
-    its subprocesses (pip, curl) reach the network through the kernel's proxy."""
+    its subprocesses (pip, curl) reach the network through the kernel's proxy; with `ca` (PEM
+    text, c.MicroVMKernel.network_ca_certificates) the CA bundle they trust instead of their
+    own."""
+    if isinstance(ca, str) and ca:
+        fd = os.open(NETWORK_CA_FILE + ".tmp", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        with os.fdopen(fd, "w") as f:
+            f.write(ca)
+        os.replace(NETWORK_CA_FILE + ".tmp", NETWORK_CA_FILE)
+        for key in CA_ENV_KEYS:
+            os.environ[key] = NETWORK_CA_FILE
     applied = False
     for key, value in env.items():
         if key in NETWORK_ENV_KEYS and isinstance(value, str) and "\0" not in value:
@@ -2017,7 +2031,7 @@ class Driver:
         """The kernel's network settings (kernel/network.py), sent after every attach: the
         proxy variables for this process and its children. No reply."""
         env = req.get("env")
-        set_network(env if isinstance(env, dict) else {})
+        set_network(env if isinstance(env, dict) else {}, req.get("ca"))
         return None
 
     def note_restore(self):

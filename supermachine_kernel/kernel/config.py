@@ -97,6 +97,25 @@ class GuestConfig(Configurable):
         0, help="Bytes per second all the guest's network connections may move together, both "
         "directions (with allow_network); 0 = no cap.").tag(config=True)
 
+    network_ca_certificates = Unicode(
+        "", help="A PEM file of CA certificates (host path) the guest trusts instead of its own "
+        "for HTTPS, with allow_network: needed behind a TLS-inspecting proxy, e.g. the host's "
+        "/etc/ssl/certs/ca-certificates.crt when the host's own bundle holds that proxy's CA. "
+        "Certificates only (a file with a private key is refused); '' = the guest's own CAs."
+    ).tag(config=True)
+
+    @validate("network_ca_certificates")
+    def _check_network_ca(self, proposal: t.Any) -> str:
+        from .network import NetworkError, read_ca_certificates  # noqa: PLC0415 - when set
+
+        path = str(proposal["value"])
+        if path:
+            try:
+                read_ca_certificates(path)
+            except NetworkError as e:
+                raise TraitError(f"c.MicroVMKernel.network_ca_certificates: {e}") from None
+        return path
+
     @validate("network_max_connections", "network_bandwidth")
     def _check_network_caps(self, proposal: t.Any) -> int:
         name, value = proposal["trait"].name, int(proposal["value"])

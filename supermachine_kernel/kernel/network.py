@@ -34,6 +34,8 @@ PROXY_VARIABLES = ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY")
 
 #: The guest request that sets the REPL's environment (guest/repl.py:Driver.do_network).
 NETWORK_REQUEST = "network"
+#: Largest CA bundle sent to the guest (Debian's whole bundle is ~220 KB).
+MAX_CA_BYTES = 1024 * 1024
 
 
 class NetworkError(RuntimeError):
@@ -48,6 +50,25 @@ def proxy_environment(url: str = GUEST_PROXY_URL) -> dict[str, str]:
         env[name] = env[name.lower()] = url
     env["NO_PROXY"] = env["no_proxy"] = NO_PROXY
     return env
+
+
+def read_ca_certificates(path: str) -> str:
+    """The PEM text of `path` for the guest's trust store (c.MicroVMKernel.
+    network_ca_certificates): certificates only, at most MAX_CA_BYTES. Raises NetworkError."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read(MAX_CA_BYTES + 1)
+    except OSError as e:
+        raise NetworkError(f"cannot read {path}: {e.strerror or e}") from None
+    if len(data) > MAX_CA_BYTES:
+        raise NetworkError(f"{path} is over {MAX_CA_BYTES // 1024} KiB; give a CA bundle")
+    text = data.decode("ascii", "replace")
+    if "PRIVATE KEY" in text:
+        raise NetworkError(f"{path} holds a private key; it must hold CA certificates only "
+                           "(they are copied into the guest)")
+    if "-----BEGIN CERTIFICATE-----" not in text:
+        raise NetworkError(f"{path} holds no PEM certificate (-----BEGIN CERTIFICATE-----)")
+    return text
 
 
 def describe_refusals(messages: list[str], dropped: int) -> str:
@@ -66,7 +87,10 @@ class NetworkHook:
     and hands out what the cell should show about refused connections."""
 
     def __init__(self, allow: list[str], *, max_connections: int, bandwidth: int | None,
+                 ca_certificates: str | None = None,
                  proxy_factory: t.Callable[..., t.Any] | None = None) -> None:
+        #: PEM text the guest trusts instead of its own CAs (None: its own).
+        self.ca = ca_certificates
         if proxy_factory is None:
             from .. import _core  # noqa: PLC0415 - the compiled runtime, only with a policy
 
@@ -88,7 +112,7 @@ class NetworkHook:
         next cell says why."""
         vm = getattr(handle, "vm", None)
         if vm is None:  # the local backend: the REPL is a host process, the proxy is reachable
-            return [{"type": NETWORK_REQUEST, "env": proxy_environment(self.proxy.url)}]
+            return [self._request(proxy_environment(self.proxy.url))]
         try:
             vm.forward_to_host(GUEST_PROXY_PORT, self.proxy.port)
         except AttributeError:
@@ -101,7 +125,13 @@ class NetworkHook:
                           "if this VM comes from a snapshot taken by an older agent, rebake it "
                           "with `supermachine-kernel prepare`")
             return []
-        return [{"type": NETWORK_REQUEST, "env": proxy_environment()}]
+        return [self._request(proxy_environment())]
+
+    def _request(self, env: dict[str, str]) -> dict[str, t.Any]:
+        request: dict[str, t.Any] = {"type": NETWORK_REQUEST, "env": env}
+        if self.ca is not None:
+            request["ca"] = self.ca
+        return request
 
     def _problem(self, text: str) -> None:
         with self._lock:
@@ -127,8 +157,10 @@ def start(kernel: t.Any) -> NetworkHook | None:
     Called once from MicroVMKernel.start, before the first guest starts."""
     if not kernel.allow_network:
         return None
+    ca_path = getattr(kernel, "network_ca_certificates", "")
     hook = NetworkHook(kernel.allow_network, max_connections=kernel.network_max_connections,
-                       bandwidth=kernel.network_bandwidth or None)
+                       bandwidth=kernel.network_bandwidth or None,
+                       ca_certificates=read_ca_certificates(ca_path) if ca_path else None)
     kernel.guest.attach_hooks.append(hook.attach)
     atexit.register(hook.close)
     log.info("network: proxy on 127.0.0.1:%d for %s", hook.proxy.port, kernel.allow_network)

@@ -143,6 +143,35 @@ def test_start_gives_the_proxy_the_kernels_caps_and_hooks_the_guest(monkeypatch:
     assert made[-1][1]["bandwidth"] is None
 
 
+CERT = "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n"
+
+
+def test_ca_certificates_go_with_the_environment(tmp_path: Any) -> None:
+    h = network.NetworkHook(["pypi.org"], max_connections=1, bandwidth=None, ca_certificates=CERT)
+    try:
+        assert h.attach(Handle(FakeVm()))[0]["ca"] == CERT
+    finally:
+        h.close()
+
+
+@pytest.mark.parametrize(("content", "why"), [
+    (None, "cannot read"),
+    (CERT + "-----BEGIN PRIVATE KEY-----\nMIIE\n-----END PRIVATE KEY-----\n", "private key"),
+    ("not a certificate\n", "holds no PEM certificate"),
+    ("x" * (network.MAX_CA_BYTES + 1), "is over 1024 KiB"),
+])
+def test_bad_ca_file_is_refused_when_the_config_loads(tmp_path: Any, content: str | None,
+                                                      why: str) -> None:
+    path = tmp_path / "ca.pem"
+    if content is not None:
+        path.write_text(content)
+    with pytest.raises(TraitError, match=f"c.MicroVMKernel.network_ca_certificates: .*{why}"):
+        GuestConfig(config=Config({"GuestConfig": {"network_ca_certificates": str(path)}}))
+    path.write_text(CERT)
+    cfg = GuestConfig(config=Config({"GuestConfig": {"network_ca_certificates": str(path)}}))
+    assert cfg.network_ca_certificates == str(path)
+
+
 def test_proxy_that_cannot_start_is_a_network_error() -> None:
     def broken(*_a: Any, **_k: Any) -> Any:
         raise OSError("address in use")

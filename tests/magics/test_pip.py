@@ -35,10 +35,15 @@ def index(index_dir: Path) -> Iterator[int]:
 
 
 @pytest.fixture(scope="module")
-def tls_index(index_dir: Path) -> Iterator[int | None]:
-    """The same index over HTTPS with a throwaway certificate (pip opens a CONNECT tunnel, as
-    for pypi.org); None without the openssl command."""
-    tls = self_signed(index_dir.parent)
+def tls() -> Iterator[tuple[Path, Path] | None]:
+    """A throwaway certificate for the index's address (None without the openssl command)."""
+    with tempfile.TemporaryDirectory(prefix="smk-tls-") as d:
+        yield self_signed(Path(d))
+
+
+@pytest.fixture(scope="module")
+def tls_index(index_dir: Path, tls: tuple[Path, Path] | None) -> Iterator[int | None]:
+    """The same index over HTTPS (pip opens a CONNECT tunnel, as for pypi.org)."""
     if tls is None:
         yield None
         return
@@ -47,10 +52,14 @@ def tls_index(index_dir: Path) -> Iterator[int | None]:
 
 
 @pytest.fixture(scope="module")
-def pip_kernel(data_dir: str, index: int, tls_index: int | None) -> Iterator[MagicKernel]:
+def pip_kernel(data_dir: str, index: int, tls_index: int | None,
+               tls: tuple[Path, Path] | None) -> Iterator[MagicKernel]:
+    """The index allowed by address, and the guest trusting the index's certificate
+    (c.MicroVMKernel.network_ca_certificates, as behind a TLS-inspecting proxy)."""
     allow = [f"--MicroVMKernel.allow_network={HOST}/32:{index}"]
-    if tls_index is not None:
+    if tls_index is not None and tls is not None:
         allow.append(f"--MicroVMKernel.allow_network={HOST}/32:{tls_index}")
+        allow.append(f"--MicroVMKernel.network_ca_certificates={tls[0]}")
     k = MagicKernel(data_dir, notebook="pip.ipynb", extra_arguments=allow)
     yield k
     k.shutdown()
@@ -92,12 +101,15 @@ def test_pip_install_over_https_through_a_connect_tunnel(
         pip_kernel: MagicKernel, tls_index: int | None) -> None:
     if tls_index is None:
         pytest.skip("no openssl command to make a certificate")
-    # --trusted-host: the throwaway certificate is not in pip's CA bundle (pypi.org's is).
+    # The certificate is verified: the guest trusts network_ca_certificates (no --trusted-host).
     out, err = pip(pip_kernel, f"download --no-deps -d /tmp/tls --index-url "
-                               f"https://{HOST}:{tls_index}/simple/ --trusted-host "
-                               f"{HOST}:{tls_index} smk-tiny")
+                               f"https://{HOST}:{tls_index}/simple/ smk-tiny")
     assert "Saved /tmp/tls/smk_tiny-1.0-py3-none-any.whl" in out, (out, err)
     assert "[network]" not in err
+    # So does Python's own ssl (urllib's default context).
+    page = pip_kernel.ok(f"import urllib.request\nprint(urllib.request.urlopen("
+                         f"'https://{HOST}:{tls_index}/simple/', timeout=60).read().decode())")
+    assert 'href="smk-tiny/"' in page
 
 
 def test_an_index_the_policy_does_not_allow_is_refused_and_the_cell_says_so(
