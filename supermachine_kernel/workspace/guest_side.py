@@ -37,7 +37,12 @@ def list_tree(root: str, excludes: list[str], hidden: bool, max_entries: int) ->
             names = sorted(os.listdir(d))
         except OSError:
             continue
-        for n in reversed(names):
+        for i, n in enumerate(reversed(names)):
+            if len(out) >= max_entries:
+                # Full: the rest of this directory is only counted, without an lstat each (a
+                # hostile 100 000-file directory cost 14 s of lstats under TCG).
+                unlisted += _count_rest(d, names[:len(names) - i], ex, hidden)
+                break
             p = d + "/" + n
             try:
                 st = os.lstat(p)
@@ -63,6 +68,23 @@ def list_tree(root: str, excludes: list[str], hidden: bool, max_entries: int) ->
             if isdir:
                 stack.append((p, r))
     return {"v": 1, "entries": out, "unlisted": unlisted}
+
+
+def _count_rest(d: str, names: list, ex: set, hidden: bool) -> int:
+    """How many of `names` in `d` a full listing would have counted as unlisted (only a
+    hidden name needs an lstat, to tell a hidden directory from a file)."""
+    n = 0
+    for name in names:
+        if name in ex:
+            continue
+        if hidden and name.startswith("."):
+            try:
+                if stat.S_ISDIR(os.lstat(d + "/" + name).st_mode):
+                    continue
+            except OSError:
+                continue
+        n += 1
+    return n
 
 
 def apply(root: str, ops: dict) -> dict:

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from supermachine_kernel.workspace import host_writer
 from supermachine_kernel.workspace.host_writer import HostWriter, Refused
 
 
@@ -167,3 +168,23 @@ def test_mkdir_through_a_file_is_refused(ws: Path) -> None:
         with pytest.raises(Refused):
             w.write("f/child", b"x")
     assert (ws / "f").read_text() == "x"
+
+
+def test_new_files_are_synced_once_at_close_and_replacements_each(ws: Path, monkeypatch) -> None:
+    calls: list[str] = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(host_writer, "_syncfs", lambda fd: calls.append("syncfs"))
+    monkeypatch.setattr(host_writer.os, "fsync", lambda fd: (calls.append("fsync"), real_fsync(fd)))
+    (ws / "old.txt").write_text("old")
+    with HostWriter(ws) as w:
+        for i in range(3):
+            w.write(f"new/{i}.txt", b"new")
+        assert calls == []                      # new files: no fsync each
+        w.write("old.txt", b"replaced")
+        assert calls == ["fsync"]               # a replacement is durable before its rename
+    assert calls == ["fsync", "syncfs"]         # the new ones, together, at close
+    assert (ws / "new" / "2.txt").read_bytes() == b"new"
+    assert (ws / "old.txt").read_bytes() == b"replaced"
+    with HostWriter(ws) as w:
+        w.write("old.txt", b"again")
+    assert calls == ["fsync", "syncfs", "fsync"]    # nothing new: no syncfs
