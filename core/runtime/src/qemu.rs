@@ -535,6 +535,37 @@ mod tests {
     }
 
     #[test]
+    fn read_only_memory_file_needs_the_preload() {
+        // Only this test touches the variable in this test binary.
+        let dir = std::env::temp_dir().join(format!("smk-ro-ram-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let writable = dir.join("memory");
+        std::fs::write(&writable, b"").unwrap();
+        let mut c = config();
+        c.incoming = Some(Incoming::Defer);
+        c.ram = RamFile { path: writable, share: false };
+        assert_eq!(read_only_ram_shim(&c).unwrap(), None);
+        // A memory file this process may only read (even as root): the preload, or an error
+        // that says what is missing.
+        c.ram.path = "/proc/sys/kernel/ostype".into();
+        std::env::set_var(RO_RAM_SHIM_ENV, dir.join("missing.so"));
+        let e = read_only_ram_shim(&c).unwrap_err().to_string();
+        assert!(e.contains("read-only for this user") && e.contains("missing.so"), "{e}");
+        let shim = dir.join("ro_ram.so");
+        std::fs::write(&shim, b"").unwrap();
+        std::env::set_var(RO_RAM_SHIM_ENV, &shim);
+        assert_eq!(read_only_ram_shim(&c).unwrap(), Some(shim));
+        // A shared mapping (a bake) or a cold boot never needs it.
+        c.ram.share = true;
+        assert_eq!(read_only_ram_shim(&c).unwrap(), None);
+        c.ram.share = false;
+        c.incoming = None;
+        assert_eq!(read_only_ram_shim(&c).unwrap(), None);
+        std::env::remove_var(RO_RAM_SHIM_ENV);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
     fn missing_qemu_env_is_clear() {
         // Only this test touches the variable in this test binary.
         std::env::set_var(QEMU_ENV, "/nonexistent/qemu");
