@@ -352,6 +352,11 @@ impl TcpTable {
     pub fn open_channels(&self) -> usize {
         self.chans.len()
     }
+
+    /// Bytes buffered for the host on channel `id` (0 if unknown).
+    pub fn buffered(&self, id: u32) -> usize {
+        self.chans.get(&id).map_or(0, |c| c.len)
+    }
 }
 
 #[cfg(test)]
