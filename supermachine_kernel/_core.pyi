@@ -39,6 +39,8 @@ __all__ = [
     "image_name_for",
     "NetProxy",
     "check_allow_network",
+    "TcpRelay",
+    "TCP_WINDOW",
 ]
 
 PROTOCOL_VERSION: int
