@@ -1923,6 +1923,7 @@ class Workspace:
         self.options: tuple = ([], True, 0)  # (excludes, hidden, max_entries)
         self.token = ""
         self.seq = 0
+        self.send_back = True  # list after a cell that changed the tree (mode "sync" only)
 
     def attach(self, req):
         source = req.get("source")
@@ -1937,6 +1938,7 @@ class Workspace:
             self.side, self.digest = side, digest
         self.options = ([str(x) for x in req.get("excludes") or []], bool(req.get("hidden")),
                         int(req.get("max_entries") or 11000))
+        self.send_back = bool(req.get("send_back", True))
         root = self._make(str(req.get("root") or "/workspace"))
         os.chdir(root)
         if self.watcher is not None:
@@ -1986,7 +1988,7 @@ class Workspace:
         """A listing in the execute reply only when the cell (or anything else) changed the
         workspace since the last one."""
         try:
-            if self.watcher is not None and self.watcher.dirty():
+            if self.watcher is not None and self.watcher.dirty() and self.send_back:
                 reply["workspace"] = self.listing()
         except Exception as e:  # the cell's reply must still go out
             reply["workspace"] = {"error": "listing the workspace failed: %s" % e}
@@ -2129,7 +2131,8 @@ class Driver:
 
     def do_workspace(self, req):
         """The host's workspace requests: {"op": "attach", "root", "source", "excludes",
-        "hidden", "max_entries"} -> {"root", "listing"}; {"op": "apply", "ops"} -> {"failed"}."""
+        "hidden", "max_entries", "send_back"} -> {"root", "listing", "token", "seq"};
+        {"op": "apply", "ops"} -> {"failed"}."""
         op = req.get("op")
         if op == "attach":
             return self.workspace.attach(req)

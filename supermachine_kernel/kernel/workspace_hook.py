@@ -188,7 +188,7 @@ class WorkspaceHook:
         answer = await guest.request(
             "workspace", op="attach", root=GUEST_ROOT, source=GUEST_SOURCE,
             excludes=list(limits.excludes), hidden=limits.exclude_hidden_dirs,
-            max_entries=limits.max_files + EXTRA_ENTRIES)
+            max_entries=limits.max_files + EXTRA_ENTRIES, send_back=self.mode == "sync")
         if answer.get("status") != "ok" and "unknown request" in str(answer.get("evalue")):
             return False
         if answer.get("status") != "ok":

@@ -22,9 +22,9 @@ def ws(repl, tmp_path: Path) -> Iterator[object]:
         w.watcher.close()
 
 
-def attach(ws, root: Path) -> dict:
+def attach(ws, root: Path, send_back: bool = True) -> dict:
     return ws.attach({"source": GUEST_SOURCE, "root": str(root), "excludes": [".git"],
-                      "hidden": True, "max_entries": 100})
+                      "hidden": True, "max_entries": 100, "send_back": send_back})
 
 
 def test_attach_makes_and_enters_the_directory_and_lists_it(ws, tmp_path: Path) -> None:
@@ -101,3 +101,12 @@ def test_apply_and_unknown_ops(repl, ws, tmp_path: Path) -> None:
     driver.workspace = ws
     with pytest.raises(ValueError):
         driver.do_workspace({"op": "format-disk"})
+
+
+def test_read_only_sends_no_listing_back(ws, tmp_path: Path) -> None:
+    root = tmp_path / "workspace"
+    attach(ws, root, send_back=False)
+    (root / "out.txt").write_text("x")
+    reply: dict = {}
+    ws.after_cell(reply)
+    assert "workspace" not in reply
