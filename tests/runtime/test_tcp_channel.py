@@ -200,6 +200,41 @@ def test_closed_host_port_closes_the_guest_connection(tvm):
         tvm.stop_forward(gport)
 
 
+def test_guest_connections_over_the_cap_are_closed_and_slots_come_back(tvm, echo_server):
+    """Through the real agent: 100 guest connections held open to a forwarded port. The host
+    relays at most 64 (counted from the agent's announcement), closes the others at once, and
+    takes new ones again once the held ones are gone."""
+    gport = free_port()
+    tvm.forward_to_host(gport, echo_server.port)
+    held = []
+    try:
+        for _ in range(100):
+            held.append(connect_retry(gport))
+        served = refused = 0
+        for s in held:
+            s.settimeout(30)
+            try:
+                s.sendall(b"x")
+                got = s.recv(1)
+            except (ConnectionResetError, BrokenPipeError):
+                got = b""
+            if got == b"x":
+                served += 1
+            else:
+                refused += 1
+        assert (served, refused) == (64, 36)
+        assert echo_server.accepted == 64
+    finally:
+        for s in held:
+            s.close()
+    try:
+        assert wait_until(lambda: echo_server.open == 0, 30), "the relays end with their guest sides"
+        with connect_retry(gport) as s:
+            assert echo_round_trip(s, b"again") == b"again"
+    finally:
+        tvm.stop_forward(gport)
+
+
 def test_bad_forward_arguments(tvm):
     with pytest.raises(ValueError, match="1..65535"):
         tvm.forward_to_host(0, 80)
