@@ -250,7 +250,12 @@ impl TcpTable {
         for c in self.chans.values_mut() {
             c.reset.get_or_insert_with(|| "the channel to the guest was re-established".into());
         }
-        self.accepted.clear();
+        // Announced channels no relay holds yet: nobody will finish them, so free them here.
+        for a in std::mem::take(&mut self.accepted) {
+            if self.chans.remove(&a.id).is_some() {
+                self.inbound -= 1;
+            }
+        }
         self.refusals.clear();
     }
 
@@ -462,9 +467,26 @@ mod tests {
         assert!(t.finish(2), "still open: reset it");
         t.set_forward(80, 8080);
         t.on_accepted(3, 80).unwrap();
+        assert_eq!(t.take_accepted().map(|a| a.id), Some(3), "a relay holds it");
+        t.on_accepted(4, 80).unwrap();
         t.reconnect();
         assert!(t.take_accepted().is_none());
+        assert!(matches!(t.take(4, 1), Err(Error::BrokenPipe(m)) if m.contains("closed")), "no relay held it: gone");
         assert!(matches!(t.take(3, 1), Err(Error::BrokenPipe(m)) if m.contains("re-established")));
         assert_eq!(t.forwards(), vec![(80, 8080)]);
+    }
+
+    #[test]
+    fn reconnects_free_the_slots_of_channels_no_relay_took() {
+        let mut t = TcpTable::new(2);
+        t.set_forward(80, 8080);
+        for round in 0..10u32 {
+            t.on_accepted(2 * round, 80).unwrap();
+            t.on_accepted(2 * round + 1, 80).unwrap();
+            t.reconnect();
+        }
+        assert_eq!(t.open_channels(), 0);
+        t.on_accepted(100, 80).unwrap();
+        assert!(t.take_refusals().is_empty(), "the cap is not used up by abandoned announcements");
     }
 }
