@@ -204,6 +204,12 @@ def shared_store(hub_prerequisites: str) -> str:
     env.pop("SUPERMACHINE_CACHE_DIR", None)
     subprocess.run([str(VENV / "bin" / "supermachine-kernel"), "prepare", "--shared"],
                    env=env, check=True, timeout=1800, stdout=subprocess.DEVNULL, cwd=store)
+    # Warm snapshots of earlier versions of the kernel (this cache outlives runs): only the one
+    # `prepare` just baked or used (its last-used stamp is the newest) stays.
+    snapshots = sorted((store / "snapshots").iterdir(),
+                       key=lambda d: (d / "last-used").stat().st_mtime if (d / "last-used").exists() else 0)
+    for old in snapshots[:-1]:
+        shutil.rmtree(old, ignore_errors=True)
     return str(store)
 
 
