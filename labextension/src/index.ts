@@ -6,11 +6,7 @@
  * (channel.ts ↔ supermachine_kernel/kernel/ui_channel.py), whose actions are the magics.
  * Notebooks on other kernels see nothing of it.
  */
-import {
-  ILabShell,
-  JupyterFrontEnd,
-  JupyterFrontEndPlugin
-} from '@jupyterlab/application';
+import { JupyterFrontEnd, JupyterFrontEndPlugin } from '@jupyterlab/application';
 import {
   Dialog,
   ICommandPalette,
@@ -120,7 +116,7 @@ const plugin: JupyterFrontEndPlugin<void> = {
   description: 'The Python (microVM) kernel in the UI: VM status, snapshot tree, pool stats.',
   autoStart: true,
   requires: [INotebookTracker],
-  optional: [IStatusBar, ICommandPalette, ILabShell],
+  optional: [IStatusBar, ICommandPalette],
   activate: (
     app: JupyterFrontEnd,
     tracker: INotebookTracker,
@@ -138,6 +134,12 @@ const plugin: JupyterFrontEndPlugin<void> = {
         channels.set(panel, channel);
         const ch = channel;
         panel.disposed.connect(() => ch.dispose());
+        ch.changed.connect(() => {
+          if (ch.state !== null) {
+            addPanels();
+          }
+          app.commands.notifyCommandChanged();
+        });
       }
       return channel;
     };
@@ -148,8 +150,16 @@ const plugin: JupyterFrontEndPlugin<void> = {
     snapshots.title.icon = vmIcon;
     const pool = new PoolPanel();
     pool.title.icon = vmIcon;
-    app.shell.add(snapshots, 'right', { rank: 900 });
-    app.shell.add(pool, 'right', { rank: 901 });
+    // The side panels appear once a notebook runs on a microVM kernel: a server without one
+    // shows nothing new.
+    let panelsAdded = false;
+    const addPanels = () => {
+      if (!panelsAdded) {
+        panelsAdded = true;
+        app.shell.add(snapshots, 'right', { rank: 900 });
+        app.shell.add(pool, 'right', { rank: 901 });
+      }
+    };
     if (statusBar) {
       statusBar.registerStatusItem(PLUGIN_ID + ':status', {
         item: status,
@@ -168,10 +178,7 @@ const plugin: JupyterFrontEndPlugin<void> = {
       app.commands.notifyCommandChanged();
     };
     tracker.currentChanged.connect(follow);
-    tracker.widgetAdded.connect((_, panel) => {
-      const channel = channelOf(panel);
-      channel?.changed.connect(() => app.commands.notifyCommandChanged());
-    });
+    tracker.widgetAdded.connect((_, panel) => void channelOf(panel));
     follow();
 
     const current = (): VmChannel | null => {
@@ -208,10 +215,12 @@ const plugin: JupyterFrontEndPlugin<void> = {
     });
     app.commands.addCommand(CommandIDs.showSnapshots, {
       label: 'Show VM snapshots',
+      isEnabled: () => panelsAdded,
       execute: () => app.shell.activateById(snapshots.id)
     });
     app.commands.addCommand(CommandIDs.showPool, {
       label: 'Show microVM pool',
+      isEnabled: () => panelsAdded,
       execute: () => app.shell.activateById(pool.id)
     });
     const keys: [string, string[]][] = [

@@ -64,8 +64,9 @@ class Lab:
 
     def notebook(self, name: str, kernel: str, cells: list[str]) -> str:
         nb = {
-            "cells": [{"cell_type": "code", "execution_count": None, "metadata": {},
-                       "outputs": [], "source": src} for src in cells],
+            "cells": [{"id": f"cell-{i}", "cell_type": "code", "execution_count": None,
+                       "metadata": {}, "outputs": [], "source": src}
+                      for i, src in enumerate(cells)],
             "metadata": {"kernelspec": {"name": kernel, "display_name": kernel,
                                         "language": "python"}},
             "nbformat": 4, "nbformat_minor": 5,
