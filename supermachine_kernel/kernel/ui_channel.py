@@ -46,6 +46,8 @@ TARGET_NAME = "supermachine.vm"
 PROTOCOL_VERSION = 1
 POLL_INTERVAL = 2.0  # seconds between looks at the host-side facts
 MAX_FIELD = 200  # characters of a name or ref the frontend may send
+MEMINFO_MAX_BYTES = 64 << 10  # the guest's /proc/meminfo is ~1.5 KiB; a hostile one gets cut
+MEMINFO_TIMEOUT = 5.0  # seconds; a guest that does not answer leaves the figure out
 REQUESTS = ("refresh", "snapshot", "restore", "delete", "rename")
 # %pool figures that tick on their own: the browser computes uptime from the start time.
 _TICKING = ("vm_uptime_s",)
@@ -154,14 +156,19 @@ def _start_time(pid: int | None) -> float | None:
 
 def guest_memory(machine: t.Any) -> dict:
     """{"memory_total_bytes", "memory_used_bytes"} from the guest's /proc/meminfo (one agent
-    call), or {} when the VM cannot be asked. Blocking: run it on a worker thread."""
+    call, size- and time-bounded), or {} when the VM cannot be asked. Blocking: run it on a
+    worker thread."""
     try:
         vm = machine.handle().vm
-        info = dict(line.split(":", 1) for line in
-                    vm.read_file("/proc/meminfo").decode().splitlines() if ":" in line)
+        if "read_limits" not in (getattr(vm, "agent_features", None) or []):
+            return {}  # an agent that cannot bound the read: the guest could send any size
+        text = vm.read_file("/proc/meminfo", max_bytes=MEMINFO_MAX_BYTES,
+                            timeout=MEMINFO_TIMEOUT).decode()
+        info = dict(line.split(":", 1) for line in text.splitlines() if ":" in line)
         total = int(info["MemTotal"].split()[0]) * 1024
         available = int(info["MemAvailable"].split()[0]) * 1024
-    except Exception:  # noqa: BLE001 - starting, died, suspended, a guest that lies
+    except Exception as e:  # noqa: BLE001 - starting, died, suspended, a guest that lies
+        log.debug("guest memory not read: %s: %s", type(e).__name__, e)
         return {}
     if not 0 <= available <= total:
         return {}
