@@ -37,6 +37,7 @@ def test_snapshot_and_restore_from_the_panel(lab):
     run = subprocess.run(["node", os.path.join(os.path.dirname(__file__), "e2e.js"), lab.url, nb,
                           other, str(out), nb7], env=env, capture_output=True, text=True,
                          timeout=2400)
+    (out / "e2e.log").write_text(run.stdout + run.stderr)  # steps, checks, page errors
     checks = [c for c in (json.loads(line) for line in run.stdout.splitlines()
                           if line.startswith("{")) if "check" in c]
     passed = [c["check"] for c in checks if c["ok"]]
