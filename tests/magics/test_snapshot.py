@@ -70,3 +70,19 @@ def test_help_is_the_docstring(kernel):
     assert page["source"] == "page"
     assert "Capture the whole microVM" in page["data"]["text/plain"]
     assert "--delete" in page["data"]["text/plain"]
+
+
+def test_rename(kernel):
+    assert "Snapshot 'before-rename'" in kernel.ok("%snapshot before-rename")
+    out = kernel.ok("%snapshot --rename before-rename after-rename")
+    assert out.strip() == "Renamed snapshot 'before-rename' to 'after-rename'."
+    names = [e.name for e in kernel.store().entries()]
+    assert "after-rename" in names and "before-rename" not in names
+    reply, outputs = kernel.execute("%snapshots")
+    shown = "".join(m["content"]["data"]["text/plain"] for m in outputs
+                    if m["msg_type"] == "display_data")
+    assert "*after-rename" in shown, shown  # the session's origin follows the name
+    reply, (err,) = kernel.error("%snapshot --rename after-rename")
+    assert err["ename"] == "UsageError"
+    reply, (err,) = kernel.error("%snapshot one two")
+    assert err["ename"] == "UsageError" and "--rename" in err["traceback"][-1]
