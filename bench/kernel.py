@@ -180,6 +180,35 @@ def stop(km: KernelManager, kc) -> None:
     km.shutdown_kernel(now=True)
 
 
+def host_cell_cost(root: str, n: int = 2000) -> float:
+    """Seconds the kernel's before-cell check takes on `root` when nothing changed (the same
+    WorkspaceSync the kernel holds, after a first pass)."""
+    from supermachine_kernel.workspace import guest_side  # noqa: PLC0415
+    from supermachine_kernel.workspace.scan import Limits  # noqa: PLC0415
+    from supermachine_kernel.workspace.sync import WorkspaceSync  # noqa: PLC0415
+
+    import tempfile  # noqa: PLC0415
+
+    with tempfile.TemporaryDirectory() as guest:
+        ws = WorkspaceSync(root, guest, "sync", Limits(), watch_host=True)
+        ws.attach(guest_side.list_tree(guest, [], True, 100), lambda ops: {"failed": []})
+
+        class NoVm:
+            def upload(self, src: str, dst: str, mode: int | None = None) -> int:
+                return 0
+
+            def spawn(self, argv: list, **kw: object) -> None:
+                raise AssertionError("no guest process expected")
+
+        for _ in range(3):
+            ws.before_cell(NoVm())
+        assert ws.unchanged()
+        t = time.perf_counter()
+        for _ in range(n):
+            ws.unchanged()
+        return (time.perf_counter() - t) / n
+
+
 def measure_workspace(name: str, rounds: int) -> None:
     """The `--only workspace` figures (see the module doc)."""
     import tempfile  # noqa: PLC0415
@@ -188,6 +217,7 @@ def measure_workspace(name: str, rounds: int) -> None:
     rt: dict[str, list[float]] = {"sync": [], "off": []}
     into: dict[str, list[float]] = {"launch": [], "ready": [], "off_launch": []}
     write: dict[str, list[float]] = {"sync": [], "off": []}
+    paired: list[float] = []
     with tempfile.TemporaryDirectory(prefix="ws-bench-") as root:
         small, big, empty = (os.path.join(root, d) for d in ("small", "big", "empty"))
         for d in (small, big, empty):
@@ -198,18 +228,21 @@ def measure_workspace(name: str, rounds: int) -> None:
         with open(os.path.join(big, "big.bin"), "wb") as f:
             f.write(bytes(range(256)) * (WS_MB << 12))
         for _ in range(rounds):
-            # 1+1, sync on vs off, same directory, interleaved.
+            # 1+1, sync on vs off, same directory, interleaved (the order alternates).
             kernels = {mode: start_in(name, small, args)[:2]
                        for mode, args in (("sync", on), ("off", off))}
             try:
                 time.sleep(SETTLE_S)
                 for mode, (_, kc) in kernels.items():
                     run_cell(kc, "1+1")  # the first cell (attach and first push) is not counted
-                for _ in range(RT_CELLS):
-                    for mode, (_, kc) in kernels.items():
+                for i in range(RT_CELLS):
+                    took = {}
+                    for mode in ("sync", "off") if i % 2 else ("off", "sync"):
                         t = time.perf_counter()
-                        run_cell(kc, "1+1")
-                        rt[mode].append(time.perf_counter() - t)
+                        run_cell(kernels[mode][1], "1+1")
+                        took[mode] = time.perf_counter() - t
+                        rt[mode].append(took[mode])
+                    paired.append(took["sync"] - took["off"])
                 # A cell writing 100 MB: done when it is on the host (sync) vs in the VM (off).
                 for mode, (_, kc) in kernels.items():
                     t = time.perf_counter()
@@ -247,6 +280,10 @@ def measure_workspace(name: str, rounds: int) -> None:
     ]
     print_table(f"workspace sync on vs off ({WS_FILES} files; {rounds} rounds)", rows,
                 "sync", "off")
+    print(f"`1+1` sync - off, paired cells (order alternating): median "
+          f"{median(paired) * 1000:+.2f} ms over {len(paired)} pairs")
+    print(f"per cell with nothing changed, on the host: {host_cell_cost(small) * 1e6:.1f} us "
+          f"(WorkspaceSync.unchanged, this process)")
     print(f"`1+1` p50 difference: {(percentile(rt['sync'], 50) - percentile(rt['off'], 50)) * 1000:+.2f} ms "
           f"(target <= +2 ms); ready -> {WS_MB} MB readable: "
           + ", ".join(f"{x:.2f} s" for x in into["ready"]) + " (target <= 2 s under TCG)")
