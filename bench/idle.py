@@ -37,6 +37,8 @@ from common import median, print_table  # noqa: E402
 
 from jupyter_client.manager import KernelManager  # noqa: E402
 
+from supermachine_kernel.machine.idle import disk_usage  # noqa: E402
+
 
 def run_cell(kc, code: str, timeout: float = 300.0) -> tuple[float, dict, list[dict]]:
     """(seconds from execute_request to its idle status, execute_reply content, outputs)."""
@@ -106,14 +108,7 @@ def pss_mib(pids: list[int], field: str = "Pss") -> float:
 
 
 def disk_mib(path: str) -> float:
-    total = 0
-    for root, _dirs, files in os.walk(path):
-        for name in files:
-            try:
-                total += os.lstat(os.path.join(root, name)).st_blocks * 512
-            except OSError:
-                pass
-    return total / 2**20
+    return disk_usage(path) / 2**20
 
 
 def wait_suspended(kpid: int, suspended_dir: str) -> float:

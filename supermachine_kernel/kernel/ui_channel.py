@@ -33,10 +33,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import shlex
 import typing as t
 
+from ..machine import process_start_time
 from ..magics import Context, HostMagics
 from ..magics.pool import pool_stats
 
@@ -118,7 +118,7 @@ def ui_state(machine: t.Any, execution_count: int, guest_memory: dict | None,
             "id": getattr(v, "id", None),
             "accelerator": getattr(v, "accel", None),
             # A restored VM counts from its restore (a restored-ahead one sat paused before).
-            "started": since if since is not None else _start_time(getattr(v, "qemu_pid", None)),
+            "started": since if since is not None else process_start_time(getattr(v, "qemu_pid", None)),
             "origin": how,
             "origin_time": since,
             "restored": since is not None,
@@ -139,20 +139,6 @@ def ui_state(machine: t.Any, execution_count: int, guest_memory: dict | None,
         "vm": vm,
         "pool": pool,
     }
-
-
-def _start_time(pid: int | None) -> float | None:
-    """Unix time host process ``pid`` started (from /proc), or None."""
-    if not pid:
-        return None
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            start_ticks = int(f.read().rsplit(")", 1)[1].split()[19])
-        with open("/proc/stat") as f:
-            btime = next(int(line.split()[1]) for line in f if line.startswith("btime "))
-        return btime + start_ticks / os.sysconf("SC_CLK_TCK")
-    except (OSError, ValueError, IndexError, StopIteration):
-        return None
 
 
 def guest_memory(machine: t.Any) -> dict:

@@ -4,7 +4,7 @@ of the likeliest next %restore, restore_ahead.py) and the notebook snapshot stor
 (snapshot_store.py), and idle suspend (idle.py: an idle kernel's VM snapshotted to disk and
 stopped, resumed by the next request). The guest REPL inside the VM is the repl_client's
 business."""
-from .current import Machine, MachineError, process_rss, process_uptime
+from .current import Machine, MachineError, process_rss, process_start_time, process_uptime
 from .restore_ahead import RestoreAhead
 from .snapshot_store import (
     NotebookSnapshot,
@@ -31,6 +31,7 @@ __all__ = [
     "kernel_id",
     "notebook_key",
     "process_rss",
+    "process_start_time",
     "process_uptime",
     "split_ref",
 ]

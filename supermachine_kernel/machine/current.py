@@ -73,6 +73,21 @@ def process_uptime(pid: Optional[int]) -> Optional[float]:
         return None
 
 
+def process_start_time(pid: Optional[int]) -> Optional[float]:
+    """Unix time host process ``pid`` started, or None. From /proc: the boot time plus the
+    process's start ticks, so every call answers the same (no drift, unlike now - uptime)."""
+    if not pid:
+        return None
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            start_ticks = int(f.read().rsplit(")", 1)[1].split()[19])
+        with open("/proc/stat") as f:
+            btime = next(int(line.split()[1]) for line in f if line.startswith("btime "))
+        return btime + start_ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError, StopIteration):
+        return None
+
+
 def process_rss(pid: Optional[int]) -> Optional[int]:
     """Resident memory of host process ``pid`` in bytes (from /proc), or None."""
     if not pid:

@@ -364,7 +364,7 @@ class IdleSuspender:
             shutil.rmtree(path, ignore_errors=True)
             raise IdleError(f"snapshotting the idle VM failed: {e}") from e
         took = time.monotonic() - t0
-        size = _disk_usage(path)
+        size = disk_usage(path)
         self._state = Suspended(path, repl_id, handle.describe(), took, size)
         await asyncio.to_thread(self._release_ahead)
         await self.guest.stop_guest()
@@ -431,7 +431,9 @@ class IdleSuspender:
         return handle
 
 
-def _disk_usage(path: str) -> int:
+def disk_usage(path: str) -> int:
+    """Bytes the files under ``path`` take on disk (allocated blocks: sparse files count what
+    they hold)."""
     total = 0
     for root, _dirs, files in os.walk(path):
         for name in files:

@@ -7,11 +7,10 @@ was kernel activity forever)."""
 from __future__ import annotations
 
 import html
-import os
 import time
 from typing import Iterable
 
-from ..machine import Machine, process_uptime
+from ..machine import Machine, process_start_time, process_uptime
 from . import ArgumentParser, Context
 
 _parser = ArgumentParser("pool")
@@ -48,18 +47,9 @@ def pool_stats(machine: Machine) -> dict:
 
 
 def _started_at(pid: int | None) -> str | None:
-    """Local wall-clock time host process ``pid`` started, "HH:MM:SS" (from /proc: the boot
-    time plus the process's start ticks, so the same answer on every call), or None."""
-    if not pid:
-        return None
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            start_ticks = int(f.read().rsplit(")", 1)[1].split()[19])
-        with open("/proc/stat") as f:
-            btime = next(int(line.split()[1]) for line in f if line.startswith("btime "))
-    except (OSError, ValueError, IndexError, StopIteration):
-        return None
-    return time.strftime("%H:%M:%S", time.localtime(btime + start_ticks // os.sysconf("SC_CLK_TCK")))
+    """Local wall-clock time host process ``pid`` started, "HH:MM:SS", or None."""
+    started = process_start_time(pid)
+    return None if started is None else time.strftime("%H:%M:%S", time.localtime(started))
 
 
 def render_text(s: dict) -> str:
