@@ -253,5 +253,11 @@ class WorkspaceSync:
         self._reported |= {(s.path, s.reason, to_vm) for s in skipped}
         clashes = [c for c in p.clashes if (c, "clash", True) not in self._reported]
         self._reported |= {(c, "clash", True) for c in clashes}
+        # A tree past the file cap is said once per direction, like a skipped path: its
+        # count of unlisted entries comes back with every pass over the same big tree.
+        if unlisted and ("", "unlisted", to_vm) in self._reported:
+            unlisted = 0
+        elif unlisted:
+            self._reported.add(("", "unlisted", to_vm))
         return describe(fresh, self.limits, to_vm, refused=refused, conflicts=p.conflicts,
                         unlisted=unlisted, clashes=clashes)

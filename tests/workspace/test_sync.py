@@ -112,3 +112,18 @@ def test_after_a_restore_nothing_on_the_host_is_lost(agent_vm, host_root: Path,
     assert (guest_root / "model.txt").read_text() == "v2, a later cell"
     # data.csv was equal on both sides: not a conflict, not copied again.
     assert "data.csv" not in msg
+
+
+def test_a_tree_past_the_file_cap_is_reported_once(agent_vm, host_root: Path,
+                                                   guest_root: Path) -> None:
+    """A kernel started in a big directory: the cap's sentence comes with the first cell only,
+    not again with every pass over the same tree (each pass counts its unlisted entries)."""
+    for i in range(1100):  # past the scan's ceiling (max_files + 1000): some go unlisted
+        (host_root / f"f{i:04}.txt").write_text(str(i))
+    ws = WorkspaceSync(host_root, str(guest_root), "sync",
+                       Limits(max_file_bytes=1000, max_files=10), watch_host=False)
+    assert "1092 files were not copied to the VM" in ws.before_cell(agent_vm, NOW)
+    ws.after_cell(agent_vm, NOW)
+    (host_root / "f0000.txt").write_text("changed")  # a later pass over the same big tree
+    assert ws.before_cell(agent_vm, NOW) == ""
+    assert (guest_root / "f0000.txt").read_text() == "changed"
