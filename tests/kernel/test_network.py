@@ -103,16 +103,19 @@ def test_pandas_reads_a_csv_from_an_allowed_url(net_kernel: Kernel, web: int) ->
 
 
 def test_bandwidth_cap_holds(net_kernel: Kernel, web: int) -> None:
+    """Timed on the host, around the whole cell: the guest's clock is no witness (under TCG the
+    guest kernel falls back to the refined-jiffies clocksource, which loses ticks when the host
+    is loaded; it read 2.14 s for a download the host timed at over 3.9 s)."""
+    started = time.monotonic()
     out, err = run(net_kernel, f"""
-import time, urllib.request
-t = time.monotonic()
-n = len(urllib.request.urlopen('http://{HOST}:{web}/big.bin', timeout=120).read())
-print(n, time.monotonic() - t)
+import urllib.request
+print(len(urllib.request.urlopen('http://{HOST}:{web}/big.bin', timeout=120).read()))
 """, timeout=120)
-    n, seconds = out.split()
-    assert int(n) == BIG, err
+    seconds = time.monotonic() - started
+    assert int(out) == BIG, err
     # A lower bound only (a loaded host is slower, never faster): the cap, less its burst.
-    assert float(seconds) >= (BIG - BANDWIDTH / 10) / BANDWIDTH * 0.9, seconds
+    # Uncapped, the same cell takes well under a second here.
+    assert seconds >= (BIG - BANDWIDTH / 10) / BANDWIDTH * 0.9, seconds
 
 
 def test_disallowed_numeric_ip_gets_403_whose_reason_says_why_and_the_cell_says_it(
