@@ -36,6 +36,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 from common import median, print_table  # noqa: E402
 
 from jupyter_client.manager import KernelManager  # noqa: E402
+import psutil  # noqa: E402
 
 from supermachine_kernel.machine.idle import disk_usage  # noqa: E402
 
@@ -67,27 +68,19 @@ def result_of(outputs: list[dict]) -> str:
     return ""
 
 
-def _parent(pid: int) -> int:
-    with open(f"/proc/{pid}/stat") as f:
-        return int(f.read().rsplit(")", 1)[1].split()[1])
-
-
 def qemu_pids(kernel_pid: int) -> list[int]:
+    """The live QEMU processes under the kernel process (a killed QEMU its parent has not
+    reaped yet does not count)."""
+    try:
+        procs = psutil.Process(kernel_pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        return []
     found = []
-    for name in os.listdir("/proc"):
-        if not name.isdigit():
-            continue
+    for p in procs:
         try:
-            with open(f"/proc/{name}/cmdline", "rb") as f:
-                if b"qemu-system" not in f.read().split(b"\0", 1)[0]:
-                    continue
-            pid = int(name)
-            while pid > 1:
-                pid = _parent(pid)
-                if pid == kernel_pid:
-                    found.append(int(name))
-                    break
-        except (OSError, ValueError, IndexError):
+            if p.name().startswith("qemu-system") and p.status() != psutil.STATUS_ZOMBIE:
+                found.append(p.pid)
+        except psutil.NoSuchProcess:
             continue
     return found
 

@@ -39,6 +39,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 from common import median, percentile, print_table  # noqa: E402
 
 from jupyter_client.manager import KernelManager  # noqa: E402
+import psutil  # noqa: E402
 
 from supermachine_kernel.cli.install import install  # noqa: E402
 from supermachine_kernel.limits.cgroup import HostFacts, apply, plan  # noqa: E402
@@ -54,22 +55,11 @@ STOP_CELL = 'import subprocess; subprocess.run(["pkill", "-f", "while True"])'
 
 
 def tree(pid: int) -> list[int]:
-    """`pid` and its descendants (from /proc)."""
-    children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as f:
-                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
-            except (OSError, ValueError, IndexError):
-                continue
-            children.setdefault(ppid, []).append(int(entry))
-    out, todo = [], [pid]
-    while todo:
-        p = todo.pop()
-        out.append(p)
-        todo.extend(children.get(p, []))
-    return out
+    """`pid` and its descendants."""
+    try:
+        return [pid] + [c.pid for c in psutil.Process(pid).children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return [pid]
 
 
 def cpu_seconds(pids: list[int]) -> float:

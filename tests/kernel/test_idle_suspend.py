@@ -12,6 +12,7 @@ import tempfile
 import time
 
 import pytest
+import psutil
 
 from .harness import BACKEND, KERNEL, SLOW, Kernel, stdout_of
 
@@ -21,28 +22,19 @@ IDLE = 2.0  # seconds: c.MicroVMKernel.idle_suspend_after of the test kernel
 SUSPEND_TIMEOUT = 120 * SLOW / 8 + 60  # the guest's after-restore warm-up must end first
 
 
-def _parent(pid: int) -> int:
-    with open(f"/proc/{pid}/stat") as f:
-        return int(f.read().rsplit(")", 1)[1].split()[1])
-
-
 def qemu_pids(kernel_pid: int) -> list[int]:
-    """The QEMU processes under the kernel process."""
+    """The live QEMU processes under the kernel process (a killed QEMU its parent has not
+    reaped yet does not count)."""
+    try:
+        procs = psutil.Process(kernel_pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        return []
     found = []
-    for name in os.listdir("/proc"):
-        if not name.isdigit():
-            continue
+    for p in procs:
         try:
-            with open(f"/proc/{name}/cmdline", "rb") as f:
-                if b"qemu-system" not in f.read().split(b"\0", 1)[0]:
-                    continue
-            pid = int(name)
-            while pid > 1:
-                pid = _parent(pid)
-                if pid == kernel_pid:
-                    found.append(int(name))
-                    break
-        except (OSError, ValueError, IndexError):
+            if p.name().startswith("qemu-system") and p.status() != psutil.STATUS_ZOMBIE:
+                found.append(p.pid)
+        except psutil.NoSuchProcess:
             continue
     return found
 
