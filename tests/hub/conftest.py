@@ -157,13 +157,6 @@ def user_venv(hub_prerequisites: str) -> Path:
     """A virtualenv every user can run, with this project and its kernelspec: the test venv
     itself when its Python is reachable by all, else one made once (kept, like the proxy)
     under .venv/hub-venv from the system's python3 (the test venv's may live under /root)."""
-    # The users run this checkout's code: every directory above it must be traversable by
-    # them. A clone made under `mktemp -d` (mode 0700) is not; give its ancestors o+x only
-    # (traverse, no listing).
-    for parent in REPO.parents:
-        mode = parent.stat().st_mode
-        if not mode & 0o001:
-            parent.chmod(mode | 0o001)
     if _reachable_by_all(sys.executable):
         return VENV
     venv = VENV / "hub-venv"
