@@ -1,21 +1,13 @@
-//! Dispatch: turns the host's byte stream into frames and each frame into an action and a
-//! reply. Runs on the one reader thread; it never waits for the writer's gate (see
-//! `writer.rs`), so it can always receive the next Hello or Resume.
-//!
-//! Connection rules:
-//! * Every connection starts with `Hello`; anything before it is ignored. A version mismatch
-//!   gets `Error{req: 0, kind: protocol}` and the agent keeps waiting for a good Hello.
-//! * A frame-level error (bad magic, unknown kind, oversized) means the stream lost sync: the
-//!   agent replies `Error{req: 0, kind: protocol}` once, resets its decoder and ignores
-//!   everything until the next Hello (in practice: the host reconnects).
-//! * A well-framed control payload that is not a valid message gets `Error{req, protocol}`
-//!   (req taken from the JSON when present, else 0) and the connection carries on.
-//! * Every handler runs under `catch_unwind`: a bug in one request cannot stop the agent.
+//! Dispatch: carries out what the connection rules (`conn.rs`, pure) make of the host's byte
+//! stream: each request becomes an action and a reply. Runs on the one reader thread; it never
+//! waits for the writer's gate (see `writer.rs`), so it can always receive the next Hello or
+//! Resume. Every action runs under `catch_unwind`: a bug in one request cannot stop the agent.
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::Arc;
 
-use supermachine_protocol::{Control, Decoder, ErrorKind, Frame, Kind, ProcessInfo, AGENT_FEATURES, MAX_PAYLOAD, PROTOCOL_VERSION};
+use supermachine_agent::conn::{Action, Conn};
+use supermachine_protocol::{Control, ErrorKind, Frame, Kind, ProcessInfo, AGENT_FEATURES, MAX_PAYLOAD, PROTOCOL_VERSION};
 
 use crate::files::Files;
 use crate::generation::Generation;
@@ -30,20 +22,11 @@ pub struct Server {
     files: Files,
     tcp: Tcp,
     generation: Generation,
-    decoder: Decoder,
-    /// A valid Hello was received on this connection.
-    welcomed: bool,
-    /// The stream lost sync (reported once; silent until the next Hello).
-    desynced: bool,
+    conn: Conn,
 }
 
 fn error(req: u64, (kind, message): Failure) -> Control {
     Control::Error { req, kind, message }
-}
-
-/// The `req` of a control payload that did not parse as a message, if it has one.
-fn req_of(payload: &[u8]) -> u64 {
-    serde_json::from_slice::<serde_json::Value>(payload).ok().and_then(|v| v.get("req").and_then(|r| r.as_u64())).unwrap_or(0)
 }
 
 /// Keeps a process list within one frame: long argvs are shortened, then dropped.
@@ -81,7 +64,7 @@ impl Server {
     pub fn new(writer: Arc<Writer>, procs: Arc<Procs>, generation: Generation) -> Server {
         let files = Files::new(writer.clone());
         let tcp = Tcp::new(writer.clone());
-        Server { writer, procs, files, tcp, generation, decoder: Decoder::new(), welcomed: false, desynced: false }
+        Server { writer, procs, files, tcp, generation, conn: Conn::new() }
     }
 
     pub fn writer(&self) -> &Arc<Writer> {
@@ -90,55 +73,53 @@ impl Server {
 
     /// The host went away: forget partial input and hold all output until the next Hello.
     pub fn on_disconnect(&mut self) {
-        self.decoder.reset();
-        self.welcomed = false;
-        self.desynced = false;
+        self.conn.disconnect();
         self.writer.disconnected();
     }
 
     /// Bytes from the host.
     pub fn on_bytes(&mut self, bytes: &[u8]) {
-        self.decoder.push(bytes);
-        loop {
-            match self.decoder.next_frame() {
-                Ok(Some(frame)) => {
-                    if catch_unwind(AssertUnwindSafe(|| self.on_frame(frame))).is_err() {
-                        log!("internal error while handling a frame (see the panic above); carrying on");
-                    }
-                }
-                Ok(None) => return,
-                Err(e) => {
-                    self.lost_sync(&e.to_string());
-                    self.decoder.reset();
-                    return;
-                }
+        self.conn.push(bytes);
+        while let Some(action) = self.conn.next_action() {
+            if catch_unwind(AssertUnwindSafe(|| self.act(action))).is_err() {
+                log!("internal error while handling a frame (see the panic above); carrying on");
             }
         }
     }
 
-    fn lost_sync(&mut self, why: &str) {
-        if !self.desynced {
-            log!("{why}; ignoring input until the next Hello");
-            if self.welcomed {
-                self.writer.reply(&Control::Error { req: 0, kind: ErrorKind::Protocol, message: format!("agent: {why}; send Hello on a new connection") });
+    fn act(&mut self, action: Action) {
+        match action {
+            Action::Hello { host_time_ns, entropy } => self.hello(host_time_ns, &entropy),
+            Action::Request(msg) => self.on_request(msg),
+            Action::Data(f) => self.on_data(f),
+            Action::Reject(reply) => {
+                if let Control::Error { message, .. } = &reply {
+                    log!("{message}");
+                }
+                self.writer.reply(&reply);
             }
+            Action::BadVersion(reply) => {
+                if let Control::Error { message, .. } = &reply {
+                    log!("{message}");
+                }
+                self.writer.reply_ungated(&reply);
+                self.writer.disconnected();
+            }
+            Action::LostSync { why, reply } => {
+                if let Some(why) = why {
+                    log!("{why}; ignoring input until the next Hello");
+                }
+                if let Some(reply) = reply {
+                    self.writer.reply(&reply);
+                }
+                self.writer.disconnected();
+            }
+            Action::Ignore(why) => debug!("{why}"),
         }
-        self.desynced = true;
-        self.welcomed = false;
-        self.writer.disconnected();
     }
 
-    fn on_frame(&mut self, f: Frame) {
+    fn on_data(&mut self, f: Frame) {
         match f.kind {
-            Kind::Control => match Control::from_bytes(&f.payload) {
-                Ok(msg) => self.on_control(msg),
-                Err(e) if self.welcomed => {
-                    log!("{e}");
-                    self.writer.reply(&Control::Error { req: req_of(&f.payload), kind: ErrorKind::Protocol, message: e.to_string() });
-                }
-                Err(e) => debug!("before Hello: {e}"),
-            },
-            _ if !self.welcomed => debug!("{:?} frame before Hello ignored", f.kind),
             Kind::Stdin => self.procs.stdin(f.channel, f.payload),
             Kind::FileData => {
                 if let Some(reply) = self.files.write_data(f.channel, &f.payload) {
@@ -146,26 +127,15 @@ impl Server {
                 }
             }
             Kind::TcpData => self.tcp.data(f.channel, f.payload),
-            Kind::Stdout | Kind::Stderr => debug!("{:?} frame from the host ignored", f.kind),
+            Kind::Control | Kind::Stdout | Kind::Stderr => debug!("{:?} frame from the host ignored", f.kind),
         }
     }
 
-    fn hello(&mut self, version: u32, host_time_ns: u64, entropy: &[u8]) {
-        if version != PROTOCOL_VERSION {
-            let message = format!(
-                "protocol version mismatch: the guest agent speaks version {PROTOCOL_VERSION}, the host {version}; rebuild the guest image with this runtime's agent"
-            );
-            log!("{message}");
-            self.writer.reply_ungated(&Control::Error { req: 0, kind: ErrorKind::Protocol, message });
-            self.welcomed = false;
-            self.writer.disconnected();
-            return;
-        }
+    /// A good Hello (the version was checked by `conn`): a new session.
+    fn hello(&mut self, host_time_ns: u64, entropy: &[u8]) {
         let generation = self.generation.on_hello(host_time_ns, entropy);
         self.files.new_session();
         self.tcp.new_session();
-        self.welcomed = true;
-        self.desynced = false;
         let (procs, boot_id) = (&self.procs, self.generation.boot_id.clone());
         self.writer.begin_session(|epoch| {
             procs.reset_windows(epoch);
@@ -175,14 +145,8 @@ impl Server {
         debug!("hello: generation {generation}");
     }
 
-    fn on_control(&mut self, msg: Control) {
-        if let Control::Hello { version, host_time_ns, entropy } = &msg {
-            return self.hello(*version, *host_time_ns, entropy);
-        }
-        if !self.welcomed {
-            debug!("{msg:?} before Hello ignored");
-            return;
-        }
+    /// A request of a welcomed session (`conn` rejects the messages only the agent sends).
+    fn on_request(&mut self, msg: Control) {
         let w = self.writer.clone();
         let done = |req: u64, r: Result<(), Failure>| match r {
             Ok(()) => w.reply(&Control::Ok { req }),
@@ -245,12 +209,6 @@ impl Server {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn req_is_recovered_from_bad_messages() {
-        assert_eq!(req_of(br#"{"op":"frobnicate","req":17}"#), 17);
-        assert_eq!(req_of(b"not json"), 0);
-    }
 
     #[test]
     fn huge_process_lists_fit_in_a_frame() {
