@@ -10,13 +10,17 @@ replaced; they become the same `{"type": "stream", "name", "text"}` objects as J
 Everything the guest sends is untrusted. `FrameDecoder` caps every frame (`MAX_FRAME_BYTES`);
 `validate_event` / `validate_reply` turn a decoded object into the shape the kernel publishes or
 raise `ProtocolError` with a message that names what was wrong. A framing error (oversized or
-undecodable frame) leaves the stream unsynchronised, so the session treats it as fatal for that
-guest; a frame that decodes but fails validation is dropped on its own.
+undecodable frame, or JSON nested deeper than `MAX_JSON_DEPTH`) leaves the stream unsynchronised,
+so the session treats it as fatal for that guest; a frame that decodes but fails validation is
+dropped on its own. The depth bound is checked before decoding: the decoder itself would accept
+nearly the interpreter's recursion limit, and every later recursive step (Jupyter's JSON packer,
+a frontend) could then fail on what it accepted.
 """
 from __future__ import annotations
 
 import base64
 import binascii
+import itertools
 import json
 import re
 import struct
@@ -27,6 +31,8 @@ MAX_FRAME_BYTES = 32 * 1024 * 1024
 RAW_STREAM = 0x80000000
 RAW_STREAM_NAMES = {1: "stdout", 2: "stderr"}
 MAX_BUFFERS = 64
+#: Deepest nesting of arrays and objects a guest frame may have (serde_json's default limit too).
+MAX_JSON_DEPTH = 128
 
 
 class ProtocolError(ValueError):
@@ -111,18 +117,59 @@ def decode_body(body: bytes) -> dict[str, Any]:
     with surrogateescape) and JSON can carry them as `\\udXXX` escapes, but a Jupyter message
     cannot: jupyter_client's packer would raise and the message (a stream batch, an error, a
     reply) would be lost. Each lone surrogate becomes U+FFFD, the replacement character."""
+    if json_depth_exceeds(body, MAX_JSON_DEPTH):
+        raise ProtocolError(f"its JSON nests deeper than {MAX_JSON_DEPTH} levels")
     try:
         msg = json.loads(body.decode("utf-8"))
     except (UnicodeDecodeError, ValueError) as e:
         raise ProtocolError(f"guest frame is not UTF-8 JSON: {e}") from None
-    except RecursionError:
-        raise ProtocolError("guest frame nests its JSON too deeply") from None
+    except RecursionError:  # not reached after the depth check; kept as its backstop
+        raise ProtocolError(f"its JSON nests deeper than {MAX_JSON_DEPTH} levels") from None
     if not isinstance(msg, dict) or not isinstance(msg.get("type"), str):
         raise ProtocolError("guest frame is not an object with a string 'type'")
     # Strict UTF-8 cannot encode a surrogate, so a lone one can only arrive as an escape.
     if b"\\ud" in body or b"\\uD" in body:
         msg = make_encodable(msg)
     return msg
+
+
+_NOT_BRACKETS = bytes(c for c in range(256) if c not in b"[]{}")
+_ONE_KIND = bytes.maketrans(b"{}", b"[]")  # depth does not depend on the bracket's kind
+
+
+def json_depth_exceeds(body: bytes, limit: int) -> bool:
+    """True when the JSON text `body` nests arrays/objects more than `limit` deep (brackets in
+    strings do not count); False also for malformed text, which the decoder then reports.
+    Every step is a C-speed bytes operation: nearly every frame holds at most `limit` opening
+    brackets and costs two counts."""
+    if body.count(b"[") + body.count(b"{") <= limit:
+        return False
+    # Drop string contents: escaped backslashes, then escaped quotes (left to right, as JSON
+    # reads them; outside strings valid JSON has no backslash), then every other stretch
+    # between two quotes. What is left outside strings is reduced to its brackets, all `[]`.
+    text = body.replace(b"\\\\", b"").replace(b'\\"', b"")
+    structure = b"".join(text.split(b'"')[::2]).translate(_ONE_KIND, _NOT_BRACKETS)
+    # Each pass removes the innermost pairs, i.e. one level: a few such passes (C speed) shrink
+    # a wide structure; then the depth is summed over runs of one kind of bracket, which a deep
+    # chain has few of. Linear in the frame's size either way.
+    if b"[" * (limit + 1) in structure:  # a plain chain, the usual attack
+        return True
+    passes = 0
+    while passes < min(limit, _STRIP_PASSES) and structure:
+        shorter = structure.replace(b"[]", b"")
+        if len(shorter) == len(structure):
+            return False  # unbalanced: not JSON
+        structure = shorter
+        passes += 1
+    if not structure:
+        return False
+    runs = _BRACKET_RUN.findall(structure)
+    steps = (len(r) if r[0] == 0x5B else -len(r) for r in runs)  # [ opens, ] closes
+    return passes + max(itertools.accumulate(steps)) > limit
+
+
+_STRIP_PASSES = 8
+_BRACKET_RUN = re.compile(rb"\[+|\]+")
 
 
 _SURROGATE = re.compile("[\ud800-\udfff]")
