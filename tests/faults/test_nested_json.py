@@ -13,7 +13,11 @@ import pytest
 
 from supermachine_kernel.repl_client import GuestDied, GuestRepl, guest_environment
 from supermachine_kernel.repl_client.frames import (
-    MAX_JSON_DEPTH, FrameDecoder, ProtocolError, json_depth_exceeds)
+    MAX_JSON_DEPTH,
+    FrameDecoder,
+    ProtocolError,
+    json_depth_exceeds,
+)
 from supermachine_kernel.repl_client.local import LocalBackend
 
 DRIVER = textwrap.dedent("""
