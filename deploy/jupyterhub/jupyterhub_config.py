@@ -9,6 +9,7 @@ file (tests/hub/): SUPERMACHINE_HUB_VENV (the virtualenv that holds jupyterhub, 
 its kernelspec; default: the one running the Hub), SUPERMACHINE_HUB_IP / _PORT, _DATA_DIR
 (database and cookie secret), SUPERMACHINE_HUB_IDLE_TIMEOUT (seconds), SUPERMACHINE_HUB_USERS
 (comma-separated allowed users; empty: members of the group jupyterhub-users).
+SUPERMACHINE_LIMITS_FILE names the limits file when it is not /etc/supermachine-kernel/limits.py.
 """
 import os
 import sys
@@ -67,6 +68,20 @@ c.Spawner.environment = {
 }
 c.Spawner.start_timeout = int(env("SUPERMACHINE_HUB_START_TIMEOUT", "120"))
 c.Spawner.http_timeout = int(env("SUPERMACHINE_HUB_START_TIMEOUT", "120"))
+
+# -- limits per user and per host (limits.md): on when the admin's limits file exists -----------
+# The Hub reads the same file as every kernel. Before each server starts, the hook (as root)
+# makes the user's cgroup with its memory ceiling and CPU share and hands it to the user; the
+# spawner starts the server inside it, so the user's kernels and QEMU processes stay below it.
+from supermachine_kernel import limits as _limits  # noqa: E402 - imports nothing heavy
+
+if _limits.active():
+    load_subconfig(_limits.limits_file())  # noqa: F821 - provided by JupyterHub
+    from supermachine_kernel.limits.hub import pre_spawn_hook  # noqa: E402
+
+    c.Spawner.pre_spawn_hook = pre_spawn_hook
+    c.JupyterHub.spawner_class = "supermachine_kernel.limits.hub.LimitedLocalProcessSpawner"
+    c.Spawner.env_keep.append(_limits.FILE_ENV)
 
 # -- idle servers are stopped, and with them their kernels and VMs ---------------------------
 idle_timeout = env("SUPERMACHINE_HUB_IDLE_TIMEOUT", "3600")

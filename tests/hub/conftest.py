@@ -30,6 +30,10 @@ REPO = Path(__file__).resolve().parents[2]
 VENV = Path(sys.prefix)
 DEPLOY_CONFIG = REPO / "deploy" / "jupyterhub" / "jupyterhub_config.py"
 KERNEL = "python-microvm"
+# The limits the test Hub's admin sets (each user's first kernel plus one more may run).
+HUB_VMS_PER_USER = 2
+HUB_MEMORY_PER_USER = "3G"
+HUB_CPU_WEIGHT = 50
 START_TIMEOUT = 600.0  # a server and its first kernel on a loaded 2-core machine under TCG
 
 
@@ -237,8 +241,12 @@ class HubApi:
     def user_model(self, user: str) -> dict:
         return self.hub("GET", f"/users/{user}")
 
-    def start_server(self, user: str) -> None:
-        self.hub("POST", f"/users/{user}/server")
+    def start_server(self, user: str, log: Optional[Path] = None) -> None:
+        try:
+            self.hub("POST", f"/users/{user}/server")
+        except Exception as e:  # the Hub's log says why the spawn failed
+            tail = log.read_text(errors="replace")[-6000:] if log is not None else ""
+            raise RuntimeError(f"{user}'s server did not start: {e}\nthe Hub's log:\n{tail}") from e
         deadline = time.monotonic() + START_TIMEOUT
         while time.monotonic() < deadline:
             server = self.user_model(user)["servers"].get("")
@@ -329,6 +337,18 @@ def hub(hub_prerequisites: str, user_venv: Path, shared_store: str) -> Iterator[
     config's service and role, but the test runs its command itself (with a short timeout),
     so that no server is culled while the other tests use it."""
     work = Path(tempfile.mkdtemp(prefix="smk-hub-"))
+    # The admin's limits file (deploy/jupyterhub/limits.md), which every user's kernel reads:
+    # in a folder all may read, as /etc/supermachine-kernel is.
+    limits_dir = Path(tempfile.mkdtemp(prefix="smk-hub-limits-"))
+    os.chmod(limits_dir, 0o755)
+    limits_file = limits_dir / "limits.py"
+    limits_file.write_text(
+        f"c.MicroVMLimits.vms_per_user = {HUB_VMS_PER_USER}\n"
+        f"c.MicroVMLimits.memory_per_user = {HUB_MEMORY_PER_USER!r}\n"
+        f"c.MicroVMLimits.cpu_weight = {HUB_CPU_WEIGHT}\n"
+        f"c.MicroVMLimits.state_dir = {str(limits_dir / 'state')!r}\n"
+    )
+    os.chmod(limits_file, 0o644)
     users: list[LocalUser] = []
     process: Optional[subprocess.Popen] = None
     try:
@@ -358,6 +378,7 @@ def hub(hub_prerequisites: str, user_venv: Path, shared_store: str) -> Iterator[
             SUPERMACHINE_SHARED_CACHE_DIR=shared_store,
             SUPERMACHINE_HUB_IDLE_TIMEOUT="30",
             SUPERMACHINE_HUB_CULL_EVERY="5",
+            SUPERMACHINE_LIMITS_FILE=str(limits_file),
         )
         # Read the culler's command as the deploy config defines it.
         culler_command = json.loads(subprocess.run(
@@ -395,13 +416,14 @@ def hub(hub_prerequisites: str, user_venv: Path, shared_store: str) -> Iterator[
         for u in users:
             _remove_user(u)
         shutil.rmtree(work, ignore_errors=True)
+        shutil.rmtree(limits_dir, ignore_errors=True)
 
 
 _PRINT_CULLER = """
 import json, sys
 from traitlets.config import Config
 c = Config()
-ns = {"get_config": lambda: c, "__file__": sys.argv[1]}
+ns = {"get_config": lambda: c, "load_subconfig": lambda path: None, "__file__": sys.argv[1]}
 exec(compile(open(sys.argv[1]).read(), sys.argv[1], "exec"), ns)
 print(json.dumps(next(s for s in c.JupyterHub.services if s["name"] == "idle-culler")["command"]))
 """

@@ -35,7 +35,7 @@ def kernels(hub: Hub) -> Iterator[dict[str, str]]:
     """Each user's server and one microVM kernel (each user's first ever)."""
     out = {}
     for user in hub.users:
-        hub.api.start_server(user.name)
+        hub.api.start_server(user.name, hub.log)
         kid, seconds = _started(hub, user)
         print(f"\n{user.name}: first-ever kernel start to first cell reply: {seconds:.2f} s")
         out[user.name] = kid
@@ -136,6 +136,59 @@ def test_second_kernel_start_of_a_user(hub: Hub, kernels: dict[str, str]) -> Non
     kid, seconds = _started(hub, a)
     print(f"\n{a.name}: second kernel start to first cell reply: {seconds:.2f} s")
     hub.api.server(a.name, "DELETE", f"/kernels/{kid}")
+
+
+def _wait_kernel_gone(hub: Hub, user: LocalUser, kid: str) -> None:
+    hub.api.server(user.name, "DELETE", f"/kernels/{kid}")
+    deadline = time.monotonic() + 120
+    while any(k["id"] == kid for k in hub.api.server(user.name, "GET", "/kernels")):
+        assert time.monotonic() < deadline, f"kernel {kid} was not shut down"
+        time.sleep(1)
+
+
+def test_the_admins_limits_hold_under_the_hub(hub: Hub, kernels: dict[str, str]) -> None:
+    """The limits file the Hub and the kernels share (deploy/jupyterhub/limits.md): a kernel past
+    vms_per_user is refused with a message naming the setting and who raises it; the user's QEMU
+    runs inside the user's cgroup, whose ceiling and share are the file's (when the host has
+    cgroups; otherwise %vm must say they are not enforced, and why)."""
+    from .conftest import HUB_CPU_WEIGHT, HUB_MEMORY_PER_USER, HUB_VMS_PER_USER
+
+    a = hub.users[0]
+    r = hub.api.run(a.name, kernels[a.name], "%vm")
+    assert r.status == "ok", r
+    rows = {line.split(None, 2)[1]: line.split(None, 2)[2] for line in r.stdout.splitlines()
+            if line.startswith("limit ")}
+    assert rows["vms_per_user"].startswith(str(HUB_VMS_PER_USER)), rows
+    memory_row = rows["memory_per_user"]
+    assert memory_row.startswith(HUB_MEMORY_PER_USER), rows
+    extra = []
+    try:
+        for _ in range(HUB_VMS_PER_USER - 1):  # up to the limit: these run
+            kid = hub.api.start_kernel(a.name)
+            extra.append(kid)
+            ok = hub.api.run(a.name, kid, "print(6 * 7)")
+            assert ok.status == "ok" and ok.stdout.strip() == "42", ok
+        kid = hub.api.start_kernel(a.name)
+        extra.append(kid)
+        refused = hub.api.run(a.name, kid, "print(6 * 7)")
+        text = refused.error + refused.stderr
+        assert refused.status == "error" and "42" not in refused.stdout, refused
+        assert "VM limit reached" in text, text
+        assert f"c.MicroVMLimits.vms_per_user = {HUB_VMS_PER_USER}" in text and "admin" in text, text
+    finally:
+        for kid in extra:
+            _wait_kernel_gone(hub, a, kid)
+    if "NOT enforced" in memory_row:
+        pytest.skip(f"this host has no cgroup the Hub can use: {memory_row}")
+    assert "enforced" in memory_row, memory_row
+    limit_bytes = 3 * 1024 ** 3
+    assert str(limit_bytes) in memory_row, memory_row
+    cpu_row = rows["cpu_weight"]
+    assert cpu_row.startswith(str(HUB_CPU_WEIGHT)) and "enforced" in cpu_row, rows
+    for pid in qemu_pids(a.uid):
+        with open(f"/proc/{pid}/cgroup") as f:
+            groups = f.read()
+        assert f"supermachine/user-{a.uid}" in groups, (pid, groups)
 
 
 def _last_activity(hub: Hub, user: LocalUser) -> datetime:
