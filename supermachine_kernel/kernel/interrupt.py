@@ -1,8 +1,12 @@
-"""Interrupts, and the requests an interrupt must be able to end.
+"""Interrupts, their escalation, and the requests an interrupt must be able to end.
 
 An interrupt (interrupt_request in message mode, SIGINT in signal mode) goes to the guest REPL
 as SIGINT, never to the kernel's own process group, and ends a pending wait for the frontend's
-input_reply. `GuestCalls.request` sends a request to the guest on behalf of a shell request
+input_reply. Escalation: when the requests that were running at an interrupt still run
+`interrupt_grace` seconds later (user code that never checks signals, a fork bomb), or a second
+interrupt comes while they run, the guest is reset (`GuestRepl.reset`, repl_client/client.py):
+the REPL's process group is killed and a fresh REPL starts in the same VM; failing that, the VM
+is replaced. The cell then fails with `GuestStuck`, whose message says which step was taken. `GuestCalls.request` sends a request to the guest on behalf of a shell request
 (comms, completion, inspection, history): once an interrupt came and the guest has not
 answered within INTERRUPT_GRACE seconds, the kernel stops waiting (`GuestUnanswered`), so a
 guest that ignores the interrupt cannot hold the shell channel.
@@ -34,20 +38,52 @@ class GuestUnanswered(RuntimeError):
 class GuestCalls:
     """One per kernel: requests to the guest that an interrupt can end, and the interrupt."""
 
-    def __init__(self, iopub: IopubRelay, stdin: StdinRelay) -> None:
+    def __init__(self, iopub: IopubRelay, stdin: StdinRelay, grace: float = 10.0) -> None:
         self._iopub = iopub
         self._stdin = stdin
         self._interrupted: asyncio.Event | None = None  # set on the guest's loop by an interrupt
+        #: Seconds the requests running at an interrupt may take to end before the guest is
+        #: reset (0: only a second interrupt resets it).
+        self.grace = grace
+        self._watched: set[int] = set()  # ids of the requests running at the last interrupt
+        self._timer: asyncio.TimerHandle | None = None
 
     def interrupt(self, guest: GuestRepl | None) -> None:
-        """SIGINT to the guest (from a worker thread), and the end of the waits it concerns.
-        Safe from any thread and from a signal handler."""
+        """SIGINT to the guest (from a worker thread), the end of the waits it concerns, and
+        the escalation (see the module doc). Safe from any thread and from a signal handler."""
         self._stdin.cancel()
         if guest is None:
             return
         if self._interrupted is not None:
             guest.loop.call_soon_threadsafe(self._interrupted.set)
+        guest.loop.call_soon_threadsafe(self._escalate_or_wait, guest)
         threading.Thread(target=guest.interrupt, name="guest-interrupt", daemon=True).start()
+
+    def _escalate_or_wait(self, guest: GuestRepl) -> None:
+        """On the loop, at an interrupt: reset the guest if an earlier interrupt's requests
+        still run, else give the running requests `grace` seconds to end."""
+        running = guest.pending_ids()
+        if self._watched & running:
+            self._escalate(guest, "a second interrupt came while the cell still ran")
+            return
+        self._watched = running
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if running and self.grace > 0:
+            self._timer = guest.loop.call_later(self.grace, self._grace_over, guest, running)
+
+    def _grace_over(self, guest: GuestRepl, watched: set[int]) -> None:
+        self._timer = None
+        if watched & guest.pending_ids():
+            self._escalate(guest, f"the interrupt was ignored for {self.grace:g} s")
+
+    def _escalate(self, guest: GuestRepl, why: str) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self._watched = set()
+        asyncio.ensure_future(guest.reset(why), loop=guest.loop)
 
     async def request(self, guest: GuestRepl, kind: str, shell_request: dict, /,
                       **fields: t.Any) -> dict:

@@ -23,7 +23,7 @@ from traitlets import Any, Bool, Float, List
 
 from .. import __version__, magics
 from ..machine.idle import IdleSuspender, start_idle_suspend
-from ..repl_client import GuestDied, GuestRepl, GuestUnavailable, ProtocolError
+from ..repl_client import GuestDied, GuestRepl, GuestStuck, GuestUnavailable, ProtocolError
 from . import kernel_info, lifecycle, network
 from .comms import CommRouter, parent_stub
 from .config import GuestConfig
@@ -54,6 +54,22 @@ class MicroVMKernel(Kernel, GuestConfig):
     user_ns = Any(None, help="Unused: user code lives in the guest.")
     forward_sigint = Bool(True, help="Forward SIGINT received by this process to the guest "
                           "(interrupt_mode 'signal').").tag(config=True)
+    interrupt_grace = Float(
+        10.0, help="Seconds a cell may take to end after an interrupt before the guest's Python "
+        "process (and everything it started) is killed and a fresh one started in the same VM "
+        "(variables lost, files kept); a second interrupt does that at once. 0: only the second "
+        "interrupt.").tag(config=True)
+    frame_timeout = Float(
+        30.0, help="Seconds a message the guest's Python process started sending may take to "
+        "complete; past that the process is killed as for an ignored interrupt. 0: no limit."
+    ).tag(config=True)
+    agent_ping_interval = Float(
+        5.0, help="While a cell runs, ping the VM's agent every this many seconds (0: never)."
+    ).tag(config=True)
+    agent_ping_timeout = Float(
+        15.0, help="A ping the VM's agent does not answer within this many seconds means the VM "
+        "stopped answering: it is replaced by a fresh one (variables and files lost)."
+    ).tag(config=True)
     startup = Any(None, help="The start-up sequence this process ran (supermachine_kernel/startup), "
                   "given by the application; None when the kernel was not started by the entry "
                   "module.")
@@ -67,7 +83,7 @@ class MicroVMKernel(Kernel, GuestConfig):
         self.iopub = IopubRelay(self, self.stdin, RateLimiter(
             self.iopub_msg_rate_limit, self.iopub_data_rate_limit, self.rate_limit_window),
             guest_noun(self.backend))
-        self.calls = GuestCalls(self.iopub, self.stdin)
+        self.calls = GuestCalls(self.iopub, self.stdin, self.interrupt_grace)
         self.comms = CommRouter(self, self.iopub, self.calls)
         self.host_magics: magics.HostMagics | None = None  # created by the first %magic
         self.idle: IdleSuspender | None = None  # idle suspend (machine/idle.py), set by start()
@@ -83,6 +99,9 @@ class MicroVMKernel(Kernel, GuestConfig):
         self.guest = self.stdin.guest = lifecycle.make_guest(
             backend, self.startup, self.iopub.on_guest_event, self.guest_env,
             self.startup_timeout)
+        self.guest.frame_timeout = self.frame_timeout
+        self.guest.ping_interval = self.agent_ping_interval
+        self.guest.ping_timeout = self.agent_ping_timeout
         self.network = network.start(self)  # None unless allow_network opens something
         lifecycle.start_guest(self.guest,
                               self._save_launch_hint if self.startup is not None else None)
@@ -167,6 +186,9 @@ class MicroVMKernel(Kernel, GuestConfig):
                     parent=parent_stub(parent),
                     **workspace,
                 ), silent)
+        except GuestStuck as e:  # interrupt escalation, read deadline, liveness: client.py
+            reply = self._error_reply("GuestStuck", e.reason[:1].upper() + e.reason[1:], [
+                "Re-run the cells that defined what you need."])
         except GuestDied as e:
             summary, details = summarize_death(e.reason)
             self.log.warning("guest died during a cell: %s", e.reason)

@@ -8,7 +8,7 @@ VM already runs.
 from typing import Any
 
 from .backend import Backend, guest_environment
-from .client import GuestDied, GuestInfo, GuestRepl, GuestUnavailable
+from .client import GuestDied, GuestInfo, GuestRepl, GuestStuck, GuestUnavailable
 from .frames import ProtocolError
 
 __all__ = [
@@ -16,6 +16,7 @@ __all__ = [
     "GuestDied",
     "GuestInfo",
     "GuestRepl",
+    "GuestStuck",
     "GuestUnavailable",
     "ProtocolError",
     "guest_environment",

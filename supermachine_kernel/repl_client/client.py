@@ -11,6 +11,16 @@ guest that floods output is slowed down, host memory stays bounded).
 One `_Link` per guest incarnation. When the guest dies (REPL exits, VM dies, bad frame) the link
 fails its pending requests with `GuestDied(reason)`, emits a `died` event, and `GuestRepl` starts
 a fresh guest at once unless it is shutting down.
+
+A guest that is alive but stuck is ended by `reset(why)` (the kernel's interrupt escalation,
+kernel/interrupt.py, calls it too): the REPL's whole process group is killed and a fresh REPL
+starts in the same VM (variables lost, files kept); when that cannot be done (the agent does not
+answer, the backend cannot start a REPL in place) the VM is destroyed and a fresh one launched.
+Pending requests fail with `GuestStuck`, whose message says which step was taken and what was
+lost. Two watchers call it on their own: the reader, when a frame the guest started is not
+complete within `frame_timeout` seconds (a header announcing a body that never comes), and the
+liveness watchdog, which pings the VM's agent every `ping_interval` seconds while a request is
+pending and gives up on it when a ping is not answered within `ping_timeout`.
 """
 from __future__ import annotations
 
@@ -73,6 +83,11 @@ class GuestDied(RuntimeError):
         self.reason = reason
 
 
+class GuestStuck(GuestDied):
+    """The guest was stuck and was reset (`GuestRepl.reset`): the message says why, which step
+    was taken (Python process killed, or VM replaced) and what was lost."""
+
+
 class GuestUnavailable(RuntimeError):
     """No guest could be started (the message says why and what to do)."""
 
@@ -110,6 +125,7 @@ class _Link:
         self._outq: queue.SimpleQueue[bytes | None] = queue.SimpleQueue()
         self._in_flight = _Budget()
         self._died_once = threading.Lock()
+        self.watchdog: asyncio.Task | None = None  # GuestRepl._watchdog while requests wait
 
     def start(self) -> None:
         for target, name in (
@@ -141,13 +157,33 @@ class _Link:
     def _read_loop(self) -> None:
         decoder = FrameDecoder()
         exc: BaseException | None = None
+        limit = self.client.frame_timeout
+        deadline: float | None = None  # set while a frame is incomplete (see the module doc)
         try:
             while True:
-                data = self.handle.child.read_stdout(65536)
+                if deadline is None or limit <= 0:
+                    data = self.handle.child.read_stdout(65536)
+                else:
+                    try:
+                        data = self.handle.child.read_stdout(
+                            65536, timeout=max(deadline - time.monotonic(), 0.0))
+                    except TimeoutError:
+                        if self.closing or self.dead:
+                            return
+                        self.loop.call_soon_threadsafe(
+                            self.client._on_stuck, self,
+                            f"the Python process started a message to the kernel ({decoder.pending} "
+                            f"bytes of it so far) and did not finish it within {limit:g} s")
+                        return
                 if not data:
                     break
-                for size, raw in decoder.feed_sized(data):
+                frames = decoder.feed_sized(data)
+                for size, raw in frames:
                     self._deliver(size, raw)
+                if not decoder.pending:
+                    deadline = None
+                elif frames or deadline is None:  # a new frame began: its own deadline
+                    deadline = time.monotonic() + limit
         except ProtocolError as e:
             self._die(f"the guest REPL sent an invalid frame ({e}); it was stopped", fatal=True)
             return
@@ -277,12 +313,22 @@ class GuestRepl:
         env: dict[str, str],
         startup_timeout: float = 120.0,
         driver: bytes | None = None,
+        frame_timeout: float = 30.0,
+        ping_interval: float = 5.0,
+        ping_timeout: float = 15.0,
     ) -> None:
         self.backend = backend
         self.loop = loop
         self.on_event = on_event
         self.env = env
         self.startup_timeout = startup_timeout
+        #: Seconds a frame the guest started may take to complete (0: no limit).
+        self.frame_timeout = frame_timeout
+        #: Liveness: ping the VM's agent this often while a request waits (0: never) ...
+        self.ping_interval = ping_interval
+        #: ... and reset the guest when a ping is not answered within this many seconds.
+        self.ping_timeout = ping_timeout
+        self._resetting = False
         self.info: GuestInfo | None = None
         self.restarts = 0
         self.last_start_seconds: float | None = None
@@ -318,10 +364,12 @@ class GuestRepl:
         threading.Thread(target=self._launch, args=(fut,), name="guest-launch", daemon=True).start()
         return fut
 
-    def _launch(self, fut: concurrent.futures.Future) -> None:
+    def _launch(self, fut: concurrent.futures.Future,
+                make_handle: Callable[[], GuestHandle] | None = None) -> None:
         t0 = time.monotonic()
         try:
-            handle = self.backend.launch(self._driver, self.env)
+            handle = make_handle() if make_handle is not None else \
+                self.backend.launch(self._driver, self.env)
         except Exception as e:  # noqa: BLE001
             log.exception("launching the guest failed")
             fut.set_exception(GuestUnavailable(f"could not start the guest ({self.backend.name} "
@@ -477,17 +525,111 @@ class GuestRepl:
         fut = self.loop.create_future()
         link.pending[rid] = (kind, fut)
         link.send(dict(fields, type=kind, id=rid))
+        self._watch(link)
         return await fut
 
-    def notify(self, kind: str, **fields: Any) -> bool:
-        """Send a message that has no reply (comm traffic, input replies). Thread-safe."""
+    def pending_ids(self) -> set[int]:
+        """Ids of the requests that await the current guest's reply (on the loop)."""
         link = self._link
-        if link is None or link.dead:
-            return False
-        if self.gate is not None:
-            self.gate.touch()
-        link.send(dict(fields, type=kind))
-        return True
+        return set(link.pending) if link is not None else set()
+
+    # -- stuck guests: liveness, reset -------------------------------------------------------
+
+    def _watch(self, link: _Link) -> None:
+        """Starts the liveness watchdog of `link` unless it runs (only for guests whose handle
+        can ping, i.e. VMs)."""
+        if self.ping_interval <= 0 or getattr(link.handle, "ping", None) is None:
+            return
+        if link.watchdog is None or link.watchdog.done():
+            link.watchdog = self.loop.create_task(self._watchdog(link))
+
+    async def _watchdog(self, link: _Link) -> None:
+        """While `link` has pending requests: a ping to its agent every `ping_interval` s; one
+        not answered within `ping_timeout` s resets the guest (its VM is replaced)."""
+        while True:
+            await asyncio.sleep(self.ping_interval)
+            if link is not self._link or link.dead or not link.pending:
+                return
+            try:
+                await asyncio.to_thread(link.handle.ping, self.ping_timeout)  # type: ignore[attr-defined]
+            except TimeoutError:
+                if link is self._link and not link.dead:
+                    await self.reset(f"the microVM stopped answering (its agent did not answer "
+                                     f"within {self.ping_timeout:g} s)", keep_vm=False)
+                return
+            except Exception:  # noqa: BLE001 - the VM died: the reader reports that
+                return
+
+    def _on_stuck(self, link: _Link, why: str) -> None:
+        """On the loop: `link`'s reader gave up on it (see `_Link._read_loop`)."""
+        if link is self._link and not link.dead and not link.closing:
+            self.loop.create_task(self.reset(why))
+
+    async def reset(self, why: str, *, keep_vm: bool = True) -> str:
+        """Ends the current guest, which is stuck because `why` (a sentence fragment, e.g. "the
+        interrupt was ignored for 5 s"): kills the REPL's process group and starts a fresh REPL
+        in the same VM, or, when that fails or `keep_vm` is false, destroys the VM and launches
+        a fresh guest. Pending requests fail with `GuestStuck(message)`; returns the message
+        ("" when there was nothing to reset). Runs on the loop; the new guest starts in the
+        background (requests wait for it)."""
+        link = self._link
+        if link is None or link.dead or link.closing or self._resetting or self._shutting_down:
+            return ""
+        self._resetting = True
+        try:
+            link.closing = True  # its death and late frames are no longer this client's
+            pending, link.pending = link.pending, {}
+            self._link = None
+            fut: concurrent.futures.Future[_Link] = concurrent.futures.Future()
+            self._starting = fut
+            make, step = await asyncio.to_thread(self._end_stuck, link, keep_vm)
+        finally:
+            self._resetting = False
+        message = f"{why}; {step}"
+        log.warning("stuck guest reset: %s", message)
+        threading.Thread(target=self._launch, args=(fut, make), name="guest-launch",
+                         daemon=True).start()
+        err = GuestStuck(message)
+        for _, request_future in pending.values():
+            if not request_future.done():
+                request_future.set_exception(err)
+        if not pending:  # nothing waited: tell whoever watches
+            self.on_event("died", {"reason": message}, [])
+        self.restarts += 1
+        return message
+
+    def _end_stuck(self, link: _Link, keep_vm: bool
+                   ) -> tuple[Callable[[], GuestHandle] | None, str]:
+        """Worker thread, for `reset`: kills the stuck REPL. Returns how to start the next guest
+        (None: a fresh launch) and the step taken, as the user reads it."""
+        handle = link.handle
+        failed = ""
+        if keep_vm:
+            try:
+                kill_repl = getattr(handle, "kill_repl", None)
+                if kill_repl is not None:  # VMs: bounded, through the agent
+                    kill_repl(self.ping_timeout)
+                else:  # a host process group
+                    handle.child.kill()  # type: ignore[attr-defined]
+            except Exception as e:  # noqa: BLE001 - the VM is replaced instead
+                log.warning("killing the stuck guest REPL failed: %s: %s", type(e).__name__, e)
+                failed = "killing the Python process failed, so "
+            else:
+                respawn = getattr(self.backend, "respawn", None)
+                if respawn is not None:
+                    return (lambda: respawn(handle, self._driver, self.env),
+                            "the Python process was killed and a fresh one started in the same "
+                            "microVM: variables are lost, files (/workspace, /tmp, ...) are kept.")
+                if not getattr(self.backend, "isolated", True):  # a host process: files stay
+                    threading.Thread(target=handle.release, name="guest-release",
+                                     daemon=True).start()
+                    return (None, "the Python process was killed and a fresh one started: "
+                            "variables are lost, files are kept.")
+        destroy = getattr(handle, "destroy", None)
+        threading.Thread(target=destroy if destroy is not None else handle.release,
+                         name="guest-release", daemon=True).start()
+        return (None, f"{failed}the microVM was replaced by a fresh one: variables, files and "
+                "processes in it are lost; your snapshots are kept.")
 
     def interrupt(self) -> bool:
         """SIGINT to the guest REPL (blocking; call from a worker thread)."""

@@ -11,6 +11,9 @@ Two ways to be warm, chosen by what the runtime offers:
   VM with a fully warmed REPL is prepared in the background for the next launch (restart, death).
 
 Release kills the REPL and gives the VM back (the pool restores it; a cold VM is destroyed).
+A stuck guest (client.py `GuestRepl.reset`) uses the handle's bounded calls: `ping` the agent,
+`kill_repl` (the REPL's process group), `destroy` (no call to the agent), and `respawn` starts a
+fresh REPL in the same VM.
 """
 from __future__ import annotations
 
@@ -19,6 +22,7 @@ import inspect
 import json
 import logging
 import os
+import signal
 import threading
 from typing import Any, Callable
 
@@ -83,6 +87,57 @@ class VmHandle:
 
     def describe(self) -> str:
         return self._where
+
+    # -- a stuck guest (client.py GuestRepl.reset) ---------------------------------------------
+
+    def ping(self, timeout: float) -> None:
+        """One round trip to the VM's agent; TimeoutError if it takes longer than `timeout`."""
+        self.vm.ping(timeout)
+
+    def kill_repl(self, timeout: float) -> None:
+        """SIGKILL to the REPL's process group (the agent signals the group: what the REPL
+        forked dies with it), and its exit seen, within about `timeout` seconds each; raises
+        (TimeoutError, a VM error) otherwise. The VM stays."""
+        self.vm.ping(timeout)
+        _bounded(lambda: self.child.signal(signal.SIGKILL), timeout, "signalling the REPL")
+        self.child.wait(timeout=timeout)
+
+    def destroy(self) -> None:
+        """Destroys the VM without asking its agent anything (it may be frozen)."""
+        with self._lock:
+            if self._released:
+                return
+            self._released = True
+        discard = getattr(self.vm, "discard", None)
+        (discard if discard is not None else self.vm.release)()
+
+    def give_up_vm(self) -> Callable[[], None]:
+        """This handle no longer releases the VM (a fresh REPL in it takes over: `respawn`);
+        returns what releases it."""
+        with self._lock:
+            self._released = True
+        return self._release
+
+
+def _bounded(call: Callable[[], None], timeout: float, what: str) -> None:
+    """`call()` on a daemon thread; TimeoutError when it has not returned within `timeout` s
+    (a call to a frozen agent: the thread ends when the VM is destroyed)."""
+    done = threading.Event()
+    failure: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            call()
+        except BaseException as e:  # noqa: BLE001 - handed to the caller
+            failure.append(e)
+        finally:
+            done.set()
+
+    threading.Thread(target=run, name="guest-bounded-call", daemon=True).start()
+    if not done.wait(timeout):
+        raise TimeoutError(f"{what} took longer than {timeout:g} s")
+    if failure:
+        raise failure[0]
 
 
 class VmBackend:
@@ -296,14 +351,29 @@ class VmBackend:
             if child is not None:
                 prestarted = True
             else:
-                vm.write_file(GUEST_DRIVER_PATH, driver, mode=0o644)
-                child = vm.spawn(REPL_ARGV, env=self._env(env), cwd=self._repl_cwd)
+                child = self._start_repl(vm, driver, env)
         except BaseException:
             release()
             raise
         handle = VmHandle(vm, child, release, describe_vm(vm))
         handle.prestarted = prestarted
         return handle
+
+    def _start_repl(self, vm: Any, driver: bytes, env: dict[str, str]) -> Any:
+        """A fresh REPL process in `vm`."""
+        vm.write_file(GUEST_DRIVER_PATH, driver, mode=0o644)
+        return vm.spawn(REPL_ARGV, env=self._env(env), cwd=self._repl_cwd)
+
+    def respawn(self, old: VmHandle, driver: bytes, env: dict[str, str]) -> VmHandle:
+        """A fresh REPL in the VM of `old`, whose REPL was killed (`VmHandle.kill_repl`): files
+        stay, variables are gone. The new handle releases the VM; on failure it is released."""
+        release = old.give_up_vm()
+        try:
+            child = self._start_repl(old.vm, driver, env)
+        except BaseException:
+            release()
+            raise
+        return VmHandle(old.vm, child, release, old.describe())
 
     # Without the snapshot pool (use_pool=False), keep one VM with the REPL already started and
     # the warmup modules imported, so a restart (or a death) does not wait for a boot.
