@@ -808,6 +808,15 @@ class Vm:
     def boot_id(self) -> str:
         return self._vm.boot_id
 
+    def console_tail(self, max_bytes: int = 65536) -> Optional[str]:
+        """The last lines of the guest's serial console (the host keeps its last 64 KiB in
+        memory, whatever the guest writes); None without a QEMU."""
+        return self._vm.console_tail(max_bytes)
+
+    def console_sizes(self) -> Optional[tuple[int, int]]:
+        """(bytes the guest wrote to its serial console in all, bytes the host keeps)."""
+        return self._vm.console_sizes()
+
     @property
     def workdir(self) -> Optional[str]:
         w = self._vm.workdir

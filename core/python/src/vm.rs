@@ -534,6 +534,19 @@ impl Vm {
         self.inner.qemu_pid()
     }
 
+    /// The last `max_bytes` of the guest's serial console (the host keeps at most 64 KiB in
+    /// memory; None for attached agents).
+    #[pyo3(signature = (max_bytes = 65536))]
+    fn console_tail(&self, max_bytes: usize) -> Option<String> {
+        self.inner.console_tail(max_bytes)
+    }
+
+    /// (bytes the guest wrote to its serial console in all, bytes the host keeps); None for
+    /// attached agents.
+    fn console_sizes(&self) -> Option<(u64, usize)> {
+        self.inner.console_sizes()
+    }
+
     /// The per-VM work dir (None for attached agents and after release).
     #[getter]
     fn workdir(&self) -> Option<PathBuf> {

@@ -1,10 +1,12 @@
-//! Host runtime library: QEMU supervision ([`qemu`], [`accel`], [`qmp`]), the connection to the
-//! guest agent ([`conn`] over the pure multiplexer [`mux`]), VMs and their processes ([`vm`],
-//! [`child`]), snapshots ([`snapshot`]: on disk, taking, restoring), the VM pool ([`pool`]) and the
-//! guest's network egress policy and proxy ([`net`]), TCP channels through the agent ([`tcp`]).
+//! Host runtime library: QEMU supervision ([`qemu`], [`accel`], [`qmp`], its capped output
+//! tails [`console`]), the connection to the guest agent ([`conn`] over the pure multiplexer
+//! [`mux`]), VMs and their processes ([`vm`], [`child`]), snapshots ([`snapshot`]: on disk,
+//! taking, restoring), the VM pool ([`pool`]) and the guest's network egress policy and proxy
+//! ([`net`]), TCP channels through the agent ([`tcp`]).
 pub mod accel;
 pub mod child;
 pub mod conn;
+pub mod console;
 pub mod error;
 pub mod image;
 pub mod mux;

@@ -6,7 +6,9 @@
 //! socket, the root image as a read-only virtio-blk disk, QMP on a second socket, guest RAM in
 //! a file-backed memory object (so a stopped VM's RAM file can serve as a snapshot template),
 //! no network device, no host share, `-sandbox on`, `-no-reboot` (a guest panic or reboot ends
-//! the process, which the host sees as "VM died").
+//! the process, which the host sees as "VM died"). The serial console goes to QEMU's stdout
+//! (`-serial stdio`) and, like its stderr, into a capped tail in the owner process
+//! ([`crate::console`]), never into a file the guest could grow.
 //!
 //! Lifetime: every QEMU is spawned by one long-lived launcher thread with
 //! `PR_SET_PDEATHSIG=SIGKILL`. The death signal fires when the *thread* that forked the child
@@ -122,8 +124,6 @@ pub struct QemuConfig {
     pub append_extra: Vec<String>,
     pub tsc_khz: Option<u64>,
     pub ram: RamFile,
-    /// Serial console log file.
-    pub console_log: PathBuf,
     /// The agent port's unix socket (QEMU listens).
     pub agent_sock: PathBuf,
     /// The QMP unix socket (QEMU listens).
@@ -203,7 +203,8 @@ impl QemuConfig {
             }
             push(&["-append", &self.kernel_cmdline()]);
         }
-        push(&["-serial", &format!("file:{}", p(&self.console_log))]);
+        // QEMU's stdout: a pipe the owner reads into a capped tail (console.rs).
+        push(&["-serial", SERIAL]);
         push(&["-device", "virtio-serial-device"]);
         push(&[
             "-chardev",
@@ -235,6 +236,9 @@ impl QemuConfig {
         )
     }
 }
+
+/// The serial console's backend on the command line.
+pub const SERIAL: &str = "stdio";
 
 /// QEMU option values separate with commas; a literal comma is written twice.
 fn qemu_opt_escape(s: &str) -> String {
@@ -350,11 +354,11 @@ fn shim_beside_this_library() -> Option<PathBuf> {
     Some(Path::new(std::ffi::OsStr::from_bytes(lib.to_bytes())).parent()?.join("ro_ram.so"))
 }
 
-/// Starts QEMU with `config`; its stderr goes to `stderr_log`.
-pub fn launch(config: &QemuConfig, stderr_log: &Path) -> Result<Child> {
-    let log = std::fs::File::create(stderr_log).map_err(|e| Error::io(format!("create {}", stderr_log.display()), e))?;
+/// Starts QEMU with `config`. Its stdout (the guest's serial console) and stderr are pipes,
+/// for the caller to drain (see [`crate::console`]).
+pub fn launch(config: &QemuConfig) -> Result<Child> {
     let mut cmd = Command::new(&config.qemu);
-    cmd.args(config.args()).stdin(Stdio::null()).stdout(Stdio::null()).stderr(log);
+    cmd.args(config.args()).stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
     if let Some(shim) = read_only_ram_shim(config)? {
         cmd.env("LD_PRELOAD", shim).env(RO_RAM_ENV, &config.ram.path);
     }
@@ -459,7 +463,6 @@ mod tests {
             append_extra: vec![],
             tsc_khz: Some(2445404),
             ram: RamFile { path: "/w/ram".into(), share: true },
-            console_log: "/w/console.log".into(),
             agent_sock: "/w/agent.sock".into(),
             qmp_sock: "/w/qmp.sock".into(),
             incoming: None,
@@ -485,7 +488,7 @@ mod tests {
             ["memory-backend-file,id=mem,size=256M,mem-path=/w/ram,share=on"]
         );
         assert_eq!(value_after(&a, "-append"), ["console=ttyS0 quiet panic=-1 reboot=t tsc_early_khz=2445404 norandmaps"]);
-        assert_eq!(value_after(&a, "-serial"), ["file:/w/console.log"]);
+        assert_eq!(value_after(&a, "-serial"), ["stdio"]);
         assert_eq!(value_after(&a, "-chardev"), ["socket,id=agent,path=/w/agent.sock,server=on,wait=off"]);
         // commas in paths are doubled so QEMU does not split the option there
         assert_eq!(value_after(&a, "-drive"), ["id=root,file=/img/root,,1.erofs,format=raw,if=none,readonly=on"]);

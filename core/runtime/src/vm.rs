@@ -4,14 +4,14 @@
 //!
 //! Cold boot: launch QEMU → connect to the agent port (retrying until QEMU listens) → Hello →
 //! Welcome before the boot deadline. If QEMU exits or the guest never answers, the error
-//! carries QEMU's exit status and the tail of the guest console. Restoring from a snapshot
-//! (`snapshot/restore.rs`) goes through the same `Vm::start`, with the state fed over QMP
-//! before the Welcome is awaited.
+//! carries QEMU's exit status and the tail of the guest console (kept in memory, capped:
+//! [`crate::console`]). Restoring from a snapshot (`snapshot/restore.rs`) goes through the
+//! same `Vm::start`, with the state fed over QMP before the Welcome is awaited.
 //!
 //! Set `SUPERMACHINE_TRACE=1` to print the phases of every boot/restore with timings.
 
 use std::fs;
-use std::io::{Read, Seek, SeekFrom, Write};
+use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::Child;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -23,6 +23,7 @@ use supermachine_protocol::{Control, ErrorKind, ExitStatus, ReadLimits, FEATURE_
 use crate::accel::{self, Accel};
 use crate::child::{ExecChild, SpawnOptions};
 use crate::conn::{connect_retry, Conn, Ending, WelcomeInfo};
+use crate::console::{OutputTail, CONSOLE_CAP, STDERR_CAP};
 use crate::error::{Error, Result};
 use crate::mux::{channel_of, FileChunk, ReqKind};
 use crate::qemu::{self, QemuConfig, RamFile};
@@ -107,7 +108,9 @@ pub(crate) struct QemuProc {
     /// QEMU's exit status, once reaped.
     status: Mutex<Option<std::process::ExitStatus>>,
     pub(crate) config: QemuConfig,
-    stderr_log: PathBuf,
+    /// The last bytes of the guest's serial console and of QEMU's stderr.
+    console: OutputTail,
+    stderr: OutputTail,
     released: AtomicBool,
 }
 
@@ -165,11 +168,11 @@ impl QemuProc {
             },
             None => "QEMU is still running".into(),
         };
-        let qemu_err = tail(&self.stderr_log, 2000);
+        let qemu_err = self.stderr.tail(2000);
         if !qemu_err.trim().is_empty() {
             s.push_str(&format!("\nQEMU said:\n{}", qemu_err.trim_end()));
         }
-        let console = tail(&self.config.console_log, 3000);
+        let console = self.console.tail(3000);
         if !console.trim().is_empty() {
             s.push_str(&format!("\nlast guest console lines:\n{}", console.trim_end()));
         } else {
@@ -177,23 +180,6 @@ impl QemuProc {
         }
         s
     }
-}
-
-/// The last `max` bytes of a file, as text, starting at a line boundary.
-fn tail(path: &Path, max: u64) -> String {
-    let Ok(mut f) = fs::File::open(path) else { return String::new() };
-    let len = f.metadata().map(|m| m.len()).unwrap_or(0);
-    let start = len.saturating_sub(max);
-    let _ = f.seek(SeekFrom::Start(start));
-    let mut buf = Vec::new();
-    let _ = f.read_to_end(&mut buf);
-    let text = String::from_utf8_lossy(&buf).replace('\r', "");
-    if start > 0 {
-        if let Some(i) = text.find('\n') {
-            return text[i + 1..].to_string();
-        }
-    }
-    text
 }
 
 /// Feeds an incoming migration (a snapshot's state) to a QEMU started with `-incoming defer`.
@@ -253,7 +239,6 @@ impl Vm {
             append_extra: opts.append.clone(),
             tsc_khz: qemu::host_tsc_khz(),
             ram: RamFile { path: opts.ram_path.clone().unwrap_or_else(|| workdir.join("ram")), share: true },
-            console_log: workdir.join("console.log"),
             agent_sock: workdir.join("agent.sock"),
             qmp_sock: workdir.join("qmp.sock"),
             incoming: None,
@@ -274,7 +259,7 @@ impl Vm {
     ) -> Result<Vm> {
         let accel = config.accel;
         let t0 = Instant::now();
-        let proc_ = Self::launch(config, &workdir)?;
+        let proc_ = Self::launch(config)?;
         trace(t0, "QEMU spawned");
         let started = (|| {
             // An incoming migration (restore) is fed over QMP before the guest runs; the agent
@@ -355,14 +340,30 @@ impl Vm {
         self.restored_from.as_deref()
     }
 
-    pub(crate) fn launch(config: QemuConfig, workdir: &WorkDir) -> Result<Arc<QemuProc>> {
-        let stderr_log = workdir.join("qemu.log");
-        let child = qemu::launch(&config, &stderr_log)?;
+    pub(crate) fn launch(config: QemuConfig) -> Result<Arc<QemuProc>> {
+        let mut child = qemu::launch(&config)?;
+        fn follow(name: &str, pipe: Option<impl Read + Send + 'static>, cap: usize) -> Result<OutputTail> {
+            match pipe {
+                Some(p) => OutputTail::follow(name, p, cap),
+                None => Ok(OutputTail::empty(cap)),
+            }
+        }
+        let tails = follow("qemu-console", child.stdout.take(), CONSOLE_CAP)
+            .and_then(|c| Ok((c, follow("qemu-stderr", child.stderr.take(), STDERR_CAP)?)));
+        let (console, stderr) = match tails {
+            Ok(t) => t,
+            Err(e) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(e);
+            }
+        };
         Ok(Arc::new(QemuProc {
             child: Mutex::new(Some(child)),
             status: Mutex::new(None),
             config,
-            stderr_log,
+            console,
+            stderr,
             released: AtomicBool::new(false),
         }))
     }
@@ -444,6 +445,18 @@ impl Vm {
     /// QEMU's pid (None for attached agents or after release).
     pub fn qemu_pid(&self) -> Option<u32> {
         self.qemu.as_ref().and_then(|q| q.pid())
+    }
+
+    /// The last `max_bytes` of the guest's serial console, as text starting at a line (None
+    /// for attached agents). Kept in memory, capped at [`CONSOLE_CAP`]; readable after QEMU exits.
+    pub fn console_tail(&self, max_bytes: usize) -> Option<String> {
+        self.qemu.as_ref().map(|q| q.console.tail(max_bytes))
+    }
+
+    /// (bytes the guest wrote to its serial console in all, bytes kept now); None for
+    /// attached agents.
+    pub fn console_sizes(&self) -> Option<(u64, usize)> {
+        self.qemu.as_ref().map(|q| q.console.sizes())
     }
 
     /// The work dir (None for attached agents or after release).

@@ -81,7 +81,6 @@ impl Snapshot {
             append_extra: m.labels.get("append").map(|a| a.split(' ').filter(|w| !w.is_empty()).map(String::from).collect()).unwrap_or_default(),
             tsc_khz: m.labels.get("tsc_khz").and_then(|t| t.parse().ok()),
             ram,
-            console_log: place("console.log"),
             agent_sock: place("agent.sock"),
             qmp_sock: place("qmp.sock"),
             incoming: Some(Incoming::Defer),
