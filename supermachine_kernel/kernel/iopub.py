@@ -7,6 +7,13 @@ works for as their parent; input_request goes to the stdin relay (stdin.py); a d
 an invalid frame become a notice on stderr. `publish` is also how the kernel's own messages
 (errors, notices, host widgets) reach IOPub.
 
+Notices about what the guest sent count against the rate limit like output, and quote at most
+NOTICE_QUOTE characters of anything the guest made (a forged frame's type, the error naming
+it) with its full size, so a guest cannot put megabytes on the frontend or into the kernel log
+through them. The kernel log gets at most `LogLimiter.burst` lines per cause per minute; the
+line after a quiet spell says how many were left out; the frontend at most NOTICES_PER_CELL
+invalid-frame notices per cell, then one count at the cell's end.
+
 Rate limiting (`RateLimiter`, pure): the knobs and defaults of jupyter_server's
 `iopub_msg_rate_limit` / `iopub_data_rate_limit` / `rate_limit_window`. Within each window of
 `window` seconds at most `msg_rate * window` messages and `data_rate * window` bytes pass; the
@@ -25,6 +32,8 @@ from ipykernel.kernelbase import Kernel
 
 from .stdin import StdinRelay
 
+NOTICE_QUOTE = 200
+NOTICES_PER_CELL = 5
 DISPLAY_EVENTS = ("display_data", "update_display_data")
 COMM_EVENTS = ("comm_open", "comm_msg", "comm_close")
 LIMITED_EVENTS = ("stream", *DISPLAY_EVENTS, "execute_result", "error", "clear_output", *COMM_EVENTS)
@@ -76,6 +85,36 @@ class RateLimiter:
         return dropped
 
 
+def quote(text: str, limit: int = NOTICE_QUOTE) -> str:
+    """`text` (made by the guest) cut to its first `limit` characters, saying how long it was."""
+    if len(text) <= limit:
+        return text
+    return f"{text[:limit]}... ({len(text)} characters)"
+
+
+class LogLimiter:
+    """At most `burst` log lines per cause in each `window` seconds (pure). Causes are fixed
+    names chosen by the code that logs, never text from the guest, so the table stays small."""
+
+    def __init__(self, burst: int = 5, window: float = 60.0) -> None:
+        self.burst = burst
+        self.window = window
+        self._causes: dict[str, list] = {}  # cause -> [window start, lines in it, left out]
+
+    def allow(self, cause: str, now: float) -> int | None:
+        """None: leave this line out. Otherwise log it; the number is how many lines of this
+        cause were left out since the last one logged."""
+        entry = self._causes.setdefault(cause, [now, 0, 0])
+        if now - entry[0] >= self.window:
+            entry[0], entry[1] = now, 0
+        if entry[1] >= self.burst:
+            entry[2] += 1
+            return None
+        entry[1] += 1
+        left_out, entry[2] = entry[2], 0
+        return left_out
+
+
 def approx_size(content: dict) -> int:
     """The bytes an output message's content counts against the data rate limit."""
     data = content.get("data") or {}
@@ -100,12 +139,20 @@ class IopubRelay:
         self.cell_parent: dict | None = None
         self.last_parent: dict = {}
         self._cell_error_seen = False
+        self._log_limiter = LogLimiter()
+        self._invalid_notices = 0  # invalid-frame notices since the cell began
 
     def begin_cell(self, parent: dict) -> None:
         self.cell_parent = self.last_parent = parent
         self._cell_error_seen = False
+        self._invalid_notices = 0
 
     def end_cell(self) -> None:
+        unshown = self._invalid_notices - NOTICES_PER_CELL
+        if unshown > 0:
+            self._notice(f"[supermachine] {unshown} more invalid messages from the guest were "
+                         "dropped in this cell.\n")
+        self._invalid_notices = 0
         self.report_dropped(final=True)
         self.cell_parent = None
 
@@ -153,15 +200,22 @@ class IopubRelay:
                             "starting. Variables from earlier cells are gone.\n",
                 })
         elif kind == "invalid":
-            self._kernel.log.warning("invalid %s message from the guest: %s", content["type"],
-                                     content["error"])
-            if not self._limiter.allow(len(content["error"]), time.monotonic()):
-                return
-            self.publish("stream", {
-                "name": "stderr",
-                "text": f"[supermachine] dropped an invalid {content['type']!r} message from the "
-                        f"guest: {content['error']}\n",
-            })
+            what = (f"an invalid {quote(content['type'], 60)!r} message from the guest "
+                    f"({content.get('size', 0)} bytes): {quote(content['error'])}")
+            left_out = self._log_limiter.allow("invalid guest message", time.monotonic())
+            if left_out is not None:
+                more = f" ({left_out} more left out of this log)" if left_out else ""
+                self._kernel.log.warning("dropped %s%s", what, more)
+            self._invalid_notices += 1
+            if self._invalid_notices <= NOTICES_PER_CELL:
+                self._notice(f"[supermachine] dropped {what}\n")
+
+    def _notice(self, text: str) -> None:
+        """A notice on stderr, counted against the output rate limit like output."""
+        if not self._limiter.allow(len(text), time.monotonic()):
+            self.report_dropped(final=False)
+            return
+        self.publish("stream", {"name": "stderr", "text": text})
 
     def report_dropped(self, final: bool) -> None:
         """The notice that output is being dropped (once per window), or at the end of a cell

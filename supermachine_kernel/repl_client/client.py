@@ -195,7 +195,9 @@ class _Link:
         try:
             kind, content, buffers = validate_event(raw)
         except ProtocolError as e:
-            kind, content, buffers = "invalid", {"error": str(e), "type": str(raw.get("type"))}, []
+            # The type may be megabytes of guest text: keep what a notice quotes (kernel/iopub.py).
+            kind, content, buffers = "invalid", {
+                "error": str(e)[:1000], "type": str(raw.get("type"))[:1000], "size": size}, []
         self._in_flight.acquire(size)
         self.loop.call_soon_threadsafe(self._on_loop, kind, content, buffers, size)
 
@@ -279,8 +281,8 @@ class _Link:
             if sig == signal.SIGKILL and rss:
                 parts.append(f"peak memory {rss // 1024} MiB: out of memory?")
         tail = b"".join(self.stderr_tail).decode("utf-8", "replace").strip().splitlines()[-5:]
-        if tail:
-            parts.append("last guest diagnostics: " + " | ".join(tail))
+        if tail:  # the guest writes these: at most 1000 characters of them reach the reason
+            parts.append("last guest diagnostics: " + " | ".join(tail)[-1000:])
         return "; ".join(parts) or "the guest REPL stopped without saying why"
 
     def _died_on_loop(self, reason: str) -> None:
