@@ -89,9 +89,10 @@ impl From<SnapshotError> for Error {
                 kind: std::io::ErrorKind::Other,
                 message: e.to_string(),
             },
-            SnapshotError::Corrupt { .. } | SnapshotError::Mismatch { .. } | SnapshotError::Exists { .. } => {
-                Error::Snapshot(e.to_string())
-            }
+            SnapshotError::Corrupt { .. }
+            | SnapshotError::Mismatch { .. }
+            | SnapshotError::Exists { .. }
+            | SnapshotError::CommandLine { .. } => Error::Snapshot(e.to_string()),
         }
     }
 }

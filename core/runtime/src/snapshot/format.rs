@@ -10,9 +10,15 @@
 //! ```
 //!
 //! Writing: the caller fills a [`PendingSnapshot`] (a temporary sibling directory), then
-//! [`PendingSnapshot::commit`] checksums the files, writes `metadata.json`, fsyncs and renames
-//! the directory into place. An interrupted write leaves only a `.tmp-*` directory, never a
-//! half snapshot under the final name.
+//! [`PendingSnapshot::commit`] checksums the files, writes `metadata.json`, makes every file
+//! read-only (0444) and renames the directory into place. An interrupted write leaves only a
+//! `.tmp-*` directory, never a half snapshot under the final name.
+//!
+//! Stored snapshots are immutable in practice: nothing here opens a committed snapshot's file
+//! for writing, and their read-only mode makes an in-place write by another tool of a user
+//! other than root fail (restores map `memory` private copy-on-write, so a rewrite in place
+//! would change what running guests see). The directory stays writable by its owner so that
+//! deleting a snapshot keeps working; root, or an owner who chmods first, can still write.
 //!
 //! Loading: [`load`] refuses, with a message naming the problem, anything that would restore
 //! into a hang or a silently broken guest: a newer/older format, missing or truncated files,
@@ -63,6 +69,10 @@ pub struct MachineIdentity {
     pub qemu_version: String,
     /// sha256 of the QEMU arguments that shape the guest (paths of per-VM files normalised).
     pub cmdline_fingerprint: String,
+    /// Those arguments themselves, so a fingerprint mismatch can name the option (and the
+    /// metadata field) that differs. Absent from snapshots of older versions.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub cmdline: Vec<String>,
     /// Content hashes of the image files (as recorded by the image cache).
     pub kernel_hash: String,
     pub initrd_hash: String,
@@ -101,6 +111,9 @@ pub enum SnapshotError {
     Mismatch { path: PathBuf, what: &'static str, snapshot: String, here: String },
     /// The destination exists already.
     Exists { path: PathBuf },
+    /// The QEMU command line a restore would use differs from the one the snapshot was taken
+    /// with, in `option` (whose value comes from metadata.json's `field`).
+    CommandLine { path: PathBuf, option: String, field: &'static str, snapshot: String, here: String },
 }
 
 impl fmt::Display for SnapshotError {
@@ -121,6 +134,13 @@ impl fmt::Display for SnapshotError {
             SnapshotError::Exists { path } => {
                 write!(f, "a snapshot already exists at {}; choose another name or delete it first", path.display())
             }
+            SnapshotError::CommandLine { path, option, field, snapshot, here } => write!(
+                f,
+                "snapshot {} cannot be restored: it was taken with QEMU option {option} {snapshot}, and restoring it \
+                 would use {option} {here}, from metadata.json's {field}; if metadata.json was edited, put the \
+                 original value back, else take the snapshot again with this version",
+                path.display()
+            ),
         }
     }
 }
@@ -133,6 +153,51 @@ fn io_err(path: &Path) -> impl FnOnce(io::Error) -> SnapshotError + '_ {
 
 fn corrupt(path: &Path, reason: impl Into<String>) -> SnapshotError {
     SnapshotError::Corrupt { path: path.to_path_buf(), reason: reason.into() }
+}
+
+/// Makes a snapshot file read-only (0444); a file the snapshot does not have is skipped.
+fn make_read_only(path: &Path) -> Result<(), SnapshotError> {
+    use std::os::unix::fs::PermissionsExt;
+    match fs::set_permissions(path, fs::Permissions::from_mode(0o444)) {
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        r => r.map_err(io_err(path)),
+    }
+}
+
+/// The option a difference at `args[i]` belongs to, and the metadata.json field its value
+/// comes from.
+fn option_at(args: &[String], i: usize) -> (String, &'static str) {
+    let (option, value) = match args[i].starts_with('-') {
+        true => (args[i].as_str(), args.get(i + 1).map(String::as_str).unwrap_or("")),
+        false => (if i > 0 { args[i - 1].as_str() } else { "" }, args[i].as_str()),
+    };
+    let field = match option {
+        "-m" => "machine.memory_mib",
+        "-object" if value.starts_with("memory-backend") => "machine.memory_mib",
+        "-smp" => "machine.vcpus",
+        "-kernel" => "kernel",
+        "-initrd" => "initrd",
+        "-drive" => "rootfs",
+        "-append" => "labels.append (or labels.tsc_khz)",
+        "-accel" | "-cpu" => "machine.accel",
+        _ => "the runtime's QEMU configuration (no single field)",
+    };
+    (option.to_string(), field)
+}
+
+/// The first option in which `here` differs from `snap`, when `snap` is the command line that
+/// hashes to `fingerprint` (so the recorded arguments were not edited themselves).
+fn command_line_difference(dir: &Path, snap: &[String], fingerprint_: &str, here: &[String]) -> Option<SnapshotError> {
+    if snap.is_empty() || fingerprint(snap) != fingerprint_ {
+        return None;
+    }
+    let i = (0..snap.len().max(here.len())).find(|&i| snap.get(i) != here.get(i))?;
+    let (option, field) = option_at(if i < snap.len() { snap } else { here }, i);
+    let value = |args: &[String]| {
+        let at = if args.get(i).is_some_and(|a| a.starts_with('-')) { i + 1 } else { i };
+        args.get(at).cloned().unwrap_or_else(|| "(nothing)".into())
+    };
+    Some(SnapshotError::CommandLine { path: dir.to_path_buf(), option, field, snapshot: value(snap), here: value(here) })
 }
 
 /// sha256 of the arguments, joined with NUL. Callers normalise per-VM paths first.
@@ -314,6 +379,9 @@ impl PendingSnapshot {
                 to_sync.push(f);
             }
         }
+        for name in [METADATA_FILE, MEMORY_FILE, STATE_FILE] {
+            make_read_only(&self.tmp.join(name))?;
+        }
         if self.dest.exists() {
             return Err(SnapshotError::Exists { path: self.dest.clone() });
         }
@@ -418,6 +486,11 @@ pub fn check_identity(dir: &Path, snap: &MachineIdentity, here: &MachineIdentity
     ];
     for (what, s, h) in pairs {
         if s != h {
+            if what == "QEMU command line fingerprint" {
+                if let Some(e) = command_line_difference(dir, &snap.cmdline, &snap.cmdline_fingerprint, &here.cmdline) {
+                    return Err(e);
+                }
+            }
             return Err(SnapshotError::Mismatch { path: dir.to_path_buf(), what, snapshot: s, here: h });
         }
     }
@@ -450,6 +523,7 @@ mod tests {
             accel: "tcg".into(),
             qemu_version: "7.2.22".into(),
             cmdline_fingerprint: fingerprint(&["-M".into(), "microvm".into()]),
+            cmdline: vec![],
             kernel_hash: "k".into(),
             initrd_hash: "i".into(),
             rootfs_hash: "r".into(),
@@ -471,6 +545,12 @@ mod tests {
             parent: None,
             labels: Default::default(),
         }
+    }
+
+    /// Undoes a committed file's read-only mode (for tests that damage a snapshot as non-root).
+    fn writable(path: &Path) {
+        use std::os::unix::fs::PermissionsExt;
+        fs::set_permissions(path, fs::Permissions::from_mode(0o644)).unwrap();
     }
 
     fn write_template(dest: &Path) -> SnapshotMeta {
@@ -536,17 +616,20 @@ mod tests {
         write_template(&dest);
         // flip a byte in the memory file's data
         use std::os::unix::fs::FileExt;
+        writable(&dest.join(MEMORY_FILE));
         let mem = fs::OpenOptions::new().write(true).open(dest.join(MEMORY_FILE)).unwrap();
         mem.write_all_at(b"X", 8 << 20).unwrap();
         let e = load(&dest).unwrap_err().to_string();
         assert!(e.contains("memory file's checksum"), "{e}");
         // truncated state
         write_template(&root.join("snap2"));
+        writable(&root.join("snap2").join(STATE_FILE));
         fs::write(root.join("snap2").join(STATE_FILE), b"short").unwrap();
         let e = load(&root.join("snap2")).unwrap_err().to_string();
         assert!(e.contains("state file is 5 bytes"), "{e}");
         // garbage metadata
         write_template(&root.join("snap3"));
+        writable(&root.join("snap3").join(METADATA_FILE));
         fs::write(root.join("snap3").join(METADATA_FILE), b"\x00garbage").unwrap();
         assert!(load(&root.join("snap3")).unwrap_err().to_string().contains("not valid JSON"));
         // missing dir
@@ -562,6 +645,7 @@ mod tests {
         let p = dest.join(METADATA_FILE);
         let mut v: serde_json::Value = serde_json::from_slice(&fs::read(&p).unwrap()).unwrap();
         v["version"] = 99.into();
+        writable(&p);
         fs::write(&p, serde_json::to_vec(&v).unwrap()).unwrap();
         let e = load(&dest).unwrap_err().to_string();
         assert!(e.contains("format version 99"), "{e}");
@@ -579,6 +663,39 @@ mod tests {
         let mut here = identity();
         here.accel = "kvm".into();
         assert!(check_identity(Path::new("/s"), &snap, &here).unwrap_err().to_string().contains("accelerator tcg"));
+    }
+
+    #[test]
+    fn committed_files_are_read_only_and_deletable() {
+        use std::os::unix::fs::PermissionsExt;
+        let root = tmpdir("ro");
+        let dest = root.join("snap");
+        write_template(&dest);
+        for name in [METADATA_FILE, MEMORY_FILE, STATE_FILE] {
+            assert_eq!(fs::metadata(dest.join(name)).unwrap().permissions().mode() & 0o777, 0o444, "{name}");
+        }
+        fs::remove_dir_all(&dest).unwrap();
+        fs::remove_dir_all(root).unwrap();
+    }
+
+    #[test]
+    fn command_line_mismatch_names_the_option_and_field() {
+        let args = |m: &str| -> Vec<String> {
+            ["-M", "microvm", "-m", m, "-smp", "1", "-object", &format!("memory-backend-file,id=mem,size={m}")]
+                .iter().map(|s| s.to_string()).collect()
+        };
+        let mut snap = identity();
+        snap.cmdline = args("256M");
+        snap.cmdline_fingerprint = fingerprint(&snap.cmdline);
+        let mut here = snap.clone();
+        here.cmdline = args("512M");
+        here.cmdline_fingerprint = fingerprint(&here.cmdline);
+        let e = check_identity(Path::new("/s"), &snap, &here).unwrap_err().to_string();
+        assert!(e.contains("option -m 256M") && e.contains("-m 512M") && e.contains("machine.memory_mib"), "{e}");
+        // recorded arguments that do not hash to the fingerprint are not trusted to explain it
+        snap.cmdline[3] = "512M".into();
+        let e = check_identity(Path::new("/s"), &snap, &here).unwrap_err().to_string();
+        assert!(e.contains("command line fingerprint"), "{e}");
     }
 
     #[test]

@@ -8,6 +8,8 @@
 //!   thread.
 //! * [`prefetch_memory`] pulls a memory file into the page cache ahead of a snapshot of a VM
 //!   restored from it.
+//! * [`explain_no_space`] turns the failure of a snapshot whose disk filled up (QEMU only says
+//!   "Unable to write to command: Broken pipe") into a message saying where and how much.
 //!
 //! Invariants: every all-zero 4 KiB page stays a hole (guest RAM is mostly zero); the digest
 //! computed on the way equals [`super::format::digest_file`] of the result, and when pages
@@ -172,6 +174,65 @@ impl PageSink for MemoryFileSink {
     }
 }
 
+/// Bytes free for an unprivileged user on the filesystem holding `dir`, and its mount point.
+fn free_space(dir: &Path) -> Option<(u64, std::path::PathBuf)> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(dir.as_os_str().as_bytes()).ok()?;
+    // SAFETY: statvfs fills the zeroed struct we pass; `c` is a NUL-terminated path.
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    if unsafe { libc::statvfs(c.as_ptr(), &mut st) } != 0 {
+        return None;
+    }
+    let mut mount = fs::canonicalize(dir).ok()?;
+    let dev = fs::metadata(&mount).ok()?.dev();
+    while let Some(up) = mount.parent().filter(|p| fs::metadata(p).map(|m| m.dev() == dev).unwrap_or(false)) {
+        mount = up.to_path_buf();
+    }
+    Some((st.f_bavail as u64 * st.f_frsize as u64, mount))
+}
+
+fn mib(bytes: u64) -> String {
+    format!("{:.1} MiB", bytes as f64 / (1u64 << 20) as f64)
+}
+
+/// `err`, from taking snapshot `dest` of a VM with `ram_mib` MiB of RAM, as a message saying
+/// the disk is full, where, and how much the snapshot needs, when that is why it failed;
+/// otherwise `err` unchanged. Call it once the partial snapshot is removed, so the free space
+/// reported is what the user has. `ram_file`: the VM's shared RAM file (a cold-booted VM),
+/// whose allocated size is what the memory file needs; without it (a restored VM, whose RAM
+/// QEMU streams), the guest's RAM size bounds it.
+pub fn explain_no_space(err: Error, dest: &Path, ram_mib: u32, ram_file: Option<&Path>) -> Error {
+    let text = err.to_string();
+    let enospc = matches!(&err, Error::Io { kind: std::io::ErrorKind::StorageFull, .. })
+        || text.contains("No space left on device")
+        || text.contains("os error 28");
+    // QEMU's exec: migration reports only the broken pipe once `cat > state` died of ENOSPC.
+    let write_failed = text.contains("Unable to write") || text.contains("Broken pipe");
+    let Some(dir) = dest.parent().filter(|p| !p.as_os_str().is_empty()) else { return err };
+    let Some((free, mount)) = free_space(dir) else { return err };
+    let ram = u64::from(ram_mib) << 20;
+    let state = 1u64 << 20; // the device state: ~60 KB, rounded up generously
+    let (need, what) = match ram_file.and_then(|f| fs::metadata(f).ok()) {
+        Some(m) => {
+            let need = (m.blocks() * 512).min(ram) + state;
+            (need, format!("about {}", mib(need)))
+        }
+        None => (ram + state, format!("up to {} (its {ram_mib} MiB of RAM, less the pages it never used, plus the device state)", mib(ram + state))),
+    };
+    if !(enospc || (write_failed && free < need)) {
+        return err;
+    }
+    Error::Snapshot(format!(
+        "no space left on the disk for snapshot {}: the filesystem holding {} (mounted at {}) has {} free, \
+         and a snapshot of this VM needs {what}; free space there (delete old snapshots) or keep snapshots \
+         on another disk",
+        dest.display(),
+        dir.display(),
+        mount.display(),
+        mib(free),
+    ))
+}
+
 /// Has the page cache take in snapshot `dir`'s memory file, holes included, on a background
 /// thread (once per file and process). A snapshot of a VM restored from that file reads every
 /// page; each hole met uncached costs a page fault that allocates and zeroes a cache page
@@ -204,6 +265,21 @@ pub fn prefetch_memory(dir: &Path) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn no_space_is_explained_only_when_the_disk_is_the_cause() {
+        let dir = std::env::temp_dir().join(format!("sm-nospace-{}", std::process::id()));
+        fs::create_dir_all(&dir).unwrap();
+        let dest = dir.join("snap");
+        let full = Error::io("write", std::io::Error::from_raw_os_error(libc::ENOSPC));
+        let e = explain_no_space(full, &dest, 256, None).to_string();
+        assert!(e.contains("no space left on the disk") && e.contains(&dir.display().to_string()), "{e}");
+        assert!(e.contains("up to 257.0 MiB") && e.contains("free"), "{e}");
+        // a broken pipe with plenty of room (this VM's RAM is tiny) is not a full disk
+        let e = explain_no_space(Error::Snapshot("Unable to write to command: Broken pipe".into()), &dest, 1, None);
+        assert_eq!(e.to_string(), "Unable to write to command: Broken pipe");
+        let _ = fs::remove_dir_all(&dir);
+    }
 
     #[test]
     fn sparse_copy_keeps_zero_pages_as_holes() {

@@ -154,7 +154,11 @@ impl Vm {
         let resumed = qmp.execute("cont", None).map(|_| ());
         drop(qmp_guard);
         let agent = conn.request(ReqKind::Resume, Some(Instant::now() + Duration::from_secs(30)), |req| Control::Resume { req });
-        result?;
+        if let Err(e) = result {
+            drop(pending); // its partial files are gone before the free space is measured
+            let ram_file = config.ram.share.then_some(config.ram.path.as_path());
+            return Err(crate::snapshot::memory::explain_no_space(e, dest, config.memory_mib, ram_file));
+        }
         resumed?;
         agent?;
 
