@@ -3,10 +3,11 @@
 //! files). Taking a snapshot records it; restoring refuses a snapshot whose identity differs
 //! from the restoring VM's ([`super::format::check_identity`]).
 //!
-//! Invariants: per-VM paths (RAM file, sockets, console log, the QEMU binary's path) and the
-//! TCG translation-buffer size never enter the fingerprint, so two VMs of one shape compare
-//! equal; anything that shapes the guest does. Image files are identified by cache directory,
-//! name, size and mtime (cheap; changes whenever a file is rebuilt), not by content.
+//! Invariants: per-VM paths (RAM file, sockets, the QEMU binary's path), the serial console's
+//! host-side backend and the TCG translation-buffer size never enter the fingerprint, so two
+//! VMs of one shape compare equal; anything that shapes the guest does. Image files are
+//! identified by cache directory, name, size and mtime (cheap; changes whenever a file is
+//! rebuilt), not by content.
 //!
 //! Errors: the crate's [`Error`](crate::Error) (only asking QEMU for its version can fail).
 
@@ -34,14 +35,22 @@ pub fn file_identity(p: &Path) -> String {
 pub fn normalised_args(config: &QemuConfig) -> Vec<String> {
     let mut c = config.clone();
     c.ram = RamFile { path: "RAM".into(), share: true };
-    c.console_log = "CONSOLE".into();
     c.agent_sock = "AGENT".into();
     c.qmp_sock = "QMP".into();
     c.incoming = None;
     c.qemu = "QEMU".into();
     // The translation-buffer size only shapes QEMU's own memory, not the guest.
     c.tcg_tb_size_mib = None;
-    c.args()
+    let mut args = c.args();
+    // Where the serial console goes on the host does not shape the guest (it sees the same
+    // UART). Snapshots taken while it went to a per-VM file recorded `file:CONSOLE`; keeping
+    // that spelling keeps them restorable.
+    if let Some(i) = args.iter().position(|a| a == "-serial") {
+        if let Some(v) = args.get_mut(i + 1) {
+            *v = "file:CONSOLE".into();
+        }
+    }
+    args
 }
 
 /// What a VM of this configuration is, for snapshot compatibility checks.
@@ -79,13 +88,15 @@ mod tests {
             append_extra: vec![],
             tsc_khz: Some(1),
             ram: RamFile { path: format!("/{w}/ram").into(), share: w == "a" },
-            console_log: format!("/{w}/c").into(),
             agent_sock: format!("/{w}/s").into(),
             qmp_sock: format!("/{w}/q").into(),
             incoming: if w == "a" { None } else { Some(Incoming::Defer) },
             tcg_tb_size_mib: None,
         };
         assert_eq!(normalised_args(&base("a")), normalised_args(&base("b")));
+        // the console backend keeps the spelling snapshots were taken with
+        let a = normalised_args(&base("a"));
+        assert_eq!(a.windows(2).find(|w| w[0] == "-serial").map(|w| w[1].as_str()), Some("file:CONSOLE"));
         let mut c = base("b");
         c.memory_mib = 512;
         assert_ne!(normalised_args(&base("a")), normalised_args(&c));
