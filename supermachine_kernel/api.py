@@ -762,6 +762,15 @@ class Vm:
         self._vm.snapshot(os.fspath(dest), {"taken_from": self.id})
         return Image.from_snapshot(dest, env=self._env)
 
+    def snapshot_incremental(self, dest: PathLike) -> Image:
+        """Like ``snapshot``, but keeps only the guest RAM pages that differ from the snapshot
+        this VM was restored from (its base, named in the new snapshot's metadata): a fraction
+        of the size. Restoring it needs the base in place, unchanged; a base gone or changed is
+        refused with SnapshotError naming it. Raises SnapshotError, this VM running on, when
+        there is no usable base (a cold-booted VM, a base replaced since the restore)."""
+        self._vm.snapshot_incremental(os.fspath(dest), {"taken_from": self.id})
+        return Image.from_snapshot(dest, env=self._env)
+
     def pause(self) -> None:
         """Freezes the guest: the agent goes quiet and QEMU stops the vCPUs, so nothing in the
         VM runs and it costs no CPU until ``resume()``."""

@@ -459,6 +459,20 @@ impl Vm {
         snapshot_dict(py, &snap)
     }
 
+    /// Like `snapshot`, but keeps only the RAM pages that differ from the template snapshot
+    /// this VM was restored from (which must stay in place to restore it). Raises
+    /// SnapshotError, the VM running on, when there is no usable base (take a full one then).
+    #[pyo3(signature = (dest, labels=None))]
+    fn snapshot_incremental<'py>(
+        &self,
+        py: Python<'py>,
+        dest: PathBuf,
+        labels: Option<std::collections::BTreeMap<String, String>>,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        let snap = py.allow_threads(|| self.inner.snapshot_incremental(&dest, labels.unwrap_or_default())).py_err()?;
+        snapshot_dict(py, &snap)
+    }
+
     /// Starts a VM from a snapshot directory (verified once per process).
     #[staticmethod]
     #[pyo3(signature = (snapshot, timeout=30.0))]

@@ -4,9 +4,11 @@
 //! <snapshot>/
 //!   metadata.json   format name + version, memory/vcpus/accelerator, QEMU version,
 //!                   command-line fingerprint, image file hashes, file sizes and checksums,
-//!                   kind (template | full), parent, free-form labels
+//!                   kind (template | full | incremental), parent, base (incremental
+//!                   only), free-form labels
 //!   memory          guest RAM (sparse file; `template` snapshots only)
-//!   state           QEMU device state (the migration stream)
+//!   state           QEMU device state (the migration stream; for `incremental`, also the
+//!                   RAM pages that differ from the base snapshot's memory file)
 //! ```
 //!
 //! Writing: the caller fills a [`PendingSnapshot`] (a temporary sibling directory), then
@@ -51,6 +53,21 @@ pub enum SnapshotKind {
     Template,
     /// RAM is inside the migration stream in `state`; there is no `memory` file.
     Full,
+    /// RAM is the `base` snapshot's memory file (mapped copy-on-write on restore) with the
+    /// pages that differ from it, which `state` carries; there is no `memory` file.
+    Incremental,
+}
+
+/// The template snapshot an incremental snapshot's RAM builds on, as it was when the
+/// incremental one was taken; restore refuses a base that is gone or changed.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct BaseRef {
+    /// The base snapshot's directory (absolute).
+    pub dir: PathBuf,
+    /// The base's memory-file digest, as its metadata recorded it.
+    pub memory: FileDigest,
+    /// Device, inode, size and mtime of the base's memory file (the file the VM mapped).
+    pub memory_stamp: String,
 }
 
 /// Hash and size of one file of the snapshot.
@@ -95,6 +112,9 @@ pub struct SnapshotMeta {
     pub memory: Option<FileDigest>,
     /// Name or path of the snapshot this one was taken from, if any (lineage).
     pub parent: Option<String>,
+    /// What an `incremental` snapshot's RAM builds on (None for the other kinds).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub base: Option<BaseRef>,
     /// Free-form facts (image name, warmup tag, guest boot id, …).
     #[serde(default)]
     pub labels: std::collections::BTreeMap<String, String>,
@@ -360,7 +380,7 @@ impl PendingSnapshot {
                 Some(known) => Some(known),
                 None => Some(digest_file(&self.tmp.join(MEMORY_FILE))?),
             },
-            SnapshotKind::Full => None,
+            SnapshotKind::Full | SnapshotKind::Incremental => None,
         };
         let meta_path = self.tmp.join(METADATA_FILE);
         let json = serde_json::to_vec_pretty(&meta).expect("metadata serialises");
@@ -468,6 +488,10 @@ pub fn verify_files(dir: &Path, meta: &SnapshotMeta) -> Result<(), SnapshotError
         (SnapshotKind::Template, Some(m)) => check(MEMORY_FILE, m)?,
         (SnapshotKind::Template, None) => return Err(corrupt(dir, "template snapshot without a memory checksum")),
         (SnapshotKind::Full, _) => {}
+        (SnapshotKind::Incremental, _) if meta.base.is_none() => {
+            return Err(corrupt(dir, "incremental snapshot without the base it builds on"))
+        }
+        (SnapshotKind::Incremental, _) => {}
     }
     Ok(())
 }
@@ -543,6 +567,7 @@ mod tests {
             state: FileDigest { size: 0, xxh3_128: String::new() },
             memory: None,
             parent: None,
+            base: None,
             labels: Default::default(),
         }
     }

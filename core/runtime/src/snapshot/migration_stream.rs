@@ -8,6 +8,10 @@
 //! + device state without main-RAM pages), restorable by mapping the memory file
 //! copy-on-write in ~100 ms.
 //!
+//! For an incremental snapshot the sink keeps, instead, the records of the pages that differ
+//! from the base memory file in the device-state output ([`PageSink::keep`]): loading that
+//! state into a QEMU that maps the base file copy-on-write writes exactly those pages.
+//!
 //! Only the RAM section is parsed; device sections follow it and are copied byte for byte.
 //! The source must have run with `x-ignore-shared` (so the stream carries each block's
 //! address, which the loader then checks against nothing, since main RAM is not shared) and
@@ -46,6 +50,12 @@ pub const PAGE_SIZE: usize = 4096;
 pub trait PageSink {
     /// `data` is one page at byte `offset` of the block; all-zero pages are passed too.
     fn page(&mut self, offset: u64, data: &[u8]) -> io::Result<()>;
+
+    /// Asked first for every page of the block: true keeps the page's record in the
+    /// device-state output (and [`PageSink::page`] is not called for it). Default: none kept.
+    fn keep(&mut self, _offset: u64, _data: &[u8]) -> io::Result<bool> {
+        Ok(false)
+    }
 }
 
 /// What went wrong, with the byte offset into the stream where it was noticed.
@@ -83,6 +93,8 @@ impl From<io::Error> for StreamError {
 pub struct SplitStats {
     /// Pages of the split-off block handed to the sink (zero ones included).
     pub pages: u64,
+    /// Pages of that block the sink kept in the device-state output instead.
+    pub kept: u64,
     /// Bytes written to the device-state output.
     pub state_bytes: u64,
     /// Bytes read from the input.
@@ -193,6 +205,7 @@ struct Splitter<'a, R, W, S> {
     in_block: Option<String>,
     out_block: Option<String>,
     pages: u64,
+    kept: u64,
     page: Vec<u8>,
 }
 
@@ -217,11 +230,12 @@ pub fn split_stream<R: Read, W: Write, S: PageSink>(
         in_block: None,
         out_block: None,
         pages: 0,
+        kept: 0,
         page: vec![0u8; PAGE_SIZE],
     };
     s.run()?;
     s.out.inner.flush()?;
-    Ok(SplitStats { pages: s.pages, state_bytes: s.out.written, stream_bytes: s.inp.pos })
+    Ok(SplitStats { pages: s.pages, kept: s.kept, state_bytes: s.out.written, stream_bytes: s.inp.pos })
 }
 
 impl<R: Read, W: Write, S: PageSink> Splitter<'_, R, W, S> {
@@ -456,12 +470,16 @@ impl<R: Read, W: Write, S: PageSink> Splitter<'_, R, W, S> {
                 r?;
             }
             if block == self.target {
-                self.sink.page(offset, &self.page)?;
-                self.pages += 1;
-                continue;
+                if self.sink.keep(offset, &self.page)? {
+                    self.kept += 1;
+                } else {
+                    self.sink.page(offset, &self.page)?;
+                    self.pages += 1;
+                    continue;
+                }
             }
-            // Another block (firmware, ACPI tables): keep the record, naming its block again
-            // whenever the previous record in *our* output was of a different one.
+            // Another block (firmware, ACPI tables) or a kept page: keep the record, naming
+            // its block again whenever the previous record in *our* output was of another.
             let same = self.out_block.as_deref() == Some(block.as_str());
             self.out.be64(offset | kind | if same { F_CONTINUE } else { 0 })?;
             if !same {
@@ -625,7 +643,35 @@ mod tests {
         let mut out = vec![];
         let mut pages = Pages::default();
         let st = split_stream(&stream[..], &mut out, &mut pages, "mem").unwrap();
-        assert_eq!(st, SplitStats { pages: 5, state_bytes: out.len() as u64, stream_bytes: stream.len() as u64 });
+        assert_eq!(st, SplitStats { pages: 5, kept: 0, state_bytes: out.len() as u64, stream_bytes: stream.len() as u64 });
+    }
+
+    /// Keeps the main-RAM pages whose first byte is not `same` (as an incremental snapshot
+    /// keeps the pages that differ from its base).
+    struct KeepUnless(u8, Pages);
+    impl PageSink for KeepUnless {
+        fn page(&mut self, offset: u64, data: &[u8]) -> io::Result<()> {
+            self.1.page(offset, data)
+        }
+        fn keep(&mut self, _offset: u64, data: &[u8]) -> io::Result<bool> {
+            Ok(data[0] != self.0)
+        }
+    }
+
+    #[test]
+    fn kept_pages_stay_in_the_state_and_split_out_again() {
+        let stream = two_block_stream();
+        let mut out = vec![];
+        let mut sink = KeepUnless(0xaa, Pages::default());
+        let st = split_stream(&stream[..], &mut out, &mut sink, "mem").unwrap();
+        // 0xaa at 0 is "the same as the base"; the rest (zero records included) are kept.
+        assert_eq!((st.pages, st.kept), (1, 4));
+        assert_eq!(sink.1 .0.iter().map(|(o, _)| *o).collect::<Vec<_>>(), vec![0]);
+        // The state is a well-formed stream carrying exactly the kept pages, in order.
+        let (again, pages) = split(&out).unwrap();
+        let got: Vec<(u64, u8)> = pages.0.iter().map(|(o, d)| (*o, d[0])).collect();
+        assert_eq!(got, vec![(4096, 0), (8192, 0xbb), (5 * 4096, 0xcc), (6 * 4096, 0)]);
+        assert_eq!(again, split(&stream).unwrap().0, "without the kept pages it is the plain split");
     }
 
     fn err(stream: &[u8]) -> StreamError {

@@ -9,6 +9,9 @@
 //! entropy) is the "restored" signal. Processes keep their ids: handles re-attach by id.
 //! This goes through the same `Vm::start` as a cold boot.
 //!
+//! Incremental snapshots restore like templates over their base's memory file, once
+//! [`delta::check_base`] found that base in place and unchanged.
+//!
 //! Invariant: QEMU does not check that the restoring command line matches the saving one, so
 //! restore refuses a snapshot whose recorded machine identity differs from this VM's
 //! ([`super::identity`]) before QEMU is started.
@@ -24,6 +27,7 @@ use crate::accel::{self, Accel};
 use crate::error::Result;
 use crate::qemu::{self, Incoming, QemuConfig, RamFile};
 use crate::qmp::Qmp;
+use crate::snapshot::delta;
 use crate::snapshot::format as fmt;
 use crate::snapshot::identity::machine_identity;
 use crate::snapshot::qmp::{sh_quote, wait_migration};
@@ -59,16 +63,26 @@ impl Snapshot {
             Some(q) => q.to_path_buf(),
             None => qemu::find_qemu()?,
         };
+        self.check_base()?;
         let config = self.config(|name| Path::new("/unused").join(name), qemu_bin, accel::detect()?);
         Ok(fmt::check_identity(&self.dir, &self.meta.machine, &machine_identity(&config)?)?)
+    }
+
+    /// For an incremental snapshot: its base is still there and unchanged ([`delta::check_base`]).
+    fn check_base(&self) -> Result<()> {
+        match (&self.meta.kind, &self.meta.base) {
+            (SnapshotKind::Incremental, Some(base)) => delta::check_base(&self.dir, base).map(|_| ()),
+            _ => Ok(()),
+        }
     }
 
     /// A QEMU configuration to restore this snapshot; `place` names a per-VM file.
     fn config(&self, place: impl Fn(&str) -> PathBuf, qemu_bin: PathBuf, accel: Accel) -> QemuConfig {
         let m = &self.meta;
-        let ram = match m.kind {
-            SnapshotKind::Template => RamFile { path: self.dir.join(fmt::MEMORY_FILE), share: false },
-            SnapshotKind::Full => RamFile { path: place("ram"), share: true },
+        let ram = match (m.kind, &m.base) {
+            (SnapshotKind::Template, _) => RamFile { path: self.dir.join(fmt::MEMORY_FILE), share: false },
+            (SnapshotKind::Incremental, Some(base)) => RamFile { path: base.dir.join(fmt::MEMORY_FILE), share: false },
+            (SnapshotKind::Full | SnapshotKind::Incremental, _) => RamFile { path: place("ram"), share: true },
         };
         QemuConfig {
             qemu: qemu_bin,
@@ -97,13 +111,15 @@ impl Vm {
             None => qemu::find_qemu()?,
         };
         let accel = accel::detect()?;
+        snap.check_base()?;
         let workdir = WorkDir::create("vm")?;
         let mut config = snap.config(|name| workdir.join(name), qemu_bin, accel);
         config.tcg_tb_size_mib = opts.tcg_tb_size_mib.or_else(qemu::default_tb_size_mib);
         let here = machine_identity(&config)?;
         fmt::check_identity(&snap.dir, &snap.meta.machine, &here)?;
         let deadline = Instant::now() + opts.timeout;
-        let template = snap.meta.kind == SnapshotKind::Template;
+        // Incremental: the base's pages are mapped; the stream writes only those that differ.
+        let template = matches!(snap.meta.kind, SnapshotKind::Template | SnapshotKind::Incremental);
         let uri = format!("exec:cat {}", sh_quote(&snap.dir.join(fmt::STATE_FILE)));
         let feed = |qmp: &mut Qmp| -> Result<()> {
             // QEMU 7.2 has no -global for this capability: it must be set over QMP.

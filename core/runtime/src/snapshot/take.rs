@@ -12,6 +12,11 @@
 //! `SUPERMACHINE_SNAPSHOT_SPLIT=0`), the stream is kept whole: a "full" snapshot, with no
 //! memory file, whose restore loads every page.
 //!
+//! Incremental snapshot ([`Vm::snapshot_incremental`], of a VM restored from a template): the
+//! same stream, but its main-RAM pages are compared with the template's memory file, which the
+//! VM maps copy-on-write ([`super::delta`]); only those that differ stay in `state`, and the
+//! metadata names the template as the `base`.
+//!
 //! Invariants: whatever happens, the VM is continued and its agent resumed; the snapshot
 //! appears under `dest` only once committed whole ([`PendingSnapshot`]); processes keep their
 //! ids, so every restore can re-attach them; output the guest had already sent stays with
@@ -21,6 +26,8 @@
 
 use std::collections::BTreeMap;
 use std::fs;
+use std::io::{BufReader, BufWriter};
+use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::Path;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -34,7 +41,8 @@ use crate::snapshot::format as fmt;
 use crate::snapshot::identity::machine_identity;
 use crate::snapshot::memory::{copy_sparse, MemoryFileSink};
 use crate::snapshot::qmp::{sh_quote, wait_migration};
-use crate::snapshot::migration_stream::split_stream;
+use crate::snapshot::delta::{file_stamp, mapped_base, BaseDelta};
+use crate::snapshot::migration_stream::{split_stream, SplitStats};
 use crate::snapshot::verified::{remember_verified, Snapshot};
 use crate::snapshot::{PendingSnapshot, SnapshotKind, SnapshotMeta};
 use crate::vm::Vm;
@@ -45,30 +53,22 @@ fn split_enabled() -> bool {
     !matches!(std::env::var("SUPERMACHINE_SNAPSHOT_SPLIT").as_deref().map(str::trim), Ok("0" | "no" | "off" | "false"))
 }
 
-/// Has QEMU send its migration stream to a unix socket we read, splitting it into `memory`
-/// (main RAM, sparse, `ram_size` bytes) and `state` (everything else). The VM is stopped.
-fn save_split(qmp: &mut Qmp, sock: &Path, state: &Path, memory: &Path, ram_size: u64) -> Result<fmt::FileDigest> {
-    use std::io::{BufReader, BufWriter};
-    use std::os::unix::net::{UnixListener, UnixStream};
+/// Has QEMU send its migration stream to a unix socket `sock`, read by `read` on a thread
+/// (with a buffered writer on `state`). The VM is stopped.
+fn stream_state<T: Send + 'static>(
+    qmp: &mut Qmp,
+    sock: &Path,
+    state: &Path,
+    read: impl FnOnce(BufReader<UnixStream>, BufWriter<fs::File>) -> std::result::Result<T, String> + Send + 'static,
+) -> Result<T> {
     let _ = fs::remove_file(sock);
     let listener = UnixListener::bind(sock).map_err(|e| Error::io(format!("listen on {}", sock.display()), e))?;
-    let mem = fs::OpenOptions::new().read(true).write(true).create_new(true).open(memory)
-        .map_err(|e| Error::io(format!("create {}", memory.display()), e))?;
-    mem.set_len(ram_size).map_err(|e| Error::io(format!("size {}", memory.display()), e))?;
     let state_file = fs::File::create(state).map_err(|e| Error::io(format!("create {}", state.display()), e))?;
     let reader = std::thread::Builder::new()
         .name("snapshot-split".into())
-        .spawn(move || -> std::result::Result<Option<fmt::FileDigest>, String> {
+        .spawn(move || -> std::result::Result<T, String> {
             let (conn, _) = listener.accept().map_err(|e| format!("accepting QEMU's stream: {e}"))?;
-            let mut sink = MemoryFileSink::new(mem).map_err(|e| format!("starting the memory file writer: {e}"))?;
-            let input = BufReader::with_capacity(1 << 20, conn);
-            let out = BufWriter::with_capacity(1 << 16, state_file);
-            let split = split_stream(input, out, &mut sink, "mem").map_err(|e| e.to_string());
-            let written = sink.finish().map_err(|e| format!("writing the memory file: {e}"));
-            split?;
-            written?;
-            // Pages out of order (not seen from QEMU 7.2): digest the finished file instead.
-            Ok(sink.next.map(|_| fmt::digest_from(&sink.hash, ram_size)))
+            read(BufReader::with_capacity(1 << 20, conn), BufWriter::with_capacity(1 << 16, state_file))
         })
         .map_err(|e| Error::io("start the snapshot reader thread", e))?;
     let sent = (|| -> Result<()> {
@@ -86,10 +86,43 @@ fn save_split(qmp: &mut Qmp, sock: &Path, state: &Path, memory: &Path, ram_size:
     let read = reader.join().unwrap_or_else(|_| Err("the snapshot reader thread panicked".into()));
     let _ = fs::remove_file(sock);
     sent?;
-    match read.map_err(|e| Error::Snapshot(format!("splitting the VM state: {e}")))? {
+    read.map_err(|e| Error::Snapshot(format!("splitting the VM state: {e}")))
+}
+
+/// Splits QEMU's migration stream into `memory` (main RAM, sparse, `ram_size` bytes) and
+/// `state` (everything else). The VM is stopped.
+fn save_split(qmp: &mut Qmp, sock: &Path, state: &Path, memory: &Path, ram_size: u64) -> Result<fmt::FileDigest> {
+    let mem = fs::OpenOptions::new().read(true).write(true).create_new(true).open(memory)
+        .map_err(|e| Error::io(format!("create {}", memory.display()), e))?;
+    mem.set_len(ram_size).map_err(|e| Error::io(format!("size {}", memory.display()), e))?;
+    let digest = stream_state(qmp, sock, state, move |input, out| {
+        let mut sink = MemoryFileSink::new(mem).map_err(|e| format!("starting the memory file writer: {e}"))?;
+        let split = split_stream(input, out, &mut sink, "mem").map_err(|e| e.to_string());
+        let written = sink.finish().map_err(|e| format!("writing the memory file: {e}"));
+        split?;
+        written?;
+        // Pages out of order (not seen from QEMU 7.2): digest the finished file instead.
+        Ok(sink.next.map(|_| fmt::digest_from(&sink.hash, ram_size)))
+    })?;
+    match digest {
         Some(digest) => Ok(digest),
         None => Ok(fmt::digest_file(memory)?),
     }
+}
+
+/// Writes into `state` QEMU's migration stream with only the main-RAM pages that differ from
+/// `base`'s memory file (an incremental snapshot). The VM is stopped.
+fn save_delta(qmp: &mut Qmp, sock: &Path, state: &Path, base: &fmt::BaseRef) -> Result<SplitStats> {
+    let path = base.dir.join(fmt::MEMORY_FILE);
+    let file = fs::File::open(&path).map_err(|e| Error::io(format!("open the base memory file {}", path.display()), e))?;
+    let same = file.metadata().map(|m| file_stamp(&m) == base.memory_stamp).unwrap_or(false);
+    if !same {
+        return Err(Error::Snapshot(format!("no incremental snapshot: the base memory file {} changed", path.display())));
+    }
+    stream_state(qmp, sock, state, move |input, out| {
+        let mut delta = BaseDelta::new(file).map_err(|e| format!("reading the base memory file: {e}"))?;
+        split_stream(input, out, &mut delta, "mem").map_err(|e| e.to_string())
+    })
 }
 
 impl Vm {
@@ -97,6 +130,18 @@ impl Vm {
     /// running and can be re-attached by id in every restore. Output the guest had already
     /// sent stays with this VM's handles.
     pub fn snapshot(&self, dest: &Path, labels: BTreeMap<String, String>) -> Result<Snapshot> {
+        self.take(dest, labels, false)
+    }
+
+    /// Like [`Vm::snapshot`], but keeps only the RAM pages that differ from the template
+    /// snapshot this VM was restored from (its base, which must stay in place for a restore).
+    /// Fails, leaving the VM running, when there is no usable base: not restored from a
+    /// template, or its memory file replaced since (the caller then takes a full snapshot).
+    pub fn snapshot_incremental(&self, dest: &Path, labels: BTreeMap<String, String>) -> Result<Snapshot> {
+        self.take(dest, labels, true)
+    }
+
+    fn take(&self, dest: &Path, labels: BTreeMap<String, String>, incremental: bool) -> Result<Snapshot> {
         let proc_ = self.qemu_proc().ok_or_else(|| Error::InvalidArgument("only QEMU-backed VMs can be snapshotted".into()))?;
         if !self.is_alive() {
             return Err(self.conn().failure().unwrap_or(Error::Released));
@@ -105,6 +150,14 @@ impl Vm {
         let identity = machine_identity(&config)?;
         let mut kind = if config.ram.share { SnapshotKind::Template } else { SnapshotKind::Full };
         let mut memory_digest = None;
+        let base = match (incremental, self.qemu_pid()) {
+            (false, _) => None,
+            (true, Some(pid)) => Some(mapped_base(pid, &config.ram.path, config.ram.share)?),
+            (true, None) => return Err(Error::Snapshot("no incremental snapshot: QEMU is not running".into())),
+        };
+        if base.is_some() && self.workdir().is_none() {
+            return Err(Error::Snapshot("no incremental snapshot: the VM has no work dir".into()));
+        }
         let pending = PendingSnapshot::begin(dest)?;
         let split_sock = self.workdir().map(|w| w.join("migrate.sock"));
 
@@ -120,6 +173,11 @@ impl Vm {
             qmp.execute("migrate-set-parameters", Some(json!({"max-bandwidth": 1u64 << 40})))?;
             let state = pending.dir().join(fmt::STATE_FILE);
             let memory = pending.dir().join(fmt::MEMORY_FILE);
+            if let (Some(base), Some(sock)) = (&base, &split_sock) {
+                save_delta(qmp, sock, &state, base)?;
+                kind = SnapshotKind::Incremental;
+                return Ok(());
+            }
             if kind == SnapshotKind::Full && split_enabled() {
                 // Private RAM: split QEMU's stream into a memory file + device state, so the
                 // snapshot restores copy-on-write like a template (fast) instead of loading
@@ -180,6 +238,7 @@ impl Vm {
             state: fmt::FileDigest { size: 0, xxh3_128: String::new() },
             memory: memory_digest,
             parent: self.snapshot_parent(),
+            base,
             labels: all_labels,
         };
         let meta = pending.commit(meta)?;
