@@ -21,7 +21,7 @@ use supermachine_protocol::{Control, ErrorKind, Kind, ReadLimits, CHUNK};
 
 use crate::credit::Window;
 use crate::process::Failure;
-use crate::sys::lock;
+use crate::sys::{self, lock};
 use crate::writer::Writer;
 use crate::{debug, log};
 
@@ -69,15 +69,23 @@ impl Files {
     }
 
     /// Starts a write transfer. A reply may be due at once only if the channel was busy.
+    /// With a guest default user (user.rs) the file is opened, created and chmod-ed with that
+    /// user's file-system ids: it owns what it gets, and a symlink it planted cannot make the
+    /// agent write anywhere that user could not.
     pub fn start_write(&mut self, req: u64, path: String, mode: u32) -> Option<Control> {
         let mode = mode & 0o7777;
-        let opened = OpenOptions::new().write(true).create(true).truncate(true).mode(mode).open(&path);
-        let (file, error) = match opened {
-            Ok(f) => match f.set_permissions(Permissions::from_mode(mode)) {
-                Ok(()) => (Some(f), None),
-                Err(e) => (None, Some(io_failure("chmod", &path, &e))),
-            },
-            Err(e) => (None, Some(io_failure("create", &path, &e))),
+        let (file, error) = match crate::user::for_request(None) {
+            Err(f) => (None, Some(f)),
+            Ok(ids) => sys::with_fs_ids(ids.map(|i| (i.uid, i.gid)), || {
+                let opened = OpenOptions::new().write(true).create(true).truncate(true).mode(mode).open(&path);
+                match opened {
+                    Ok(f) => match f.set_permissions(Permissions::from_mode(mode)) {
+                        Ok(()) => (Some(f), None),
+                        Err(e) => (None, Some(io_failure("chmod", &path, &e))),
+                    },
+                    Err(e) => (None, Some(io_failure("create", &path, &e))),
+                }
+            }),
         };
         let old = self.writes.insert(req as u32, WriteXfer { req, path, mode, file, error });
         old.map(|o| Control::Error {
@@ -111,12 +119,14 @@ impl Files {
     }
 
     /// Opens a file for reading; the caller replies with the returned `FileInfo` and then
-    /// calls [`Files::stream`]. With `limits`, see the module doc.
+    /// calls [`Files::stream`]. With `limits`, see the module doc. With a guest default user
+    /// the file is opened as that user (see `start_write`).
     pub fn start_read(&mut self, req: u64, path: &str, limits: Option<ReadLimits>, epoch: u64) -> Result<(Control, PendingRead), Failure> {
-        let file = match limits {
-            None => File::open(path).map_err(|e| io_failure("open", path, &e))?,
-            Some(l) => open_checked(path, l)?,
-        };
+        let ids = crate::user::for_request(None)?.map(|i| (i.uid, i.gid));
+        let file = sys::with_fs_ids(ids, || match limits {
+            None => File::open(path).map_err(|e| io_failure("open", path, &e)),
+            Some(l) => open_checked(path, l),
+        })?;
         let meta = file.metadata().map_err(|e| io_failure("stat", path, &e))?;
         if meta.is_dir() {
             return Err((ErrorKind::InvalidArgument, format!("cannot read {path:?}: it is a directory")));

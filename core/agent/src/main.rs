@@ -141,6 +141,9 @@ fn main() {
 }
 
 fn run_pid1() -> ! {
+    if let Err(e) = sys::set_non_dumpable() {
+        log!("cannot make the agent non-dumpable: {e}");
+    }
     let _ = catch_unwind(init::setup);
     log!("ready (protocol {})", supermachine_protocol::PROTOCOL_VERSION);
     let mut server = build(true, Some(PathBuf::from(STATE_DIR)));

@@ -212,7 +212,7 @@ impl Procs {
     /// not exit codes. Call [`Procs::start`] after replying `Spawned`.
     pub fn spawn(&self, req: SpawnRequest) -> Result<Started, Failure> {
         validate(&req)?;
-        let ids = req.user.as_deref().map(crate::user::resolve).transpose()?;
+        let ids = crate::user::for_request(req.user.as_deref())?;
         Self::make_room(&mut lock(&self.table))?;
         let argv0 = req.argv[0].clone();
         let notify = notify_signal(&req.env);
@@ -225,15 +225,23 @@ impl Procs {
             cmd.env("TERM", "xterm-256color");
         }
         if let Some(ids) = &ids {
-            // std sets the gid, drops root's supplementary groups and sets the uid before the
-            // working directory is entered: a directory the user cannot enter fails the spawn.
-            cmd.uid(ids.uid).gid(ids.gid).env("HOME", &ids.home);
+            cmd.env("HOME", &ids.home);
         }
         for (k, v) in &req.env {
             cmd.env(k, v);
         }
-        if let Some(cwd) = &req.cwd {
-            cmd.current_dir(cwd);
+        // As another user the child enters its working directory itself, after becoming that
+        // user (below): a directory the user cannot enter fails the spawn.
+        // Without a cwd, a non-root user starts in its home (as a login does) when it has one.
+        let creds = ids.as_ref().map(|i| (i.uid, i.gid));
+        let mut user_cwd = None;
+        let home_cwd = ids.as_ref().filter(|i| i.uid != 0 && req.cwd.is_none() && Path::new(&i.home).is_dir()).map(|i| i.home.clone());
+        if let Some(cwd) = req.cwd.as_ref().or(home_cwd.as_ref()) {
+            if creds.is_some() {
+                user_cwd = Some(sys::cstr(cwd).map_err(|e| (ErrorKind::InvalidArgument, format!("working directory: {e}")))?);
+            } else {
+                cmd.current_dir(cwd);
+            }
         }
         let io_err = |e: io::Error| (ErrorKind::Io, format!("cannot set up stdio for {argv0:?}: {e}"));
         let mut master = None;
@@ -248,7 +256,8 @@ impl Procs {
         }
         let tty = req.tty.is_some();
         // SAFETY: the closure runs in the forked child before exec and only makes
-        // async-signal-safe system calls (setsid, ioctl, signal, sigprocmask).
+        // async-signal-safe system calls (setsid, ioctl, signal, sigprocmask, and those of
+        // sys::become_user, chdir).
         unsafe {
             cmd.pre_exec(move || {
                 if libc::setsid() == -1 {
@@ -267,6 +276,14 @@ impl Procs {
                 let mut none: libc::sigset_t = std::mem::zeroed();
                 libc::sigemptyset(&mut none);
                 libc::sigprocmask(libc::SIG_SETMASK, &none, std::ptr::null_mut());
+                if let Some((uid, gid)) = creds {
+                    sys::become_user(uid, gid)?;
+                }
+                if let Some(dir) = &user_cwd {
+                    if libc::chdir(dir.as_ptr()) == -1 {
+                        return Err(io::Error::last_os_error());
+                    }
+                }
                 Ok(())
             });
         }

@@ -89,6 +89,79 @@ pub fn dup_file(fd: &OwnedFd) -> io::Result<File> {
     Ok(File::from(fd.try_clone()?))
 }
 
+/// Makes this process non-dumpable: no core dumps, and a process of another user (the guest's
+/// unprivileged user) can neither ptrace it, nor take its fds with pidfd_getfd, nor open its
+/// /proc files such as `mem`. Children get the flag back at their execve.
+pub fn set_non_dumpable() -> io::Result<()> {
+    // SAFETY: prctl with integer arguments only.
+    cvt(unsafe { libc::prctl(libc::PR_SET_DUMPABLE, 0, 0, 0, 0) }).map(|_| ())
+}
+
+#[repr(C)]
+struct CapHeader {
+    version: u32,
+    pid: libc::c_int,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct CapData {
+    effective: u32,
+    permitted: u32,
+    inheritable: u32,
+}
+
+const CAPABILITY_VERSION_3: u32 = 0x2008_0522;
+
+/// In a forked child before exec: become `uid`/`gid` with no supplementary groups. A non-root
+/// `uid` also loses every capability for good (bounding set emptied, ambient and inheritable
+/// sets cleared; the setresuid clears the permitted and effective ones) and gets
+/// no_new_privs, so no setuid binary or file capability can give any back.
+///
+/// # Safety
+/// Only async-signal-safe system calls: fit for `CommandExt::pre_exec`.
+pub unsafe fn become_user(uid: u32, gid: u32) -> io::Result<()> {
+    cvt(libc::setgroups(0, std::ptr::null()))?;
+    cvt(libc::setresgid(gid, gid, gid))?;
+    if uid != 0 {
+        for cap in 0..64 {
+            // EINVAL past the kernel's last capability.
+            if libc::prctl(libc::PR_CAPBSET_DROP, cap, 0, 0, 0) == -1 && *libc::__errno_location() != libc::EINVAL {
+                return Err(io::Error::last_os_error());
+            }
+        }
+        if libc::prctl(libc::PR_CAP_AMBIENT, libc::PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0) == -1
+            && *libc::__errno_location() != libc::EINVAL
+        {
+            return Err(io::Error::last_os_error());
+        }
+    }
+    cvt(libc::setresuid(uid, uid, uid))?;
+    if uid != 0 {
+        let mut header = CapHeader { version: CAPABILITY_VERSION_3, pid: 0 };
+        let data = [CapData { effective: 0, permitted: 0, inheritable: 0 }; 2];
+        cvt(libc::syscall(libc::SYS_capset, &mut header, data.as_ptr()) as libc::c_int)?;
+        cvt(libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0))?;
+    }
+    Ok(())
+}
+
+/// Runs `f` on this thread with the file-system ids of `ids` (uid, gid) when given: opens and
+/// creates are checked as that user and create files it owns, and a symlink it planted leads
+/// nowhere it could not write itself. setfsuid is per thread; root's ids come back after.
+pub fn with_fs_ids<T>(ids: Option<(u32, u32)>, f: impl FnOnce() -> T) -> T {
+    let Some((uid, gid)) = ids else { return f() };
+    // SAFETY: setfsgid/setfsuid change only this thread's file-system ids.
+    let (old_gid, old_uid) = unsafe { (libc::setfsgid(gid), libc::setfsuid(uid)) };
+    let out = f();
+    // SAFETY: as above, back to the previous ids.
+    unsafe {
+        libc::setfsuid(old_uid as libc::uid_t);
+        libc::setfsgid(old_gid as libc::gid_t);
+    }
+    out
+}
+
 /// Fills `buf` from getrandom(2) without blocking (GRND_INSECURE: fine for ids, not keys).
 pub fn random_bytes(buf: &mut [u8]) -> bool {
     const GRND_INSECURE: libc::c_uint = 0x0004;

@@ -3,7 +3,13 @@
 //! /etc/group. They are read as plain files: the agent is static and must not reach glibc's
 //! NSS. As container runtimes do, a numeric uid without a passwd entry runs with gid 0 and
 //! HOME=/; supplementary groups are dropped.
+//!
+//! The guest's default user: when `/etc/supermachine/guest-user` exists (written by root when
+//! the kernel provisions its image, so it lives in every snapshot), a request that names no
+//! user runs as that user: spawns (process.rs) and the host's file reads and writes (files.rs,
+//! with the user's file-system ids). A request that names a user, root included, gets it.
 use std::fs;
+use std::io;
 
 use supermachine_protocol::ErrorKind;
 
@@ -15,6 +21,25 @@ pub struct Ids {
     pub uid: u32,
     pub gid: u32,
     pub home: String,
+}
+
+/// Holds the guest's default user spec (one line, like a Spawn's `user`); root-owned.
+pub const DEFAULT_USER_FILE: &str = "/etc/supermachine/guest-user";
+
+/// Who a request runs as: the user it names, else the guest's default user, else None (the
+/// agent itself, root). A default-user file that cannot be read or resolved fails the request
+/// rather than running it as root.
+pub fn for_request(spec: Option<&str>) -> Result<Option<Ids>, Failure> {
+    if let Some(spec) = spec {
+        return resolve(spec).map(Some);
+    }
+    match fs::read_to_string(DEFAULT_USER_FILE) {
+        Ok(text) => resolve(text.trim()).map(Some).map_err(|(kind, m)| {
+            (kind, format!("the guest's default user ({DEFAULT_USER_FILE}): {m}"))
+        }),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err((ErrorKind::Io, format!("cannot read the guest's default user {DEFAULT_USER_FILE}: {e}"))),
+    }
 }
 
 /// Resolves `spec` against the guest's /etc/passwd and /etc/group.

@@ -36,9 +36,13 @@ pub const PROTOCOL_VERSION: u32 = 1;
 
 /// What this agent understands beyond version 1, announced in [`Control::Welcome`]'s `features`
 /// (agents baked before a feature existed send none: the host must not rely on it then).
-pub const AGENT_FEATURES: &[&str] = &[FEATURE_READ_LIMITS, FEATURE_TCP];
+pub const AGENT_FEATURES: &[&str] = &[FEATURE_READ_LIMITS, FEATURE_TCP, FEATURE_GUEST_USER];
 /// `ReadFile.limits` is honoured (see [`ReadLimits`]).
 pub const FEATURE_READ_LIMITS: &str = "read_limits";
+/// The guest's default user (`/etc/supermachine/guest-user`, written by guest root) applies to
+/// requests that name no user: spawns, and file reads and writes (with its file-system ids).
+/// A non-root user's processes have no capabilities and no_new_privs; the agent is not dumpable.
+pub const FEATURE_GUEST_USER: &str = "guest_user";
 
 /// Default output window (bytes the guest may send per process before the host grants more).
 pub const DEFAULT_OUTPUT_WINDOW: u64 = 4 * 1024 * 1024;
@@ -129,7 +133,8 @@ pub enum Control {
         env: Vec<(String, String)>,
         cwd: Option<String>,
         /// Run as this user: `uid[:gid]` or `name[:group]` (names from the guest's
-        /// /etc/passwd and /etc/group), as an OCI image config's `User`. None: the agent's (root).
+        /// /etc/passwd and /etc/group), as an OCI image config's `User`. None: the guest's
+        /// default user if it has one ([`FEATURE_GUEST_USER`]), else the agent's (root).
         #[serde(default)]
         user: Option<String>,
         tty: Option<TtySize>,
