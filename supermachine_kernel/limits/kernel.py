@@ -5,7 +5,9 @@ each is held on this host or why it is not (the kernel's log at start, and %vm).
 
 `enter()` runs once per process, on whichever thread comes first: the start-up's early VM
 restore (startup/sequence.py, with the warm snapshot's size) or the kernel's first launch
-(with the configured size). The slot is the process's until it exits.
+(with the configured size). The slot is the process's until it exits, except while its VM is
+idle-suspended (machine/idle.py): `suspend()` gives it back, `resume()` takes it again before
+the VM is restored (LimitExceeded if others took it meanwhile; the suspend snapshot stays).
 """
 from __future__ import annotations
 
@@ -42,6 +44,7 @@ class KernelLimits:
         self.slot: Slot | None = None
         self.cgroups: Outcome | None = None
         self._loaded = False
+        self._suspended_mib: int | None = None  # the slot's size while the VM is suspended
 
     def load(self) -> MicroVMLimits | None:
         with self._lock:
@@ -71,6 +74,30 @@ class KernelLimits:
                     return
                 self.slot.release()  # the configured VM is larger than the one first counted
             self.slot = Ledger(limits).acquire(memory_mib, label or f"kernel pid {os.getpid()}")
+
+    def suspend(self) -> bool:
+        """The kernel's VM was suspended to disk: its slot goes back to the other kernels.
+        Returns True if one was held (then `resume()` takes it again)."""
+        with self._lock:
+            if self.slot is None or not self.slot.held:
+                return False
+            self._suspended_mib = self.slot.memory_mib
+            self.slot.release()
+            self.slot = None
+            return True
+
+    def resume(self) -> None:
+        """Before a suspended VM is restored: its slot again. Raises LimitExceeded (naming
+        the limit) when the user's or the host's VMs are at their limit now."""
+        with self._lock:
+            mib = self._suspended_mib
+            limits = self.limits
+            if mib is None or limits is None or not limits.any_set():
+                self._suspended_mib = None
+                return
+            if self.slot is None or not self.slot.held:
+                self.slot = Ledger(limits).acquire(mib, f"kernel pid {os.getpid()}")
+            self._suspended_mib = None
 
     @staticmethod
     def _join_cgroup(limits: MicroVMLimits) -> Outcome:

@@ -22,20 +22,27 @@ An interrupt while suspended does nothing and does not resume (nothing runs in a
 guest); a kernel_info_request (a frontend connected: a cell is likely to follow) starts the
 resume in the background and is answered at once.
 
-Suspend: ``vm.snapshot`` (the runtime's template snapshot: a sparse file of the guest RAM's
-non-zero pages plus the device state; ~290 MiB for the default image's warm kernel, measured by
-bench/idle.py; not incremental against the snapshot the VM came from), then the guest is
-released without a successor, and so are the VMs kept ahead for this kernel (the pool's warm VM,
-a %restore standby). A suspend that fails (a full disk) leaves the VM running and is tried again
-after another idle period. Resume: the snapshot is
-verified and restored, the REPL re-attached by its process id and adopted (`GuestRepl.adopt`,
+Suspend: ``vm.snapshot_incremental`` (the runtime's incremental snapshot: the device state
+and only the guest RAM pages that differ from the template snapshot the VM was restored from,
+its base, which the runtime names and checks; bench/idle.py measures it against the full one).
+When there is no usable base (a cold-booted VM, a base replaced since the VM started) it is
+``vm.snapshot``, the full template snapshot (a sparse file of every non-zero RAM page plus the
+device state, ~290 MiB for the default image's warm kernel); the log says why.
+``SUPERMACHINE_IDLE_SNAPSHOT=full`` always takes the full one. Then the guest is released
+without a successor, and so are the VMs kept ahead for this kernel (the pool's warm VM, a
+%restore standby), and the kernel's VM slot under the host's limits (limits/kernel.py) goes back
+to the other kernels. A suspend that fails (a full disk) leaves the VM running and is tried
+again after another idle period. Resume: the VM slot is taken again first (past a limit the
+request fails with the limits' message, and the snapshot is kept for the next request to try
+again); then the snapshot is verified and restored (an incremental one over its base, mapped
+copy-on-write again), the REPL re-attached by its process id and adopted (`GuestRepl.adopt`,
 which says hello; the agent sets the clock and reseeds the RNGs after a restore). The
 snapshot's files are unlinked as soon as the restored QEMU maps them. A resume that fails (the
-snapshot damaged or deleted) starts a fresh VM and the cell that asked fails with `GuestDied`
-saying so (a completion or inspection that asked is answered by the fresh VM, the frontend is
-told on IOPub, and the next cell fails the same way); the kernel process and its sockets carry
-on. A shell request being handled (e.g. %snapshot, which runs no guest request) also keeps the
-VM.
+snapshot damaged or deleted, or its base gone or changed) starts a fresh VM and the cell that
+asked fails with `GuestDied` saying so (a completion or inspection that asked is answered by
+the fresh VM, the frontend is told on IOPub, and the next cell fails the same way); the kernel
+process and its sockets carry on. A shell request being handled (e.g. %snapshot, which runs no
+guest request) also keeps the VM.
 
 Everything here runs on the guest's event loop; blocking work goes to worker threads.
 """
@@ -53,7 +60,8 @@ from typing import Any, Optional
 
 from jupyter_core.paths import jupyter_data_dir
 
-from ..repl_client import GuestDied
+from .. import limits
+from ..repl_client import GuestDied, GuestUnavailable
 from ..repl_client.attach import attach_repl
 from ..repl_client.vm import VmHandle, describe_vm
 
@@ -122,6 +130,7 @@ class Suspended:
     where: str
     took_s: float
     size_bytes: int
+    kind: str = "full"  # "incremental" (against the VM's base snapshot) or "full"
 
 
 def start_idle_suspend(kernel: Any) -> Optional["IdleSuspender"]:
@@ -166,6 +175,9 @@ class IdleSuspender:
         self._serial = itertools.count(1)
         self._task: Optional[asyncio.Task] = None
         self._resumed: Optional[tuple[int, float, str]] = None  # id(vm), wall time, how
+        self.last_kind: Optional[str] = None
+        self.last_size: Optional[int] = None
+        self._slot_released = False  # the limits' VM slot was given back at the suspend
 
     # -- the gate GuestRepl calls ----------------------------------------------------------------
 
@@ -220,7 +232,10 @@ class IdleSuspender:
     async def _resume_ahead(self) -> None:
         async with self._lock:
             if self._state is not None:
-                await self._resume(self._state)
+                try:
+                    await self._resume(self._state)
+                except GuestUnavailable as e:  # over a limit: the next request tries again
+                    self.log.warning("%s", e)
 
     def superseded(self) -> None:
         """Another guest was adopted (%restore): a suspend snapshot is not needed any more."""
@@ -243,7 +258,8 @@ class IdleSuspender:
         if self.suspends:
             text += f"; suspended {self.suspends}x"
             if self.last_suspend_s is not None:
-                text += f" (last snapshot {self.last_suspend_s:.2f} s)"
+                text += f" (last snapshot {self.last_kind or 'full'}, " \
+                        f"{(self.last_size or 0) / 2**20:.1f} MiB, {self.last_suspend_s:.2f} s)"
             if self.last_resume_s is not None:
                 text += f", last resume {self.last_resume_s:.2f} s"
         return text
@@ -359,20 +375,40 @@ class IdleSuspender:
         t0 = time.monotonic()
         idle_for = t0 - self.last_activity
         try:
-            await asyncio.to_thread(handle.vm.snapshot, path)
+            kind = await asyncio.to_thread(self._snapshot, handle.vm, path)
         except Exception as e:  # noqa: BLE001 - SnapshotError, VmDiedError, OSError
             shutil.rmtree(path, ignore_errors=True)
             raise IdleError(f"snapshotting the idle VM failed: {e}") from e
         took = time.monotonic() - t0
         size = disk_usage(path)
-        self._state = Suspended(path, repl_id, handle.describe(), took, size)
+        self._state = Suspended(path, repl_id, handle.describe(), took, size, kind)
         await asyncio.to_thread(self._release_ahead)
         await self.guest.stop_guest()
+        if limits.active():
+            from ..limits.kernel import current  # noqa: PLC0415 - only on limited hosts
+            self._slot_released = current().suspend()
         self.suspends += 1
         self.last_suspend_s = took
-        self.log.info("guest idle for %.0f s: suspended (VM snapshot %.3f s, %.1f MiB on disk; "
-                      "QEMU %s stopped)", idle_for, took, size / 2**20, qemu_pid)
+        self.last_kind, self.last_size = kind, size
+        self.log.info("guest idle for %.0f s: suspended (%s VM snapshot %.3f s, %.1f MiB on "
+                      "disk; QEMU %s stopped%s)", idle_for, kind, took, size / 2**20, qemu_pid,
+                      "; VM slot released" if self._slot_released else "")
         return self._state
+
+    def _snapshot(self, vm: Any, path: str) -> str:
+        """Blocking: the incremental snapshot if the VM has a usable base, else the full one;
+        returns which."""
+        from .._core import SnapshotError  # noqa: PLC0415 - the compiled runtime, loaded by now
+
+        if os.environ.get("SUPERMACHINE_IDLE_SNAPSHOT", "").strip().lower() != "full":
+            try:
+                vm.snapshot_incremental(path)
+                return "incremental"
+            except SnapshotError as e:  # no usable base: the VM runs on
+                shutil.rmtree(path, ignore_errors=True)
+                self.log.info("idle suspend takes a full snapshot: %s", e)
+        vm.snapshot(path)
+        return "full"
 
     def _release_ahead(self) -> None:
         """The VMs kept ahead for this kernel go too: the pool's warm VMs, a %restore standby."""
@@ -387,6 +423,15 @@ class IdleSuspender:
 
     async def _resume(self, state: Suspended) -> None:
         t0 = time.monotonic()
+        if self._slot_released:
+            from ..limits.accounting import LimitExceeded  # noqa: PLC0415
+            from ..limits.kernel import current  # noqa: PLC0415
+            try:
+                await asyncio.to_thread(current().resume)
+            except LimitExceeded as e:  # the snapshot stays: the next request tries again
+                raise GuestUnavailable(f"this kernel's VM is suspended and cannot resume now: "
+                                       f"{e}") from None
+            self._slot_released = False
         try:
             handle = await asyncio.to_thread(self._restore, state)
             t1 = time.monotonic()

@@ -6,6 +6,7 @@ the kernel to suspend again. Needs the vm backend (a local guest has no VM to su
 """
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tempfile
@@ -13,6 +14,8 @@ import time
 
 import pytest
 import psutil
+
+from supermachine_kernel.machine.idle import disk_usage
 
 from .harness import BACKEND, KERNEL, SLOW, Kernel, stdout_of
 
@@ -134,6 +137,13 @@ def test_variables_files_and_processes_survive_suspend(idle_kernel):
     assert after_kib < before_kib, (before_kib, after_kib)
     snapshot = os.path.join(k.suspend_dir, k.snapshots()[0])
     assert os.stat(k.suspend_dir).st_mode & 0o077 == 0, "suspend snapshots must be private"
+    # Incremental: only the pages that differ from the warm snapshot the VM came from, a
+    # fraction of what a full snapshot holds (the base's memory file and more).
+    with open(os.path.join(snapshot, "metadata.json")) as f:
+        meta = json.load(f)
+    assert meta["kind"] == "incremental", meta
+    base_memory = os.stat(os.path.join(meta["base"]["dir"], "memory")).st_blocks * 512
+    assert disk_usage(snapshot) < base_memory / 3, (disk_usage(snapshot), base_memory)
     assert k.value("x + 1") == "42"
     assert not os.path.exists(snapshot), "the suspend snapshot outlived the resume"
     assert qemu_pids(k.pid), "no QEMU after the resume"
@@ -144,6 +154,7 @@ def test_variables_files_and_processes_survive_suspend(idle_kernel):
     facts = stdout_of(outputs)
     assert "resumed after an idle suspend" in facts, facts
     assert f"after {IDLE:g} s idle" in facts and "suspended 1x" in facts, facts
+    assert "last snapshot incremental" in facts, facts
 
 
 def test_interrupt_and_complete_while_suspended(idle_kernel):
