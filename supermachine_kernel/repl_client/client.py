@@ -102,6 +102,10 @@ class GuestInfo:
     where: str
 
 
+def _size(n: int) -> str:
+    return f"{n / 1048576:.1f} MB" if n >= 1048576 else f"{n} byte" + ("" if n == 1 else "s")
+
+
 def _signal_name(signum: int) -> str:
     try:
         return signal.Signals(signum).name
@@ -170,10 +174,12 @@ class _Link:
                     except TimeoutError:
                         if self.closing or self.dead:
                             return
+                        size = decoder.announced
+                        what = "a message" if size is None else f"a {_size(size)} message"
                         self.loop.call_soon_threadsafe(
                             self.client._on_stuck, self,
-                            f"the Python process started a message to the kernel ({decoder.pending} "
-                            f"bytes of it so far) and did not finish it within {limit:g} s")
+                            f"the Python process began sending {what} to the kernel and did not "
+                            f"finish it within {limit:g} s")
                         return
                 if not data:
                     break
@@ -248,15 +254,20 @@ class _Link:
         self.dead = True
         self._outq.put(None)
         if fatal or reason is not None:
-            try:
-                self.handle.child.signal(signal.SIGKILL)
-            except Exception:  # noqa: BLE001
-                pass
+            # On a thread of its own: a frozen agent never answers the signal request, and
+            # this thread must still report the death.
+            threading.Thread(target=self._kill_quietly, name="guest-kill", daemon=True).start()
         if reason is None:
             reason = self._exit_reason(exc)
         if not self.ready.done():
             self.ready.set_exception(GuestDied(reason))
         self.loop.call_soon_threadsafe(self._died_on_loop, reason)
+
+    def _kill_quietly(self) -> None:
+        try:
+            self.handle.child.signal(signal.SIGKILL)
+        except Exception:  # noqa: BLE001 - gone already
+            pass
 
     def _exit_reason(self, exc: BaseException | None) -> str:
         if self.closing:
@@ -529,6 +540,16 @@ class GuestRepl:
         link.send(dict(fields, type=kind, id=rid))
         self._watch(link)
         return await fut
+
+    def notify(self, kind: str, **fields: Any) -> bool:
+        """Send a message that has no reply (input replies). Thread-safe."""
+        link = self._link
+        if link is None or link.dead:
+            return False
+        if self.gate is not None:
+            self.gate.touch()
+        link.send(dict(fields, type=kind))
+        return True
 
     def pending_ids(self) -> set[int]:
         """Ids of the requests that await the current guest's reply (on the loop)."""

@@ -98,6 +98,11 @@ class FrameDecoder:
         """Bytes of an incomplete frame still held."""
         return len(self._buf)
 
+    @property
+    def announced(self) -> int | None:
+        """The body size the incomplete frame's header announced (None: no whole header)."""
+        return self._need
+
 
 def _raw_stream(buf: bytearray, size: int) -> dict[str, Any]:
     """The stream message of a raw frame whose body is `buf[:size]`."""

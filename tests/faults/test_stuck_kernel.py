@@ -38,12 +38,24 @@ _SPECS = os.path.join(_root, "share", "jupyter")
 pytestmark = [pytest.mark.vm] if BACKEND == "vm" else []
 
 
-@pytest.fixture
-def kernel():
+def _start(extra: list[str] | None = None) -> Kernel:
     paths = [p for p in os.environ.get("JUPYTER_PATH", "").split(os.pathsep) if p]
     if _SPECS not in paths:
         os.environ["JUPYTER_PATH"] = os.pathsep.join([_SPECS, *paths])
-    k = Kernel(KERNEL)
+    return Kernel(KERNEL, extra_arguments=extra)
+
+
+@pytest.fixture
+def kernel():
+    k = _start()
+    yield k
+    k.shutdown()
+
+
+@pytest.fixture
+def root_kernel():
+    """Guest root can freeze the agent (the REPL may run unprivileged by default)."""
+    k = _start(["--MicroVMKernel.guest_user=root"])
     yield k
     k.shutdown()
 
@@ -135,8 +147,8 @@ def test_half_sent_frame_breaks_the_channel(kernel):
 
 
 @pytest.mark.skipif(BACKEND != "vm", reason="the agent runs in a VM")
-def test_agent_frozen_by_ptrace_is_replaced(kernel):
-    k = kernel
+def test_agent_frozen_by_ptrace_is_replaced(root_kernel):
+    k = root_kernel
     code = ("import ctypes, time\nlibc = ctypes.CDLL(None, use_errno=True)\n"
             "libc.ptrace.argtypes = [ctypes.c_long, ctypes.c_long, ctypes.c_void_p, "
             "ctypes.c_void_p]\n"
