@@ -487,6 +487,14 @@ class State:
     output: "Output"
     _executing = False
     allow_stdin = False
+    # input() from any thread: one request at a time (`input_lock`), each for the cell running
+    # when it was called (`cell`, bumped at every cell's start and end). `cell_lock` orders a
+    # request against the end of its cell, so none is sent after the cell ended and a waiting
+    # one is woken then (`end_input`).
+    cell = 0
+    input_waiting = False
+    input_lock = threading.Lock()
+    cell_lock = threading.Lock()
     generation = None
     generation_stamp = None  # (inode, mtime) of the generation file when last read
     parent: dict = {}  # {"header": {"msg_id", "msg_type"}} of the Jupyter request being handled
@@ -608,22 +616,37 @@ def reseed_if_restored():
     return True
 
 
+CELL_ENDED = "the cell that called %s has finished"
+
+
 def _request_input(prompt, password):
+    what = "getpass" if password else "input()"
+    cell = state.cell
     if not state.allow_stdin:
         raise StdinNotImplementedError(
-            "%s was called, but this frontend does not support input requests."
-            % ("getpass" if password else "input()")
+            "%s was called, but this frontend does not support input requests." % what
         )
-    state.output.flush(fds=True)
     replies = state.channel.input_replies
-    while True:  # drop stale replies
+    with state.input_lock:
+        state.output.flush(fds=True)
+        while True:  # drop stale replies
+            try:
+                replies.get_nowait()
+            except queue.Empty:
+                break
+        with state.cell_lock:
+            if state.cell != cell or not state.allow_stdin:
+                raise EOFError("no input: " + CELL_ENDED % what)
+            state.input_waiting = True
+            _send({"type": "input_request", "prompt": str(prompt), "password": bool(password)})
         try:
-            replies.get_nowait()
-        except queue.Empty:
-            break
-    _send({"type": "input_request", "prompt": str(prompt), "password": bool(password)})
-    reply = replies.get()
+            reply = replies.get()
+        finally:
+            with state.cell_lock:
+                state.input_waiting = False
     error = reply.get("error")
+    if error == "cell ended":
+        raise EOFError("no input: " + CELL_ENDED % what)
     if error == "interrupted":
         raise KeyboardInterrupt("Interrupted by user")
     if error:
@@ -632,6 +655,24 @@ def _request_input(prompt, password):
     if value == "\x04":
         raise EOFError
     return str(value)
+
+
+def begin_input(allow_stdin):
+    """A cell starts: input() may ask the frontend if it allows stdin."""
+    with state.cell_lock:
+        state.cell += 1
+        state.allow_stdin = allow_stdin
+
+
+def end_input():
+    """The cell ended: input() called for it from any thread raises EOFError, and a request
+    still waiting is woken (the host drops it too), so no input_request outlives its cell."""
+    with state.cell_lock:
+        state.cell += 1
+        state.allow_stdin = False
+        if state.input_waiting:
+            state.channel.input_replies.put({"type": "input_reply", "error": "cell ended"})
+            state.input_waiting = False
 
 
 def guest_input(prompt=""):
@@ -2103,7 +2144,7 @@ class Driver:
         store_history = bool(req.get("store_history", not silent))
         if "execution_count" in req:
             ex.execution_count = int(req["execution_count"])
-        state.allow_stdin = bool(req.get("allow_stdin"))
+        begin_input(bool(req.get("allow_stdin")))
         state.parent = _parent_of(req)
         reseed_if_restored()
         self.workspace.before_cell(req)
@@ -2116,7 +2157,7 @@ class Driver:
             _send(dict(error, type="error"))
         finally:
             state.executing = False
-            state.allow_stdin = False
+            end_input()
         state.output.flush(fds=True)
         if error is None:
             reply = {"status": "ok",

@@ -4,6 +4,12 @@ The guest's input_request frame becomes an input_request on the kernel's stdin c
 the frontend that runs the cell (if it allowed stdin); the frontend's input_reply goes back to
 the guest as an input_reply frame. The wait runs on a worker thread and ends on an interrupt,
 when the guest dies or when the cell ends (`cancel`).
+
+One request is with the frontend at a time (guest threads may call input() together, and a
+hostile guest may send input_request frames at will): the others wait their turn. A request
+belongs to the cell running when its frame arrived; one whose cell has ended by its turn is
+dropped, never sent to the frontend (the guest's input() raised EOFError at the cell's end, as
+ipykernel refuses input for a finished cell).
 """
 from __future__ import annotations
 
@@ -26,15 +32,19 @@ class StdinRelay:
         self._parent: dict | None = None
         self._ident: t.Any = None
         self._allowed = False
-        self._cancel = threading.Event()
+        self._cell = 0  # bumped when a cell begins and when it ends
+        self._turn = asyncio.Lock()  # one request with the frontend at a time
+        self._cancel = threading.Event()  # the current request's; a fresh one per request
+        self.dropped = 0  # requests dropped because their cell had ended
 
     def begin_cell(self, parent: dict, ident: t.Any, allow_stdin: bool) -> None:
         """The execute request whose frontend answers input requests until `end_cell`."""
         self._parent, self._ident, self._allowed = parent, ident, allow_stdin
-        self._cancel.clear()
+        self._cell += 1
 
     def end_cell(self) -> None:
         self._allowed = False
+        self._cell += 1
         self._cancel.set()
         self._parent = None
 
@@ -44,22 +54,29 @@ class StdinRelay:
 
     async def forward(self, content: dict) -> None:
         """The guest's input_request (validated frame content) to the frontend, and the reply
-        back to the guest; a frontend that allows no input gets the guest an error instead."""
+        back to the guest; a frontend that allows no input gets the guest an error instead.
+        Runs on the shell loop, called in guest order."""
         guest = self.guest
         assert guest is not None
-        parent, ident = self._parent, self._ident
-        if parent is None or not self._allowed:
+        cell = self._cell
+        if self._parent is None or not self._allowed:
             guest.notify("input_reply", error="this frontend does not support input requests")
             return
-        self._cancel.clear()
-        value = await asyncio.to_thread(
-            self._await_input_reply, content["prompt"], content["password"], ident, parent
-        )
-        if value is not None:
+        async with self._turn:
+            if cell != self._cell:  # its cell ended while it waited its turn
+                self.dropped += 1
+                return
+            parent, ident = self._parent, self._ident
+            assert parent is not None
+            self._cancel = cancel = threading.Event()
+            value = await asyncio.to_thread(
+                self._await_input_reply, content["prompt"], content["password"], ident, parent,
+                cancel)
+        if value is not None and cell == self._cell:
             guest.notify("input_reply", value=value)
 
-    def _await_input_reply(self, prompt: str, password: bool, ident: t.Any, parent: dict
-                           ) -> str | None:
+    def _await_input_reply(self, prompt: str, password: bool, ident: t.Any, parent: dict,
+                           cancel: threading.Event) -> str | None:
         """input_request to the frontend, then its reply (None if cancelled). Worker thread."""
         kernel = self._kernel
         session, socket = kernel.session, kernel.stdin_socket
@@ -73,7 +90,7 @@ class StdinRelay:
                 raise
         session.send(socket, "input_request", {"prompt": prompt, "password": password}, parent,
                      ident=ident)
-        while not self._cancel.is_set():
+        while not cancel.is_set():
             rlist, _, xlist = zmq.select([socket], [], [socket], 0.05)
             if not (rlist or xlist):
                 continue
