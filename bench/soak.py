@@ -28,7 +28,7 @@ store, which outlives kernels by design and is reported apart) and TMPDIR, so wh
 in them is theirs. Removed at exit.
 
 Run: .venv/bin/python bench/soak.py [--kernels 2] [--minutes 1] [--seed 1] [--think 0.2]
-     [--pool-min N] [--kernel-arg ARG ...] [--json FILE] [--verbose]
+     [--pool-min N] [--kernel-arg ARG ...] [--skip KIND ...] [--json FILE] [--verbose]
 Exit status 1 when a result was lost or mixed, a cell timed out, or something was left over.
 """
 from __future__ import annotations
@@ -116,8 +116,9 @@ class Driver:
     """One kernel process and the thread that feeds it cells."""
 
     def __init__(self, index: int, seed: int, minutes: float, think: float, env: dict,
-                 cwd: str, verbose: bool) -> None:
+                 cwd: str, verbose: bool, weights: dict[str, int]) -> None:
         self.index = index
+        self.weights = weights
         self.rng = random.Random(seed * 1000 + index)
         self.minutes = minutes
         self.think = think
@@ -485,8 +486,9 @@ class Driver:
             self.check("first", c, c.result() == "42", f"result {c.result()!r}")
             end = self.started + self.minutes * 60
             self.death_at = self.started + self.minutes * 60 * self.rng.uniform(0.3, 0.7)
-            died = False
-            kinds, weights = list(WEIGHTS), list(WEIGHTS.values())
+            died = "death" not in self.weights  # --skip death
+            kinds = [k for k, w in self.weights.items() if w]
+            weights = [self.weights[k] for k in kinds]
             while time.monotonic() < end:
                 if not died and time.monotonic() >= self.death_at:
                     kind, died = "death", True
@@ -572,6 +574,8 @@ def main() -> None:
                     help="c.MicroVMKernel.pool_min (default: the kernel's default)")
     ap.add_argument("--kernel-arg", action="append", default=[],
                     help="extra kernel command-line argument (repeatable)")
+    ap.add_argument("--skip", action="append", default=[], choices=[*WEIGHTS, "death"],
+                    help="leave out a cell kind (repeatable)")
     ap.add_argument("--json", help="also write the figures to this file")
     ap.add_argument("--verbose", action="store_true", help="log every cell")
     args = ap.parse_args()
@@ -600,7 +604,9 @@ def main() -> None:
     exit_code = 0
     try:
         for i in range(args.kernels):
-            drivers.append(Driver(i, args.seed, args.minutes, args.think, env, cwd, args.verbose))
+            weights = {k: w for k, w in {**WEIGHTS, "death": 0}.items() if k not in args.skip}
+            drivers.append(Driver(i, args.seed, args.minutes, args.think, env, cwd, args.verbose,
+                                  weights))
         for d in drivers:
             th = threading.Thread(target=d.main, name=f"soak-k{d.index}", daemon=True)
             th.start()
@@ -701,22 +707,26 @@ def main() -> None:
         print(f"{names.get(k, k):<34} {len(v):>5} {percentile(v, 50):>8.2f} "
               f"{percentile(v, 99):>8.2f} {max(v):>8.2f}")
 
-    print(f"\n{'kernel process':<8} {'RSS 1st min':>12} {'RSS end':>12} {'growth':>10} "
-          f"{'fds 1st':>8} {'fds end':>8} {'QEMUs max':>10} {'QEMUs end':>10} {'cells':>6}")
-    growth = []
+    print(f"\n{'kernel':<7} {'RSS 1st min':>12} {'RSS at 1 min':>13} {'RSS end':>10} "
+          f"{'growth':>10} {'since 1 min':>12} {'fds 1st':>8} {'fds end':>8} {'QEMUs max':>10} "
+          f"{'QEMUs end':>10} {'cells':>6}")
+    growth, later = [], []
     for d in drivers:
         first = [s for s in d.samples if s.t - d.started <= 60]
         if not first or not d.samples:
-            print(f"k{d.index:<7} (no samples)")
+            print(f"k{d.index:<6} (no samples)")
             continue
-        r0, r1 = median([s.rss for s in first]), d.samples[-1].rss
+        r0, r60, r1 = median([s.rss for s in first]), first[-1].rss, d.samples[-1].rss
         growth.append(r1 - r0)
-        print(f"k{d.index:<7} {mib(r0):>12} {mib(r1):>12} {mib(r1 - r0):>10} "
-              f"{median([s.fds for s in first]):>8.0f} {d.samples[-1].fds:>8} "
-              f"{max(s.qemus for s in d.samples):>10} {d.samples[-1].qemus:>10} {d.cells:>6}")
+        later.append(r1 - r60)
+        print(f"k{d.index:<6} {mib(r0):>12} {mib(r60):>13} {mib(r1):>10} {mib(r1 - r0):>10} "
+              f"{mib(r1 - r60):>12} {median([s.fds for s in first]):>8.0f} "
+              f"{d.samples[-1].fds:>8} {max(s.qemus for s in d.samples):>10} "
+              f"{d.samples[-1].qemus:>10} {d.cells:>6}")
     if growth:
-        print(f"RSS growth per kernel process (end - median of the first minute): median "
-              f"{mib(median(growth))}, max {mib(max(growth))}")
+        print(f"RSS growth per kernel process, end - median of the first minute: median "
+              f"{mib(median(growth))}, max {mib(max(growth))}; end - the sample at 1 min: "
+              f"median {mib(median(later))}, max {mib(max(later))}")
 
     print("\nafter shutdown:")
     print(f"  kernel processes left: {kernels_left or 'none'}")
@@ -740,7 +750,7 @@ def main() -> None:
                 "errors": errors, "expected": expected,
                 "latency": {k: {"n": len(v), "p50": percentile(v, 50), "p99": percentile(v, 99)}
                             for k, v in lat.items()},
-                "rss_growth": growth, "kernels_left": kernels_left, "qemu_left": qemu_left,
+                "rss_growth": growth, "rss_growth_after_1min": later, "kernels_left": kernels_left, "qemu_left": qemu_left,
                 "leftover": leftover, "snapshots": {"files": len(snap_files), "mib": snap_mib},
                 "verification_stamps": len(stamps),
                 "stuck": [d.stuck for d in drivers], "crash": [d.crash for d in drivers],
