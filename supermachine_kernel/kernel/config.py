@@ -58,6 +58,17 @@ class GuestConfig(Configurable):
          "ipywidgets"],
         help="Modules the image's warmup imports before its snapshot is taken.",
     ).tag(config=True)
+    guest_user = Unicode(
+        "image",
+        help="Who the guest REPL, `!cmd`, %pip and everything they start run as inside the VM: "
+        "'' = the OCI image config's User when it is not root, else 'jovyan' (uid 1000, gid "
+        "100, home /home/jovyan, as Jupyter's docker stacks), with no capabilities and "
+        "no_new_privs; it is added to the image when missing and owns /workspace and its "
+        "home. 'root' = root with every right inside the VM (for images and admins that need "
+        "it); 'image' = the image's User, root when it names none. Any other user name "
+        "(created if missing) or uid[:gid] is used as given. "
+        "supermachine_kernel/repl_client/guest_user.py.",
+    ).tag(config=True)
     guest_env = Dict(
         help="Extra environment for the guest REPL. Nothing else from the kernel's environment "
         "reaches the guest."
@@ -188,6 +199,7 @@ class GuestConfig(Configurable):
             accelerator=self.accelerator,
             warmup_imports=list(self.warmup_imports),
             build_hint=self.build_command,
+            guest_user=self.guest_user,
         )
 
     def build_command(self) -> str:

@@ -28,6 +28,7 @@ from typing import Any, Callable
 
 from .attach import GUEST_DRIVER_PATH, REPL_ARGV, REPL_ID_FILE, attach_repl
 from .backend import PREIMPORT_ENV, SpareKeeper, read_ready_frame, start_prestarted
+from .guest_user import ROOT_USERS, effective_user, is_root, provision
 
 log = logging.getLogger("supermachine_kernel.repl_client.vm")
 
@@ -41,8 +42,6 @@ POOL_DEFER_SECONDS = 3.0  # after a kernel start that adopted its early VM (star
 def _repl_env(env: dict[str, str], **extra: str) -> dict[str, str]:
     return dict(env, **{NOTIFY_HELLO_ENV: str(NOTIFY_HELLO_SIGNAL)}, **extra)
 
-
-_ROOT_USERS = (None, "", "0", "root", "0:0", "root:root")
 
 
 class EnvironmentNotBuilt(RuntimeError):
@@ -96,11 +95,17 @@ class VmHandle:
 
     def kill_repl(self, timeout: float) -> None:
         """SIGKILL to the REPL's process group (the agent signals the group: what the REPL
-        forked dies with it), and its exit seen, within about `timeout` seconds each; raises
-        (TimeoutError, a VM error) otherwise. The VM stays."""
+        forked dies with it, a fork bomb included), its exit seen, then every other process
+        of the guest user (SWEEP: what left the group, e.g. with setsid), within about
+        `timeout` seconds each; raises (TimeoutError, a VM error) otherwise. The VM stays."""
         self.vm.ping(timeout)
         _bounded(lambda: self.child.signal(signal.SIGKILL), timeout, "signalling the REPL")
         self.child.wait(timeout=timeout)
+        try:
+            _bounded(lambda: self.vm.exec(SWEEP, timeout_ms=int(timeout * 1000)), timeout,
+                     "killing the guest user's other processes")
+        except Exception as e:  # noqa: BLE001 - the REPL's own group is gone: go on
+            log.warning("could not kill the guest user's other processes: %s", e)
 
     def destroy(self) -> None:
         """Destroys the VM without asking its agent anything (it may be frozen)."""
@@ -119,7 +124,14 @@ class VmHandle:
         return self._release
 
 
-def _bounded(call: Callable[[], None], timeout: float, what: str) -> None:
+# Run as the guest user (no user named: the VM's default, the REPL's user): kill(-1, SIGKILL)
+# ends every process that user may signal but the shell itself. For a root REPL that is every
+# process but the agent (PID 1); what the kernel needs in the guest is started again with the
+# fresh REPL (attach hooks).
+SWEEP = ["/bin/sh", "-c", "kill -KILL -1"]
+
+
+def _bounded(call: Callable[[], object], timeout: float, what: str) -> None:
     """`call()` on a daemon thread; TimeoutError when it has not returned within `timeout` s
     (a call to a frozen agent: the thread ends when the VM is destroyed)."""
     done = threading.Event()
@@ -157,6 +169,7 @@ class VmBackend:
         packages: list[str] | None = None,
         requirements: str | None = None,
         build_hint: Callable[[], str] | None = None,
+        guest_user: str = "image",
     ) -> None:
         self.image_ref = image
         self.packages = list(packages or [])
@@ -166,6 +179,12 @@ class VmBackend:
         #: Where the REPL starts and the environment it drops (the image's WorkingDir/User).
         self._repl_cwd: str | None = "/root"
         self._repl_drops: tuple[str, ...] = ()
+        #: c.MicroVMKernel.guest_user, and what it means for this image (guest_user.py): the
+        #: user the REPL runs as ("root" or a spec the guest is provisioned with) and the user
+        #: its spawn names (None: the VM's default).
+        self.guest_user = guest_user
+        self._repl_user = "root"
+        self._spawn_user: str | None = None
         self.memory_mib = memory_mib
         self.vcpus = vcpus
         self.pool_min = pool_min
@@ -254,6 +273,12 @@ class VmBackend:
                 raise self._not_built(api, e) from None
             finally:
                 self.baking = False
+            if not is_root(self._repl_user):
+                # Every process and file transfer of these VMs names no user: the guest's
+                # default user (the provisioned one) applies, as after any restore.
+                self._image.user = None
+            elif self._spawn_user is not None:
+                self._image.user = self._spawn_user  # root over an image's own User
             self.python_version = getattr(self._image, "python_version", None)
             if snapshots:
                 self._snapshots = True
@@ -290,20 +315,27 @@ class VmBackend:
         imports = ",".join(self.warmup_imports)
 
         def warmup(vm: Any) -> None:
-            vm.write_file(GUEST_DRIVER_PATH, driver, mode=0o644)
-            child = vm.spawn(REPL_ARGV, env=self._env(env, **{PREIMPORT_ENV: imports}),
-                             cwd=self._repl_cwd)
+            child = self._start_repl(vm, driver, dict(env, **{PREIMPORT_ENV: imports}),
+                                     fresh=True)
             read_ready_frame(child, timeout=900)
-            vm.write_file(REPL_ID_FILE, json.dumps({"id": child.id}).encode(), mode=0o600)
+            # Readable by the guest user: the agent reads files as that user (guest_user.py).
+            vm.write_file(REPL_ID_FILE, json.dumps({"id": child.id}).encode(), mode=0o644)
 
         return warmup
 
     def _place_repl(self, image: Any) -> None:
-        """The REPL runs in the image's WorkingDir as its User (api.Vm applies both; a root
-        image without a WorkingDir starts in /root). A non-root user keeps the HOME the agent
-        gives it (its passwd entry's) instead of the guest environment's /root."""
+        """The REPL runs in the image's WorkingDir as the guest user (guest_user.py; as root
+        without a WorkingDir it starts in /root, as another user in its home: the agent's
+        default for a user without a cwd). A non-root user keeps the HOME the agent gives it (its passwd
+        entry's) instead of the guest environment's /root."""
         working_dir = getattr(image, "working_dir", None)
-        root = getattr(image, "user", None) in _ROOT_USERS
+        image_user = getattr(image, "user", None)
+        self._repl_user = effective_user(self.guest_user, image_user)
+        root = is_root(self._repl_user)
+        if root:
+            self._spawn_user = None if image_user is None or image_user in ROOT_USERS else "0"
+        else:
+            self._spawn_user = self._repl_user
         self._repl_cwd = working_dir or ("/root" if root else None)
         self._repl_drops = () if root else ("HOME",)
 
@@ -313,6 +345,7 @@ class VmBackend:
     def _warmup_tag(self, driver: bytes, env: dict[str, str]) -> str:
         h = hashlib.sha256(driver)
         h.update(json.dumps([sorted(env.items()), self.warmup_imports]).encode())
+        h.update(f"guest-user:{self._repl_user}".encode())  # also makes pre-issue-16 bakes stale
         if self._repl_drops:
             h.update(json.dumps(self._repl_drops).encode())
         return "kernel-repl-" + h.hexdigest()[:16]
@@ -351,7 +384,7 @@ class VmBackend:
             if child is not None:
                 prestarted = True
             else:
-                child = self._start_repl(vm, driver, env)
+                child = self._start_repl(vm, driver, env, fresh=not self._snapshots)
         except BaseException:
             release()
             raise
@@ -359,10 +392,14 @@ class VmBackend:
         handle.prestarted = prestarted
         return handle
 
-    def _start_repl(self, vm: Any, driver: bytes, env: dict[str, str]) -> Any:
-        """A fresh REPL process in `vm`."""
+    def _start_repl(self, vm: Any, driver: bytes, env: dict[str, str],
+                    fresh: bool = False) -> Any:
+        """A fresh REPL process in `vm`; a `fresh` (cold-booted) VM gets its guest user set up
+        first (guest_user.py), so the driver is the user's file, rewritable on a respawn."""
+        if fresh and not is_root(self._repl_user):
+            provision(vm, self._repl_user)
         vm.write_file(GUEST_DRIVER_PATH, driver, mode=0o644)
-        return vm.spawn(REPL_ARGV, env=self._env(env), cwd=self._repl_cwd)
+        return vm.spawn(REPL_ARGV, env=self._env(env), cwd=self._repl_cwd, user=self._spawn_user)
 
     def respawn(self, old: VmHandle, driver: bytes, env: dict[str, str]) -> VmHandle:
         """A fresh REPL in the VM of `old`, whose REPL was killed (`VmHandle.kill_repl`): files
