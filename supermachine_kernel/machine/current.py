@@ -176,8 +176,13 @@ class Machine:
         try:
             await asyncio.to_thread(handle.vm.snapshot, path)
         except Exception as e:  # noqa: BLE001 - SnapshotError, VmDiedError, OSError
-            raise MachineError(f"taking snapshot {name!r} failed: {e}",
-                               "The running session is unchanged.") from e
+            hint = "The running session is unchanged."
+            if "no space left on the disk" in str(e):  # the runtime's disk-full message
+                hint += (f" This notebook's snapshots are in {self.snapshots.dir}: `%snapshot "
+                         "--report` shows what each group uses, `%snapshot --delete NAME` frees "
+                         "space, and JUPYTER_DATA_DIR in the kernel's environment moves the store "
+                         "to another disk.")
+            raise MachineError(f"taking snapshot {name!r} failed: {e}", hint) from e
         took = time.monotonic() - t0
         self.snapshot_ms.append(took * 1000)
         kind = None
