@@ -641,8 +641,9 @@ class GuestRepl:
                 respawn = getattr(self.backend, "respawn", None)
                 if respawn is not None:
                     return (lambda: respawn(handle, self._driver, self.env),
-                            "the Python process was killed and a fresh one started in the same "
-                            "microVM: variables are lost, files (/workspace, /tmp, ...) are kept.")
+                            "the Python process was killed (with every process it started) and "
+                            "a fresh one started in the same microVM: variables are lost, files "
+                            "(/workspace, /tmp, ...) are kept.")
                 if not getattr(self.backend, "isolated", True):  # a host process: files stay
                     threading.Thread(target=handle.release, name="guest-release",
                                      daemon=True).start()

@@ -114,10 +114,16 @@ def test_signal_deaf_c_loop_is_killed_after_the_grace(kernel):
     _leave_a_file(k)
     started = threading.Event()
     _interrupt_when(k, started)
-    reply, outputs = k.execute("print('started', flush=True)\nsum(range(10**13))",
-                               timeout=300, on_iopub=_started(started))
+    # a process that left the REPL's process group and session goes too
+    reply, outputs = k.execute(
+        "import subprocess\nsubprocess.Popen(['sleep', '987'], start_new_session=True)\n"
+        "print('started', flush=True)\nsum(range(10**13))",
+        timeout=300, on_iopub=_started(started))
     _assert_python_restarted_in_same_vm(k, reply)
     assert f"ignored for {GRACE:g} s" in reply["evalue"], reply
+    left = k.value("import glob; [p for p in glob.glob('/proc/[0-9]*/cmdline') "
+                   "if b'987' in open(p, 'rb').read()]")
+    assert left == "[]", left
 
 
 def test_second_interrupt_kills_at_once(kernel):
