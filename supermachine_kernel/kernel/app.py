@@ -116,6 +116,15 @@ class MicroVMKernelApp(IPKernelApp):
         # drop it. The logger starts at its handlers' lowest level instead; a lower log_level
         # (e.g. --debug) lowers that too.
         raise_to_handler_level(logging.getLogger(self.__class__.__name__))
+        # The package's module loggers (repl_client, machine, limits, ...) write to the app's
+        # handlers, i.e. the process's real stderr, the kernel log. With no handler of their
+        # own, Python's last-resort handler printed their warnings to sys.stderr, which here is
+        # ipykernel's IOPub stream: a frontend got them with no parent (so in no cell's output)
+        # and the kernel log never had them.
+        package = logging.getLogger("supermachine_kernel")
+        for handler in self.log.handlers:
+            if handler not in package.handlers:
+                package.addHandler(handler)
 
     @default("outstream_class")
     def _outstream_class_default(self) -> str:

@@ -2,7 +2,7 @@
 function drops the standby (`forget`, its release goes to a thread), then RestoreAhead's own
 exit function, `wait_released`, waits for that release, so the exit (os._exit after the exit
 functions) does not cut it off and leave the VM's work dir behind (found by bench/soak.py). A
-fake VM stands in for QEMU; the kernel-level check is in tests/faults/test_soak_leftovers.py."""
+fake VM stands in for QEMU; the kernel-level check is in tests/faults/test_soak_findings.py."""
 from __future__ import annotations
 
 import logging

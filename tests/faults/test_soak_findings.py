@@ -1,15 +1,21 @@
-"""A kernel shut down after %snapshot / %restore leaves no VM work dir behind (issue 16 item 7:
-found by bench/soak.py, which checks every kernel's leftovers after a long mixed run).
+"""What bench/soak.py (issue 16 item 7: many kernels, mixed cells, every message and leftover
+checked) found, each through a real kernel:
 
-The VM restored ahead for the next %restore (machine/restore_ahead.py) used to be released on a
+- A kernel shut down after %snapshot / %restore left a VM work dir behind. The VM restored ahead for the next %restore (machine/restore_ahead.py) used to be released on a
 daemon thread at the process's exit, which os._exit cut off: QEMU died with the kernel, but its
 work dir (sockets, console log, QEMU's stderr) stayed in the runtime dir until another kernel's
 start swept it. The kernel runs with a private XDG_RUNTIME_DIR, so whatever is left is its own.
+- A guest's death put the kernel's log line ("guest died: ...") on IOPub with no parent header
+  (a module logger without a handler fell back to Python's last-resort handler, which writes to
+  sys.stderr, ipykernel's IOPub stream): in no cell's output, and missing from the kernel log.
 """
 from __future__ import annotations
 
 import os
+import queue
+import re
 import shutil
+import signal
 import sys
 import tempfile
 import time
@@ -72,3 +78,44 @@ def test_shutdown_after_restore_leaves_no_work_dir(short_dir) -> None:
         k.shutdown()
     assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
     assert _work_dirs(runtime) == [], "VM work dirs left after the kernel exited"
+
+
+def test_guest_death_log_line_stays_off_iopub() -> None:
+    paths = [p for p in os.environ.get("JUPYTER_PATH", "").split(os.pathsep) if p]
+    if _SPECS not in paths:
+        os.environ["JUPYTER_PATH"] = os.pathsep.join([_SPECS, *paths])
+    k = Kernel(KERNEL)
+    seen: list[dict] = []
+    try:
+        reply, outputs = k.execute("%vm")
+        assert reply["status"] == "ok", reply
+        text = "".join(m["content"].get("text", "") for m in outputs if m["msg_type"] == "stream")
+        qemu = int(re.search(r"QEMU pid (\d+)", text).group(1))
+        k.flush()
+        msg_id = k.kc.execute("print('sleeping', flush=True)\nimport time\ntime.sleep(600)")
+        killed, idle, deadline = False, False, time.monotonic() + 120 * SLOW
+        while not idle and time.monotonic() < deadline:
+            try:
+                msg = k.kc.iopub_channel.get_msg(timeout=0.2)
+            except queue.Empty:
+                continue
+            seen.append(msg)
+            mine = msg["parent_header"].get("msg_id") == msg_id
+            if mine and msg["msg_type"] == "stream" and not killed:
+                os.kill(qemu, signal.SIGKILL)
+                killed = True
+            idle = mine and msg["msg_type"] == "status" and \
+                msg["content"]["execution_state"] == "idle"
+        assert killed and idle, [m["msg_type"] for m in seen]
+        errors = [m for m in seen if m["msg_type"] == "error"]
+        assert errors and errors[0]["content"]["ename"] == "GuestDied", errors
+        while True:  # whatever else comes in the next seconds
+            try:
+                seen.append(k.kc.iopub_channel.get_msg(timeout=2.0))
+            except queue.Empty:
+                break
+        assert k.value("6 * 7", timeout=120) == "42"
+    finally:
+        k.shutdown()
+    orphans = [m for m in seen if not m["parent_header"].get("msg_id")]
+    assert not [m for m in orphans if "guest died" in str(m["content"])], orphans
