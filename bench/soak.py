@@ -24,8 +24,8 @@ Besides, every 5 s: the resident size (RSS) and open file descriptors of each ke
 (psutil) and its QEMU processes. After all kernels shut down: leftover kernel and QEMU
 processes, and leftover files. The kernels run with private XDG_RUNTIME_DIR (the VMs' work
 dirs: sockets, serial log, QEMU stderr), JUPYTER_DATA_DIR (suspend snapshots; the %snapshot
-store, which outlives kernels by design and is reported apart) and TMPDIR, so whatever is left
-in them is theirs. Removed at exit.
+store, which outlives kernels by design and is reported apart) and TMPDIR, and their connection
+files go to a private JUPYTER_RUNTIME_DIR, so whatever is left in them is theirs. Removed at exit.
 
 Run: .venv/bin/python bench/soak.py [--kernels 2] [--minutes 1] [--seed 1] [--think 0.2]
      [--pool-min N] [--kernel-arg ARG ...] [--skip KIND ...] [--json FILE] [--verbose]
@@ -352,7 +352,7 @@ class Driver:
         updates = [m["content"]["data"].get("state", {}).get("value") for m in c.of_type("comm_msg")
                    if m["content"]["comm_id"] == comm_id]
         if not self.check("widget", c, c.stream("stdout") == f"w {nonce} {v2 + d}\n"
-                          and updates and updates[-1] == v2 + d,
+                          and bool(updates) and updates[-1] == v2 + d,
                           f"stdout {c.stream('stdout')!r} (wanted the frontend's {v2} + {d}), "
                           f"updates {updates}"):
             return
@@ -581,10 +581,10 @@ def main() -> None:
     args = ap.parse_args()
 
     root = tempfile.mkdtemp(prefix="smk-bench-soak-")
-    prefix, runtime, data, tmp, cwd = (os.path.join(root, d) for d in
-                                       ("prefix", "xdg-runtime", "data", "tmp", "cwd"))
-    for d in (runtime, data, tmp, cwd):
-        os.makedirs(d, mode=0o700)
+    prefix, runtime, data, tmp, cwd, conn = (
+        os.path.join(root, d) for d in ("prefix", "xdg-runtime", "data", "tmp", "cwd", "conn"))
+    for path in (runtime, data, tmp, cwd, conn):
+        os.makedirs(path, mode=0o700)
     extra = list(args.kernel_arg)
     if args.pool_min is not None:
         extra.append(f"--MicroVMKernel.pool_min={args.pool_min}")
@@ -597,6 +597,7 @@ def main() -> None:
     print(f"warm snapshot ready ({time.monotonic() - t0:.1f} s); starting {args.kernels} kernels "
           f"x {args.minutes:g} min, seed {args.seed}, kernel args {extra or 'none'}", flush=True)
     env = dict(os.environ, XDG_RUNTIME_DIR=runtime, JUPYTER_DATA_DIR=data, TMPDIR=tmp)
+    os.environ["JUPYTER_RUNTIME_DIR"] = conn  # the kernels' connection files (ours to remove)
 
     drivers: list[Driver] = []
     threads: list[threading.Thread] = []
@@ -665,6 +666,7 @@ def main() -> None:
         "suspend snapshots": list_files(os.path.join(data, "supermachine-kernel", "suspended")),
         "TMPDIR": list_files(tmp),
         "kernel cwd": list_files(cwd),
+        "connection files": list_files(conn),
         "JUPYTER_DATA_DIR other": [f for f in list_files(data) if not
                                    f.startswith(("supermachine-kernel/snapshots/",
                                                  "supermachine-kernel/suspended/"))],
@@ -710,7 +712,8 @@ def main() -> None:
     print(f"\n{'kernel':<7} {'RSS 1st min':>12} {'RSS at 1 min':>13} {'RSS end':>10} "
           f"{'growth':>10} {'since 1 min':>12} {'fds 1st':>8} {'fds end':>8} {'QEMUs max':>10} "
           f"{'QEMUs end':>10} {'cells':>6}")
-    growth, later = [], []
+    growth: list[float] = []
+    later: list[float] = []
     for d in drivers:
         first = [s for s in d.samples if s.t - d.started <= 60]
         if not first or not d.samples:
