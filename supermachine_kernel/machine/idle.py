@@ -478,12 +478,15 @@ class IdleSuspender:
 
 def disk_usage(path: str) -> int:
     """Bytes the files under ``path`` take on disk (allocated blocks: sparse files count what
-    they hold)."""
+    they hold). A file also linked from elsewhere (an incremental snapshot's pin of its base's
+    memory file, while the base exists) is that other place's and not counted."""
     total = 0
     for root, _dirs, files in os.walk(path):
         for name in files:
             try:
-                total += os.lstat(os.path.join(root, name)).st_blocks * 512
+                st = os.lstat(os.path.join(root, name))
             except OSError:
-                pass
+                continue
+            if st.st_nlink == 1:
+                total += st.st_blocks * 512
     return total

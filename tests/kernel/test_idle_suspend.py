@@ -124,7 +124,7 @@ def test_variables_files_and_processes_survive_suspend(idle_kernel):
     reply, outputs = k.execute(
         "import os, subprocess\n"
         "x = 41\n"
-        "open('/root/idle.txt', 'w').write('kept')\n"
+        "open('/home/jovyan/idle.txt', 'w').write('kept')\n"
         "p = subprocess.Popen(['sleep', '100000'])\n"
         "print(os.getpid(), p.pid)")
     assert reply["status"] == "ok", reply
@@ -147,7 +147,7 @@ def test_variables_files_and_processes_survive_suspend(idle_kernel):
     assert k.value("x + 1") == "42"
     assert not os.path.exists(snapshot), "the suspend snapshot outlived the resume"
     assert qemu_pids(k.pid), "no QEMU after the resume"
-    assert k.value("open('/root/idle.txt').read()") == "'kept'"
+    assert k.value("open('/home/jovyan/idle.txt').read()") == "'kept'"
     assert k.value("p.poll(), os.getpid(), p.pid") == f"(None, {repl_pid}, {sleep_pid})"
     reply, outputs = k.execute("%vm", timeout=60)
     assert reply["status"] == "ok", reply
@@ -211,6 +211,22 @@ def test_restore_while_suspended_replaces_the_suspended_vm(idle_kernel):
     reply, outputs = k.execute("%restore before-idle", timeout=300)
     assert reply["status"] == "ok", (reply, outputs)
     assert k.snapshots() == [], "the suspend snapshot outlived a %restore"
+    assert k.value("y") == "'snapshotted'"
+
+
+def test_a_suspended_kernel_survives_the_deletion_of_its_base(idle_kernel):
+    """After %restore the VM maps the notebook snapshot's memory: the suspend snapshot is
+    incremental against it and pins it, so deleting that snapshot meanwhile loses nothing."""
+    k = idle_kernel
+    k.wait_suspended()
+    snapshot = os.path.join(k.suspend_dir, k.snapshots()[0])
+    with open(os.path.join(snapshot, "metadata.json")) as f:
+        meta = json.load(f)
+    assert meta["kind"] == "incremental", meta
+    base = meta["base"]["dir"]
+    assert os.path.basename(base).startswith("before-idle"), base
+    assert meta["base"]["pinned"], meta["base"]
+    shutil.rmtree(base)
     assert k.value("y") == "'snapshotted'"
 
 

@@ -1,7 +1,8 @@
 """Incremental snapshots (core/runtime/src/snapshot/delta.rs through `Vm.snapshot_incremental`),
 what idle suspend (machine/idle.py) takes: real microVMs restored from a template, the
-snapshot keeps only the RAM pages that differ from it, restores over it, and refuses a base
-that is gone or replaced with a message naming it.
+snapshot keeps only the RAM pages that differ from it, restores over it (or over its pinned
+link to the base's memory file when the base was deleted or replaced), and without that pin
+refuses a base that is gone or replaced with a message naming it.
 
 Module-scoped: one base snapshot of our own (so it can be deleted and replaced), VMs restored
 from it.
@@ -50,7 +51,7 @@ def test_incremental_snapshot_restores_files_processes_and_memory(base, tmp_path
         assert meta["kind"] == "incremental", meta
         assert meta["base"]["dir"] == os.path.realpath(base), meta["base"]
         assert not os.path.exists(os.path.join(inc, "memory"))
-        full_size, inc_size = disk_usage(full), disk_usage(inc)
+        full_size, inc_size = disk_usage(full), disk_usage(inc)  # the pin is the base's
         # The incremental one holds the changed pages (the 3 MiB file among them), not the
         # whole RAM the full one holds.
         assert 3 << 20 < inc_size < full_size / 3, (inc_size, full_size)
@@ -88,12 +89,18 @@ def test_a_base_gone_or_replaced_is_refused_with_its_name(image, base, tmp_path)
             vm.snapshot_incremental(str(tmp_path / "inc2"))
         assert not os.path.exists(tmp_path / "inc2")
         assert vm.exec(["cat", "/root/x"]).stdout == b"x"
+    # The snapshot pinned its base's memory file (a hard link, same filesystem here): the
+    # base deleted or replaced loses nothing.
+    assert _core.snapshot_info(inc)["base"]["pinned"]
+    shutil.rmtree(aside)
+    with api.Image.from_snapshot(inc).boot() as vm:
+        assert vm.read_file("/root/x") == b"x"
+    # Without the pin (a base on another filesystem, or owned by another user), a base
+    # replaced or gone is refused, naming it.
+    os.unlink(os.path.join(inc, "base-memory"))
     with pytest.raises(api.SnapshotError, match="was replaced by another snapshot") as e:
         api.Image.from_snapshot(inc).boot()
     assert os.path.realpath(own_base) in str(e.value)
     shutil.rmtree(own_base)
     with pytest.raises(api.SnapshotError, match="its base snapshot .* is gone"):
         api.Image.from_snapshot(inc).boot()
-    os.rename(aside, own_base)  # the original back in place: restorable again
-    with api.Image.from_snapshot(inc).boot() as vm:
-        assert vm.read_file("/root/x") == b"x"

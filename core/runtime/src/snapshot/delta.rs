@@ -11,9 +11,14 @@
 //! * [`BaseDelta`]: the [`PageSink`] that keeps a page in the state when it differs from the
 //!   base file's page at the same offset (zero pages included: a page the guest cleared is
 //!   kept as a zero record).
+//! * [`pin_base`]: a hard link to the base's memory file inside the snapshot (same inode),
+//!   so the snapshot survives its base being deleted or replaced (a notebook snapshot removed,
+//!   the warm snapshot re-baked). Not possible across filesystems or, under
+//!   `fs.protected_hardlinks`, for a file the user does not own (a host-wide store): then the
+//!   base must stay in place.
 //! * [`check_base`]: at restore, the base must still be there, verified, and the very file
-//!   the snapshot was taken against (digest and stamp); otherwise the error says so and what
-//!   to do.
+//!   the snapshot was taken against (digest and stamp), else the pinned link with that stamp;
+//!   otherwise the error says so and what to do.
 //!
 //! Invariant: the state of an incremental snapshot restores correctly only over the exact
 //! base memory file recorded; every path to a restore goes through [`check_base`].
@@ -23,7 +28,7 @@
 use std::fs;
 use std::io;
 use std::os::unix::fs::{FileExt, MetadataExt};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use crate::error::{Error, Result};
 use crate::snapshot::format::{self as fmt, BaseRef};
@@ -82,32 +87,59 @@ pub fn mapped_base(qemu_pid: u32, ram_path: &Path, share: bool) -> Result<BaseRe
     if !maps_file(&maps, ram_path, file.dev(), file.ino()) {
         return Err(why(format!("the base memory file {} was replaced since the VM started", ram_path.display())));
     }
-    Ok(BaseRef { dir: dir.to_path_buf(), memory, memory_stamp: file_stamp(&file) })
+    Ok(BaseRef { dir: dir.to_path_buf(), memory, memory_stamp: file_stamp(&file), pinned: false })
 }
 
-/// Checks, before a restore, that the base of incremental snapshot `dir` is still there,
-/// verified, and the file the snapshot was taken against; returns the base snapshot.
-pub fn check_base(dir: &Path, base: &BaseRef) -> Result<Snapshot> {
-    let fail = |reason: String| {
-        Error::Snapshot(format!(
-            "incremental snapshot {} cannot be restored: its base snapshot {} {reason}; \
-             the pages it shares with that base are lost, so take a new snapshot (or start afresh)",
-            dir.display(),
-            base.dir.display()
-        ))
+/// Links the base's memory file into the snapshot being written (`dir`), if the filesystem
+/// allows; returns whether it did. The link must be the very file of `base` (its stamp).
+pub fn pin_base(dir: &Path, base: &BaseRef) -> bool {
+    let pin = dir.join(fmt::BASE_PIN_FILE);
+    if fs::hard_link(base.dir.join(fmt::MEMORY_FILE), &pin).is_err() {
+        return false;
+    }
+    if fs::metadata(&pin).map(|m| file_stamp(&m) == base.memory_stamp).unwrap_or(false) {
+        return true;
+    }
+    let _ = fs::remove_file(&pin); // replaced between the check and the link
+    false
+}
+
+/// Before a restore of incremental snapshot `dir`: the memory file to map copy-on-write under
+/// its pages, the base's own if it is still there, verified and the file the snapshot was
+/// taken against, else the pinned link to that file. Errors say what happened to the base.
+pub fn check_base(dir: &Path, base: &BaseRef) -> Result<PathBuf> {
+    let reason = match base_in_place(base) {
+        Ok(memory) => return Ok(memory),
+        Err(reason) => reason,
     };
+    let pin = dir.join(fmt::BASE_PIN_FILE);
+    if base.pinned && fs::metadata(&pin).map(|m| file_stamp(&m) == base.memory_stamp).unwrap_or(false) {
+        eprintln!("supermachine: the base of {} {reason}; restoring over its pinned copy", dir.display());
+        return Ok(pin);
+    }
+    Err(Error::Snapshot(format!(
+        "incremental snapshot {} cannot be restored: its base snapshot {} {reason}; \
+         the pages it shares with that base are lost, so take a new snapshot (or start afresh)",
+        dir.display(),
+        base.dir.display()
+    )))
+}
+
+/// The base's memory file if the base is in place and unchanged, else why not.
+fn base_in_place(base: &BaseRef) -> std::result::Result<PathBuf, String> {
     if !base.dir.is_dir() {
-        return Err(fail("is gone".into()));
+        return Err("is gone".into());
     }
-    let snap = Snapshot::open(&base.dir).map_err(|e| fail(format!("cannot be used ({e})")))?;
+    let snap = Snapshot::open(&base.dir).map_err(|e| format!("cannot be used ({e})"))?;
     if snap.meta.kind != SnapshotKind::Template || snap.meta.memory.as_ref() != Some(&base.memory) {
-        return Err(fail("was replaced by another snapshot".into()));
+        return Err("was replaced by another snapshot".into());
     }
-    let file = fs::metadata(snap.dir.join(fmt::MEMORY_FILE)).map_err(|e| fail(format!("lost its memory file ({e})")))?;
+    let memory = snap.dir.join(fmt::MEMORY_FILE);
+    let file = fs::metadata(&memory).map_err(|e| format!("lost its memory file ({e})"))?;
     if file_stamp(&file) != base.memory_stamp {
-        return Err(fail("has a memory file that was rewritten since".into()));
+        return Err("has a memory file that was rewritten since".into());
     }
-    Ok(snap)
+    Ok(memory)
 }
 
 /// Keeps (in the state) the pages that differ from the base memory file's.

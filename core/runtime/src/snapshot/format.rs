@@ -9,6 +9,8 @@
 //!   memory          guest RAM (sparse file; `template` snapshots only)
 //!   state           QEMU device state (the migration stream; for `incremental`, also the
 //!                   RAM pages that differ from the base snapshot's memory file)
+//!   base-memory     `incremental` only, when the filesystem allows: a hard link to the
+//!                   base's memory file, so deleting or replacing the base loses nothing
 //! ```
 //!
 //! Writing: the caller fills a [`PendingSnapshot`] (a temporary sibling directory), then
@@ -42,6 +44,8 @@ pub const FORMAT_VERSION: u32 = 1;
 pub const METADATA_FILE: &str = "metadata.json";
 pub const MEMORY_FILE: &str = "memory";
 pub const STATE_FILE: &str = "state";
+/// An incremental snapshot's hard link to its base's memory file (when the filesystem allows).
+pub const BASE_PIN_FILE: &str = "base-memory";
 /// metadata.json larger than this is refused unread.
 const MAX_METADATA_BYTES: u64 = 1 << 20;
 
@@ -68,6 +72,9 @@ pub struct BaseRef {
     pub memory: FileDigest,
     /// Device, inode, size and mtime of the base's memory file (the file the VM mapped).
     pub memory_stamp: String,
+    /// `base-memory` in the snapshot is a hard link to that file.
+    #[serde(default)]
+    pub pinned: bool,
 }
 
 /// Hash and size of one file of the snapshot.

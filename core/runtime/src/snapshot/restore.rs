@@ -10,7 +10,8 @@
 //! This goes through the same `Vm::start` as a cold boot.
 //!
 //! Incremental snapshots restore like templates over their base's memory file, once
-//! [`delta::check_base`] found that base in place and unchanged.
+//! [`delta::check_base`] found that base in place and unchanged (or the snapshot's pinned
+//! link to it).
 //!
 //! Invariant: QEMU does not check that the restoring command line matches the saving one, so
 //! restore refuses a snapshot whose recorded machine identity differs from this VM's
@@ -63,25 +64,27 @@ impl Snapshot {
             Some(q) => q.to_path_buf(),
             None => qemu::find_qemu()?,
         };
-        self.check_base()?;
-        let config = self.config(|name| Path::new("/unused").join(name), qemu_bin, accel::detect()?);
+        let base_memory = self.check_base()?;
+        let config = self.config(|name| Path::new("/unused").join(name), qemu_bin, accel::detect()?, base_memory);
         Ok(fmt::check_identity(&self.dir, &self.meta.machine, &machine_identity(&config)?)?)
     }
 
-    /// For an incremental snapshot: its base is still there and unchanged ([`delta::check_base`]).
-    fn check_base(&self) -> Result<()> {
+    /// For an incremental snapshot: the base memory file to map, its base's if that is still
+    /// there and unchanged, else the pinned link ([`delta::check_base`]); None for the others.
+    fn check_base(&self) -> Result<Option<PathBuf>> {
         match (&self.meta.kind, &self.meta.base) {
-            (SnapshotKind::Incremental, Some(base)) => delta::check_base(&self.dir, base).map(|_| ()),
-            _ => Ok(()),
+            (SnapshotKind::Incremental, Some(base)) => delta::check_base(&self.dir, base).map(Some),
+            _ => Ok(None),
         }
     }
 
     /// A QEMU configuration to restore this snapshot; `place` names a per-VM file.
-    fn config(&self, place: impl Fn(&str) -> PathBuf, qemu_bin: PathBuf, accel: Accel) -> QemuConfig {
+    /// `base_memory`: an incremental snapshot's base memory file ([`Snapshot::check_base`]).
+    fn config(&self, place: impl Fn(&str) -> PathBuf, qemu_bin: PathBuf, accel: Accel, base_memory: Option<PathBuf>) -> QemuConfig {
         let m = &self.meta;
-        let ram = match (m.kind, &m.base) {
+        let ram = match (m.kind, base_memory) {
             (SnapshotKind::Template, _) => RamFile { path: self.dir.join(fmt::MEMORY_FILE), share: false },
-            (SnapshotKind::Incremental, Some(base)) => RamFile { path: base.dir.join(fmt::MEMORY_FILE), share: false },
+            (SnapshotKind::Incremental, Some(memory)) => RamFile { path: memory, share: false },
             (SnapshotKind::Full | SnapshotKind::Incremental, _) => RamFile { path: place("ram"), share: true },
         };
         QemuConfig {
@@ -111,9 +114,9 @@ impl Vm {
             None => qemu::find_qemu()?,
         };
         let accel = accel::detect()?;
-        snap.check_base()?;
+        let base_memory = snap.check_base()?;
         let workdir = WorkDir::create("vm")?;
-        let mut config = snap.config(|name| workdir.join(name), qemu_bin, accel);
+        let mut config = snap.config(|name| workdir.join(name), qemu_bin, accel, base_memory);
         config.tcg_tb_size_mib = opts.tcg_tb_size_mib.or_else(qemu::default_tb_size_mib);
         let here = machine_identity(&config)?;
         fmt::check_identity(&snap.dir, &snap.meta.machine, &here)?;

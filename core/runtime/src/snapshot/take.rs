@@ -15,7 +15,8 @@
 //! Incremental snapshot ([`Vm::snapshot_incremental`], of a VM restored from a template): the
 //! same stream, but its main-RAM pages are compared with the template's memory file, which the
 //! VM maps copy-on-write ([`super::delta`]); only those that differ stay in `state`, and the
-//! metadata names the template as the `base`.
+//! metadata names the template as the `base`, which a hard link in the snapshot pins when
+//! the filesystem allows.
 //!
 //! Invariants: whatever happens, the VM is continued and its agent resumed; the snapshot
 //! appears under `dest` only once committed whole ([`PendingSnapshot`]); processes keep their
@@ -41,7 +42,7 @@ use crate::snapshot::format as fmt;
 use crate::snapshot::identity::machine_identity;
 use crate::snapshot::memory::{copy_sparse, MemoryFileSink};
 use crate::snapshot::qmp::{sh_quote, wait_migration};
-use crate::snapshot::delta::{file_stamp, mapped_base, BaseDelta};
+use crate::snapshot::delta::{file_stamp, mapped_base, pin_base, BaseDelta};
 use crate::snapshot::migration_stream::{split_stream, SplitStats};
 use crate::snapshot::verified::{remember_verified, Snapshot};
 use crate::snapshot::{PendingSnapshot, SnapshotKind, SnapshotMeta};
@@ -150,7 +151,7 @@ impl Vm {
         let identity = machine_identity(&config)?;
         let mut kind = if config.ram.share { SnapshotKind::Template } else { SnapshotKind::Full };
         let mut memory_digest = None;
-        let base = match (incremental, self.qemu_pid()) {
+        let mut base = match (incremental, self.qemu_pid()) {
             (false, _) => None,
             (true, Some(pid)) => Some(mapped_base(pid, &config.ram.path, config.ram.share)?),
             (true, None) => return Err(Error::Snapshot("no incremental snapshot: QEMU is not running".into())),
@@ -173,8 +174,9 @@ impl Vm {
             qmp.execute("migrate-set-parameters", Some(json!({"max-bandwidth": 1u64 << 40})))?;
             let state = pending.dir().join(fmt::STATE_FILE);
             let memory = pending.dir().join(fmt::MEMORY_FILE);
-            if let (Some(base), Some(sock)) = (&base, &split_sock) {
+            if let (Some(base), Some(sock)) = (&mut base, &split_sock) {
                 save_delta(qmp, sock, &state, base)?;
+                base.pinned = pin_base(pending.dir(), base);
                 kind = SnapshotKind::Incremental;
                 return Ok(());
             }
