@@ -13,6 +13,9 @@ each kernel its own stream) until its M minutes are up:
              must end (KeyboardInterrupt) and the next cell must work; latency = interrupt -> idle
   snapshot   %snapshot --force of a variable holding the nonce, the variable changed, %restore,
              and the variable read back (latencies of %snapshot and %restore kept apart)
+  idle       (with --idle-suspend S) the kernel is left alone until its VM is suspended to disk
+             (no QEMU process left), then the variable set before is read back; latency = that
+             first cell, which resumes the VM
   death      once per kernel, at a random time in the middle of its run: the QEMU pid named by
              %vm is SIGKILLed while a cell sleeps; that cell must fail with GuestDied, the next
              must find its variables gone (a fresh VM) and work; latency = kill -> idle
@@ -28,7 +31,8 @@ store, which outlives kernels by design and is reported apart) and TMPDIR, and t
 files go to a private JUPYTER_RUNTIME_DIR, so whatever is left in them is theirs. Removed at exit.
 
 Run: .venv/bin/python bench/soak.py [--kernels 2] [--minutes 1] [--seed 1] [--think 0.2]
-     [--pool-min N] [--kernel-arg ARG ...] [--skip KIND ...] [--json FILE] [--verbose]
+     [--idle-suspend S] [--pool-min N] [--kernel-arg ARG ...] [--skip KIND ...] [--json FILE]
+     [--verbose]
 Exit status 1 when a result was lost or mixed, a cell timed out, or something was left over.
 """
 from __future__ import annotations
@@ -66,6 +70,7 @@ WEIGHTS = {"small": 30, "large": 10, "plot": 8, "widget": 8, "input": 8, "interr
 CELL_TIMEOUT = 300.0  # s; 8 kernels on 2 cores under TCG: generous, a timeout is a finding
 AFTER_INTERRUPT = 120.0  # s a cell may take to end once interrupted (or its guest killed)
 SAMPLE_EVERY = 5.0
+IDLE_WEIGHT = 2  # with --idle-suspend: each one waits the idle time, so few
 EXPECTED_ENAMES = {"interrupt": "KeyboardInterrupt", "death": "GuestDied"}
 
 
@@ -116,8 +121,9 @@ class Driver:
     """One kernel process and the thread that feeds it cells."""
 
     def __init__(self, index: int, seed: int, minutes: float, think: float, env: dict,
-                 cwd: str, verbose: bool, weights: dict[str, int]) -> None:
+                 cwd: str, verbose: bool, weights: dict[str, int], idle_suspend: float) -> None:
         self.index = index
+        self.idle_suspend = idle_suspend
         self.weights = weights
         self.rng = random.Random(seed * 1000 + index)
         self.minutes = minutes
@@ -426,6 +432,39 @@ class Driver:
         self.check("snapshot", c, c.result() == str(nonce),
                    f"after %restore _snapv is {c.result()!r}, wanted {nonce}")
 
+    def cell_idle(self, nonce: int) -> None:
+        c = self.run(f"_idlev = {nonce}")
+        if not self.check("idle", c, True, ""):
+            return
+        t0 = time.monotonic()
+        while self._qemus():
+            if time.monotonic() - t0 > self.idle_suspend + 120:
+                self.lose("idle", f"not suspended {time.monotonic() - t0:.0f} s after its last "
+                          f"cell (idle_suspend_after={self.idle_suspend:g})")
+                return
+            time.sleep(0.5)
+        self.latency["idle: suspended after (s)"].append(time.monotonic() - t0)
+        self._drain(time.monotonic() + 0.2, None)  # a suspend must say nothing on IOPub
+        c = self.run("_idlev")
+        self.latency["idle: first cell after suspend"].append(c.done - c.sent)
+        self.check("idle", c, c.result() == str(nonce),
+                   f"after the suspend _idlev is {c.result()!r}, wanted {nonce}")
+
+    def _qemus(self) -> list[int]:
+        """The kernel's live QEMU processes (a zombie its parent has not reaped does not count)."""
+        try:
+            procs = psutil.Process(self.pid).children(recursive=True)
+        except psutil.NoSuchProcess:
+            return []
+        out = []
+        for p in procs:
+            try:
+                if p.name().startswith("qemu-system") and p.status() != psutil.STATUS_ZOMBIE:
+                    out.append(p.pid)
+            except psutil.NoSuchProcess:
+                continue
+        return out
+
     def cell_death(self, nonce: int) -> None:
         c = self.run("%vm")
         found = re.search(r"QEMU pid (\d+)", c.texts())
@@ -461,10 +500,9 @@ class Driver:
         try:
             p = psutil.Process(self.pid)
             rss, fds = p.memory_info().rss, p.num_fds()
-            qemus = [c.pid for c in p.children(recursive=True)
-                     if c.name().startswith("qemu-system") and c.status() != psutil.STATUS_ZOMBIE]
         except psutil.Error:
             return
+        qemus = self._qemus()
         self.qemu_seen.update(qemus)
         self.samples.append(Sample(time.monotonic(), rss, fds, len(qemus)))
 
@@ -574,7 +612,10 @@ def main() -> None:
                     help="c.MicroVMKernel.pool_min (default: the kernel's default)")
     ap.add_argument("--kernel-arg", action="append", default=[],
                     help="extra kernel command-line argument (repeatable)")
-    ap.add_argument("--skip", action="append", default=[], choices=[*WEIGHTS, "death"],
+    ap.add_argument("--idle-suspend", type=float, default=0.0, metavar="S",
+                    help="c.MicroVMKernel.idle_suspend_after = S and the 'idle' cell kind "
+                    "(default 0: the kernel's own setting, no idle cells)")
+    ap.add_argument("--skip", action="append", default=[], choices=[*WEIGHTS, "death", "idle"],
                     help="leave out a cell kind (repeatable)")
     ap.add_argument("--json", help="also write the figures to this file")
     ap.add_argument("--verbose", action="store_true", help="log every cell")
@@ -586,6 +627,8 @@ def main() -> None:
     for path in (runtime, data, tmp, cwd, conn):
         os.makedirs(path, mode=0o700)
     extra = list(args.kernel_arg)
+    if args.idle_suspend:
+        extra.append(f"--MicroVMKernel.idle_suspend_after={args.idle_suspend:g}")
     if args.pool_min is not None:
         extra.append(f"--MicroVMKernel.pool_min={args.pool_min}")
     install(prefix=prefix, kernel_name=KERNEL_NAME, backend="vm", interrupt_mode="message",
@@ -605,9 +648,10 @@ def main() -> None:
     exit_code = 0
     try:
         for i in range(args.kernels):
-            weights = {k: w for k, w in {**WEIGHTS, "death": 0}.items() if k not in args.skip}
+            weights = {k: w for k, w in {**WEIGHTS, "death": 0, "idle": IDLE_WEIGHT}.items()
+                       if k not in args.skip and (k != "idle" or args.idle_suspend)}
             drivers.append(Driver(i, args.seed, args.minutes, args.think, env, cwd, args.verbose,
-                                  weights))
+                                  weights, args.idle_suspend))
         for d in drivers:
             th = threading.Thread(target=d.main, name=f"soak-k{d.index}", daemon=True)
             th.start()
