@@ -237,6 +237,68 @@ mod tests {
         let _ = fs::remove_dir_all(&d);
     }
 
+    /// A template snapshot with a 1 MiB memory file, committed under `dir`.
+    fn template(dir: &Path, fill: u8) -> BaseRef {
+        let p = fmt::PendingSnapshot::begin(dir).unwrap();
+        fs::write(p.dir().join(fmt::STATE_FILE), b"state").unwrap();
+        let mem = fs::File::create(p.dir().join(fmt::MEMORY_FILE)).unwrap();
+        mem.set_len(1 << 20).unwrap();
+        mem.write_all_at(&[fill; PAGE_SIZE], 0).unwrap();
+        let meta = p
+            .commit(fmt::SnapshotMeta {
+                format: String::new(),
+                version: 0,
+                kind: SnapshotKind::Template,
+                created_unix_ms: 1,
+                machine: fmt::MachineIdentity {
+                    memory_mib: 1,
+                    vcpus: 1,
+                    accel: "tcg".into(),
+                    qemu_version: "7.2".into(),
+                    cmdline_fingerprint: String::new(),
+                    cmdline: vec![],
+                    kernel_hash: String::new(),
+                    initrd_hash: String::new(),
+                    rootfs_hash: String::new(),
+                },
+                kernel: "/k".into(),
+                initrd: "/i".into(),
+                rootfs: "/r".into(),
+                state: fmt::FileDigest { size: 0, xxh3_128: String::new() },
+                memory: None,
+                parent: None,
+                base: None,
+                labels: Default::default(),
+            })
+            .unwrap();
+        let dir = fs::canonicalize(dir).unwrap();
+        let stamp = file_stamp(&fs::metadata(dir.join(fmt::MEMORY_FILE)).unwrap());
+        BaseRef { dir, memory: meta.memory.unwrap(), memory_stamp: stamp, pinned: false }
+    }
+
+    #[test]
+    fn the_base_in_place_else_its_pin_else_a_clear_error() {
+        let d = tmp("check");
+        let mut base = template(&d.join("base"), 1);
+        let inc = d.join("inc");
+        fs::create_dir(&inc).unwrap();
+        base.pinned = pin_base(&inc, &base);
+        assert!(base.pinned, "same filesystem: the link is made");
+        assert_eq!(check_base(&inc, &base).unwrap(), base.dir.join(fmt::MEMORY_FILE));
+        // Replaced by another snapshot under the same name: the pin (same inode) serves.
+        fs::rename(&base.dir, d.join("old")).unwrap();
+        template(&d.join("base"), 2);
+        assert_eq!(check_base(&inc, &base).unwrap(), inc.join(fmt::BASE_PIN_FILE));
+        // Without the pin: the error names the base and what happened.
+        fs::remove_file(inc.join(fmt::BASE_PIN_FILE)).unwrap();
+        let e = check_base(&inc, &base).unwrap_err().to_string();
+        assert!(e.contains("was replaced by another snapshot") && e.contains(&*base.dir.to_string_lossy()), "{e}");
+        fs::remove_dir_all(&base.dir).unwrap();
+        let e = check_base(&inc, &base).unwrap_err().to_string();
+        assert!(e.contains("is gone"), "{e}");
+        let _ = fs::remove_dir_all(&d);
+    }
+
     #[test]
     fn maps_lines_name_the_mapped_file() {
         let dev = (0xfd << 8) | 0x01; // 253:1

@@ -670,6 +670,31 @@ mod tests {
     }
 
     #[test]
+    fn incremental_needs_its_base_and_no_memory_file() {
+        let root = tmpdir("incr");
+        let p = PendingSnapshot::begin(&root.join("inc")).unwrap();
+        fs::write(p.dir().join(STATE_FILE), b"device state and kept pages").unwrap();
+        let mut m = meta(SnapshotKind::Incremental);
+        m.base = Some(BaseRef {
+            dir: "/base".into(),
+            memory: FileDigest { size: 1 << 20, xxh3_128: "0".repeat(32) },
+            memory_stamp: "1:2:3:4.5".into(),
+            pinned: false,
+        });
+        let written = p.commit(m).unwrap();
+        assert_eq!(written.memory, None);
+        assert_eq!(load(&root.join("inc")).unwrap(), written);
+        // The same metadata without its base is refused.
+        let path = root.join("inc").join(METADATA_FILE);
+        let mut v: serde_json::Value = serde_json::from_slice(&fs::read(&path).unwrap()).unwrap();
+        v.as_object_mut().unwrap().remove("base");
+        fs::write(&path, serde_json::to_vec(&v).unwrap()).unwrap();
+        let e = load(&root.join("inc")).unwrap_err().to_string();
+        assert!(e.contains("without the base"), "{e}");
+        fs::remove_dir_all(root).unwrap();
+    }
+
+    #[test]
     fn future_format_version_is_a_mismatch() {
         let root = tmpdir("ver");
         let dest = root.join("snap");
