@@ -21,41 +21,49 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: the kernel harness
-from kernel.harness import BACKEND, SLOW, Kernel, stdout_of  # noqa: E402
+from kernel.harness import BACKEND, SLOW, Kernel  # noqa: E402
 
-from supermachine_kernel.cli.install import install  # noqa: E402
+from supermachine_kernel.cli.install import install, prepare  # noqa: E402
 
 KERNEL = "smk-faults-stuck"
+KERNEL_ROOT = "smk-faults-stuck-root"  # guest root can freeze the agent; the default user cannot
 GRACE = 2.0
 _root = tempfile.mkdtemp(prefix="smk-faults-specs-")
-install(prefix=_root, kernel_name=KERNEL, backend=BACKEND, interrupt_mode="message",
-        display_name=f"Python (microVM, {BACKEND}, stuck-guest tests)",
-        extra_args=["--MicroVMKernel.pool_min=0", f"--MicroVMKernel.interrupt_grace={GRACE}",
-                    "--MicroVMKernel.frame_timeout=5", "--MicroVMKernel.agent_ping_interval=2",
-                    "--MicroVMKernel.agent_ping_timeout=10"])
+for _name, _user in ((KERNEL, []), (KERNEL_ROOT, ["--MicroVMKernel.guest_user=root"])):
+    install(prefix=_root, kernel_name=_name, backend=BACKEND, interrupt_mode="message",
+            display_name=f"Python (microVM, {BACKEND}, stuck-guest tests)",
+            extra_args=["--MicroVMKernel.pool_min=0", *_user])
+# The kernel's own settings (not the guest's, which `prepare` reads from the kernelspec).
+STUCK_ARGS = [f"--MicroVMKernel.interrupt_grace={GRACE}", "--MicroVMKernel.frame_timeout=5",
+              "--MicroVMKernel.agent_ping_interval=2", "--MicroVMKernel.agent_ping_timeout=10"]
 _SPECS = os.path.join(_root, "share", "jupyter")
+_prepared: set[str] = set()
 
 pytestmark = [pytest.mark.vm] if BACKEND == "vm" else []
 
 
-def _start(extra: list[str] | None = None) -> Kernel:
+def _start(name: str) -> Kernel:
+    """A kernel of `name`; on VMs its warm snapshot is baked first, outside the cell timeouts
+    (a first bake takes minutes under TCG)."""
     paths = [p for p in os.environ.get("JUPYTER_PATH", "").split(os.pathsep) if p]
     if _SPECS not in paths:
         os.environ["JUPYTER_PATH"] = os.pathsep.join([_SPECS, *paths])
-    return Kernel(KERNEL, extra_arguments=extra)
+    if BACKEND == "vm" and name not in _prepared:
+        prepare(name, timeout=1800)
+        _prepared.add(name)
+    return Kernel(name, extra_arguments=STUCK_ARGS)
 
 
 @pytest.fixture
 def kernel():
-    k = _start()
+    k = _start(KERNEL)
     yield k
     k.shutdown()
 
 
 @pytest.fixture
 def root_kernel():
-    """Guest root can freeze the agent (the REPL may run unprivileged by default)."""
-    k = _start(["--MicroVMKernel.guest_user=root"])
+    k = _start(KERNEL_ROOT)
     yield k
     k.shutdown()
 
