@@ -8,6 +8,7 @@ each kernel its own stream) until its M minutes are up:
   plot       a matplotlib figure: exactly one image/png display_data (PNG magic) and a stdout line
   widget     an ipywidgets IntSlider: comm_open with its state and view, an update sent from the
              "frontend" (comm_msg), a guest-side change (its comm_msg update and stdout), close
+  error      a cell raising ValueError(nonce): the error reply and IOPub error must carry it
   input      input() answered on the stdin channel: the prompt and the doubled answer are checked
   interrupt  a cell sleeping in time.sleep(600) interrupted 0.1-1.5 s after its first output: it
              must end (KeyboardInterrupt) and the next cell must work; latency = interrupt -> idle
@@ -65,13 +66,13 @@ from jupyter_client.manager import KernelManager  # noqa: E402
 from supermachine_kernel.cli.install import install, prepare  # noqa: E402
 
 KERNEL_NAME = "smk-bench-soak"
-WEIGHTS = {"small": 30, "large": 10, "plot": 8, "widget": 8, "input": 8, "interrupt": 6,
-           "snapshot": 4}
+WEIGHTS = {"small": 30, "large": 10, "plot": 8, "widget": 8, "input": 8, "error": 4,
+           "interrupt": 6, "snapshot": 4}
 CELL_TIMEOUT = 300.0  # s; 8 kernels on 2 cores under TCG: generous, a timeout is a finding
 AFTER_INTERRUPT = 120.0  # s a cell may take to end once interrupted (or its guest killed)
 SAMPLE_EVERY = 5.0
 IDLE_WEIGHT = 2  # with --idle-suspend: each one waits the idle time, so few
-EXPECTED_ENAMES = {"interrupt": "KeyboardInterrupt", "death": "GuestDied"}
+EXPECTED_ENAMES = {"interrupt": "KeyboardInterrupt", "death": "GuestDied", "error": "ValueError"}
 
 
 class CellTimeout(Exception):
@@ -366,6 +367,21 @@ class Driver:
         self.latency["widget"].append(c.done - c.sent)
         closes = [m for m in c.of_type("comm_close") if m["content"]["comm_id"] == comm_id]
         self.check("widget", c, len(closes) == 1, f"{len(closes)} comm_close for the slider")
+
+    def cell_error(self, nonce: int) -> None:
+        c = self.run(f"print('e', {nonce})\nraise ValueError('bad {nonce}')")
+        self.latency["error"].append(c.done - c.sent)
+        reply = c.reply or {}
+        errors = c.of_type("error")
+        ok = (reply.get("status") == "error" and reply.get("ename") == "ValueError"
+              and reply.get("evalue") == f"bad {nonce}" and len(errors) == 1
+              and errors[0]["content"]["evalue"] == f"bad {nonce}"
+              and c.stream("stdout") == f"e {nonce}\n")
+        if ok:
+            self.expected["error: ValueError"] += 1
+        self.check("error", c, ok, f"reply {reply.get('status')} {reply.get('ename')} "
+                   f"{reply.get('evalue')!r}, {len(errors)} IOPub errors, stdout "
+                   f"{c.stream('stdout')!r}", expect_ok=False)
 
     def cell_input(self, nonce: int) -> None:
         v = self.rng.randrange(10**9)
