@@ -27,6 +27,9 @@
 //! with no byte moving either way for `idle_timeout` is closed, and so is a head that has not
 //! arrived within `head_timeout`.
 //!
+//! Only connections opened by the proxy's own user are served ([`super::peer`]): another
+//! local user cannot use a kernel's egress through its port on the shared 127.0.0.1.
+//!
 //! Blocking I/O, a thread per direction of each connection: connections are capped, and a
 //! kernel's guest makes few.
 
@@ -161,9 +164,17 @@ struct Shared {
     streams: Mutex<HashMap<u64, Vec<TcpStream>>>,
     /// 403 and 503 messages not taken yet, oldest first, and how many were dropped.
     refusals: Mutex<(VecDeque<String>, usize)>,
+    /// Where it listens, and the only user whose connections it serves (its own).
+    addr: SocketAddr,
+    owner: u32,
 }
 
 impl Shared {
+    /// Whether `client` was opened by this proxy's own user.
+    fn serves(&self, client: &TcpStream) -> bool {
+        client.peer_addr().ok().and_then(|peer| super::peer::loopback_client_uid(peer, self.addr)) == Some(self.owner)
+    }
+
     fn record_refusal(&self, msg: &str) {
         let mut r = self.refusals.lock().unwrap_or_else(|e| e.into_inner());
         if r.0.len() >= MAX_REFUSALS_KEPT {
@@ -195,6 +206,9 @@ impl Proxy {
             next_id: AtomicU64::new(0),
             streams: Mutex::new(HashMap::new()),
             refusals: Mutex::new((VecDeque::new(), 0)),
+            addr,
+            // SAFETY: geteuid has no preconditions and cannot fail.
+            owner: unsafe { libc::geteuid() },
         });
         let sh = Arc::clone(&shared);
         let accept = thread::Builder::new().name("net-proxy-accept".into()).spawn(move || accept_loop(listener, sh))?;
@@ -252,6 +266,11 @@ fn accept_loop(listener: TcpListener, sh: Arc<Shared>) {
             thread::sleep(Duration::from_millis(50));
             continue;
         };
+        if !sh.serves(&client) {
+            // Another local user (the port is on the shared loopback): not this kernel's guest.
+            let _ = client.shutdown(Shutdown::Both);
+            continue;
+        }
         let active = sh.active.fetch_add(1, Ordering::SeqCst);
         let guard = Active(Arc::clone(&sh));
         if active >= sh.config.max_connections {
@@ -260,11 +279,12 @@ fn accept_loop(listener: TcpListener, sh: Arc<Shared>) {
                  (an admin can raise it with c.MicroVMKernel.network_max_connections)",
                 sh.config.max_connections
             );
+            // Not counted from here on: the client may read the 503 and look at the count.
+            drop(guard);
             let _ = client.set_write_timeout(Some(Duration::from_secs(1)));
             sh.record_refusal(&msg);
             respond(&client, 503, "Service Unavailable", &msg);
             let _ = client.shutdown(Shutdown::Both);
-            drop(guard);
             continue;
         }
         let sh2 = Arc::clone(&sh);
