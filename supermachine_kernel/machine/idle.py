@@ -25,7 +25,9 @@ resume in the background and is answered at once.
 Suspend: ``vm.snapshot_incremental`` (the runtime's incremental snapshot: the device state
 and only the guest RAM pages that differ from the template snapshot the VM was restored from,
 its base, which the runtime names and checks; bench/idle.py measures it against the full one).
-When there is no usable base (a cold-booted VM, a base replaced since the VM started) it is
+While suspended the kernel holds the base's memory file open, so `image prune`/`image rm`
+(which skip what a process has open) leave it alone. When there is no usable base (a
+cold-booted VM, a base replaced since the VM started) it is
 ``vm.snapshot``, the full template snapshot (a sparse file of every non-zero RAM page plus the
 device state, ~290 MiB for the default image's warm kernel); the log says why.
 ``SUPERMACHINE_IDLE_SNAPSHOT=full`` always takes the full one. Then the guest is released
@@ -51,6 +53,7 @@ from __future__ import annotations
 import asyncio
 import atexit
 import itertools
+import json
 import logging
 import os
 import shutil
@@ -131,6 +134,16 @@ class Suspended:
     took_s: float
     size_bytes: int
     kind: str = "full"  # "incremental" (against the VM's base snapshot) or "full"
+    #: An incremental snapshot's base memory file, held open while suspended: `image prune`
+    #: and `image rm` leave alone what a process has open.
+    base_fd: Optional[int] = None
+
+    def discard(self) -> None:
+        """Removes the snapshot and lets go of its base."""
+        fd, self.base_fd = self.base_fd, None
+        if fd is not None:
+            os.close(fd)
+        shutil.rmtree(self.path, ignore_errors=True)
 
 
 def start_idle_suspend(kernel: Any) -> Optional["IdleSuspender"]:
@@ -241,7 +254,7 @@ class IdleSuspender:
         """Another guest was adopted (%restore): a suspend snapshot is not needed any more."""
         state, self._state = self._state, None
         if state is not None:
-            shutil.rmtree(state.path, ignore_errors=True)
+            state.discard()
 
     # -- facts (%vm) ------------------------------------------------------------------------------
 
@@ -280,7 +293,7 @@ class IdleSuspender:
             self._task.cancel()
         state, self._state = self._state, None
         if state is not None:
-            shutil.rmtree(state.path, ignore_errors=True)
+            state.discard()
 
     async def _watch(self) -> None:
         while True:
@@ -381,7 +394,8 @@ class IdleSuspender:
             raise IdleError(f"snapshotting the idle VM failed: {e}") from e
         took = time.monotonic() - t0
         size = disk_usage(path)
-        self._state = Suspended(path, repl_id, handle.describe(), took, size, kind)
+        self._state = Suspended(path, repl_id, handle.describe(), took, size, kind,
+                                _open_base(path) if kind == "incremental" else None)
         await asyncio.to_thread(self._release_ahead)
         await self.guest.stop_guest()
         if limits.active():
@@ -439,7 +453,7 @@ class IdleSuspender:
             await self.guest.adopt(handle, timeout=RESUME_TIMEOUT)
         except Exception as e:  # noqa: BLE001 - any failure: a fresh VM, and say so
             self._state = None
-            shutil.rmtree(state.path, ignore_errors=True)
+            state.discard()
             self.log.error("resuming the idle-suspended guest from %s failed: %s", state.path, e)
             reason = f"it was suspended while idle, and resuming it failed ({e})"
             self._failed = (reason, None)
@@ -448,8 +462,9 @@ class IdleSuspender:
             return
         self._state = None
         self.touch()  # idle time counts from the resume
-        # The restored QEMU maps the memory file: its name is not needed any more.
-        shutil.rmtree(state.path, ignore_errors=True)
+        # The restored QEMU maps the memory file (and the base's): their names are not needed
+        # any more.
+        state.discard()
         self.resumes += 1
         self.last_resume_s = time.monotonic() - t0
         self._resumed = (id(handle.vm), time.time(),
@@ -474,6 +489,16 @@ class IdleSuspender:
         handle = VmHandle(vm, child, vm.release, f"{describe_vm(vm)}, resumed after idle")
         handle.prestarted = True
         return handle
+
+
+def _open_base(path: str) -> Optional[int]:
+    """A read-only descriptor of incremental snapshot ``path``'s base memory file, or None."""
+    try:
+        with open(os.path.join(path, "metadata.json")) as f:
+            base = json.load(f)["base"]["dir"]
+        return os.open(os.path.join(base, "memory"), os.O_RDONLY | os.O_CLOEXEC)
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def disk_usage(path: str) -> int:

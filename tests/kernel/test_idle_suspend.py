@@ -144,6 +144,9 @@ def test_variables_files_and_processes_survive_suspend(idle_kernel):
     assert meta["kind"] == "incremental", meta
     base_memory = os.stat(os.path.join(meta["base"]["dir"], "memory")).st_blocks * 512
     assert disk_usage(snapshot) < base_memory / 3, (disk_usage(snapshot), base_memory)
+    # The kernel holds the base open while suspended (image prune/rm skip what is open).
+    held = {os.path.realpath(f"/proc/{k.pid}/fd/{fd}") for fd in os.listdir(f"/proc/{k.pid}/fd")}
+    assert os.path.realpath(os.path.join(meta["base"]["dir"], "memory")) in held
     assert k.value("x + 1") == "42"
     assert not os.path.exists(snapshot), "the suspend snapshot outlived the resume"
     assert qemu_pids(k.pid), "no QEMU after the resume"

@@ -129,7 +129,9 @@ def test_describe_and_origin_for_vm() -> None:
     s, _, _ = _quiet_suspender()
     assert s.describe() == "after 10 s idle (c.MicroVMKernel.idle_suspend_after)"
     s.suspends, s.last_suspend_s, s.last_resume_s = 2, 0.5, 0.25
-    assert s.describe().endswith("; suspended 2x (last snapshot 0.50 s), last resume 0.25 s")
+    s.last_kind, s.last_size = "incremental", 7 * 2**20
+    assert s.describe().endswith("; suspended 2x (last snapshot incremental, 7.0 MiB, 0.50 s), "
+                                 "last resume 0.25 s")
     vm, other = object(), object()
     assert s.resumed_origin(vm) is None
     s._resumed = (id(vm), 1000.0, "resumed after an idle suspend (0.25 s)")
