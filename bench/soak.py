@@ -416,8 +416,9 @@ class Driver:
             self.errors[f"{kind}: {ename or (c.reply or {}).get('status')}"] += 1
         ok = (c.reply or {}).get("status") == "error" and ename == want \
             and c.stream("stdout") == marker
-        self.check(kind, c, ok, f"status {(c.reply or {}).get('status')} {ename} (wanted {want}), "
-                   f"stdout {c.stream('stdout')[:200]!r}", expect_ok=False)
+        self.check(kind, c, ok, f"status {(c.reply or {}).get('status')} {ename} (wanted {want}): "
+                   f"{(c.reply or {}).get('evalue', '')[:300]!r}; stdout "
+                   f"{c.stream('stdout')[:200]!r}", expect_ok=False)
         return c
 
     def cell_interrupt(self, nonce: int) -> None:
