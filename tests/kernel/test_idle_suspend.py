@@ -233,6 +233,41 @@ def test_a_suspended_kernel_survives_the_deletion_of_its_base(idle_kernel):
     assert k.value("y") == "'snapshotted'"
 
 
+def suspend_meta(k: IdleKernel) -> tuple[str, dict]:
+    snapshot = os.path.join(k.suspend_dir, k.snapshots()[0])
+    with open(os.path.join(snapshot, "metadata.json")) as f:
+        return snapshot, json.load(f)
+
+
+def test_a_vm_without_a_usable_base_is_suspended_in_full(idle_kernel):
+    """The VM now runs over the pinned copy of a deleted base: no base to be incremental
+    against, so the suspend snapshot is the full one, and the resume works the same."""
+    k = idle_kernel
+    k.wait_suspended()
+    _, meta = suspend_meta(k)
+    assert meta["kind"] == "template" and "base" not in meta, meta  # RAM in its memory file
+    assert k.value("y") == "'snapshotted'"
+
+
+def test_a_base_gone_without_its_pin_fails_the_resume_clearly(idle_kernel):
+    k = idle_kernel
+    reply, outputs = k.execute("%snapshot base-two", timeout=300)
+    assert reply["status"] == "ok", (reply, outputs)
+    reply, outputs = k.execute("%restore base-two", timeout=300)
+    assert reply["status"] == "ok", (reply, outputs)
+    k.wait_suspended()
+    snapshot, meta = suspend_meta(k)
+    assert meta["kind"] == "incremental" and meta["base"]["pinned"], meta
+    os.unlink(os.path.join(snapshot, "base-memory"))  # as if the link had not been allowed
+    shutil.rmtree(meta["base"]["dir"])
+    reply, outputs = k.execute("y")
+    assert reply["status"] == "error" and reply["ename"] == "GuestDied", reply
+    assert "its base snapshot" in reply["evalue"] and "is gone" in reply["evalue"], reply
+    assert k.value("1 + 1") == "2"  # a fresh VM
+    reply, _ = k.execute("x = 41")
+    assert reply["status"] == "ok", reply
+
+
 def test_a_failed_resume_says_so_and_gives_a_fresh_vm(idle_kernel):
     k = idle_kernel
     k.wait_suspended()
