@@ -737,6 +737,7 @@ mod tests {
                 s[i] = (x >> 32) as u8;
             }
             let _ = split(&s);
+            let _ = split_stream(&s[..], &mut vec![], &mut KeepUnless(0xaa, Pages::default()), "mem");
         }
     }
 }
