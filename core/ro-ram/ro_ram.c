@@ -9,7 +9,8 @@
  * named by $SUPERMACHINE_RO_RAM, and only when it asks for O_RDWR without O_CREAT. Every other
  * open goes through untouched. (QEMU >= 8.2 says the same with readonly=on,rom=off.)
  *
- * The runtime (core/runtime/src/qemu.rs) preloads it into QEMU, and only for such a restore.
+ * The runtime (core/runtime/src/qemu.rs) preloads it into QEMU for every restore that maps a
+ * memory file privately, so no restore holds a stored snapshot open for writing.
  */
 #define _GNU_SOURCE
 #include <dlfcn.h>

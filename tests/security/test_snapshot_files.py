@@ -12,6 +12,7 @@ import subprocess
 import tempfile
 import time
 
+import psutil
 import pytest
 
 from supermachine_kernel import api
@@ -66,6 +67,10 @@ def test_stored_snapshot_is_read_only_not_rewritten_restorable_and_deletable(ima
         assert fingerprint(path) == before
     with api.Image.from_snapshot(path).boot() as restored:
         assert restored.read_file("/root/marker") == b"taken"
+        # QEMU maps the memory file private and holds it open read-only (the ro_ram preload).
+        memory = os.path.realpath(os.path.join(path, "memory"))
+        opened = [f for f in psutil.Process(restored.qemu_pid).open_files() if f.path == memory]
+        assert opened and all(f.mode == "r" for f in opened), opened
     assert fingerprint(path) == before  # a restore maps it, never writes it
     assert nb.delete("s1") > 0
     assert not os.path.exists(path)

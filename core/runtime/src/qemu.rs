@@ -306,9 +306,12 @@ pub const RO_RAM_SHIM_ENV: &str = "SUPERMACHINE_RO_RAM_SHIM";
 /// Tells the preload which file to open read-only.
 const RO_RAM_ENV: &str = "SUPERMACHINE_RO_RAM";
 
-/// The preload a restore needs when its snapshot's memory file is mapped privately but this
-/// user may not write it (a host-wide snapshot another user baked): QEMU 7.2 opens it O_RDWR
-/// even for a private mapping. None when the file is writable, or for a shared mapping.
+/// The preload that has QEMU 7.2 open a restore's memory file read-only (it opens it O_RDWR
+/// even for the private mapping a restore uses), so no restore holds a snapshot file open for
+/// writing. Required when this user may not write the file (a host-wide snapshot, or any
+/// stored snapshot, which is read-only, of a user other than root); used whenever it is
+/// installed; without it a writable file is opened read-write (and never written: the mapping
+/// is private). None for a shared mapping or a cold boot.
 fn read_only_ram_shim(config: &QemuConfig) -> Result<Option<PathBuf>> {
     use std::os::unix::ffi::OsStrExt;
     if config.ram.share || config.incoming.is_none() {
@@ -318,12 +321,11 @@ fn read_only_ram_shim(config: &QemuConfig) -> Result<Option<PathBuf>> {
         return Ok(None);
     };
     // SAFETY: access(2) on a NUL-terminated path we own; it only reads the string.
-    if unsafe { libc::access(path.as_ptr(), libc::W_OK) } == 0 {
-        return Ok(None);
-    }
+    let writable = unsafe { libc::access(path.as_ptr(), libc::W_OK) } == 0;
     let shim = std::env::var_os(RO_RAM_SHIM_ENV).filter(|v| !v.is_empty()).map(PathBuf::from);
     match shim.or_else(shim_beside_this_library) {
         Some(shim) if shim.is_file() => Ok(Some(shim)),
+        _ if writable => Ok(None),
         shim => Err(Error::Snapshot(format!(
             "the snapshot memory file {} is read-only for this user (a host-wide snapshot), and \
              QEMU needs the ro_ram preload to restore it: {} (set {RO_RAM_SHIM_ENV}; `make setup` \
@@ -557,6 +559,9 @@ mod tests {
         let shim = dir.join("ro_ram.so");
         std::fs::write(&shim, b"").unwrap();
         std::env::set_var(RO_RAM_SHIM_ENV, &shim);
+        assert_eq!(read_only_ram_shim(&c).unwrap(), Some(shim.clone()));
+        // Installed, it is used for a writable file too: QEMU never opens one read-write.
+        c.ram.path = dir.join("memory");
         assert_eq!(read_only_ram_shim(&c).unwrap(), Some(shim));
         // A shared mapping (a bake) or a cold boot never needs it.
         c.ram.share = true;
