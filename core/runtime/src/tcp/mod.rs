@@ -31,6 +31,7 @@ use supermachine_protocol::TCP_WINDOW;
 
 use crate::conn::{Conn, Inner};
 use crate::error::{Error, Result};
+use crate::log_limit::log_limited;
 use crate::mux::ReqKind;
 use table::TcpRead;
 
@@ -414,14 +415,19 @@ fn service(weak: Weak<Inner>) {
                 match TcpStream::connect_timeout(&addr, HOST_CONNECT_TIMEOUT) {
                     Ok(s) => {
                         if let Err(e) = relay(chan, s, RelayOptions::default()) {
-                            eprintln!("supermachine: guest port {} → host port {}: {e}", a.guest_port, a.host_port);
+                            log_limited("tcp relay failed", || {
+                                format!("guest port {} → host port {}: {e}", a.guest_port, a.host_port)
+                            });
                         }
                     }
                     Err(e) => {
-                        eprintln!(
-                            "supermachine: guest port {} → 127.0.0.1:{} on the host: connect failed ({e}); closed the guest's connection",
-                            a.guest_port, a.host_port
-                        );
+                        // The guest can retry at will: one line each would grow the log.
+                        log_limited("tcp connect failed", || {
+                            format!(
+                                "guest port {} → 127.0.0.1:{} on the host: connect failed ({e}); closed the guest's connection",
+                                a.guest_port, a.host_port
+                            )
+                        });
                         drop(chan);
                     }
                 }

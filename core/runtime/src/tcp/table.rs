@@ -7,7 +7,8 @@
 //!   credits what a relay consumed; more is a [`Violation`] (the connection ends);
 //! * channels the guest opens (`TcpAccepted`) ≤ `max_inbound` at once, counted from the
 //!   announcement; over the cap, or for a port with no forward attached, the channel is
-//!   refused: queued for a `TcpClose` (the reader never writes) and logged. More than
+//!   refused: queued for a `TcpClose` (the reader never writes) and logged (rate-limited:
+//!   [`crate::log_limit`]). More than
 //!   [`MAX_REFUSALS`] refusals waiting to be sent is a flood: a violation;
 //! * frames for ids the host does not know (closed already, or never opened) are dropped: a
 //!   reset from one side crosses data from the other, so they are not violations. Data after
@@ -152,7 +153,7 @@ impl TcpTable {
 
     fn refuse(&mut self, id: u32, why: &str) -> Result<(), Violation> {
         self.refused_total += 1;
-        eprintln!("supermachine: refused a TCP connection from the guest: {why}");
+        crate::log_limit::log_limited("tcp refused", || format!("refused a TCP connection from the guest: {why}"));
         if self.refusals.len() >= MAX_REFUSALS {
             return Err(Violation(format!(
                 "the guest opened more than {MAX_REFUSALS} TCP channels that were refused and not closed yet (a flood)"
