@@ -273,6 +273,10 @@ pub enum Control {
     },
 }
 
+/// The deepest nesting of arrays and objects a control payload may have: serde_json's default
+/// recursion limit, which this crate keeps (no `unbounded_depth`).
+pub const MAX_JSON_DEPTH: usize = 128;
+
 /// Why a control payload could not be understood.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct MessageError(pub String);
@@ -291,9 +295,17 @@ impl Control {
         serde_json::to_vec(self).expect("control messages always serialise")
     }
 
-    /// Decodes a control payload. Never panics on hostile input.
+    /// Decodes a control payload. Never panics on hostile input; nesting deeper than
+    /// [`MAX_JSON_DEPTH`] is refused by serde_json's recursion limit, and said so.
     pub fn from_bytes(bytes: &[u8]) -> Result<Control, MessageError> {
-        serde_json::from_slice(bytes).map_err(|e| MessageError(e.to_string()))
+        serde_json::from_slice(bytes).map_err(|e| {
+            let text = e.to_string();
+            if text.starts_with("recursion limit exceeded") {
+                MessageError(format!("invalid frame: nested deeper than {MAX_JSON_DEPTH} levels ({text})"))
+            } else {
+                MessageError(text)
+            }
+        })
     }
 
     /// The request id this message answers or carries, if any.
@@ -314,6 +326,17 @@ impl Control {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn nesting_past_the_bound_is_an_invalid_frame_naming_it() {
+        let deep = |n: usize| format!(r#"{{"op":"ping","req":1,"x":{}1{}}}"#, "[".repeat(n), "]".repeat(n));
+        // Unknown fields are ignored, so nesting just under the bound still decodes.
+        assert!(Control::from_bytes(deep(MAX_JSON_DEPTH - 2).as_bytes()).is_ok());
+        for n in [MAX_JSON_DEPTH, 100_000] {
+            let e = Control::from_bytes(deep(n).as_bytes()).unwrap_err().to_string();
+            assert!(e.contains(&format!("invalid frame: nested deeper than {MAX_JSON_DEPTH} levels")), "{e}");
+        }
+    }
 
     #[test]
     fn json_round_trip() {
