@@ -26,6 +26,7 @@ import typing as t
 import zmq
 from ipykernel.kernelbase import Kernel
 
+from ..machine.restore_ahead import release_all_now
 from ..repl_client import GuestRepl, guest_environment
 
 
@@ -103,6 +104,7 @@ def _exit_on_sigterm(guest: GuestRepl) -> None:
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     try:
         release_now(guest)
+        release_all_now()  # the VMs restored ahead for %restore (no exit functions run here)
     finally:
         os._exit(0)
 

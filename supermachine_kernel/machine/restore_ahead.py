@@ -23,6 +23,7 @@ import logging
 import os
 import threading
 import time
+import weakref
 from typing import Any, Callable, Optional
 
 from .. import env_switch
@@ -138,12 +139,15 @@ class Standby:
 class RestoreAhead:
     """Keeps at most one :class:`Standby` per kernel."""
 
+    live: "weakref.WeakSet[RestoreAhead]" = weakref.WeakSet()  # for `release_all_now`
+
     def __init__(self, log: logging.Logger) -> None:
         self._log = log
         self._current: Optional[Standby] = None
         self._dropped: list[Standby] = []  # dropped, their VM maybe still being released
         self._lock = threading.Lock()
         atexit.register(self.wait_released)
+        RestoreAhead.live.add(self)
 
     def prepare(self, name: str, path: str, restore: Callable[[], tuple[Any, Any]]) -> None:
         """Start ``restore()`` of snapshot ``name`` at ``path`` ahead: it returns (vm, REPL
@@ -195,3 +199,12 @@ class RestoreAhead:
         """Keeps `standby` (dropped) until its VM is released; forgets those released."""
         with self._lock:
             self._dropped = [s for s in self._dropped if not s.released] + [standby]
+
+
+def release_all_now(timeout: float = 10.0) -> None:
+    """The process ends without its exit functions (SIGTERM, kernel/lifecycle.py): every
+    standby is dropped and its VM's release waited for (at most `timeout` s in all)."""
+    deadline = time.monotonic() + timeout
+    for ahead in list(RestoreAhead.live):
+        ahead.forget()
+        ahead.wait_released(max(0.0, deadline - time.monotonic()))

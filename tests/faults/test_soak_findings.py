@@ -4,7 +4,8 @@ checked) found, each through a real kernel:
 - A kernel shut down after %snapshot / %restore left a VM work dir behind. The VM restored ahead for the next %restore (machine/restore_ahead.py) used to be released on a
 daemon thread at the process's exit, which os._exit cut off: QEMU died with the kernel, but its
 work dir (sockets, console log, QEMU's stderr) stayed in the runtime dir until another kernel's
-start swept it. The kernel runs with a private XDG_RUNTIME_DIR, so whatever is left is its own.
+start swept it; a SIGTERM (no exit functions) left it too. The kernel runs with a private
+  XDG_RUNTIME_DIR, so whatever is left is its own.
 - A guest's death put the kernel's log line ("guest died: ...") on IOPub with no parent header
   (a module logger without a handler fell back to Python's last-resort handler, which writes to
   sys.stderr, ipykernel's IOPub stream): in no cell's output, and missing from the kernel log.
@@ -51,10 +52,15 @@ def short_dir():
     shutil.rmtree(d, ignore_errors=True)
 
 
-def test_shutdown_after_restore_leaves_no_work_dir(short_dir) -> None:
+def _use_specs() -> None:
     paths = [p for p in os.environ.get("JUPYTER_PATH", "").split(os.pathsep) if p]
     if _SPECS not in paths:
         os.environ["JUPYTER_PATH"] = os.pathsep.join([_SPECS, *paths])
+
+
+@pytest.mark.parametrize("end", ["shutdown_request", "SIGTERM"])
+def test_kernel_end_after_restore_leaves_no_work_dir(short_dir, end) -> None:
+    _use_specs()
     runtime, data = short_dir / "rt", short_dir / "data"
     runtime.mkdir(mode=0o700)
     k = Kernel(KERNEL, env=dict(os.environ, XDG_RUNTIME_DIR=str(runtime),
@@ -74,6 +80,9 @@ def test_shutdown_after_restore_leaves_no_work_dir(short_dir) -> None:
         while len(_work_dirs(runtime)) < 2 and time.monotonic() < deadline:
             time.sleep(0.2)
         assert len(_work_dirs(runtime)) >= 2, _work_dirs(runtime)
+        if end == "SIGTERM":  # what jupyter_client sends a kernel that outlived its shutdown
+            os.kill(pid, signal.SIGTERM)
+            psutil.wait_procs([psutil.Process(pid)], timeout=60)
     finally:
         k.shutdown()
     assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
@@ -81,9 +90,7 @@ def test_shutdown_after_restore_leaves_no_work_dir(short_dir) -> None:
 
 
 def test_guest_death_log_line_stays_off_iopub() -> None:
-    paths = [p for p in os.environ.get("JUPYTER_PATH", "").split(os.pathsep) if p]
-    if _SPECS not in paths:
-        os.environ["JUPYTER_PATH"] = os.pathsep.join([_SPECS, *paths])
+    _use_specs()
     k = Kernel(KERNEL)
     seen: list[dict] = []
     try:
