@@ -59,7 +59,7 @@ class GuestConfig(Configurable):
         help="Modules the image's warmup imports before its snapshot is taken.",
     ).tag(config=True)
     guest_user = Unicode(
-        "image",
+        "",
         help="Who the guest REPL, `!cmd`, %pip and everything they start run as inside the VM: "
         "'' = the OCI image config's User when it is not root, else 'jovyan' (uid 1000, gid "
         "100, home /home/jovyan, as Jupyter's docker stacks), with no capabilities and "

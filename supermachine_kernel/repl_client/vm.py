@@ -169,7 +169,7 @@ class VmBackend:
         packages: list[str] | None = None,
         requirements: str | None = None,
         build_hint: Callable[[], str] | None = None,
-        guest_user: str = "image",
+        guest_user: str = "",
     ) -> None:
         self.image_ref = image
         self.packages = list(packages or [])

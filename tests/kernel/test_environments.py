@@ -159,9 +159,11 @@ def test_working_dir_and_user_of_the_image_config_apply_to_the_repl(env_kernel):
     assert reply["status"] == "error" and reply["ename"] == "PermissionError", reply
 
 
-def test_a_root_image_stays_root(kernel):
-    """The built-in image's config has no User: the REPL runs as root in /root, as before."""
-    assert kernel.value("import os; (os.getuid(), os.getcwd())", timeout=60) == "(0, '/root')"
+def test_an_image_without_a_user_runs_as_jovyan(kernel):
+    """The built-in image's config has no User: the REPL runs as the unprivileged guest user
+    (c.MicroVMKernel.guest_user '', repl_client/guest_user.py) in its home."""
+    assert kernel.value("import os; (os.getuid(), os.getcwd())", timeout=60) == \
+        "(1000, '/home/jovyan')"
 
 
 def test_an_unbuilt_environment_refuses_at_once_with_the_build_command(environments):

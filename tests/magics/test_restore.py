@@ -26,7 +26,7 @@ def _tick():
 threading.Thread(target=_tick, daemon=True).start()
 sleeper = subprocess.Popen(["sleep", "100000"])
 data = {"rows": list(range(1000)), "label": "original"}
-with open("/root/results.csv", "w") as f:
+with open("/home/jovyan/results.csv", "w") as f:
     f.write("a,b\\n1,2\\n")
 time.sleep(0.5)
 """
@@ -37,7 +37,7 @@ def test_state_is_back_after_restore(kernel):
     kernel.ok("%snapshot base")
     progress_at_snapshot = int(kernel.ok("print(counter['n'])"))
     # Destroy things: variables, the file, the process; let the thread run on.
-    kernel.ok("del data\nwith open('/root/results.csv', 'w') as f: f.write('overwritten')\n"
+    kernel.ok("del data\nwith open('/home/jovyan/results.csv', 'w') as f: f.write('overwritten')\n"
               "sleeper.kill(); sleeper.wait(); time.sleep(1.5)")
     progress_before_restore = int(kernel.ok("print(counter['n'])"))
     assert progress_before_restore > progress_at_snapshot
@@ -47,7 +47,7 @@ def test_state_is_back_after_restore(kernel):
     assert "Restored snapshot 'base'" in out
 
     assert kernel.value("data['label'], len(data['rows'])") == "('original', 1000)"
-    assert kernel.value("open('/root/results.csv').read()") == repr("a,b\n1,2\n")
+    assert kernel.value("open('/home/jovyan/results.csv').read()") == repr("a,b\n1,2\n")
     assert kernel.value("sleeper.poll() is None and os.path.exists(f'/proc/{sleeper.pid}')") == "True"
     # The thread is back where it was at the snapshot, and running again.
     n1 = int(kernel.ok("print(counter['n'])"))

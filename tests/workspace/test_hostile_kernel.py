@@ -50,7 +50,8 @@ def nb(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def kernel(nb: Path) -> Iterator[Kernel]:
     prepare(KERNEL, timeout=1800)      # the warm snapshot (baked once; a no-op when it is there)
-    k = Kernel(extra_arguments=["--MicroVMKernel.workspace=sync",
+    # Guest root: the strongest guest against the sync (it mounts, reads PID 1's binary).
+    k = Kernel(extra_arguments=["--MicroVMKernel.workspace=sync", "--MicroVMKernel.guest_user=root",
                                 f"--MicroVMKernel.workspace_max_files={MAX_FILES}",
                                 f"--MicroVMKernel.workspace_max_file_bytes={MAX_FILE_BYTES}"],
                cwd=str(nb))
