@@ -662,6 +662,7 @@ def main() -> None:
     drivers: list[Driver] = []
     threads: list[threading.Thread] = []
     stop_sampling = threading.Event()
+    loads: list[float] = [os.getloadavg()[0]]  # the host's 1-minute load average, every 5 s
     exit_code = 0
     try:
         for i in range(args.kernels):
@@ -676,6 +677,7 @@ def main() -> None:
 
         def sampler() -> None:
             while not stop_sampling.wait(SAMPLE_EVERY):
+                loads.append(os.getloadavg()[0])
                 for d in drivers:
                     if d.started and not d.ended:
                         d.sample()
@@ -746,6 +748,8 @@ def main() -> None:
 
     print(f"\n== soak: {args.kernels} kernels x {args.minutes:g} min, seed {args.seed} ==")
     print(f"kernels ready after (s): {', '.join(f'{d.ready_s:.1f}' for d in drivers)}")
+    print(f"host load average (1 min) during the run: median {median(loads):.1f}, max "
+          f"{max(loads):.1f} on {os.cpu_count()} CPUs")
     print(f"cells run (execute_requests): {cells}; cell kinds drawn: {dict(sorted(by_kind.items()))}")
     print(f"LOST results: {total('lost')}    MIXED messages: {total('mixed')}    "
           f"unparented IOPub messages: {total('unparented')}")
@@ -814,7 +818,7 @@ def main() -> None:
                 "errors": errors, "expected": expected,
                 "latency": {k: {"n": len(v), "p50": percentile(v, 50), "p99": percentile(v, 99)}
                             for k, v in lat.items()},
-                "rss_growth": growth, "rss_growth_after_1min": later, "kernels_left": kernels_left, "qemu_left": qemu_left,
+                "load": loads, "rss_growth": growth, "rss_growth_after_1min": later, "kernels_left": kernels_left, "qemu_left": qemu_left,
                 "leftover": leftover, "snapshots": {"files": len(snap_files), "mib": snap_mib},
                 "verification_stamps": len(stamps),
                 "stuck": [d.stuck for d in drivers], "crash": [d.crash for d in drivers],
