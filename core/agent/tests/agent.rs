@@ -703,3 +703,53 @@ fn limited_reads_stop_at_the_cap_while_streaming() {
     }
     assert_eq!(got, 100);
 }
+
+#[test]
+fn a_non_root_user_gets_no_capabilities_and_no_new_privs() {
+    // SAFETY: geteuid has no side effects.
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("skipped: switching users needs the agent to run as root");
+        return;
+    }
+    let a = Agent::start("privs");
+    let (mut c, _) = a.session();
+    let script = "id -u; id -G; grep -E '^(CapInh|CapPrm|CapEff|CapBnd|CapAmb|NoNewPrivs):' /proc/self/status | tr -d '\\t'; pwd";
+    let run = |c: &mut Client, user: &str, cwd: Option<&str>| {
+        let req = c.req();
+        c.send(&Control::Spawn {
+            req,
+            argv: vec!["sh".into(), "-c".into(), script.into()],
+            env: vec![],
+            cwd: cwd.map(String::from),
+            user: Some(user.into()),
+            tty: None,
+            timeout_ms: None,
+        });
+        match c.reply(req) {
+            Control::Spawned { id, .. } => {
+                let (out, err, status) = c.collect(id);
+                assert_eq!(status.exit_code, 0, "{}", text(&err));
+                text(&out)
+            }
+            other => panic!("spawn as {user} failed: {other:?}"),
+        }
+    };
+    let user = run(&mut c, "65534:65534", Some("/tmp"));
+    let zero = "0000000000000000";
+    assert_eq!(
+        user.lines().collect::<Vec<_>>(),
+        ["65534", "65534", &format!("CapInh:{zero}"), &format!("CapPrm:{zero}"), &format!("CapEff:{zero}"),
+         &format!("CapBnd:{zero}"), &format!("CapAmb:{zero}"), "NoNewPrivs:1", "/tmp"],
+        "{user}"
+    );
+    // A directory the user cannot enter fails the spawn, as that user.
+    let dir = a.dir.join("private");
+    std::fs::create_dir(&dir).unwrap();
+    std::fs::set_permissions(&dir, std::os::unix::fs::PermissionsExt::from_mode(0o700)).unwrap();
+    let req = c.req();
+    c.send(&Control::Spawn { req, argv: vec!["true".into()], env: vec![], cwd: Some(dir.to_string_lossy().into()), user: Some("65534".into()), tty: None, timeout_ms: None });
+    assert!(matches!(c.reply(req), Control::Error { kind: ErrorKind::PermissionDenied, .. }));
+    // Root stays root.
+    let root = run(&mut c, "0", None);
+    assert!(root.starts_with("0\n") && root.contains("NoNewPrivs:0") && !root.contains(&format!("CapEff:{zero}")), "{root}");
+}
