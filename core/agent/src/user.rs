@@ -10,13 +10,16 @@
 //! with the user's file-system ids). A request that names a user, root included, gets it.
 use std::fs;
 use std::io;
+use std::os::unix::fs::MetadataExt;
+use std::sync::Mutex;
 
 use supermachine_protocol::ErrorKind;
 
 use crate::process::Failure;
+use crate::sys::lock;
 
 /// Who a process runs as, and its home directory (its default `HOME`).
-#[derive(Debug, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Ids {
     pub uid: u32,
     pub gid: u32,
@@ -33,13 +36,35 @@ pub fn for_request(spec: Option<&str>) -> Result<Option<Ids>, Failure> {
     if let Some(spec) = spec {
         return resolve(spec).map(Some);
     }
-    match fs::read_to_string(DEFAULT_USER_FILE) {
+    // Every host file transfer asks: the answer is kept while the three files it comes from
+    // are unchanged (three stats instead of three reads; ~0.6 ms per file under TCG).
+    static CACHE: Mutex<Option<(Stamp, Option<Ids>)>> = Mutex::new(None);
+    let stamp = stamp();
+    if let Some((s, ids)) = lock(&CACHE).as_ref() {
+        if *s == stamp {
+            return Ok(ids.clone());
+        }
+    }
+    let ids = match fs::read_to_string(DEFAULT_USER_FILE) {
         Ok(text) => resolve(text.trim()).map(Some).map_err(|(kind, m)| {
             (kind, format!("the guest's default user ({DEFAULT_USER_FILE}): {m}"))
-        }),
-        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
-        Err(e) => Err((ErrorKind::Io, format!("cannot read the guest's default user {DEFAULT_USER_FILE}: {e}"))),
-    }
+        })?,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => None,
+        Err(e) => return Err((ErrorKind::Io, format!("cannot read the guest's default user {DEFAULT_USER_FILE}: {e}"))),
+    };
+    *lock(&CACHE) = Some((stamp, ids.clone()));
+    Ok(ids)
+}
+
+/// (device, inode, size, mtime, ctime) of the default-user file, /etc/passwd and /etc/group
+/// (zeros for a missing one).
+type Stamp = [(u64, u64, u64, i64, i64, i64, i64); 3];
+
+fn stamp() -> Stamp {
+    [DEFAULT_USER_FILE, "/etc/passwd", "/etc/group"].map(|p| match fs::metadata(p) {
+        Ok(m) => (m.dev(), m.ino(), m.size(), m.mtime(), m.mtime_nsec(), m.ctime(), m.ctime_nsec()),
+        Err(_) => (0, 0, 0, 0, 0, 0, 0),
+    })
 }
 
 /// Resolves `spec` against the guest's /etc/passwd and /etc/group.
