@@ -252,8 +252,10 @@ impl TcpTable {
             c.reset.get_or_insert_with(|| "the channel to the guest was re-established".into());
         }
         // Announced channels no relay holds yet: nobody will finish them, so free them here.
+        // (`finish` keeps `accepted` to guest channels still open, so each is one.)
         for a in std::mem::take(&mut self.accepted) {
-            if self.chans.remove(&a.id).is_some() {
+            if self.chans.get(&a.id).is_some_and(|c| c.origin == Origin::Guest) {
+                self.chans.remove(&a.id);
                 self.inbound -= 1;
             }
         }
@@ -350,6 +352,9 @@ impl TcpTable {
         let Some(c) = self.chans.remove(&id) else { return false };
         if c.origin == Origin::Guest {
             self.inbound -= 1;
+            // Finished before a relay took it: the guest may reuse the id (even for a channel
+            // the host opens), so no stale announcement may stay behind.
+            self.accepted.retain(|a| a.id != id);
         }
         c.reset.is_none() && !(c.eof_in && c.eof_out)
     }
@@ -489,5 +494,25 @@ mod tests {
         assert_eq!(t.open_channels(), 0);
         t.on_accepted(100, 80).unwrap();
         assert!(t.take_refusals().is_empty(), "the cap is not used up by abandoned announcements");
+    }
+
+    #[test]
+    fn an_id_finished_before_it_was_taken_and_reused_by_the_host_survives_a_reconnect() {
+        // Found by the tcp_channels fuzz target: a guest channel finished while still announced,
+        // its id reused for a channel the host opened, then a reconnect: the stale announcement
+        // removed the host's channel and took the guest-channel count below zero.
+        let mut t = TcpTable::new(2);
+        t.set_forward(80, 8080);
+        t.on_accepted(1, 80).unwrap();
+        t.finish(1);
+        assert!(t.take_accepted().is_none(), "a finished channel is no longer announced");
+        t.on_opened(1).unwrap();
+        t.reconnect();
+        assert_eq!(t.open_channels(), 1, "the host's channel stays until its relay finishes it");
+        assert!(!t.finish(1), "it was reset by the reconnect");
+        t.on_accepted(2, 80).unwrap();
+        t.on_accepted(3, 80).unwrap();
+        t.on_accepted(4, 80).unwrap();
+        assert_eq!(t.take_refusals(), vec![4], "the cap still counts two guest channels");
     }
 }
