@@ -15,7 +15,7 @@ RUST_SOURCES := $(shell find core -path core/target -prune -o \( -name '*.rs' -o
 PY_SOURCES := $(shell find supermachine_kernel kernelspecs -type f -not -name '*.so' -not -path '*/__pycache__/*' 2>/dev/null)
 PYTEST_ARGS ?=
 
-.PHONY: setup host demo test test-types test-rust test-python image warm clean
+.PHONY: setup host demo test test-types test-rust test-python image warm clean fuzz fuzz-tools
 
 setup: host $(STAMPS)/build $(STAMPS)/kernelspec image warm
 
@@ -91,7 +91,24 @@ HUB_PROXY := $(VENV)/hub-proxy/node_modules/.bin/configurable-http-proxy
 $(HUB_PROXY):
 	npm install --no-audit --no-fund --loglevel=error --prefix $(VENV)/hub-proxy configurable-http-proxy@4
 
-test-python: setup $(HUB_PROXY)
+# Fuzzing (issue 16): the cargo-fuzz targets in core/fuzz and the atheris harness of the
+# guest-frame parser (tests/fuzz; atheris is a test extra). cargo-fuzz is installed once per
+# machine (cargo's bin directory); tools/fuzz.py picks the toolchain and reports runs, coverage
+# and findings. `make fuzz` runs every target FUZZ_SECONDS; `make test` runs a short smoke of
+# each (tests/security/test_fuzz_smoke.py).
+FUZZ_SECONDS ?= 60
+CARGO_FUZZ_VERSION := 0.13.2
+CARGO_FUZZ := $(or $(CARGO_HOME),$(HOME)/.cargo)/bin/cargo-fuzz
+$(CARGO_FUZZ):
+	@echo "setup: installing cargo-fuzz $(CARGO_FUZZ_VERSION)" >&2
+	cargo install -q cargo-fuzz --version $(CARGO_FUZZ_VERSION) --locked
+
+fuzz-tools: $(CARGO_FUZZ) $(STAMPS)/build
+
+fuzz: fuzz-tools
+	$(PY) tools/fuzz.py --seconds $(FUZZ_SECONDS)
+
+test-python: setup $(HUB_PROXY) fuzz-tools
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 # mypy over the package (its settings: [tool.mypy] in pyproject.toml), then mypy.stubtest: the
