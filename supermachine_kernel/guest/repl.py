@@ -2231,8 +2231,22 @@ class Driver:
     do_comm_open = do_comm_msg = do_comm_close = _comm
 
 
+def user_scripts_on_path():
+    """A user who is not root installs with pip's user scheme (`%pip install` lands in
+    ~/.local); its command-line tools go to the user base's bin, which `!cmd` should find."""
+    if os.geteuid() == 0:
+        return
+    import site
+
+    scripts = os.path.join(site.getuserbase(), "bin")
+    parts = os.environ.get("PATH", "").split(os.pathsep)
+    if scripts not in parts:
+        os.environ["PATH"] = os.pathsep.join([scripts, *[p for p in parts if p]])
+
+
 def main():
     keep_freed_memory()
+    user_scripts_on_path()
     # Keep the protocol on private fds; user code and subprocesses get /dev/null, pipes.
     proto_in = os.dup(0)
     proto_out = os.dup(1)

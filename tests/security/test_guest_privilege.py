@@ -94,6 +94,21 @@ def test_bang_command_runs_as_the_user(user_kernel: Kernel) -> None:
     assert stdout_of(outputs).split() == ["jovyan", "1000"], outputs
 
 
+def test_the_users_pip_scripts_are_on_path(user_kernel: Kernel) -> None:
+    """`%pip install` puts a package's tools in ~/.local/bin (pip's user scheme): `!tool` finds
+    them."""
+    code = ("import os, stat\n"
+            "os.makedirs(os.path.expanduser('~/.local/bin'), exist_ok=True)\n"
+            "tool = os.path.expanduser('~/.local/bin/smk-probe-tool')\n"
+            "open(tool, 'w').write('#!/bin/sh\\necho tool-ran-as-$(id -u)\\n')\n"
+            "os.chmod(tool, 0o755)")
+    reply, outputs = user_kernel.execute(code, timeout=60)
+    assert reply["status"] == "ok", (reply, outputs)
+    reply, outputs = user_kernel.execute("!smk-probe-tool", timeout=60)
+    assert reply["status"] == "ok", reply
+    assert stdout_of(outputs).strip() == "tool-ran-as-1000", outputs
+
+
 AGENT = r"""
 import ctypes, errno, glob, json, os
 libc = ctypes.CDLL(None, use_errno=True)
