@@ -38,7 +38,7 @@ class GuestUnanswered(RuntimeError):
 class GuestCalls:
     """One per kernel: requests to the guest that an interrupt can end, and the interrupt."""
 
-    def __init__(self, iopub: IopubRelay, stdin: StdinRelay, grace: float = 10.0) -> None:
+    def __init__(self, iopub: IopubRelay, stdin: StdinRelay, grace: float = 30.0) -> None:
         self._iopub = iopub
         self._stdin = stdin
         self._interrupted: asyncio.Event | None = None  # set on the guest's loop by an interrupt

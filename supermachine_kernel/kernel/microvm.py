@@ -55,10 +55,12 @@ class MicroVMKernel(Kernel, GuestConfig):
     forward_sigint = Bool(True, help="Forward SIGINT received by this process to the guest "
                           "(interrupt_mode 'signal').").tag(config=True)
     interrupt_grace = Float(
-        10.0, help="Seconds a cell may take to end after an interrupt before the guest's Python "
+        30.0, help="Seconds a cell may take to end after an interrupt before the guest's Python "
         "process (and everything it started) is killed and a fresh one started in the same VM "
         "(variables lost, files kept); a second interrupt does that at once. 0: only the second "
-        "interrupt.").tag(config=True)
+        "interrupt. Generous by default: under software emulation on a loaded host an "
+        "interrupted cell took over 10 s to print its traceback, and a reset loses the "
+        "variables.").tag(config=True)
     frame_timeout = Float(
         30.0, help="Seconds a message the guest's Python process started sending may take to "
         "complete; past that the process is killed as for an ignored interrupt. 0: no limit."

@@ -11,9 +11,7 @@ The kernels run with a short grace, read deadline and ping timeout (traits of Mi
 """
 from __future__ import annotations
 
-import os
 import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -21,22 +19,17 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: the kernel harness
-from kernel.harness import BACKEND, SLOW, Kernel  # noqa: E402
+from kernel.harness import BACKEND, SLOW, Kernel, LocalKernelspecs
 
-from supermachine_kernel.cli.install import install, prepare  # noqa: E402
+from supermachine_kernel.cli.install import prepare
 
 KERNEL = "smk-faults-stuck"
 KERNEL_ROOT = "smk-faults-stuck-root"  # guest root can freeze the agent; the default user cannot
 GRACE = 2.0
-_root = tempfile.mkdtemp(prefix="smk-faults-specs-")
-for _name, _user in ((KERNEL, []), (KERNEL_ROOT, ["--MicroVMKernel.guest_user=root"])):
-    install(prefix=_root, kernel_name=_name, backend=BACKEND, interrupt_mode="message",
-            display_name=f"Python (microVM, {BACKEND}, stuck-guest tests)",
-            extra_args=["--MicroVMKernel.pool_min=0", *_user])
 # The kernel's own settings (not the guest's, which `prepare` reads from the kernelspec).
 STUCK_ARGS = [f"--MicroVMKernel.interrupt_grace={GRACE}", "--MicroVMKernel.frame_timeout=5",
               "--MicroVMKernel.agent_ping_interval=2", "--MicroVMKernel.agent_ping_timeout=10"]
-_SPECS = os.path.join(_root, "share", "jupyter")
+_SPECS = LocalKernelspecs("stuck-guest", {KERNEL: [], KERNEL_ROOT: ["--MicroVMKernel.guest_user=root"]})
 _prepared: set[str] = set()
 
 pytestmark = [pytest.mark.vm] if BACKEND == "vm" else []
@@ -45,9 +38,7 @@ pytestmark = [pytest.mark.vm] if BACKEND == "vm" else []
 def _start(name: str) -> Kernel:
     """A kernel of `name`; on VMs its warm snapshot is baked first, outside the cell timeouts
     (a first bake takes minutes under TCG)."""
-    paths = [p for p in os.environ.get("JUPYTER_PATH", "").split(os.pathsep) if p]
-    if _SPECS not in paths:
-        os.environ["JUPYTER_PATH"] = os.pathsep.join([_SPECS, *paths])
+    _SPECS.use()
     if BACKEND == "vm" and name not in _prepared:
         prepare(name, timeout=1800)
         _prepared.add(name)

@@ -4,10 +4,12 @@ from __future__ import annotations
 import os
 import queue
 import shutil
+import tempfile
 import time
 from typing import Any, Callable
 
 from jupyter_client.manager import KernelManager
+
 
 def _default_backend() -> str:
     """SUPERMACHINE_TEST_BACKEND if set; else `vm` when the runtime and QEMU are there."""
@@ -27,6 +29,28 @@ KERNEL_SIGNAL = "smk-test-signal"
 # Generous on VMs: TCG runs Python 14-22x slower than the host.
 SLOW = 8.0 if BACKEND == "vm" else 1.0
 START_TIMEOUT = 300 if BACKEND == "vm" else 60
+
+
+class LocalKernelspecs:
+    """Kernelspecs a test module installs for itself, in a temporary prefix: name -> the
+    kernel's extra arguments (after --MicroVMKernel.pool_min=0). `use()` puts them on
+    JUPYTER_PATH, at the first kernel start rather than at collection."""
+
+    def __init__(self, purpose: str, specs: dict[str, list[str]],
+                 interrupt_mode: str = "message") -> None:
+        from supermachine_kernel.cli.install import install
+
+        root = tempfile.mkdtemp(prefix=f"smk-{purpose}-specs-")
+        for name, extra in specs.items():
+            install(prefix=root, kernel_name=name, backend=BACKEND, interrupt_mode=interrupt_mode,
+                    display_name=f"Python (microVM, {BACKEND}, {purpose} tests)",
+                    extra_args=["--MicroVMKernel.pool_min=0", *extra])
+        self.path = os.path.join(root, "share", "jupyter")
+
+    def use(self) -> None:
+        paths = [p for p in os.environ.get("JUPYTER_PATH", "").split(os.pathsep) if p]
+        if self.path not in paths:
+            os.environ["JUPYTER_PATH"] = os.pathsep.join([self.path, *paths])
 
 
 class Kernel:

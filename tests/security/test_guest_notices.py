@@ -11,24 +11,25 @@ from __future__ import annotations
 import os
 import re
 import sys
-import tempfile
 from pathlib import Path
 
 import pytest
 from jupyter_client.manager import KernelManager
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: the kernel harness
-from kernel.harness import BACKEND, START_TIMEOUT, Kernel, stderr_of, stdout_of  # noqa: E402
+from kernel.harness import (  # noqa: E402
+    BACKEND,
+    START_TIMEOUT,
+    Kernel,
+    LocalKernelspecs,
+    stderr_of,
+    stdout_of,
+)
 
-from supermachine_kernel.cli.install import install  # noqa: E402
 from supermachine_kernel.kernel.iopub import LogLimiter, quote  # noqa: E402
 
 KERNEL = "smk-security-notices"
-_root = tempfile.mkdtemp(prefix="smk-security-specs-")
-install(prefix=_root, kernel_name=KERNEL, backend=BACKEND, interrupt_mode="message",
-        display_name=f"Python (microVM, {BACKEND}, notice tests)",
-        extra_args=["--MicroVMKernel.pool_min=0"])
-_SPECS = os.path.join(_root, "share", "jupyter")
+_SPECS = LocalKernelspecs("notice", {KERNEL: []})
 
 FRAMES = 30
 FRAME_BYTES = 1_000_000
@@ -62,9 +63,7 @@ class _LoggedKernel(Kernel):
     """A test kernel whose own log (its stderr) goes to a file."""
 
     def __init__(self, log_path: str) -> None:
-        paths = [p for p in os.environ.get("JUPYTER_PATH", "").split(os.pathsep) if p]
-        if _SPECS not in paths:
-            os.environ["JUPYTER_PATH"] = os.pathsep.join([_SPECS, *paths])
+        _SPECS.use()
         self._log = open(log_path, "wb")
         self.km = KernelManager(kernel_name=KERNEL)
         self.km.start_kernel(stderr=self._log)

@@ -9,7 +9,6 @@ make the agent's writes for the host (the sync's uploads) go through it as root.
 from __future__ import annotations
 
 import json
-import os
 import sys
 import tempfile
 from collections.abc import Iterator
@@ -18,27 +17,19 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: the kernel harness
-from kernel.harness import BACKEND, Kernel, stderr_of, stdout_of  # noqa: E402
-
-from supermachine_kernel.cli.install import install  # noqa: E402
+from kernel.harness import BACKEND, Kernel, LocalKernelspecs, stderr_of, stdout_of
 
 pytestmark = [pytest.mark.vm, pytest.mark.skipif(BACKEND != "vm", reason="needs the microVM")]
 
 USER_KERNEL = "smk-security-user"
 ROOT_KERNEL = "smk-security-root"
-_root = tempfile.mkdtemp(prefix="smk-security-specs-")
-for _name, _user in ((USER_KERNEL, "jovyan"), (ROOT_KERNEL, "root")):
-    install(prefix=_root, kernel_name=_name, backend=BACKEND,
-            display_name=f"Python (microVM, guest user {_user})",
-            extra_args=["--MicroVMKernel.pool_min=0", f"--MicroVMKernel.guest_user={_user}",
-                        "--MicroVMKernel.workspace=sync"])
-_SPECS = os.path.join(_root, "share", "jupyter")
+_SPECS = LocalKernelspecs("guest-user", {
+    name: [f"--MicroVMKernel.guest_user={user}", "--MicroVMKernel.workspace=sync"]
+    for name, user in ((USER_KERNEL, "jovyan"), (ROOT_KERNEL, "root"))})
 
 
 def _start(name: str, cwd: str | None = None) -> Kernel:
-    paths = [p for p in os.environ.get("JUPYTER_PATH", "").split(os.pathsep) if p]
-    if _SPECS not in paths:
-        os.environ["JUPYTER_PATH"] = os.pathsep.join([_SPECS, *paths])
+    _SPECS.use()
     return Kernel(name, cwd=cwd)
 
 

@@ -9,26 +9,18 @@ jupyter_client.
 """
 from __future__ import annotations
 
-import os
 import queue
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: the kernel harness
-from kernel.harness import BACKEND, SLOW, Kernel, stdout_of  # noqa: E402
-
-from supermachine_kernel.cli.install import install  # noqa: E402
+from kernel.harness import BACKEND, SLOW, Kernel, LocalKernelspecs, stdout_of
 
 KERNEL = "smk-security-input"
-_root = tempfile.mkdtemp(prefix="smk-security-specs-")
-install(prefix=_root, kernel_name=KERNEL, backend=BACKEND, interrupt_mode="message",
-        display_name=f"Python (microVM, {BACKEND}, input tests)",
-        extra_args=["--MicroVMKernel.pool_min=0"])
-_SPECS = os.path.join(_root, "share", "jupyter")
+_SPECS = LocalKernelspecs("input", {KERNEL: []})
 
 pytestmark = [pytest.mark.vm] if BACKEND == "vm" else []
 
@@ -56,9 +48,7 @@ while sum(r[0] == "ok" for r in results) < ANSWERED and time.monotonic() < deadl
 
 @pytest.fixture(scope="module")
 def kernel():
-    paths = [p for p in os.environ.get("JUPYTER_PATH", "").split(os.pathsep) if p]
-    if _SPECS not in paths:
-        os.environ["JUPYTER_PATH"] = os.pathsep.join([_SPECS, *paths])
+    _SPECS.use()
     k = Kernel(KERNEL)
     yield k
     k.shutdown()
@@ -108,7 +98,7 @@ def test_input_requests_end_with_their_cell(kernel):
         timeout=120)[1])
     lines = out.splitlines()
     assert lines[0] == f"0 {THREADS}", out
-    kinds = set(eval(lines[1]))  # noqa: S307 - our own cell's printed list
+    kinds = set(eval(lines[1]))
     assert kinds <= {"ok", "EOFError"}, out
     # each answer reached the thread it was for; an answer may come too late for its cell
     ok, total_ok = map(int, lines[2].split())
