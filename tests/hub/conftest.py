@@ -157,7 +157,26 @@ USER_VENV_REQUIREMENTS = [
 
 
 @pytest.fixture(scope="module")
-def user_venv(hub_prerequisites: str) -> Path:
+def checkout_open_to_users(hub_prerequisites: str) -> Iterator[None]:
+    """The users' servers import this checkout's code (a .pth names it) and run the venvs and
+    store below it. A clone under `mktemp -d` (mode 0700, as a CI check makes it) is closed to
+    them: for the module's duration the checkout gets o+rx (Python's importer lists the folder)
+    and every folder above it o+x (traverse only); the modes are put back after."""
+    changed: list[tuple[Path, int]] = []
+    for path, bits in ((REPO, 0o005), *((parent, 0o001) for parent in REPO.parents)):
+        mode = stat.S_IMODE(path.stat().st_mode)
+        if mode & bits != bits:
+            path.chmod(mode | bits)
+            changed.append((path, mode))
+    try:
+        yield
+    finally:
+        for path, mode in changed:
+            path.chmod(mode)
+
+
+@pytest.fixture(scope="module")
+def user_venv(hub_prerequisites: str, checkout_open_to_users: None) -> Path:
     """A virtualenv every user can run, with this project and its kernelspec: the test venv
     itself when its Python is reachable by all, else one made once (kept, like the proxy)
     under .venv/hub-venv from the system's python3 (the test venv's may live under /root)."""
