@@ -197,7 +197,13 @@ class FakeVm:
 
 
 def _early_vm(monkeypatch, tmp_path, vm, gate=None, fail=None):
+    own = str(tmp_path / "snap")
+
     def restore(snapshot):
+        # An earlier test's early VM whose thread reaches the (patched) module function only
+        # now, under load, must not get this test's FakeVm (it would release it once more).
+        if snapshot != own:
+            raise RuntimeError(f"not this test's snapshot: {snapshot}")
         if gate is not None:
             gate.wait(5)
         if fail is not None:
@@ -206,7 +212,7 @@ def _early_vm(monkeypatch, tmp_path, vm, gate=None, fail=None):
 
     monkeypatch.setattr(early_start, "restore_and_attach", restore)
     (tmp_path / "snap").mkdir(exist_ok=True)
-    return EarlyVm(str(tmp_path / "snap"))
+    return EarlyVm(own)
 
 
 def test_early_vm_is_taken_only_for_its_own_snapshot(monkeypatch, tmp_path):
