@@ -12,12 +12,13 @@ fn proc_form(addr: SocketAddrV4) -> String {
 }
 
 /// The uid owning the socket whose local end is `local` and remote end `remote`, from the
-/// text of `/proc/net/tcp`.
+/// text of `/proc/net/tcp`. Entries without a socket inode (TIME_WAIT leftovers of an earlier
+/// connection on the same ports, listed with uid 0) are skipped.
 pub fn owner_in(table: &str, local: SocketAddrV4, remote: SocketAddrV4) -> Option<u32> {
     let (l, r) = (proc_form(local), proc_form(remote));
     table.lines().skip(1).find_map(|line| {
         let f: Vec<&str> = line.split_whitespace().collect();
-        if f.len() > 7 && f[1] == l && f[2] == r {
+        if f.len() > 9 && f[1] == l && f[2] == r && f[9] != "0" {
             f[7].parse().ok()
         } else {
             None
@@ -45,7 +46,8 @@ mod tests {
 
     const TABLE: &str = "  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode\n\
    0: 0100007F:9C40 00000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 1 1 0 100 0 0 10 0\n\
-   1: 0100007F:D431 0100007F:9C40 01 00000000:00000000 00:00000000 00000000  1001        0 2 1 0 20 4 30 10 -1\n";
+   1: 0100007F:D431 0100007F:9C40 06 00000000:00000000 03:00000F2A 00000000     0        0 0 3 0000000000000000\n\
+   2: 0100007F:D431 0100007F:9C40 01 00000000:00000000 00:00000000 00000000  1001        0 2 1 0 20 4 30 10 -1\n";
 
     #[test]
     fn finds_the_owner_of_the_client_end() {
