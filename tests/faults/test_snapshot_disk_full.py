@@ -39,14 +39,6 @@ def small_disk():
         os.rmdir(mnt)
 
 
-@pytest.fixture(scope="module")
-def image() -> api.Image:
-    img = api.Image.build(progress=False)
-    seed = img._take_seed()
-    if seed is not None:
-        seed.release()
-    return img
-
 
 def test_api_snapshot_on_a_full_disk_names_the_disk_and_the_space(image, small_disk):
     dest = os.path.join(small_disk, "snaps", "s1")

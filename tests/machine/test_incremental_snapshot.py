@@ -18,14 +18,6 @@ from supermachine_kernel import _core, api
 from supermachine_kernel.machine.idle import disk_usage
 
 
-@pytest.fixture(scope="module")
-def image() -> api.Image:
-    img = api.Image.build(progress=False)
-    seed = img._take_seed()
-    if seed is not None:
-        seed.release()
-    return img
-
 
 @pytest.fixture(scope="module")
 def base(image, tmp_path_factory) -> str:

@@ -72,16 +72,6 @@ def unix_vm(unix_agent):
     vm.release()
 
 
-@pytest.fixture(scope="session")
-def image() -> api.Image:
-    img = api.Image.build(progress=False)
-    # Whether this run baked the snapshot (then the bake VM would be handed to the first boot)
-    # must not change what tests see: drop it, so every boot() is a real restore.
-    seed = img._take_seed()
-    if seed is not None:
-        seed.release()
-    return img
-
 
 def console_tail(vm: api.Vm, n: int = 40) -> str:
     try:

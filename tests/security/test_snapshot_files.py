@@ -27,14 +27,6 @@ pytestmark = pytest.mark.vm
 FILES = ("metadata.json", "state", "memory")
 
 
-@pytest.fixture(scope="module")
-def image() -> api.Image:
-    img = api.Image.build(progress=False)
-    seed = img._take_seed()  # every boot() below is then a real restore
-    if seed is not None:
-        seed.release()
-    return img
-
 
 def fingerprint(path: str) -> dict[str, tuple[int, int, str]]:
     """(inode, mtime_ns, sha256) of each file of a snapshot."""
