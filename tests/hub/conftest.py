@@ -13,7 +13,6 @@ import pwd
 import secrets
 import shutil
 import signal
-import socket
 import stat
 import subprocess
 import sys
@@ -25,6 +24,7 @@ from pathlib import Path
 from typing import Any, Iterator, Optional
 
 import pytest
+from runtime.helpers import free_port
 
 REPO = Path(__file__).resolve().parents[2]
 VENV = Path(sys.prefix)
@@ -41,12 +41,6 @@ def find_proxy() -> Optional[str]:
     """configurable-http-proxy: where `make setup` puts it, else on PATH."""
     local = VENV / "hub-proxy" / "node_modules" / ".bin" / "configurable-http-proxy"
     return str(local) if local.exists() else shutil.which("configurable-http-proxy")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def pids_of(uid: int) -> list[int]:

@@ -13,7 +13,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -26,6 +25,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: the kernel harness
 from kernel.harness import BACKEND  # noqa: E402
+from runtime.helpers import free_port  # noqa: E402
 
 from supermachine_kernel.cli.install import install  # noqa: E402
 
@@ -47,12 +47,6 @@ def node_ready() -> str | None:
     if not os.path.exists(CHROMIUM):
         return "chromium is not installed (make setup installs it)"
     return None
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @dataclass
@@ -90,7 +84,7 @@ def lab():
                JUPYTER_CONFIG_DIR=config, JUPYTERLAB_SETTINGS_DIR=os.path.join(config, "lab"),
                JUPYTERLAB_WORKSPACES_DIR=os.path.join(config, "workspaces"))
     env.pop("JPY_SESSION_NAME", None)
-    port = _free_port()
+    port = free_port()
     OUTPUT.mkdir(parents=True, exist_ok=True)
     log = OUTPUT / "lab-server.log"
     with open(log, "w") as out:

@@ -19,7 +19,7 @@ from supermachine_kernel import expose
 from supermachine_kernel.expose import Exposure, Slots
 
 from .conftest import UnixAgent
-from .helpers import wait_until
+from .helpers import free_port, wait_until
 
 ECHO = r"""
 import socket, sys, threading
@@ -54,13 +54,6 @@ while True:
 """
 
 BIG = 10 * 1024 * 1024
-
-
-def free_port() -> int:
-    """A port free on the host (the unix backend's "guest" shares the host's ports)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def get(x: Exposure, path: str = "/", timeout: float = 60.0) -> tuple[int, bytes]:

@@ -16,8 +16,8 @@ import pytest
 from supermachine_kernel import api, expose
 
 from .conftest import UnixAgent
-from .helpers import wait_until
-from .test_expose import ECHO, echo_ready, free_port
+from .helpers import connect_retry, free_port, wait_until
+from .test_expose import ECHO, echo_ready
 from .test_faults import FakeGuest, control, frame, read_frame
 
 
@@ -83,17 +83,6 @@ def tvm(agent):
     vm = agent.attach()
     yield vm
     vm.release()
-
-
-def connect_retry(port: int, timeout: float = 30) -> socket.socket:
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            return socket.create_connection(("127.0.0.1", port), timeout=30)
-        except ConnectionRefusedError:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.05)
 
 
 def echo_round_trip(s: socket.socket, data: bytes) -> bytes:

@@ -7,42 +7,24 @@ socket, whose "guest" loopback is the host's, so no VM is needed.
 """
 from __future__ import annotations
 
-import socket
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: the runtime fixtures
 from runtime.conftest import UnixAgent  # noqa: E402
+from runtime.helpers import connect_retry, free_port  # noqa: E402
 
 ATTEMPTS = 40
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _connect(port: int, timeout: float = 30) -> socket.socket:
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            return socket.create_connection(("127.0.0.1", port), timeout=30)
-        except ConnectionRefusedError:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.05)
 
 
 def test_failed_guest_connections_log_a_bounded_number_of_lines(capfd):
     agent = UnixAgent()
     vm = agent.attach()
-    gport, dead = _free_port(), _free_port()
+    gport, dead = free_port(), free_port()
     try:
         vm.forward_to_host(gport, dead)
         for _ in range(ATTEMPTS):
-            with _connect(gport) as s:  # the host closes it: nothing listens on `dead`
+            with connect_retry(gport) as s:  # the host closes it: nothing listens on `dead`
                 s.settimeout(30)
                 try:
                     assert s.recv(10) == b""
