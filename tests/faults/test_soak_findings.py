@@ -26,16 +26,10 @@ import psutil
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: the kernel harness
-from kernel.harness import BACKEND, SLOW, Kernel  # noqa: E402
-
-from supermachine_kernel.cli.install import install  # noqa: E402
+from kernel.harness import BACKEND, SLOW, Kernel, LocalKernelspecs  # noqa: E402
 
 KERNEL = "smk-faults-leftovers"
-_root = tempfile.mkdtemp(prefix="smk-faults-leftovers-specs-")
-install(prefix=_root, kernel_name=KERNEL, backend=BACKEND, interrupt_mode="message",
-        display_name=f"Python (microVM, {BACKEND}, leftover tests)",
-        extra_args=["--MicroVMKernel.pool_min=0"])
-_SPECS = os.path.join(_root, "share", "jupyter")
+_SPECS = LocalKernelspecs("faults-leftovers", {KERNEL: []})
 
 pytestmark = [pytest.mark.vm, pytest.mark.skipif(BACKEND != "vm", reason="VM work dirs need VMs")]
 
@@ -52,15 +46,9 @@ def short_dir():
     shutil.rmtree(d, ignore_errors=True)
 
 
-def _use_specs() -> None:
-    paths = [p for p in os.environ.get("JUPYTER_PATH", "").split(os.pathsep) if p]
-    if _SPECS not in paths:
-        os.environ["JUPYTER_PATH"] = os.pathsep.join([_SPECS, *paths])
-
-
 @pytest.mark.parametrize("end", ["shutdown_request", "SIGTERM"])
 def test_kernel_end_after_restore_leaves_no_work_dir(short_dir, end) -> None:
-    _use_specs()
+    _SPECS.use()
     runtime, data = short_dir / "rt", short_dir / "data"
     runtime.mkdir(mode=0o700)
     k = Kernel(KERNEL, env=dict(os.environ, XDG_RUNTIME_DIR=str(runtime),
@@ -90,7 +78,7 @@ def test_kernel_end_after_restore_leaves_no_work_dir(short_dir, end) -> None:
 
 
 def test_guest_death_log_line_stays_off_iopub() -> None:
-    _use_specs()
+    _SPECS.use()
     k = Kernel(KERNEL)
     seen: list[dict] = []
     try:

@@ -5,21 +5,13 @@ directory and cgroup name: nothing touches the host's /etc/supermachine-kernel o
 of other kernels."""
 from __future__ import annotations
 
-import os
 import sys
-import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: the kernel harness
-from kernel.harness import BACKEND, Kernel, stderr_of, stdout_of
-
-from supermachine_kernel.cli.install import install
+from kernel.harness import BACKEND, Kernel, LocalKernelspecs, stderr_of, stdout_of
 
 KERNEL = "smk-limits"
-_root = tempfile.mkdtemp(prefix="smk-limits-specs-")
-install(prefix=_root, kernel_name=KERNEL, backend=BACKEND, interrupt_mode="message",
-        display_name=f"Python (microVM, {BACKEND}, limits tests)",
-        extra_args=["--MicroVMKernel.pool_min=0"])
-SPECS = os.path.join(_root, "share", "jupyter")
+SPECS = LocalKernelspecs("limits", {KERNEL: []}).path
 
 __all__ = ["BACKEND", "KERNEL", "SPECS", "Kernel", "stderr_of", "stdout_of"]

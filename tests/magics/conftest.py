@@ -20,24 +20,21 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: the kernel harness
-from kernel.harness import BACKEND, Kernel, stderr_of, stdout_of  # noqa: E402
+from kernel.harness import BACKEND, Kernel, LocalKernelspecs, stderr_of, stdout_of  # noqa: E402
 
-from supermachine_kernel.cli.install import install  # noqa: E402
-from supermachine_kernel.machine.snapshot_store import SnapshotStore, kernel_id, notebook_key  # noqa: E402
+from supermachine_kernel.machine.snapshot_store import (  # noqa: E402
+    SnapshotStore,
+    kernel_id,
+    notebook_key,
+)
 
 KERNEL = "smk-magics"
-_root = tempfile.mkdtemp(prefix="smk-magics-specs-")
-install(prefix=_root, kernel_name=KERNEL, backend=BACKEND, interrupt_mode="message",
-        display_name=f"Python (microVM, {BACKEND}, magic tests)",
-        extra_args=["--MicroVMKernel.pool_min=0"])
-_SPECS = os.path.join(_root, "share", "jupyter")
+_SPECS = LocalKernelspecs("magics", {KERNEL: []})
 
 
 def use_kernelspec() -> None:
     """Puts our kernelspec on JUPYTER_PATH (other conftests may have replaced it since)."""
-    paths = [p for p in os.environ.get("JUPYTER_PATH", "").split(os.pathsep) if p]
-    if _SPECS not in paths:
-        os.environ["JUPYTER_PATH"] = os.pathsep.join([_SPECS, *paths])
+    _SPECS.use()
 
 
 use_kernelspec()
