@@ -1,7 +1,9 @@
 // The extension end to end in Debian's chromium (playwright-core with executablePath): a
 // notebook on "Python (microVM)" shows the status item; a snapshot taken from the panel, a
 // variable changed, a restore from the panel (through its confirm dialog) brings the variable
-// back; the pool panel shows the figures; a notebook on another kernel shows none of it.
+// back; the pool panel shows the figures; a C loop that ignores the interrupt ends at the second
+// interrupt (pressed I,I twice) with the GuestStuck error and the next cell runs; a notebook on
+// another kernel shows none of it.
 // Run by tests/lab/test_e2e.py: node e2e.js URL NOTEBOOK OTHER_NOTEBOOK|- OUT_DIR [notebook7]
 // Prints one JSON line per check; exits 1 on the first failure (with a screenshot).
 const { chromium } = require('playwright-core');
@@ -47,6 +49,27 @@ async function runCell(i) {
     }
   }
   throw new Error(`cell ${i} did not run`);
+}
+
+function cellText(i) {
+  return page.locator('.jp-Notebook .jp-Cell').nth(i).locator('.jp-OutputArea').textContent();
+}
+
+async function interruptTwice(i) {
+  // Starts cell i, and once it runs, presses the interrupt chord (I, I) twice in command mode,
+  // as a user does when the first interrupt does not stop the cell.
+  await page.locator('.jp-Notebook .jp-Cell').nth(i).locator('.jp-InputArea-editor').click();
+  await page.keyboard.press('Shift+Enter');
+  await page.waitForFunction(n => /\[\*\]/.test(document.querySelectorAll('.jp-Notebook .jp-Cell')[n].querySelector('.jp-InputPrompt').textContent), i, { timeout: LONG });
+  await page.waitForTimeout(3000);
+  for (let k = 0; k < 2; k++) {
+    await page.locator('.jp-Notebook .jp-Cell').nth(i).locator('.jp-InputPrompt').click();
+    await page.keyboard.press('Escape');
+    await page.keyboard.press('i');
+    await page.keyboard.press('i');
+    await page.waitForTimeout(1500);
+  }
+  await page.waitForFunction(n => /\[\d+\]/.test(document.querySelectorAll('.jp-Notebook .jp-Cell')[n].querySelector('.jp-InputPrompt').textContent), i, { timeout: LONG });
 }
 
 async function openTab(id) {
@@ -127,6 +150,18 @@ async function openTab(id) {
     }
     check('pool panel', accel);
     await shot('5-pool');
+
+    step('a C loop that ignores the interrupt');
+    await interruptTwice(3); // sum(range(10**13))
+    const stuck = await cellText(3);
+    if (!/GuestStuck/.test(stuck) || !/second interrupt/.test(stuck)) {
+      throw new Error(`after two interrupts the cell shows ${JSON.stringify(stuck.slice(-500))}`);
+    }
+    check('second interrupt ends a stuck cell', stuck.trim().slice(-300));
+    await runCell(4); // print('after', 1 + 1)
+    await page.waitForFunction(() => /after 2/.test(document.querySelectorAll('.jp-Notebook .jp-Cell')[4].textContent), null, { timeout: LONG });
+    check('the kernel runs the next cell');
+    await shot('5b-stuck-cell');
 
     if (other !== '-') {
       step('open a notebook on another kernel');

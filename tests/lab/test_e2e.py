@@ -1,6 +1,7 @@
 """The extension end to end in a real browser against a real JupyterLab and a real microVM
 kernel (tests/lab/e2e.js does the clicking): status item, snapshot and restore from the panel
-(the variable comes back), the pool panel, nothing for another kernel, and in Notebook 7 the
+(the variable comes back), the pool panel, a stuck cell ended by a second interrupt (issue
+16), nothing for another kernel, and in Notebook 7 the
 toolbar button and the snapshots panel (by its key chord). Screenshots are kept in
 test-output/lab/e2e/."""
 from __future__ import annotations
@@ -25,7 +26,8 @@ def test_snapshot_and_restore_from_the_panel(lab):
     why = node_ready()
     if why:
         pytest.fail(f"cannot run the browser test: {why}")
-    nb = lab.notebook("e2e.ipynb", KERNEL, ["x = 1", "x = 2", "print('x is', x)"])
+    nb = lab.notebook("e2e.ipynb", KERNEL, ["x = 1", "x = 2", "print('x is', x)",
+                                                  "sum(range(10**13))", "print('after', 1 + 1)"])
     other = "-"
     if os.path.isdir(os.path.join(sys.prefix, "share", "jupyter", "kernels", "python3")):
         other = lab.notebook("plain.ipynb", "python3", ["1"])
@@ -49,6 +51,7 @@ def test_snapshot_and_restore_from_the_panel(lab):
                           "restore confirm dialog", "status item marks the restore",
                           "variable restored"], passed
     assert "pool panel" in passed
+    assert {"second interrupt ends a stuck cell", "the kernel runs the next cell"} <= set(passed)
     assert (out / "4-restored.png").stat().st_size > 0
     if other != "-":
         assert "other kernel sees nothing" in passed
