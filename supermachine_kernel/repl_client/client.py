@@ -183,12 +183,15 @@ class _Link:
                         return
                 if not data:
                     break
-                frames = decoder.feed_sized(data)
-                for size, raw in frames:
+                # Frame by frame: what came before a bad frame is delivered before it kills
+                # the session (the cell's output up to where the guest broke the framing).
+                decoded = 0
+                for size, raw in decoder.iter_sized(data):
                     self._deliver(size, raw)
+                    decoded += 1
                 if not decoder.pending:
                     deadline = None
-                elif frames or deadline is None:  # a new frame began: its own deadline
+                elif decoded or deadline is None:  # a new frame began: its own deadline
                     deadline = time.monotonic() + limit
         except ProtocolError as e:
             self._die(f"the guest REPL sent an invalid frame ({e}); it was stopped", fatal=True)

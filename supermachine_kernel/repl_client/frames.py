@@ -24,7 +24,7 @@ import itertools
 import json
 import re
 import struct
-from typing import Any
+from typing import Any, Iterator
 
 HEADER = struct.Struct(">I")
 MAX_FRAME_BYTES = 32 * 1024 * 1024
@@ -48,7 +48,11 @@ def encode_frame(msg: dict[str, Any]) -> bytes:
 
 
 class FrameDecoder:
-    """Incremental decoder: `feed(bytes)` returns the complete frames so far, as dicts."""
+    """Incremental decoder: `feed(bytes)` returns the complete frames so far, as dicts.
+
+    `iter_sized(bytes)` yields them one at a time, so a reader hands on every good frame that
+    came before a bad one in the same read (the output a cell printed before its guest broke the
+    framing) before the `ProtocolError` reaches it; `feed` raises without them."""
 
     def __init__(self, max_frame: int = MAX_FRAME_BYTES) -> None:
         self._buf = bytearray()
@@ -61,9 +65,14 @@ class FrameDecoder:
 
     def feed_sized(self, data: bytes) -> list[tuple[int, dict[str, Any]]]:
         """Like `feed`, with each frame's encoded size (for memory accounting)."""
+        return list(self.iter_sized(data))
+
+    def iter_sized(self, data: bytes) -> Iterator[tuple[int, dict[str, Any]]]:
+        """The frames `data` completes, each with its encoded size, as they are decoded; a
+        framing error is raised after the good frames before it. Consume it to the end (or to
+        the error): the decoder's state advances as it goes."""
         buf = self._buf
         buf += data
-        out = []
         while True:
             if self._need is None:
                 if len(buf) < HEADER.size:
@@ -90,8 +99,7 @@ class FrameDecoder:
                 msg = decode_body(body)
             del buf[:need]
             self._need = None
-            out.append((need, msg))
-        return out
+            yield need, msg
 
     @property
     def pending(self) -> int:

@@ -111,6 +111,32 @@ def test_framing_garbage_kills_that_guest_and_restarts(garbage):
     assert events[-1][0] == "died"
 
 
+def test_output_before_bad_framing_in_the_same_write_is_delivered():
+    # One write: the cell's output, then a frame whose body is not JSON. The output reaches the
+    # frontend before the session reports the invalid frame (nothing the guest sent well is lost).
+    body = """
+        ready()
+        req = read_request()
+        good = b''.join(struct.pack('>I', len(b)) + b for b in (
+            json.dumps({'type': 'stream', 'name': 'stdout', 'text': f'line {i}\\n'}).encode()
+            for i in range(3)))
+        os.write(out, good + struct.pack('>I', 5) + b'nope!')
+        time.sleep(30)
+    """
+
+    async def scenario(session):
+        with pytest.raises(GuestDied) as info:
+            await session.request("execute", code="x")
+        await asyncio.sleep(0.5)
+        return info.value.reason
+
+    reason, events = run_session(body, scenario)
+    assert "invalid frame" in reason
+    # Up to the death (the restarted fake guest may print again afterwards).
+    before = events[:[k for k, _, _ in events].index("died")]
+    assert [(k, c["text"]) for k, c, _ in before] == [("stream", f"line {i}\n") for i in range(3)], events
+
+
 def test_guest_that_exits_at_start_is_reported():
     async def scenario(session):
         with pytest.raises(GuestUnavailable) as info:
