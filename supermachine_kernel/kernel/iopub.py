@@ -30,9 +30,9 @@ from dataclasses import dataclass
 
 from ipykernel.kernelbase import Kernel
 
+from ..log_limit import LogLimiter, quote
 from .stdin import StdinRelay
 
-NOTICE_QUOTE = 200
 NOTICES_PER_CELL = 5
 DISPLAY_EVENTS = ("display_data", "update_display_data")
 COMM_EVENTS = ("comm_open", "comm_msg", "comm_close")
@@ -83,36 +83,6 @@ class RateLimiter:
     def take_dropped(self) -> Dropped:
         dropped, self.dropped = self.dropped, Dropped()
         return dropped
-
-
-def quote(text: str, limit: int = NOTICE_QUOTE) -> str:
-    """`text` (made by the guest) cut to its first `limit` characters, saying how long it was."""
-    if len(text) <= limit:
-        return text
-    return f"{text[:limit]}... ({len(text)} characters)"
-
-
-class LogLimiter:
-    """At most `burst` log lines per cause in each `window` seconds (pure). Causes are fixed
-    names chosen by the code that logs, never text from the guest, so the table stays small."""
-
-    def __init__(self, burst: int = 5, window: float = 60.0) -> None:
-        self.burst = burst
-        self.window = window
-        self._causes: dict[str, list] = {}  # cause -> [window start, lines in it, left out]
-
-    def allow(self, cause: str, now: float) -> int | None:
-        """None: leave this line out. Otherwise log it; the number is how many lines of this
-        cause were left out since the last one logged."""
-        entry = self._causes.setdefault(cause, [now, 0, 0])
-        if now - entry[0] >= self.window:
-            entry[0], entry[1] = now, 0
-        if entry[1] >= self.burst:
-            entry[2] += 1
-            return None
-        entry[1] += 1
-        left_out, entry[2] = entry[2], 0
-        return left_out
 
 
 def approx_size(content: dict) -> int:

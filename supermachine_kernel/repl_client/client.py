@@ -36,6 +36,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable
 
+from ..log_limit import LogLimiter, quote
 from .backend import Backend, GuestHandle, driver_source
 from .frames import FrameDecoder, ProtocolError, encode_frame, validate_event, validate_reply
 
@@ -126,6 +127,7 @@ class _Link:
         self.closing = False
         self.was_ready = False
         self.stderr_tail: collections.deque[bytes] = collections.deque(maxlen=64)
+        self._stderr_log = LogLimiter(burst=10)  # debug lines of guest stderr a minute
         self._outq: queue.SimpleQueue[bytes | None] = queue.SimpleQueue()
         self._in_flight = _Budget()
         self._died_once = threading.Lock()
@@ -247,7 +249,12 @@ class _Link:
             if not data:
                 return
             self.stderr_tail.append(data)
-            log.debug("guest stderr: %s", data.decode("utf-8", "replace").rstrip())
+            if log.isEnabledFor(logging.DEBUG):
+                # The guest writes there at will: a few quoted lines a minute, not all of it.
+                left_out = self._stderr_log.allow("guest stderr", time.monotonic())
+                if left_out is not None:
+                    more = f" ({left_out} reads left out)" if left_out else ""
+                    log.debug("guest stderr: %s%s", quote(data.decode("utf-8", "replace").rstrip(), 1000), more)
 
     # -- death ---------------------------------------------------------------------------------
 

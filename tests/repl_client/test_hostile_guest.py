@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import textwrap
 
 import pytest
@@ -135,6 +136,32 @@ def test_output_before_bad_framing_in_the_same_write_is_delivered():
     # Up to the death (the restarted fake guest may print again afterwards).
     before = events[:[k for k, _, _ in events].index("died")]
     assert [(k, c["text"]) for k, c, _ in before] == [("stream", f"line {i}\n") for i in range(3)], events
+
+
+def test_stderr_flood_puts_a_few_short_lines_into_the_debug_log(caplog):
+    # The REPL's own stderr goes to the kernel log only with debug logging on: 200 writes of
+    # 20 kB give at most 10 lines a minute, each quoted to 1000 characters.
+    body = """
+        ready()
+        req = read_request()
+        for i in range(200):
+            os.write(2, b'x' * 20000 + b'\\n')
+            time.sleep(0.002)
+        send({'type': 'reply', 'id': req['id'], 'content': {'status': 'complete'}})
+        time.sleep(30)
+    """
+
+    async def scenario(session):
+        reply = await session.request("is_complete", code="x")
+        await asyncio.sleep(0.5)
+        return reply
+
+    with caplog.at_level(logging.DEBUG, logger="supermachine_kernel.repl_client"):
+        reply, _ = run_session(body, scenario)
+    assert reply == {"status": "complete"}
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("guest stderr:")]
+    assert 1 <= len(lines) <= 10, len(lines)
+    assert all(len(line) < 1200 for line in lines), max(map(len, lines))
 
 
 def test_guest_that_exits_at_start_is_reported():
