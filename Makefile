@@ -96,7 +96,7 @@ $(HUB_PROXY):
 # machine (cargo's bin directory); tools/fuzz.py picks the toolchain and reports runs, coverage
 # and findings. `make fuzz` runs every target FUZZ_SECONDS; `make test` runs a short smoke of
 # each (tests/security/test_fuzz_smoke.py). FUZZ_SANITIZER=none drops AddressSanitizer from the
-# cargo-fuzz builds (3-6x more runs an hour; for long runs).
+# cargo-fuzz builds (5-9x more runs an hour for tcp_channels and agent_control; for long runs).
 FUZZ_SECONDS ?= 60
 FUZZ_SANITIZER ?= address
 CARGO_FUZZ_VERSION := 0.13.2

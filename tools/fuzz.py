@@ -16,7 +16,7 @@ Builds go to $FUZZ_TARGET_DIR (default: ~/.cache/supermachine-kernel/fuzz-target
 `--sanitizer none` build to the same path with a `-none` suffix). The cargo-fuzz targets are
 built with AddressSanitizer by default; `--sanitizer none` keeps libFuzzer's coverage
 instrumentation and Rust's checks (panics, overflow checks, debug assertions) but drops ASan,
-which runs the targets whose inputs allocate much (tcp_channels, agent_control) 3-6x faster: for
+which runs the targets whose inputs allocate much (tcp_channels, agent_control) 5-9x faster: for
 long runs. The corpus is shared between the two builds.
 cargo-fuzz comes from `make fuzz-tools` (cargo install, once per machine); the nightly
 toolchain is used when rustup has it, else the default one with RUSTC_BOOTSTRAP=1 (cargo-fuzz
