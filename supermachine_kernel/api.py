@@ -18,6 +18,7 @@ their messages say what to do next.
 """
 from __future__ import annotations
 
+import atexit
 import hashlib
 import itertools
 import json
@@ -48,6 +49,7 @@ from ._core import (
     VmError,
     VmReleasedError,
     prefetch_snapshot_memory,
+    remove_work_dirs_at_exit,
     snapshot_files_stamp,
     snapshot_info,
 )
@@ -79,7 +81,13 @@ __all__ = [
     "snapshot_info",
     "snapshot_files_stamp",
     "prefetch_snapshot_memory",
+    "remove_work_dirs_at_exit",
 ]
+
+# Registered at import, so it runs after the exit functions of whatever used this module (they
+# run last-registered first): VMs still held then (a release cut off, a restore in flight on
+# another thread) die with the process, and this removes their work dirs.
+atexit.register(remove_work_dirs_at_exit)
 
 PathLike = Union[str, "os.PathLike[str]"]
 FileData = Union[bytes, bytearray, memoryview, str]

@@ -8,7 +8,10 @@ SIGTERM, and the exit itself, in that order.
 - shutdown_request, with or without restart (`shutdown_guest`, from the kernel's do_shutdown):
   the guest is released. A restart is a new kernel process (jupyter_client relaunches it),
   which restores the warm snapshot.
-- The process ends (an exit function, SIGTERM: `release_now`): no VM may outlive it.
+- The process ends (an exit function, SIGTERM: `release_now`): no VM may outlive it. The
+  kernel's VM is released; a VM still being restored ahead for %restore is not waited for
+  (Jupyter SIGKILLs a kernel 5 s after asking it to stop): it dies with the process, and
+  `remove_work_dirs` removes what every VM left (the runtime's per-VM work dirs).
 - `exit_process`: the application's last step. No interpreter finalization: daemon threads may
   sit inside the VM runtime's blocking calls, and unwinding them at finalization aborts.
 """
@@ -26,7 +29,7 @@ import typing as t
 import zmq
 from ipykernel.kernelbase import Kernel
 
-from ..machine.restore_ahead import release_all_now
+from ..machine.restore_ahead import forget_all
 from ..repl_client import GuestRepl, guest_environment
 
 
@@ -100,11 +103,21 @@ def release_now(guest: GuestRepl) -> None:
     guest.close_now()
 
 
+def remove_work_dirs() -> None:
+    """The last step before os._exit: the runtime removes the work dirs of the VMs this
+    process still has (their QEMUs die with it) and starts no new one. Nothing to do when the
+    runtime was never loaded (the local backend)."""
+    core = sys.modules.get("supermachine_kernel._core")
+    if core is not None:
+        core.remove_work_dirs_at_exit()
+
+
 def _exit_on_sigterm(guest: GuestRepl) -> None:
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     try:
         release_now(guest)
-        release_all_now()  # the VMs restored ahead for %restore (no exit functions run here)
+        forget_all()  # the VMs restored ahead for %restore (no exit functions run here)
+        remove_work_dirs()
     finally:
         os._exit(0)
 
@@ -120,6 +133,8 @@ def exit_process(control_thread: threading.Thread | None, shutdown_requested: bo
     if control_thread is not None and shutdown_requested and control_thread.is_alive():
         control_thread.join(2.0)
     atexit._run_exitfuncs()
+    remove_work_dirs()  # the API module registers it too, but exit functions run before it
+    # when registered earlier than that import: this is the last word
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)

@@ -18,7 +18,6 @@ SUPERMACHINE_RESTORE_AHEAD=0 to turn it off.
 """
 from __future__ import annotations
 
-import atexit
 import logging
 import os
 import threading
@@ -57,7 +56,6 @@ class Standby:
         self._restore = restore
         self._log = log
         self._wake = threading.Event()  # set by take() and drop(): do not pause (any more)
-        self._gone = threading.Event()  # its VM released, handed over, or never made
         self._prepared = Prepared(self._restore_and_pause, self._release,
                                   name=f"standby-{name}")
 
@@ -69,7 +67,6 @@ class Standby:
             vm, child = self._restore()
         except BaseException as e:
             self._log.info("restore-ahead of %s failed: %s", self.name, e)
-            self._gone.set()
             raise
         self._log.info("restore-ahead of %s ready in %.3f s", self.name, time.monotonic() - t0)
         if self._wake.wait(WARM_SECONDS):
@@ -78,7 +75,6 @@ class Standby:
             vm.pause()
         except BaseException:  # a VM that cannot pause is not kept
             vm.release()
-            self._gone.set()
             raise
         return vm, child, True
 
@@ -104,9 +100,7 @@ class Standby:
         except Exception as e:  # noqa: BLE001
             self._log.info("restore-ahead VM for %s unusable: %s", self.name, e)
             vm.release()
-            self._gone.set()
             return None
-        self._gone.set()  # the kernel's VM now
         return vm, child
 
     def drop(self) -> None:
@@ -117,36 +111,23 @@ class Standby:
     def _release(self, standby: tuple[Any, Any, bool]) -> None:
         # On a thread of its own: releasing a VM waits for QEMU to exit, and drop() is called
         # from the kernel's event loop (%snapshot --delete, a new snapshot replacing this one).
-        def release() -> None:
-            try:
-                standby[0].release()
-            finally:
-                self._gone.set()
-
-        threading.Thread(target=release, name="standby-release", daemon=True).start()
-
-    @property
-    def released(self) -> bool:
-        """Its VM released, handed to the kernel, or never made: nothing left to wait for."""
-        return self._gone.is_set()
-
-    def wait_released(self, timeout: float) -> None:
-        """Waits up to `timeout` s for a dropped standby's VM to be released (its restore to
-        finish, then its release thread), so the process's exit does not cut the release off."""
-        self._gone.wait(timeout)
+        threading.Thread(target=standby[0].release, name="standby-release", daemon=True).start()
 
 
 class RestoreAhead:
-    """Keeps at most one :class:`Standby` per kernel."""
+    """Keeps at most one :class:`Standby` per kernel.
 
-    live: "weakref.WeakSet[RestoreAhead]" = weakref.WeakSet()  # for `release_all_now`
+    At the process's end the standby is only dropped, not waited for: a restore in flight can
+    take longer than Jupyter waits for a kernel to stop (it SIGKILLs it after 5 s). Its QEMU
+    dies with the process, and the runtime removes its work dir
+    (`api.remove_work_dirs_at_exit`, called last by the kernel's exit paths, kernel/lifecycle.py)."""
+
+    live: "weakref.WeakSet[RestoreAhead]" = weakref.WeakSet()  # for `forget_all`
 
     def __init__(self, log: logging.Logger) -> None:
         self._log = log
         self._current: Optional[Standby] = None
-        self._dropped: list[Standby] = []  # dropped, their VM maybe still being released
         self._lock = threading.Lock()
-        atexit.register(self.wait_released)
         RestoreAhead.live.add(self)
 
     def prepare(self, name: str, path: str, restore: Callable[[], tuple[Any, Any]]) -> None:
@@ -158,7 +139,6 @@ class RestoreAhead:
             old, self._current = self._current, Standby(name, path, restore, self._log)
         if old is not None:
             old.drop()
-            self._dropping(old)
 
     def take(self, name: str) -> Optional[tuple[Any, Any]]:
         """The standby for ``name`` if there is a usable one (it is then used up)."""
@@ -167,10 +147,7 @@ class RestoreAhead:
             if current is None or current.name != name:
                 return None
             self._current = None
-        taken = current.take()
-        if taken is None:  # not usable: it was dropped
-            self._dropping(current)
-        return taken
+        return current.take()
 
     def forget(self, name: Optional[str] = None) -> None:
         """Drop the standby (of ``name`` only, when given): deleted or replaced snapshot."""
@@ -180,31 +157,9 @@ class RestoreAhead:
                 return
             self._current = None
         current.drop()
-        self._dropping(current)
-
-    def wait_released(self, timeout: float = 10.0) -> None:
-        """Waits up to `timeout` s in all for the VMs of the standbys dropped so far to be
-        released. Registered as an exit function when this object is made, so it runs after the
-        exit function of its owner that drops the standby (machine/current.py): a release left
-        to its daemon thread is cut off by the process's exit (os._exit), and QEMU then dies
-        with the process but its work dir (sockets, logs) stays behind until another kernel's
-        start sweeps it."""
-        deadline = time.monotonic() + timeout
-        with self._lock:
-            dropped, self._dropped = self._dropped, []
-        for standby in dropped:
-            standby.wait_released(max(0.0, deadline - time.monotonic()))
-
-    def _dropping(self, standby: Standby) -> None:
-        """Keeps `standby` (dropped) until its VM is released; forgets those released."""
-        with self._lock:
-            self._dropped = [s for s in self._dropped if not s.released] + [standby]
 
 
-def release_all_now(timeout: float = 10.0) -> None:
-    """The process ends without its exit functions (SIGTERM, kernel/lifecycle.py): every
-    standby is dropped and its VM's release waited for (at most `timeout` s in all)."""
-    deadline = time.monotonic() + timeout
+def forget_all() -> None:
+    """The process is ending: every kernel's standby is dropped (see `RestoreAhead`)."""
     for ahead in list(RestoreAhead.live):
         ahead.forget()
-        ahead.wait_released(max(0.0, deadline - time.monotonic()))

@@ -235,9 +235,17 @@ class HubApi:
 
     def __init__(self, base: str, token: str) -> None:
         import requests
+        from requests.adapters import HTTPAdapter
+        from urllib3.util.retry import Retry
 
         self.base = base
         self.http = requests.Session()
+        # A kept-alive connection the proxy closes just as it is reused resets the next
+        # request (configurable-http-proxy, Node: 5 s keep-alive; seen once in CI, a GET of
+        # the user model). GETs are safe to send again; nothing else is retried.
+        retry = Retry(total=3, connect=3, read=3, status=0, backoff_factor=0.5,
+                      allowed_methods=frozenset({"GET"}), raise_on_status=False)
+        self.http.mount("http://", HTTPAdapter(max_retries=retry))
         self.http.headers["Authorization"] = f"token {token}"
         self.token = token
 

@@ -1,8 +1,9 @@
-"""Restore-ahead's standby at the process's exit (machine/restore_ahead.py): the Machine's exit
-function drops the standby (`forget`, its release goes to a thread), then RestoreAhead's own
-exit function, `wait_released`, waits for that release, so the exit (os._exit after the exit
-functions) does not cut it off and leave the VM's work dir behind (found by bench/soak.py). A
-fake VM stands in for QEMU; the kernel-level check is in tests/faults/test_soak_findings.py."""
+"""Restore-ahead's standby (machine/restore_ahead.py) when it is dropped: at once from the
+kernel's event loop, its release on a thread, and a restore still in flight released when it
+returns. At the process's end nothing waits for it: the runtime removes the work dir of every
+VM the process still has (`api.remove_work_dirs_at_exit`); tests/machine/test_exit_work_dirs.py
+checks that with real VMs and tests/faults/test_soak_findings.py through a kernel. A fake VM
+stands in for QEMU here."""
 from __future__ import annotations
 
 import logging
@@ -43,30 +44,20 @@ def ahead(monkeypatch) -> RestoreAhead:
     return RestoreAhead(logging.getLogger("test"))
 
 
-def test_wait_released_is_an_exit_function(monkeypatch) -> None:
-    registered = []
-    monkeypatch.setattr(restore_ahead.atexit, "register", registered.append)
-    ahead = RestoreAhead(logging.getLogger("test"))
-    assert registered == [ahead.wait_released]
-
-
-def test_exit_waits_for_the_standby_release(ahead, tmp_path) -> None:
+def test_forget_does_not_wait(ahead, tmp_path) -> None:
     vm = SlowVm()
-    restored = threading.Event()
-
-    def restore():
-        restored.set()
-        return vm, object()
-
-    ahead.prepare("s1", str(tmp_path), restore)
-    assert restored.wait(10)
-    time.sleep(0.5)  # restored and paused: the standby waits for a %restore
-    ahead.forget()  # the Machine's exit function
-    ahead.wait_released()  # then RestoreAhead's
-    assert vm.released.is_set(), "the exit functions returned before the standby VM was released"
+    vm.gate.clear()  # QEMU "does not exit" until the test says so
+    ahead.prepare("s1", str(tmp_path), lambda: (vm, object()))
+    time.sleep(0.5)
+    t0 = time.monotonic()
+    ahead.forget()  # from the kernel's event loop: the release goes to a thread
+    assert time.monotonic() - t0 < 0.2
+    assert not vm.released.is_set()
+    vm.gate.set()
+    assert vm.released.wait(10)
 
 
-def test_exit_waits_for_a_restore_still_running(ahead, tmp_path) -> None:
+def test_a_restore_in_flight_is_released_when_it_returns(ahead, tmp_path) -> None:
     vm = SlowVm()
     go = threading.Event()
 
@@ -75,30 +66,31 @@ def test_exit_waits_for_a_restore_still_running(ahead, tmp_path) -> None:
         return vm, object()
 
     ahead.prepare("s1", str(tmp_path), restore)
-    threading.Timer(0.2, go.set).start()
+    t0 = time.monotonic()
     ahead.forget()
-    ahead.wait_released()
-    assert vm.released.is_set(), "a standby whose restore finished at exit was not released"
+    assert time.monotonic() - t0 < 0.2, "forget waited for the restore"
+    assert ahead.take("s1") is None
+    go.set()
+    assert vm.released.wait(10), "the VM restored after the standby was dropped was leaked"
 
 
-def test_a_replaced_standby_is_waited_for_too(ahead, tmp_path) -> None:
+def test_a_replaced_standby_is_released(ahead, tmp_path) -> None:
     first, second = SlowVm(), SlowVm()
     ahead.prepare("s1", str(tmp_path), lambda: (first, object()))
     time.sleep(0.5)
     ahead.prepare("s2", str(tmp_path), lambda: (second, object()))  # drops the first
-    time.sleep(0.5)
-    ahead.forget()
-    ahead.wait_released()
-    assert first.released.is_set() and second.released.is_set()
+    assert first.released.wait(10)
+    assert not second.released.is_set()
+    taken = ahead.take("s2")
+    assert taken is not None and taken[0] is second
 
 
-def test_forget_does_not_wait(ahead, tmp_path) -> None:
-    ahead.wait_released()  # nothing restored ahead: nothing to wait for
-    vm = SlowVm()
-    vm.gate.clear()  # QEMU "does not exit" until the test says so
-    ahead.prepare("s1", str(tmp_path), lambda: (vm, object()))
-    time.sleep(0.5)
-    ahead.forget()  # from the kernel's event loop: the release goes to a thread
-    assert not vm.released.is_set()
-    vm.gate.set()
-    assert vm.released.wait(10)
+def test_forget_all_drops_every_kernels_standby(monkeypatch, tmp_path) -> None:
+    monkeypatch.setenv("SUPERMACHINE_RESTORE_AHEAD", "1")
+    kernels = [RestoreAhead(logging.getLogger("test")) for _ in range(2)]
+    vms = [SlowVm(), SlowVm()]
+    for a, vm in zip(kernels, vms):
+        a.prepare("s1", str(tmp_path), lambda vm=vm: (vm, object()))
+    restore_ahead.forget_all()
+    assert all(vm.released.wait(10) for vm in vms)
+    assert all(a.take("s1") is None for a in kernels)

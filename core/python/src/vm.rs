@@ -639,6 +639,13 @@ pub fn prefetch_snapshot_memory(path: PathBuf) {
 }
 
 /// Host accelerator that would be used now ("kvm" or "tcg"), honouring SUPERMACHINE_ACCEL.
+/// The process is ending: removes the work dirs of every VM it still has (whatever their
+/// state) and refuses new VMs; returns how many were removed (workdir.rs).
+#[pyfunction]
+pub fn remove_work_dirs_at_exit() -> usize {
+    supermachine_runtime::workdir::remove_all_at_exit()
+}
+
 #[pyfunction]
 pub fn detect_accel() -> PyResult<&'static str> {
     supermachine_runtime::accel::detect().py_err().map(Accel::name)
@@ -660,6 +667,7 @@ pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(snapshot_info, m)?)?;
     m.add_function(wrap_pyfunction!(prefetch_snapshot_memory, m)?)?;
     m.add_function(wrap_pyfunction!(snapshot_files_stamp, m)?)?;
+    m.add_function(wrap_pyfunction!(remove_work_dirs_at_exit, m)?)?;
     Ok(())
 }
 

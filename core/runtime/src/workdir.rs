@@ -10,9 +10,18 @@
 //! A directory is removed when its [`WorkDir`] drops. An owner that was SIGKILLed cannot do
 //! that, so each directory records its owner (pid + process start time) and every new
 //! directory first sweeps away those whose owner is gone.
+//!
+//! A process that ends on purpose (its exit functions, a SIGTERM handler) may still have VMs
+//! in flight on other threads: a restore half done, a release not yet run. Waiting for them
+//! can outlast the patience of whoever ends the process (Jupyter SIGKILLs a kernel 5 s after
+//! asking it to stop), so the process calls [`remove_all_at_exit`] instead: every directory it
+//! still has is removed at once and no new one is made. Its QEMUs die with it (they are
+//! spawned with a parent-death signal, `qemu.rs`).
 
+use std::collections::HashSet;
 use std::fs;
 use std::path::{Path, PathBuf};
+use std::sync::{Mutex, OnceLock};
 
 use crate::error::{Error, Result};
 
@@ -23,6 +32,59 @@ const OWNER_FILE: &str = "owner";
 pub struct WorkDir {
     path: PathBuf,
     keep: bool,
+    live: &'static LiveDirs,
+}
+
+/// The work dirs of a process that are still in use, and whether the process is ending.
+#[derive(Debug, Default)]
+pub struct LiveDirs {
+    state: Mutex<LiveState>,
+}
+
+#[derive(Debug, Default)]
+struct LiveState {
+    dirs: HashSet<PathBuf>,
+    ending: bool,
+}
+
+impl LiveDirs {
+    fn lock(&self) -> std::sync::MutexGuard<'_, LiveState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Removes every directory still in use and refuses new ones from now on; returns how
+    /// many were removed.
+    pub fn remove_all(&self) -> usize {
+        let mut state = self.lock();
+        state.ending = true;
+        let dirs: Vec<PathBuf> = state.dirs.drain().collect();
+        for d in &dirs {
+            let _ = fs::remove_dir_all(d);
+        }
+        dirs.len()
+    }
+
+    /// How many directories are in use.
+    pub fn count(&self) -> usize {
+        self.lock().dirs.len()
+    }
+
+    fn forget(&self, path: &Path) {
+        self.lock().dirs.remove(path);
+    }
+}
+
+/// This process's work dirs.
+pub fn live_dirs() -> &'static LiveDirs {
+    static LIVE: OnceLock<LiveDirs> = OnceLock::new();
+    LIVE.get_or_init(LiveDirs::default)
+}
+
+/// The process is ending: removes the work dirs of every VM it still has (running, being
+/// restored, or waiting for a release that will not come) and refuses new VMs. Returns how
+/// many directories were removed. Idempotent.
+pub fn remove_all_at_exit() -> usize {
+    live_dirs().remove_all()
 }
 
 fn uid() -> u32 {
@@ -131,6 +193,11 @@ impl WorkDir {
     }
 
     pub fn create_in(base: &Path, prefix: &str) -> Result<WorkDir> {
+        Self::create_listed(base, prefix, live_dirs())
+    }
+
+    /// Creates a directory in `base`, listed in `live` until it is removed.
+    pub fn create_listed(base: &Path, prefix: &str, live: &'static LiveDirs) -> Result<WorkDir> {
         fs::create_dir_all(base).map_err(|e| Error::io(format!("create {}", base.display()), e))?;
         make_private(base)?;
         sweep_stale(base);
@@ -145,11 +212,21 @@ impl WorkDir {
                 rand[3]
             );
             let path = base.join(name);
+            // Listed before it exists, under the lock `remove_all` takes: a directory made
+            // while the process ends is either refused here or removed there.
+            let mut state = live.lock();
+            if state.ending {
+                let e = std::io::Error::other("this process is ending: it starts no new VM");
+                return Err(Error::io(format!("create a VM work dir in {}", base.display()), e));
+            }
             match fs::create_dir(&path) {
                 Ok(()) => {
-                    fs::write(path.join(OWNER_FILE), owner_line())
-                        .map_err(|e| Error::io(format!("write {}", path.join(OWNER_FILE).display()), e))?;
-                    return Ok(WorkDir { path, keep: false });
+                    state.dirs.insert(path.clone());
+                    drop(state);
+                    let dir = WorkDir { path, keep: false, live };
+                    fs::write(dir.join(OWNER_FILE), owner_line())
+                        .map_err(|e| Error::io(format!("write {}", dir.join(OWNER_FILE).display()), e))?;
+                    return Ok(dir);
                 }
                 Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
                 Err(e) => return Err(Error::io(format!("create {}", path.display()), e)),
@@ -166,15 +243,17 @@ impl WorkDir {
         self.path.join(name)
     }
 
-    /// Keeps the directory on drop (debugging).
+    /// Keeps the directory on drop and at exit (debugging).
     pub fn keep(&mut self) {
         self.keep = true;
+        self.live.forget(&self.path);
     }
 
     /// Removes the directory now (idempotent).
     pub fn remove(&self) {
         if !self.keep {
             let _ = fs::remove_dir_all(&self.path);
+            self.live.forget(&self.path);
         }
     }
 }
@@ -207,6 +286,29 @@ mod tests {
         assert!(!p.exists());
         drop(w2);
         let _ = fs::remove_dir_all(&base);
+    }
+
+    #[test]
+    fn remove_all_at_exit_removes_live_dirs_and_refuses_new_ones() {
+        // A registry of its own: the process-wide one is shared with the other tests.
+        let live: &'static LiveDirs = Box::leak(Box::default());
+        let base = std::env::temp_dir().join(format!("sm-workdir-exit-{}", std::process::id()));
+        let a = WorkDir::create_listed(&base, "vm", live).unwrap();
+        let b = WorkDir::create_listed(&base, "vm", live).unwrap();
+        let mut kept = WorkDir::create_listed(&base, "vm", live).unwrap();
+        kept.keep();
+        let (pa, pb) = (a.path().to_path_buf(), b.path().to_path_buf());
+        drop(b);
+        assert_eq!(live.count(), 1, "a removed dir is no longer listed");
+        // `a` is still held (a restore in flight on another thread, say): removed all the same.
+        assert_eq!(live.remove_all(), 1);
+        assert!(!pa.exists() && !pb.exists());
+        assert!(kept.path().is_dir(), "a dir kept for debugging stays");
+        let err = WorkDir::create_listed(&base, "vm", live).unwrap_err().to_string();
+        assert!(err.contains("process is ending"), "{err}");
+        assert_eq!(live.remove_all(), 0, "idempotent");
+        drop(a); // its late drop finds nothing to remove
+        fs::remove_dir_all(&base).unwrap();
     }
 
     #[test]
