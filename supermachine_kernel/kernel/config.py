@@ -169,7 +169,7 @@ class GuestConfig(Configurable):
     workspace_max_files = Integer(
         10_000, help="Most files and directories the workspace sync copies.").tag(config=True)
     workspace_exclude = List(
-        Unicode(), [".ipynb_checkpoints", ".git", "__pycache__"],
+        Unicode(), [".ipynb_checkpoints", ".git", "__pycache__", "node_modules"],  # scan.DEFAULT_EXCLUDES
         help="File and directory names the workspace sync never copies, either way.",
     ).tag(config=True)
     workspace_exclude_hidden_dirs = Bool(

@@ -27,7 +27,9 @@ KINDS = (FILE, DIR)
 SKIP_REASONS = ("file_size", "total_bytes", "file_count", "symlink", "special", "bad_name",
                 "unreadable")
 
-DEFAULT_EXCLUDES = (".ipynb_checkpoints", ".git", "__pycache__")
+# node_modules: a JavaScript project's dependencies, often tens of thousands of files, which
+# would use up max_files before the notebook's own.
+DEFAULT_EXCLUDES = (".ipynb_checkpoints", ".git", "__pycache__", "node_modules")
 MAX_NAME_BYTES = 255
 MAX_PATH_BYTES = 4096
 MAX_DEPTH = 64

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from supermachine_kernel.workspace.scan import (
+    DEFAULT_EXCLUDES,
     DIR,
     FILE,
     BadPath,
@@ -37,13 +38,19 @@ def test_files_dirs_and_metadata(tmp_path: Path) -> None:
 
 
 def test_default_excludes_and_hidden_dirs(tmp_path: Path) -> None:
-    for d in (".ipynb_checkpoints", ".git", "__pycache__", ".venv", "keep"):
+    for d in (".ipynb_checkpoints", ".git", "__pycache__", "node_modules", ".venv", "keep"):
         (tmp_path / d).mkdir()
         (tmp_path / d / "f").write_text("x")
     (tmp_path / ".hidden_file").write_text("x")
     assert set(scan(tmp_path, Limits()).entries) == {"keep", "keep/f", ".hidden_file"}
     shown = scan(tmp_path, Limits(exclude_hidden_dirs=False)).entries
     assert ".venv/f" in shown and ".git" not in shown
+
+
+def test_kernel_default_excludes_are_the_scans() -> None:
+    from supermachine_kernel.kernel.config import GuestConfig
+
+    assert GuestConfig().workspace_limits().excludes == DEFAULT_EXCLUDES
 
 
 def test_symlink_is_never_followed(tmp_path: Path) -> None:
