@@ -1345,7 +1345,7 @@ def no_installer(magic, line):
 
 NETWORK_ENV_KEYS = frozenset(("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "NO_PROXY", "http_proxy",
                               "https_proxy", "all_proxy", "no_proxy"))
-network = {"on": False}  # set by Driver.do_network
+network = {"on": False, "set": {}}  # set by Driver.do_network (set_network)
 PIP_ENV = {
     # The image is read-only and this VM's writes are its own: Debian's "externally managed"
     # marker protects nothing here.
@@ -1369,22 +1369,34 @@ def set_network(env, ca=None):
     """The proxy variables the kernel sent (names from NETWORK_ENV_KEYS only), so user code and
     its subprocesses (pip, curl) reach the network through the kernel's proxy; with `ca` (PEM
     text, c.MicroVMKernel.network_ca_certificates) the CA bundle they trust instead of their
-    own."""
+    own.
+
+    Sent after every attach, also by a kernel without a policy (an empty `env`): this process
+    may come from a snapshot taken under another kernel's policy, and a variable a policy set
+    then must not point a kernel without one at a proxy that is not there. What an earlier
+    request set and this one does not is removed, unless something else changed it since (the
+    user's or the image's own value stays)."""
+    previous = network.get("set", {})
+    given = {}
     if isinstance(ca, str) and ca:
         fd = os.open(NETWORK_CA_FILE + ".tmp", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         with os.fdopen(fd, "w") as f:
             f.write(ca)
         os.replace(NETWORK_CA_FILE + ".tmp", NETWORK_CA_FILE)
-        for key in CA_ENV_KEYS:
-            os.environ[key] = NETWORK_CA_FILE
-    applied = False
+        given.update((key, NETWORK_CA_FILE) for key in CA_ENV_KEYS)
     for key, value in env.items():
         if key in NETWORK_ENV_KEYS and isinstance(value, str) and "\0" not in value:
-            os.environ[key] = value
-            applied = True
+            given[key] = value
+    applied = any(key in NETWORK_ENV_KEYS for key in given)
     if applied:
         for key, value in PIP_ENV.items():  # `!pip install` too
-            os.environ.setdefault(key, value)
+            if key not in os.environ or previous.get(key) == os.environ[key]:
+                given[key] = value
+    for key, value in previous.items():
+        if key not in given and os.environ.get(key) == value:
+            del os.environ[key]
+    os.environ.update(given)
+    network["set"] = given
     network["on"] = applied
 
 

@@ -2,8 +2,10 @@
 enforces `c.MicroVMKernel.allow_network`, its attachment to every VM the kernel's guest runs
 on, the guest REPL's proxy environment, and the refusals a cell caused, shown after it.
 
-Nothing here runs when `allow_network` is empty (the default): no proxy, no listener in the
-guest, no environment change; the guest has no network at all, as before.
+When `allow_network` is empty (the default) there is no proxy and no listener in the guest:
+the guest has no network at all. Its REPL is still sent an empty environment after each
+attach (`forget_policy`): a REPL restored from a snapshot taken under a policy then drops the
+proxy variables that policy set, which would point at a proxy that is not there.
 
 Path of a guest connection (docs/issue13-network.md): a program in the guest connects to
 127.0.0.1:3128 (the proxy variables point there) -> the guest agent's listener there
@@ -118,13 +120,13 @@ class NetworkHook:
         except AttributeError:
             self._problem("this kernel's VM runtime cannot forward guest connections to the host "
                           "(rebuild the project: `make .venv/.stamps/build`)")
-            return []
+            return forget_policy(handle)
         except Exception as e:  # noqa: BLE001 - VmError, GuestError from an older agent
             log.warning("network forward failed on %s: %s", getattr(vm, "id", "?"), e)
             self._problem(f"the guest could not be connected to the kernel's network proxy ({e}); "
                           "if this VM comes from a snapshot taken by an older agent, rebake it "
                           "with `supermachine-kernel prepare`")
-            return []
+            return forget_policy(handle)
         return [self._request(proxy_environment())]
 
     def _request(self, env: dict[str, str]) -> dict[str, t.Any]:
@@ -151,11 +153,19 @@ class NetworkHook:
         self.proxy.close()
 
 
+def forget_policy(handle: t.Any) -> list[dict[str, t.Any]]:
+    """The frame an attached guest gets when it has no network: an empty environment, so
+    its REPL drops the variables an earlier policy set (guest/repl.py:set_network)."""
+    return [{"type": NETWORK_REQUEST, "env": {}}]
+
+
 def start(kernel: t.Any) -> NetworkHook | None:
     """The kernel's network, from its configuration (None when `allow_network` is empty):
-    the proxy starts now and every guest the kernel's `GuestRepl` attaches is connected to it.
+    the proxy starts now and every guest the kernel's `GuestRepl` attaches is connected to it;
+    without a policy, each is told it has none (`forget_policy`).
     Called once from MicroVMKernel.start, before the first guest starts."""
     if not kernel.allow_network:
+        kernel.guest.attach_hooks.append(forget_policy)
         return None
     ca_path = getattr(kernel, "network_ca_certificates", "")
     hook = NetworkHook(kernel.allow_network, max_connections=kernel.network_max_connections,

@@ -227,3 +227,25 @@ def test_network_comes_back_after_an_idle_suspend(web: int) -> None:
         assert out.strip() == "hello from the host", err
     finally:
         k.shutdown()
+
+
+@pytest.mark.skipif(BACKEND != "vm", reason="%snapshot needs the vm backend")
+def test_a_snapshot_restored_into_a_kernel_without_a_policy_drops_its_proxy(web: int) -> None:
+    """Taken under a policy, restored where there is none: the REPL's proxy variables would
+    point at a proxy that is not there (`ProxyError` instead of "no network", and %pip trying)."""
+    data_dir = tempfile.mkdtemp(prefix="smk-net-snap-")
+    env = dict(os.environ, JUPYTER_DATA_DIR=data_dir,
+               JPY_SESSION_NAME=os.path.join(data_dir, "net.ipynb"))
+    show = "import os\nprint(sorted(k for k in os.environ if k.lower().endswith('_proxy')))"
+    k = Kernel(KERNEL, env=env, extra_arguments=[f"--MicroVMKernel.allow_network={HOST}/32:{web}"])
+    try:
+        assert "HTTPS_PROXY" in run(k, show)[0]
+        run(k, "%snapshot netsnap", timeout=180)
+    finally:
+        k.shutdown()
+    k = Kernel(KERNEL, env=env)
+    try:
+        run(k, "%restore netsnap", timeout=180)
+        assert run(k, show)[0].strip() == "[]"
+    finally:
+        k.shutdown()

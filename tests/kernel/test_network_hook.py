@@ -65,13 +65,14 @@ def test_local_backend_guest_gets_the_proxy_address_itself(hook: Any) -> None:
 
 
 def test_a_vm_that_cannot_forward_gets_no_environment_and_the_next_cell_says_why(hook: Any) -> None:
-    assert hook.attach(Handle(FakeVm(fail=RuntimeError("unknown request")))) == []
+    empty = [{"type": "network", "env": {}}]  # what an earlier policy set goes
+    assert hook.attach(Handle(FakeVm(fail=RuntimeError("unknown request")))) == empty
     report = hook.take_report()
     assert report.startswith("[network] this cell's guest has no network: the guest could not be "
                              "connected to the kernel's network proxy (unknown request)"), report
     assert "supermachine-kernel prepare" in report
     assert hook.take_report() == ""  # said once
-    assert hook.attach(Handle(object())) == []  # a runtime without forward_to_host
+    assert hook.attach(Handle(object())) == empty  # a runtime without forward_to_host
     assert "make .venv/.stamps/build" in hook.take_report()
 
 
@@ -104,11 +105,17 @@ def test_dropped_refusals_are_counted() -> None:
         "[network] a (2 connections)\n[network] b\n[network] (and 7 more refused connections)\n")
 
 
-def test_start_does_nothing_without_a_policy() -> None:
+def test_without_a_policy_no_proxy_starts_and_each_guest_is_told_it_has_no_network() -> None:
+    class Guest:
+        attach_hooks: list = []
+
     class Kernel:
         allow_network: list[str] = []
+        guest = Guest()
 
     assert network.start(Kernel()) is None
+    assert [hook(Handle(FakeVm())) for hook in Guest.attach_hooks] == [
+        [{"type": "network", "env": {}}]]
 
 
 def test_start_gives_the_proxy_the_kernels_caps_and_hooks_the_guest(monkeypatch: Any) -> None:
