@@ -1,10 +1,15 @@
 """The early responder: the kernel's first kernel_info reply, sent before ipykernel is loaded.
 
 Once the shell and iopub sockets are bound (sockets.py), `EarlyResponder` (a thread)
-answers the frontend's first request if it is kernel_info_request, from the launch hint, and
-welcomes iopub subscribers. It reads at most one shell request: a first request of any other
-kind is kept unanswered and handed to the kernel, which dispatches it before anything else.
-`stop()` ends the thread before the kernel takes the sockets over. sequence.py starts it.
+answers kernel_info_requests from the launch hint and welcomes iopub subscribers. Any other
+request (and every request after one it could not answer, so replies keep their order) is kept
+unanswered and handed to the kernel, which dispatches them before anything else; a kept request
+that is correctly signed has its `busy` status published at once, as ipykernel does when a
+request arrives. Frontends that take any idle status of their session as the end of the cell
+they just sent (jupyter console) would otherwise read the idle that followed the kernel_info
+reply as that cell's, stop waiting for its input_request and hang (`x = input()` as a first
+cell). At most MAX_KEPT requests are kept; later ones stay on the socket. `stop()` ends the
+thread before the kernel takes the sockets over. sequence.py starts it.
 
 The wire helpers (`sign`, `parse_request`, `message`) are pure (no I/O).
 """
@@ -23,6 +28,7 @@ log = logging.getLogger("supermachine_kernel.startup.responder")
 
 DELIM = b"<IDS|MSG>"
 POLL_MS = 10
+MAX_KEPT = 100  # requests kept for the kernel; the rest wait on the socket
 
 
 # -- wire format (Jupyter messaging: identities, delimiter, HMAC, four JSON parts) ------------
@@ -74,7 +80,8 @@ def message(key: bytes, scheme: str, session: str, protocol: str, msg_type: str,
 
 
 class EarlyResponder:
-    """Answers one kernel_info_request and greets iopub subscribers until `stop()`."""
+    """Answers kernel_info_requests, keeps other requests for the kernel and greets iopub
+    subscribers until `stop()`."""
 
     def __init__(self, shell: Any, iopub: Any, key: bytes, scheme: str, kernel_info: dict) -> None:
         self._shell = shell
@@ -86,7 +93,7 @@ class EarlyResponder:
         self._session = uuid.uuid4().hex
         self._stop = threading.Event()
         self.answered = False  # a kernel_info_request was answered (and status published)
-        self.stash: list[list[bytes]] = []  # a first request of another kind, unanswered
+        self.stash: list[list[bytes]] = []  # requests left for the kernel, in arrival order
         self._thread = threading.Thread(target=self._run, name="early-responder", daemon=True)
         self._thread.start()
 
@@ -113,26 +120,30 @@ class EarlyResponder:
                                        {"subscription": topic.decode("utf-8", "replace")}, {},
                                        (topic,) if topic else ())
                 if shell_open and self._shell in ready:
-                    shell_open = False  # at most one request: the rest waits for the kernel
-                    poller.unregister(self._shell)
                     self._answer(self._shell.recv_multipart())
+                    if len(self.stash) >= MAX_KEPT:  # the rest waits on the socket
+                        shell_open = False
+                        poller.unregister(self._shell)
         except Exception:  # noqa: BLE001 - the kernel still starts; it answers from now on
             log.exception("early responder failed")
 
     def _answer(self, frames: list[bytes]) -> None:
         parsed = parse_request(frames, self._key, self._scheme)
-        if parsed is None or parsed[1].get("msg_type") != "kernel_info_request":
+        topic = f"kernel.{self._session}.status".encode()
+        if parsed is None or parsed[1].get("msg_type") != "kernel_info_request" or self.stash:
             self.stash.append(frames)  # the kernel dispatches it (and rejects it if invalid)
+            if parsed is not None:
+                self._send(self._iopub, "status", {"execution_state": "busy"}, parsed[1],
+                           (topic,))
             return
         idents, parent = parsed
-        topic = f"kernel.{self._session}.status".encode()
         self._send(self._iopub, "status", {"execution_state": "busy"}, parent, (topic,))
         self._send(self._shell, "kernel_info_reply", self._info, parent, tuple(idents))
         self._send(self._iopub, "status", {"execution_state": "idle"}, parent, (topic,))
         self.answered = True
 
     def stop(self) -> list[list[bytes]]:
-        """Stops the thread (the sockets are the caller's again); returns the stashed request."""
+        """Stops the thread (the sockets are the caller's again); returns the kept requests."""
         self._stop.set()
         self._thread.join()
         return self.stash

@@ -152,7 +152,7 @@ class Startup:
         self.responder: Optional[EarlyResponder] = None
         self.vm: Optional[EarlyVm] = None
         self.sockets: Any = None  # the early-bound shell and iopub sockets (sockets.py), if any
-        self.early_stash: list[list[bytes]] = []  # the request the responder kept (stop_responder)
+        self.early_stash: list[list[bytes]] = []  # the requests the responder kept (stop_responder)
         self._switch_interval: Optional[float] = None
         if hint is not None:
             # The main thread is busy importing ipykernel for the next ~250 ms; with the default
@@ -191,7 +191,7 @@ class Startup:
             from ..repl_client import attach, vm  # noqa: F401, PLC0415 - start-up speed, see above
 
     def stop_responder(self) -> list[list[bytes]]:
-        """Ends the responder (if any); returns the request it kept for the kernel (if any).
+        """Ends the responder (if any); returns the requests it kept for the kernel.
         The imports are over by now: the GIL switch interval goes back to what it was."""
         if self._switch_interval is not None:
             sys.setswitchinterval(self._switch_interval)

@@ -29,3 +29,28 @@ def test_jupyter_console_runs_cells():
         pytest.fail(f"console transcript:\n{child.before}")
     finally:
         child.close(force=True)
+
+
+def test_input_in_the_first_cell_typed_ahead():
+    """The first cell, typed before the prompt (or piped), calls input(): it reaches the
+    kernel while it still starts, and jupyter console takes any idle status of its session
+    for the end of that cell. It used to read the idle that followed the kernel_info reply,
+    stop waiting for the input_request and hang (5 of 5 runs); startup/responder.py now
+    publishes the kept request's busy at once."""
+    console = os.path.join(os.path.dirname(sys.executable), "jupyter-console")
+    env = dict(os.environ, TERM="xterm", PYTHONUNBUFFERED="1")
+    child = pexpect.spawn(console, ["--kernel", KERNEL, "--simple-prompt", "--no-confirm-exit"],
+                          env=env, encoding="utf-8", timeout=START_TIMEOUT, dimensions=(40, 200))
+    try:
+        child.sendline('x = input("name? ")')  # typed ahead: sent as soon as the console starts
+        child.expect(r"name\? ", timeout=60 * SLOW)
+        child.sendline("Ada")
+        child.expect(r"In \[2\]: ", timeout=60 * SLOW)
+        child.sendline("print('hi', x)")
+        child.expect("hi Ada", timeout=30 * SLOW)
+        child.sendline("exit")
+        child.expect(pexpect.EOF, timeout=60 * SLOW)
+    except pexpect.ExceptionPexpect:  # show what the console printed
+        pytest.fail(f"console transcript:\n{child.before}")
+    finally:
+        child.close(force=True)

@@ -134,26 +134,56 @@ def _recv(sock, session, timeout=5.0) -> dict:
     return session.deserialize(rest)
 
 
-def test_responder_answers_the_first_kernel_info_and_welcomes_subscribers(wired):
+def test_responder_answers_kernel_info_and_welcomes_subscribers(wired):
     sockets, shell, sub, session = wired
     responder = EarlyResponder(sockets.shell, sockets.iopub, sockets.key,
                                sockets.signature_scheme, KERNEL_INFO)
     try:
         assert _recv(sub, session)["msg_type"] == "iopub_welcome"
-        session.send(shell, "kernel_info_request", {})
-        reply = _recv(shell, session)
-        assert reply["msg_type"] == "kernel_info_reply"
-        assert reply["content"] == dict(KERNEL_INFO, status="ok")
-        states = [_recv(sub, session) for _ in range(2)]
-        assert [m["content"]["execution_state"] for m in states] == ["busy", "idle"]
-        assert all(m["parent_header"]["msg_id"] == reply["parent_header"]["msg_id"] for m in states)
-        # One request only: the next one waits, unread, for the kernel.
-        session.send(shell, "kernel_info_request", {})
-        assert not shell.poll(300)
+        for _ in range(2):  # jupyter_client's wait_for_ready, then the frontend's own
+            session.send(shell, "kernel_info_request", {})
+            reply = _recv(shell, session)
+            assert reply["msg_type"] == "kernel_info_reply"
+            assert reply["content"] == dict(KERNEL_INFO, status="ok")
+            states = [_recv(sub, session) for _ in range(2)]
+            assert [m["content"]["execution_state"] for m in states] == ["busy", "idle"]
+            assert all(m["parent_header"]["msg_id"] == reply["parent_header"]["msg_id"]
+                       for m in states)
     finally:
         assert responder.stop() == []
     assert responder.answered
-    assert sockets.shell.poll(1000)  # still queued on the socket the kernel takes over
+
+
+def _kept(responder, n: int) -> list:
+    deadline = time.monotonic() + 5
+    while len(responder.stash) < n and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return responder.stop()
+
+
+def test_other_requests_are_kept_for_the_kernel_and_marked_busy_at_once(wired):
+    """jupyter console takes any idle of its session for the end of the cell it sent: the
+    kept execute_request's busy must follow the kernel_info's idle at once, or a first cell
+    calling input() hangs the console."""
+    sockets, shell, sub, session = wired
+    responder = EarlyResponder(sockets.shell, sockets.iopub, sockets.key,
+                               sockets.signature_scheme, KERNEL_INFO)
+    assert _recv(sub, session)["msg_type"] == "iopub_welcome"
+    session.send(shell, "kernel_info_request", {})
+    assert _recv(shell, session)["msg_type"] == "kernel_info_reply"
+    execute = session.send(shell, "execute_request", {"code": "x = input()"})
+    # A kernel_info after a kept request is kept too: replies stay in request order.
+    info = session.send(shell, "kernel_info_request", {})
+    stash = _kept(responder, 2)
+    states = [_recv(sub, session) for _ in range(4)]
+    assert [(m["parent_header"].get("msg_type"), m["content"]["execution_state"])
+            for m in states] == [("kernel_info_request", "busy"), ("kernel_info_request", "idle"),
+                                 ("execute_request", "busy"), ("kernel_info_request", "busy")]
+    assert states[2]["parent_header"]["msg_id"] == execute["header"]["msg_id"]
+    kept = [session.deserialize(session.feed_identities(f)[1]) for f in stash]
+    assert [m["header"]["msg_id"] for m in kept] == [execute["header"]["msg_id"],
+                                                     info["header"]["msg_id"]]
+    assert not shell.poll(200)  # nothing else was answered
 
 
 def test_a_first_request_of_another_kind_is_kept_for_the_kernel(wired):
@@ -161,14 +191,26 @@ def test_a_first_request_of_another_kind_is_kept_for_the_kernel(wired):
     responder = EarlyResponder(sockets.shell, sockets.iopub, sockets.key,
                                sockets.signature_scheme, KERNEL_INFO)
     session.send(shell, "execute_request", {"code": "1+1"})
-    deadline = time.monotonic() + 5
-    while not responder.stash and time.monotonic() < deadline:
-        time.sleep(0.01)
-    stash = responder.stop()
+    stash = _kept(responder, 1)
     assert len(stash) == 1 and not responder.answered
     _, rest = session.feed_identities(stash[0])
     assert session.deserialize(rest)["content"] == {"code": "1+1"}
     assert not shell.poll(200)  # nothing was answered
+
+
+def test_at_most_max_kept_requests_are_read(wired, monkeypatch):
+    monkeypatch.setattr(early_responder, "MAX_KEPT", 3)
+    sockets, shell, _, session = wired
+    responder = EarlyResponder(sockets.shell, sockets.iopub, sockets.key,
+                               sockets.signature_scheme, KERNEL_INFO)
+    for i in range(5):
+        session.send(shell, "execute_request", {"code": str(i)})
+    deadline = time.monotonic() + 5
+    while len(responder.stash) < 3 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    time.sleep(0.3)  # time enough to read the other two, were there no cap
+    assert len(responder.stop()) == 3
+    assert sockets.shell.poll(1000)  # the rest still queued on the socket the kernel takes over
 
 
 def test_a_badly_signed_kernel_info_is_not_answered(wired):
