@@ -1,8 +1,10 @@
 """`jupyter console` smoke test: a terminal frontend runs cells on the kernel."""
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
+from collections.abc import Iterator
 
 import pexpect
 import pytest
@@ -10,12 +12,26 @@ import pytest
 from .harness import KERNEL, SLOW, START_TIMEOUT
 
 
-def test_jupyter_console_runs_cells():
+def _console() -> pexpect.spawn:
     console = os.path.join(os.path.dirname(sys.executable), "jupyter-console")
     env = dict(os.environ, TERM="xterm", PYTHONUNBUFFERED="1")
-    child = pexpect.spawn(console, ["--kernel", KERNEL, "--simple-prompt", "--no-confirm-exit"],
-                          env=env, encoding="utf-8", timeout=START_TIMEOUT, dimensions=(40, 200))
+    return pexpect.spawn(console, ["--kernel", KERNEL, "--simple-prompt", "--no-confirm-exit"],
+                         env=env, encoding="utf-8", timeout=START_TIMEOUT, dimensions=(40, 200))
+
+
+@contextlib.contextmanager
+def _transcript_on_failure(child: pexpect.spawn) -> Iterator[None]:
     try:
+        yield
+    except pexpect.ExceptionPexpect:  # show what the console printed
+        pytest.fail(f"console transcript:\n{child.before}")
+    finally:
+        child.close(force=True)
+
+
+def test_jupyter_console_runs_cells():
+    child = _console()
+    with _transcript_on_failure(child):
         child.expect(r"In \[1\]: ")
         child.sendline("print(6 * 7)")
         child.expect("42", timeout=30 * SLOW)
@@ -25,10 +41,6 @@ def test_jupyter_console_runs_cells():
         child.expect(r"In \[3\]: ")
         child.sendline("exit")
         child.expect(pexpect.EOF, timeout=60 * SLOW)
-    except pexpect.ExceptionPexpect:  # show what the console printed
-        pytest.fail(f"console transcript:\n{child.before}")
-    finally:
-        child.close(force=True)
 
 
 def test_input_in_the_first_cell_typed_ahead():
@@ -37,11 +49,8 @@ def test_input_in_the_first_cell_typed_ahead():
     for the end of that cell. It used to read the idle that followed the kernel_info reply,
     stop waiting for the input_request and hang (5 of 5 runs); startup/responder.py now
     publishes the kept request's busy at once."""
-    console = os.path.join(os.path.dirname(sys.executable), "jupyter-console")
-    env = dict(os.environ, TERM="xterm", PYTHONUNBUFFERED="1")
-    child = pexpect.spawn(console, ["--kernel", KERNEL, "--simple-prompt", "--no-confirm-exit"],
-                          env=env, encoding="utf-8", timeout=START_TIMEOUT, dimensions=(40, 200))
-    try:
+    child = _console()
+    with _transcript_on_failure(child):
         child.sendline('x = input("name? ")')  # typed ahead: sent as soon as the console starts
         child.expect(r"name\? ", timeout=60 * SLOW)
         child.sendline("Ada")
@@ -50,7 +59,3 @@ def test_input_in_the_first_cell_typed_ahead():
         child.expect("hi Ada", timeout=30 * SLOW)
         child.sendline("exit")
         child.expect(pexpect.EOF, timeout=60 * SLOW)
-    except pexpect.ExceptionPexpect:  # show what the console printed
-        pytest.fail(f"console transcript:\n{child.before}")
-    finally:
-        child.close(force=True)
