@@ -21,7 +21,12 @@ import pytest
 pytestmark = pytest.mark.vm
 
 SCRIPT = textwrap.dedent("""
-    import os, sys, threading, time
+    import atexit, os, sys, threading, time
+    # Last of the exit functions, as in the kernel (kernel/lifecycle.py): on Python < 3.14 a
+    # daemon thread still inside a runtime call when the interpreter finalizes is unwound by
+    # pthread_exit, which aborts the process ("FATAL: exception not rethrown", CPython
+    # gh-87135); the kernel never finalizes, for that reason.
+    atexit.register(os._exit, 0)
     from supermachine_kernel import api
     image = api.Image.build(progress=False)
     held = image.boot()  # never released
@@ -35,6 +40,14 @@ SCRIPT = textwrap.dedent("""
     while len([d for d in os.listdir(base) if d.startswith("vm-")]) < 2:
         time.sleep(0.05)
     if sys.argv[1] == "exit":
+        sys.exit(0)
+    if sys.argv[1] == "fork":
+        child = os.fork()
+        if child == 0:
+            sys.exit(0)  # the child's exit functions run: they must leave the parent's VMs be
+        os.waitpid(child, 0)
+        print("after the fork:", os.path.isdir(held.workdir),
+              held.exec(["echo", "alive"]).stdout.decode().strip(), flush=True)
         sys.exit(0)
     api.remove_work_dirs_at_exit()
     try:
@@ -83,6 +96,12 @@ def test_exit_with_vms_in_flight_leaves_no_work_dir(image, runtime_dir) -> None:
     while _qemus_of(runtime_dir) and time.monotonic() < deadline:
         time.sleep(0.2)
     assert _qemus_of(runtime_dir) == [], "a QEMU outlived its process"
+
+
+def test_a_forked_childs_exit_leaves_the_parents_vms_be(image, runtime_dir) -> None:
+    out = _run(runtime_dir, "fork")
+    assert "after the fork: True alive" in out, out
+    assert _work_dirs(runtime_dir) == []  # and the parent's own exit removed them
 
 
 def test_no_vm_starts_once_the_process_ends(image, runtime_dir) -> None:

@@ -18,7 +18,7 @@
 //! still has is removed at once and no new one is made. Its QEMUs die with it (they are
 //! spawned with a parent-death signal, `qemu.rs`).
 
-use std::collections::HashSet;
+use std::collections::HashMap;
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, OnceLock};
@@ -43,7 +43,9 @@ pub struct LiveDirs {
 
 #[derive(Debug, Default)]
 struct LiveState {
-    dirs: HashSet<PathBuf>,
+    /// Each directory with the pid of the process that made it: a child forked from that
+    /// process inherits this list, and must not remove its parent's directories when it exits.
+    dirs: HashMap<PathBuf, u32>,
     ending: bool,
 }
 
@@ -52,12 +54,13 @@ impl LiveDirs {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Removes every directory still in use and refuses new ones from now on; returns how
-    /// many were removed.
+    /// Removes every directory this process made that is still in use, and refuses new ones
+    /// from now on; returns how many were removed.
     pub fn remove_all(&self) -> usize {
+        let me = std::process::id();
         let mut state = self.lock();
         state.ending = true;
-        let dirs: Vec<PathBuf> = state.dirs.drain().collect();
+        let dirs: Vec<PathBuf> = state.dirs.drain().filter(|(_, pid)| *pid == me).map(|(d, _)| d).collect();
         for d in &dirs {
             let _ = fs::remove_dir_all(d);
         }
@@ -221,7 +224,7 @@ impl WorkDir {
             }
             match fs::create_dir(&path) {
                 Ok(()) => {
-                    state.dirs.insert(path.clone());
+                    state.dirs.insert(path.clone(), std::process::id());
                     drop(state);
                     let dir = WorkDir { path, keep: false, live };
                     fs::write(dir.join(OWNER_FILE), owner_line())
@@ -300,9 +303,14 @@ mod tests {
         let (pa, pb) = (a.path().to_path_buf(), b.path().to_path_buf());
         drop(b);
         assert_eq!(live.count(), 1, "a removed dir is no longer listed");
+        // A dir made by the process this one was forked from is not this process's to remove.
+        let parents = WorkDir::create_listed(&base, "vm", live).unwrap();
+        live.lock().dirs.insert(parents.path().to_path_buf(), std::process::id() + 1);
         // `a` is still held (a restore in flight on another thread, say): removed all the same.
         assert_eq!(live.remove_all(), 1);
         assert!(!pa.exists() && !pb.exists());
+        assert!(parents.path().is_dir(), "a parent process's dir was removed");
+        drop(parents);
         assert!(kept.path().is_dir(), "a dir kept for debugging stays");
         let err = WorkDir::create_listed(&base, "vm", live).unwrap_err().to_string();
         assert!(err.contains("process is ending"), "{err}");
