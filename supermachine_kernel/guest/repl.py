@@ -1345,7 +1345,8 @@ def no_installer(magic, line):
 
 NETWORK_ENV_KEYS = frozenset(("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "NO_PROXY", "http_proxy",
                               "https_proxy", "all_proxy", "no_proxy"))
-network = {"on": False, "set": {}}  # set by Driver.do_network (set_network)
+# set by Driver.do_network (set_network): "on", and "set": the variables it set, with values
+network: dict = {"on": False, "set": {}}
 PIP_ENV = {
     # The image is read-only and this VM's writes are its own: Debian's "externally managed"
     # marker protects nothing here.
@@ -1376,8 +1377,8 @@ def set_network(env, ca=None):
     then must not point a kernel without one at a proxy that is not there. What an earlier
     request set and this one does not is removed, unless something else changed it since (the
     user's or the image's own value stays)."""
-    previous = network.get("set", {})
-    given = {}
+    previous: dict = network.get("set", {})
+    given: dict = {}
     if isinstance(ca, str) and ca:
         fd = os.open(NETWORK_CA_FILE + ".tmp", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         with os.fdopen(fd, "w") as f:
