@@ -133,8 +133,9 @@ def exit_process(control_thread: threading.Thread | None, shutdown_requested: bo
     if control_thread is not None and shutdown_requested and control_thread.is_alive():
         control_thread.join(2.0)
     atexit._run_exitfuncs()
-    remove_work_dirs()  # the API module registers it too, but exit functions run before it
-    # when registered earlier than that import: this is the last word
+    # The API module registers this as an exit function too, but exit functions registered
+    # before that module was imported run after it: called again here, last.
+    remove_work_dirs()
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)

@@ -638,7 +638,6 @@ pub fn prefetch_snapshot_memory(path: PathBuf) {
     supermachine_runtime::snapshot::memory::prefetch_memory(&path);
 }
 
-/// Host accelerator that would be used now ("kvm" or "tcg"), honouring SUPERMACHINE_ACCEL.
 /// The process is ending: removes the work dirs of every VM it still has (whatever their
 /// state) and refuses new VMs; returns how many were removed (workdir.rs).
 #[pyfunction]
@@ -646,6 +645,7 @@ pub fn remove_work_dirs_at_exit() -> usize {
     supermachine_runtime::workdir::remove_all_at_exit()
 }
 
+/// Host accelerator that would be used now ("kvm" or "tcg"), honouring SUPERMACHINE_ACCEL.
 #[pyfunction]
 pub fn detect_accel() -> PyResult<&'static str> {
     supermachine_runtime::accel::detect().py_err().map(Accel::name)
