@@ -18,12 +18,18 @@ KEYS = ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "NO_PROXY", "http_proxy", "htt
 
 @pytest.fixture
 def net(repl, monkeypatch, tmp_path):
+    """The driver, with this process's environment restored afterwards as a whole: set_network
+    writes os.environ directly, and a proxy variable left behind sends every later test's
+    HTTP (pip in the Hub and image tests) to a proxy that is not there."""
+    saved = dict(os.environ)
     for key in KEYS:
-        monkeypatch.delenv(key, raising=False)
+        os.environ.pop(key, None)
     monkeypatch.setattr(repl, "NETWORK_CA_FILE", str(tmp_path / "ca.pem"))
     monkeypatch.setitem(repl.network, "on", False)
     monkeypatch.setitem(repl.network, "set", {})
-    return repl
+    yield repl
+    os.environ.clear()
+    os.environ.update(saved)
 
 
 def test_a_policy_sets_the_proxy_and_pip_variables(net) -> None:
@@ -41,8 +47,8 @@ def test_no_policy_after_one_removes_what_it_set(net) -> None:
     assert [k for k in KEYS if k in os.environ] == []
 
 
-def test_values_set_by_others_stay(net, monkeypatch) -> None:
-    monkeypatch.setenv("PIP_NO_CACHE_DIR", "0")  # the image's own, before any policy
+def test_values_set_by_others_stay(net) -> None:
+    os.environ["PIP_NO_CACHE_DIR"] = "0"  # the image's own, before any policy
     net.set_network(POLICY)
     assert os.environ["PIP_NO_CACHE_DIR"] == "0", "a policy overrode the image's pip setting"
     os.environ["HTTPS_PROXY"] = "http://user-choice:8080"  # the user changed one since
@@ -52,11 +58,16 @@ def test_values_set_by_others_stay(net, monkeypatch) -> None:
     assert "HTTP_PROXY" not in os.environ
 
 
-def test_no_policy_ever_changes_nothing(net, monkeypatch) -> None:
-    monkeypatch.setenv("HTTP_PROXY", "http://corporate:3128")  # e.g. an OCI image's Env
+def test_no_policy_ever_changes_nothing(net) -> None:
+    os.environ["HTTP_PROXY"] = "http://corporate:3128"  # e.g. an OCI image's Env
     net.set_network({})
     assert os.environ["HTTP_PROXY"] == "http://corporate:3128"
     assert net.network["on"] is False
+
+
+def test_the_environment_is_restored_after_each_test() -> None:
+    """Runs after the tests above (file order): none of their variables is left."""
+    assert [k for k in KEYS if os.environ.get(k, "").startswith("http://127.0.0.1:3128")] == []
 
 
 def test_only_network_names_are_taken(net) -> None:
