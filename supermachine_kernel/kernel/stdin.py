@@ -88,8 +88,22 @@ class StdinRelay:
                 if e.errno == zmq.EAGAIN:
                     break
                 raise
-        session.send(socket, "input_request", {"prompt": prompt, "password": password}, parent,
-                     ident=ident)
+        # A ROUTER drops a message for a peer it does not know yet, silently: a frontend whose
+        # stdin channel is still connecting (a kernel just started) would never see the
+        # request. With ROUTER_MANDATORY the send fails instead, and is tried again.
+        socket.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        while True:
+            try:
+                session.send(socket, "input_request", {"prompt": prompt, "password": password},
+                             parent, ident=ident)
+                break
+            except zmq.ZMQError as e:
+                if e.errno != zmq.EHOSTUNREACH:
+                    raise
+                kernel.log.info("input_request: the frontend's stdin channel is not connected "
+                                "yet; trying again")
+                if cancel.wait(0.05):
+                    return None
         while not cancel.is_set():
             rlist, _, xlist = zmq.select([socket], [], [socket], 0.05)
             if not (rlist or xlist):
