@@ -14,6 +14,7 @@ ipykernel refuses input for a finished cell).
 from __future__ import annotations
 
 import asyncio
+import itertools
 import threading
 import typing as t
 
@@ -92,7 +93,7 @@ class StdinRelay:
         # stdin channel is still connecting (a kernel just started) would never see the
         # request. With ROUTER_MANDATORY the send fails instead, and is tried again.
         socket.setsockopt(zmq.ROUTER_MANDATORY, 1)
-        while True:
+        for attempt in itertools.count():
             try:
                 session.send(socket, "input_request", {"prompt": prompt, "password": password},
                              parent, ident=ident)
@@ -100,8 +101,9 @@ class StdinRelay:
             except zmq.ZMQError as e:
                 if e.errno != zmq.EHOSTUNREACH:
                     raise
-                kernel.log.info("input_request: the frontend's stdin channel is not connected "
-                                "yet; trying again")
+                if attempt == 0:  # once: a frontend that never connects would flood the log
+                    kernel.log.info("input_request: the frontend's stdin channel is not "
+                                    "connected yet; trying again every 50 ms")
                 if cancel.wait(0.05):
                     return None
         while not cancel.is_set():
